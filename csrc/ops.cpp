@@ -1,0 +1,71 @@
+// Every rlhf_fast schema, declared once. Kernels register against these names
+// from csrc/cpu/*.cpp (CPU) and csrc/cuda/*_ops.cpp (CUDA); Python adds
+// register_fake / register_autograd in rlhf_fast/ops/.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+TORCH_LIBRARY(rlhf_fast, m) {
+  // ---- log-probs and entropy from logits (rlhf_fast/ops/logprobs.py) ----
+  // logits: (A, B, V), any strides on A and B, stride 1 on V; labels: (A, B).
+  // Returns fp32 (fp64 for fp64 logits) log p(label), entropy and the per-row
+  // log-sum-exp of logits / temperature, which backward reuses. Rows whose
+  // label == ignore_index are never read and give 0.
+  m.def(
+      "logprobs_fwd(Tensor logits, Tensor labels, float temperature, "
+      "int ignore_index) -> (Tensor logprobs, Tensor entropy, Tensor lse)");
+  // d logits = (g_lp * (onehot - p) - g_H * p * (z - E_p[z])) / T, one pass,
+  // p recomputed from lse; E_p[z] = lse - entropy. grad_entropy may be None.
+  m.def(
+      "logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
+      "Tensor labels, Tensor lse, Tensor entropy, float temperature, "
+      "int ignore_index) -> Tensor");
+}
+
+namespace {
+
+// Facts about this build, shown by rlhf_fast.info() / `rlhf-fast info`.
+pybind11::dict build_info() {
+  pybind11::dict info;
+  std::vector<std::string> backends{"cpp"};
+#ifdef RLHF_FAST_WITH_CUDA
+  backends.push_back("cuda");
+  info["cuda_archs"] = std::string(RLHF_FAST_CUDA_ARCHS);
+#else
+  info["cuda_archs"] = std::string("");
+#endif
+  info["backends"] = backends;
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["omp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = false;
+  info["omp_max_threads"] = 1;
+#endif
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  info["cpu_avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
+  info["cpu_avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rlhf_fast compiled kernels; the ops live under torch.ops.rlhf_fast";
+  m.def("build_info", &build_info, "Facts about how this extension was built");
+}

@@ -1,0 +1,33 @@
+"""rlhf_fast: fused kernels for PPO-style RLHF.
+
+Importing never fails because the compiled extension is missing: calls fall
+back to the pure-PyTorch reference and rlhf_fast.info() says why.
+"""
+from . import reference
+from ._backend import BACKENDS, BackendUnavailable, use_backend
+from ._backend import info as _info_dict
+from .ops import logprobs_from_logits
+
+__version__ = "0.1.0"
+
+
+def info(print_it: bool = False) -> dict:
+    """What runs here: torch, the compiled extension and its build, and for
+    every backend whether it is available on CPU and CUDA tensors, or why not."""
+    report = _info_dict()
+    report["rlhf_fast"] = __version__
+    if print_it:
+        from .cli import format_info
+
+        print(format_info(report))
+    return report
+
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "info",
+    "logprobs_from_logits",
+    "reference",
+    "use_backend",
+]

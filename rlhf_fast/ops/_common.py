@@ -1,0 +1,40 @@
+"""Input checks shared by every op family: each raises an exception that
+names the argument and what was wrong with it."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(op: str, name: str, t, dtypes=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def check_positive_float(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{op}: {name} must be a Python float, got {type(value).__name__}")
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return value
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
+    return value
+
+
+def is_compiling() -> bool:
+    return torch.compiler.is_compiling()

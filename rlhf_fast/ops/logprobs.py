@@ -1,0 +1,207 @@
+"""rlhf_fast.logprobs_from_logits: validation, backend dispatch, autograd and
+fake (meta) registration for the log-prob / entropy ops.
+
+Naming chain: _logprobs_fwd_kernel (triton/logprobs.py), logprobs_fwd_cpu
+(csrc/cpu/logprobs.cpp), logprobs_fwd_cuda (csrc/cuda/logprobs_ops.cpp) ->
+torch.ops.rlhf_fast.logprobs_fwd / logprobs_fwd_triton ->
+rlhf_fast.logprobs_from_logits -> reference.logprobs_from_logits ->
+tests/test_logprobs.py -> benchmarks/bench_logprobs.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ..reference import logprobs as reference
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_positive_float, check_same_device, check_tensor, is_compiling
+
+OP = "rlhf_fast.logprobs_from_logits"
+# GPU: Triton first (the issue's primary GPU kernel), the CUDA kernel second.
+IMPLEMENTED = ("triton", "cuda", "cpp")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (A, B, V) *view* whenever the leading dims collapse into
+    two strided dims: logits[:, :-1] of a (B, T, V) tensor stays a view, so
+    the kernels read the original storage and nothing is copied."""
+    V = logits.shape[-1]
+    if V > 1 and logits.stride(-1) != 1:
+        logits = logits.contiguous()  # vocab-strided input: rare, one copy
+    merged: list[list[int]] = []  # [size, stride] of collapsed leading dims
+    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    n = logits.numel() // V if V else 0
+    if len(merged) > 2:  # three un-collapsible strided dims: copy
+        return logits.reshape(1, n, V)
+    sizes = [1] * (2 - len(merged)) + [m[0] for m in merged]
+    return logits.reshape(sizes[0], sizes[1], V)
+
+
+def _check_labels_in_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    # N int64 reads, next to N*V logits; one host sync on GPU. Skipped under
+    # torch.compile, where the CPU kernel still checks every label it reads.
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{OP}: label {int(labels[idx])} at position {idx} is outside [0, V={V}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+
+
+# ---------------------------------------------------------------- public API
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """Log-probability of each label under softmax(logits / temperature).
+
+    logits: (..., V) float32 / bfloat16 / float16 / float64; any leading
+        shape and leading strides (a slice such as logits[:, :-1] is read in
+        place, without a copy).
+    labels: (...) int32 / int64, the leading shape of logits.
+    Returns logprobs (...) in float32 (float64 for float64 logits), and with
+    return_entropy=True the tuple (logprobs, entropy), where entropy is that
+    of the same tempered distribution. Positions whose label is ignore_index
+    give 0 for both and receive no gradient; their logits are never read.
+    A row containing NaN, or only -inf, gives NaN for that row alone.
+    """
+    check_tensor(OP, "logits", logits, FLOAT_DTYPES)
+    check_tensor(OP, "labels", labels, INDEX_DTYPES)
+    check_same_device(OP, "logits", logits, labels=labels)
+    if logits.dim() < 1:
+        raise ValueError(f"{OP}: logits must have a vocabulary dim (..., V), got a 0-dim tensor")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    temperature = check_positive_float(OP, "temperature", temperature)
+    ignore_index = int(ignore_index)
+    V = logits.shape[-1]
+    if V == 0 and labels.numel() > 0:
+        raise ValueError(f"{OP}: logits have an empty vocabulary dim (V=0)")
+    if not is_compiling():
+        _check_labels_in_range(labels, V, ignore_index)
+
+    backend = _backend.choose("logprobs_from_logits", logits.device, IMPLEMENTED)
+    if backend == "reference":
+        return reference.logprobs_from_logits(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        )
+    rows = _as_rows(logits)
+    labels_rows = labels.reshape(rows.shape[0], rows.shape[1])
+    fwd = torch.ops.rlhf_fast.logprobs_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.logprobs_fwd
+    lp, ent, _ = fwd(rows, labels_rows, temperature, ignore_index)
+    lp = lp.reshape(labels.shape)
+    if return_entropy:
+        return lp, ent.reshape(labels.shape)
+    return lp
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(lse)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        grad_logits = bwd_op(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
+        return grad_logits, None, None, None
+
+    return backward
+
+
+def _fake_fwd(logits, labels, temperature, ignore_index):
+    acc = _acc_dtype(logits.dtype)
+    shape = logits.shape[:2]
+    return (logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc))
+
+
+def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+if _backend.has_cpp():
+    torch.library.register_fake("rlhf_fast::logprobs_fwd")(_fake_fwd)
+    torch.library.register_fake("rlhf_fast::logprobs_bwd")(_fake_bwd)
+    torch.library.register_autograd(
+        "rlhf_fast::logprobs_fwd", _make_backward(torch.ops.rlhf_fast.logprobs_bwd), setup_context=_setup_context
+    )
+
+
+if _backend.HAVE_TRITON:
+    import triton.language as tl
+
+    from ..triton.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel, block_v
+
+    def _tl_acc(dtype):
+        return tl.float64 if dtype == torch.float64 else tl.float32
+
+    @torch.library.triton_op("rlhf_fast::logprobs_fwd_triton", mutates_args=())
+    def logprobs_fwd_triton(
+        logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        A, B, V = logits.shape
+        lp, ent, lse = _fake_fwd(logits, labels, temperature, ignore_index)
+        if A * B > 0:
+            torch.library.wrap_triton(_logprobs_fwd_kernel)[(A * B,)](
+                logits, labels.contiguous(), lp, ent, lse,
+                B, V, logits.stride(0), logits.stride(1),
+                1.0 / temperature, ignore_index,
+                ACC=_tl_acc(logits.dtype), BLOCK_V=block_v(V),
+            )  # fmt: skip
+        return lp, ent, lse
+
+    @torch.library.triton_op("rlhf_fast::logprobs_bwd_triton", mutates_args=())
+    def logprobs_bwd_triton(
+        grad_logprobs: torch.Tensor,
+        grad_entropy: torch.Tensor | None,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        lse: torch.Tensor,
+        entropy: torch.Tensor,
+        temperature: float,
+        ignore_index: int,
+    ) -> torch.Tensor:
+        A, B, V = logits.shape
+        grad_logits = torch.empty((A, B, V), dtype=logits.dtype, device=logits.device)
+        if grad_logits.numel() > 0:
+            acc = _acc_dtype(logits.dtype)
+            has_gh = grad_entropy is not None
+            gh = grad_entropy.to(acc).contiguous() if has_gh else lse
+            torch.library.wrap_triton(_logprobs_bwd_kernel)[(A * B,)](
+                logits, labels.contiguous(), grad_logprobs.to(acc).contiguous(), gh,
+                lse.contiguous(), entropy.contiguous(), grad_logits,
+                B, V, logits.stride(0), logits.stride(1),
+                1.0 / temperature, ignore_index,
+                HAS_GRAD_ENTROPY=has_gh, ACC=_tl_acc(logits.dtype), BLOCK_V=block_v(V),
+            )  # fmt: skip
+        return grad_logits
+
+    logprobs_fwd_triton.register_autograd(_make_backward(logprobs_bwd_triton), setup_context=_setup_context)

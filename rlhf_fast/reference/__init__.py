@@ -1,0 +1,8 @@
+"""Pure-PyTorch reference of every rlhf_fast op.
+
+Three uses: the tests' oracle (run in float64), the benchmarks' baseline, and
+the fallback when no compiled kernel can run. Written for clarity, not speed.
+"""
+from .logprobs import logprobs_from_logits
+
+__all__ = ["logprobs_from_logits"]

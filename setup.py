@@ -1,0 +1,84 @@
+"""Builds rlhf_fast._C: C++ CPU kernels always; CUDA kernels where a CUDA
+build of torch and nvcc exist.
+
+Environment:
+  RLHF_FAST_BUILD_CUDA=0/1   force the CUDA part off / on (default: auto)
+  RLHF_FAST_CUDA_ARCHS       "8.0;9.0" by default (A100, H100/H200)
+  RLHF_FAST_NATIVE=1         add -march=native (never the default: wheels
+                             must run on any x86-64 with AVX2)
+  MAX_JOBS                   parallel compile jobs (read by torch's builder)
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("RLHF_FAST_BUILD_CUDA")
+    have = torch.version.cuda is not None and CUDA_HOME is not None
+    if flag is None:
+        return have
+    if flag == "1" and not have:
+        raise RuntimeError(
+            "RLHF_FAST_BUILD_CUDA=1 but "
+            + ("torch is a CPU build" if torch.version.cuda is None else "nvcc (CUDA_HOME) was not found")
+        )
+    return flag == "1"
+
+
+def _gencode(archs: str) -> list:
+    flags = []
+    for arch in archs.replace(",", ";").split(";"):
+        arch = arch.strip()
+        if arch:
+            num = arch.replace(".", "")
+            flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    return flags
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extension():
+    with_cuda = _want_cuda()
+    # Kernel .cu files are torch-free; *_ops.cpp next to them is the torch glue.
+    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    if os.environ.get("RLHF_FAST_NATIVE") == "1":
+        cxx.append("-march=native")
+    define_macros = []
+    kwargs = {}
+    if with_cuda:
+        archs = os.environ.get("RLHF_FAST_CUDA_ARCHS", "8.0;9.0")
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_ops.cpp")))
+        define_macros += [("RLHF_FAST_WITH_CUDA", None), ("RLHF_FAST_CUDA_ARCHS", f'"{archs}"')]
+        kwargs["extra_compile_args"] = {
+            "cxx": cxx,
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + _gencode(archs),
+        }
+        ext_cls = CUDAExtension
+    else:
+        kwargs["extra_compile_args"] = {"cxx": cxx}
+        ext_cls = CppExtension
+    return ext_cls(
+        name="rlhf_fast._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],
+        define_macros=define_macros,
+        extra_link_args=["-fopenmp"],
+        **kwargs,
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
