@@ -1,0 +1,47 @@
+"""One tolerance table and one comparison helper for every kernel test.
+
+Kernels are compared with a float64 reference on the same inputs by the
+norm-wise relative error ||out - ref|| / ||ref||. Low-precision inputs are
+held to the error that torch eager itself makes in that dtype (times
+LOW_PRECISION_FACTOR), so the tolerance tracks the reference's own error
+and can fail.
+"""
+from __future__ import annotations
+
+import torch
+
+# fp32 kernels against float64: the acceptance bar of the issues (1e-5).
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+LOW_PRECISION_FACTOR = 2.0
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    finite = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(out), finite) or not torch.equal(out[~finite], ref[~finite]):
+        return float("inf")  # NaN / inf in different places is always a failure
+    num = torch.linalg.vector_norm(out[finite] - ref[finite])
+    den = torch.linalg.vector_norm(ref[finite])
+    return float(num / den) if den > 0 else float(num)
+
+
+def _first_mismatches(out, ref, k=5) -> str:
+    out, ref = out.double().flatten(), ref.double().flatten()
+    diff = (out - ref).abs().nan_to_num(float("inf"))
+    both_nan = out.isnan() & ref.isnan()
+    diff[both_nan | (out == ref)] = 0
+    idx = diff.argsort(descending=True)[:k]
+    return ", ".join(f"[{int(i)}] got {out[i].item():.8g} want {ref[i].item():.8g}" for i in idx if diff[i] > 0)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, name: str = "output") -> None:
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.1e}; worst: {_first_mismatches(out, ref)}"
+
+
+def assert_no_worse_than_eager(out, eager, ref, name="output", factor=LOW_PRECISION_FACTOR, floor=1e-6) -> None:
+    """Low-precision inputs: at most `factor` x torch eager's own error in the
+    same dtype (floor: eager can be exact on tiny cases)."""
+    bound = max(factor * rel_err(eager, ref), floor)
+    assert_close(out, ref, bound, name=f"{name} (eager err {rel_err(eager, ref):.2e})")
