@@ -50,7 +50,7 @@ def extension():
     with_cuda = _want_cuda()
     # Kernel .cu files are torch-free; *_ops.cpp next to them is the torch glue.
     sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     if os.environ.get("RLHF_FAST_NATIVE") == "1":
         cxx.append("-march=native")
     define_macros = []
@@ -62,7 +62,7 @@ def extension():
         define_macros += [("RLHF_FAST_WITH_CUDA", None), ("RLHF_FAST_CUDA_ARCHS", f'"{archs}"')]
         kwargs["extra_compile_args"] = {
             "cxx": cxx,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + _gencode(archs),
+            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"] + _gencode(archs),
         }
         ext_cls = CUDAExtension
     else:

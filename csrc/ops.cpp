@@ -4,6 +4,8 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "rlhf_fast/cpu_isa.h"
+
 #include <string>
 #include <vector>
 
@@ -60,7 +62,24 @@ pybind11::dict build_info() {
   info["cpu_avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
   info["cpu_avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
 #endif
+  info["cpu_isa"] = std::string(rlhf_fast::cpu::isa_name(rlhf_fast::cpu::active_isa()));
+  info["cpu_isa_best"] = std::string(rlhf_fast::cpu::isa_name(rlhf_fast::cpu::best_supported_isa()));
   return info;
+}
+
+// Selects the vector ISA of the CPU kernels (tests run every copy); returns
+// the previous one. Asking for more than the CPU supports is an error.
+std::string set_cpu_isa(const std::string& name) {
+  using namespace rlhf_fast::cpu;
+  Isa want;
+  TORCH_CHECK(parse_isa(name.c_str(), &want), "rlhf_fast: unknown CPU ISA '", name,
+              "'; choose avx512, avx2 or baseline");
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_supported_isa()),
+              "rlhf_fast: this CPU does not support ", name, " (best: ",
+              isa_name(best_supported_isa()), ")");
+  const Isa prev = active_isa();
+  isa_slot().store(static_cast<int>(want));
+  return isa_name(prev);
 }
 
 }  // namespace
@@ -68,4 +87,5 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlhf_fast compiled kernels; the ops live under torch.ops.rlhf_fast";
   m.def("build_info", &build_info, "Facts about how this extension was built");
+  m.def("set_cpu_isa", &set_cpu_isa, "Select avx512 | avx2 | baseline CPU kernels; returns the previous");
 }

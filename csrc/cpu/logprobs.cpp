@@ -11,6 +11,7 @@
 #include <limits>
 #include <tuple>
 
+#include "rlhf_fast/cpu_isa.h"
 #include "rlhf_fast/cpu_math.h"
 
 namespace rlhf_fast {
@@ -18,7 +19,8 @@ namespace cpu {
 namespace {
 
 // ---------------- row kernels ----------------
-// acc_t is float for fp32 / bf16 / fp16 logits and double for fp64.
+// float accumulation for fp32 / bf16 / fp16 logits, W floats per vector
+// (cpu_math.h); a scalar double path for fp64.
 
 template <typename acc_t>
 struct RowStats {
@@ -26,68 +28,136 @@ struct RowStats {
   acc_t entropy;
 };
 
-template <typename T, typename acc_t>
-RLHF_FAST_INLINE RowStats<acc_t> fwd_row(const T* x, int64_t V, acc_t inv_t) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < V; ++j) {
-    const acc_t v = to_acc(x[j]);
-    m = v > m ? v : m;
-  }
+template <int W, typename T>
+RLHF_FAST_INLINE RowStats<float> fwd_row(const T* x, int64_t V, float inv_t) {
+  using vf = typename Vec<W>::f;
+  constexpr int K = kLanes / W;
+  const int64_t Vb = V / kLanes * kLanes;
+  vf vm[K];
+  for (int k = 0; k < K; ++k) vm[k] = splat<W>(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < Vb; j += kLanes)
+    for (int k = 0; k < K; ++k) {
+      const vf v = load<W>(x + j + k * W);
+      vm[k] = v > vm[k] ? v : vm[k];
+    }
+  float m = max_lanes<W>(vm);
+  for (int64_t j = Vb; j < V; ++j) m = to_acc(x[j]) > m ? to_acc(x[j]) : m;
   // max(x * inv_t) == max(x) * inv_t: rounding is monotone and inv_t > 0.
-  const acc_t mz = m * inv_t;
-  acc_t s = 0, w = 0;  // sum e and sum (z - mz) * e, with e = exp(z - mz)
-#pragma omp simd reduction(+ : s, w)
-  for (int64_t j = 0; j < V; ++j) {
-    const acc_t d = to_acc(x[j]) * inv_t - mz;
-    const acc_t e = exp_nonpos(d);
-    s += e;
-    w += e > acc_t(0) ? d * e : acc_t(0);  // -inf * 0 would be NaN
+  const float mz = m * inv_t;
+
+  // s = sum e and w = sum (z - mz) * e, with e = exp(z - mz) <= 1. The
+  // second sweep re-reads the row from L2, not DRAM.
+  vf vs[K] = {}, vw[K] = {};
+  for (int64_t j = 0; j < Vb; j += kLanes)
+    for (int k = 0; k < K; ++k) {
+      const vf d = load<W>(x + j + k * W) * inv_t - mz;
+      const vf e = exp_nonpos<W>(d);
+      vs[k] += e;
+      vw[k] += e > 0.f ? d * e : splat<W>(0.f);  // -inf * 0 would be NaN
+    }
+  for (int64_t j = Vb; j < V; ++j) {  // tail: lane j - Vb, as a full block would
+    const int l = static_cast<int>(j - Vb);
+    const float d = to_acc(x[j]) * inv_t - mz;
+    const float e = exp_nonpos(d);
+    vs[l / W][l % W] += e;
+    vw[l / W][l % W] += e > 0.f ? d * e : 0.f;
   }
-  const acc_t log_s = std::log(s);
+  const float s = sum_lanes<W>(vs), w = sum_lanes<W>(vw);
+  const float log_s = std::log(s);
   // H = lse - E[z] = log s - w / s: no cancellation of two large terms, even
   // with logits of 1e4. NaN anywhere in the row reaches s, so the row is NaN.
   return {mz + log_s, log_s - w / s};
 }
 
-template <typename T, typename acc_t>
-RLHF_FAST_INLINE acc_t dlogit(T x, acc_t inv_t, acc_t lse, acc_t mu, acc_t g_lp,
-                              acc_t g_h, bool is_label) {
-  const acc_t z = to_acc(x) * inv_t;
-  const acc_t p = exp_nonpos(z - lse);
-  const acc_t t = p > acc_t(0) ? p * (z - mu) : acc_t(0);
-  return ((is_label ? g_lp : acc_t(0)) - g_lp * p - g_h * t) * inv_t;
-}
-
-template <typename T, typename acc_t>
+template <int W, typename T>
 RLHF_FAST_INLINE void bwd_row(const T* x, T* dx, int64_t V, int64_t label,
-                              acc_t inv_t, acc_t lse, acc_t entropy, acc_t g_lp,
-                              acc_t g_h) {
-  const acc_t mu = lse - entropy;  // E_p[z]
-#pragma omp simd
-  for (int64_t j = 0; j < V; ++j) {
-    from_acc(dlogit(x[j], inv_t, lse, mu, g_lp, g_h, false), dx + j);
+                              float inv_t, float lse, float entropy, float g_lp,
+                              float g_h) {
+  using vf = typename Vec<W>::f;
+  const float mu = lse - entropy;  // E_p[z]
+  const int64_t Vb = V / W * W;
+  for (int64_t j = 0; j < Vb; j += W) {
+    const vf z = load<W>(x + j) * inv_t;
+    const vf p = exp_nonpos<W>(z - lse);
+    const vf t = p > 0.f ? p * (z - mu) : splat<W>(0.f);
+    store<W>((-g_lp * p - g_h * t) * inv_t, dx + j);
   }
-  // The label's term in full, so bf16 gradients are rounded once.
-  from_acc(dlogit(x[label], inv_t, lse, mu, g_lp, g_h, true), dx + label);
+  auto scalar = [&](int64_t j, bool is_label) {
+    const float z = to_acc(x[j]) * inv_t;
+    const float p = exp_nonpos(z - lse);
+    const float t = p > 0.f ? p * (z - mu) : 0.f;
+    from_acc(((is_label ? g_lp : 0.f) - g_lp * p - g_h * t) * inv_t, dx + j);
+  };
+  for (int64_t j = Vb; j < V; ++j) scalar(j, false);
+  scalar(label, true);  // the label's term in full: bf16 rounds once
 }
 
-// One out-of-line copy per dtype, cloned for AVX-512 / AVX2+FMA / baseline.
-#define RLHF_FAST_ROW_KERNELS(T, acc_t)                                        \
-  RLHF_FAST_CPU_CLONES RowStats<acc_t> fwd_row_k(const T* x, int64_t V,        \
-                                                 acc_t inv_t) {                \
-    return fwd_row<T, acc_t>(x, V, inv_t);                                     \
+// Three copies per dtype (AVX-512 / AVX2+FMA / SSE2); cpu_isa.h picks one.
+#define RLHF_FAST_ROW_KERNELS(T)                                               \
+  RLHF_FAST_TARGET_AVX512 RowStats<float> fwd_row_##T##_avx512(                \
+      const T* x, int64_t V, float t) {                                        \
+    return fwd_row<16>(x, V, t);                                               \
   }                                                                            \
-  RLHF_FAST_CPU_CLONES void bwd_row_k(const T* x, T* dx, int64_t V,            \
-                                      int64_t label, acc_t inv_t, acc_t lse,   \
-                                      acc_t ent, acc_t g_lp, acc_t g_h) {      \
-    bwd_row<T, acc_t>(x, dx, V, label, inv_t, lse, ent, g_lp, g_h);            \
+  RLHF_FAST_TARGET_AVX2 RowStats<float> fwd_row_##T##_avx2(const T* x,         \
+                                                            int64_t V, float t) { \
+    return fwd_row<8>(x, V, t);                                                \
+  }                                                                            \
+  RowStats<float> fwd_row_##T##_baseline(const T* x, int64_t V, float t) {     \
+    return fwd_row<4>(x, V, t);                                                \
+  }                                                                            \
+  RLHF_FAST_TARGET_AVX512 void bwd_row_##T##_avx512(                           \
+      const T* x, T* dx, int64_t V, int64_t y, float it, float lse, float h,   \
+      float gl, float gh) {                                                    \
+    bwd_row<16>(x, dx, V, y, it, lse, h, gl, gh);                              \
+  }                                                                            \
+  RLHF_FAST_TARGET_AVX2 void bwd_row_##T##_avx2(                               \
+      const T* x, T* dx, int64_t V, int64_t y, float it, float lse, float h,   \
+      float gl, float gh) {                                                    \
+    bwd_row<8>(x, dx, V, y, it, lse, h, gl, gh);                               \
+  }                                                                            \
+  void bwd_row_##T##_baseline(const T* x, T* dx, int64_t V, int64_t y,         \
+                              float it, float lse, float h, float gl,          \
+                              float gh) {                                      \
+    bwd_row<4>(x, dx, V, y, it, lse, h, gl, gh);                               \
+  }                                                                            \
+  RowStats<float> fwd_row_k(const T* x, int64_t V, float t) {                  \
+    return RLHF_FAST_ISA_DISPATCH(fwd_row_##T, x, V, t);                       \
+  }                                                                            \
+  void bwd_row_k(const T* x, T* dx, int64_t V, int64_t y, float it, float lse, \
+                 float h, float gl, float gh) {                                \
+    RLHF_FAST_ISA_DISPATCH(bwd_row_##T, x, dx, V, y, it, lse, h, gl, gh);       \
   }
-RLHF_FAST_ROW_KERNELS(float, float)
-RLHF_FAST_ROW_KERNELS(bf16_bits, float)
-RLHF_FAST_ROW_KERNELS(fp16_bits, float)
-RLHF_FAST_ROW_KERNELS(double, double)
+RLHF_FAST_ROW_KERNELS(float)
+RLHF_FAST_ROW_KERNELS(bf16_bits)
+RLHF_FAST_ROW_KERNELS(fp16_bits)
 #undef RLHF_FAST_ROW_KERNELS
+
+// float64 (gradcheck, float64 references): scalar, libm exp, one copy.
+RowStats<double> fwd_row_k(const double* x, int64_t V, double inv_t) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < V; ++j) m = x[j] > m ? x[j] : m;
+  const double mz = m * inv_t;
+  double s = 0, w = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    const double d = x[j] * inv_t - mz;
+    const double e = std::exp(d);
+    s += e;
+    w += e > 0 ? d * e : 0.0;
+  }
+  const double log_s = std::log(s);
+  return {mz + log_s, log_s - w / s};
+}
+
+void bwd_row_k(const double* x, double* dx, int64_t V, int64_t y, double inv_t,
+               double lse, double entropy, double g_lp, double g_h) {
+  const double mu = lse - entropy;
+  for (int64_t j = 0; j < V; ++j) {
+    const double z = x[j] * inv_t;
+    const double p = std::exp(z - lse);
+    const double t = p > 0 ? p * (z - mu) : 0.0;
+    dx[j] = ((j == y ? g_lp : 0.0) - g_lp * p - g_h * t) * inv_t;
+  }
+}
 
 // ---------------- glue ----------------
 

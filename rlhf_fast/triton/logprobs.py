@@ -89,10 +89,11 @@ def _logprobs_bwd_kernel(
     else:
         g_h = 0.0
     cols = tl.arange(0, BLOCK_V)
+    n_read = tl.where(active, V, 0)  # padding rows: write zeros, read nothing
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         in_row = offs < V
-        z = tl.load(row_ptr + offs, mask=in_row & active, other=NEG_INF).to(ACC) * inv_temp
+        z = tl.load(row_ptr + offs, mask=offs < n_read, other=NEG_INF).to(ACC) * inv_temp
         p = tl.exp(z - lse)
         t = tl.where(p > 0, p * (z - mu), 0.0)
         g = tl.where(offs == label, g_lp, 0.0) - g_lp * p - g_h * t

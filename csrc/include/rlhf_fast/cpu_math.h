@@ -1,22 +1,38 @@
 // Torch-free scalar helpers for the CPU kernels, written so that GCC and
 // Clang vectorise the loops that call them (no branches, no libm calls).
-// Each kernel that uses them is compiled for AVX-512, AVX2+FMA and a plain
-// x86-64 fallback through RLHF_FAST_CPU_CLONES, and picked at load time.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
+// Each vectorised kernel is compiled three times (AVX-512, AVX2+FMA and
+// plain x86-64) and one copy is picked at run time: wheels must run on any
+// x86-64, wider vectors only where the CPU has them. cpu_isa.h holds the
+// choice (overridable for tests and benchmarks).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RLHF_FAST_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define RLHF_FAST_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
+#else
+#define RLHF_FAST_TARGET_AVX512
+#define RLHF_FAST_TARGET_AVX2
+#endif
+
+#define RLHF_FAST_INLINE inline __attribute__((always_inline))
+
+// Three out-of-line copies of `body` (an expression over `params`' names),
+// named NAME_avx512 / NAME_avx2 / NAME_baseline, for RLHF_FAST_ISA_DISPATCH.
+#define RLHF_FAST_ISA_COPIES(ret, NAME, params, body)             \
+  RLHF_FAST_TARGET_AVX512 ret NAME##_avx512 params { return body; } \
+  RLHF_FAST_TARGET_AVX2 ret NAME##_avx2 params { return body; }     \
+  ret NAME##_baseline params { return body; }
+
+// Older spelling kept for kernels that let the loader pick (GCC ifunc).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// One function body, three machine-code versions, chosen by the loader
-// (ifunc) from the running CPU: wider vectors only where the CPU has them.
 #define RLHF_FAST_CPU_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define RLHF_FAST_CPU_CLONES
 #endif
-
-#define RLHF_FAST_INLINE inline __attribute__((always_inline))
 
 namespace rlhf_fast {
 namespace cpu {
@@ -100,6 +116,109 @@ RLHF_FAST_INLINE void from_acc(float v, fp16_bits* out) {
   // Rare path (fp16 gradients): scalar, correct rounding via the compiler.
   _Float16 h = static_cast<_Float16>(v);
   std::memcpy(&out->x, &h, sizeof(out->x));
+}
+
+
+// ---------------------------------------------------------------------------
+// Explicit vectors (GCC/Clang vector extensions). Auto-vectorisation of the
+// row loops failed on AVX2 (GCC 12 kept them scalar), so the kernels say what
+// they mean: W floats per register, W = 16 (AVX-512), 8 (AVX2), 4 (SSE2).
+// Kernels that reduce keep kLanes = 16 partial sums as 16 / W registers, so
+// every ISA sums in the same order.
+constexpr int kLanes = 16;
+
+template <int W>
+struct Vec {
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef int32_t i __attribute__((vector_size(4 * W)));
+  typedef uint32_t u __attribute__((vector_size(4 * W)));
+  typedef uint16_t h __attribute__((vector_size(2 * W)));
+};
+
+template <int W>
+RLHF_FAST_INLINE typename Vec<W>::f splat(float a) {
+  return typename Vec<W>::f{} + a;
+}
+
+// exp_nonpos above, W lanes at a time.
+template <int W>
+RLHF_FAST_INLINE typename Vec<W>::f exp_nonpos(typename Vec<W>::f x) {
+  using vf = typename Vec<W>::f;
+  using vi = typename Vec<W>::i;
+  const vf lo = splat<W>(-87.33654475f);
+  const vf xc = x < lo ? lo : x;
+  const vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vf r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  vf p = splat<W>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vf y = p * r * r + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  const vf out = y * (vf)bits;  // same-size vector cast: reinterprets bits
+  return x < lo ? splat<W>(0.f) : out;
+}
+
+template <int W>
+RLHF_FAST_INLINE typename Vec<W>::f load(const float* p) {
+  typename Vec<W>::f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int W>
+RLHF_FAST_INLINE typename Vec<W>::f load(const bf16_bits* p) {
+  typename Vec<W>::h h;
+  std::memcpy(&h, p, sizeof(h));
+  const typename Vec<W>::u u = __builtin_convertvector(h, typename Vec<W>::u) << 16;
+  return (typename Vec<W>::f)u;
+}
+
+template <int W>
+RLHF_FAST_INLINE typename Vec<W>::f load(const fp16_bits* p) {
+  float tmp[W];  // fp16 logits are rare: scalar widening, vector math after
+  for (int l = 0; l < W; ++l) tmp[l] = to_acc(p[l]);
+  return load<W>(tmp);
+}
+
+template <int W>
+RLHF_FAST_INLINE void store(typename Vec<W>::f v, float* p) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <int W>
+RLHF_FAST_INLINE void store(typename Vec<W>::f v, bf16_bits* p) {
+  using vu = typename Vec<W>::u;
+  const vu u = (vu)v;
+  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu quiet = (u >> 16) | 0x40u;
+  const vu out = (u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded;
+  const typename Vec<W>::h h = __builtin_convertvector(out, typename Vec<W>::h);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+template <int W>
+RLHF_FAST_INLINE void store(typename Vec<W>::f v, fp16_bits* p) {
+  for (int l = 0; l < W; ++l) from_acc(v[l], p + l);
+}
+
+// Pairwise sum of 16 partial sums held as 16 / W vectors (fixed order).
+template <int W>
+RLHF_FAST_INLINE float sum_lanes(const typename Vec<W>::f* v) {
+  float a[kLanes];
+  for (int l = 0; l < kLanes; ++l) a[l] = v[l / W][l % W];
+  for (int half = kLanes / 2; half >= 1; half /= 2)
+    for (int l = 0; l < half; ++l) a[l] += a[l + half];
+  return a[0];
+}
+
+template <int W>
+RLHF_FAST_INLINE float max_lanes(const typename Vec<W>::f* v) {
+  float m = v[0][0];
+  for (int l = 1; l < kLanes; ++l) m = v[l / W][l % W] > m ? v[l / W][l % W] : m;
+  return m;
 }
 
 }  // namespace cpu

@@ -1,0 +1,173 @@
+// CUDA glue for rlhf_fast::logprobs_fwd / logprobs_bwd: argument checks,
+// device guard, current stream, dtype dispatch. The kernels live in
+// rlhf_fast/logprobs.cuh (torch-free) and are instantiated by logprobs.cu;
+// this file is compiled by the host compiler, so it sees only the launcher
+// declarations from that header (the kernels sit behind __CUDACC__).
+// Semantics match csrc/cpu/logprobs.cpp, error messages included.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "rlhf_fast/logprobs.cuh"
+
+namespace rlhf_fast {
+namespace gpu {
+namespace {
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels,
+                  double temperature, const char* op) {
+  TORCH_CHECK(logits.is_cuda(), op, ": expected CUDA tensors, got logits on ",
+              logits.device());
+  TORCH_CHECK(logits.dim() == 3, op, ": logits must be 3-D (A, B, V), got ",
+              logits.sizes());
+  // V <= 1 may carry any stride (e.g. a slice of width 1): only j = 0 is read.
+  TORCH_CHECK(logits.size(2) <= 1 || logits.stride(2) == 1, op,
+              ": logits must have stride 1 on the vocabulary dim, got strides ",
+              logits.strides());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf ||
+                  dt == at::kDouble,
+              op, ": logits must be float32, bfloat16, float16 or float64, got ",
+              dt);
+  TORCH_CHECK(labels.device() == logits.device(), op, ": labels are on ",
+              labels.device(), " but logits on ", logits.device());
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+              op, ": labels must be int64 or int32, got ", labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) &&
+                  labels.size(1) == logits.size(1),
+              op, ": labels must have shape ", logits.sizes().slice(0, 2),
+              ", got ", labels.sizes());
+  TORCH_CHECK(logits.size(2) > 0 || labels.numel() == 0, op,
+              ": logits have an empty vocabulary dim");
+  TORCH_CHECK(logits.size(2) <= kLogprobsMaxVocab, op, ": vocabulary of ",
+              logits.size(2), " exceeds the CUDA kernel's limit of ",
+              kLogprobsMaxVocab);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
+              ": temperature must be a finite number > 0, got ", temperature);
+}
+
+// Labels outside [0, V) that are not ignore_index: one fused reduction on
+// the device, then .item() -- one host sync per call (a few microseconds
+// while the stream is idle; it waits for queued work otherwise). The
+// kernels never read out of bounds without this check (a bad label gives a
+// NaN logprob, and no label column in the gradient); it is here so a bad
+// label fails loudly, as on the CPU. The slow search for the culprit runs
+// only on the error path.
+void check_labels(const at::Tensor& y, int64_t V, int64_t ignore_index) {
+  const at::Tensor bad =
+      y.ne(ignore_index).logical_and_(y.lt(0).logical_or_(y.ge(V)));
+  if (!bad.any().item<bool>()) return;
+  const int64_t pos = bad.flatten().nonzero()[0][0].item<int64_t>();
+  const int64_t label = y.flatten()[pos].item<int64_t>();
+  TORCH_CHECK(false, "rlhf_fast.logprobs: label ", label, " at flat position ",
+              pos, " is outside [0, V=", V, ") and is not ignore_index (",
+              ignore_index, ")");
+}
+
+at::ScalarType acc_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Calls f with a null T* naming the kernel's element type: at::BFloat16 and
+// at::Half are bit-identical to __nv_bfloat16 and __half (2-byte IEEE-style
+// storage), so data pointers are reinterpret_cast across.
+template <typename F>
+void dispatch_logits(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat: return f(static_cast<float*>(nullptr));
+    case at::kDouble: return f(static_cast<double*>(nullptr));
+    case at::kBFloat16: return f(static_cast<__nv_bfloat16*>(nullptr));
+    case at::kHalf: return f(static_cast<__half*>(nullptr));
+    default: TORCH_CHECK(false, "rlhf_fast: unsupported logits dtype ", dt);
+  }
+}
+static_assert(sizeof(at::BFloat16) == sizeof(__nv_bfloat16) &&
+                  sizeof(at::Half) == sizeof(__half),
+              "2-byte float types must match between ATen and CUDA");
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, double temperature,
+    int64_t ignore_index) {
+  check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_fwd");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto opts = logits.options().dtype(acc_dtype(logits));
+  const auto shape = logits.sizes().slice(0, 2);
+  at::Tensor lp = at::empty(shape, opts), ent = at::empty(shape, opts),
+             lse = at::empty(shape, opts);
+  if (lp.numel() == 0) return {lp, ent, lse};
+  const int64_t A = logits.size(0), B = logits.size(1), V = logits.size(2);
+  const at::Tensor y = labels.to(at::kLong).contiguous();
+  check_labels(y, V, ignore_index);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_logits(logits.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using acc_t = acc_type_t<T>;
+    C10_CUDA_CHECK(launch_logprobs_fwd<T>(
+        reinterpret_cast<const T*>(logits.const_data_ptr()),
+        y.const_data_ptr<int64_t>(), lp.data_ptr<acc_t>(), ent.data_ptr<acc_t>(),
+        lse.data_ptr<acc_t>(), A, B, V, logits.stride(0), logits.stride(1),
+        1.0 / temperature, ignore_index, stream));
+  });
+  return {lp, ent, lse};
+}
+
+at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logprobs,
+                             const std::optional<at::Tensor>& grad_entropy,
+                             const at::Tensor& logits, const at::Tensor& labels,
+                             const at::Tensor& lse, const at::Tensor& entropy,
+                             double temperature, int64_t ignore_index) {
+  check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_bwd");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto acc = acc_dtype(logits);
+  const auto shape = logits.sizes().slice(0, 2);
+  // (A, B) per-row inputs: the kernel reads them contiguous in acc_t. An
+  // expanded grad (stride 0, from .sum()) becomes a real (A, B) copy here.
+  auto prep = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == logits.device(), "rlhf_fast::logprobs_bwd: ",
+                name, " is on ", t.device(), " but logits on ", logits.device());
+    TORCH_CHECK(t.sizes() == shape, "rlhf_fast::logprobs_bwd: ", name,
+                " must have shape ", shape, ", got ", t.sizes());
+    return t.to(acc).contiguous();
+  };
+  const at::Tensor glp = prep(grad_logprobs, "grad_logprobs");
+  const at::Tensor lse_c = prep(lse, "lse"), ent_c = prep(entropy, "entropy");
+  at::Tensor gh;
+  if (grad_entropy.has_value() && grad_entropy->defined())
+    gh = prep(*grad_entropy, "grad_entropy");
+  at::Tensor dx = at::empty(logits.sizes(), logits.options().memory_format(
+                                                at::MemoryFormat::Contiguous));
+  if (dx.numel() == 0) return dx;
+  const int64_t A = logits.size(0), B = logits.size(1), V = logits.size(2);
+  const at::Tensor y = labels.to(at::kLong).contiguous();
+  check_labels(y, V, ignore_index);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_logits(logits.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using acc_t = acc_type_t<T>;
+    C10_CUDA_CHECK(launch_logprobs_bwd<T>(
+        glp.const_data_ptr<acc_t>(),
+        gh.defined() ? gh.const_data_ptr<acc_t>() : nullptr,
+        reinterpret_cast<const T*>(logits.const_data_ptr()),
+        y.const_data_ptr<int64_t>(), lse_c.const_data_ptr<acc_t>(),
+        ent_c.const_data_ptr<acc_t>(), reinterpret_cast<T*>(dx.data_ptr()), A, B,
+        V, logits.stride(0), logits.stride(1), 1.0 / temperature, ignore_index,
+        stream));
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace rlhf_fast
+
+TORCH_LIBRARY_IMPL(rlhf_fast, CUDA, m) {
+  m.impl("logprobs_fwd", &rlhf_fast::gpu::logprobs_fwd_cuda);
+  m.impl("logprobs_bwd", &rlhf_fast::gpu::logprobs_bwd_cuda);
+}
