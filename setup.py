@@ -50,7 +50,11 @@ def extension():
     with_cuda = _want_cuda()
     # Kernel .cu files are torch-free; *_ops.cpp next to them is the torch glue.
     sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    # -ffp-contract=off: GCC would otherwise fuse x * inv_t - m into one FMA
+    # that skips the rounding of m = max(x) * inv_t, so d = z - m is not 0 at
+    # the max (a one-hot row then gets log p = 1e-7 instead of 0), and the
+    # AVX2/AVX-512 copies would round differently from the SSE2 one.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     if os.environ.get("RLHF_FAST_NATIVE") == "1":
         cxx.append("-march=native")
     define_macros = []

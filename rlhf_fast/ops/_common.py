@@ -38,3 +38,27 @@ def check_positive_float(op: str, name: str, value) -> float:
 
 def is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def launches_kernels(t: torch.Tensor) -> bool:
+    """False only for fake tensors under the CPU Triton interpreter, which
+    would otherwise run the kernel on fake storage (opcheck's fake-tensor
+    test). On CUDA the launch must always reach wrap_triton, which records
+    it while tracing."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    from .. import _backend
+
+    return not (_backend.triton_interpret() and (is_fake(t) or t.device.type == "meta"))
+
+
+def refuse_interpreter_under_compile(op: str, backend: str, device: torch.device) -> None:
+    """The interpreter launches kernels eagerly, so a traced graph would lose
+    them: refuse instead of returning garbage."""
+    from .. import _backend
+
+    if backend == "triton" and device.type != "cuda" and is_compiling():
+        raise _backend.BackendUnavailable(
+            f"{op}: the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot run under torch.compile; "
+            "use the cpp backend on CPU or CUDA tensors for triton"
+        )

@@ -13,7 +13,15 @@ import torch
 
 from .. import _backend
 from ..reference import logprobs as reference
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_positive_float, check_same_device, check_tensor, is_compiling
+from ._common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_positive_float,
+    check_same_device,
+    check_tensor,
+    is_compiling,
+    refuse_interpreter_under_compile,
+)
 
 OP = "rlhf_fast.logprobs_from_logits"
 # GPU: Triton first (the primary GPU kernel), the CUDA kernel second.
@@ -102,6 +110,7 @@ def logprobs_from_logits(
         _check_labels_in_range(labels, V, ignore_index)
 
     backend = _backend.choose("logprobs_from_logits", logits.device, IMPLEMENTED)
+    refuse_interpreter_under_compile(OP, backend, logits.device)
     if backend == "reference":
         return reference.logprobs_from_logits(
             logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
@@ -159,6 +168,7 @@ if _backend.HAVE_TRITON:
     import triton.language as tl
 
     from ..triton.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel, block_v
+    from ._common import launches_kernels
 
     def _tl_acc(dtype):
         return tl.float64 if dtype == torch.float64 else tl.float32
@@ -169,7 +179,7 @@ if _backend.HAVE_TRITON:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         A, B, V = logits.shape
         lp, ent, lse = _fake_fwd(logits, labels, temperature, ignore_index)
-        if A * B > 0:
+        if A * B > 0 and launches_kernels(logits):
             torch.library.wrap_triton(_logprobs_fwd_kernel)[(A * B,)](
                 logits, labels.contiguous(), lp, ent, lse,
                 B, V, logits.stride(0), logits.stride(1),
@@ -191,7 +201,7 @@ if _backend.HAVE_TRITON:
     ) -> torch.Tensor:
         A, B, V = logits.shape
         grad_logits = torch.empty((A, B, V), dtype=logits.dtype, device=logits.device)
-        if grad_logits.numel() > 0:
+        if grad_logits.numel() > 0 and launches_kernels(logits):
             acc = _acc_dtype(logits.dtype)
             has_gh = grad_entropy is not None
             gh = grad_entropy.to(acc).contiguous() if has_gh else lse

@@ -1,0 +1,368 @@
+"""rlhf_fast.logprobs_from_logits against the float64 reference, on every CPU
+backend (C++ kernels, Triton kernels under the interpreter)."""
+import pytest
+import torch
+
+import rlhf_fast
+from rlhf_fast import _backend
+from rlhf_fast import reference as ref
+from rlhf_fast.ops.logprobs import _as_rows
+
+from ._compare import RTOL, assert_close, assert_no_worse_than_eager
+
+IGNORE = -100
+
+
+def make_inputs(shape, V, dtype, *, scale=4.0, ignore_frac=0.1):
+    logits = (torch.randn(*shape, V) * scale).to(dtype)
+    labels = torch.randint(0, V, shape)
+    labels[torch.rand(shape) < ignore_frac] = IGNORE
+    return logits, labels
+
+
+def eager_same_dtype(logits, labels, temperature):
+    """What TRL does for bf16: log_softmax in the logits' own dtype."""
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    safe = labels.clamp(min=0)
+    lp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1).float()
+    ent = -(logp_all.exp() * logp_all).sum(-1).float()
+    valid = labels != IGNORE
+    return torch.where(valid, lp, 0), torch.where(valid, ent, 0)
+
+
+# The interpreter runs a Triton program in Python: keep its row counts small.
+SHAPES = {
+    "cpp": [(n, v) for n in (1, 17, 1024) for v in (1, 7, 1000, 32003)],
+    "triton": [(n, v) for n in (1, 17) for v in (1, 7, 1000, 32003)] + [(1024, 7), (1024, 1000)],
+}
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend_name, N, V", [(b, n, v) for b, shapes in SHAPES.items() for n, v in shapes])
+def test_values_match_float64_reference(backend_name, N, V, dtype, temperature):
+    with rlhf_fast.use_backend(backend_name):
+        _check_values(N, V, dtype, temperature)
+
+
+def _check_values(N, V, dtype, temperature):
+    logits, labels = make_inputs((N,), V, dtype)
+    lp, ent = rlhf_fast.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32
+    want_lp, want_ent = ref.logprobs_from_logits(logits.double(), labels, temperature=temperature, return_entropy=True)
+    eager_lp, eager_ent = eager_same_dtype(logits, labels, temperature)
+    if dtype == torch.float32:
+        assert_close(lp, want_lp, RTOL[dtype], "logprobs")
+        # Entropy near 0 (peaked rows) carries fp32's absolute error of log s:
+        # hold it to eager fp32's own error, and to 1e-5 when eager is better.
+        assert_no_worse_than_eager(ent, eager_ent, want_ent, "entropy", floor=RTOL[dtype])
+    else:
+        assert_no_worse_than_eager(lp, eager_lp, want_lp, "logprobs")
+        assert_no_worse_than_eager(ent, eager_ent, want_ent, "entropy")
+
+
+def test_large_vocab_151936(backend):
+    logits, labels = make_inputs((2,), 151936, torch.bfloat16, ignore_frac=0)
+    lp, ent = rlhf_fast.logprobs_from_logits(logits, labels, return_entropy=True)
+    want_lp, want_ent = ref.logprobs_from_logits(logits.double(), labels, return_entropy=True)
+    assert_close(lp, want_lp, RTOL[torch.float32], "logprobs")
+    assert_close(ent, want_ent, RTOL[torch.float32], "entropy")
+
+
+def test_fp16_and_fp64_logits(backend):
+    logits, labels = make_inputs((9,), 333, torch.float16)
+    lp = rlhf_fast.logprobs_from_logits(logits, labels, temperature=0.9)
+    assert_close(lp, ref.logprobs_from_logits(logits.double(), labels, temperature=0.9), RTOL[torch.float32])
+    logits64 = torch.randn(9, 333, dtype=torch.float64) * 3
+    lp64, ent64 = rlhf_fast.logprobs_from_logits(logits64, labels, temperature=0.5, return_entropy=True)
+    want = ref.logprobs_from_logits(logits64, labels, temperature=0.5, return_entropy=True)
+    assert lp64.dtype == torch.float64
+    assert_close(lp64, want[0], RTOL[torch.float64], "logprobs")
+    assert_close(ent64, want[1], RTOL[torch.float64], "entropy")
+
+
+def test_extreme_and_minus_inf_logits(backend):
+    N, V = 12, 1003
+    logits = torch.randn(N, V) * 1e4  # +-1e4: exp overflows without the max shift
+    logits[1, : V // 2] = float("-inf")  # half the row impossible
+    logits[2, :] = float("-inf")
+    logits[2, 17] = 3.0  # one possible token: logp 0 for it, entropy 0
+    logits[3, 5] = float("-inf")
+    labels = torch.randint(0, V, (N,))
+    labels[1] = V - 1
+    labels[2] = 17
+    labels[3] = 5  # label on a -inf logit: log p = -inf, like the reference
+    lp, ent = rlhf_fast.logprobs_from_logits(logits, labels, temperature=0.7, return_entropy=True)
+    want_lp, want_ent = ref.logprobs_from_logits(logits.double(), labels, temperature=0.7, return_entropy=True)
+    assert lp[3] == float("-inf")
+    assert lp[2] == 0 and ent[2] == 0
+    assert_close(lp, want_lp, RTOL[torch.float32], "logprobs")
+    # At 1e4 / 0.7 every row is nearly one-hot: entropies of 1e-70..1e-3, so
+    # hold them to fp32's absolute error, not a relative one.
+    assert (ent.double() - want_ent).abs().max() < 1e-6
+
+
+def test_nan_stays_in_its_row(backend):
+    logits, labels = make_inputs((6,), 100, torch.float32, ignore_frac=0)
+    logits[2, 40] = float("nan")
+    logits[4, :] = float("-inf")  # no distribution at all
+    lp, ent = rlhf_fast.logprobs_from_logits(logits, labels, return_entropy=True)
+    assert lp[2].isnan() and ent[2].isnan() and lp[4].isnan()
+    ok = torch.tensor([0, 1, 3, 5])
+    want_lp, want_ent = ref.logprobs_from_logits(logits[ok].double(), labels[ok], return_entropy=True)
+    assert_close(lp[ok], want_lp, RTOL[torch.float32])
+    assert_close(ent[ok], want_ent, RTOL[torch.float32])
+
+
+def test_ignore_index_rows_give_zero_and_no_gradient(backend):
+    logits, labels = make_inputs((8,), 50, torch.float32, ignore_frac=0)
+    labels[[1, 5]] = -1
+    logits[5] = float("nan")  # an ignored row is never read: its NaN must not leak
+    x = logits.clone().requires_grad_()
+    lp, ent = rlhf_fast.logprobs_from_logits(x, labels, ignore_index=-1, return_entropy=True)
+    assert lp[[1, 5]].eq(0).all() and ent[[1, 5]].eq(0).all()
+    assert torch.isfinite(lp).all()
+    (lp.sum() + ent.sum()).backward()
+    assert x.grad[[1, 5]].eq(0).all()
+    assert x.grad[0].abs().sum() > 0
+
+    all_ignored = torch.full((4,), IGNORE)
+    y = torch.randn(4, 50, requires_grad=True)
+    lp2 = rlhf_fast.logprobs_from_logits(y, all_ignored)
+    assert lp2.eq(0).all()
+    lp2.sum().backward()
+    assert y.grad.eq(0).all()
+
+
+@pytest.mark.parametrize("which", ["both", "logprobs", "entropy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_match_reference(backend, dtype, which):
+    logits, labels = make_inputs((3, 11), 257, dtype)
+    logits[0, 2, :100] = float("-inf")
+    temperature = 0.7
+    x = logits.clone().requires_grad_()
+    lp, ent = rlhf_fast.logprobs_from_logits(x, labels, temperature=temperature, return_entropy=True)
+    g_lp, g_ent = torch.randn_like(lp), torch.randn_like(ent)  # per-token upstream gradients
+    loss = {"both": (lp * g_lp).sum() + (ent * g_ent).sum(), "logprobs": (lp * g_lp).sum(), "entropy": (ent * g_ent).sum()}
+    loss[which].backward()
+
+    x64 = logits.double().requires_grad_()
+    r_lp, r_ent = ref.logprobs_from_logits(x64, labels, temperature=temperature, return_entropy=True)
+    r_loss = {"both": (r_lp * g_lp).sum() + (r_ent * g_ent).sum(), "logprobs": (r_lp * g_lp).sum(), "entropy": (r_ent * g_ent).sum()}
+    r_loss[which].backward()
+    assert x.grad.dtype == dtype
+    if dtype == torch.float32:
+        assert_close(x.grad, x64.grad, RTOL[dtype], "d logits")
+    else:
+        xe = logits.clone().requires_grad_()
+        e_lp, e_ent = eager_same_dtype(xe, labels, temperature)
+        e_loss = {"both": (e_lp * g_lp).sum() + (e_ent * g_ent).sum(), "logprobs": (e_lp * g_lp).sum(), "entropy": (e_ent * g_ent).sum()}
+        e_loss[which].backward()
+        assert_no_worse_than_eager(x.grad, xe.grad, x64.grad, "d logits")
+
+
+def test_gradcheck_float64(backend):
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 3))
+    labels[1, 1] = IGNORE
+
+    def f(x):
+        return rlhf_fast.logprobs_from_logits(x, labels, temperature=0.7, return_entropy=True)
+
+    assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-7)
+
+
+def test_sliced_leading_dims_are_read_in_place(backend):
+    B, T, V = 3, 9, 130
+    full = torch.randn(B, T, V)
+    ids = torch.randint(0, V, (B, T))
+    logits, labels = full[:, :-1], ids[:, 1:]  # the usual shift: a non-contiguous view
+    rows = _as_rows(logits)
+    assert rows.data_ptr() == full.data_ptr() and rows.shape == (B, T - 1, V)  # a view, not a copy
+    for x, y in [(logits, labels), (full.transpose(0, 1), ids.t()), (full.view(B, 1, T, V)[:, :, 1:], ids[:, None, 1:])]:
+        lp, ent = rlhf_fast.logprobs_from_logits(x, y, return_entropy=True)
+        want_lp, want_ent = ref.logprobs_from_logits(x.double(), y, return_entropy=True)
+        assert lp.shape == y.shape
+        assert_close(lp, want_lp, RTOL[torch.float32])
+        assert_close(ent, want_ent, RTOL[torch.float32])
+    strided_vocab = full[..., ::2]  # vocab stride 2: copied once, still right
+    y = torch.randint(0, strided_vocab.shape[-1], (B, T))
+    assert_close(rlhf_fast.logprobs_from_logits(strided_vocab, y), ref.logprobs_from_logits(strided_vocab.double(), y), RTOL[torch.float32])
+    x = logits.clone().requires_grad_()
+    rlhf_fast.logprobs_from_logits(x, labels).sum().backward()
+    assert x.grad.shape == logits.shape
+
+
+def test_empty_and_length_one_inputs(backend):
+    for shape in [(0,), (2, 0), (0, 3)]:
+        out, ent = rlhf_fast.logprobs_from_logits(torch.randn(*shape, 11), torch.zeros(shape, dtype=torch.long), return_entropy=True)
+        assert out.shape == shape and ent.shape == shape
+    x = torch.randn(5, 1, requires_grad=True)  # V = 1: log p = 0, entropy 0
+    lp, ent = rlhf_fast.logprobs_from_logits(x, torch.zeros(5, dtype=torch.long), return_entropy=True)
+    assert lp.abs().max() == 0 and ent.abs().max() == 0
+    lp.sum().backward()
+    assert x.grad.abs().max() == 0
+    one = rlhf_fast.logprobs_from_logits(torch.randn(7), torch.tensor(3))  # no leading dims
+    assert one.shape == ()
+
+
+def test_int32_labels_and_inputs_left_untouched(backend):
+    logits, labels = make_inputs((4, 6), 77, torch.bfloat16)
+    labels32 = labels.to(torch.int32)
+    before_x, before_y = logits.clone(), labels32.clone()
+    lp = rlhf_fast.logprobs_from_logits(logits, labels32, temperature=0.8)
+    assert torch.equal(logits, before_x) and torch.equal(labels32, before_y)
+    assert_close(lp, ref.logprobs_from_logits(logits.double(), labels, temperature=0.8), RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_cpu_vector_path(isa):
+    best = _backend.BUILD_INFO["cpu_isa_best"]
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(isa) > order.index(best):
+        pytest.skip(f"this CPU supports up to {best}")
+    prev = _backend._C.set_cpu_isa(isa)
+    try:
+        with rlhf_fast.use_backend("cpp"):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                logits, labels = make_inputs((5, 3), 1037, dtype)  # 1037 = 64 * 16 + 13: a vector tail
+                x = logits.clone().requires_grad_()
+                lp, ent = rlhf_fast.logprobs_from_logits(x, labels, temperature=1.3, return_entropy=True)
+                (lp.sum() + 0.5 * ent.sum()).backward()
+                x64 = logits.double().requires_grad_()
+                r_lp, r_ent = ref.logprobs_from_logits(x64, labels, temperature=1.3, return_entropy=True)
+                (r_lp.sum() + 0.5 * r_ent.sum()).backward()
+                assert_close(lp, r_lp, RTOL[torch.float32], f"{isa} {dtype} logprobs")
+                assert_close(ent, r_ent, RTOL[torch.float32], f"{isa} {dtype} entropy")
+                grad_tol = RTOL[torch.float32] if dtype == torch.float32 else 8e-3  # one bf16/fp16 rounding of d logits
+                assert_close(x.grad, x64.grad, grad_tol, f"{isa} {dtype} d logits")
+    finally:
+        _backend._C.set_cpu_isa(prev)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, logits, labels, match",
+    [
+        ({}, torch.randn(3, 10), torch.tensor([0, 10, 1]), r"label 10 .* outside \[0, V=10\)"),
+        ({}, torch.randn(3, 10), torch.tensor([0, -5, 1]), r"label -5 .* not ignore_index"),
+        ({"temperature": 0.0}, torch.randn(3, 10), torch.tensor([0, 1, 2]), r"temperature must be a finite number > 0"),
+        ({"temperature": -1.0}, torch.randn(3, 10), torch.tensor([0, 1, 2]), r"temperature"),
+        ({"temperature": float("nan")}, torch.randn(3, 10), torch.tensor([0, 1, 2]), r"temperature"),
+        ({"temperature": float("inf")}, torch.randn(3, 10), torch.tensor([0, 1, 2]), r"temperature"),
+        ({}, torch.randn(3, 10), torch.tensor([0, 1]), r"labels must have shape .*\(3,\)"),
+        ({}, torch.randint(0, 5, (3, 10)), torch.tensor([0, 1, 2]), r"logits must have dtype"),
+        ({}, torch.randn(3, 10), torch.tensor([0.0, 1.0, 2.0]), r"labels must have dtype"),
+        ({}, torch.randn(3, 10), torch.zeros(3, dtype=torch.long, device="meta"), r"labels is on meta"),
+        ({}, torch.randn(3, 0), torch.tensor([0, 1, 2]), r"empty vocabulary"),
+    ],
+)
+def test_bad_input_raises_clearly(backend, kwargs, logits, labels, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        rlhf_fast.logprobs_from_logits(logits, labels, **kwargs)
+
+
+def test_cpp_kernel_checks_labels_itself():
+    # Called directly (as torch.compile does, past the Python checks), the
+    # C++ op still refuses an out-of-range label instead of reading garbage.
+    with pytest.raises(RuntimeError, match=r"label 99 .* outside \[0, V=10\)"):
+        torch.ops.rlhf_fast.logprobs_fwd(torch.randn(1, 2, 10), torch.tensor([[1, 99]]), 1.0, IGNORE)
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _op_args(dtype=torch.float32):
+    logits = torch.randn(2, 3, 17, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 17, (2, 3))
+    labels[0, 1] = IGNORE
+    return logits, labels
+
+
+# Under the CPU interpreter a Triton launch cannot be traced, so the Triton
+# ops get opcheck's eager checks here and the full set on a GPU (gpu marker).
+INTERPRETER_SAFE = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def _opcheck(op_name, args):
+    on_interpreter = op_name.endswith("_triton") and args[0].device.type == "cpu"
+    kwargs = {"test_utils": INTERPRETER_SAFE} if on_interpreter else {}
+    torch.library.opcheck(getattr(torch.ops.rlhf_fast, op_name), args, **kwargs)
+
+
+def _fwd_cases(device="cpu"):
+    logits, labels = _op_args()
+    logits, labels = logits.detach().to(device), labels.to(device)
+    return [(logits, labels, 0.7, IGNORE), (logits[:, :2], labels[:, :2], 1.0, IGNORE)]  # the second a strided view
+
+
+def _bwd_cases(device="cpu"):
+    logits, labels, *_ = _fwd_cases(device)[0]
+    lp, ent, lse = torch.ops.rlhf_fast.logprobs_fwd(logits.cpu(), labels.cpu(), 0.7, IGNORE)
+    lp, ent, lse = lp.to(device), ent.to(device), lse.to(device)
+    return [
+        (torch.randn_like(lp), torch.randn_like(ent), logits, labels, lse, ent, 0.7, IGNORE),
+        (torch.randn_like(lp), None, logits, labels, lse, ent, 0.7, IGNORE),
+    ]
+
+
+@pytest.mark.parametrize("op_name", ["logprobs_fwd", "logprobs_fwd_triton"])
+def test_opcheck_forward(op_name):
+    for args in _fwd_cases():
+        _opcheck(op_name, args)
+
+
+@pytest.mark.parametrize("op_name", ["logprobs_bwd", "logprobs_bwd_triton"])
+def test_opcheck_backward(op_name):
+    for args in _bwd_cases():
+        _opcheck(op_name, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op_name", ["logprobs_fwd", "logprobs_fwd_triton", "logprobs_bwd", "logprobs_bwd_triton"])
+def test_opcheck_cuda(op_name):
+    cases = _fwd_cases("cuda") if "fwd" in op_name else _bwd_cases("cuda")
+    for args in cases:
+        _opcheck(op_name, args)
+
+
+def _loss_fn(x, y):
+    lp, ent = rlhf_fast.logprobs_from_logits(x[:, :-1], y[:, 1:], temperature=0.7, return_entropy=True)
+    return (lp * 2).sum() + ent.mean(), lp
+
+
+def _check_compiled_matches_eager(device):
+    logits, labels = make_inputs((4, 5), 301, torch.float32)
+    logits, labels = logits.to(device), labels.to(device)
+    compiled = torch.compile(_loss_fn, fullgraph=True)
+    xc, xe = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss_c, lp_c = compiled(xc, labels)
+    loss_e, lp_e = _loss_fn(xe, labels)
+    assert lp_c.dtype == torch.float32  # temperature stays fp32 inside the graph
+    assert_close(lp_c, lp_e.detach(), 1e-6, "compiled logprobs")
+    loss_c.backward()
+    loss_e.backward()
+    assert_close(xc.grad, xe.grad, 1e-6, "compiled d logits")
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "reference"])
+def test_torch_compile_fullgraph(backend_name):
+    torch._dynamo.reset()
+    with rlhf_fast.use_backend(backend_name):
+        _check_compiled_matches_eager("cpu")
+
+
+def test_interpreter_refuses_torch_compile():
+    with rlhf_fast.use_backend("triton"):
+        with pytest.raises(Exception, match="cannot run under torch.compile"):
+            torch.compile(_loss_fn, fullgraph=True)(*make_inputs((2, 3), 11, torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_torch_compile_fullgraph_cuda(backend_name):
+    torch._dynamo.reset()
+    with rlhf_fast.use_backend(backend_name):
+        _check_compiled_matches_eager("cuda")
