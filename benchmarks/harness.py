@@ -47,11 +47,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 3, repeat: int = 15) -> float:
-    """Median seconds of fn() over `repeat` calls after `warmup` calls."""
-    for _ in range(warmup):
+def time_fn(
+    fn: Callable[[], object], *, device: str = "cpu", warmup: int = 3, repeat: int = 15, budget_s: float = 3.0
+) -> float:
+    """Median seconds of fn() after warm-up. Slow peers (a 10 s Python loop)
+    get fewer calls: at least 3, at most `repeat`, about `budget_s` in all."""
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1 if first < budget_s / 10 else 0):
         fn()
     _sync(device)
+    repeat = max(3, min(repeat, int(budget_s / max(first, 1e-9))))
     times = []
     if device.startswith("cuda"):
         for _ in range(repeat):
@@ -187,7 +195,7 @@ def format_table(records: list[Record]) -> str:
         lines.append(
             f"{r.op:14s} {r.mode:7s} {r.shape:22s} {r.dtype:8s} {r.baseline:28s} "
             f"{r.median_s * 1e3:9.3f} {r.baseline_median_s * 1e3:9.3f} {r.speedup:7.2f}x "
-            f"{r.peak_mem_bytes / 2**20:9.1f} {r.baseline_peak_mem_bytes / 2**20:9.1f}"
+            f"{r.peak_mem_bytes / 2**20:9.2f} {r.baseline_peak_mem_bytes / 2**20:9.2f}"
         )
     return "\n".join(lines)
 

@@ -1,0 +1,35 @@
+# The README's commands. Each target sets itself up first, so a fresh clone
+# needs nothing but Python 3.10+ and a C++ compiler.
+PY ?= python3
+PIP := $(PY) -m pip
+# torch first: the CPU build where there is no GPU, so pip never pulls the
+# several-GB CUDA wheels onto a CPU machine; then the project without build
+# isolation, so it compiles against that torch.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test bench cuda-check clean
+
+setup:
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	$(PIP) install pybind11 ninja setuptools wheel
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[test,bench]"
+	$(PY) -c "import rlhf_fast._C" || (echo "rlhf_fast._C failed to build or load" && exit 1)
+
+# The main job. Until the trainer's demo lands: what runs here, then the
+# log-prob benchmark on small CPU shapes.
+demo: setup
+	rlhf-fast info
+	rlhf-fast bench --quick --op logprobs
+
+test: setup cuda-check
+	$(PY) -m pytest tests -q
+
+bench: setup
+	rlhf-fast bench --json benchmarks/results/latest-cpu.json
+
+# Every .cu compiles with nvcc for sm_80 and sm_90 (skipped where no nvcc).
+cuda-check:
+	bash scripts/check_cuda_compile.sh
+
+clean:
+	rm -rf build *.egg-info rlhf_fast/_C*.so

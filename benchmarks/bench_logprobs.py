@@ -1,0 +1,96 @@
+"""Log-probs (+ entropy) from logits: rlhf_fast vs torch eager, TRL's
+selective_log_softmax and torch.compile of eager, forward and forward+backward.
+
+    python -m benchmarks.bench_logprobs [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import rlhf_fast
+
+from .harness import compare, copy_bandwidth, format_table, machine_facts, write_json
+
+
+def eager_logprobs(logits, labels):
+    """The plain chain every peer starts from: log_softmax, then gather."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _trl():
+    try:
+        from trl.trainer.utils import selective_log_softmax
+
+        return selective_log_softmax
+    except Exception as exc:  # not installed, or its import failed
+        return f"TRL unavailable ({type(exc).__name__}); pip install trl"
+
+
+def _fwd_bwd(fn, logits, labels):
+    def run():
+        x = logits.detach().requires_grad_()
+        fn(x, labels).float().sum().backward()
+        return x.grad
+
+    return run
+
+
+def run(quick: bool = True, device: str | None = None) -> list:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        shapes = [(1024, 32000)] if quick else [(4096, 32000), (1024, 128256), (512, 151936)]
+        dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    else:
+        shapes = [(16384, 151936), (8192, 128256), (16384, 32000)]
+        dtypes = [torch.bfloat16, torch.float32]
+    trl = _trl()
+    compiled = torch.compile(eager_logprobs)
+    records = []
+    for N, V in shapes:
+        for dtype in dtypes:
+            logits = torch.randn(N, V, device=device, dtype=dtype) * 3
+            labels = torch.randint(0, V, (N,), device=device)
+            ours = lambda x=logits, y=labels: rlhf_fast.logprobs_from_logits(x, y)  # noqa: E731
+            peers = {
+                "torch eager": lambda: eager_logprobs(logits, labels),
+                "torch.compile(eager)": lambda: compiled(logits, labels),
+                "trl.selective_log_softmax": trl if isinstance(trl, str) else (lambda: trl(logits, labels)),
+            }
+            common = dict(op="logprobs", impl=f"rlhf_fast[{_which(device)}]", shape=f"({N}, {V})", dtype=str(dtype).replace("torch.", ""), device=device)
+            records += compare(fn=ours, baselines=peers, mode="fwd", bytes_moved=logits.numel() * logits.element_size(), **common)
+            grads = {k: (v if isinstance(v, str) else _fwd_bwd(_peer_fn(k, trl, compiled), logits, labels)) for k, v in peers.items()}
+            records += compare(
+                fn=_fwd_bwd(rlhf_fast.logprobs_from_logits, logits, labels), baselines=grads, mode="fwd+bwd",
+                bytes_moved=3 * logits.numel() * logits.element_size(), **common,
+            )  # fmt: skip
+            del logits
+    return records
+
+
+def _peer_fn(name, trl, compiled):
+    return {"torch eager": eager_logprobs, "torch.compile(eager)": compiled, "trl.selective_log_softmax": trl}[name]
+
+
+def _which(device: str) -> str:
+    from rlhf_fast import _backend
+
+    return _backend.choose("logprobs_from_logits", torch.device(device), rlhf_fast.ops.logprobs.IMPLEMENTED)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    records = run(quick=args.quick, device=device)
+    print(format_table(records))
+    print(f"copy bandwidth: {copy_bandwidth(device):.1f} GB/s")
+    if args.json:
+        write_json(args.json, records, machine_facts(device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Backends, dispatch, build facts and the command line."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rlhf_fast
+from rlhf_fast import _backend
+
+
+def test_every_schema_is_registered_with_cpu_kernel_and_fake():
+    for name in ("logprobs_fwd", "logprobs_bwd"):
+        op = getattr(torch.ops.rlhf_fast, name).default
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta") or torch._library.simple_registry.singleton.find(
+            op.name()
+        ).fake_impl.kernel is not None, name
+
+
+def test_build_info_reports_the_build():
+    info = rlhf_fast.info()
+    assert info["extension_loaded"], info["extension_error"]
+    build = info["build"]
+    assert "cpp" in build["backends"]
+    assert build["openmp"] is True and build["omp_max_threads"] >= 1
+    assert build["cpu_isa"] in ("baseline", "avx2", "avx512")
+    assert info["backends"]["reference"]["cpu"] == "available"
+    assert info["backends"]["cpp"]["cpu"] == "available"
+    assert "CUDA" in info["backends"]["cuda"]["cpu"]  # says why: cuda runs on CUDA tensors
+
+
+def test_automatic_choice_on_cpu_is_cpp():
+    assert _backend.choose("x", torch.device("cpu"), ("triton", "cuda", "cpp")) == "cpp"
+    assert _backend.choose("x", torch.device("cpu"), ()) == "reference"
+
+
+def test_env_var_forces_a_backend(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "reference")
+    assert _backend.choose("x", torch.device("cpu"), ("cpp",)) == "reference"
+    x, y = torch.randn(3, 9, requires_grad=True), torch.tensor([1, 2, 3])
+    out = rlhf_fast.logprobs_from_logits(x, y)
+    assert "rlhf_fast" not in type(out.grad_fn).__name__.lower() or out.grad_fn is None
+
+
+@pytest.mark.parametrize(
+    "forced, device, match",
+    [
+        ("cuda", "cpu", "runs on CUDA tensors"),
+        ("nonsense", "cpu", "not a backend"),
+    ],
+)
+def test_forcing_an_unavailable_backend_raises(monkeypatch, forced, device, match):
+    monkeypatch.setenv(_backend.ENV_VAR, forced)
+    with pytest.raises(_backend.BackendUnavailable, match=match):
+        rlhf_fast.logprobs_from_logits(torch.randn(2, 5, device=device), torch.tensor([0, 1], device=device))
+
+
+def test_triton_is_not_chosen_on_cpu_unless_forced():
+    assert _backend.why_unavailable("triton", torch.device("cpu")) is None  # the interpreter is on in tests
+    assert _backend.choose("x", torch.device("cpu"), ("triton", "cpp")) == "cpp"
+
+
+def test_use_backend_context_restores():
+    with rlhf_fast.use_backend("reference"):
+        assert _backend.forced_backend() == "reference"
+    assert _backend.forced_backend() is None
+    with pytest.raises(_backend.BackendUnavailable):
+        with rlhf_fast.use_backend("fastest-please"):
+            pass
+
+
+def test_cli_info_runs():
+    out = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "compiled extension: loaded" in out.stdout
+    assert "cpp" in out.stdout and "reference" in out.stdout
+
+
+def test_import_without_extension_falls_back():
+    # sys.modules[name] = None makes `import rlhf_fast._C` fail, as a missing
+    # or broken build would: import works, calls use the reference.
+    code = (
+        "import sys; sys.modules['rlhf_fast._C'] = None;"
+        "import torch, rlhf_fast;"
+        "r = rlhf_fast.info(); assert not r['extension_loaded'], r;"
+        "assert 'cpp' in r['backends'] and 'did not load' in r['backends']['cpp']['cpu'];"
+        "print(rlhf_fast.logprobs_from_logits(torch.zeros(2, 4), torch.tensor([0, 1])).tolist())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "-1.386" in out.stdout  # log(1/4)
+    assert "compiled extension not loaded" in out.stderr
