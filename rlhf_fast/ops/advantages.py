@@ -232,6 +232,22 @@ def _sorted_runs(ids: torch.Tensor):
     return perm.contiguous(), torch.where(is_start, next_start - pos, 0).contiguous()
 
 
+def _can_launch(t: torch.Tensor) -> bool:
+    """False while fake-propagating shapes under TRITON_INTERPRET=1: there
+    wrap_triton hands back the interpreted kernel itself, which would run on
+    fake tensors. On GPUs wrap_triton records the launch instead. A graph
+    being traced (AOTAutograd, functional tensors) could not contain the
+    interpreted launch, so that raises rather than compiling to empty outputs."""
+    if not (_backend.triton_interpret() and torch._subclasses.fake_tensor.is_fake(t)):
+        return True
+    if isinstance(t, torch._subclasses.functional_tensor.FunctionalTensor):
+        raise _backend.BackendUnavailable(
+            "rlhf_fast: Triton kernels under TRITON_INTERPRET=1 cannot be traced by torch.compile; "
+            "use the cpp backend on CPU tensors"
+        )
+    return False
+
+
 if _backend.HAVE_TRITON:
     import triton
 
@@ -249,7 +265,7 @@ if _backend.HAVE_TRITON:
     def whiten_triton(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=_acc(x.dtype), device=x.device)
         N = x.numel()
-        if N == 0:
+        if N == 0 or not _can_launch(x):
             return out
         xf, mf = x.contiguous().reshape(-1), mask.contiguous().reshape(-1)
         P = triton.cdiv(N, WHITEN_BLOCK)
@@ -268,7 +284,7 @@ if _backend.HAVE_TRITON:
     ) -> torch.Tensor:
         out = torch.empty(scores.shape, dtype=_acc(scores.dtype), device=scores.device)
         N = scores.shape[0]
-        if N == 0:
+        if N == 0 or not _can_launch(scores):
             return out
         est = ESTIMATORS.index(estimator)
         s = scores.contiguous()
