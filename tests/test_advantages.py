@@ -245,7 +245,7 @@ def _loo_check(scores, ids, out):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("group", [1, 2, 16, 100])
 def test_group_advantages_contiguous(backend, estimator, group):
-    N = 400
+    N = max(4 * group, 40)  # small: one interpreted Triton program per group
     s = torch.randn(N, dtype=torch.float64)
     s[:group] = 0.5  # ties: a group with one score
     got = rlhf_fast.group_advantages(s, group, estimator=estimator)
