@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <numeric>
 #include <string>
 #include <tuple>
@@ -25,11 +27,25 @@ namespace {
 
 constexpr int kRows = 4;  // rows walked together (independent carry chains)
 
+// valid ? a : b without a branch. GCC turns `valid ? a : b` on data-dependent
+// masks into jumps; with 30% observation-token holes those mispredict and cost
+// 5x (33 ms vs 7 ms for whiten at (512, 4096)). Bitwise blend instead.
+template <typename acc_t>
+RLHF_FAST_INLINE acc_t blend(bool valid, acc_t a, acc_t b) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
+  bits_t ua, ub;
+  std::memcpy(&ua, &a, sizeof(a));
+  std::memcpy(&ub, &b, sizeof(b));
+  const bits_t sel = bits_t(0) - static_cast<bits_t>(valid);
+  const bits_t r = (ua & sel) | (ub & ~sel);
+  acc_t out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+}
+
 // ---------------- GAE / discounted-return row kernels ----------------
 // HAS_V = false: discounted returns (values 0, lam 1, no returns output).
-// Masked positions: both carries pass through unchanged; outputs 0. The
-// candidate c is computed unconditionally and discarded by a select, so a NaN
-// in a padded reward never reaches a carry.
+// Masked positions: both carries pass through unchanged; outputs 0.
 template <bool HAS_V, typename T, typename M, typename acc_t>
 RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
                                const M* const* m, int64_t n,
@@ -39,15 +55,18 @@ RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
   for (int64_t t = n - 1; t >= 0; --t) {
 #pragma GCC unroll 4
     for (int j = 0; j < kRows; ++j) {
+      // Arithmetic with w in {0, 1} keeps the carry chain free of selects;
+      // inputs are blended to 0 first so masked garbage (NaN) never enters.
       const bool valid = m[j][t] != M(0);
-      const acc_t rt = to_acc(r[j][t]);
-      const acc_t vt = HAS_V ? to_acc(v[j][t]) : acc_t(0);
+      const acc_t w = valid ? acc_t(1) : acc_t(0);
+      const acc_t rt = blend(valid, to_acc(r[j][t]), acc_t(0));
+      const acc_t vt = HAS_V ? blend(valid, to_acc(v[j][t]), acc_t(0)) : acc_t(0);
+      const acc_t a = valid ? gl[j] : acc_t(1);
       const acc_t delta = rt + g[j] * nv[j] - vt;
-      const acc_t c = delta + gl[j] * carry[j];
-      carry[j] = valid ? c : carry[j];
-      if (HAS_V) nv[j] = valid ? vt : nv[j];
-      adv[j][t] = valid ? carry[j] : acc_t(0);
-      if (HAS_V) ret[j][t] = valid ? carry[j] + vt : acc_t(0);
+      carry[j] = a * carry[j] + w * delta;  // masked: carry * 1 + 0, exact
+      if (HAS_V) nv[j] = w * vt + (acc_t(1) - w) * nv[j];  // exact either way
+      adv[j][t] = w * carry[j];
+      if (HAS_V) ret[j][t] = w * (carry[j] + vt);
     }
   }
 }
@@ -268,8 +287,9 @@ RLHF_FAST_INLINE Moments chunk_moments(const T* x, const M* m, int64_t n) {
 #pragma omp simd reduction(+ : cnt, sum)
   for (int64_t i = 0; i < n; ++i) {
     const bool valid = m[i] != M(0);
-    cnt += valid ? 1.0 : 0.0;
-    sum += valid ? static_cast<double>(to_acc(x[i])) : 0.0;
+    const double xi = static_cast<double>(to_acc(x[i]));
+    cnt += blend(valid, 1.0, 0.0);
+    sum += blend(valid, xi, 0.0);
   }
   Moments o;
   if (cnt == 0) return o;
@@ -278,7 +298,7 @@ RLHF_FAST_INLINE Moments chunk_moments(const T* x, const M* m, int64_t n) {
 #pragma omp simd reduction(+ : m2)
   for (int64_t i = 0; i < n; ++i) {
     const double d = static_cast<double>(to_acc(x[i])) - mean;
-    m2 += m[i] != M(0) ? d * d : 0.0;
+    m2 += blend(m[i] != M(0), d * d, 0.0);
   }
   return {cnt, mean, m2};
 }
@@ -290,7 +310,7 @@ RLHF_FAST_INLINE void whiten_apply(const T* x, const M* m, acc_t* out,
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const double y = (static_cast<double>(to_acc(x[i])) - mean) * rstd + add;
-    out[i] = m[i] != M(0) ? static_cast<acc_t>(y) : acc_t(0);
+    out[i] = blend(m[i] != M(0), static_cast<acc_t>(y), acc_t(0));
   }
 }
 
