@@ -2,8 +2,9 @@
 // per row: on a CPU the sequential loop is already O(T) and needs no scan, so
 // the work is to keep the carry's FMA chain (4-5 cycles per step) from being
 // the limit. Rows are walked 4 at a time so four independent chains overlap
-// (0.9 ns/element at (512, 4096) instead of ~2 on one row at a time), and
-// rows are split across threads with at::parallel_for.
+// (measured on a loaded 2-core EPYC: 29 ms at (512, 4096) vs 36 ms one row at
+// a time; 0.2 ms at (64, 2048) when the rows are in cache), and rows are split
+// across threads with at::parallel_for.
 // Whitening and group statistics accumulate in double, two passes per chunk
 // merged with Chan's formula (never E[x^2] - E[x]^2).
 #include <ATen/Parallel.h>
