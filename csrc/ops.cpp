@@ -28,6 +28,25 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
       "Tensor labels, Tensor lse, Tensor entropy, float temperature, "
       "int ignore_index) -> Tensor");
+
+  // ---- advantage estimators (rlhf_fast/ops/advantages.py) ----
+  // No backward: advantages are constants in PPO. Outputs fp32 (fp64 when an
+  // input is fp64). Masks: bool or 0/1 of any dtype; masked positions are
+  // skipped by the carries and give 0.
+  // rewards, values, mask: (B, T), stride 1 on T. gamma_rows / lam_rows:
+  // optional (B,) per-row values that override the floats.
+  m.def(
+      "gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, "
+      "Tensor? gamma_rows, Tensor? lam_rows) -> (Tensor advantages, Tensor returns)");
+  m.def(
+      "discounted_returns(Tensor rewards, Tensor mask, float gamma, "
+      "Tensor? gamma_rows) -> Tensor");
+  // x, mask: same shape; whitened over every valid element, unbiased var.
+  m.def("whiten(Tensor x, Tensor mask, bool shift_mean, float eps) -> Tensor");
+  // scores: (N,); group_ids (N,) integer ids, or None and group_size > 0.
+  m.def(
+      "group_advantages(Tensor scores, Tensor? group_ids, int group_size, "
+      "str estimator, float eps) -> Tensor");
 }
 
 namespace {

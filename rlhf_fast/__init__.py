@@ -7,6 +7,7 @@ from . import reference
 from ._backend import BACKENDS, BackendUnavailable, use_backend
 from ._backend import info as _info_dict
 from .ops import logprobs_from_logits
+from .ops import discounted_returns, gae, group_advantages, whiten
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,8 @@ __all__ = [
     "logprobs_from_logits",
     "reference",
     "use_backend",
+    "gae",
+    "discounted_returns",
+    "whiten",
+    "group_advantages",
 ]

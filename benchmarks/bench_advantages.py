@@ -1,0 +1,141 @@
+"""Advantage estimators: rlhf_fast vs the Python loop over time (verl-style,
+rlhf_fast.reference.gae), torchrl's vec_generalized_advantage_estimate, and
+eager torch for whitening and group statistics.
+
+CPU shapes (B, T) = (64, 2048) and (512, 4097-ish responses: 4096); GPU (when
+one is visible) (1024, 8192), reported in GB/s against the measured copy
+bandwidth. Masks are right-padded responses with 30% observation-token holes
+(multi-turn), so every path does the masked work.
+
+    python -m benchmarks.bench_advantages            # issue shapes
+    python -m benchmarks.bench_advantages --quick    # ~1 min on 2 cores
+    python -m benchmarks.bench_advantages --threads 1 --json benchmarks/results/advantages_cpu.json
+
+torchrl's GAE treats masked steps as episode ends (`done`), not as skipped
+tokens, so it is timed on the same tensors but is not the same function for
+holed masks; the loop reference is the semantic match.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+import rlhf_fast
+from rlhf_fast import reference
+
+from .harness import Record, compare, copy_bandwidth, format_table, machine_facts, write_json
+
+GAMMA, LAM = 0.99, 0.95
+
+
+def _torchrl_gae():
+    try:
+        from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
+    except Exception as exc:  # not installed, or an incompatible torch
+        return f"torchrl not importable ({type(exc).__name__}); pip install torchrl"
+    return vec_generalized_advantage_estimate
+
+
+def _inputs(B: int, T: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(B, T, generator=g)
+    v = torch.randn(B, T, generator=g)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    m = (torch.arange(T)[None, :] < lengths[:, None]) & (torch.rand(B, T, generator=g) > 0.3)
+    return r.to(device), v.to(device), m.to(device)
+
+
+def _gae_records(B, T, device, warmup, repeat, loop_repeat) -> list[Record]:
+    r, v, m = _inputs(B, T, device)
+    shape = f"({B}, {T})"
+    nbytes = B * T * (4 + 4 + 1 + 4 + 4)  # r, v, mask read; adv, returns written
+    recs = []
+    ours = lambda: rlhf_fast.gae(r, v, m, gamma=GAMMA, lam=LAM)  # noqa: E731
+    loop = lambda: reference.gae(r, v, m, gamma=GAMMA, lam=LAM)  # noqa: E731
+    recs += compare(op="gae", impl="rlhf_fast", fn=ours, baselines={"verl-style loop (reference.gae)": loop},
+                    shape=shape, dtype="fp32", device=device, mode="fwd", bytes_moved=nbytes,
+                    warmup=1, repeat=loop_repeat)  # fmt: skip
+    trl = _torchrl_gae()
+    if not isinstance(trl, str):
+        done = (~m).unsqueeze(-1)
+        rr, vv = r.unsqueeze(-1), v.unsqueeze(-1)
+        # torchrl takes next_state_value explicitly: v shifted left, 0 at the end
+        nv = torch.cat([vv[:, 1:], torch.zeros_like(vv[:, :1])], 1)
+        trl_fn = lambda: trl(GAMMA, LAM, vv, nv, rr, done, done, time_dim=-2)  # noqa: E731
+    else:
+        trl_fn = trl
+    recs += compare(op="gae", impl="rlhf_fast", fn=ours,
+                    baselines={"torchrl vec_generalized_advantage_estimate": trl_fn},
+                    shape=shape, dtype="fp32", device=device, mode="fwd", bytes_moved=nbytes,
+                    warmup=warmup, repeat=repeat)[1:]  # fmt: skip
+    dr = lambda: rlhf_fast.discounted_returns(r, m, gamma=GAMMA)  # noqa: E731
+    dr_loop = lambda: reference.discounted_returns(r, m, gamma=GAMMA)  # noqa: E731
+    recs += compare(op="discounted_returns", impl="rlhf_fast", fn=dr, baselines={"loop (reference)": dr_loop},
+                    shape=shape, dtype="fp32", device=device, mode="fwd", bytes_moved=B * T * 9,
+                    warmup=1, repeat=loop_repeat)  # fmt: skip
+    return recs
+
+
+def _stats_records(B, T, device, warmup, repeat) -> list[Record]:
+    r, _, m = _inputs(B, T, device)
+    shape = f"({B}, {T})"
+    recs = compare(op="whiten", impl="rlhf_fast", fn=lambda: rlhf_fast.whiten(r, m),
+                   baselines={"eager torch (reference.whiten)": lambda: reference.whiten(r, m)},
+                   shape=shape, dtype="fp32", device=device, mode="fwd", bytes_moved=B * T * (4 + 1) * 2 + B * T * 4,
+                   warmup=warmup, repeat=repeat)  # fmt: skip
+    # group advantages over N = 16 * B scores (16 samples per prompt), by size and by shuffled ids
+    N = 16 * B
+    s = torch.randn(N, device=device)
+    ids = torch.randperm(N, device=device) // 16
+    for groups, label in ((16, "size 16"), (ids, "shuffled ids")):
+        recs += compare(op="group_adv", impl="rlhf_fast",
+                        fn=lambda g=groups: rlhf_fast.group_advantages(s, g, estimator="grpo"),
+                        baselines={f"eager torch, {label}": lambda g=groups: reference.group_advantages(s, g, estimator="grpo")},
+                        shape=f"N={N}", dtype="fp32", device=device, mode="fwd", bytes_moved=N * 8,
+                        warmup=warmup, repeat=repeat)  # fmt: skip
+    return recs
+
+
+def run(quick: bool = True) -> list[Record]:
+    recs: list[Record] = []
+    cpu_shapes = [(16, 512), (64, 2048)] if quick else [(64, 2048), (512, 4096)]
+    for B, T in cpu_shapes:
+        recs += _gae_records(B, T, "cpu", warmup=3, repeat=15 if quick else 10, loop_repeat=3)
+        recs += _stats_records(B, T, "cpu", warmup=3, repeat=15 if quick else 10)
+    if torch.cuda.is_available():
+        bw = copy_bandwidth("cuda")
+        B, T = (128, 8192) if quick else (1024, 8192)
+        gpu = _gae_records(B, T, "cuda", warmup=5, repeat=50, loop_repeat=3)
+        gpu += _stats_records(B, T, "cuda", warmup=5, repeat=50)
+        for rec in gpu:
+            if rec.gb_per_s is not None:
+                rec.status = f"ok ({rec.gb_per_s:.0f} GB/s = {100 * rec.gb_per_s / bw:.0f}% of copy {bw:.0f} GB/s)"
+        recs += gpu
+    return recs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None, help="write records + machine facts here")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (ours and the baselines alike)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recs = run(quick=args.quick)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(json.dumps(machine_facts(device)))
+    print(format_table(recs))
+    for rec in recs:
+        if rec.status.startswith("ok (") and rec.baseline is None:
+            print(f"{rec.op} {rec.shape} {rec.device}: {rec.status}")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        write_json(args.json, recs, machine_facts(device))
+
+
+if __name__ == "__main__":
+    main()

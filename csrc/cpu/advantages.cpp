@@ -1,0 +1,471 @@
+// CPU advantage estimators. GAE and discounted returns are one reverse sweep
+// per row: on a CPU the sequential loop is already O(T) and needs no scan, so
+// the work is to keep the carry's FMA chain (4-5 cycles per step) from being
+// the limit. Rows are walked 4 at a time so four independent chains overlap
+// (measured on a loaded 2-core EPYC: 29 ms at (512, 4096) vs 36 ms one row at
+// a time; 0.2 ms at (64, 2048) when the rows are in cache), and rows are split
+// across threads with at::parallel_for.
+// Whitening and group statistics accumulate in double, two passes per chunk
+// merged with Chan's formula (never E[x^2] - E[x]^2).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <numeric>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "rlhf_fast/cpu_math.h"
+
+namespace rlhf_fast {
+namespace cpu {
+namespace {
+
+constexpr int kRows = 4;  // rows walked together (independent carry chains)
+
+// valid ? a : b without a branch. GCC turns `valid ? a : b` on data-dependent
+// masks into jumps; with 30% observation-token holes those mispredict and cost
+// 5x (33 ms vs 7 ms for whiten at (512, 4096)). Bitwise blend instead.
+template <typename acc_t>
+RLHF_FAST_INLINE acc_t blend(bool valid, acc_t a, acc_t b) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
+  bits_t ua, ub;
+  std::memcpy(&ua, &a, sizeof(a));
+  std::memcpy(&ub, &b, sizeof(b));
+  const bits_t sel = bits_t(0) - static_cast<bits_t>(valid);
+  const bits_t r = (ua & sel) | (ub & ~sel);
+  acc_t out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+}
+
+// ---------------- GAE / discounted-return row kernels ----------------
+// HAS_V = false: discounted returns (values 0, lam 1, no returns output).
+// Masked positions: both carries pass through unchanged; outputs 0.
+template <bool HAS_V, typename T, typename M, typename acc_t>
+RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
+                               const M* const* m, int64_t n,
+                               const acc_t* g, const acc_t* gl,
+                               acc_t* const* adv, acc_t* const* ret) {
+  acc_t nv[kRows] = {}, carry[kRows] = {};
+  for (int64_t t = n - 1; t >= 0; --t) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kRows; ++j) {
+      // Arithmetic with w in {0, 1} keeps the carry chain free of selects;
+      // inputs are blended to 0 first so masked garbage (NaN) never enters.
+      const bool valid = m[j][t] != M(0);
+      const acc_t w = valid ? acc_t(1) : acc_t(0);
+      const acc_t rt = blend(valid, to_acc(r[j][t]), acc_t(0));
+      const acc_t vt = HAS_V ? blend(valid, to_acc(v[j][t]), acc_t(0)) : acc_t(0);
+      const acc_t a = valid ? gl[j] : acc_t(1);
+      const acc_t delta = rt + g[j] * nv[j] - vt;
+      carry[j] = a * carry[j] + w * delta;  // masked: carry * 1 + 0, exact
+      if (HAS_V) nv[j] = w * vt + (acc_t(1) - w) * nv[j];  // exact either way
+      adv[j][t] = w * carry[j];
+      if (HAS_V) ret[j][t] = w * (carry[j] + vt);
+    }
+  }
+}
+
+// One out-of-line copy per (values?, dtype, mask dtype), cloned for
+// AVX-512 / AVX2 / baseline.
+#define RLHF_FAST_GAE_KERNEL(HV, T, M, acc_t)                                      \
+  RLHF_FAST_CPU_CLONES void gae_rows_k(                                          \
+      std::integral_constant<bool, HV>, const T* const* r, const T* const* v,    \
+      const M* const* m, int64_t n, const acc_t* g, const acc_t* gl,             \
+      acc_t* const* adv, acc_t* const* ret) {                                    \
+    gae_rows<HV, T, M, acc_t>(r, v, m, n, g, gl, adv, ret);                      \
+  }
+#define RLHF_FAST_GAE_MASKS(HV, T, acc_t)          \
+  RLHF_FAST_GAE_KERNEL(HV, T, uint8_t, acc_t)      \
+  RLHF_FAST_GAE_KERNEL(HV, T, int8_t, acc_t)       \
+  RLHF_FAST_GAE_KERNEL(HV, T, int32_t, acc_t)      \
+  RLHF_FAST_GAE_KERNEL(HV, T, int64_t, acc_t)      \
+  RLHF_FAST_GAE_KERNEL(HV, T, float, acc_t)        \
+  RLHF_FAST_GAE_KERNEL(HV, T, double, acc_t)
+RLHF_FAST_GAE_MASKS(true, float, float)
+RLHF_FAST_GAE_MASKS(true, bf16_bits, float)
+RLHF_FAST_GAE_MASKS(true, fp16_bits, float)
+RLHF_FAST_GAE_MASKS(true, double, double)
+RLHF_FAST_GAE_MASKS(false, float, float)
+RLHF_FAST_GAE_MASKS(false, bf16_bits, float)
+RLHF_FAST_GAE_MASKS(false, fp16_bits, float)
+RLHF_FAST_GAE_MASKS(false, double, double)
+#undef RLHF_FAST_GAE_MASKS
+#undef RLHF_FAST_GAE_KERNEL
+
+// ---------------- dtype dispatch ----------------
+
+template <typename F>
+void dispatch_value(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat: return f(static_cast<float*>(nullptr));
+    case at::kBFloat16: return f(static_cast<bf16_bits*>(nullptr));
+    case at::kHalf: return f(static_cast<fp16_bits*>(nullptr));
+    case at::kDouble: return f(static_cast<double*>(nullptr));
+    default: TORCH_CHECK(false, "rlhf_fast: unsupported dtype ", dt);
+  }
+}
+
+// Masks are read in their own dtype (bool, int8/uint8, int32, int64, fp32,
+// fp64: no conversion pass); any other dtype is converted to bool once.
+at::Tensor mask_for_kernel(const at::Tensor& mask) {
+  switch (mask.scalar_type()) {
+    case at::kBool: case at::kByte: case at::kChar: case at::kInt:
+    case at::kLong: case at::kFloat: case at::kDouble:
+      return mask;
+    default:
+      return mask.ne(0);
+  }
+}
+
+template <typename F>
+void dispatch_mask(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kBool: case at::kByte: return f(static_cast<uint8_t*>(nullptr));
+    case at::kChar: return f(static_cast<int8_t*>(nullptr));
+    case at::kInt: return f(static_cast<int32_t*>(nullptr));
+    case at::kLong: return f(static_cast<int64_t*>(nullptr));
+    case at::kFloat: return f(static_cast<float*>(nullptr));
+    case at::kDouble: return f(static_cast<double*>(nullptr));
+    default: TORCH_CHECK(false, "rlhf_fast: unsupported mask dtype ", dt);
+  }
+}
+
+// Inner dim contiguous; any row stride is read in place.
+at::Tensor inner_contiguous(const at::Tensor& t) {
+  return (t.dim() == 2 && t.size(1) > 1 && t.stride(1) != 1) ? t.contiguous() : t;
+}
+
+void check_2d(const at::Tensor& t, const char* op, const char* name,
+              at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected CPU tensors, got ", name,
+              " on ", t.device());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (B, T), got ",
+              t.sizes());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape,
+              " (the rewards' shape), got ", t.sizes());
+}
+
+// Per-row gamma / lam: a (B,) tensor overrides the float; both in [0, 1].
+at::Tensor per_row(double scalar, const std::optional<at::Tensor>& rows,
+                   int64_t B, at::ScalarType acc, const char* op,
+                   const char* name) {
+  if (rows.has_value() && rows->defined()) {
+    TORCH_CHECK(rows->numel() == B, op, ": ", name,
+                " as a tensor must have one value per row (", B, "), got shape ",
+                rows->sizes());
+    at::Tensor out = rows->to(at::kCPU, acc).reshape({B}).contiguous();
+    if (B > 0) {
+      const at::Tensor d = out.to(at::kDouble);
+      TORCH_CHECK(d.ge(0).logical_and(d.le(1)).all().item<bool>(), op, ": ",
+                  name, " must lie in [0, 1], got values from ",
+                  d.min().item<double>(), " to ", d.max().item<double>());
+    }
+    return out;
+  }
+  TORCH_CHECK(scalar >= 0.0 && scalar <= 1.0, op, ": ", name,
+              " must lie in [0, 1], got ", scalar);
+  return at::full({B}, scalar, at::TensorOptions().dtype(acc));
+}
+
+at::ScalarType acc_of(at::ScalarType a) {
+  return a == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows per task: at least ~16k elements each, or forking costs more.
+int64_t row_grain(int64_t T) {
+  return std::max<int64_t>(kRows, 16384 / std::max<int64_t>(T, 1));
+}
+
+template <bool HAS_V>
+std::tuple<at::Tensor, at::Tensor> scan_cpu(
+    const char* op, const at::Tensor& rewards_in, const at::Tensor* values_in,
+    const at::Tensor& mask_in, double gamma, double lam,
+    const std::optional<at::Tensor>& gamma_rows,
+    const std::optional<at::Tensor>& lam_rows) {
+  check_2d(rewards_in, op, "rewards", rewards_in.sizes());
+  const auto shape = rewards_in.sizes();
+  check_2d(mask_in, op, "mask", shape);
+  at::ScalarType vt = rewards_in.scalar_type();
+  if (HAS_V) {
+    check_2d(*values_in, op, "values", shape);
+    if (values_in->scalar_type() != vt)  // mixed dtypes: one common type
+      vt = (vt == at::kDouble || values_in->scalar_type() == at::kDouble)
+               ? at::kDouble : at::kFloat;
+  }
+  const at::ScalarType acc = acc_of(vt);
+  const int64_t B = shape[0], T = shape[1];
+  const at::Tensor g = per_row(gamma, gamma_rows, B, acc, op, "gamma");
+  const at::Tensor l = HAS_V ? per_row(lam, lam_rows, B, acc, op, "lam")
+                             : at::ones({B}, g.options());
+  const at::Tensor gl = g * l;
+  const at::Tensor r = inner_contiguous(rewards_in.to(vt));
+  const at::Tensor v = HAS_V ? inner_contiguous(values_in->to(vt)) : r;
+  const at::Tensor m = inner_contiguous(mask_for_kernel(mask_in));
+  const auto opts = rewards_in.options().dtype(acc);
+  at::Tensor adv = at::empty({B, T}, opts);
+  at::Tensor ret = HAS_V ? at::empty({B, T}, opts) : adv;
+  if (adv.numel() == 0) return {adv, ret};
+  const int64_t sr = r.stride(0), sv = v.stride(0), sm = m.stride(0);
+  dispatch_value(vt, [&](auto* ttag) {
+    using Tv = std::remove_pointer_t<decltype(ttag)>;
+    using acc_t = std::conditional_t<std::is_same_v<Tv, double>, double, float>;
+    dispatch_mask(m.scalar_type(), [&](auto* mtag) {
+      using M = std::remove_pointer_t<decltype(mtag)>;
+      const Tv* rp = reinterpret_cast<const Tv*>(r.const_data_ptr());
+      const Tv* vp = reinterpret_cast<const Tv*>(v.const_data_ptr());
+      const M* mp = reinterpret_cast<const M*>(m.const_data_ptr());
+      const acc_t* gp = g.const_data_ptr<acc_t>();
+      const acc_t* glp = gl.const_data_ptr<acc_t>();
+      acc_t* ap = adv.data_ptr<acc_t>();
+      acc_t* qp = ret.data_ptr<acc_t>();
+      at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
+        for (int64_t b0 = begin; b0 < end; b0 += kRows) {
+          const int nrows = static_cast<int>(std::min<int64_t>(kRows, end - b0));
+          // A short last group repeats its last row: same inputs, same
+          // outputs written twice by this thread, no branch in the loop.
+          const Tv* rr[kRows]; const Tv* vv[kRows]; const M* mm[kRows];
+          acc_t* aa[kRows]; acc_t* qq[kRows]; acc_t gg[kRows], ggl[kRows];
+          for (int j = 0; j < kRows; ++j) {
+            const int64_t b = b0 + std::min(j, nrows - 1);
+            rr[j] = rp + b * sr; vv[j] = vp + b * sv; mm[j] = mp + b * sm;
+            aa[j] = ap + b * T; qq[j] = qp + b * T;
+            gg[j] = gp[b]; ggl[j] = glp[b];
+          }
+          gae_rows_k(std::integral_constant<bool, HAS_V>{}, rr, vv, mm, T, gg,
+                     ggl, aa, qq);
+        }
+      });
+    });
+  });
+  return {adv, ret};
+}
+
+std::tuple<at::Tensor, at::Tensor> gae_cpu(
+    const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
+    double gamma, double lam, const std::optional<at::Tensor>& gamma_rows,
+    const std::optional<at::Tensor>& lam_rows) {
+  return scan_cpu<true>("rlhf_fast::gae", rewards, &values, mask, gamma, lam,
+                        gamma_rows, lam_rows);
+}
+
+at::Tensor discounted_returns_cpu(const at::Tensor& rewards,
+                                  const at::Tensor& mask, double gamma,
+                                  const std::optional<at::Tensor>& gamma_rows) {
+  return std::get<0>(scan_cpu<false>("rlhf_fast::discounted_returns", rewards,
+                                     nullptr, mask, gamma, 1.0, gamma_rows,
+                                     std::nullopt));
+}
+
+// ---------------- whitening ----------------
+
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+};
+
+// Chan et al.: merge two (n, mean, M2) without cancellation.
+Moments merge(const Moments& a, const Moments& b) {
+  if (a.n == 0) return b;
+  if (b.n == 0) return a;
+  Moments o;
+  o.n = a.n + b.n;
+  const double d = b.mean - a.mean;
+  o.mean = a.mean + d * (b.n / o.n);
+  o.m2 = a.m2 + b.m2 + d * d * (a.n * b.n / o.n);
+  return o;
+}
+
+// Two passes over a chunk that is still in L1 (4096 elements, 16 KiB fp32).
+template <typename T, typename M>
+RLHF_FAST_INLINE Moments chunk_moments(const T* x, const M* m, int64_t n) {
+  double cnt = 0, sum = 0;
+#pragma omp simd reduction(+ : cnt, sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool valid = m[i] != M(0);
+    const double xi = static_cast<double>(to_acc(x[i]));
+    cnt += blend(valid, 1.0, 0.0);
+    sum += blend(valid, xi, 0.0);
+  }
+  Moments o;
+  if (cnt == 0) return o;
+  const double mean = sum / cnt;
+  double m2 = 0;
+#pragma omp simd reduction(+ : m2)
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(to_acc(x[i])) - mean;
+    m2 += blend(m[i] != M(0), d * d, 0.0);
+  }
+  return {cnt, mean, m2};
+}
+
+template <typename T, typename M, typename acc_t>
+RLHF_FAST_INLINE void whiten_apply(const T* x, const M* m, acc_t* out,
+                                   int64_t n, double mean, double rstd,
+                                   double add) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const double y = (static_cast<double>(to_acc(x[i])) - mean) * rstd + add;
+    out[i] = blend(m[i] != M(0), static_cast<acc_t>(y), acc_t(0));
+  }
+}
+
+constexpr int64_t kChunk = 4096;
+
+at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
+                      bool shift_mean, double eps) {
+  const char* op = "rlhf_fast::whiten";
+  TORCH_CHECK(x_in.device().is_cpu(), op, ": expected CPU tensors, got ",
+              x_in.device());
+  TORCH_CHECK(mask_in.sizes() == x_in.sizes(), op, ": mask must have shape ",
+              x_in.sizes(), " (x's shape), got ", mask_in.sizes());
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor m = mask_for_kernel(mask_in).contiguous();
+  const at::ScalarType acc = acc_of(x.scalar_type());
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(acc));
+  const int64_t N = x.numel();
+  if (N == 0) return out;
+  const int64_t nchunks = (N + kChunk - 1) / kChunk;
+  std::vector<Moments> parts(nchunks);
+  dispatch_value(x.scalar_type(), [&](auto* ttag) {
+    using Tv = std::remove_pointer_t<decltype(ttag)>;
+    using acc_t = std::conditional_t<std::is_same_v<Tv, double>, double, float>;
+    dispatch_mask(m.scalar_type(), [&](auto* mtag) {
+      using M = std::remove_pointer_t<decltype(mtag)>;
+      const Tv* xp = reinterpret_cast<const Tv*>(x.const_data_ptr());
+      const M* mp = reinterpret_cast<const M*>(m.const_data_ptr());
+      at::parallel_for(0, nchunks, 4, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; ++c) {
+          const int64_t lo = c * kChunk, len = std::min(kChunk, N - lo);
+          parts[c] = chunk_moments(xp + lo, mp + lo, len);
+        }
+      });
+      Moments tot;  // serial merge: N / 4096 chunks, 512 at 2M elements
+      for (const Moments& p : parts) tot = merge(tot, p);
+      // n <= 1: variance 0 (verl raises); the valid element maps to 0.
+      const double var = tot.n > 1 ? tot.m2 / (tot.n - 1) : 0.0;
+      const double rstd = 1.0 / std::sqrt(var + eps);
+      const double add = shift_mean ? 0.0 : tot.mean;
+      acc_t* op_ = out.data_ptr<acc_t>();
+      at::parallel_for(0, nchunks, 4, [&](int64_t b, int64_t e) {
+        const int64_t lo = b * kChunk, hi = std::min(e * kChunk, N);
+        whiten_apply(xp + lo, mp + lo, op_ + lo, hi - lo, tot.mean, rstd, add);
+      });
+    });
+  });
+  return out;
+}
+
+// ---------------- group advantages ----------------
+
+int estimator_code(const std::string& name, const char* op) {
+  if (name == "grpo") return 0;
+  if (name == "dr_grpo") return 1;
+  if (name == "rloo") return 2;
+  if (name == "reinforce_baseline") return 3;
+  TORCH_CHECK(false, op, ": unknown estimator '", name,
+              "'; choose one of grpo, dr_grpo, rloo, reinforce_baseline");
+}
+
+// One group: indices idx[0..n) into s / out (idx == nullptr: contiguous).
+template <typename T, typename acc_t>
+void group_one(const T* s, const int64_t* idx, int64_t base, int64_t n,
+               int est, double eps, acc_t* out) {
+  auto at_ = [&](int64_t k) { return idx ? idx[k] : base + k; };
+  if (n <= 1) {  // singleton: no baseline exists, advantage 0
+    for (int64_t k = 0; k < n; ++k) out[at_(k)] = acc_t(0);
+    return;
+  }
+  double sum = 0;
+  for (int64_t k = 0; k < n; ++k) sum += static_cast<double>(to_acc(s[at_(k)]));
+  const double mean = sum / n;
+  double m2 = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const double d = static_cast<double>(to_acc(s[at_(k)])) - mean;
+    m2 += d * d;
+  }
+  const double nd = static_cast<double>(n);
+  const double scale = est == 0 ? 1.0 / (std::sqrt(m2 / (nd - 1)) + eps)
+                       : est == 2 ? nd / (nd - 1) : 1.0;
+  for (int64_t k = 0; k < n; ++k) {
+    const double d = static_cast<double>(to_acc(s[at_(k)])) - mean;
+    out[at_(k)] = static_cast<acc_t>(d * scale);
+  }
+}
+
+at::Tensor group_advantages_cpu(const at::Tensor& scores_in,
+                                const std::optional<at::Tensor>& group_ids,
+                                int64_t group_size, std::string estimator,
+                                double eps) {
+  const char* op = "rlhf_fast::group_advantages";
+  TORCH_CHECK(scores_in.device().is_cpu(), op, ": expected CPU tensors, got ",
+              scores_in.device());
+  TORCH_CHECK(scores_in.dim() == 1, op, ": scores must be 1-D (N,), got ",
+              scores_in.sizes());
+  const int est = estimator_code(estimator, op);
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const at::Tensor s = scores_in.contiguous();
+  const int64_t N = s.size(0);
+  at::Tensor out = at::empty({N}, s.options().dtype(acc_of(s.scalar_type())));
+  const bool by_id = group_ids.has_value() && group_ids->defined();
+  std::vector<int64_t> order, starts;  // segments of `order` (by_id)
+  if (by_id) {
+    TORCH_CHECK(!at::isFloatingType(group_ids->scalar_type()) &&
+                    group_ids->scalar_type() != at::kBool,
+                op, ": group ids must be an integer tensor, got ",
+                group_ids->scalar_type());
+    TORCH_CHECK(group_ids->dim() == 1 && group_ids->size(0) == N, op,
+                ": group ids must have shape (", N, ",), got ",
+                group_ids->sizes());
+    const at::Tensor ids = group_ids->to(at::kCPU, at::kLong).contiguous();
+    const int64_t* ip = ids.const_data_ptr<int64_t>();
+    order.resize(N);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return ip[a] < ip[b]; });
+    for (int64_t k = 0; k < N; ++k)
+      if (k == 0 || ip[order[k]] != ip[order[k - 1]]) starts.push_back(k);
+    starts.push_back(N);
+  } else {
+    TORCH_CHECK(group_size > 0, op, ": group size must be > 0, got ",
+                group_size);
+    TORCH_CHECK(N % group_size == 0, op, ": group size ", group_size,
+                " does not divide the number of scores N=", N);
+  }
+  if (N == 0) return out;
+  const int64_t G = by_id ? static_cast<int64_t>(starts.size()) - 1 : N / group_size;
+  dispatch_value(s.scalar_type(), [&](auto* ttag) {
+    using Tv = std::remove_pointer_t<decltype(ttag)>;
+    using acc_t = std::conditional_t<std::is_same_v<Tv, double>, double, float>;
+    const Tv* sp = reinterpret_cast<const Tv*>(s.const_data_ptr());
+    acc_t* op_ = out.data_ptr<acc_t>();
+    at::parallel_for(0, G, 256, [&](int64_t b, int64_t e) {
+      for (int64_t gi = b; gi < e; ++gi) {
+        if (by_id)
+          group_one(sp, order.data() + starts[gi], 0,
+                    starts[gi + 1] - starts[gi], est, eps, op_);
+        else
+          group_one(sp, static_cast<const int64_t*>(nullptr), gi * group_size,
+                    group_size, est, eps, op_);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace rlhf_fast
+
+TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
+  m.impl("gae", &rlhf_fast::cpu::gae_cpu);
+  m.impl("discounted_returns", &rlhf_fast::cpu::discounted_returns_cpu);
+  m.impl("whiten", &rlhf_fast::cpu::whiten_cpu);
+  m.impl("group_advantages", &rlhf_fast::cpu::group_advantages_cpu);
+}

@@ -1,0 +1,300 @@
+"""rlhf_fast.gae / discounted_returns / whiten / group_advantages: validation,
+backend dispatch and fake (meta) registration. No autograd: advantages are
+constants in PPO, so the ops have no backward.
+
+Naming chain: gae_cpu (csrc/cpu/advantages.cpp), gae_cuda
+(csrc/cuda/advantages_ops.cpp -> advantages.cu) -> torch.ops.rlhf_fast.gae ->
+rlhf_fast.gae -> reference.gae -> tests/test_advantages.py ->
+benchmarks/bench_advantages.py; likewise discounted_returns, whiten
+(+ _whiten_*_kernel, rlhf_fast::whiten_triton) and group_advantages
+(+ _group_advantages_fwd_kernel, rlhf_fast::group_advantages_triton).
+
+Dtypes: rewards / values / x / scores float32, bfloat16, float16 or float64;
+outputs float32, or float64 when an input is float64 (the reference-grade
+path). Masks: bool, or 0/1 in any numeric dtype (nonzero = valid).
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .. import _backend
+from ..reference import advantages as reference
+from ._common import FLOAT_DTYPES, check_same_device, check_tensor, is_compiling
+
+ESTIMATORS = reference.ESTIMATORS
+SCAN_IMPLEMENTED = ("cuda", "cpp")  # gae, discounted_returns
+STATS_IMPLEMENTED = ("triton", "cpp")  # whiten, group_advantages
+
+
+def _acc(*dtypes) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_mask(op: str, mask, shape) -> None:
+    check_tensor(op, "mask", mask)
+    if mask.is_complex():
+        raise TypeError(f"{op}: mask must be bool or a real 0/1 tensor, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{op}: mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+
+
+def _check_rows(op: str, rewards) -> None:
+    check_tensor(op, "rewards", rewards, FLOAT_DTYPES)
+    if rewards.dim() != 2:
+        raise ValueError(f"{op}: rewards must be 2-D (B, T), got shape {tuple(rewards.shape)}")
+
+
+def _discount(op: str, name: str, value, B: int, device):
+    """A float in [0, 1] -> (float, None); a tensor of B (or 1) values in
+    [0, 1] -> (1.0, (B,) tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{op}: {name} must be a float or a float tensor, got dtype {value.dtype}")
+        if value.numel() not in (1, B) or value.dim() > 1:
+            raise ValueError(f"{op}: {name} as a tensor must have shape ({B},) (one per row), got {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{op}: {name} is on {value.device} but rewards are on {device}")
+        if not is_compiling() and value.numel() > 0:
+            lo, hi = float(value.min()), float(value.max())
+            if not (0.0 <= lo and hi <= 1.0):
+                raise ValueError(f"{op}: {name} must lie in [0, 1], got values from {lo} to {hi}")
+        return 1.0, value.reshape(-1).expand(B)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"{op}: {name} must be a float in [0, 1] or a (B,) tensor, got {type(value).__name__}")
+    if isinstance(value, torch.SymFloat):
+        return value, None
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{op}: {name} must lie in [0, 1], got {value}")
+    return value, None
+
+
+# ---------------------------------------------------------------- public API
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma=1.0, lam=1.0):
+    """Generalized advantage estimation in one pass per row.
+
+    rewards, values, mask: (B, T). gamma, lam: floats in [0, 1] or (B,)
+    tensors (one per row). Semantics are verl's compute_gae_advantage_return
+    without the whitening: masked positions are skipped (the advantage carry
+    and the next value pass through them unchanged, so observation tokens
+    inside a multi-turn response work); rewards and values there are never
+    used. Returns (advantages, returns), both (B, T) float32 (float64 if an
+    input is float64), 0 at masked positions, returns = advantages + values
+    elsewhere. For right-padded masks this equals OpenRLHF's and TRL's loops.
+    """
+    op = "rlhf_fast.gae"
+    _check_rows(op, rewards)
+    check_tensor(op, "values", values, FLOAT_DTYPES)
+    if tuple(values.shape) != tuple(rewards.shape):
+        raise ValueError(f"{op}: values must have the rewards' shape {tuple(rewards.shape)}, got {tuple(values.shape)}")
+    _check_mask(op, mask, rewards.shape)
+    check_same_device(op, "rewards", rewards, values=values, mask=mask)
+    B = rewards.shape[0]
+    g, g_rows = _discount(op, "gamma", gamma, B, rewards.device)
+    lam_, l_rows = _discount(op, "lam", lam, B, rewards.device)
+    backend = _backend.choose("gae", rewards.device, SCAN_IMPLEMENTED)
+    if backend == "reference":
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    return torch.ops.rlhf_fast.gae(rewards, values, mask, g, lam_, g_rows, l_rows)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma=1.0):
+    """Reverse discounted cumulative sum G_t = r_t + gamma * G_next, skipping
+    masked positions (the running return passes through them; output 0
+    there). REINFORCE / REINFORCE++ returns; equals gae(rewards, 0, mask,
+    gamma=gamma, lam=1)[0]. rewards, mask: (B, T); gamma: float or (B,)."""
+    op = "rlhf_fast.discounted_returns"
+    _check_rows(op, rewards)
+    _check_mask(op, mask, rewards.shape)
+    check_same_device(op, "rewards", rewards, mask=mask)
+    g, g_rows = _discount(op, "gamma", gamma, rewards.shape[0], rewards.device)
+    backend = _backend.choose("discounted_returns", rewards.device, SCAN_IMPLEMENTED)
+    if backend == "reference":
+        return reference.discounted_returns(rewards, mask, gamma=gamma)
+    return torch.ops.rlhf_fast.discounted_returns(rewards, mask, g, g_rows)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8):
+    """Masked whitening over every valid element of x (any shape, mask the
+    same shape): (x - mean) * rsqrt(var + eps), + mean again if not
+    shift_mean, with var the unbiased variance (as verl's masked_whiten).
+    Statistics in float64, two passes per chunk merged by Chan's formula.
+    0 at masked positions. With one valid element var is taken as 0 (verl
+    raises), so that element becomes 0 (x itself if not shift_mean); with
+    none the output is all zeros. Never NaN for finite x."""
+    op = "rlhf_fast.whiten"
+    check_tensor(op, "x", x, FLOAT_DTYPES)
+    _check_mask(op, mask, x.shape)
+    check_same_device(op, "x", x, mask=mask)
+    if not isinstance(shift_mean, bool):
+        raise TypeError(f"{op}: shift_mean must be a bool, got {type(shift_mean).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 <= float(eps) < float("inf")):
+        raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
+    backend = _backend.choose("whiten", x.device, STATS_IMPLEMENTED)
+    if backend == "reference":
+        return reference.whiten(x, mask, shift_mean=shift_mean, eps=float(eps))
+    fn = torch.ops.rlhf_fast.whiten_triton if backend == "triton" else torch.ops.rlhf_fast.whiten
+    return fn(x, mask, shift_mean, float(eps))
+
+
+def group_advantages(scores: torch.Tensor, groups, *, estimator: str = "grpo", eps: float = 1e-6):
+    """Outcome advantages against the other samples of the same prompt.
+
+    scores: (N,). groups: an int (contiguous groups of that size, which must
+    divide N) or an (N,) integer tensor of group ids (any values, any order).
+    estimator: "grpo" (s - mean) / (std + eps) with unbiased std;
+    "dr_grpo" s - mean; "rloo" s - mean of the other n - 1;
+    "reinforce_baseline" s - mean (whiten over the batch afterwards for
+    REINFORCE++). Singleton groups give 0 (verl's GRPO gives s / (1 + eps)).
+    Returns (N,) float32 (float64 for float64 scores).
+    """
+    op = "rlhf_fast.group_advantages"
+    check_tensor(op, "scores", scores, FLOAT_DTYPES)
+    if scores.dim() != 1:
+        raise ValueError(f"{op}: scores must be 1-D (N,), got shape {tuple(scores.shape)}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"{op}: unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 <= float(eps) < float("inf")):
+        raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
+    N = scores.shape[0]
+    if isinstance(groups, torch.Tensor):
+        if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+            raise TypeError(f"{op}: groups as a tensor must hold integer group ids, got dtype {groups.dtype}")
+        if tuple(groups.shape) != (N,):
+            raise ValueError(f"{op}: groups as a tensor must have shape ({N},) (one id per score), got {tuple(groups.shape)}")
+        check_same_device(op, "scores", scores, groups=groups)
+        ids, size = groups, 0
+    elif isinstance(groups, numbers.Integral) and not isinstance(groups, bool):
+        size = int(groups)
+        if size <= 0:
+            raise ValueError(f"{op}: group size must be > 0, got {size}")
+        if N % size:
+            raise ValueError(f"{op}: group size {size} does not divide the number of scores N={N}")
+        ids = None
+    else:
+        raise TypeError(f"{op}: groups must be an int group size or an (N,) integer tensor of ids, got {type(groups).__name__}")
+    backend = _backend.choose("group_advantages", scores.device, STATS_IMPLEMENTED)
+    if backend == "reference":
+        return reference.group_advantages(scores, groups, estimator=estimator, eps=float(eps))
+    fn = torch.ops.rlhf_fast.group_advantages_triton if backend == "triton" else torch.ops.rlhf_fast.group_advantages
+    return fn(scores, ids, size, estimator, float(eps))
+
+
+# ---------------------------------------------------------------- fake (meta)
+
+
+def _fake_gae(rewards, values, mask, gamma, lam, gamma_rows, lam_rows):
+    acc = _acc(rewards.dtype, values.dtype)
+    return rewards.new_empty(rewards.shape, dtype=acc), rewards.new_empty(rewards.shape, dtype=acc)
+
+
+def _fake_discounted_returns(rewards, mask, gamma, gamma_rows):
+    return rewards.new_empty(rewards.shape, dtype=_acc(rewards.dtype))
+
+
+def _fake_whiten(x, mask, shift_mean, eps):
+    return x.new_empty(x.shape, dtype=_acc(x.dtype))
+
+
+def _fake_group_advantages(scores, group_ids, group_size, estimator, eps):
+    return scores.new_empty(scores.shape, dtype=_acc(scores.dtype))
+
+
+if _backend.has_cpp():
+    torch.library.register_fake("rlhf_fast::gae")(_fake_gae)
+    torch.library.register_fake("rlhf_fast::discounted_returns")(_fake_discounted_returns)
+    torch.library.register_fake("rlhf_fast::whiten")(_fake_whiten)
+    torch.library.register_fake("rlhf_fast::group_advantages")(_fake_group_advantages)
+
+
+# ---------------------------------------------------------------- triton
+
+
+def _sorted_runs(ids: torch.Tensor):
+    """Group ids -> (perm, run_len): perm sorts the ids stably; run_len[p] is
+    the length of the run of equal ids starting at sorted position p, 0 where
+    no run starts. Fixed shapes only (no unique), so torch.compile traces it."""
+    N = ids.shape[0]
+    sorted_ids, perm = torch.sort(ids.to(torch.int64), stable=True)
+    pos = torch.arange(N, device=ids.device)
+    is_start = torch.ones(N, dtype=torch.bool, device=ids.device)
+    is_start[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    nxt = torch.full((N,), N, dtype=torch.int64, device=ids.device)
+    nxt[:-1] = torch.where(is_start[1:], pos[1:], N)
+    next_start = torch.flip(torch.cummin(torch.flip(nxt, (0,)), 0).values, (0,))
+    return perm.contiguous(), torch.where(is_start, next_start - pos, 0).contiguous()
+
+
+def _can_launch(t: torch.Tensor) -> bool:
+    """False while fake-propagating shapes under TRITON_INTERPRET=1: there
+    wrap_triton hands back the interpreted kernel itself, which would run on
+    fake tensors. On GPUs wrap_triton records the launch instead. A graph
+    being traced (AOTAutograd, functional tensors) could not contain the
+    interpreted launch, so that raises rather than compiling to empty outputs."""
+    if not (_backend.triton_interpret() and torch._subclasses.fake_tensor.is_fake(t)):
+        return True
+    if isinstance(t, torch._subclasses.functional_tensor.FunctionalTensor):
+        raise _backend.BackendUnavailable(
+            "rlhf_fast: Triton kernels under TRITON_INTERPRET=1 cannot be traced by torch.compile; "
+            "use the cpp backend on CPU tensors"
+        )
+    return False
+
+
+if _backend.HAVE_TRITON:
+    import triton
+
+    from ..triton.advantages import (
+        MERGE_BLOCK,
+        WHITEN_BLOCK,
+        _group_advantages_fwd_kernel,
+        _whiten_apply_kernel,
+        _whiten_merge_kernel,
+        _whiten_stats_kernel,
+        group_block,
+    )
+
+    @torch.library.triton_op("rlhf_fast::whiten_triton", mutates_args=())
+    def whiten_triton(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=_acc(x.dtype), device=x.device)
+        N = x.numel()
+        if N == 0 or not _can_launch(x):
+            return out
+        xf, mf = x.contiguous().reshape(-1), mask.contiguous().reshape(-1)
+        P = triton.cdiv(N, WHITEN_BLOCK)
+        parts = torch.empty((3, P), dtype=torch.float64, device=x.device)
+        stat = torch.empty(2, dtype=torch.float64, device=x.device)
+        torch.library.wrap_triton(_whiten_stats_kernel)[(P,)](xf, mf, parts[0], parts[1], parts[2], N, BLOCK=WHITEN_BLOCK)
+        torch.library.wrap_triton(_whiten_merge_kernel)[(1,)](parts[0], parts[1], parts[2], stat, P, eps, BLOCK=MERGE_BLOCK)
+        torch.library.wrap_triton(_whiten_apply_kernel)[(P,)](
+            xf, mf, stat, out.view(-1), N, SHIFT_MEAN=shift_mean, BLOCK=WHITEN_BLOCK
+        )
+        return out
+
+    @torch.library.triton_op("rlhf_fast::group_advantages_triton", mutates_args=())
+    def group_advantages_triton(
+        scores: torch.Tensor, group_ids: torch.Tensor | None, group_size: int, estimator: str, eps: float
+    ) -> torch.Tensor:
+        out = torch.empty(scores.shape, dtype=_acc(scores.dtype), device=scores.device)
+        N = scores.shape[0]
+        if N == 0 or not _can_launch(scores):
+            return out
+        est = ESTIMATORS.index(estimator)
+        s = scores.contiguous()
+        if group_ids is not None:
+            perm, run_len = _sorted_runs(group_ids)
+            grid, block, by_id = N, 128, True
+        else:
+            perm = run_len = s  # unused (BY_ID=False)
+            grid, block, by_id = N // group_size, group_block(group_size), False
+        torch.library.wrap_triton(_group_advantages_fwd_kernel)[(grid,)](
+            s, perm, run_len, out, group_size, eps, EST=est, BY_ID=by_id, BLOCK=block
+        )
+        return out

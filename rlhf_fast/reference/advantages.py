@@ -1,0 +1,134 @@
+"""Reference advantage estimators: the peers' Python loops over time, written
+so that masked positions are truly ignored (torch.where, not a multiply, so a
+NaN in a padded reward cannot leak) and float64-capable.
+
+These are the tests' oracle (run in float64), the benchmarks' baseline (the
+verl-style loop: T iterations of ~10 tiny kernels each, so T*10 launches), and
+the fallback when no compiled kernel can run. Written for clarity, not speed.
+
+Output dtype: float64 if any floating input is float64, else float32.
+"""
+from __future__ import annotations
+
+import torch
+
+ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
+
+
+def _acc(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _per_row(x, B: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """gamma / lam as a (B,) tensor: a float is broadcast, a (B,) tensor kept."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype).reshape(-1).expand(B)
+    return torch.full((B,), float(x), dtype=dtype, device=device)
+
+
+def gae(rewards, values, mask, *, gamma=1.0, lam=1.0):
+    """verl's compute_gae_advantage_return without the whitening.
+
+    rewards, values, mask: (B, T); gamma, lam: floats or (B,) tensors.
+    Walks t = T-1 .. 0 keeping two carries per row: the value at the next
+    valid position (`nextvalues`) and the advantage there (`lastgaelam`).
+    Masked positions leave both carries unchanged (multi-turn observation
+    tokens are skipped) and give advantage = return = 0.
+    Returns (advantages, returns), returns = advantages + values where valid.
+    """
+    acc = _acc(rewards, values)
+    B, T = rewards.shape
+    r, v = rewards.to(acc), values.to(acc)
+    m = mask != 0
+    g = _per_row(gamma, B, acc, rewards.device)
+    gl = g * _per_row(lam, B, acc, rewards.device)
+    zero = torch.zeros(B, dtype=acc, device=rewards.device)
+    nextvalues, lastgaelam = zero, zero
+    adv = torch.zeros(B, T, dtype=acc, device=rewards.device)
+    for t in reversed(range(T)):
+        mt = m[:, t]
+        vt = torch.where(mt, v[:, t], zero)
+        delta = torch.where(mt, r[:, t], zero) + g * nextvalues - vt
+        lastgaelam = torch.where(mt, delta + gl * lastgaelam, lastgaelam)
+        nextvalues = torch.where(mt, vt, nextvalues)
+        adv[:, t] = torch.where(mt, lastgaelam, zero)
+    returns = torch.where(m, adv + v, torch.zeros_like(adv))
+    return adv, returns
+
+
+def discounted_returns(rewards, mask, *, gamma=1.0):
+    """G_t = r_t + gamma * G_(next valid t), 0 at masked positions, which the
+    running return passes through unchanged (REINFORCE / REINFORCE++).
+    rewards, mask: (B, T); gamma: float or (B,) tensor."""
+    acc = _acc(rewards)
+    B, T = rewards.shape
+    r = rewards.to(acc)
+    m = mask != 0
+    g = _per_row(gamma, B, acc, rewards.device)
+    zero = torch.zeros(B, dtype=acc, device=rewards.device)
+    running = zero
+    out = torch.zeros(B, T, dtype=acc, device=rewards.device)
+    for t in reversed(range(T)):
+        mt = m[:, t]
+        running = torch.where(mt, r[:, t] + g * running, running)
+        out[:, t] = torch.where(mt, running, zero)
+    return out
+
+
+def whiten(x, mask, *, shift_mean=True, eps=1e-8):
+    """verl's masked_whiten with unbiased variance, two passes:
+    (x - mean) * rsqrt(var + eps) (+ mean if not shift_mean) at valid
+    positions, 0 at masked ones. With n <= 1 valid elements the variance is
+    taken as 0 (verl raises): one valid element gives 0 (shift_mean) or x
+    itself; none gives all zeros."""
+    acc = _acc(x)
+    m = mask != 0
+    xv = torch.where(m, x.to(acc), torch.zeros((), dtype=acc, device=x.device))
+    n = m.sum()
+    mean = xv.sum() / n.clamp(min=1)
+    centered = torch.where(m, xv - mean, torch.zeros((), dtype=acc, device=x.device))
+    var = (centered * centered).sum() / (n - 1).clamp(min=1)
+    var = torch.where(n > 1, var, torch.zeros_like(var))
+    out = centered * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, torch.zeros_like(out))
+
+
+def group_advantages(scores, groups, *, estimator="grpo", eps=1e-6):
+    """Outcome advantages relative to the other samples of the same prompt.
+
+    scores: (N,); groups: int (contiguous groups of that size) or (N,) int
+    tensor of group ids (any values, any order). Per group of size n, mean
+    and unbiased std in two passes:
+      grpo               (s - mean) / (std + eps)
+      dr_grpo            s - mean
+      rloo               (s - mean) * n / (n - 1)   (= s - mean of the others)
+      reinforce_baseline s - mean
+    Singleton groups give 0 for every estimator.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+    acc = _acc(scores)
+    s = scores.to(acc)
+    N = s.shape[0]
+    if isinstance(groups, int):
+        ids = torch.arange(N, device=s.device) // groups
+    else:
+        ids = groups.to(torch.int64)
+    _, dense = torch.unique(ids, return_inverse=True)
+    G = int(dense.max()) + 1 if N else 0
+    cnt = torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, torch.ones_like(s))
+    mean = torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, s) / cnt
+    c = s - mean[dense]
+    m2 = torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, c * c)
+    n = cnt[dense]
+    single = n <= 1
+    nm1 = torch.where(single, torch.ones_like(n), n - 1)
+    if estimator == "grpo":
+        out = c / ((m2[dense] / nm1).sqrt() + eps)
+    elif estimator == "rloo":
+        out = c * n / nm1
+    else:
+        out = c
+    return torch.where(single, torch.zeros_like(out), out)
