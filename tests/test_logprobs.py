@@ -8,7 +8,7 @@ from rlhf_fast import _backend
 from rlhf_fast import reference as ref
 from rlhf_fast.ops.logprobs import _as_rows
 
-from ._compare import RTOL, assert_close, assert_no_worse_than_eager
+from _compare import RTOL, assert_close, assert_no_worse_than_eager
 
 IGNORE = -100
 
