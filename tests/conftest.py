@@ -41,7 +41,8 @@ def pytest_collection_modifyitems(config, items):
 
 # Backends that run on this machine's CPU tensors: the C++ kernels, and the
 # Triton kernels through the interpreter.
-CPU_BACKENDS = ["cpp", "triton"]
+# On a GPU run (RLHF_FAST_TEST_GPU=1) Triton compiles for the GPU instead.
+CPU_BACKENDS = ["cpp"] if os.environ.get("RLHF_FAST_TEST_GPU") == "1" else ["cpp", "triton"]
 
 
 @pytest.fixture(params=CPU_BACKENDS)

@@ -366,3 +366,26 @@ def test_torch_compile_fullgraph_cuda(backend_name):
     torch._dynamo.reset()
     with rlhf_fast.use_backend(backend_name):
         _check_compiled_matches_eager("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, V", [(1, 7), (37, 1003), (257, 32003), (64, 151936)])
+def test_gpu_backends_match_reference(backend_name, dtype, N, V):
+    logits, labels = make_inputs((N,), V, dtype)
+    logits[0, : V // 2] = float("-inf")
+    labels[0] = V - 1
+    x = logits.cuda().requires_grad_()
+    with rlhf_fast.use_backend(backend_name):
+        lp, ent = rlhf_fast.logprobs_from_logits(x, labels.cuda(), temperature=0.7, return_entropy=True)
+    g_lp, g_ent = torch.randn(N), torch.randn(N)
+    (lp * g_lp.cuda()).sum().add((ent * g_ent.cuda()).sum()).backward()
+    x64 = logits.double().requires_grad_()
+    r_lp, r_ent = ref.logprobs_from_logits(x64, labels, temperature=0.7, return_entropy=True)
+    ((r_lp * g_lp).sum() + (r_ent * g_ent).sum()).backward()
+    e_lp, e_ent = eager_same_dtype(logits, labels, 0.7)
+    assert_no_worse_than_eager(lp.cpu(), e_lp, r_lp, "logprobs", floor=RTOL[torch.float32])
+    assert_no_worse_than_eager(ent.cpu(), e_ent, r_ent, "entropy", floor=RTOL[torch.float32])
+    grad_tol = RTOL[torch.float32] if dtype == torch.float32 else 8e-3
+    assert_close(x.grad.cpu(), x64.grad, grad_tol, "d logits")
