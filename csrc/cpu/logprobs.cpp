@@ -11,6 +11,7 @@
 #include <limits>
 #include <tuple>
 
+#include "../logprobs_checks.h"
 #include "rlhf_fast/cpu_isa.h"
 #include "rlhf_fast/cpu_math.h"
 
@@ -165,28 +166,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels,
                   double temperature, const char* op) {
   TORCH_CHECK(logits.device().is_cpu(), op, ": expected CPU tensors, got ",
               logits.device());
-  TORCH_CHECK(logits.dim() == 3, op, ": logits must be 3-D (A, B, V), got ",
-              logits.sizes());
-  TORCH_CHECK(logits.size(2) <= 1 || logits.stride(2) == 1, op,
-              ": logits must have stride 1 on the vocabulary dim, got strides ",
-              logits.strides());
-  const auto dt = logits.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf ||
-                  dt == at::kDouble,
-              op, ": logits must be float32, bfloat16, float16 or float64, got ",
-              dt);
-  TORCH_CHECK(labels.device() == logits.device(), op, ": labels are on ",
-              labels.device(), " but logits on ", logits.device());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-              op, ": labels must be int64 or int32, got ", labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) &&
-                  labels.size(1) == logits.size(1),
-              op, ": labels must have shape ", logits.sizes().slice(0, 2),
-              ", got ", labels.sizes());
-  TORCH_CHECK(logits.size(2) > 0 || labels.numel() == 0, op,
-              ": logits have an empty vocabulary dim");
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
-              ": temperature must be a finite number > 0, got ", temperature);
+  check_logprobs_inputs(logits, labels, temperature, op);
 }
 
 [[noreturn]] void bad_label(int64_t label, int64_t row, int64_t V,
@@ -202,9 +182,6 @@ int64_t row_grain(int64_t V) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
 }
 
-at::ScalarType acc_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 template <typename acc_t, typename F>
 void dispatch_logits(at::ScalarType dt, F&& f) {
@@ -268,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, double temperature,
     int64_t ignore_index) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_fwd");
-  const auto opts = logits.options().dtype(acc_dtype(logits));
+  const auto opts = logits.options().dtype(logprobs_acc_dtype(logits));
   const auto shape = logits.sizes().slice(0, 2);
   at::Tensor lp = at::empty(shape, opts), ent = at::empty(shape, opts),
              lse = at::empty(shape, opts);
@@ -296,7 +273,7 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logprobs,
                             const at::Tensor& lse, const at::Tensor& entropy,
                             double temperature, int64_t ignore_index) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_bwd");
-  const auto acc = acc_dtype(logits);
+  const auto acc = logprobs_acc_dtype(logits);
   const auto shape = logits.sizes().slice(0, 2);
   auto prep = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.sizes() == shape, "rlhf_fast::logprobs_bwd: ", name,

@@ -15,6 +15,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../logprobs_checks.h"
 #include "rlhf_fast/logprobs.cuh"
 
 namespace rlhf_fast {
@@ -25,55 +26,17 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels,
                   double temperature, const char* op) {
   TORCH_CHECK(logits.is_cuda(), op, ": expected CUDA tensors, got logits on ",
               logits.device());
-  TORCH_CHECK(logits.dim() == 3, op, ": logits must be 3-D (A, B, V), got ",
-              logits.sizes());
-  // V <= 1 may carry any stride (e.g. a slice of width 1): only j = 0 is read.
-  TORCH_CHECK(logits.size(2) <= 1 || logits.stride(2) == 1, op,
-              ": logits must have stride 1 on the vocabulary dim, got strides ",
-              logits.strides());
-  const auto dt = logits.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf ||
-                  dt == at::kDouble,
-              op, ": logits must be float32, bfloat16, float16 or float64, got ",
-              dt);
-  TORCH_CHECK(labels.device() == logits.device(), op, ": labels are on ",
-              labels.device(), " but logits on ", logits.device());
-  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-              op, ": labels must be int64 or int32, got ", labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) &&
-                  labels.size(1) == logits.size(1),
-              op, ": labels must have shape ", logits.sizes().slice(0, 2),
-              ", got ", labels.sizes());
-  TORCH_CHECK(logits.size(2) > 0 || labels.numel() == 0, op,
-              ": logits have an empty vocabulary dim");
+  check_logprobs_inputs(logits, labels, temperature, op);
   TORCH_CHECK(logits.size(2) <= kLogprobsMaxVocab, op, ": vocabulary of ",
               logits.size(2), " exceeds the CUDA kernel's limit of ",
               kLogprobsMaxVocab);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
-              ": temperature must be a finite number > 0, got ", temperature);
 }
 
-// Labels outside [0, V) that are not ignore_index: one fused reduction on
-// the device, then .item() -- one host sync per call (a few microseconds
-// while the stream is idle; it waits for queued work otherwise). The
-// kernels never read out of bounds without this check (a bad label gives a
-// NaN logprob, and no label column in the gradient); it is here so a bad
-// label fails loudly, as on the CPU. The slow search for the culprit runs
-// only on the error path.
-void check_labels(const at::Tensor& y, int64_t V, int64_t ignore_index) {
-  const at::Tensor bad =
-      y.ne(ignore_index).logical_and_(y.lt(0).logical_or_(y.ge(V)));
-  if (!bad.any().item<bool>()) return;
-  const int64_t pos = bad.flatten().nonzero()[0][0].item<int64_t>();
-  const int64_t label = y.flatten()[pos].item<int64_t>();
-  TORCH_CHECK(false, "rlhf_fast.logprobs: label ", label, " at flat position ",
-              pos, " is outside [0, V=", V, ") and is not ignore_index (",
-              ignore_index, ")");
-}
+// Label range: rlhf_fast.logprobs_from_logits checks it in eager mode (one
+// host sync). The kernels never read out of bounds for a bad label (it
+// gives a NaN log-prob), so this glue adds no second sync, and the op stays
+// capturable in CUDA graphs.
 
-at::ScalarType acc_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // Calls f with a null T* naming the kernel's element type: at::BFloat16 and
 // at::Half are bit-identical to __nv_bfloat16 and __half (2-byte IEEE-style
@@ -97,14 +60,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
     int64_t ignore_index) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_fwd");
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto opts = logits.options().dtype(acc_dtype(logits));
+  const auto opts = logits.options().dtype(logprobs_acc_dtype(logits));
   const auto shape = logits.sizes().slice(0, 2);
   at::Tensor lp = at::empty(shape, opts), ent = at::empty(shape, opts),
              lse = at::empty(shape, opts);
   if (lp.numel() == 0) return {lp, ent, lse};
   const int64_t A = logits.size(0), B = logits.size(1), V = logits.size(2);
   const at::Tensor y = labels.to(at::kLong).contiguous();
-  check_labels(y, V, ignore_index);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_logits(logits.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -125,7 +87,7 @@ at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logprobs,
                              double temperature, int64_t ignore_index) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_bwd");
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto acc = acc_dtype(logits);
+  const auto acc = logprobs_acc_dtype(logits);
   const auto shape = logits.sizes().slice(0, 2);
   // (A, B) per-row inputs: the kernel reads them contiguous in acc_t. An
   // expanded grad (stride 0, from .sum()) becomes a real (A, B) copy here.
@@ -146,7 +108,6 @@ at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logprobs,
   if (dx.numel() == 0) return dx;
   const int64_t A = logits.size(0), B = logits.size(1), V = logits.size(2);
   const at::Tensor y = labels.to(at::kLong).contiguous();
-  check_labels(y, V, ignore_index);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_logits(logits.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

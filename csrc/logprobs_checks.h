@@ -1,0 +1,36 @@
+// Argument checks and dtype facts shared by the CPU and CUDA glue of
+// rlhf_fast::logprobs_fwd / logprobs_bwd (torch-side; kernels stay torch-free).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace rlhf_fast {
+
+inline void check_logprobs_inputs(const at::Tensor& logits, const at::Tensor& labels,
+                                  double temperature, const char* op) {
+  TORCH_CHECK(logits.dim() == 3, op, ": logits must be 3-D (A, B, V), got ", logits.sizes());
+  // V <= 1 may carry any stride (a slice of width 1): only j = 0 is read.
+  TORCH_CHECK(logits.size(2) <= 1 || logits.stride(2) == 1, op,
+              ": logits must have stride 1 on the vocabulary dim, got strides ", logits.strides());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, op,
+              ": logits must be float32, bfloat16, float16 or float64, got ", dt);
+  TORCH_CHECK(labels.device() == logits.device(), op, ": labels are on ", labels.device(),
+              " but logits on ", logits.device());
+  TORCH_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, op,
+              ": labels must be int64 or int32, got ", labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1),
+              op, ": labels must have shape ", logits.sizes().slice(0, 2), ", got ", labels.sizes());
+  TORCH_CHECK(logits.size(2) > 0 || labels.numel() == 0, op, ": logits have an empty vocabulary dim");
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op,
+              ": temperature must be a finite number > 0, got ", temperature);
+}
+
+// fp32 results for fp32 / bf16 / fp16 logits, fp64 for fp64.
+inline at::ScalarType logprobs_acc_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace rlhf_fast
