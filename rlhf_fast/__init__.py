@@ -7,6 +7,7 @@ from . import reference
 from ._backend import BACKENDS, BackendUnavailable, use_backend
 from ._backend import info as _info_dict
 from .ops import logprobs_from_logits
+from .ops import SampleOutput, sample
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,7 @@ __all__ = [
     "info",
     "logprobs_from_logits",
     "reference",
+    "sample",
+    "SampleOutput",
     "use_backend",
 ]
