@@ -61,42 +61,55 @@ RLHF_FAST_CPU_CLONES float mass_ge(const float* z, const float* e, int64_t V,
   return s;
 }
 
+// z and e = exp(z - mz) into the row buffers (only for rows that truncate).
 template <typename T>
-RLHF_FAST_CPU_CLONES float fill_row(const T* x, int64_t V, float inv_t,
-                                    float mz, float* z, float* e) {
-  float s = 0;
-#pragma omp simd reduction(+ : s)
+RLHF_FAST_CPU_CLONES void fill_row(const T* x, int64_t V, float inv_t, float mz,
+                                   float* z, float* e) {
+#pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
-    const float zj = to_acc(x[j]) * inv_t;  // the log-prob kernel's product
-    const float ej = exp_nonpos(zj - mz);
+    const float zj = to_acc(x[j]) * inv_t;
     z[j] = zj;
-    e[j] = ej;
-    s += ej;
+    e[j] = exp_nonpos(zj - mz);
   }
-  return s;
 }
 
+// The log-prob kernel's row statistics, statement for statement (see
+// csrc/cpu/logprobs.cpp fwd_row): same loops, same flags, so the same
+// vector reduction order and a bit-identical log-sum-exp. w is computed
+// only to keep the loop identical.
+struct LseStats {
+  float mz, lse;
+};
+
 template <typename T>
-RLHF_FAST_CPU_CLONES float row_max(const T* x, int64_t V, bool* nan) {
+RLHF_FAST_CPU_CLONES LseStats lse_row(const T* x, int64_t V, float inv_t) {
   float m = kNegInf;
-  int any_nan = 0;
-#pragma omp simd reduction(max : m) reduction(| : any_nan)
+#pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < V; ++j) {
     const float v = to_acc(x[j]);
     m = v > m ? v : m;
-    any_nan |= (v != v) ? 1 : 0;
   }
-  *nan = any_nan != 0;
-  return m;
+  const float mz = m * inv_t;
+  float s = 0, w = 0;
+#pragma omp simd reduction(+ : s, w)
+  for (int64_t j = 0; j < V; ++j) {
+    const float d = to_acc(x[j]) * inv_t - mz;
+    const float e = exp_nonpos(d);
+    s += e;
+    w += e > 0.0f ? d * e : 0.0f;
+  }
+  (void)w;
+  return {mz, mz + std::log(s)};  // NaN anywhere in the row reaches s
 }
 
 // keys = kept ? z + gumbel : -inf for one chunk; vectorises (no libm calls).
-RLHF_FAST_CPU_CLONES void race_chunk(const float* z, int64_t j0, int64_t n,
-                                     float thr, uint32_t lo, uint32_t hi,
-                                     float* keys) {
+template <typename T>
+RLHF_FAST_CPU_CLONES void race_chunk(const T* x, int64_t j0, int64_t n,
+                                     float inv_t, float thr, uint32_t lo,
+                                     uint32_t hi, float* keys) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float zj = z[j0 + i];
+    const float zj = to_acc(x[j0 + i]) * inv_t;
     const float g = sampling::gumbel(lo, hi, static_cast<uint32_t>(j0 + i));
     keys[i] = zj >= thr ? zj + g : kNegInf;
   }
@@ -118,29 +131,35 @@ template <typename T>
 RowResult sample_row(const T* x, int64_t V, const RowParams& p,
                      std::vector<float>& zbuf, std::vector<float>& ebuf) {
   RowResult r{0, 0.0f, 0.0f, false};
-  const float m = row_max(x, V, &r.nan);
-  if (r.nan) return r;
   const float inv_t = p.greedy ? 1.0f : p.inv_t;
-  const float mz = m * inv_t;  // max(x * inv_t) == max(x) * inv_t, inv_t > 0
-  zbuf.resize(V);
-  ebuf.resize(V);
-  float* z = zbuf.data();
-  float* e = ebuf.data();
-  const float s = fill_row(x, V, inv_t, mz, z, e);
-  const float lse = mz + std::log(s);
-  if (p.greedy) {
+  const LseStats st = lse_row(x, V, inv_t);
+  if (std::isnan(st.lse)) {
+    r.nan = true;
+    return r;
+  }
+  const float mz = st.mz;  // max(x * inv_t) == max(x) * inv_t, inv_t > 0
+  auto z_at = [&](int64_t j) { return to_acc(x[j]) * inv_t; };
+  auto first_max = [&]() {  // first argmax, as torch.argmax
     int64_t j = 0;
-    while (j < V && !(z[j] == mz)) ++j;  // first argmax, as torch.argmax
-    r.token = std::min(j, V - 1);
-    r.logprob = z[r.token] - lse;
+    while (j < V - 1 && !(z_at(j) == mz)) ++j;
+    return j;
+  };
+  if (p.greedy) {
+    r.token = first_max();
+    r.logprob = z_at(r.token) - st.lse;
     r.processed = 0.0f;
     return r;
   }
   float thr = kNegInf;
-  float kept_mass = s;
+  float log_kept = st.lse - mz;  // log of the kept mass, relative to exp(mz)
   if (p.filtered) {
+    zbuf.resize(V);
+    ebuf.resize(V);
+    float* z = zbuf.data();
+    float* e = ebuf.data();
+    fill_row(x, V, inv_t, mz, z, e);
     const int32_t top = float_key(mz);
-    float tau_k = kNegInf, mass_k = s;
+    float tau_k = kNegInf, mass_k = mass_ge(z, e, V, kNegInf);
     if (p.top_k > 0 && p.top_k < V) {
       tau_k = bisect(float_key(kNegInf), top,
                      [&](float t) { return count_ge(z, V, t) >= p.top_k; });
@@ -156,25 +175,22 @@ RowResult sample_row(const T* x, int64_t V, const RowParams& p,
     if (p.min_p > 0.0f) tau_min = mz + std::log(p.min_p);
     thr = std::max(std::max(tau_k, tau_p), tau_min);
     thr = std::min(thr, mz);  // the max token is always kept
-    kept_mass = mass_ge(z, e, V, thr);
+    log_kept = std::log(mass_ge(z, e, V, thr));
   }
   float keys[kChunk];
   float best = kNegInf;
   int64_t best_j = -1;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int64_t n = std::min(kChunk, V - j0);
-    race_chunk(z, j0, n, thr, p.seed_lo, p.seed_hi, keys);
+    race_chunk(x, j0, n, inv_t, thr, p.seed_lo, p.seed_hi, keys);
     for (int64_t i = 0; i < n; ++i) {
       if (keys[i] > best) { best = keys[i]; best_j = j0 + i; }
     }
   }
-  if (best_j < 0) {  // only -inf logits kept: fall back to the first max
-    best_j = 0;
-    while (best_j < V - 1 && !(z[best_j] == mz)) ++best_j;
-  }
+  if (best_j < 0) best_j = first_max();  // only -inf logits: no key is finite
   r.token = best_j;
-  r.logprob = z[best_j] - lse;
-  r.processed = z[best_j] - (mz + std::log(kept_mass));
+  r.logprob = z_at(best_j) - st.lse;
+  r.processed = z_at(best_j) - (mz + log_kept);
   return r;
 }
 

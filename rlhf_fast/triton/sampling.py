@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .logprobs import block_v as _logprobs_block_v
+
 NEG_INF = float("-inf")
 KEY_NEG_INF = -2139095041  # float_key(-inf): bits 0xFF800000 ^ 0x7FFFFFFF as int32
 
@@ -103,17 +105,23 @@ def _sample_fwd_kernel(
         z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
         m_new = tl.maximum(m, z)
         ref = tl.where(m_new == NEG_INF, 0.0, m_new)
-        s = s * tl.exp(m - ref) + tl.exp(z - ref)
+        alpha = tl.exp(m - ref)
+        e = tl.exp(z - ref)
+        s = s * alpha + e
         m = m_new
         if not FILTERED:
             key = tl.where(greedy, z, z + _gumbel(seed_lo, seed_hi, offs))
             upd = (key > best) & (offs < V)
             best = tl.where(upd, key, best)
             best_j = tl.where(upd, offs, best_j)
+    # lane merge exactly as _logprobs_fwd_kernel: bit-identical lse
     mz = tl.max(m, axis=0)
     ref = tl.where(mz == NEG_INF, 0.0, mz)
-    s_row = tl.sum(tl.where(s > 0, s * tl.exp(m - ref), 0.0), axis=0)
-    lse = mz + tl.log(s_row)
+    delta = tl.where(s > 0, m - ref, 0.0)
+    scale = tl.where(s > 0, tl.exp(delta), 0.0)
+    s_row = tl.sum(s * scale, axis=0)
+    log_s = tl.log(s_row)
+    lse = mz + log_s
     kept_mass = s_row
 
     if FILTERED:
@@ -169,6 +177,6 @@ def _sample_fwd_kernel(
 
 
 def block_v(V: int) -> int:
-    # 2048 fp32 lanes of state (m, s, best, best_j): 32 KiB per program, in
-    # registers at num_warps=8; the sweeps stream the row at full width.
-    return max(16, min(2048, triton.next_power_of_2(max(V, 1))))
+    # The log-prob kernel's tile width, so both reduce the row in the same
+    # lane order and their log-sum-exp agree bit for bit.
+    return _logprobs_block_v(V)
