@@ -8,6 +8,7 @@ from ._backend import BACKENDS, BackendUnavailable, use_backend
 from ._backend import info as _info_dict
 from .ops import logprobs_from_logits
 from .ops import SampleOutput, sample
+from .generation import GenerateOutput, generate
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "info",
+    "generate",
+    "GenerateOutput",
     "logprobs_from_logits",
     "reference",
     "sample",
