@@ -26,6 +26,16 @@ namespace {
 using sampling::float_key;
 using sampling::key_float;
 
+// Without -fno-trapping-math GCC will not if-convert the selects in
+// exp_nonpos / log_pos, and the loops stay scalar ("control flow in loop"):
+// the noise sweep ran at ~75 ns per token. Enabled per function so that
+// lse_row keeps the log-prob kernel's exact loop (and its bit-identical sum).
+#if defined(__GNUC__) && !defined(__clang__)
+#define RLHF_FAST_VEC_SELECTS __attribute__((optimize("no-trapping-math")))
+#else
+#define RLHF_FAST_VEC_SELECTS
+#endif
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kChunk = 256;  // noise keys computed a chunk at a time
 
@@ -46,14 +56,14 @@ struct RowResult {
 
 // ---- sweeps over the fp32 row buffers z[0..V), e[0..V) ----
 
-RLHF_FAST_CPU_CLONES int64_t count_ge(const float* z, int64_t V, float thr) {
+RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES int64_t count_ge(const float* z, int64_t V, float thr) {
   int64_t c = 0;
 #pragma omp simd reduction(+ : c)
   for (int64_t j = 0; j < V; ++j) c += z[j] >= thr ? 1 : 0;
   return c;
 }
 
-RLHF_FAST_CPU_CLONES float mass_ge(const float* z, const float* e, int64_t V,
+RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES float mass_ge(const float* z, const float* e, int64_t V,
                                    float thr) {
   float s = 0;
 #pragma omp simd reduction(+ : s)
@@ -63,7 +73,7 @@ RLHF_FAST_CPU_CLONES float mass_ge(const float* z, const float* e, int64_t V,
 
 // z and e = exp(z - mz) into the row buffers (only for rows that truncate).
 template <typename T>
-RLHF_FAST_CPU_CLONES void fill_row(const T* x, int64_t V, float inv_t, float mz,
+RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES void fill_row(const T* x, int64_t V, float inv_t, float mz,
                                    float* z, float* e) {
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
@@ -104,7 +114,7 @@ RLHF_FAST_CPU_CLONES LseStats lse_row(const T* x, int64_t V, float inv_t) {
 
 // keys = kept ? z + gumbel : -inf for one chunk; vectorises (no libm calls).
 template <typename T>
-RLHF_FAST_CPU_CLONES void race_chunk(const T* x, int64_t j0, int64_t n,
+RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES void race_chunk(const T* x, int64_t j0, int64_t n,
                                      float inv_t, float thr, uint32_t lo,
                                      uint32_t hi, float* keys) {
 #pragma omp simd

@@ -34,13 +34,13 @@ RLHF_FAST_INLINE float log_pos(float x) {
   constexpr float kSqrtHalf = 0.707106781186547524f;
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
-  int32_t e = ((bits >> 23) & 0xff) - 126;
   const int32_t mbits = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
   float m;
   std::memcpy(&m, &mbits, sizeof(m));
-  const bool lowm = m < kSqrtHalf;
-  e = lowm ? e - 1 : e;
-  const float f = lowm ? (m + m - 1.0f) : (m - 1.0f);
+  // m < sqrt(1/2): use 2m - 1 and exponent - 1 (selects, not branches)
+  const float low = m < kSqrtHalf ? 1.0f : 0.0f;
+  const float ef = static_cast<float>(((bits >> 23) & 0xff) - 126) - low;
+  const float f = m * (1.0f + low) - 1.0f;
   const float z = f * f;
   float y = 7.0376836292e-2f;
   y = y * f - 1.1514610310e-1f;
@@ -52,7 +52,6 @@ RLHF_FAST_INLINE float log_pos(float x) {
   y = y * f - 2.4999993993e-1f;
   y = y * f + 3.3333331174e-1f;
   y = y * f * z;
-  const float ef = static_cast<float>(e);
   y += -2.12194440e-4f * ef;
   y += -0.5f * z;
   return (f + y) + 0.693359375f * ef;
@@ -63,7 +62,7 @@ RLHF_FAST_INLINE float log_pos(float x) {
 RLHF_FAST_INLINE float gumbel(uint32_t seed_lo, uint32_t seed_hi,
                               uint32_t token) {
   const uint32_t b = noise_bits(seed_lo, seed_hi, token) >> 9;
-  const float u = (static_cast<float>(b) + 0.5f) * 1.1920928955078125e-7f;
+  const float u = (static_cast<float>(static_cast<int32_t>(b)) + 0.5f) * 1.1920928955078125e-7f;
   return -log_pos(-log_pos(u));
 }
 
