@@ -47,6 +47,17 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def(
       "group_advantages(Tensor scores, Tensor? group_ids, int group_size, "
       "str estimator, float eps) -> Tensor");
+
+  // ---- sampling (rlhf_fast/ops/sampling.py) ----
+  // logits: (B, V), stride 1 on V; seeds: (B,) int64, one counter-based
+  // noise stream per row; temperature / top_p / min_p: (B,) float64; top_k:
+  // (B,) int64. filtered=false skips top-k/top-p/min-p entirely. Returns the
+  // sampled tokens (B,) int64, their fp32 log-prob under softmax(logits / T)
+  // and under the truncated, renormalised distribution. temperature 0: greedy.
+  m.def(
+      "sample_fwd(Tensor logits, Tensor seeds, Tensor temperature, Tensor top_k, "
+      "Tensor top_p, Tensor min_p, bool filtered) -> (Tensor tokens, "
+      "Tensor logprobs, Tensor processed_logprobs)");
 }
 
 namespace {

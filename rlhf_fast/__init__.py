@@ -8,6 +8,8 @@ from ._backend import BACKENDS, BackendUnavailable, use_backend
 from ._backend import info as _info_dict
 from .ops import logprobs_from_logits
 from .ops import discounted_returns, gae, group_advantages, whiten
+from .ops import SampleOutput, sample
+from .generation import GenerateOutput, generate
 
 __version__ = "0.1.0"
 
@@ -28,8 +30,12 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "info",
+    "generate",
+    "GenerateOutput",
     "logprobs_from_logits",
     "reference",
+    "sample",
+    "SampleOutput",
     "use_backend",
     "gae",
     "discounted_returns",

@@ -14,6 +14,7 @@
 #include "../logprobs_checks.h"
 #include "rlhf_fast/cpu_isa.h"
 #include "rlhf_fast/cpu_math.h"
+#include "rlhf_fast/logprobs_row.h"
 
 namespace rlhf_fast {
 namespace cpu {
@@ -22,12 +23,6 @@ namespace {
 // ---------------- row kernels ----------------
 // float accumulation for fp32 / bf16 / fp16 logits, W floats per vector
 // (cpu_math.h); a scalar double path for fp64.
-
-template <typename acc_t>
-struct RowStats {
-  acc_t lse;
-  acc_t entropy;
-};
 
 template <int W, typename T>
 RLHF_FAST_INLINE RowStats<float> fwd_row(const T* x, int64_t V, float inv_t) {
@@ -67,7 +62,7 @@ RLHF_FAST_INLINE RowStats<float> fwd_row(const T* x, int64_t V, float inv_t) {
   const float log_s = std::log(s);
   // H = lse - E[z] = log s - w / s: no cancellation of two large terms, even
   // with logits of 1e4. NaN anywhere in the row reaches s, so the row is NaN.
-  return {mz + log_s, log_s - w / s};
+  return {mz + log_s, log_s - w / s, mz};
 }
 
 template <int W, typename T>
@@ -121,9 +116,6 @@ RLHF_FAST_INLINE void bwd_row(const T* x, T* dx, int64_t V, int64_t label,
                               float gh) {                                      \
     bwd_row<4>(x, dx, V, y, it, lse, h, gl, gh);                               \
   }                                                                            \
-  RowStats<float> fwd_row_k(const T* x, int64_t V, float t) {                  \
-    return RLHF_FAST_ISA_DISPATCH(fwd_row_##T, x, V, t);                       \
-  }                                                                            \
   void bwd_row_k(const T* x, T* dx, int64_t V, int64_t y, float it, float lse, \
                  float h, float gl, float gh) {                                \
     RLHF_FAST_ISA_DISPATCH(bwd_row_##T, x, dx, V, y, it, lse, h, gl, gh);       \
@@ -133,8 +125,20 @@ RLHF_FAST_ROW_KERNELS(bf16_bits)
 RLHF_FAST_ROW_KERNELS(fp16_bits)
 #undef RLHF_FAST_ROW_KERNELS
 
-// float64 (gradcheck, float64 references): scalar, libm exp, one copy.
-RowStats<double> fwd_row_k(const double* x, int64_t V, double inv_t) {
+}  // namespace
+
+// The row statistics, declared in logprobs_row.h and shared with the sampler
+// so that a sampled token's log-prob is bit-identical to logprobs_from_logits.
+RowStats<float> logprobs_row_stats(const float* x, int64_t V, float t) {
+  return RLHF_FAST_ISA_DISPATCH(fwd_row_float, x, V, t);
+}
+RowStats<float> logprobs_row_stats(const bf16_bits* x, int64_t V, float t) {
+  return RLHF_FAST_ISA_DISPATCH(fwd_row_bf16_bits, x, V, t);
+}
+RowStats<float> logprobs_row_stats(const fp16_bits* x, int64_t V, float t) {
+  return RLHF_FAST_ISA_DISPATCH(fwd_row_fp16_bits, x, V, t);
+}
+RowStats<double> logprobs_row_stats(const double* x, int64_t V, double inv_t) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < V; ++j) m = x[j] > m ? x[j] : m;
   const double mz = m * inv_t;
@@ -146,9 +150,14 @@ RowStats<double> fwd_row_k(const double* x, int64_t V, double inv_t) {
     w += e > 0 ? d * e : 0.0;
   }
   const double log_s = std::log(s);
-  return {mz + log_s, log_s - w / s};
+  return {mz + log_s, log_s - w / s, mz};
 }
 
+
+namespace {
+
+
+// float64 (gradcheck, float64 references): scalar, libm exp, one copy.
 void bwd_row_k(const double* x, double* dx, int64_t V, int64_t y, double inv_t,
                double lse, double entropy, double g_lp, double g_h) {
   const double mu = lse - entropy;
@@ -209,7 +218,7 @@ void fwd_rows(const at::Tensor& logits, const int64_t* labels, acc_t inv_t,
       }
       if (y < 0 || y >= V) bad_label(y, r, V, ignore_index);
       const T* row = base + (r / B) * sA + (r % B) * sB;
-      const RowStats<acc_t> st = fwd_row_k(row, V, inv_t);
+      const RowStats<acc_t> st = logprobs_row_stats(row, V, inv_t);
       lse[r] = st.lse;
       ent[r] = st.entropy;
       lp[r] = to_acc(row[y]) * inv_t - st.lse;

@@ -5,5 +5,6 @@ the fallback when no compiled kernel can run. Written for clarity, not speed.
 """
 from .logprobs import logprobs_from_logits
 from .advantages import discounted_returns, gae, group_advantages, whiten
+from .sampling import sample
 
-__all__ = ["logprobs_from_logits", "gae", "discounted_returns", "whiten", "group_advantages"]
+__all__ = ["logprobs_from_logits", "gae", "discounted_returns", "whiten", "group_advantages", "sample"]

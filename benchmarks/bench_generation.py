@@ -1,0 +1,79 @@
+"""rlhf_fast.generate vs Hugging Face model.generate: the same tiny Llama,
+batch, prompt and response length, sampling settings (temperature 1.0,
+top_p 0.9), EOS disabled so both produce exactly B*R tokens. Reports the
+median seconds per call; tokens/s = B*R / median (speedup is the tokens/s
+ratio). Issue target on CPU: >= 1.5x. GPU: HF with cache_implementation="static".
+`python -m benchmarks.bench_generation [--full] [--json PATH]`.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import rlhf_fast
+
+from .harness import Record, compare, format_table, machine_facts, write_json
+
+
+def _model(device, vocab, hidden, layers):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=max(hidden // 64, 2), num_key_value_heads=max(hidden // 128, 1),
+                      max_position_embeddings=4096, eos_token_id=None, bos_token_id=1, pad_token_id=0)  # fmt: skip
+    m = LlamaForCausalLM(cfg).to(device).eval()
+    m.generation_config.eos_token_id = None
+    return m
+
+
+def run(quick: bool = True) -> list[Record]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        cases = [(32000, 1024, 8, 64, 128, 256)]
+    elif quick:
+        cases = [(32000, 128, 2, 8, 32, 32)]
+    else:
+        cases = [(32000, 256, 4, 32, 64, 128)]
+    records: list[Record] = []
+    for vocab, hidden, layers, B, P, R in cases:
+        model = _model(device, vocab, hidden, layers)
+        ids = torch.randint(3, vocab, (B, P), device=device)
+        mask = torch.ones_like(ids)
+        mask[: B // 2, : P // 4] = 0  # half the prompts left-padded
+        kw = dict(temperature=1.0, top_p=0.9)
+        hf_kw = dict(do_sample=True, max_new_tokens=R, min_new_tokens=R, pad_token_id=0, top_k=0, **kw)
+        if device == "cuda":
+            hf_kw["cache_implementation"] = "static"
+
+        def ours():
+            return rlhf_fast.generate(model, ids, mask, max_new_tokens=R, eos_token_id=None, **kw)
+
+        def hf():
+            return model.generate(ids, attention_mask=mask, **hf_kw)
+
+        assert ours().sequences.shape == hf().shape
+        records += compare(
+            op="generate", impl="rlhf_fast", shape=f"B={B} P={P} R={R} V={vocab} h={hidden} L={layers}",
+            dtype="float32", device=device, mode="fwd", fn=ours,
+            baselines={"HF model.generate" + (" static" if device == "cuda" else ""): hf},
+            warmup=1, repeat=3 if quick else 5,
+        )  # fmt: skip
+        for r in records:
+            r.gb_per_s = None
+    return records
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    recs = run(quick=not args.full)
+    print(format_table(recs))
+    for r in recs:
+        if r.baseline and r.status == "ok":
+            n_tok = int(r.shape.split("B=")[1].split()[0]) * int(r.shape.split("R=")[1].split()[0])
+            print(f"{r.shape}: ours {n_tok / r.median_s:.0f} tok/s, {r.baseline} {n_tok / r.baseline_median_s:.0f} tok/s")
+    if args.json:
+        write_json(args.json, recs, machine_facts("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,0 +1,285 @@
+// CPU sampler: rows in parallel, each row in a few vectorised sweeps over an
+// L2-resident copy (V=32000: z and exp(z - max) are 250 KiB per thread).
+//   1. max and NaN check;  2. z, e = exp(z - max), s = sum e -> log-sum-exp
+//   3. only if the row truncates: thresholds by bisection on the fp32 order
+//      key (32 count / mass sweeps each for top-k and top-p; no sort)
+//   4. exponential race over the kept tokens: argmax z + Gumbel(seed, token)
+// Semantics and noise are those of rlhf_fast/reference/sampling.py.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "rlhf_fast/cpu_math.h"
+#include "rlhf_fast/logprobs_row.h"
+#include "rlhf_fast/sampling.h"
+
+namespace rlhf_fast {
+namespace cpu {
+namespace {
+
+using sampling::float_key;
+using sampling::key_float;
+
+// Without -fno-trapping-math GCC will not if-convert the selects in
+// exp_nonpos / log_pos, and the loops stay scalar ("control flow in loop"):
+// the noise sweep ran at ~75 ns per token. Enabled per function so that
+// lse_row keeps the log-prob kernel's exact loop (and its bit-identical sum).
+#if defined(__GNUC__) && !defined(__clang__)
+#define RLHF_FAST_VEC_SELECTS __attribute__((optimize("no-trapping-math")))
+#else
+#define RLHF_FAST_VEC_SELECTS
+#endif
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kChunk = 256;  // noise keys computed a chunk at a time
+
+struct RowParams {
+  float inv_t;
+  bool greedy;
+  uint32_t seed_lo, seed_hi;
+  int64_t top_k;
+  float top_p, min_p;
+  bool filtered;
+};
+
+struct RowResult {
+  int64_t token;
+  float logprob, processed;
+  bool nan;
+};
+
+// ---- sweeps over the fp32 row buffers z[0..V), e[0..V) ----
+
+RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES int64_t count_ge(const float* z, int64_t V, float thr) {
+  int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+  for (int64_t j = 0; j < V; ++j) c += z[j] >= thr ? 1 : 0;
+  return c;
+}
+
+RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES float mass_ge(const float* z, const float* e, int64_t V,
+                                   float thr) {
+  float s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < V; ++j) s += z[j] >= thr ? e[j] : 0.0f;
+  return s;
+}
+
+// z and e = exp(z - mz) into the row buffers (only for rows that truncate).
+template <typename T>
+RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES void fill_row(const T* x, int64_t V, float inv_t, float mz,
+                                   float* z, float* e) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    const float zj = to_acc(x[j]) * inv_t;
+    z[j] = zj;
+    e[j] = exp_nonpos(zj - mz);
+  }
+}
+
+// The log-prob kernel's own row statistics (logprobs_row.h): the sampled
+// token's log-prob is then bit-identical to logprobs_from_logits'.
+struct LseStats {
+  float mz, lse;
+};
+
+template <typename T>
+LseStats lse_row(const T* x, int64_t V, float inv_t) {
+  const RowStats<float> st = logprobs_row_stats(x, V, inv_t);
+  return {st.max_z, st.lse};
+}
+
+// keys = kept ? z + gumbel : -inf for one chunk; vectorises (no libm calls).
+template <typename T>
+RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES void race_chunk(const T* x, int64_t j0, int64_t n,
+                                     float inv_t, float thr, uint32_t lo,
+                                     uint32_t hi, float* keys) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float zj = to_acc(x[j0 + i]) * inv_t;
+    const float g = sampling::gumbel(lo, hi, static_cast<uint32_t>(j0 + i));
+    keys[i] = zj >= thr ? zj + g : kNegInf;
+  }
+}
+
+// Largest key t in [lo, hi] with pred(key_float(t)) true; pred(lo) is true
+// and pred is monotone (true then false), so 32 halvings at most.
+template <typename Pred>
+float bisect(int32_t lo, int32_t hi, Pred pred) {
+  int64_t a = lo, b = hi;
+  while (a < b) {
+    const int64_t mid = a + (b - a + 1) / 2;
+    if (pred(key_float(static_cast<int32_t>(mid)))) a = mid; else b = mid - 1;
+  }
+  return key_float(static_cast<int32_t>(a));
+}
+
+template <typename T>
+RowResult sample_row(const T* x, int64_t V, const RowParams& p,
+                     std::vector<float>& zbuf, std::vector<float>& ebuf) {
+  RowResult r{0, 0.0f, 0.0f, false};
+  const float inv_t = p.greedy ? 1.0f : p.inv_t;
+  const LseStats st = lse_row(x, V, inv_t);
+  if (std::isnan(st.lse)) {
+    r.nan = true;
+    return r;
+  }
+  const float mz = st.mz;  // max(x * inv_t) == max(x) * inv_t, inv_t > 0
+  auto z_at = [&](int64_t j) { return to_acc(x[j]) * inv_t; };
+  auto first_max = [&]() {  // first argmax, as torch.argmax
+    int64_t j = 0;
+    while (j < V - 1 && !(z_at(j) == mz)) ++j;
+    return j;
+  };
+  if (p.greedy) {
+    r.token = first_max();
+    r.logprob = z_at(r.token) - st.lse;
+    r.processed = 0.0f;
+    return r;
+  }
+  float thr = kNegInf;
+  float log_kept = st.lse - mz;  // log of the kept mass, relative to exp(mz)
+  if (p.filtered) {
+    zbuf.resize(V);
+    ebuf.resize(V);
+    float* z = zbuf.data();
+    float* e = ebuf.data();
+    fill_row(x, V, inv_t, mz, z, e);
+    const int32_t top = float_key(mz);
+    float tau_k = kNegInf, mass_k = mass_ge(z, e, V, kNegInf);
+    if (p.top_k > 0 && p.top_k < V) {
+      tau_k = bisect(float_key(kNegInf), top,
+                     [&](float t) { return count_ge(z, V, t) >= p.top_k; });
+      mass_k = mass_ge(z, e, V, tau_k);
+    }
+    float tau_p = kNegInf;
+    if (p.top_p < 1.0f) {
+      const float target = p.top_p * mass_k;
+      tau_p = bisect(float_key(tau_k), top,
+                     [&](float t) { return mass_ge(z, e, V, t) >= target; });
+    }
+    float tau_min = kNegInf;
+    if (p.min_p > 0.0f) tau_min = mz + std::log(p.min_p);
+    thr = std::max(std::max(tau_k, tau_p), tau_min);
+    thr = std::min(thr, mz);  // the max token is always kept
+    log_kept = std::log(mass_ge(z, e, V, thr));
+  }
+  float keys[kChunk];
+  float best = kNegInf;
+  int64_t best_j = -1;
+  for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - j0);
+    race_chunk(x, j0, n, inv_t, thr, p.seed_lo, p.seed_hi, keys);
+    for (int64_t i = 0; i < n; ++i) {
+      if (keys[i] > best) { best = keys[i]; best_j = j0 + i; }
+    }
+  }
+  if (best_j < 0) best_j = first_max();  // only -inf logits: no key is finite
+  r.token = best_j;
+  r.logprob = z_at(best_j) - st.lse;
+  r.processed = z_at(best_j) - (mz + log_kept);
+  return r;
+}
+
+// ---- glue ----
+
+at::Tensor row_param(const at::Tensor& t, int64_t B, at::ScalarType dt,
+                     const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "rlhf_fast::sample: ", name,
+              " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, "rlhf_fast::sample: ", name,
+              " must have shape (", B, "), got ", t.sizes());
+  return t.to(dt).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& seeds,
+    const at::Tensor& temperature, const at::Tensor& top_k,
+    const at::Tensor& top_p, const at::Tensor& min_p, bool filtered) {
+  const char* op = "rlhf_fast::sample";
+  TORCH_CHECK(logits.device().is_cpu(), op, ": expected CPU tensors, got ",
+              logits.device());
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (B, V), got ",
+              logits.sizes());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": logits must be float32, bfloat16 or float16, got ", dt);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0 || B == 0, op, ": logits have an empty vocabulary dim");
+  TORCH_CHECK(V < (int64_t(1) << 31), op, ": V must be < 2^31, got ", V);
+  const at::Tensor lg = V > 1 && logits.stride(1) != 1 ? logits.contiguous() : logits;
+  const at::Tensor sd = row_param(seeds, B, at::kLong, "seeds");
+  const at::Tensor tt = row_param(temperature, B, at::kDouble, "temperature");
+  const at::Tensor tk = row_param(top_k, B, at::kLong, "top_k");
+  const at::Tensor tp = row_param(top_p, B, at::kDouble, "top_p");
+  const at::Tensor mp = row_param(min_p, B, at::kDouble, "min_p");
+  const auto fopt = logits.options().dtype(at::kFloat);
+  at::Tensor tokens = at::empty({B}, logits.options().dtype(at::kLong));
+  at::Tensor lp = at::empty({B}, fopt), plp = at::empty({B}, fopt);
+  if (B == 0) return {tokens, lp, plp};
+  const int64_t stride = lg.stride(0);
+  const int64_t* sdp = sd.const_data_ptr<int64_t>();
+  const double* ttp = tt.const_data_ptr<double>();
+  const int64_t* tkp = tk.const_data_ptr<int64_t>();
+  const double* tpp = tp.const_data_ptr<double>();
+  const double* mpp = mp.const_data_ptr<double>();
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  float* lpp = lp.data_ptr<float>();
+  float* plpp = plp.data_ptr<float>();
+  std::atomic<int64_t> nan_row{-1};
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* base = reinterpret_cast<const T*>(lg.const_data_ptr());
+    const int64_t grain = std::max<int64_t>(1, 32768 / V);
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> zbuf, ebuf;
+      for (int64_t r = begin; r < end; ++r) {
+        const double t = ttp[r];
+        TORCH_CHECK(std::isfinite(t) && t >= 0.0, op,
+                    ": temperature must be finite and >= 0, got ", t,
+                    " at row ", r);
+        RowParams p;
+        p.greedy = t == 0.0;
+        p.inv_t = p.greedy ? 1.0f : static_cast<float>(1.0 / t);
+        const uint64_t seed = static_cast<uint64_t>(sdp[r]);
+        p.seed_lo = static_cast<uint32_t>(seed);
+        p.seed_hi = static_cast<uint32_t>(seed >> 32);
+        p.top_k = tkp[r];
+        p.top_p = static_cast<float>(tpp[r]);
+        p.min_p = static_cast<float>(mpp[r]);
+        p.filtered = filtered;
+        const RowResult res = sample_row(base + r * stride, V, p, zbuf, ebuf);
+        if (res.nan) {
+          int64_t expected = -1;
+          nan_row.compare_exchange_strong(expected, r);
+        }
+        tok[r] = res.token;
+        lpp[r] = res.logprob;
+        plpp[r] = res.processed;
+      }
+    });
+  };
+  switch (dt) {
+    case at::kFloat: run(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: run(static_cast<bf16_bits*>(nullptr)); break;
+    default: run(static_cast<fp16_bits*>(nullptr)); break;
+  }
+  TORCH_CHECK_VALUE(nan_row.load() < 0, "rlhf_fast.sample: logits contain NaN (row ",
+                    nan_row.load(), ")");
+  return {tokens, lp, plp};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace rlhf_fast
+
+TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
+  m.impl("sample_fwd", &rlhf_fast::cpu::sample_fwd_cpu);
+}

@@ -1,0 +1,183 @@
+"""rlhf_fast.generate: rollouts for RLHF from a Hugging Face causal LM.
+
+prefill (B prompts, once) -> static KV cache for B*n rows -> decode loop:
+each step one forward of (B*n, 1) tokens and one fused sample that also
+returns the token's log-prob, so the rollout's log-probs are the trainer's
+(logprobs_from_logits numerics) without a second forward.
+Host syncs: none per step except the early-exit check, which reads the
+`done` flags once every `sync_every` steps (default 8): at most 7 wasted
+steps, against a sync per step in HF generate. One more at the end trims
+the output to the longest response.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..ops.sampling import draw_seeds, row_params, sample_with_seeds
+from .static_cache import prefill_cache, static_cache_from_prefill
+
+OP = "rlhf_fast.generate"
+_GOLDEN = 0x9E3779B97F4A7C15  # Weyl step: decorrelates per-step seeds
+
+
+def _step_salt(t: int) -> int:
+    """(t + 1) * golden mod 2^64 as a signed int64 (xor-ed into the row seeds)."""
+    v = (_GOLDEN * (t + 1)) & 0xFFFFFFFFFFFFFFFF
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # (B*n, P+R) int64: prompt (as given, padding kept) then response
+    response_mask: torch.Tensor  # (B*n, R) bool: generated tokens up to and including EOS
+    logprobs: torch.Tensor  # (B*n, R) fp32: log p(token) under softmax(logits / T); 0 where masked
+    lengths: torch.Tensor  # (B*n,) int64: response lengths (response_mask.sum(-1))
+    prompt_length: int  # P
+
+
+def _expand(value, B: int, n: int):
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == B:
+        return value.repeat_interleave(n)
+    return value
+
+
+def _eos_ids(model, eos_token_id):
+    if eos_token_id is None:
+        gc = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gc, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+
+
+class _DecodeStep:
+    """One decode forward: (rows, 1) tokens at their positions -> (rows, V)
+    next-token logits. A plain callable so that torch.compile can wrap it
+    (mode="reduce-overhead": CUDA graphs; every input lives at a fixed address)."""
+
+    def __init__(self, model, cache, attention_mask):
+        self.model, self.cache, self.mask = model, cache, attention_mask
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids=tokens.unsqueeze(1),
+            attention_mask=self.mask,
+            position_ids=positions.unsqueeze(1),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    eos_token_id=None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    compile: bool = False,
+    sync_every: int = 8,
+) -> GenerateOutput:
+    """Sample `num_samples` responses per prompt from a Hugging Face causal LM.
+
+    input_ids, attention_mask: (B, P) prompts, left- (or right-) padded as
+        for model.generate; attention_mask None means no padding.
+    temperature / top_k / top_p / min_p: as rlhf_fast.sample; scalars or (B,)
+        tensors (one value per prompt, shared by its samples). temperature 0
+        is greedy and equals model.generate(do_sample=False) token for token.
+    eos_token_id: int or list; None takes model.generation_config's. A row
+        stops after its EOS and is padded with pad_token_id (default: the
+        first EOS, else 0); the loop exits once every row is done (checked
+        every `sync_every` steps).
+    generator: on the model's device; seeds for all B*n rows are drawn once,
+        each row an independent counter-based stream (samples of one prompt differ).
+    compile: torch.compile the decode step (mode="reduce-overhead" on CUDA:
+        CUDA graphs over the static cache; default mode on CPU).
+    Returns GenerateOutput(sequences (B*n, P+R), response_mask (B*n, R),
+    logprobs (B*n, R) fp32, lengths (B*n,), prompt_length P), rows ordered
+    prompt-major (the n samples of prompt 0 first).
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"{OP}: input_ids must be a 2-D (B, P) tensor")
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"{OP}: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if int(num_samples) < 1:
+        raise ValueError(f"{OP}: num_samples must be >= 1, got {num_samples}")
+    if int(sync_every) < 1:
+        raise ValueError(f"{OP}: sync_every must be >= 1, got {sync_every}")
+    device = input_ids.device
+    B, P = input_ids.shape
+    n, R = int(num_samples), int(max_new_tokens)
+    N = B * n
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"{OP}: attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    temp, tk, tp, mp, filtered = row_params(
+        N, device, _expand(temperature, B, n), _expand(top_k, B, n), _expand(top_p, B, n), _expand(min_p, B, n)
+    )
+    eos = _eos_ids(model, eos_token_id)
+    pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+
+    # ---- prefill: B prompts once, positions as HF (cumsum of the mask - 1)
+    positions = attention_mask.cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 0)
+    dyn = prefill_cache(model)
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+        past_key_values=dyn, use_cache=True, logits_to_keep=1,
+    )  # fmt: skip
+    logits = out.logits[:, -1, :].repeat_interleave(n, dim=0)
+    cache = static_cache_from_prefill(model, dyn, n, P + R)
+    del dyn, out
+
+    # ---- buffers, all preallocated: the loop only writes into them
+    full_mask = torch.ones((N, P + R), dtype=torch.long, device=device)
+    full_mask[:, :P] = attention_mask.repeat_interleave(n, dim=0)
+    next_pos = positions[:, -1].repeat_interleave(n) + 1  # HF: last prompt position + 1
+    sequences = torch.full((N, P + R), pad, dtype=torch.long, device=device)
+    sequences[:, :P] = input_ids.repeat_interleave(n, dim=0)
+    logprobs = torch.zeros((N, R), dtype=torch.float32, device=device)
+    response_mask = torch.zeros((N, R), dtype=torch.bool, device=device)
+    done = torch.zeros((N,), dtype=torch.bool, device=device)
+    seeds = draw_seeds(N, device, generator)
+    step_fn = _DecodeStep(model, cache, full_mask)
+    if compile:
+        step_fn = torch.compile(step_fn, mode="reduce-overhead" if device.type == "cuda" else None)
+
+    for t in range(R):
+        if t > 0:
+            logits = step_fn(sequences[:, P + t - 1], next_pos + (t - 1))
+        step_seeds = seeds ^ _step_salt(t)  # a fresh stream per step, on device
+        s = sample_with_seeds(logits, step_seeds, temp, tk, tp, mp, filtered)
+        alive = ~done
+        sequences[:, P + t] = torch.where(alive, s.tokens, pad)
+        logprobs[:, t] = torch.where(alive, s.logprobs, 0.0)
+        response_mask[:, t] = alive
+        if eos:
+            done |= alive & torch.isin(s.tokens, eos_t)
+            if (t + 1) % sync_every == 0 and t + 1 < R and bool(done.all()):  # the one periodic host sync
+                break
+
+    lengths = response_mask.sum(-1)
+    r_used = int(lengths.max()) if N > 0 else 0  # one sync: trim to the longest response
+    return GenerateOutput(
+        sequences=sequences[:, : P + r_used],
+        response_mask=response_mask[:, :r_used],
+        logprobs=logprobs[:, :r_used],
+        lengths=lengths,
+        prompt_length=P,
+    )

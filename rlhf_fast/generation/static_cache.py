@@ -1,0 +1,48 @@
+"""A preallocated KV cache for B*n rollouts built from a prefill of B prompts.
+
+transformers' own StaticCache fits: its layers hold (rows, kv_heads,
+max_cache_len, head_dim) buffers allocated once, written in place with
+index_copy_ at a device-side `cumulative_length` counter (no host syncs,
+addresses marked static for CUDA graphs), and the models build the
+attention mask from a 2-D (rows, max_cache_len) padding mask. What it lacks
+is sharing: each prompt is prefilled once into a DynamicCache (B rows) and
+copied here n times (repeat_interleave), so a group of n samples costs one
+prefill (TRL measured ~1.5x from this).
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, StaticCache
+
+
+def prefill_cache(model) -> DynamicCache:
+    return DynamicCache(config=model.config)
+
+
+def static_cache_from_prefill(model, prefill: DynamicCache, num_samples: int, max_cache_len: int) -> StaticCache:
+    """Allocate a StaticCache for (B * num_samples) rows and max_cache_len
+    positions; copy each prompt's prefilled keys / values into its n rows.
+    Bytes: 2 * layers * B*n * kv_heads * max_cache_len * head_dim * dtype."""
+    layers = prefill.layers
+    keys0 = layers[0].keys
+    B, _, P, _ = keys0.shape
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    if len(cache.layers) != len(layers):
+        raise ValueError(
+            f"rlhf_fast.generate: the model's StaticCache has {len(cache.layers)} layers but its prefill "
+            f"produced {len(layers)}; models with sliding-window or linear layers are not supported"
+        )
+    cache.early_initialization(
+        batch_size=B * num_samples,
+        num_heads=[lay.keys.shape[1] for lay in layers],
+        head_dim=[lay.keys.shape[-1] for lay in layers],
+        dtype=keys0.dtype,
+        device=keys0.device,
+    )
+    for src, dst in zip(layers, cache.layers):
+        if getattr(dst, "is_sliding", False):
+            raise ValueError("rlhf_fast.generate: sliding-window cache layers are not supported")
+        dst.keys[:, :, :P].copy_(src.keys.repeat_interleave(num_samples, dim=0))
+        dst.values[:, :, :P].copy_(src.values.repeat_interleave(num_samples, dim=0))
+        dst.cumulative_length.fill_(P)  # device tensor: the next write goes to column P
+    return cache

@@ -1,0 +1,190 @@
+"""rlhf_fast.sample: validation, per-row parameters, seeds from a
+torch.Generator, backend dispatch and fake (meta) registration.
+
+Naming chain: _sample_fwd_kernel (triton/sampling.py), sample_fwd_cpu
+(csrc/cpu/sampling.cpp) -> torch.ops.rlhf_fast.sample_fwd /
+sample_fwd_triton -> rlhf_fast.sample -> reference.sample ->
+tests/test_sampling.py -> benchmarks/bench_sampling.py.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from .. import _backend
+from ..reference import sampling as reference
+from ._common import FLOAT_DTYPES, check_tensor, is_compiling
+
+OP = "rlhf_fast.sample"
+IMPLEMENTED = ("triton", "cpp")
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+class SampleOutput(NamedTuple):
+    tokens: torch.Tensor  # (B,) int64
+    logprobs: torch.Tensor  # (B,) fp32: under softmax(logits / T), as logprobs_from_logits
+    processed_logprobs: torch.Tensor  # (B,) fp32: under the truncated, renormalised distribution
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def _scalar(name: str, value, lo: float, hi: float, lo_open: bool, integer: bool = False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        kind = "an int" if integer else "a float"
+        raise TypeError(f"{OP}: {name} must be {kind} or a (B,) tensor, got {type(value).__name__}")
+    if integer and not isinstance(value, numbers.Integral):
+        raise TypeError(f"{OP}: {name} must be an int or a (B,) int tensor, got {value!r}")
+    v = int(value) if integer else float(value)
+    bad = (v <= lo if lo_open else v < lo) or v > hi or (not integer and not math.isfinite(v))
+    if bad:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise ValueError(f"{OP}: {name} must be in {rng}, got {value}")
+    return v
+
+
+def _row_tensor(name, value, B, device, dtype, lo, hi, lo_open, integer=False):
+    """-> ((B,) tensor of `dtype`, is_default_scalar)."""
+    if not isinstance(value, torch.Tensor):
+        v = _scalar(name, value, lo, hi, lo_open, integer)
+        return torch.full((B,), v, dtype=dtype, device=device), v
+    check_tensor(OP, name, value, _INT_DTYPES if integer else FLOAT_DTYPES + _INT_DTYPES)
+    if value.device != device:
+        raise ValueError(f"{OP}: {name} is on {value.device} but logits are on {device}")
+    if value.dim() == 0:
+        value = value.expand(B)
+    if tuple(value.shape) != (B,):
+        raise ValueError(f"{OP}: {name} must be a scalar or have shape ({B},), got {tuple(value.shape)}")
+    # Value checks read the tensor: free on CPU, a host sync on GPU, so they
+    # run only for CPU tensors (GPU callers own their per-row values).
+    if device.type == "cpu" and not is_compiling() and value.numel():
+        v = value.double()
+        bad = (v <= lo if lo_open else v < lo) | (v > hi) | ~v.isfinite()
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
+            raise ValueError(f"{OP}: {name}[{i}] = {value[i].item()} is outside {rng}")
+    return value.to(dtype), None
+
+
+def row_params(B: int, device: torch.device, temperature, top_k, top_p, min_p):
+    """Scalars or (B,) tensors -> (temperature f64, top_k i64, top_p f64,
+    min_p f64) as (B,) tensors, and whether any row may truncate."""
+    inf = float("inf")
+    temp, _ = _row_tensor("temperature", temperature, B, device, torch.float64, 0.0, inf, False)
+    tk, tk_s = _row_tensor("top_k", top_k, B, device, torch.int64, 0, 2**62, False, integer=True)
+    tp, tp_s = _row_tensor("top_p", top_p, B, device, torch.float64, 0.0, 1.0, True)
+    mp, mp_s = _row_tensor("min_p", min_p, B, device, torch.float64, 0.0, 1.0, False)
+    # known-off scalars skip the threshold search entirely (no sort, no bisection)
+    filtered = not (tk_s == 0 and tp_s == 1.0 and mp_s == 0.0)
+    return temp, tk, tp, mp, filtered
+
+
+def draw_seeds(B: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """(B,) int64 row seeds from `generator` (on `device`; no host sync on GPU):
+    each row's noise stream is a counter-based hash of its own seed."""
+    return torch.randint(-(2**63), 2**63 - 1, (B,), generator=generator, device=device, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def sample_with_seeds(logits, seeds, temperature, top_k, top_p, min_p, filtered) -> SampleOutput:
+    """The op behind rlhf_fast.sample and rlhf_fast.generate: parameters
+    already (B,) tensors (see row_params), seeds (B,) int64."""
+    backend = _backend.choose("sample", logits.device, IMPLEMENTED)
+    if logits.dtype == torch.float64:
+        backend = "reference"  # documented: float64 (oracle) logits run the reference
+    if backend != "cpp" and logits.device.type == "cpu" and not is_compiling():
+        if bool(torch.isnan(logits).any()):  # the C++ kernel raises the same itself
+            raise ValueError(f"{OP}: logits contain NaN")
+    if backend == "reference":
+        out = reference.sample(logits, seeds, temperature, top_k, top_p, min_p, filtered)
+    elif backend == "triton":
+        out = torch.ops.rlhf_fast.sample_fwd_triton(logits, seeds, temperature, top_k, top_p, min_p, filtered)
+    else:
+        out = torch.ops.rlhf_fast.sample_fwd(logits, seeds, temperature, top_k, top_p, min_p, filtered)
+    return SampleOutput(*out)
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    generator: torch.Generator | None = None,
+) -> SampleOutput:
+    """Draw one token per row and return its log-probs.
+
+    logits: (B, V) float32 / bfloat16 / float16 (float64 runs the reference).
+    temperature >= 0 (0: greedy, first argmax), top_k >= 0 (0: off), top_p in
+    (0, 1] (1: off), min_p in [0, 1] (0: off): Python scalars or (B,) tensors
+    on logits' device. Applied in the order temperature, top-k, top-p (on the
+    top-k-renormalised distribution), min-p (p >= min_p * p_max); ties at a
+    threshold are all kept, so top-k may keep more than k tied tokens.
+    generator: a torch.Generator on logits' device; one draw of B seeds per
+    call, every row an independent counter-based noise stream.
+    Returns SampleOutput(tokens (B,) int64, logprobs (B,) fp32 = what
+    logprobs_from_logits(logits, tokens, temperature=T) returns (T = 1 for
+    greedy rows), processed_logprobs (B,) fp32 under the truncated,
+    renormalised distribution (0 for greedy rows)).
+    No host synchronisation on GPU. NaN logits raise on CPU; on GPU (no sync)
+    a NaN row gives NaN log-probs and an unspecified token.
+    """
+    check_tensor(OP, "logits", logits, FLOAT_DTYPES)
+    if logits.dim() != 2:
+        raise ValueError(f"{OP}: logits must be 2-D (B, V), got shape {tuple(logits.shape)}")
+    B, V = logits.shape
+    if V == 0 and B > 0:
+        raise ValueError(f"{OP}: logits have an empty vocabulary dim (V=0)")
+    temp, tk, tp, mp, filtered = row_params(B, logits.device, temperature, top_k, top_p, min_p)
+    seeds = draw_seeds(B, logits.device, generator)
+    return sample_with_seeds(logits, seeds, temp, tk, tp, mp, filtered)
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _fake_fwd(logits, seeds, temperature, top_k, top_p, min_p, filtered):
+    B = logits.shape[0]
+    return (
+        logits.new_empty((B,), dtype=torch.int64),
+        logits.new_empty((B,), dtype=torch.float32),
+        logits.new_empty((B,), dtype=torch.float32),
+    )
+
+
+if _backend.has_cpp():
+    torch.library.register_fake("rlhf_fast::sample_fwd")(_fake_fwd)
+
+
+if _backend.HAVE_TRITON:
+    from ..triton.sampling import _sample_fwd_kernel, block_v
+
+    @torch.library.triton_op("rlhf_fast::sample_fwd_triton", mutates_args=())
+    def sample_fwd_triton(
+        logits: torch.Tensor,
+        seeds: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        min_p: torch.Tensor,
+        filtered: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, V = logits.shape
+        tokens, lp, plp = _fake_fwd(logits, seeds, temperature, top_k, top_p, min_p, filtered)
+        if B > 0:
+            if V > 1 and logits.stride(1) != 1:
+                logits = logits.contiguous()
+            torch.library.wrap_triton(_sample_fwd_kernel)[(B,)](
+                logits, seeds.contiguous(), temperature.contiguous(), top_k.contiguous(),
+                top_p.contiguous(), min_p.contiguous(), tokens, lp, plp,
+                V, logits.stride(0),
+                FILTERED=filtered, BLOCK_V=block_v(V),
+            )  # fmt: skip
+        return tokens, lp, plp

@@ -1,0 +1,144 @@
+"""rlhf_fast.generate against Hugging Face generate, on tiny Llama / Qwen2 /
+GPT-2 models built from configs (no downloads), fp32 on CPU."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import rlhf_fast
+
+V = 97
+
+
+def _tiny(kind: str):
+    torch.manual_seed(1234)  # fixed weights: the test's randomness is in the prompts
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+        return LlamaForCausalLM(cfg).eval()
+    if kind == "qwen2":
+        cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+        return Qwen2ForCausalLM(cfg).eval()
+    cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+MODELS = {kind: _tiny(kind) for kind in ("llama", "qwen2", "gpt2")}
+
+
+def _prompts(padding: str, B=4, P=9):
+    ids = torch.randint(3, V, (B, P))
+    mask = torch.ones_like(ids)
+    lengths = [P, P - 3, P - 5, 1][:B]
+    for i, n in enumerate(lengths):
+        if padding == "left":
+            mask[i, : P - n] = 0
+        elif padding == "right":
+            mask[i, n:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _hf_greedy(model, ids, mask, R, eos):
+    return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=R, eos_token_id=eos, pad_token_id=0)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_greedy_matches_hf_generate(kind, padding):
+    model = MODELS[kind]
+    ids, mask = _prompts(padding)
+    R = 14
+    free = _hf_greedy(model, ids, mask, R, eos=None)
+    # EOS mid-batch: the token row 0 emits at step 4, so row 0 stops there
+    eos = int(free[0, ids.shape[1] + 4])
+    want = _hf_greedy(model, ids, mask, R, eos=eos)
+    got = rlhf_fast.generate(model, ids, mask, max_new_tokens=R, temperature=0.0, eos_token_id=eos, pad_token_id=0)
+    assert got.sequences.shape == want.shape, (got.sequences, want)
+    assert torch.equal(got.sequences, want)
+    P = ids.shape[1]
+    assert int(got.lengths[0]) <= 5 and int(got.sequences[0, P + got.lengths[0] - 1]) == eos
+    # response mask: a prefix per row, up to and including EOS; pads after it
+    resp = got.sequences[:, P:]
+    assert torch.equal(got.response_mask.sum(-1), got.lengths)
+    assert bool((resp[~got.response_mask] == 0).all())
+    assert bool((got.logprobs[~got.response_mask] == 0).all())
+
+
+def _teacher_forced_logprobs(model, out, prompt_mask, temperature):
+    P = out.prompt_length
+    n = out.sequences.shape[0] // prompt_mask.shape[0]
+    mask = torch.cat([prompt_mask.repeat_interleave(n, 0), out.response_mask.long()], dim=1)
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    logits = model(input_ids=out.sequences, attention_mask=mask, position_ids=pos).logits
+    lp = rlhf_fast.logprobs_from_logits(logits[:, P - 1 : -1], out.sequences[:, P:], temperature=temperature)
+    return torch.where(out.response_mask, lp, torch.zeros_like(lp))
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("cfg", [dict(temperature=0.8), dict(temperature=1.2, top_k=20, top_p=0.9, min_p=0.02)], ids=["plain", "truncated"])
+def test_sampled_logprobs_equal_teacher_forced(kind, cfg):
+    model = MODELS[kind]
+    ids, mask = _prompts("left")
+    out = rlhf_fast.generate(model, ids, mask, max_new_tokens=12, num_samples=3, eos_token_id=2, **cfg)
+    assert out.sequences.shape[0] == 12 and out.logprobs.dtype == torch.float32
+    want = _teacher_forced_logprobs(model, out, mask, cfg["temperature"])
+    torch.testing.assert_close(out.logprobs, want, rtol=0, atol=1e-4)
+    assert bool((out.logprobs[out.response_mask] < 0).all())
+
+
+def test_triton_backend_sampled_logprobs():
+    model = MODELS["llama"]
+    ids, mask = _prompts("left", B=2, P=5)
+    with rlhf_fast.use_backend("triton"):
+        out = rlhf_fast.generate(model, ids, mask, max_new_tokens=5, num_samples=2, temperature=0.9)
+    torch.testing.assert_close(out.logprobs, _teacher_forced_logprobs(model, out, mask, 0.9), rtol=0, atol=1e-4)
+
+
+def test_num_samples_differ_and_generator_reproducible():
+    model = MODELS["qwen2"]
+    ids, mask = _prompts("left")
+    kw = dict(max_new_tokens=10, num_samples=4, temperature=1.0, eos_token_id=None)
+    a = rlhf_fast.generate(model, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    b = rlhf_fast.generate(model, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.logprobs, b.logprobs)
+    P = ids.shape[1]
+    for i in range(ids.shape[0]):
+        group = a.sequences[4 * i : 4 * i + 4, P:]
+        assert group.unique(dim=0).shape[0] > 1, f"prompt {i}: all 4 samples identical"
+        assert torch.equal(a.sequences[4 * i : 4 * i + 4, :P], ids[i].expand(4, -1))
+
+
+def test_early_exit_when_all_rows_done():
+    model = MODELS["llama"]
+    ids, mask = _prompts("none", B=2)
+    free = _hf_greedy(model, ids, mask, 3, eos=None)
+    P = ids.shape[1]
+    # every row emits its EOS within 3 steps; max_new_tokens=40 must not be used up
+    eos = [int(free[0, P + 1]), int(free[1, P + 2])]
+    out = rlhf_fast.generate(model, ids, mask, max_new_tokens=40, temperature=0.0, eos_token_id=eos, pad_token_id=0, sync_every=4)
+    assert out.sequences.shape[1] <= P + 3
+    assert torch.equal(out.sequences, _hf_greedy(model, ids, mask, 40, eos=eos))
+
+
+def test_per_prompt_parameters():
+    model = MODELS["gpt2"]
+    ids, mask = _prompts("left", B=2)
+    out = rlhf_fast.generate(model, ids, mask, max_new_tokens=6, num_samples=2, temperature=torch.tensor([0.0, 1.0]))
+    greedy = _hf_greedy(model, ids[:1], mask[:1], 6, eos=None)
+    assert torch.equal(out.sequences[0, : greedy.shape[1]], greedy[0])
+    assert torch.equal(out.sequences[1, : greedy.shape[1]], greedy[0])
+
+
+def test_bad_arguments_raise():
+    model = MODELS["llama"]
+    ids = torch.randint(3, V, (2, 4))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        rlhf_fast.generate(model, ids, max_new_tokens=0)
+    with pytest.raises(ValueError, match="num_samples"):
+        rlhf_fast.generate(model, ids, max_new_tokens=2, num_samples=0)
+    with pytest.raises(ValueError, match="attention_mask"):
+        rlhf_fast.generate(model, ids, torch.ones(2, 5), max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        rlhf_fast.generate(model, ids, max_new_tokens=2, top_p=0.0)
