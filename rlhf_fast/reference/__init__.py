@@ -4,5 +4,6 @@ Three uses: the tests' oracle (run in float64), the benchmarks' baseline, and
 the fallback when no compiled kernel can run. Written for clarity, not speed.
 """
 from .logprobs import logprobs_from_logits
+from .linear_logprobs import linear_logprobs
 
-__all__ = ["logprobs_from_logits"]
+__all__ = ["logprobs_from_logits", "linear_logprobs"]
