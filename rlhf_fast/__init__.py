@@ -7,6 +7,7 @@ from . import reference
 from ._backend import BACKENDS, BackendUnavailable, use_backend
 from ._backend import info as _info_dict
 from .ops import logprobs_from_logits
+from .ops import linear_logprobs
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "info",
+    "linear_logprobs",
     "logprobs_from_logits",
     "reference",
     "use_backend",
