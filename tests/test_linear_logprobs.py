@@ -80,6 +80,16 @@ def test_matches_reference(backend, N, H, V, dtype, with_bias):
     check_against_reference(hidden, weight, bias, labels, chunk_size=8)
 
 
+def test_triton_splits_groups_and_vocab_chunks():
+    # Interpreter tiles are 32 x 64: N=100 gives 4 token tiles (2 program
+    # groups of 2), V=300 two vocab splits in the forward, and chunk_size=10
+    # a 64-wide d-logits scratch, so the backward walks 5 vocab chunks (the
+    # last one 44 wide).
+    hidden, weight, bias, labels = make_inputs(100, 40, 300, torch.float32)
+    with rlhf_fast.use_backend("triton"):
+        check_against_reference(hidden, weight, bias, labels, chunk_size=10, temperature=1.3)
+
+
 @pytest.mark.parametrize("temperature", [0.6, 1.7])
 @pytest.mark.parametrize("entropy", [True, False])
 def test_temperature_and_entropy_flag(backend, temperature, entropy):

@@ -275,15 +275,15 @@ if _backend.HAVE_TRITON:
             return _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, chunk_size)
         cfg = tile_config(N, V, H, _backend.triton_interpret())
         bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
-        splits = num_splits(N, V, bn, bv, _programs_wanted(hidden.device))
+        splits = num_splits(N, V, bn, bv, _programs_wanted(hidden.device), cfg["GROUP"])
         v_split = triton.cdiv(triton.cdiv(V, bv), splits) * bv
         splits = triton.cdiv(V, v_split)  # no empty split
         part = hidden.new_empty((4, splits, N), dtype=_acc_dtype(hidden.dtype))
         labels = labels.contiguous()
-        torch.library.wrap_triton(_linear_logprobs_fwd_kernel)[(triton.cdiv(N, bn), splits)](
+        torch.library.wrap_triton(_linear_logprobs_fwd_kernel)[(triton.cdiv(N, bn) * splits,)](
             hidden, weight, bias if bias is not None else hidden, labels,
             part[0], part[1], part[2], part[3],
-            N, V, H, v_split,
+            N, V, H, v_split, splits,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             1.0 / temperature, ignore_index,
             HAS_BIAS=bias is not None, ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(), **cfg,
@@ -325,7 +325,7 @@ if _backend.HAVE_TRITON:
         for v_lo in range(0, V, v_chunk):
             v_hi = min(V, v_lo + v_chunk)
             dz = scratch[: N * (v_hi - v_lo)].view(N, v_hi - v_lo)
-            torch.library.wrap_triton(_linear_logprobs_dlogits_kernel)[(triton.cdiv(N, bn), triton.cdiv(v_hi - v_lo, bv))](
+            torch.library.wrap_triton(_linear_logprobs_dlogits_kernel)[(triton.cdiv(N, bn) * triton.cdiv(v_hi - v_lo, bv),)](
                 hidden, weight, bias if bias is not None else hidden, labels,
                 glp, gh, lse, entropy, dz,
                 N, H, v_lo, v_hi,
