@@ -97,15 +97,15 @@ def test_temperature_and_entropy_flag(backend, temperature, entropy):
     check_against_reference(hidden, weight, bias, labels, entropy=entropy, temperature=temperature)
 
 
+# ignore_frac 0: every row labelled, chunks are slices (views); 0.2: chunks
+# gather the labelled rows.
 @pytest.mark.parametrize(
-    "N,H,V,chunk",
-    [(2049, 96, 1003, 512), (37, 96, 32003, 16), (2049, 64, 1003, None), (300, 96, 1003, 1)],
+    "N,H,V,chunk,ignore_frac",
+    [(2049, 96, 1003, 512, 0.2), (37, 96, 32003, 16, 0.2), (2049, 64, 1003, None, 0.0), (300, 96, 1003, 1, 0.2), (300, 96, 1003, 64, 0.0)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_awkward_sizes_cpp(N, H, V, chunk, dtype):
-    if dtype == torch.bfloat16 and N * V > 10**6 and chunk == 1:
-        chunk = 7
-    hidden, weight, bias, labels = make_inputs(N, H, V, dtype)
+def test_awkward_sizes_cpp(N, H, V, chunk, ignore_frac, dtype):
+    hidden, weight, bias, labels = make_inputs(N, H, V, dtype, ignore_frac=ignore_frac)
     with rlhf_fast.use_backend("cpp"):
         check_against_reference(hidden, weight, bias, labels, chunk_size=chunk, temperature=0.9)
 
