@@ -33,9 +33,9 @@ def run(fn, hidden, weight, bias, labels, g_lp, g_h, **kw):
     b = bias.detach().clone().requires_grad_() if bias is not None else None
     out = fn(h, w, labels, bias=b, return_entropy=g_h is not None, **kw)
     lp, ent = out if g_h is not None else (out, None)
-    loss = (lp * g_lp.to(lp.dtype)).sum()
+    loss = (lp * g_lp.to(lp.device, lp.dtype)).sum()
     if ent is not None:
-        loss = loss + (ent * g_h.to(ent.dtype)).sum()
+        loss = loss + (ent * g_h.to(ent.device, ent.dtype)).sum()
     loss.backward()
     return {"logprobs": lp, "entropy": ent, "grad_hidden": h.grad, "grad_weight": w.grad, "grad_bias": b.grad if b is not None else None}
 
@@ -296,3 +296,17 @@ def test_bad_inputs_raise(mutate, exc, match):
     mutate(a)
     with pytest.raises(exc, match=match):
         rlhf_fast.linear_logprobs(a.pop("hidden"), a.pop("weight"), a.pop("labels"), **a)
+
+
+# ---------------------------------------------------------------- GPU (skipped without CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_on_gpu(dtype):
+    # Real tl.dot tiles (128 x 128 x 64), several vocab splits and program
+    # groups, and a backward with 4 vocab chunks (chunk_size=256 of 1031).
+    N, H, V = 1031, 256, 32003
+    hidden, weight, bias, labels = (t.cuda() if t is not None else None for t in make_inputs(N, H, V, dtype))
+    with rlhf_fast.use_backend("triton"):
+        check_against_reference(hidden, weight, bias, labels, chunk_size=256, temperature=0.8)
