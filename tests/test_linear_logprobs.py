@@ -128,7 +128,7 @@ def test_leading_dims_and_strided_hidden(backend):
     full = torch.randn(B, T + 1, H)
     hidden = full[:, :-1]  # the usual (B, T) slice: not contiguous
     weight = torch.randn(V, H) / H**0.5
-    labels = torch.randint(0, V, (B, T))
+    labels = torch.randint(0, V, (B, T), dtype=torch.int32)  # int32 labels too
     labels[1, 4:] = -100
     ours = check_against_reference(hidden, weight, None, labels)
     assert ours["logprobs"].shape == (B, T) and ours["grad_hidden"].shape == (B, T, H)
@@ -281,7 +281,7 @@ def test_peak_memory_bounded_by_chunk():
         (lambda a: a.update(bias=a["bias"].double()), TypeError, "bias dtype"),
         (lambda a: a.update(labels=a["labels"].float()), TypeError, "labels must have dtype"),
         (lambda a: a.update(labels=a["labels"][:-1]), ValueError, "labels must have shape"),
-        (lambda a: a["labels"].__setitem__(0, 67), ValueError, "label 67 at position"),
+        (lambda a: a["labels"].__setitem__(0, 67), ValueError, "linear_logprobs: label 67 at position"),
         (lambda a: a["labels"].__setitem__(1, -5), ValueError, "outside"),
         (lambda a: a.update(weight=a["weight"][0]), ValueError, "weight must be 2-D"),
         (lambda a: a.update(hidden=a["hidden"].to("meta")), ValueError, "is on"),

@@ -19,7 +19,7 @@ import torch
 from .. import _backend
 from ..reference import linear_logprobs as reference
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_positive_float, check_same_device, check_tensor, is_compiling
-from .logprobs import _acc_dtype, _check_labels_in_range
+from .logprobs import _acc_dtype
 
 OP = "rlhf_fast.linear_logprobs"
 IMPLEMENTED = ("triton", "cpp")
@@ -40,6 +40,18 @@ def default_chunk_size(N: int, V: int, device: torch.device) -> int:
     rows = budget // (4 * max(V, 1))
     rows = max(MIN_CHUNK_ROWS, rows // 16 * 16)
     return max(1, min(rows, N))
+
+
+def _check_labels_in_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    # N int64 reads; one host sync on GPU. Skipped under torch.compile, where
+    # the CPU row kernel still checks every label it reads.
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{OP}: label {int(labels[idx])} at position {idx} is outside [0, V={V}) "
+            f"(V = weight.shape[0]) and is not ignore_index ({ignore_index})"
+        )
 
 
 # ---------------------------------------------------------------- public API
