@@ -58,6 +58,24 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "sample_fwd(Tensor logits, Tensor seeds, Tensor temperature, Tensor top_k, "
       "Tensor top_p, Tensor min_p, bool filtered) -> (Tensor tokens, "
       "Tensor logprobs, Tensor processed_logprobs)");
+  // ---- fused linear log-probs (rlhf_fast/ops/linear_logprobs.py) ----
+  // hidden: (N, H), weight: (V, H), bias: (V,) or None, labels: (N,).
+  // Same outputs as logprobs_fwd(hidden @ weight.T + bias, ...) without the
+  // (N, V) logits: CPU runs chunk_size tokens at a time (matmul + the fused
+  // row pass), so the scratch is chunk_size * V floats. The CPU kernels are
+  // Python compositions of logprobs_fwd / logprobs_bwd and at::mm, registered
+  // from rlhf_fast/ops/linear_logprobs.py.
+  m.def(
+      "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor labels, float temperature, int ignore_index, int chunk_size) "
+      "-> (Tensor logprobs, Tensor entropy, Tensor lse)");
+  // Recomputes each chunk's logits; grad_weight / grad_bias are accumulated
+  // over tokens in fp32 and cast once. grad_bias is (0,) when bias is None.
+  m.def(
+      "linear_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, "
+      "Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
+      "Tensor entropy, float temperature, int ignore_index, int chunk_size) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
 namespace {

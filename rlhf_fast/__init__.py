@@ -10,6 +10,7 @@ from .ops import logprobs_from_logits
 from .ops import discounted_returns, gae, group_advantages, whiten
 from .ops import SampleOutput, sample
 from .generation import GenerateOutput, generate
+from .ops import linear_logprobs
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "info",
     "generate",
     "GenerateOutput",
+    "linear_logprobs",
     "logprobs_from_logits",
     "reference",
     "sample",

@@ -3,5 +3,6 @@ register_fake. Importing this package registers every op with torch.library."""
 from .logprobs import logprobs_from_logits
 from .advantages import discounted_returns, gae, group_advantages, whiten
 from .sampling import SampleOutput, sample
+from .linear_logprobs import linear_logprobs
 
-__all__ = ["logprobs_from_logits", "gae", "discounted_returns", "whiten", "group_advantages", "SampleOutput", "sample"]
+__all__ = ["logprobs_from_logits", "gae", "discounted_returns", "whiten", "group_advantages", "SampleOutput", "sample", "linear_logprobs"]

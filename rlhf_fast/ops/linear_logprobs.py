@@ -1,0 +1,387 @@
+"""rlhf_fast.linear_logprobs: token log-probs and entropy straight from hidden
+states and the lm_head, without the (N, V) logits.
+
+Naming chain: _linear_logprobs_fwd_kernel (triton/linear_logprobs.py),
+linear_logprobs_fwd_cpu (here: chunks of tokens through at::mm and the C++
+logprobs_fwd row pass) -> torch.ops.rlhf_fast.linear_logprobs_fwd /
+linear_logprobs_fwd_triton -> rlhf_fast.linear_logprobs ->
+reference.linear_logprobs -> tests/test_linear_logprobs.py ->
+benchmarks/bench_linear_logprobs.py.
+
+Memory: the logits are 4*N*V bytes in fp32, 18 GB at 32k tokens of Qwen's
+V=151936; here the scratch is chunk_size * V logits (CPU), or one register
+tile (GPU forward) and N * v_chunk d-logits (GPU backward).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ..reference import linear_logprobs as reference
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_positive_float, check_same_device, check_tensor, is_compiling
+from .logprobs import _acc_dtype
+
+OP = "rlhf_fast.linear_logprobs"
+IMPLEMENTED = ("triton", "cpp")
+
+# Default scratch budget for one chunk of logits. CPU: 24 MiB = 192 rows at
+# V=32000 fp32, 9.4% of the materialised (2048, 32000) logits (250 MiB);
+# MKL's GEMM loses ~1.3x per row at 128-256 rows against one 2048-row call
+# (measured on 2 cores) and ~2x at 64, so smaller chunks cost time. Rows are
+# rounded to multiples of 16 and kept >= 64 (at V=151936: 64 rows, 37 MiB).
+# GPU backward: the d-logits scratch, N * v_chunk elements.
+CPU_CHUNK_BYTES = 24 * 2**20
+GPU_CHUNK_BYTES = 256 * 2**20
+MIN_CHUNK_ROWS = 64
+
+
+def default_chunk_size(N: int, V: int, device: torch.device) -> int:
+    budget = GPU_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    rows = budget // (4 * max(V, 1))
+    rows = max(MIN_CHUNK_ROWS, rows // 16 * 16)
+    return max(1, min(rows, N))
+
+
+def _check_labels_in_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    # N int64 reads; one host sync on GPU. Skipped under torch.compile, where
+    # the CPU row kernel still checks every label it reads.
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{OP}: label {int(labels[idx])} at position {idx} is outside [0, V={V}) "
+            f"(V = weight.shape[0]) and is not ignore_index ({ignore_index})"
+        )
+
+
+# ---------------------------------------------------------------- public API
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+):
+    """Log-probability of each label under softmax((hidden @ weight.T + bias) / T).
+
+    hidden: (..., H); weight: (V, H), the lm_head, same dtype as hidden
+        (float32 / bfloat16 / float16 / float64); bias: (V,) or None;
+    labels: (...) int32 / int64, the leading shape of hidden.
+    Returns logprobs (...) in float32 (float64 for float64 inputs), and with
+    return_entropy=True (logprobs, entropy). Same values and gradients (for
+    hidden, weight and bias) as logprobs_from_logits(hidden @ weight.T + bias,
+    labels, ...); the weight and bias gradients are summed over tokens in
+    fp32 and rounded once. ignore_index positions give 0 and no gradient.
+    chunk_size: tokens per chunk (CPU); on GPU the backward's d-logits
+    scratch is sized to chunk_size * V elements. Default: from a memory
+    budget (24 MiB of logits per chunk on CPU, 256 MiB on GPU).
+    """
+    check_tensor(OP, "hidden", hidden, FLOAT_DTYPES)
+    check_tensor(OP, "weight", weight, FLOAT_DTYPES)
+    check_tensor(OP, "labels", labels, INDEX_DTYPES)
+    if bias is not None:
+        check_tensor(OP, "bias", bias, FLOAT_DTYPES)
+    check_same_device(OP, "hidden", hidden, weight=weight, labels=labels, bias=bias)
+    if hidden.dim() < 1:
+        raise ValueError(f"{OP}: hidden must have a feature dim (..., H), got a 0-dim tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{OP}: weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"{OP}: weight has H={weight.shape[1]} columns but hidden has H={H} features")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{OP}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; cast one")
+    if bias is not None:
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"{OP}: bias must have shape (V,) = ({V},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{OP}: bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}; cast one")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{OP}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    temperature = check_positive_float(OP, "temperature", temperature)
+    ignore_index = int(ignore_index)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if V == 0 and labels.numel() > 0:
+        raise ValueError(f"{OP}: weight has an empty vocabulary dim (V=0)")
+    if not is_compiling():
+        _check_labels_in_range(labels, V, ignore_index)
+
+    backend = _backend.choose("linear_logprobs", hidden.device, IMPLEMENTED)
+    if backend == "reference":
+        return reference.linear_logprobs(
+            hidden, weight, labels, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, return_entropy=return_entropy,
+        )  # fmt: skip
+    rows = hidden.reshape(-1, H)  # a view unless hidden's leading dims are strided
+    N = rows.shape[0]
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(N, V, hidden.device)
+    fwd = torch.ops.rlhf_fast.linear_logprobs_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.linear_logprobs_fwd
+    lp, ent, _ = fwd(rows, weight, bias, labels.reshape(-1), temperature, ignore_index, min(chunk, max(N, 1)))
+    lp = lp.reshape(labels.shape)
+    if return_entropy:
+        return lp, ent.reshape(labels.shape)
+    return lp
+
+
+# ---------------------------------------------------------------- CPU: token chunks
+
+
+def _row_chunks(labels: torch.Tensor, ignore_index: int, chunk_size: int):
+    """Chunks of the rows that have a label: slices when none is ignored,
+    else index tensors, so padding / prompt tokens (often 30-50% of an RLHF
+    batch) cost no GEMM FLOPs. Ignored rows keep the outputs' zero fill."""
+    valid = labels != ignore_index
+    if bool(valid.all()):
+        n = labels.shape[0]
+        return [slice(lo, min(n, lo + chunk_size)) for lo in range(0, n, chunk_size)]
+    rows = valid.nonzero().squeeze(1)
+    return list(rows.split(chunk_size))
+
+
+def linear_logprobs_fwd_cpu(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
+    """Per chunk of chunk_size labelled tokens: logits = hidden_c @ W.T + b
+    (MKL), then the fused C++ row pass; the chunk is freed before the next."""
+    N = hidden.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    lp, ent, lse = (hidden.new_zeros((N,), dtype=acc) for _ in range(3))
+    for rows in _row_chunks(labels, ignore_index, chunk_size):
+        logits = torch.nn.functional.linear(hidden[rows], weight, bias)
+        out = torch.ops.rlhf_fast.logprobs_fwd(logits.unsqueeze(0), labels[rows].unsqueeze(0), temperature, ignore_index)
+        for dst, src in zip((lp, ent, lse), out):
+            dst[rows] = src[0]
+        del logits, out
+    return lp, ent, lse
+
+
+def linear_logprobs_bwd_cpu(
+    grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
+):
+    """Per chunk: recompute logits, d logits from the C++ logprobs_bwd with
+    the chunk's own per-token upstream grads, then dH_c = dZ @ W and
+    dW += dZ.T @ H_c, db += sum(dZ) in fp32 (cast once at the end).
+    Scratch: the chunk's logits and dZ, 2 * chunk_size * V elements."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    grad_hidden = torch.zeros((N, H), dtype=hidden.dtype, device=hidden.device)
+    grad_weight = weight.new_zeros((V, H), dtype=acc)
+    grad_bias = weight.new_zeros((V,) if bias is not None else (0,), dtype=acc)
+    for rows in _row_chunks(labels, ignore_index, chunk_size):
+        h = hidden[rows]
+        logits = torch.nn.functional.linear(h, weight, bias)
+        gh = grad_entropy[rows].unsqueeze(0) if grad_entropy is not None else None
+        dz = torch.ops.rlhf_fast.logprobs_bwd(
+            grad_logprobs[rows].unsqueeze(0), gh, logits.unsqueeze(0), labels[rows].unsqueeze(0),
+            lse[rows].unsqueeze(0), entropy[rows].unsqueeze(0), temperature, ignore_index,
+        )[0]  # fmt: skip
+        del logits
+        if isinstance(rows, slice):
+            torch.mm(dz, weight, out=grad_hidden[rows])
+        else:
+            grad_hidden[rows] = dz @ weight
+        if dz.dtype == acc:
+            grad_weight.addmm_(dz.t(), h)
+        else:  # bf16 / fp16: each chunk's product in fp32, summed in fp32
+            grad_weight.addmm_(dz.t().to(acc), h.to(acc))
+        if bias is not None:
+            grad_bias += dz.sum(0, dtype=acc)
+        del dz
+    return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+# ---------------------------------------------------------------- autograd + fake
+
+
+def _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
+    acc = _acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty((n,), dtype=acc) for _ in range(3))
+
+
+def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size):
+    gb = weight.new_empty((weight.shape[0],) if bias is not None else (0,))
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight), gb
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, chunk_size = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    ctx.has_bias = bias is not None
+    ctx.args = (temperature, ignore_index, chunk_size)
+    ctx.mark_non_differentiable(lse)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        gh, gw, gb = bwd_op(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, *ctx.args)
+        return gh, gw, (gb if ctx.has_bias else None), None, None, None, None
+
+    return backward
+
+
+if _backend.has_cpp():
+    torch.library.impl("rlhf_fast::linear_logprobs_fwd", "CPU")(linear_logprobs_fwd_cpu)
+    torch.library.impl("rlhf_fast::linear_logprobs_bwd", "CPU")(linear_logprobs_bwd_cpu)
+    torch.library.register_fake("rlhf_fast::linear_logprobs_fwd")(_fake_fwd)
+    torch.library.register_fake("rlhf_fast::linear_logprobs_bwd")(_fake_bwd)
+    torch.library.register_autograd(
+        "rlhf_fast::linear_logprobs_fwd",
+        _make_backward(torch.ops.rlhf_fast.linear_logprobs_bwd),
+        setup_context=_setup_context,
+    )
+
+
+# ---------------------------------------------------------------- GPU: Triton
+
+
+if _backend.HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ..triton.linear_logprobs import (
+        _linear_logprobs_dlogits_kernel,
+        _linear_logprobs_fwd_kernel,
+        _matmul_acc_kernel,
+        num_splits,
+        tile_config,
+    )
+
+    def _tl_acc(dtype):
+        return tl.float64 if dtype == torch.float64 else tl.float32
+
+    def _programs_wanted(device: torch.device) -> int:
+        # two waves of programs over the SMs (132 on H100); 4 under the interpreter
+        if device.type == "cuda":
+            return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4
+
+    def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+        """(4, SPLITS, N) partial m, s, w, z_label -> logprobs, entropy, lse (N,)."""
+        m, s, w, zy = part.unbind(0)
+        m_row = m.amax(0)
+        ref = torch.where(m_row == float("-inf"), torch.zeros_like(m_row), m_row)
+        seen = s > 0  # a split whose logits were all -inf adds nothing
+        delta = torch.where(seen, m - ref, torch.zeros_like(m))
+        scale = torch.where(seen, torch.exp(delta), torch.zeros_like(m))
+        active = labels != ignore_index
+        s_row = torch.where(active, (s * scale).sum(0), torch.ones_like(m_row))
+        w_row = torch.where(active, ((w + delta * s) * scale).sum(0), torch.zeros_like(m_row))
+        log_s = torch.log(s_row)
+        zero = torch.zeros_like(m_row)
+        lse = torch.where(active, ref + log_s, zero)
+        ent = torch.where(active, log_s - w_row / s_row, zero)
+        lp = torch.where(active, zy.sum(0) - lse, zero)
+        return lp, ent, lse
+
+    @torch.library.triton_op("rlhf_fast::linear_logprobs_fwd_triton", mutates_args=())
+    def linear_logprobs_fwd_triton(
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        temperature: float,
+        ignore_index: int,
+        chunk_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        N, H = hidden.shape
+        V = weight.shape[0]
+        if N == 0:
+            return _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, chunk_size)
+        cfg = tile_config(N, V, H, _backend.triton_interpret())
+        bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+        splits = num_splits(N, V, bn, bv, _programs_wanted(hidden.device), cfg["GROUP"])
+        v_split = triton.cdiv(triton.cdiv(V, bv), splits) * bv
+        splits = triton.cdiv(V, v_split)  # no empty split
+        part = hidden.new_empty((4, splits, N), dtype=_acc_dtype(hidden.dtype))
+        labels = labels.contiguous()
+        torch.library.wrap_triton(_linear_logprobs_fwd_kernel)[(triton.cdiv(N, bn) * splits,)](
+            hidden, weight, bias if bias is not None else hidden, labels,
+            part[0], part[1], part[2], part[3],
+            N, V, H, v_split, splits,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            1.0 / temperature, ignore_index,
+            HAS_BIAS=bias is not None, ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(), **cfg,
+        )  # fmt: skip
+        return _merge_splits(part, labels, ignore_index)
+
+    @torch.library.triton_op("rlhf_fast::linear_logprobs_bwd_triton", mutates_args=())
+    def linear_logprobs_bwd_triton(
+        grad_logprobs: torch.Tensor,
+        grad_entropy: torch.Tensor | None,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        lse: torch.Tensor,
+        entropy: torch.Tensor,
+        temperature: float,
+        ignore_index: int,
+        chunk_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        N, H = hidden.shape
+        V = weight.shape[0]
+        acc = _acc_dtype(hidden.dtype)
+        grad_weight = torch.empty((V, H), dtype=weight.dtype, device=weight.device)
+        grad_bias = weight.new_empty((V,) if bias is not None else (0,), dtype=acc)
+        grad_hidden = torch.zeros((N, H), dtype=acc, device=hidden.device)  # fp32 accumulator over vocab chunks
+        if N == 0 or V == 0:
+            return grad_hidden.to(hidden.dtype), grad_weight.zero_(), grad_bias.zero_().to(weight.dtype)
+        cfg = tile_config(N, V, H, _backend.triton_interpret())
+        bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+        # vocab chunk: the same scratch as chunk_size tokens x V, in N-row form
+        v_chunk = min(V, max(bv, (chunk_size * V // N) // bv * bv))
+        scratch = hidden.new_empty((N * v_chunk,))
+        labels = labels.contiguous()
+        glp = grad_logprobs.to(acc).contiguous()
+        has_gh = grad_entropy is not None
+        gh = grad_entropy.to(acc).contiguous() if has_gh else glp
+        lse, entropy = lse.contiguous(), entropy.contiguous()
+        for v_lo in range(0, V, v_chunk):
+            v_hi = min(V, v_lo + v_chunk)
+            dz = scratch[: N * (v_hi - v_lo)].view(N, v_hi - v_lo)
+            torch.library.wrap_triton(_linear_logprobs_dlogits_kernel)[(triton.cdiv(N, bn) * triton.cdiv(v_hi - v_lo, bv),)](
+                hidden, weight, bias if bias is not None else hidden, labels,
+                glp, gh, lse, entropy, dz,
+                N, H, v_lo, v_hi,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                1.0 / temperature, ignore_index,
+                HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_gh,
+                ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(), **cfg,
+            )  # fmt: skip
+            # dW rows of this chunk: one GEMM over all N tokens, fp32 inside,
+            # rounded once; no token-chunk partial sums of dW exist.
+            torch.mm(dz.t(), hidden, out=grad_weight[v_lo:v_hi])
+            w_c = weight[v_lo:v_hi]
+            if hidden.dtype == acc:
+                grad_hidden.addmm_(dz, w_c)
+            else:  # bf16 / fp16 GEMM with an fp32 accumulate-into epilogue
+                mm = tile_config(N, H, v_hi - v_lo, _backend.triton_interpret())
+                torch.library.wrap_triton(_matmul_acc_kernel)[
+                    (triton.cdiv(N, mm["BLOCK_N"]), triton.cdiv(H, mm["BLOCK_V"]))
+                ](
+                    dz, w_c, grad_hidden, N, v_hi - v_lo, H,
+                    dz.stride(0), dz.stride(1), w_c.stride(0), w_c.stride(1),
+                    grad_hidden.stride(0), grad_hidden.stride(1),
+                    ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
+                    BLOCK_M=mm["BLOCK_N"], BLOCK_N=mm["BLOCK_V"], BLOCK_K=mm["BLOCK_K"],
+                    num_warps=mm["num_warps"], num_stages=mm["num_stages"],
+                )  # fmt: skip
+            if bias is not None:
+                grad_bias[v_lo:v_hi] = dz.sum(0, dtype=acc)
+        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias.to(weight.dtype)
+
+    linear_logprobs_fwd_triton.register_autograd(
+        _make_backward(linear_logprobs_bwd_triton), setup_context=_setup_context
+    )

@@ -1,0 +1,217 @@
+"""Triton fused linear log-probs: logits tiles live only in registers.
+
+Forward (`_linear_logprobs_fwd_kernel`): the grid tiles tokens (BLOCK_N) and
+splits the vocabulary into SPLITS ranges; each program walks its range in
+BLOCK_V tiles, forms hidden_tile @ weight_tile.T with tl.dot over H in
+BLOCK_K steps (fp32 accumulator), and folds the tile into per-row online
+state m (max), s = sum exp(z - m), w = sum (z - m) exp(z - m) and z_label.
+The SPLITS partial states per row are merged on the host side (5 floats per
+row per split: 1.3 MB at N=8192, SPLITS=8), so the (N, V) logits
+(2 GiB in bf16 at (8192, 131072)) never exist.
+
+Backward: per vocabulary chunk [v_lo, v_hi), `_linear_logprobs_dlogits_kernel`
+recomputes the logits tiles and writes d logits (N, v_hi - v_lo) in the
+inputs' dtype; then dW[v_lo:v_hi] = dlogits.T @ hidden is one cuBLAS matmul
+over all N tokens (fp32 accumulation inside, one rounding: no cross-chunk
+sum of dW at all), and dH (fp32, N x H) += dlogits @ W[v_lo:v_hi] by
+`_matmul_acc_kernel`. Chunking the vocabulary rather than the tokens makes
+the fp32 accumulator N x H (128 MiB at (8192, 4096)) instead of V x H
+(2 GiB at (131072, 4096)). The alternatives cost more: fully fused dH/dW
+kernels need either fp32 atomics ((N/BLOCK_N) * V * H of them for dW) or a
+recomputation of every logits tile per H tile (H/BLOCK_H = 32x the matmul).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _grouped_tile(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
+    """pid -> (row tile, col tile), walking GROUP row tiles x all col tiles
+    before the next group: the ~132 programs resident at once then share
+    GROUP hidden tiles (16 x 1 MiB at H=4096 bf16, inside H100's 50 MB L2)
+    instead of all 64 of N=8192 (64 MiB, re-streamed from HBM per V step)."""
+    per_group = GROUP * n_col_tiles
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_row_tiles - first, GROUP)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+@triton.jit
+def _logits_tile(
+    hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_mask, v_mask,
+    H, s_hn, s_hk, s_wv, s_wk,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_V) tile of hidden @ weight.T + bias in ACC precision."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], ACC)
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + ks
+        k_mask = offs_k < H
+        a = tl.load(
+            hidden_ptr + offs_n[:, None].to(tl.int64) * s_hn + offs_k[None, :] * s_hk,
+            mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+        )
+        b = tl.load(
+            # int64: V * H passes 2^31 at (256000, 8448)
+            weight_ptr + offs_v[None, :].to(tl.int64) * s_wv + offs_k[:, None] * s_wk,
+            mask=v_mask[None, :] & k_mask[:, None], other=0.0,
+        )
+        if UPCAST:  # interpreter: its bf16 tl.dot multiplies the raw uint16 bits
+            a = a.to(ACC)
+            b = b.to(ACC)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=v_mask, other=0.0).to(ACC)[None, :]
+    return acc
+
+
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr,
+    m_ptr, s_ptr, w_ptr, zy_ptr,  # partial state, each (SPLITS, N)
+    N, V, H, V_SPLIT, SPLITS,
+    s_hn, s_hk, s_wv, s_wk,
+    inv_temp,  # fp32 from the launcher: torch.compile cannot widen it to fp64
+    ignore_index,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    pid_n, split = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), SPLITS, GROUP)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_n < N
+    label = tl.load(labels_ptr + offs_n, mask=row_mask, other=ignore_index).to(tl.int64)
+    v_lo = split * V_SPLIT
+    v_hi = tl.minimum(V, v_lo + V_SPLIT)
+    cols = tl.arange(0, BLOCK_V)
+
+    m = tl.full([BLOCK_N], NEG_INF, ACC)
+    s = tl.zeros([BLOCK_N], ACC)
+    w = tl.zeros([BLOCK_N], ACC)
+    zy = tl.zeros([BLOCK_N], ACC)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = v0 + cols
+        v_mask = offs_v < v_hi
+        logits = _logits_tile(
+            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_mask, v_mask,
+            H, s_hn, s_hk, s_wv, s_wk, HAS_BIAS, ACC, DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K,
+        )  # fmt: skip
+        # vocab tail masked to -inf (V % BLOCK_V != 0 must not add exp(0) terms)
+        z = tl.where(v_mask[None, :], logits * inv_temp, NEG_INF)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        # -inf guards as in the log-prob kernel: a row that has seen only -inf
+        # keeps s = w = 0 instead of (-inf) - (-inf) = NaN.
+        ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = tl.exp(m - ref)
+        delta = tl.where(m == NEG_INF, 0.0, m - ref)
+        e = tl.exp(z - ref[:, None])
+        d = tl.where(z == NEG_INF, 0.0, z - ref[:, None])
+        w = (w + delta * s) * alpha + tl.sum(d * e, axis=1)
+        s = s * alpha + tl.sum(e, axis=1)
+        m = m_new
+        zy += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
+
+    out = split * N + offs_n
+    tl.store(m_ptr + out, m, mask=row_mask)
+    tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(w_ptr + out, w, mask=row_mask)
+    tl.store(zy_ptr + out, zy, mask=row_mask)
+
+
+@triton.jit
+def _linear_logprobs_dlogits_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr,
+    glp_ptr, gh_ptr, lse_ptr, ent_ptr, dl_ptr,  # dl: (N, v_hi - v_lo) contiguous
+    N, H, v_lo, v_hi,
+    s_hn, s_hk, s_wv, s_wk,
+    inv_temp, ignore_index,
+    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """dz = (g_lp * (onehot - p) - g_H * p * (z - E_p[z])) / T on one tile,
+    p = exp(z - lse) from recomputed logits; E_p[z] = lse - entropy."""
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_n < N
+    offs_v = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_mask = offs_v < v_hi
+    label = tl.load(labels_ptr + offs_n, mask=row_mask, other=ignore_index).to(tl.int64)
+    active = row_mask & (label != ignore_index)
+    lse = tl.load(lse_ptr + offs_n, mask=row_mask, other=0.0).to(ACC)
+    mu = lse - tl.load(ent_ptr + offs_n, mask=row_mask, other=0.0).to(ACC)
+    g_lp = tl.where(active, tl.load(glp_ptr + offs_n, mask=row_mask, other=0.0).to(ACC), 0.0)
+    if HAS_GRAD_ENTROPY:
+        g_h = tl.where(active, tl.load(gh_ptr + offs_n, mask=row_mask, other=0.0).to(ACC), 0.0)
+    else:
+        g_h = tl.zeros([BLOCK_N], ACC)
+
+    logits = _logits_tile(
+        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_mask, v_mask,
+        H, s_hn, s_hk, s_wv, s_wk, HAS_BIAS, ACC, DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K,
+    )  # fmt: skip
+    z = logits * inv_temp
+    p = tl.exp(z - lse[:, None])
+    t = tl.where(p > 0, p * (z - mu[:, None]), 0.0)
+    g = tl.where(offs_v[None, :] == label[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p - g_h[:, None] * t
+    g = tl.where(active[:, None], g * inv_temp, 0.0)  # select, so 0 * inf on padding rows is dropped
+    width = v_hi - v_lo
+    dst = dl_ptr + offs_n[:, None].to(tl.int64) * width + (offs_v - v_lo)[None, :]
+    tl.store(dst, g.to(dl_ptr.dtype.element_ty), mask=row_mask[:, None] & v_mask[None, :])
+
+
+@triton.jit
+def _matmul_acc_kernel(
+    a_ptr, b_ptr, c_ptr, M, K, N,
+    s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C (M, N, fp32) += A (M, K) @ B (K, N): the dH accumulation over vocab
+    chunks, in fp32 even for bf16 A and B (torch.mm would round to bf16)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + ks
+        k_mask = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * s_am + offs_k[None, :] * s_ak, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None].to(tl.int64) * s_bk + offs_n[None, :] * s_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(ACC)
+            b = b.to(ACC)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC, out_dtype=ACC)
+    c = c_ptr + offs_m[:, None].to(tl.int64) * s_cm + offs_n[None, :] * s_cn
+    mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(c, tl.load(c, mask=mask, other=0.0) + acc, mask=mask)
+
+
+def tile_config(N: int, V: int, H: int, interpret: bool) -> dict:
+    """Block sizes. GPU: 128 x 128 logits tiles (64 KiB fp32 accumulator over
+    8 warps), K steps of 64 (32 KiB of bf16 operands per stage, 3 stages).
+    Interpreter: the smallest tiles tl.dot accepts that still cover the test
+    shapes in few programs (numpy cost grows with the program count)."""
+    if interpret:
+        return dict(BLOCK_N=16 if N <= 16 else 32, BLOCK_V=64, BLOCK_K=32, GROUP=2, num_warps=4, num_stages=1)
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP=16, num_warps=8, num_stages=3)
+
+
+def num_splits(N: int, V: int, block_n: int, block_v: int, n_programs_wanted: int, group: int) -> int:
+    """Vocabulary splits so the grid fills the GPU (64 token tiles at N=8192
+    would leave half of an H100's 132 SMs idle) and so one group of `group`
+    token tiles x all splits covers the resident programs."""
+    row_tiles = triton.cdiv(max(N, 1), block_n)
+    v_tiles = triton.cdiv(max(V, 1), block_v)
+    want = max(triton.cdiv(n_programs_wanted, row_tiles), triton.cdiv(n_programs_wanted, min(group, row_tiles)))
+    return max(1, min(v_tiles, want))
