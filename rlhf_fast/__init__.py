@@ -7,6 +7,7 @@ from . import reference
 from ._backend import BACKENDS, BackendUnavailable, use_backend
 from ._backend import info as _info_dict
 from .ops import logprobs_from_logits
+from .ops import kl_penalty, ppo_loss, ppo_policy_loss, ppo_value_loss
 
 __version__ = "0.1.0"
 
@@ -27,7 +28,11 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailable",
     "info",
+    "kl_penalty",
     "logprobs_from_logits",
+    "ppo_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
     "reference",
     "use_backend",
 ]

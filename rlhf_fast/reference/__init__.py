@@ -4,5 +4,12 @@ Three uses: the tests' oracle (run in float64), the benchmarks' baseline, and
 the fallback when no compiled kernel can run. Written for clarity, not speed.
 """
 from .logprobs import logprobs_from_logits
+from .ppo_loss import kl_penalty, ppo_loss, ppo_policy_loss, ppo_value_loss
 
-__all__ = ["logprobs_from_logits"]
+__all__ = [
+    "logprobs_from_logits",
+    "kl_penalty",
+    "ppo_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+]
