@@ -4,7 +4,7 @@ forward + backward) against the eager reference chain (verl's formulas, one
 
 CPU: (64, 4096) fp32 (quick: (16, 1024)). GPU: (256, 8192) fp32 and bf16,
 with GB/s against the measured copy bandwidth.
-    python -m benchmarks.bench_ppo_loss [--full] [--device cuda] [--json PATH]
+    python -m benchmarks.bench_ppo_loss [--full] [--device cuda] [--threads N] [--json PATH]
 """
 from __future__ import annotations
 
@@ -97,7 +97,12 @@ def main():
     ap.add_argument("--full", action="store_true", help="the issue's shapes instead of the quick ones")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="write records + machine facts here")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every implementation")
     args = ap.parse_args()
+    if args.threads:
+        # On a shared 2-core box a parallel region waits for a time slice
+        # (~16 ms) whenever the other core is busy: 1 thread measures the work.
+        torch.set_num_threads(args.threads)
     records = run(quick=not args.full, device=args.device)
     print(format_table(records))
     bw = copy_bandwidth(args.device)
