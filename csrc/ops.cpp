@@ -76,6 +76,37 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
       "Tensor entropy, float temperature, int ignore_index, int chunk_size) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // ---- PPO losses (rlhf_fast/ops/ppo_loss.py) ----
+  // Token tensors (B, T), any float dtype, math in fp32 (fp64 for fp64
+  // logprobs / values); mask (B, T) bool or uint8, valid where != 0.
+  // Forward returns the loss (0-dim), the stats (1-D, see ops/ppo_loss.py),
+  // dtok = d loss_tok / d logprobs (B, T) in the accumulation dtype, 0 where
+  // masked, and row_scale (B,): the aggregation weight of each row, so that
+  // d loss / d logprobs = row_scale[:, None] * dtok.
+  m.def(
+      "ppo_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
+      "Tensor mask, Tensor? entropy, Tensor? ref_logprobs, float entropy_coef, "
+      "float kl_coef, str kl_kind, float clip_low, float clip_high, "
+      "float? dual_clip, str agg, float agg_norm) -> (Tensor loss, Tensor stats, "
+      "Tensor dtok, Tensor row_scale)");
+  // grad_logprobs = g * row_scale[b] * dtok; grad_entropy =
+  // -entropy_coef * g * row_scale[b] * mask (a (0,) tensor unless has_entropy).
+  // Also the backward of ppo_value_loss_fwd (has_entropy = false).
+  m.def(
+      "ppo_loss_bwd(Tensor grad_loss, Tensor dtok, Tensor row_scale, Tensor mask, "
+      "float entropy_coef, bool has_entropy, ScalarType logp_dtype, "
+      "ScalarType entropy_dtype) -> (Tensor grad_logprobs, Tensor grad_entropy)");
+  // 0.5 * agg(max((v - R)^2, (clamp(v, v_old -+ clip) - R)^2)); stats =
+  // (clipfrac, explained_variance); dtok = d loss_tok / d values.
+  m.def(
+      "ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, "
+      "Tensor mask, float? clip, str agg, float agg_norm) -> (Tensor loss, "
+      "Tensor stats, Tensor dtok, Tensor row_scale)");
+  // Per-token KL estimate (k1, k2, k3, abs) in the accumulation dtype.
+  m.def("kl_penalty_fwd(Tensor logprobs, Tensor ref_logprobs, str kind) -> Tensor");
+  m.def(
+      "kl_penalty_bwd(Tensor grad, Tensor logprobs, Tensor ref_logprobs, "
+      "str kind) -> Tensor");
 }
 
 namespace {

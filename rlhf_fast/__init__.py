@@ -6,11 +6,21 @@ back to the pure-PyTorch reference and rlhf_fast.info() says why.
 from . import reference
 from ._backend import BACKENDS, BackendUnavailable, use_backend
 from ._backend import info as _info_dict
-from .ops import logprobs_from_logits
-from .ops import discounted_returns, gae, group_advantages, whiten
-from .ops import SampleOutput, sample
 from .generation import GenerateOutput, generate
-from .ops import linear_logprobs
+from .ops import (
+    SampleOutput,
+    discounted_returns,
+    gae,
+    group_advantages,
+    kl_penalty,
+    linear_logprobs,
+    logprobs_from_logits,
+    ppo_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sample,
+    whiten,
+)
 
 __version__ = "0.1.0"
 
@@ -34,7 +44,11 @@ __all__ = [
     "generate",
     "GenerateOutput",
     "linear_logprobs",
+    "kl_penalty",
     "logprobs_from_logits",
+    "ppo_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
     "reference",
     "sample",
     "SampleOutput",

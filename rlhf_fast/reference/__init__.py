@@ -7,5 +7,18 @@ from .logprobs import logprobs_from_logits
 from .advantages import discounted_returns, gae, group_advantages, whiten
 from .sampling import sample
 from .linear_logprobs import linear_logprobs
+from .ppo_loss import kl_penalty, ppo_loss, ppo_policy_loss, ppo_value_loss
 
-__all__ = ["logprobs_from_logits", "gae", "discounted_returns", "whiten", "group_advantages", "sample", "linear_logprobs"]
+__all__ = [
+    "logprobs_from_logits",
+    "linear_logprobs",
+    "gae",
+    "discounted_returns",
+    "whiten",
+    "group_advantages",
+    "sample",
+    "kl_penalty",
+    "ppo_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+]

@@ -1,0 +1,121 @@
+"""rlhf_fast.ppo_loss (policy loss + entropy bonus + k3 KL loss, dual clip,
+forward + backward) against the eager reference chain (verl's formulas, one
+(B, T) tensor per step) and torch.compile of that chain, in one run.
+
+CPU: (64, 4096) fp32 (quick: (16, 1024)). GPU: (256, 8192) fp32 and bf16,
+with GB/s against the measured copy bandwidth.
+    python -m benchmarks.bench_ppo_loss [--full] [--device cuda] [--threads N] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import torch
+
+import rlhf_fast
+
+try:
+    from .harness import compare, copy_bandwidth, format_table, machine_facts, write_json
+except ImportError:  # run as a script
+    from harness import compare, copy_bandwidth, format_table, machine_facts, write_json
+
+reference = importlib.import_module("rlhf_fast.reference.ppo_loss")
+KW = dict(entropy_coef=0.01, kl_coef=0.05, kl_kind="k3", clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="token-mean")
+
+
+def _inputs(B, T, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lp = -3 * torch.rand(B, T, generator=g)
+    old = lp - 0.3 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, T, generator=g)
+    ent = 3 * torch.rand(B, T, generator=g)
+    ref = lp + 0.2 * torch.randn(B, T, generator=g)
+    # right-padded responses of random length, as in a rollout batch
+    lengths = torch.randint(T // 4, T + 1, (B, 1), generator=g)
+    mask = torch.arange(T).unsqueeze(0) < lengths
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return to(lp), to(old), to(adv), mask.to(device), to(ent), to(ref)
+
+
+def _step(loss_fn, lp, old, adv, mask, ent, ref):
+    """One forward + backward; gradients w.r.t. logprobs and entropy."""
+
+    def fn():
+        loss, _ = loss_fn(lp, old, adv, mask, entropy=ent, ref_logprobs=ref, **KW)
+        return torch.autograd.grad(loss, (lp, ent))
+
+    return fn
+
+
+def _verl_skip() -> str | None:
+    try:
+        importlib.import_module("verl.trainer.ppo.core_algos")
+        return None
+    except Exception:
+        return "verl not installed (pip install verl); its chain is the same as the eager reference"
+
+
+def bench(B, T, dtype, device) -> list:
+    lp, old, adv, mask, ent, ref = _inputs(B, T, dtype, device)
+    lp.requires_grad_()
+    ent.requires_grad_()
+    compiled = torch.compile(reference.ppo_loss)
+    baselines = {
+        "eager reference chain": _step(reference.ppo_loss, lp, old, adv, mask, ent, ref),
+        "torch.compile(reference)": _step(compiled, lp, old, adv, mask, ent, ref),
+    }
+    skip = _verl_skip()
+    if skip:
+        baselines["verl core_algos"] = skip
+    e = lp.element_size()
+    # fwd: 5 token tensors + mask in, dtok (fp32) out; bwd: dtok (+ mask) in, 2 grads out
+    bytes_moved = B * T * (5 * e + 1 + 4 + 4 + 1 + 2 * e)
+    return compare(
+        op="ppo_loss", impl="rlhf_fast", fn=_step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref),
+        baselines=baselines, shape=f"({B}, {T})", dtype=str(dtype).replace("torch.", ""), device=device,
+        mode="fwd+bwd", bytes_moved=bytes_moved, warmup=5, repeat=30 if device == "cuda" else 15,
+    )  # fmt: skip
+
+
+def run(quick: bool = True, device: str = "cpu") -> list:
+    if device == "cuda":
+        shapes = [(32, 2048)] if quick else [(256, 8192)]
+        dtypes = [torch.float32, torch.bfloat16]
+    else:
+        shapes = [(16, 1024)] if quick else [(64, 4096)]
+        dtypes = [torch.float32]
+    records = []
+    for B, T in shapes:
+        for dt in dtypes:
+            records += bench(B, T, dt, device)
+    return records
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--full", action="store_true", help="the issue's shapes instead of the quick ones")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=None, help="write records + machine facts here")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every implementation")
+    args = ap.parse_args()
+    if args.threads:
+        # On a shared 2-core box a parallel region waits for a time slice
+        # (~16 ms) whenever the other core is busy: 1 thread measures the work.
+        torch.set_num_threads(args.threads)
+    records = run(quick=not args.full, device=args.device)
+    print(format_table(records))
+    bw = copy_bandwidth(args.device)
+    for r in records:
+        if r.baseline is None and r.gb_per_s:
+            print(f"{r.shape} {r.dtype}: ours {r.median_s * 1e3:.3f} ms, {r.gb_per_s:.0f} GB/s = "
+                  f"{100 * r.gb_per_s / bw:.0f}% of copy bandwidth ({bw:.0f} GB/s)")  # fmt: skip
+    facts = machine_facts(args.device)
+    facts["copy_bandwidth_gb_s"] = bw
+    print(facts)
+    if args.json:
+        write_json(args.json, records, facts)
+
+
+if __name__ == "__main__":
+    main()

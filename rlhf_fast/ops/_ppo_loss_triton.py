@@ -1,0 +1,203 @@
+"""Triton launchers for the PPO-loss family, registered as torch.library
+triton_ops (rlhf_fast::ppo_loss_fwd_triton, ...) with the same schemas,
+fakes and autograd as the C++ ops in ops/ppo_loss.py."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton.ppo_loss import (
+    AGG_CODES,
+    KL_CODES,
+    KL_NONE,
+    N_POLICY_PARTIALS,
+    N_VALUE_PARTIALS,
+    _kl_penalty_bwd_kernel,
+    _kl_penalty_fwd_kernel,
+    _ppo_loss_bwd_kernel,
+    _ppo_loss_finish_kernel,
+    _ppo_loss_fwd_kernel,
+    _ppo_value_loss_finish_kernel,
+    _ppo_value_loss_fwd_kernel,
+    block_b,
+    block_t,
+)
+from .ppo_loss import (
+    LOSS_STATS,
+    VALUE_STATS,
+    _acc_dtype,
+    _kl_setup_context,
+    _loss_setup_context,
+    _make_kl_backward,
+    _make_loss_backward,
+    _make_value_backward,
+    _value_setup_context,
+)
+
+
+def _tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _params(acc: torch.dtype, values: list[float], device) -> tuple[torch.Tensor | None, bool]:
+    """fp64 math gets its scalars through a tensor (a Python float argument
+    arrives in the kernel as fp32, which would move the clip boundaries by
+    1e-8); fp32 math takes them as plain arguments, with no extra copy."""
+    if acc == torch.float64:
+        return torch.tensor(values, dtype=torch.float64, device=device), True
+    return None, False
+
+
+def _u8(mask: torch.Tensor) -> torch.Tensor:
+    return mask.contiguous().view(torch.uint8) if mask.dtype == torch.bool else mask.contiguous()
+
+
+@torch.library.triton_op("rlhf_fast::ppo_loss_fwd_triton", mutates_args=())
+def ppo_loss_fwd_triton(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    entropy: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    entropy_coef: float,
+    kl_coef: float,
+    kl_kind: str,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    agg: str,
+    agg_norm: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T = logprobs.shape
+    acc = _acc_dtype(logprobs.dtype)
+    dev = logprobs.device
+    dtok = torch.empty((B, T), dtype=acc, device=dev)
+    row_scale = torch.empty((B,), dtype=acc, device=dev)
+    loss = torch.zeros((), dtype=acc, device=dev)
+    stats = torch.zeros((len(LOSS_STATS),), dtype=acc, device=dev)
+    if B == 0:
+        return loss, stats, dtok, row_scale
+    bt = block_t(T)
+    n_chunks = max(1, triton.cdiv(T, bt))
+    part = torch.empty((B, n_chunks, N_POLICY_PARTIALS), dtype=acc, device=dev)
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    dual = 3.0 if dual_clip is None else dual_clip
+    params, from_ptr = _params(acc, [lo, hi, dual, kl_coef, entropy_coef, kl_coef, agg_norm, agg_norm], dev)
+    lp = logprobs.contiguous()
+    ent = entropy.contiguous() if entropy is not None else lp
+    ref = ref_logprobs.contiguous() if ref_logprobs is not None else lp
+    torch.library.wrap_triton(_ppo_loss_fwd_kernel)[(B, n_chunks)](
+        lp, old_logprobs.contiguous(), advantages.contiguous(), _u8(mask), ent, ref, dtok, part,
+        params if from_ptr else lp,
+        T, lo, hi, dual, kl_coef,
+        HAS_ENT=entropy is not None, KL=KL_CODES[kl_kind] if ref_logprobs is not None else KL_NONE,
+        DUAL=dual_clip is not None, ACC=_tl(acc), PARAMS_FROM_PTR=from_ptr, BLOCK_T=bt,
+        num_warps=8 if bt >= 2048 else 4,
+    )  # fmt: skip
+    torch.library.wrap_triton(_ppo_loss_finish_kernel)[(1,)](
+        part, row_scale, loss, stats, params if from_ptr else part,
+        B, n_chunks, entropy_coef, kl_coef, agg_norm,
+        AGG=AGG_CODES[agg], PARAMS_FROM_PTR=from_ptr, BLOCK_B=block_b(B), num_warps=4,
+    )  # fmt: skip
+    return loss, stats, dtok, row_scale
+
+
+@torch.library.triton_op("rlhf_fast::ppo_loss_bwd_triton", mutates_args=())
+def ppo_loss_bwd_triton(
+    grad_loss: torch.Tensor,
+    dtok: torch.Tensor,
+    row_scale: torch.Tensor,
+    mask: torch.Tensor,
+    entropy_coef: float,
+    has_entropy: bool,
+    logp_dtype: torch.dtype,
+    entropy_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T = dtok.shape
+    acc = dtok.dtype
+    glp = torch.empty((B, T), dtype=logp_dtype, device=dtok.device)
+    gent = torch.empty((B, T) if has_entropy else (0,), dtype=entropy_dtype, device=dtok.device)
+    if B * T == 0:
+        return glp, gent
+    # -entropy_coef * row_scale in the accumulation dtype (exact for fp64)
+    ent_scale = row_scale * (-entropy_coef) if has_entropy else row_scale
+    bt = block_t(T)
+    torch.library.wrap_triton(_ppo_loss_bwd_kernel)[(B, triton.cdiv(T, bt))](
+        grad_loss.to(acc).reshape(1), dtok.contiguous(), row_scale.contiguous(), ent_scale, _u8(mask),
+        glp, gent if has_entropy else glp,
+        T, HAS_ENT=has_entropy, ACC=_tl(acc), BLOCK_T=bt, num_warps=8 if bt >= 2048 else 4,
+    )  # fmt: skip
+    return glp, gent
+
+
+@torch.library.triton_op("rlhf_fast::ppo_value_loss_fwd_triton", mutates_args=())
+def ppo_value_loss_fwd_triton(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None,
+    agg: str,
+    agg_norm: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T = values.shape
+    acc = _acc_dtype(values.dtype)
+    dev = values.device
+    dtok = torch.empty((B, T), dtype=acc, device=dev)
+    row_scale = torch.empty((B,), dtype=acc, device=dev)
+    loss = torch.zeros((), dtype=acc, device=dev)
+    stats = torch.zeros((len(VALUE_STATS),), dtype=acc, device=dev)
+    if B == 0:
+        return loss, stats, dtok, row_scale
+    bt = block_t(T)
+    n_chunks = max(1, triton.cdiv(T, bt))
+    part = torch.empty((B, n_chunks, N_VALUE_PARTIALS), dtype=acc, device=dev)
+    c = 0.0 if clip is None else clip
+    params, from_ptr = _params(acc, [c, agg_norm, agg_norm, agg_norm, agg_norm], dev)
+    v = values.contiguous()
+    torch.library.wrap_triton(_ppo_value_loss_fwd_kernel)[(B, n_chunks)](
+        v, old_values.contiguous(), returns.contiguous(), _u8(mask), dtok, part, params if from_ptr else v,
+        T, c, CLIP=clip is not None, ACC=_tl(acc), PARAMS_FROM_PTR=from_ptr, BLOCK_T=bt,
+        num_warps=8 if bt >= 2048 else 4,
+    )  # fmt: skip
+    torch.library.wrap_triton(_ppo_value_loss_finish_kernel)[(1,)](
+        part, row_scale, loss, stats, params if from_ptr else part,
+        B, n_chunks, agg_norm,
+        AGG=AGG_CODES[agg], PARAMS_FROM_PTR=from_ptr, BLOCK_B=block_b(B), num_warps=4,
+    )  # fmt: skip
+    return loss, stats, dtok, row_scale
+
+
+@torch.library.triton_op("rlhf_fast::kl_penalty_fwd_triton", mutates_args=())
+def kl_penalty_fwd_triton(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
+    acc = _acc_dtype(logprobs.dtype)
+    out = torch.empty(logprobs.shape, dtype=acc, device=logprobs.device)
+    n = out.numel()
+    if n:
+        torch.library.wrap_triton(_kl_penalty_fwd_kernel)[(triton.cdiv(n, 2048),)](
+            logprobs.contiguous(), ref_logprobs.contiguous(), out, n, KIND=KL_CODES[kind], ACC=_tl(acc), BLOCK=2048
+        )
+    return out
+
+
+@torch.library.triton_op("rlhf_fast::kl_penalty_bwd_triton", mutates_args=())
+def kl_penalty_bwd_triton(
+    grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str
+) -> torch.Tensor:
+    out = torch.empty_like(logprobs, memory_format=torch.contiguous_format)
+    n = out.numel()
+    if n:
+        torch.library.wrap_triton(_kl_penalty_bwd_kernel)[(triton.cdiv(n, 2048),)](
+            grad.contiguous(), logprobs.contiguous(), ref_logprobs.contiguous(), out, n,
+            KIND=KL_CODES[kind], ACC=_tl(_acc_dtype(logprobs.dtype)), BLOCK=2048,
+        )  # fmt: skip
+    return out
+
+
+ppo_loss_fwd_triton.register_autograd(_make_loss_backward(ppo_loss_bwd_triton), setup_context=_loss_setup_context)
+ppo_value_loss_fwd_triton.register_autograd(
+    _make_value_backward(ppo_loss_bwd_triton), setup_context=_value_setup_context
+)
+kl_penalty_fwd_triton.register_autograd(_make_kl_backward(kl_penalty_bwd_triton), setup_context=_kl_setup_context)

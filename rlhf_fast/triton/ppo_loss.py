@@ -1,0 +1,395 @@
+"""Triton PPO losses: one pass over the (B, T) token tensors forward, one
+backward.
+
+Forward grid (B, cdiv(T, BLOCK_T)): every program reads its slice of
+logprobs, old_logprobs, advantages, mask (and entropy, ref_logprobs),
+writes dtok = d loss_tok / d logprobs (0 where masked) and one row of
+partial sums; no atomics. A one-program epilogue folds the partials in a
+fixed order, in fp64, into the loss, the stats and row_scale (B,). At
+(256, 8192) the partials are 256 x 4 x 9 floats, 37 KB against 17-25 B per
+token (36-52 MB) of token traffic.
+Backward: grad_logprobs = g * row_scale[b] * dtok, read 4 B and write 2-4 B
+per token; g is read from device memory, so nothing syncs with the host.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# KL kinds and aggregation modes as constexpr ints (csrc/cpu/ppo_loss.cpp uses the same numbers).
+KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+KL_NONE = 4
+AGG_CODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum-norm": 3}
+N_POLICY_PARTIALS = 9  # pg, entropy, kl, n, clip, clip_lower, approx_kl, ratio_sum, ratio_max
+N_VALUE_PARTIALS = 7  # loss, n, clip, mean_r, m2_r, mean_e, m2_e
+
+
+@triton.jit
+def _kl_term(lp, ref, KIND: tl.constexpr):
+    """(value, d value / d lp) of verl's kl_penalty; k3 is low_var_kl with its clamps."""
+    d = lp - ref
+    if KIND == 0:
+        val = d
+        dval = tl.full(d.shape, 1.0, d.dtype)
+    elif KIND == 1:
+        val = 0.5 * d * d
+        dval = d
+    elif KIND == 2:
+        k = tl.minimum(tl.maximum(-d, -20.0), 20.0)
+        e = tl.exp(k)
+        kld = e - k - 1.0
+        val = tl.minimum(tl.maximum(kld, -10.0), 10.0)
+        ok = (-d >= -20.0) & (-d <= 20.0) & (kld >= -10.0) & (kld <= 10.0)
+        dval = tl.where(ok, 1.0 - e, 0.0)
+    else:
+        val = tl.abs(d)
+        dval = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    return val, dval
+
+
+@triton.jit
+def _rounded(x, ty: tl.constexpr):
+    """x.to(ty), rounding to nearest-even for bf16 by hand: the Triton
+    interpreter truncates fp32 -> bf16 (even with fp_downcast_rounding="rtne"),
+    which doubles the gradient error the tests allow. On a GPU the final cast
+    of an already-rounded value is exact, so both paths give the same bits."""
+    if ty == tl.bfloat16:
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True).to(ty)
+    else:
+        return x.to(ty)
+
+
+@triton.jit
+def _load_params(params_ptr, a0, a1, a2, a3, ACC: tl.constexpr, FROM_PTR: tl.constexpr):
+    # Python floats reach a kernel as fp32; float64 math (tests, gradcheck)
+    # needs the exact fp64 bounds, so it passes them in a tensor instead.
+    if FROM_PTR:
+        return tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2), tl.load(params_ptr + 3)
+    else:
+        z = tl.zeros([], ACC)  # (a Python float under the interpreter, a fp32 scalar compiled)
+        return z + a0, z + a1, z + a2, z + a3
+
+
+@triton.jit
+def _ppo_loss_fwd_kernel(
+    lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, ref_ptr, dtok_ptr, part_ptr, params_ptr,
+    T, lo_arg, hi_arg, dual_arg, kl_coef_arg,
+    HAS_ENT: tl.constexpr, KL: tl.constexpr, DUAL: tl.constexpr,
+    ACC: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    lo, hi, dual, kl_coef = _load_params(params_ptr, lo_arg, hi_arg, dual_arg, kl_coef_arg, ACC, PARAMS_FROM_PTR)
+    offs = c * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = offs < T
+    p = b * T + offs
+    valid = (tl.load(mask_ptr + p, mask=inb, other=0) != 0) & inb
+    lp = tl.load(lp_ptr + p, mask=inb, other=0.0).to(ACC)
+    old = tl.load(old_ptr + p, mask=inb, other=0.0).to(ACC)
+    a = tl.load(adv_ptr + p, mask=inb, other=0.0).to(ACC)
+
+    x = lp - old
+    xc = tl.minimum(tl.maximum(x, -20.0), 20.0)
+    r = tl.exp(xc)
+    l1 = -a * r  # also d l1 / d x
+    l2 = -a * tl.minimum(tl.maximum(r, lo), hi)
+    g2 = tl.where((r >= lo) & (r <= hi), l1, 0.0)
+    c1 = tl.maximum(l1, l2)
+    # torch's gradient of max: all to the winner, half each on a tie
+    dl = tl.where(l1 > l2, l1, tl.where(l2 > l1, g2, 0.5 * (l1 + g2)))
+    loss = c1
+    low = tl.zeros([BLOCK_T], tl.int1)
+    if DUAL:
+        l3 = -a * dual
+        neg = a < 0
+        d2 = tl.where(c1 < l3, dl, tl.where(c1 > l3, 0.0, 0.5 * dl))
+        loss = tl.where(neg, tl.minimum(c1, l3), c1)
+        dl = tl.where(neg, d2, dl)
+        low = valid & neg & (c1 > l3)
+    dl = tl.where((x >= -20.0) & (x <= 20.0), dl, 0.0)
+    zero = tl.sum(tl.zeros([BLOCK_T], ACC), axis=0)
+    kl_sum = zero
+    if KL != 4:
+        ref = tl.load(ref_ptr + p, mask=inb, other=0.0).to(ACC)
+        kv, dk = _kl_term(lp, ref, KL)
+        dl = dl + kl_coef * dk
+        kl_sum = tl.sum(tl.where(valid, kv, 0.0), axis=0)
+    tl.store(dtok_ptr + p, tl.where(valid, dl, 0.0), mask=inb)
+    ent_sum = zero
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + p, mask=inb, other=0.0).to(ACC)
+        ent_sum = tl.sum(tl.where(valid, ent, 0.0), axis=0)
+
+    out = part_ptr + (b * n_chunks + c) * 9
+    tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+    tl.store(out + 1, ent_sum)
+    tl.store(out + 2, kl_sum)
+    tl.store(out + 3, tl.sum(valid.to(ACC), axis=0))
+    tl.store(out + 4, tl.sum((valid & (l2 > l1)).to(ACC), axis=0))
+    tl.store(out + 5, tl.sum(low.to(ACC), axis=0))
+    tl.store(out + 6, tl.sum(tl.where(valid, -xc, 0.0), axis=0))
+    tl.store(out + 7, tl.sum(tl.where(valid, r, 0.0), axis=0))
+    tl.store(out + 8, tl.max(tl.where(valid, r, 0.0), axis=0))
+
+
+@triton.jit
+def _row_scale(agg: tl.constexpr, n_b, N, S, norm):
+    if agg == 0:
+        s = tl.where(n_b >= 0, tl.where(N > 0, 1.0 / tl.maximum(N, 1.0), 0.0), 0.0)
+    elif agg == 1:
+        s = tl.where(n_b > 0, 1.0 / tl.maximum(S, 1.0), 0.0)
+    elif agg == 2:
+        s = tl.where(n_b > 0, 1.0 / (tl.maximum(S, 1.0) * tl.maximum(n_b, 1.0)), 0.0)
+    else:
+        s = tl.where(n_b >= 0, 1.0 / norm, 0.0)
+    return s
+
+
+@triton.jit
+def _ppo_loss_finish_kernel(
+    part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr,
+    B, n_chunks, entropy_coef_arg, kl_coef_arg, agg_norm_arg,
+    AGG: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """One program; rows in blocks of BLOCK_B, chunks in order, fp64."""
+    entropy_coef, kl_coef, agg_norm, _u = _load_params(
+        params_ptr + 4, entropy_coef_arg, kl_coef_arg, agg_norm_arg, agg_norm_arg, tl.float64, PARAMS_FROM_PTR
+    )
+    rows = tl.arange(0, BLOCK_B)
+    N = tl.zeros([BLOCK_B], tl.float64)
+    S = tl.zeros([BLOCK_B], tl.float64)
+    for b0 in range(0, B, BLOCK_B):
+        bb = (b0 + rows).to(tl.int64)
+        n_b = tl.zeros([BLOCK_B], tl.float64)
+        for c in range(0, n_chunks):
+            n_b += tl.load(part_ptr + (bb * n_chunks + c) * 9 + 3, mask=bb < B, other=0.0).to(tl.float64)
+        N += n_b
+        S += (n_b > 0).to(tl.float64)
+    N_all = tl.sum(N, axis=0)
+    S_all = tl.sum(S, axis=0)
+    norm = agg_norm
+    acc = tl.zeros([BLOCK_B], tl.float64)
+    sums_pg = acc
+    sums_ent = acc
+    sums_kl = acc
+    sums_clip = acc
+    sums_low = acc
+    sums_akl = acc
+    sums_r = acc
+    rmax = acc
+    for b0 in range(0, B, BLOCK_B):
+        bb = (b0 + rows).to(tl.int64)
+        live = bb < B
+        pg = tl.zeros([BLOCK_B], tl.float64)
+        en = pg
+        kl = pg
+        n_b = pg
+        for c in range(0, n_chunks):
+            q = part_ptr + (bb * n_chunks + c) * 9
+            pg += tl.load(q + 0, mask=live, other=0.0).to(tl.float64)
+            en += tl.load(q + 1, mask=live, other=0.0).to(tl.float64)
+            kl += tl.load(q + 2, mask=live, other=0.0).to(tl.float64)
+            n_b += tl.load(q + 3, mask=live, other=0.0).to(tl.float64)
+            sums_clip += tl.load(q + 4, mask=live, other=0.0).to(tl.float64)
+            sums_low += tl.load(q + 5, mask=live, other=0.0).to(tl.float64)
+            sums_akl += tl.load(q + 6, mask=live, other=0.0).to(tl.float64)
+            sums_r += tl.load(q + 7, mask=live, other=0.0).to(tl.float64)
+            rmax = tl.maximum(rmax, tl.load(q + 8, mask=live, other=0.0).to(tl.float64))
+        s = _row_scale(AGG, n_b, N_all, S_all, norm)
+        tl.store(row_scale_ptr + bb, s.to(row_scale_ptr.dtype.element_ty), mask=live)
+        sums_pg += tl.where(live, s * pg, 0.0)
+        sums_ent += tl.where(live, s * en, 0.0)
+        sums_kl += tl.where(live, s * kl, 0.0)
+    pg_loss = tl.sum(sums_pg, axis=0)
+    ent_loss = tl.sum(sums_ent, axis=0)
+    kl_loss = tl.sum(sums_kl, axis=0)
+    inv_n = tl.where(N_all > 0, 1.0 / tl.maximum(N_all, 1.0), 0.0)
+    ty = stats_ptr.dtype.element_ty
+    tl.store(loss_ptr, (pg_loss - entropy_coef * ent_loss + kl_coef * kl_loss).to(ty))
+    tl.store(stats_ptr + 0, pg_loss.to(ty))
+    tl.store(stats_ptr + 1, ent_loss.to(ty))
+    tl.store(stats_ptr + 2, kl_loss.to(ty))
+    tl.store(stats_ptr + 3, (tl.sum(sums_clip, axis=0) * inv_n).to(ty))
+    tl.store(stats_ptr + 4, (tl.sum(sums_low, axis=0) * inv_n).to(ty))
+    tl.store(stats_ptr + 5, (tl.sum(sums_akl, axis=0) * inv_n).to(ty))
+    tl.store(stats_ptr + 6, (tl.sum(sums_r, axis=0) * inv_n).to(ty))
+    tl.store(stats_ptr + 7, tl.max(rmax, axis=0).to(ty))
+
+
+@triton.jit
+def _ppo_loss_bwd_kernel(
+    g_ptr, dtok_ptr, row_scale_ptr, ent_scale_ptr, mask_ptr, glp_ptr, gent_ptr,
+    T,
+    HAS_ENT: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = offs < T
+    p = b * T + offs
+    g = tl.load(g_ptr).to(ACC)
+    s = g * tl.load(row_scale_ptr + b).to(ACC)
+    d = tl.load(dtok_ptr + p, mask=inb, other=0.0).to(ACC)
+    tl.store(glp_ptr + p, _rounded(s * d, glp_ptr.dtype.element_ty), mask=inb)
+    if HAS_ENT:
+        valid = tl.load(mask_ptr + p, mask=inb, other=0) != 0
+        # ent_scale = -entropy_coef * row_scale, made by the launcher in the
+        # accumulation dtype (a Python float argument would be fp32)
+        ge = tl.where(valid, g * tl.load(ent_scale_ptr + b).to(ACC), 0.0)
+        tl.store(gent_ptr + p, _rounded(ge, gent_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _ppo_value_loss_fwd_kernel(
+    v_ptr, vo_ptr, ret_ptr, mask_ptr, dtok_ptr, part_ptr, params_ptr,
+    T, clip_arg,
+    CLIP: tl.constexpr, ACC: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    cr, _u1, _u2, _u3 = _load_params(params_ptr, clip_arg, clip_arg, clip_arg, clip_arg, ACC, PARAMS_FROM_PTR)
+    offs = c * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = offs < T
+    p = b * T + offs
+    valid = (tl.load(mask_ptr + p, mask=inb, other=0) != 0) & inb
+    v = tl.load(v_ptr + p, mask=inb, other=0.0).to(ACC)
+    ret = tl.load(ret_ptr + p, mask=inb, other=0.0).to(ACC)
+    d = v - ret
+    vf = d * d
+    dl = 2.0 * d
+    clipped = tl.zeros([BLOCK_T], tl.int1)
+    if CLIP:
+        vo = tl.load(vo_ptr + p, mask=inb, other=0.0).to(ACC)
+        lo = vo - cr
+        hi = vo + cr
+        e2 = tl.minimum(tl.maximum(v, lo), hi) - ret
+        vf2 = e2 * e2
+        g2 = tl.where((v >= lo) & (v <= hi), 2.0 * e2, 0.0)
+        dl = tl.where(vf > vf2, dl, tl.where(vf2 > vf, g2, 0.5 * (dl + g2)))
+        clipped = valid & (vf2 > vf)
+        vf = tl.maximum(vf, vf2)
+    tl.store(dtok_ptr + p, tl.where(valid, 0.5 * dl, 0.0), mask=inb)
+    # chunk-local (n, mean, M2) of R and R - v: centred on the chunk mean
+    # from registers, merged across chunks with Chan's formula.
+    n = tl.sum(valid.to(ACC), axis=0)
+    inv = tl.where(n > 0, 1.0 / tl.maximum(n, 1.0), 0.0)
+    err = ret - v
+    mr = tl.sum(tl.where(valid, ret, 0.0), axis=0) * inv
+    me = tl.sum(tl.where(valid, err, 0.0), axis=0) * inv
+    out = part_ptr + (b * n_chunks + c) * 7
+    tl.store(out + 0, tl.sum(tl.where(valid, 0.5 * vf, 0.0), axis=0))
+    tl.store(out + 1, n)
+    tl.store(out + 2, tl.sum(clipped.to(ACC), axis=0))
+    tl.store(out + 3, mr)
+    tl.store(out + 4, tl.sum(tl.where(valid, (ret - mr) * (ret - mr), 0.0), axis=0))
+    tl.store(out + 5, me)
+    tl.store(out + 6, tl.sum(tl.where(valid, (err - me) * (err - me), 0.0), axis=0))
+
+
+@triton.jit
+def _ppo_value_loss_finish_kernel(
+    part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr,
+    B, n_chunks, agg_norm_arg,
+    AGG: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    agg_norm, _u1, _u2, _u3 = _load_params(
+        params_ptr + 1, agg_norm_arg, agg_norm_arg, agg_norm_arg, agg_norm_arg, tl.float64, PARAMS_FROM_PTR
+    )
+    rows = tl.arange(0, BLOCK_B)
+    N = tl.zeros([BLOCK_B], tl.float64)
+    S = tl.zeros([BLOCK_B], tl.float64)
+    for b0 in range(0, B, BLOCK_B):
+        bb = (b0 + rows).to(tl.int64)
+        n_b = tl.zeros([BLOCK_B], tl.float64)
+        for c in range(0, n_chunks):
+            n_b += tl.load(part_ptr + (bb * n_chunks + c) * 7 + 1, mask=bb < B, other=0.0).to(tl.float64)
+        N += n_b
+        S += (n_b > 0).to(tl.float64)
+    N_all = tl.sum(N, axis=0)
+    S_all = tl.sum(S, axis=0)
+    norm = agg_norm
+    loss_acc = tl.zeros([BLOCK_B], tl.float64)
+    clip_acc = loss_acc
+    # running (n, mean, M2) for R and R - v; each block of partials is
+    # combined exactly (sum n_i, weighted mean, sum M2_i + n_i (mean_i - mean)^2)
+    # and then merged into the running total (Chan et al.).
+    n_tot = tl.sum(loss_acc, axis=0)
+    mr_tot = n_tot
+    m2r_tot = n_tot
+    me_tot = n_tot
+    m2e_tot = n_tot
+    for b0 in range(0, B, BLOCK_B):
+        bb = (b0 + rows).to(tl.int64)
+        live = bb < B
+        lsum = tl.zeros([BLOCK_B], tl.float64)
+        n_b = lsum
+        for c in range(0, n_chunks):
+            q = part_ptr + (bb * n_chunks + c) * 7
+            lsum += tl.load(q + 0, mask=live, other=0.0).to(tl.float64)
+            n_i = tl.load(q + 1, mask=live, other=0.0).to(tl.float64)
+            n_b += n_i
+            clip_acc += tl.load(q + 2, mask=live, other=0.0).to(tl.float64)
+            mr_i = tl.load(q + 3, mask=live, other=0.0).to(tl.float64)
+            m2r_i = tl.load(q + 4, mask=live, other=0.0).to(tl.float64)
+            me_i = tl.load(q + 5, mask=live, other=0.0).to(tl.float64)
+            m2e_i = tl.load(q + 6, mask=live, other=0.0).to(tl.float64)
+            n_blk = tl.sum(n_i, axis=0)
+            inv_blk = tl.where(n_blk > 0, 1.0 / tl.maximum(n_blk, 1.0), 0.0)
+            mr_blk = tl.sum(n_i * mr_i, axis=0) * inv_blk
+            me_blk = tl.sum(n_i * me_i, axis=0) * inv_blk
+            m2r_blk = tl.sum(m2r_i + n_i * (mr_i - mr_blk) * (mr_i - mr_blk), axis=0)
+            m2e_blk = tl.sum(m2e_i + n_i * (me_i - me_blk) * (me_i - me_blk), axis=0)
+            nn = n_tot + n_blk
+            w = tl.where(nn > 0, n_blk / tl.maximum(nn, 1.0), 0.0)
+            dr = mr_blk - mr_tot
+            de = me_blk - me_tot
+            m2r_tot = m2r_tot + m2r_blk + dr * dr * n_tot * w
+            m2e_tot = m2e_tot + m2e_blk + de * de * n_tot * w
+            mr_tot = mr_tot + dr * w
+            me_tot = me_tot + de * w
+            n_tot = nn
+        s = _row_scale(AGG, n_b, N_all, S_all, norm)
+        tl.store(row_scale_ptr + bb, s.to(row_scale_ptr.dtype.element_ty), mask=live)
+        loss_acc += tl.where(live, s * lsum, 0.0)
+    inv_n = tl.where(N_all > 0, 1.0 / tl.maximum(N_all, 1.0), 0.0)
+    ev = tl.where(N_all > 0, 1.0 - (m2e_tot * inv_n) / (m2r_tot * inv_n + 1e-8), 0.0)
+    ty = stats_ptr.dtype.element_ty
+    tl.store(loss_ptr, tl.sum(loss_acc, axis=0).to(ty))
+    tl.store(stats_ptr + 0, (tl.sum(clip_acc, axis=0) * inv_n).to(ty))
+    tl.store(stats_ptr + 1, ev.to(ty))
+
+
+@triton.jit
+def _kl_penalty_fwd_kernel(lp_ptr, ref_ptr, out_ptr, n, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(ACC)
+    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(ACC)
+    val, _ = _kl_term(lp, ref, KIND)
+    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _kl_penalty_bwd_kernel(
+    g_ptr, lp_ptr, ref_ptr, out_ptr, n, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(ACC)
+    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(ACC)
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(ACC)
+    _, dval = _kl_term(lp, ref, KIND)
+    tl.store(out_ptr + offs, _rounded(g * dval, out_ptr.dtype.element_ty), mask=inb)
+
+
+def block_t(T: int) -> int:
+    # 2048 tokens x 5 fp32 inputs = 40 KB per program in flight: enough
+    # bytes to stream at full bandwidth, few enough registers at 8 warps.
+    return max(16, min(2048, triton.next_power_of_2(max(T, 1))))
+
+
+def block_b(B: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(max(B, 1))))
