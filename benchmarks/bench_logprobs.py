@@ -1,7 +1,7 @@
 """Log-probs (+ entropy) from logits: rlhf_fast vs torch eager, TRL's
 selective_log_softmax and torch.compile of eager, forward and forward+backward.
 
-    python -m benchmarks.bench_logprobs [--quick] [--json out.json]
+    python -m benchmarks.bench_logprobs [--quick] [--shape N,V] [--dtype bfloat16] [--json out.json]
 """
 from __future__ import annotations
 
@@ -37,9 +37,11 @@ def _fwd_bwd(fn, logits, labels):
     return run
 
 
-def run(quick: bool = True, device: str | None = None) -> list:
+def run(quick: bool = True, device: str | None = None, shapes=None, dtypes=None) -> list:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
+    if shapes is not None:
+        dtypes = dtypes or [torch.float32]
+    elif device == "cpu":
         shapes = [(1024, 32000)] if quick else [(4096, 32000), (1024, 128256), (512, 151936)]
         dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     else:
@@ -83,9 +85,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--shape", action="append", default=None, help="N,V (repeatable); overrides the defaults")
+    p.add_argument("--dtype", action="append", default=None, choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    records = run(quick=args.quick, device=device)
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else None
+    dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
+    records = run(quick=args.quick, device=device, shapes=shapes, dtypes=dtypes)
     print(format_table(records))
     print(f"copy bandwidth: {copy_bandwidth(device):.1f} GB/s")
     if args.json:
