@@ -241,8 +241,6 @@ class Patcher:
 # ---------------------------------------------------------------- argument checks shared by the adapters
 
 
-
-
 def is_real(x) -> bool:
     import numbers
 
