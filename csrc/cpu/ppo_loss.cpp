@@ -28,27 +28,9 @@ namespace {
 
 // ---------------- scalar helpers ----------------
 
-// exp(x) for |x| <= 20 (callers clamp first, as verl does): Cephes'
-// polynomial as in exp_nonpos, 2^n with |n| <= 29 stays normal.
-RLHF_FAST_INLINE float exp_pm20(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;
-  const float n = (x * kLog2e + kRound) - kRound;
-  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
+// exp(x) for |x| <= 20 (callers clamp first, as verl does): cpu_math.h's
+// polynomial, whose underflow select never triggers above -87.
+RLHF_FAST_INLINE float exp_pm20(float x) { return exp_nonpos(x); }
 RLHF_FAST_INLINE double exp_pm20(double x) { return __builtin_exp(x); }
 
 template <typename acc_t>
@@ -137,39 +119,18 @@ template <typename V> struct Lane;
 template <> struct Lane<float> {
   using M = bool;
   static float splat(float x) { return x; }
-  static float pow2(float n) {  // 2^n for integral n in [-126, 127]
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-  }
 };
 template <> struct Lane<vf8> {
   using M = vi8;
   static vf8 splat(float x) { return vf8{} + x; }
-  static vf8 pow2(vf8 n) {
-    const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
-    return (vf8)bits;  // same-size vector cast: a bit cast in GCC
-  }
 };
 
 template <typename V>
 RLHF_FAST_INLINE V sel(typename Lane<V>::M m, V a, V b) { return m ? a : b; }
 
-// exp(x) for |x| <= 20: Cephes' polynomial on x - n ln2, times 2^n.
-template <typename V>
-RLHF_FAST_INLINE V exp20(V x) {
-  using L = Lane<V>;
-  const V n = (x * L::splat(1.44269504088896341f) + L::splat(12582912.0f)) - L::splat(12582912.0f);
-  const V r = (x - n * L::splat(0.693359375f)) - n * L::splat(-2.12194440e-4f);
-  V p = L::splat(1.9875691500e-4f);
-  p = p * r + L::splat(1.3981999507e-3f);
-  p = p * r + L::splat(8.3334519073e-3f);
-  p = p * r + L::splat(4.1665795894e-2f);
-  p = p * r + L::splat(1.6666665459e-1f);
-  p = p * r + L::splat(5.0000001201e-1f);
-  return (p * r * r + r + L::splat(1.0f)) * L::pow2(n);
-}
+// exp(x) for |x| <= 20: cpu_math.h's polynomial (vf8 is Vec<8>::f).
+RLHF_FAST_INLINE float exp20(float x) { return exp_nonpos(x); }
+RLHF_FAST_INLINE vf8 exp20(vf8 x) { return exp_nonpos<8>(x); }
 RLHF_FAST_INLINE double exp20(double x) { return __builtin_exp(x); }
 template <> struct Lane<double> {
   using M = bool;

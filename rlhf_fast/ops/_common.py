@@ -36,6 +36,19 @@ def check_positive_float(op: str, name: str, value) -> float:
     return value
 
 
+def check_labels_in_range(op: str, labels: torch.Tensor, V: int, ignore_index: int, v_name: str = "V") -> None:
+    """Every label is in [0, V) or ignore_index. N int64 reads next to N*V
+    logits; one host sync on GPU. Callers skip it under torch.compile, where
+    the CPU kernels still check every label they read."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{op}: label {int(labels[idx])} at position {idx} is outside [0, {v_name}={V}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+
+
 def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 

@@ -18,7 +18,7 @@ import torch
 
 from .. import _backend
 from ..reference import linear_logprobs as reference
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_positive_float, check_same_device, check_tensor, is_compiling
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_labels_in_range, check_positive_float, check_same_device, check_tensor, is_compiling
 from .logprobs import _acc_dtype
 
 OP = "rlhf_fast.linear_logprobs"
@@ -40,18 +40,6 @@ def default_chunk_size(N: int, V: int, device: torch.device) -> int:
     rows = budget // (4 * max(V, 1))
     rows = max(MIN_CHUNK_ROWS, rows // 16 * 16)
     return max(1, min(rows, N))
-
-
-def _check_labels_in_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
-    # N int64 reads; one host sync on GPU. Skipped under torch.compile, where
-    # the CPU row kernel still checks every label it reads.
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{OP}: label {int(labels[idx])} at position {idx} is outside [0, V={V}) "
-            f"(V = weight.shape[0]) and is not ignore_index ({ignore_index})"
-        )
 
 
 # ---------------------------------------------------------------- public API
@@ -114,7 +102,7 @@ def linear_logprobs(
     if V == 0 and labels.numel() > 0:
         raise ValueError(f"{OP}: weight has an empty vocabulary dim (V=0)")
     if not is_compiling():
-        _check_labels_in_range(labels, V, ignore_index)
+        check_labels_in_range(OP, labels, V, ignore_index, v_name="V = weight.shape[0]")
 
     backend = _backend.choose("linear_logprobs", hidden.device, IMPLEMENTED)
     if backend == "reference":

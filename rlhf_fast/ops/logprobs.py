@@ -16,6 +16,7 @@ from ..reference import logprobs as reference
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_labels_in_range,
     check_positive_float,
     check_same_device,
     check_tensor,
@@ -57,18 +58,6 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.reshape(sizes[0], sizes[1], V)
 
 
-def _check_labels_in_range(labels: torch.Tensor, V: int, ignore_index: int) -> None:
-    # N int64 reads, next to N*V logits; one host sync on GPU. Skipped under
-    # torch.compile, where the CPU kernel still checks every label it reads.
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{OP}: label {int(labels[idx])} at position {idx} is outside [0, V={V}) "
-            f"and is not ignore_index ({ignore_index})"
-        )
-
-
 # ---------------------------------------------------------------- public API
 
 
@@ -107,7 +96,7 @@ def logprobs_from_logits(
     if V == 0 and labels.numel() > 0:
         raise ValueError(f"{OP}: logits have an empty vocabulary dim (V=0)")
     if not is_compiling():
-        _check_labels_in_range(labels, V, ignore_index)
+        check_labels_in_range(OP, labels, V, ignore_index)
 
     backend = _backend.choose("logprobs_from_logits", logits.device, IMPLEMENTED)
     refuse_interpreter_under_compile(OP, backend, logits.device)

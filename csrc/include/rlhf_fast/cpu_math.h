@@ -37,9 +37,10 @@
 namespace rlhf_fast {
 namespace cpu {
 
-// exp(x) for x <= 0 (callers pass z - max). Cephes' degree-6 polynomial on
-// the reduced argument, about 1 ulp for x > -87.3. Below ln(FLT_MIN) the
-// result is exactly 0 so -inf logits carry no weight; NaN stays NaN.
+// exp(x) for x <= 88 (most callers pass z - max <= 0). Cephes' degree-6
+// polynomial on the reduced argument, about 1 ulp for x > -87.3. Below
+// ln(FLT_MIN) the result is exactly 0 so -inf logits carry no weight; NaN
+// stays NaN.
 RLHF_FAST_INLINE float exp_nonpos(float x) {
   constexpr float kLo = -87.33654475f;  // ln(FLT_MIN): 2^n stays normal
   constexpr float kLog2e = 1.44269504088896341f;
