@@ -144,7 +144,8 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False, steps
 
         if harness._collector is not None:  # pytest-benchmark: one whole step per backend
             for impl, backend in BACKENDS.items():
-                harness._collector.append(harness.Case(f"ppo_step-{shape}-{impl}", lambda b=backend: step(b), device))
+                case = harness.Case(f"ppo_step-{shape}-{impl}", lambda b=backend: step(b), device, f"ppo_step-{shape}")
+                harness._collector.append(case)
             return []
         for backend in BACKENDS.values():  # warm-up: first-call allocations, lazy inits
             step(backend)

@@ -63,6 +63,7 @@ class Case:
     id: str
     fn: Callable[[], object]
     device: str
+    group: str = ""  # the case that ours and its peers share
 
 
 _collector: list[Case] | None = None
@@ -217,10 +218,10 @@ def compare(
     A baseline given as a string instead of a callable is a skip reason."""
     if _collector is not None:
         key = f"{op}-{mode}-{shape}-{dtype}"
-        _collector.append(Case(f"{key}-{impl}", fn, device))
-        for name, base in baselines.items():
-            if not isinstance(base, str):
-                _collector.append(Case(f"{key}-{name}", base, device))
+        seen = {c.id for c in _collector}  # a family may compare ours against two peer sets
+        for name, f in [(impl, fn)] + [(n, b) for n, b in baselines.items() if not isinstance(b, str)]:
+            if f"{key}-{name}" not in seen:
+                _collector.append(Case(f"{key}-{name}", f, device, key))
         return [Record(op, impl, None, shape, dtype, device, mode, status="skipped: collecting cases")]
     ours = time_fn(fn, device=device, warmup=warmup, repeat=repeat)
     ours_mem = peak_memory(fn, device=device)
