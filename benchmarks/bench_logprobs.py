@@ -82,12 +82,14 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False, shape
             labels = torch.randint(0, V, (N,), device=device)
             ours = lambda x=logits, y=labels: rlhf_fast.logprobs_from_logits(x, y)  # noqa: E731
             peers = {
-                "torch eager": lambda: eager_logprobs(logits, labels),
-                "torch.compile(eager)": lambda: compiled(logits, labels),
-                "trl.selective_log_softmax": trl if isinstance(trl, str) else (lambda: trl(logits, labels)),
+                # inputs bound as defaults: `del logits` below must not break a closure kept for later
+                # (benchmarks/test_bench.py calls these after run() returns)
+                "torch eager": lambda x=logits, y=labels: eager_logprobs(x, y),
+                "torch.compile(eager)": lambda x=logits, y=labels: compiled(x, y),
+                "trl.selective_log_softmax": trl if isinstance(trl, str) else (lambda x=logits, y=labels: trl(x, y)),
             }
             for name, f in gpu_peers.items():
-                peers[name] = f if isinstance(f, str) else (lambda f=f: f(logits, labels))
+                peers[name] = f if isinstance(f, str) else (lambda f=f, x=logits, y=labels: f(x, y))
             common = dict(op="logprobs", impl=f"rlhf_fast[{_which(device)}]", shape=f"({N}, {V})", dtype=str(dtype).replace("torch.", ""), device=device)
             records += compare(fn=ours, baselines=peers, mode="fwd", bytes_moved=logits.numel() * logits.element_size(), **common)
             grads = {k: (v if isinstance(v, str) else _fwd_bwd(_peer_fn(k, trl, compiled, gpu_peers), logits, labels))

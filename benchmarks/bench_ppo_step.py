@@ -35,7 +35,9 @@ import rlhf_fast
 from . import harness
 from .harness import Record, format_table, machine_facts, write_json
 
-PHASES = ("generate", "logprobs_policy", "logprobs_ref", "values", "rewards", "advantages", "loss_backward", "optimizer")
+PHASES = (
+    "generate", "logprobs_policy", "logprobs_ref", "values", "rewards", "advantages", "loss_backward", "optimizer",
+)  # fmt: skip
 BACKENDS = {"rlhf_fast": None, "RLHF_FAST_BACKEND=reference": "reference"}
 
 

@@ -175,14 +175,17 @@ def machine_facts(device: str = "cpu") -> dict:
     return facts
 
 
-_DISTS = ("triton", "rlhf_fast", "transformers", "trl", "torchrl", "liger-kernel", "flashinfer-python", "flash-attn", "verl")
+_DISTS = (
+    "triton", "rlhf_fast", "transformers", "trl", "torchrl", "liger-kernel", "flashinfer-python", "flash-attn", "verl",
+)  # fmt: skip
 
 
 def _git_commit() -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+        git = ["git", "-C", root]
+        out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
@@ -292,7 +295,8 @@ def format_table(records: list[Record]) -> str:
     right = {5, 6, 7, 8, 9, 10}
 
     def line(cells):
-        return " ".join(c.rjust(w) if k in right else c.ljust(w) for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        padded = (c.rjust(w) if k in right else c.ljust(w) for k, (c, w) in enumerate(zip(cells, widths)))
+        return " ".join(padded).rstrip()
 
     out = [line(head), "-" * len(line(head))]
     out += [line(row) for row in rows]

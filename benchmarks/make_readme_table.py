@@ -66,6 +66,24 @@ def load(results_dir: str) -> dict[str, dict]:
     return out
 
 
+def _ppo_step_table(rows: dict) -> list[str]:
+    """Per phase of one PPO step: ms and share of the step, ours vs the reference backend."""
+    steps = [(k, r) for k, (r, _) in rows.items() if k[0] == "ppo_step" and r.get("speedup")]
+    out = []
+    for shape in dict.fromkeys(k[2] for k, _ in steps):
+        phases = {k[1]: r for k, r in steps if k[2] == shape}
+        if "total" not in phases:
+            continue
+        tot = phases["total"]
+        out += ["", f"One PPO step, {shape} ({tot['device']}, {tot['dtype']}):", "",
+                "| phase | rlhf_fast | share | reference backend | share | speedup |", "|---|---:|---:|---:|---:|---:|"]
+        for phase, r in phases.items():
+            ours, ref = r["median_s"], r["baseline_median_s"]
+            out.append(f"| {phase} | {_time(ours)} | {100 * ours / tot['median_s']:.0f}% | {_time(ref)} | "
+                       f"{100 * ref / tot['baseline_median_s']:.0f}% | {r['speedup']:.2f}× |")  # fmt: skip
+    return out
+
+
 def render(results_dir: str) -> str:
     lines = [
         "## Benchmarks",
@@ -74,8 +92,20 @@ def render(results_dir: str) -> str:
         "do not edit by hand. Speedup = the peer's median / ours (> 1: rlhf_fast is faster), timed in the same",
         "run after warm-up. Peak = the most memory one call allocates beyond its inputs (outputs included).",
         "GB/s = bytes the op must move / our median, with % of the machine's measured copy bandwidth.",
-        "Reproduce: `rlhf-fast bench --quick --json out.json --plot out.png` (CPU), or",
-        "`bash benchmarks/gpu/run_device.sh` on a GPU machine.",
+        "",
+        "```bash",
+        "rlhf-fast bench --quick                          # every family on small CPU shapes (a few minutes)",
+        "rlhf-fast bench --op logprobs --op ppo_step      # some families, full shapes",
+        "rlhf-fast bench --quick --threads 1 --json out.json --plot out.png   # records + machine facts, chart",
+        "pytest benchmarks/ --benchmark-only              # the same cases through pytest-benchmark, tiny shapes",
+        "bash benchmarks/gpu/run_device.sh                # on a GPU: build, GPU tests, suite, results to commit",
+        "python -m benchmarks.make_readme_table           # this page, from benchmarks/results/*.json",
+        "```",
+        "",
+        "A peer that is not installed (or GPU-only, on a CPU run) is listed as skipped with the install hint.",
+        "`ppo_step` times one PPO step on a tiny Llama (V = 32000) phase by phase, with rlhf_fast's kernels and",
+        "with `RLHF_FAST_BACKEND=reference` (the same loop in pure PyTorch): where the time goes, and what the",
+        "kernels buy in each phase.",
     ]
     for device, data in sorted(load(results_dir).items()):
         rows, runs = data["rows"], data["runs"]
@@ -89,12 +119,15 @@ def render(results_dir: str) -> str:
             note = f"; note: {m['note']}" if m.get("note") else ""
             cmd = f"; `{m['command']}`" if m.get("command") else ""
             lines.append(f"- `{name}`: {m.get('date', '?')[:10]}, {vers}{extra}{cmd}{note}")
+        lines += _ppo_step_table(rows)
         lines += [
             "",
             "| op | mode | shape | dtype | vs | ours | peer | speedup | ours peak | peer peak | ours GB/s |",
             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for (op, mode, shape, dtype, peer), (r, _) in rows.items():
+            if op == "ppo_step":
+                continue
             if not str(r.get("status", "ok")).startswith("ok"):
                 lines.append(f"| {op} | {mode} | {shape} | {dtype} | {peer} | {_time(r.get('median_s'))} | "
                              f"{r['status']} | | | | |")  # fmt: skip

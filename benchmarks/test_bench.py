@@ -37,4 +37,4 @@ CASES = _collect()
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bench(benchmark, case: harness.Case) -> None:
     benchmark.group = case.group  # ours and its peers side by side
-    benchmark.pedantic(case.fn, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark(case.fn)  # rounds from --benchmark-min-rounds / --benchmark-max-time (defaults 5, 1 s)
