@@ -60,7 +60,8 @@ def run(
     print("copy bandwidth: " + ", ".join(f"{d} {bw:.1f} GB/s" for d, bw in bandwidth.items()), flush=True)
     records, failed = [], []
     for name in ops:
-        print(f"== {name} ({'quick' if quick else 'full'}, {device}, {torch.get_num_threads()} CPU threads)", flush=True)
+        size = "quick" if quick else "full"
+        print(f"== {name} ({size}, {device}, {torch.get_num_threads()} CPU threads)", flush=True)
         t0 = time.perf_counter()
         try:
             mod = importlib.import_module(f"benchmarks.bench_{name}")

@@ -55,8 +55,9 @@ def test_time_fn_measures_a_sleep_and_bounds_slow_calls():
 
 def test_compare_records_have_the_issue_fields_and_a_skip():
     x = torch.randn(1000)
-    recs = compare(op="toy", impl="ours", fn=lambda: x * 2, baselines={"peer": lambda: x + x, "absent": "pip install x"},
-                   shape="(1000,)", dtype="float32", device="cpu", mode="fwd", bytes_moved=8000, warmup=1, repeat=3)  # fmt: skip
+    peers = {"peer": lambda: x + x, "absent": "pip install x"}
+    recs = compare(op="toy", impl="ours", fn=lambda: x * 2, baselines=peers, shape="(1000,)", dtype="float32",
+                   device="cpu", mode="fwd", bytes_moved=8000, warmup=1, repeat=3)  # fmt: skip
     assert [r.baseline for r in recs] == [None, "peer", "absent"]
     for r in recs:
         d = r.as_dict()
@@ -84,7 +85,8 @@ def test_collecting_records_cases_instead_of_timing():
     with harness.collecting(cases):
         recs = compare(op="toy", impl="ours", fn=slow, baselines={"peer": slow, "absent": "why"}, shape="s",
                        dtype="d", device="cpu", mode="fwd")  # fmt: skip
-        compare(op="toy", impl="ours", fn=slow, baselines={"peer2": slow}, shape="s", dtype="d", device="cpu", mode="fwd")
+        compare(op="toy", impl="ours", fn=slow, baselines={"peer2": slow}, shape="s", dtype="d", device="cpu",
+                mode="fwd")  # fmt: skip
     assert [c.id for c in cases] == ["toy-fwd-s-d-ours", "toy-fwd-s-d-peer", "toy-fwd-s-d-peer2"]
     assert {c.group for c in cases} == {"toy-fwd-s-d"} and recs[0].status.startswith("skipped")
     assert harness._collector is None
@@ -110,8 +112,8 @@ def _png_size(data: bytes):
 def test_speedup_chart_is_a_valid_png():
     from benchmarks.plot import speedup_chart
 
-    recs = [Record("toy", "ours", f"peer{k}", "(1,)", "fp32", "cpu", "fwd", median_s=1.0, baseline_median_s=s, speedup=s)
-            for k, s in enumerate((0.5, 1.0, 3.0, 150.0))]  # fmt: skip
+    recs = [Record("toy", "ours", f"peer{k}", "(1,)", "fp32", "cpu", "fwd", median_s=1.0, baseline_median_s=s,
+                   speedup=s) for k, s in enumerate((0.5, 1.0, 3.0, 150.0))]  # fmt: skip
     recs.append(Record("toy", "ours", "absent", "(1,)", "fp32", "cpu", "fwd", status="skipped: pip install x"))
     w, h, raw = _png_size(speedup_chart(recs))
     assert w > 500 and h > 5 * 20
