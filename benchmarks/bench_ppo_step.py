@@ -17,6 +17,10 @@ backend (rlhf_fast's kernels) and inside rlhf_fast.use_backend("reference")
 (pure PyTorch: materialised logits, Python loops over time), i.e. what
 RLHF_FAST_BACKEND=reference does. Model forwards are identical in both, so the
 ratio per phase is what the kernels buy there. Median per phase over the steps.
+`values`, `rewards` and `optimizer` run no rlhf_fast op worth timing (model
+forwards, one elementwise k1 KL, AdamW): their ratio should be ~1.0, so how far
+it strays is the noise of the run (on a shared 2-core machine with 2 threads,
+up to 10x; with --threads 1 about 0.8-1.2x).
 
     python -m benchmarks.bench_ppo_step [--full] [--json PATH]
 """
@@ -38,6 +42,7 @@ from .harness import Record, format_table, machine_facts, write_json
 PHASES = (
     "generate", "logprobs_policy", "logprobs_ref", "values", "rewards", "advantages", "loss_backward", "optimizer",
 )  # fmt: skip
+CONTROLS = ("values", "rewards", "optimizer")  # same code in both loops: ratio ~1.0 unless the run is noisy
 BACKENDS = {"rlhf_fast": None, "RLHF_FAST_BACKEND=reference": "reference"}
 
 
@@ -130,7 +135,7 @@ def _cases(quick: bool, device: str, tiny: bool):
 def run(quick: bool = True, device: str | None = None, tiny: bool = False, steps: int | None = None) -> list[Record]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    steps = steps or (3 if quick or tiny else 5)
+    steps = steps or (3 if tiny else 5)
     records: list[Record] = []
     for vocab, hidden, layers, B, P, R in _cases(quick, device, tiny):
         m = Models(vocab, hidden, layers, device)
@@ -176,6 +181,8 @@ def phase_table(records: list[Record]) -> str:
         lines.append(f"{r.mode:16s} {r.median_s * 1e3:9.1f} {100 * r.median_s / t.median_s:5.0f}% "
                      f"{r.baseline_median_s * 1e3:9.1f} {100 * r.baseline_median_s / t.baseline_median_s:5.0f}% "
                      f"{r.speedup:7.2f}x")  # fmt: skip
+    ctl = [f"{r.mode} {r.speedup:.2f}x" for r in records if r.mode in CONTROLS]
+    lines.append(f"noise control (same code in both loops, ideal 1.00x): {', '.join(ctl)}")
     return "\n".join(lines)
 
 

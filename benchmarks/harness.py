@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -130,8 +131,14 @@ def peak_memory(fn: Callable[[], object], *, device: str = "cpu") -> int:
         return int(peak)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto prints two "USDT: profiler_start/stop" lines per call
+        prof.__enter__()
+    try:
         out = fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     del out
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -140,6 +147,22 @@ def peak_memory(fn: Callable[[], object], *, device: str = "cpu") -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return int(peak)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """fd 2 to /dev/null (C++ logging bypasses sys.stderr); nothing but the
+    profiler's start/stop runs inside."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def copy_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20) -> float:
@@ -160,6 +183,9 @@ def machine_facts(device: str = "cpu") -> dict:
         "cpu_count": os.cpu_count(),
         "device": device,
         "git_commit": _git_commit(),
+        # settings that change what is measured
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "RLHF_FAST_BACKEND",
+                                            "RLHF_FAST_CPU_ISA", "CUDA_VISIBLE_DEVICES") if k in os.environ},
     }
     # versions of us and of every peer the suite imports (None: not installed)
     for dist in _DISTS:

@@ -81,6 +81,8 @@ def _ppo_step_table(rows: dict) -> list[str]:
             ours, ref = r["median_s"], r["baseline_median_s"]
             out.append(f"| {phase} | {_time(ours)} | {100 * ours / tot['median_s']:.0f}% | {_time(ref)} | "
                        f"{100 * ref / tot['baseline_median_s']:.0f}% | {r['speedup']:.2f}× |")  # fmt: skip
+        out += ["", "`values`, `rewards` and `optimizer` run the same code in both loops: their ratio (ideally 1.00×) "
+                "is this run's noise."]  # fmt: skip
     return out
 
 

@@ -94,12 +94,13 @@ def speedup_chart(records, title: str = "rlhf_fast speedup over each peer (peer 
         return left + int(bar_w * (math.log2(v) - math.log2(lo)) / (math.log2(hi) - math.log2(lo)))
 
     img.text(10, 10, title, BLACK, s)
-    tick = lo
-    while tick <= hi * 1.0001:  # gridline and label at every power of two
-        x = xpos(tick)
-        img.rect(x, top - 8, x + 1, img.h - 20, BLACK if tick == 1 else LIGHT)
-        img.text(x - 12, top - 28, f"{tick:g}x", BLACK, s)
-        tick *= 2
+    e_lo, e_hi = round(math.log2(lo)), round(math.log2(hi))
+    every = max(1, math.ceil(60 / (bar_w / (e_hi - e_lo))))  # octaves between labels: >= 60 px apart
+    for e in range(e_lo, e_hi + 1):  # gridline at every power of two, labels at every `every`-th (1x always)
+        x = xpos(2.0**e)
+        img.rect(x, top - 8, x + 1, img.h - 20, BLACK if e == 0 else LIGHT)
+        if e % every == 0:
+            img.text(x - 12, top - 28, f"{2**e}x" if e >= 0 else f"1/{2**-e}x", BLACK, s)
     for k, r in enumerate(rows):
         y = top + k * row_h
         if r.status != "ok" or not r.speedup:
