@@ -56,7 +56,7 @@ def _gae_records(B, T, device, warmup, repeat, loop_repeat) -> list[Record]:
     ours = lambda: rlhf_fast.gae(r, v, m, gamma=GAMMA, lam=LAM)  # noqa: E731
     loop = lambda: reference.gae(r, v, m, gamma=GAMMA, lam=LAM)  # noqa: E731
     recs += compare(op="gae", impl="rlhf_fast", fn=ours, baselines={"verl-style loop (reference.gae)": loop},
-                    shape=shape, dtype="fp32", device=device, mode="fwd", bytes_moved=nbytes,
+                    shape=shape, dtype="float32", device=device, mode="fwd", bytes_moved=nbytes,
                     warmup=1, repeat=loop_repeat)  # fmt: skip
     trl = _torchrl_gae()
     if not isinstance(trl, str):
@@ -69,12 +69,12 @@ def _gae_records(B, T, device, warmup, repeat, loop_repeat) -> list[Record]:
         trl_fn = trl
     recs += compare(op="gae", impl="rlhf_fast", fn=ours,
                     baselines={"torchrl vec_generalized_advantage_estimate": trl_fn},
-                    shape=shape, dtype="fp32", device=device, mode="fwd", bytes_moved=nbytes,
+                    shape=shape, dtype="float32", device=device, mode="fwd", bytes_moved=nbytes,
                     warmup=warmup, repeat=repeat)[1:]  # fmt: skip
     dr = lambda: rlhf_fast.discounted_returns(r, m, gamma=GAMMA)  # noqa: E731
     dr_loop = lambda: reference.discounted_returns(r, m, gamma=GAMMA)  # noqa: E731
     recs += compare(op="discounted_returns", impl="rlhf_fast", fn=dr, baselines={"loop (reference)": dr_loop},
-                    shape=shape, dtype="fp32", device=device, mode="fwd", bytes_moved=B * T * 9,
+                    shape=shape, dtype="float32", device=device, mode="fwd", bytes_moved=B * T * 9,
                     warmup=1, repeat=loop_repeat)  # fmt: skip
     return recs
 
@@ -84,7 +84,7 @@ def _stats_records(B, T, device, warmup, repeat) -> list[Record]:
     shape = f"({B}, {T})"
     recs = compare(op="whiten", impl="rlhf_fast", fn=lambda: rlhf_fast.whiten(r, m),
                    baselines={"eager torch (reference.whiten)": lambda: reference.whiten(r, m)},
-                   shape=shape, dtype="fp32", device=device, mode="fwd", bytes_moved=B * T * (4 + 1) * 2 + B * T * 4,
+                   shape=shape, dtype="float32", device=device, mode="fwd", bytes_moved=B * T * (4 + 1) * 2 + B * T * 4,
                    warmup=warmup, repeat=repeat)  # fmt: skip
     # group advantages over N = 16 * B scores (16 samples per prompt), by size and by shuffled ids
     N = 16 * B
@@ -94,7 +94,7 @@ def _stats_records(B, T, device, warmup, repeat) -> list[Record]:
         recs += compare(op="group_adv", impl="rlhf_fast",
                         fn=lambda g=groups: rlhf_fast.group_advantages(s, g, estimator="grpo"),
                         baselines={f"eager torch, {label}": lambda g=groups: reference.group_advantages(s, g, estimator="grpo")},
-                        shape=f"N={N}", dtype="fp32", device=device, mode="fwd", bytes_moved=N * 8,
+                        shape=f"N={N}", dtype="float32", device=device, mode="fwd", bytes_moved=N * 8,
                         warmup=warmup, repeat=repeat)  # fmt: skip
     return recs
 

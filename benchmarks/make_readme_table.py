@@ -35,6 +35,9 @@ def _mib(b: int | None) -> str:
     return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 2**10:.0f} KiB"
 
 
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # older results used short names
+
+
 def _device_name(m: dict) -> str:
     if m.get("device", "cpu").startswith("cuda"):
         return f"GPU: {m.get('gpu', 'unknown GPU')}"
@@ -58,7 +61,10 @@ def load(results_dir: str) -> dict[str, dict]:
         for r in records:
             if r.get("baseline") is None:
                 continue
-            key = (r["op"], r["mode"], r["shape"], r["dtype"], r["baseline"])
+            # threads in the key: a 1-thread and a 2-thread run are different measurements
+            threads = r.get("threads") or (None if m.get("gpu") else m.get("cpu_threads"))
+            r["dtype"] = _DTYPES.get(r["dtype"], r["dtype"])
+            key = (r["op"], r["mode"], r["shape"], r["dtype"], r["baseline"], threads)
             dev["rows"][key] = (r, name)
             used = True
         if used:
@@ -70,12 +76,13 @@ def _ppo_step_table(rows: dict) -> list[str]:
     """Per phase of one PPO step: ms and share of the step, ours vs the reference backend."""
     steps = [(k, r) for k, (r, _) in rows.items() if k[0] == "ppo_step" and r.get("speedup")]
     out = []
-    for shape in dict.fromkeys(k[2] for k, _ in steps):
-        phases = {k[1]: r for k, r in steps if k[2] == shape}
+    for shape, threads in dict.fromkeys((k[2], k[5]) for k, _ in steps):
+        phases = {k[1]: r for k, r in steps if (k[2], k[5]) == (shape, threads)}
         if "total" not in phases:
             continue
         tot = phases["total"]
-        out += ["", f"One PPO step, {shape} ({tot['device']}, {tot['dtype']}):", "",
+        thr = f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+        out += ["", f"One PPO step, {shape} ({tot['device']}{thr}, {tot['dtype']}):", "",
                 "| phase | rlhf_fast | share | reference backend | share | speedup |", "|---|---:|---:|---:|---:|---:|"]
         for phase, r in phases.items():
             ours, ref = r["median_s"], r["baseline_median_s"]
@@ -118,16 +125,17 @@ def render(results_dir: str) -> str:
             vers = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "cuda", "transformers", "trl") if m.get(k))
             extra = f"; torch threads {m['cpu_threads']}" if m.get("cpu_threads") and not m.get("gpu") else ""
             extra += f" of {m['cpu_count']} cores" if extra and m.get("cpu_count") else ""
-            note = f"; note: {m['note']}" if m.get("note") else ""
+            note = f"; note: {m['note']}" if m.get("note") and m["note"] not in (m.get("command") or "") else ""
             cmd = f"; `{m['command']}`" if m.get("command") else ""
             lines.append(f"- `{name}`: {m.get('date', '?')[:10]}, {vers}{extra}{cmd}{note}")
         lines += _ppo_step_table(rows)
         lines += [
             "",
-            "| op | mode | shape | dtype | vs | ours | peer | speedup | ours peak | peer peak | ours GB/s |",
-            "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+            "| op | mode | shape | dtype | threads | vs | ours | peer | speedup | ours peak | peer peak | ours GB/s |",
+            "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for (op, mode, shape, dtype, peer), (r, _) in rows.items():
+        for (op, mode, shape, dtype, peer, threads), (r, _) in rows.items():
+            dtype = f"{dtype} | {threads or '-'}"  # the threads column rides along with dtype
             if op == "ppo_step":
                 continue
             if not str(r.get("status", "ok")).startswith("ok"):
