@@ -25,7 +25,8 @@ test: setup cuda-check
 	$(PY) -m pytest tests -q
 
 bench: setup
-	rlhf-fast bench --json benchmarks/results/latest-cpu.json
+	rlhf-fast bench --json benchmarks/results/latest-cpu.json --plot benchmarks/results/latest-cpu.png
+	$(PY) -m benchmarks.make_readme_table
 
 # Every .cu compiles with nvcc for sm_80 and sm_90 (skipped where no nvcc).
 cuda-check:

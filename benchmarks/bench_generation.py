@@ -27,9 +27,11 @@ def _model(device, vocab, hidden, layers):
     return m
 
 
-def run(quick: bool = True) -> list[Record]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> list[Record]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if tiny:
+        cases = [(1000, 64, 1, 2, 8, 8)]
+    elif device == "cuda":
         cases = [(32000, 1024, 8, 64, 128, 256)]
     elif quick:
         cases = [(32000, 128, 2, 8, 32, 32)]
@@ -43,20 +45,21 @@ def run(quick: bool = True) -> list[Record]:
         mask[: B // 2, : P // 4] = 0  # half the prompts left-padded
         kw = dict(temperature=1.0, top_p=0.9)
         hf_kw = dict(do_sample=True, max_new_tokens=R, min_new_tokens=R, pad_token_id=0, top_k=0, **kw)
-        if device == "cuda":
-            hf_kw["cache_implementation"] = "static"
 
         def ours():
             return rlhf_fast.generate(model, ids, mask, max_new_tokens=R, eos_token_id=None, **kw)
 
-        def hf():
+        def hf():  # DynamicCache: grows (and copies) the KV cache as it goes
             return model.generate(ids, attention_mask=mask, **hf_kw)
 
-        assert ours().sequences.shape == hf().shape
+        def hf_static():  # preallocated StaticCache, as gpt-fast / rlhf_fast do
+            return model.generate(ids, attention_mask=mask, cache_implementation="static", **hf_kw)
+
+        assert ours().sequences.shape == hf().shape == hf_static().shape
         records += compare(
             op="generate", impl="rlhf_fast", shape=f"B={B} P={P} R={R} V={vocab} h={hidden} L={layers}",
             dtype="float32", device=device, mode="fwd", fn=ours,
-            baselines={"HF model.generate" + (" static" if device == "cuda" else ""): hf},
+            baselines={"HF model.generate (dynamic cache)": hf, "HF model.generate (static cache)": hf_static},
             warmup=1, repeat=3 if quick else 5,
         )  # fmt: skip
         for r in records:

@@ -28,7 +28,9 @@ from benchmarks.harness import Record, compare, format_table, machine_facts, wri
 OP = "linear_logprobs"
 
 
-def _shapes(quick: bool, device: str):
+def _shapes(quick: bool, device: str, tiny: bool = False):
+    if tiny:
+        return [(64, 32, 1000, torch.float32)]
     if device == "cuda":
         if quick:
             return [(4096, 2048, 32000, torch.bfloat16)]
@@ -69,12 +71,12 @@ def _fwd_bwd(loss_of):
     return call
 
 
-def run(quick: bool = True, device: str | None = None) -> list[Record]:
+def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> list[Record]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     repeat, warmup = (5, 1) if device == "cpu" else (15, 3)
     records: list[Record] = []
     liger, liger_skip = _liger(device)
-    for N, H, V, dtype in _shapes(quick, device):
+    for N, H, V, dtype in _shapes(quick, device, tiny):
         h, w, y = _inputs(N, H, V, dtype, device)
         shape = f"({N}, {H}, {V})"
         dt = str(dtype).replace("torch.", "")

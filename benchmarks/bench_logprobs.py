@@ -28,6 +28,29 @@ def _trl():
         return f"TRL unavailable ({type(exc).__name__}); pip install trl"
 
 
+def _flash_attn_ce(device: str):
+    """flash-attn's Triton cross-entropy (what verl/OpenRLHF call): logp = -loss."""
+    if device != "cuda":
+        return "flash-attn cross-entropy is GPU-only (Triton on CUDA)"
+    try:
+        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+    except Exception as exc:
+        return f"flash-attn not installed ({type(exc).__name__}); pip install flash-attn --no-build-isolation"
+    return lambda logits, labels: -cross_entropy_loss(logits, labels)[0]
+
+
+def _liger_ce(device: str):
+    """Liger-Kernel's fused cross-entropy, per token: logp = -loss."""
+    if device != "cuda":
+        return "Liger-Kernel is GPU-only (Triton on CUDA)"
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except Exception as exc:
+        return f"Liger-Kernel not installed ({type(exc).__name__}); pip install liger-kernel"
+    loss = LigerCrossEntropyLoss(reduction="none")
+    return lambda logits, labels: -loss(logits, labels)
+
+
 def _fwd_bwd(fn, logits, labels):
     def run():
         x = logits.detach().requires_grad_()
@@ -37,9 +60,11 @@ def _fwd_bwd(fn, logits, labels):
     return run
 
 
-def run(quick: bool = True, device: str | None = None, shapes=None, dtypes=None) -> list:
+def run(quick: bool = True, device: str | None = None, tiny: bool = False, shapes=None, dtypes=None) -> list:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if shapes is not None:
+    if tiny:
+        shapes, dtypes = [(64, 1000)], [torch.float32]
+    elif shapes is not None:
         dtypes = dtypes or [torch.float32]
     elif device == "cpu":
         shapes = [(1024, 32000)] if quick else [(4096, 32000), (1024, 128256), (512, 151936)]
@@ -49,6 +74,7 @@ def run(quick: bool = True, device: str | None = None, shapes=None, dtypes=None)
         dtypes = [torch.bfloat16, torch.float32]
     trl = _trl()
     compiled = torch.compile(eager_logprobs)
+    gpu_peers = {"flash-attn cross_entropy": _flash_attn_ce(device), "liger CrossEntropy": _liger_ce(device)}
     records = []
     for N, V in shapes:
         for dtype in dtypes:
@@ -56,13 +82,18 @@ def run(quick: bool = True, device: str | None = None, shapes=None, dtypes=None)
             labels = torch.randint(0, V, (N,), device=device)
             ours = lambda x=logits, y=labels: rlhf_fast.logprobs_from_logits(x, y)  # noqa: E731
             peers = {
-                "torch eager": lambda: eager_logprobs(logits, labels),
-                "torch.compile(eager)": lambda: compiled(logits, labels),
-                "trl.selective_log_softmax": trl if isinstance(trl, str) else (lambda: trl(logits, labels)),
+                # inputs bound as defaults: `del logits` below must not break a closure kept for later
+                # (benchmarks/test_bench.py calls these after run() returns)
+                "torch eager": lambda x=logits, y=labels: eager_logprobs(x, y),
+                "torch.compile(eager)": lambda x=logits, y=labels: compiled(x, y),
+                "trl.selective_log_softmax": trl if isinstance(trl, str) else (lambda x=logits, y=labels: trl(x, y)),
             }
+            for name, f in gpu_peers.items():
+                peers[name] = f if isinstance(f, str) else (lambda f=f, x=logits, y=labels: f(x, y))
             common = dict(op="logprobs", impl=f"rlhf_fast[{_which(device)}]", shape=f"({N}, {V})", dtype=str(dtype).replace("torch.", ""), device=device)
             records += compare(fn=ours, baselines=peers, mode="fwd", bytes_moved=logits.numel() * logits.element_size(), **common)
-            grads = {k: (v if isinstance(v, str) else _fwd_bwd(_peer_fn(k, trl, compiled), logits, labels)) for k, v in peers.items()}
+            grads = {k: (v if isinstance(v, str) else _fwd_bwd(_peer_fn(k, trl, compiled, gpu_peers), logits, labels))
+                     for k, v in peers.items()}  # fmt: skip
             records += compare(
                 fn=_fwd_bwd(rlhf_fast.logprobs_from_logits, logits, labels), baselines=grads, mode="fwd+bwd",
                 bytes_moved=3 * logits.numel() * logits.element_size(), **common,
@@ -71,8 +102,9 @@ def run(quick: bool = True, device: str | None = None, shapes=None, dtypes=None)
     return records
 
 
-def _peer_fn(name, trl, compiled):
-    return {"torch eager": eager_logprobs, "torch.compile(eager)": compiled, "trl.selective_log_softmax": trl}[name]
+def _peer_fn(name, trl, compiled, gpu_peers):
+    return {"torch eager": eager_logprobs, "torch.compile(eager)": compiled, "trl.selective_log_softmax": trl,
+            **gpu_peers}[name]  # fmt: skip
 
 
 def _which(device: str) -> str:

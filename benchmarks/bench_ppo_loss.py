@@ -78,8 +78,11 @@ def bench(B, T, dtype, device) -> list:
     )  # fmt: skip
 
 
-def run(quick: bool = True, device: str = "cpu") -> list:
-    if device == "cuda":
+def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> list:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if tiny:
+        shapes, dtypes = [(4, 64)], [torch.float32]
+    elif device == "cuda":
         shapes = [(32, 2048)] if quick else [(256, 8192)]
         dtypes = [torch.float32, torch.bfloat16]
     else:

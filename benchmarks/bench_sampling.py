@@ -29,6 +29,8 @@ def _torch_plain(logits, temperature):
 
 
 def _flashinfer(logits, temperature, top_p):
+    if logits.device.type != "cuda":
+        return "flashinfer is GPU-only (CUDA)"
     try:
         import flashinfer
     except Exception:
@@ -36,12 +38,14 @@ def _flashinfer(logits, temperature, top_p):
     return lambda: flashinfer.sampling.top_p_sampling_from_probs(torch.softmax(logits.float() / temperature, -1), top_p)
 
 
-def run(quick: bool = True) -> list[Record]:
+def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> list[Record]:
     records: list[Record] = []
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = [(64, 32000)] if quick else [(64, 32000), (64, 151936)]
     if device == "cuda":
         shapes = [(256, 151936)] if quick else [(64, 32000), (256, 151936)]
+    if tiny:
+        shapes = [(4, 1000)]
     T, p = 0.9, 0.9
     for B, V in shapes:
         for dtype in (torch.float32, torch.bfloat16):

@@ -10,11 +10,16 @@ record with status "skipped" and the install hint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import importlib.metadata
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -35,11 +40,46 @@ class Record:
     speedup: float | None = None
     peak_mem_bytes: int | None = None
     baseline_peak_mem_bytes: int | None = None
-    gb_per_s: float | None = None
+    gb_per_s: float | None = None  # ours, for bandwidth-bound ops (bytes the op must move / median_s)
+    copy_gb_per_s: float | None = None  # the machine's measured copy bandwidth, same run
+    threads: int | None = None  # torch.get_num_threads() while timing (CPU)
     status: str = "ok"  # or "skipped: <why>"
+
+    @property
+    def pct_of_copy(self) -> float | None:
+        """gb_per_s as a percentage of the measured copy bandwidth."""
+        if self.gb_per_s is None or not self.copy_gb_per_s:
+            return None
+        return 100.0 * self.gb_per_s / self.copy_gb_per_s
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Case:
+    """One timed callable as compare() saw it: what pytest-benchmark runs
+    (benchmarks/test_bench.py) instead of timing it here."""
+
+    id: str
+    fn: Callable[[], object]
+    device: str
+    group: str = ""  # the case that ours and its peers share
+
+
+_collector: list[Case] | None = None
+
+
+@contextlib.contextmanager
+def collecting(into: list[Case]):
+    """Inside this block compare() times nothing: it appends a Case per
+    callable (ours and each installed peer) and returns skipped records."""
+    global _collector
+    prev, _collector = _collector, into
+    try:
+        yield into
+    finally:
+        _collector = prev
 
 
 def _sync(device: str) -> None:
@@ -91,8 +131,14 @@ def peak_memory(fn: Callable[[], object], *, device: str = "cpu") -> int:
         return int(peak)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto prints two "USDT: profiler_start/stop" lines per call
+        prof.__enter__()
+    try:
         out = fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     del out
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -101,6 +147,22 @@ def peak_memory(fn: Callable[[], object], *, device: str = "cpu") -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return int(peak)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """fd 2 to /dev/null (C++ logging bypasses sys.stderr); nothing but the
+    profiler's start/stop runs inside."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def copy_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20) -> float:
@@ -118,20 +180,42 @@ def machine_facts(device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "device": device,
+        "git_commit": _git_commit(),
+        # settings that change what is measured
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "RLHF_FAST_BACKEND",
+                                            "RLHF_FAST_CPU_ISA", "CUDA_VISIBLE_DEVICES") if k in os.environ},
     }
-    try:
-        import triton
-
-        facts["triton"] = triton.__version__
-    except Exception:
-        facts["triton"] = None
+    # versions of us and of every peer the suite imports (None: not installed)
+    for dist in _DISTS:
+        try:
+            facts[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            facts[dist] = None
     if device.startswith("cuda"):
         facts["gpu"] = torch.cuda.get_device_name(0)
         facts["cuda"] = torch.version.cuda
     else:
         facts["cpu"] = _cpu_name()
     return facts
+
+
+_DISTS = (
+    "triton", "rlhf_fast", "transformers", "trl", "torchrl", "liger-kernel", "flashinfer-python", "flash-attn", "verl",
+)  # fmt: skip
+
+
+def _git_commit() -> str | None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = ["git", "-C", root]
+        out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) or None
 
 
 def _cpu_name() -> str:
@@ -161,15 +245,27 @@ def compare(
 ) -> list[Record]:
     """Time `fn` and each baseline in the same run; one Record per baseline.
     A baseline given as a string instead of a callable is a skip reason."""
+    if _collector is not None:
+        key = f"{op}-{mode}-{shape}-{dtype}"
+        seen = {c.id for c in _collector}  # a family may compare ours against two peer sets
+        for name, f in [(impl, fn)] + [(n, b) for n, b in baselines.items() if not isinstance(b, str)]:
+            if f"{key}-{name}" not in seen:
+                _collector.append(Case(f"{key}-{name}", f, device, key))
+        return [Record(op, impl, None, shape, dtype, device, mode, status="skipped: collecting cases")]
     ours = time_fn(fn, device=device, warmup=warmup, repeat=repeat)
     ours_mem = peak_memory(fn, device=device)
     gbps = bytes_moved / ours / 1e9 if bytes_moved else None
+    threads = torch.get_num_threads() if device == "cpu" else None
     records = [
-        Record(op, impl, None, shape, dtype, device, mode, median_s=ours, peak_mem_bytes=ours_mem, gb_per_s=gbps)
-    ]
+        Record(op, impl, None, shape, dtype, device, mode, median_s=ours, peak_mem_bytes=ours_mem, gb_per_s=gbps,
+               threads=threads)
+    ]  # fmt: skip
     for name, base in baselines.items():
         if isinstance(base, str):
-            records.append(Record(op, impl, name, shape, dtype, device, mode, status=f"skipped: {base}"))
+            records.append(
+                Record(op, impl, name, shape, dtype, device, mode, median_s=ours, peak_mem_bytes=ours_mem,
+                       gb_per_s=gbps, threads=threads, status=f"skipped: {base}")
+            )  # fmt: skip
             continue
         t = time_fn(base, device=device, warmup=warmup, repeat=repeat)
         mem = peak_memory(base, device=device)
@@ -177,29 +273,63 @@ def compare(
             Record(
                 op, impl, name, shape, dtype, device, mode,
                 median_s=ours, baseline_median_s=t, speedup=t / ours,
-                peak_mem_bytes=ours_mem, baseline_peak_mem_bytes=mem, gb_per_s=gbps,
+                peak_mem_bytes=ours_mem, baseline_peak_mem_bytes=mem, gb_per_s=gbps, threads=threads,
             )  # fmt: skip
         )
     return records
 
 
-def format_table(records: list[Record]) -> str:
-    head = f"{'op':14s} {'mode':7s} {'shape':22s} {'dtype':8s} {'vs':28s} {'ours ms':>9s} {'peer ms':>9s} {'speedup':>8s} {'ours MB':>9s} {'peer MB':>9s}"
-    lines = [head, "-" * len(head)]
+def attach_bandwidth(records: list[Record], copy_gb_per_s: float) -> list[Record]:
+    """Stamp the measured copy bandwidth on every record that has a GB/s, so
+    `pct_of_copy` reads as "how close to a memory copy" in the same run."""
     for r in records:
-        if r.baseline is None:
+        if r.gb_per_s is not None:
+            r.copy_gb_per_s = copy_gb_per_s
+    return records
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.3f}"
+
+
+def _mb(x: int | None) -> str:
+    return "-" if x is None else f"{x / 2**20:.2f}"
+
+
+def format_table(records: list[Record]) -> str:
+    """One line per (case, peer): our median, the peer's, the ratio
+    (peer / ours: > 1 means we are faster), peak MiB of one call, our GB/s
+    (and % of the measured copy bandwidth). A case whose peers are all
+    skipped still shows our time; a skipped peer shows why."""
+    with_peer = {(r.op, r.mode, r.shape, r.dtype) for r in records if r.baseline is not None}
+    rows = []
+    for r in records:
+        if r.baseline is None and (r.op, r.mode, r.shape, r.dtype) in with_peer:
             continue
+        bw = "-" if r.gb_per_s is None else f"{r.gb_per_s:.1f}"
+        if r.pct_of_copy is not None:
+            bw += f" ({r.pct_of_copy:.0f}%)"
         if r.status != "ok":
-            lines.append(f"{r.op:14s} {r.mode:7s} {r.shape:22s} {r.dtype:8s} {r.baseline:28s} {r.status}")
-            continue
-        lines.append(
-            f"{r.op:14s} {r.mode:7s} {r.shape:22s} {r.dtype:8s} {r.baseline:28s} "
-            f"{r.median_s * 1e3:9.3f} {r.baseline_median_s * 1e3:9.3f} {r.speedup:7.2f}x "
-            f"{r.peak_mem_bytes / 2**20:9.2f} {r.baseline_peak_mem_bytes / 2**20:9.2f}"
-        )
-    return "\n".join(lines)
+            peer = [_ms(r.median_s), "", "", _mb(r.peak_mem_bytes), "", bw, r.status]
+        else:
+            speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+            peer = [_ms(r.median_s), _ms(r.baseline_median_s), speed, _mb(r.peak_mem_bytes),
+                    _mb(r.baseline_peak_mem_bytes), bw, ""]  # fmt: skip
+        rows.append([r.op, r.mode, r.shape, r.dtype, r.baseline or "(ours alone)"] + peer)
+    head = ["op", "mode", "shape", "dtype", "vs", "ours ms", "peer ms", "speedup", "ours MB", "peer MB", "GB/s", ""]
+    widths = [max([len(h)] + [len(row[k]) for row in rows]) for k, h in enumerate(head)]
+    right = {5, 6, 7, 8, 9, 10}
+
+    def line(cells):
+        padded = (c.rjust(w) if k in right else c.ljust(w) for k, (c, w) in enumerate(zip(cells, widths)))
+        return " ".join(padded).rstrip()
+
+    out = [line(head), "-" * len(line(head))]
+    out += [line(row) for row in rows]
+    return "\n".join(out)
 
 
 def write_json(path: str, records: list[Record], facts: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump({"machine": facts, "records": [r.as_dict() for r in records]}, f, indent=1)

@@ -35,8 +35,13 @@ def main(argv=None) -> int:
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
     p_bench = sub.add_parser("bench", help="run the kernel benchmarks")
     p_bench.add_argument("--quick", action="store_true", help="small CPU shapes")
-    p_bench.add_argument("--op", default=None, help="only this op family (e.g. logprobs)")
-    p_bench.add_argument("--json", dest="json_file", default=None, help="write JSON records here")
+    p_bench.add_argument("--op", action="append", default=None,
+                         help="only this op family (e.g. logprobs; repeatable; see --list)")  # fmt: skip
+    p_bench.add_argument("--json", dest="json_file", default=None, help="write JSON records + machine facts here")
+    p_bench.add_argument("--plot", dest="plot_file", default=None, help="write a PNG chart of the speedups here")
+    p_bench.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for ours and peers alike")
+    p_bench.add_argument("--note", default=None, help="free text stored with the machine facts (e.g. 'loaded machine')")
+    p_bench.add_argument("--list", action="store_true", help="list the op families and exit")
     args = parser.parse_args(argv)
 
     if args.cmd == "info":
@@ -46,9 +51,13 @@ def main(argv=None) -> int:
         print(json.dumps(report, indent=2, default=str) if args.json else format_info(report))
         return 0
     if args.cmd == "bench":
-        from .bench import run
+        from .bench import available_ops, run
 
-        return run(quick=args.quick, op=args.op, json_file=args.json_file)
+        if args.list:
+            print("\n".join(available_ops()))
+            return 0
+        return run(quick=args.quick, op=args.op, json_file=args.json_file, plot_file=args.plot_file,
+                   threads=args.threads, note=args.note)  # fmt: skip
     return 1
 
 

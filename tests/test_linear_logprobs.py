@@ -315,3 +315,16 @@ def test_triton_on_gpu(dtype):
     hidden, weight, bias, labels = (t.cuda() if t is not None else None for t in make_inputs(N, H, V, dtype))
     with rlhf_fast.use_backend("triton"):
         check_against_reference(hidden, weight, bias, labels, chunk_size=256, temperature=0.8)
+
+
+def test_forced_reference_backend_runs():
+    # regression: ops/linear_logprobs imported reference/__init__'s *function* under the name of the
+    # module, so RLHF_FAST_BACKEND=reference raised AttributeError (found by benchmarks/bench_ppo_step.py)
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 3, 8, generator=g), torch.randn(11, 8, generator=g)
+    y = torch.randint(0, 11, (2, 3), generator=g)
+    with rlhf_fast.use_backend("reference"):
+        lp, ent = rlhf_fast.linear_logprobs(h, w, y, return_entropy=True)
+    want = torch.log_softmax(h @ w.T, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    assert_close(lp, want, rtol=1e-5, name="reference-backend logprobs")
+    assert ent.shape == y.shape and bool((ent > 0).all())

@@ -17,8 +17,17 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ..reference import linear_logprobs as reference
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_labels_in_range, check_positive_float, check_same_device, check_tensor, is_compiling
+# the function, not `reference.linear_logprobs`: reference/__init__ rebinds that name to the function
+from ..reference.linear_logprobs import linear_logprobs as reference_linear_logprobs
+from ._common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_labels_in_range,
+    check_positive_float,
+    check_same_device,
+    check_tensor,
+    is_compiling,
+)
 from .logprobs import _acc_dtype
 
 OP = "rlhf_fast.linear_logprobs"
@@ -106,7 +115,7 @@ def linear_logprobs(
 
     backend = _backend.choose("linear_logprobs", hidden.device, IMPLEMENTED)
     if backend == "reference":
-        return reference.linear_logprobs(
+        return reference_linear_logprobs(
             hidden, weight, labels, bias=bias, temperature=temperature,
             ignore_index=ignore_index, return_entropy=return_entropy,
         )  # fmt: skip

@@ -1,0 +1,159 @@
+"""The benchmark harness itself (benchmarks/harness.py, plot.py,
+make_readme_table.py, the `rlhf-fast bench` runner): fast, no kernel timing."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import time
+import zlib
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import Record, compare, format_table, peak_memory, time_fn  # noqa: E402
+
+REQUIRED = ("op", "impl", "baseline", "shape", "dtype", "device", "median_s", "baseline_median_s", "speedup",
+            "peak_mem_bytes")  # fmt: skip (the issue's list)
+
+
+def test_peak_memory_counts_a_known_allocation():
+    n = 1 << 20  # 4 MiB of fp32, alive at the end of the call (returned)
+    peak = peak_memory(lambda: torch.empty(n, dtype=torch.float32))
+    assert 4 * n <= peak < 4 * n + 64 * 1024, peak
+
+
+def test_peak_memory_sees_freed_temporaries():
+    def fn():
+        tmp = torch.empty(1 << 20, dtype=torch.float32)  # 4 MiB, freed before return
+        del tmp
+        return torch.empty(1 << 18, dtype=torch.float32)  # 1 MiB returned
+
+    peak = peak_memory(fn)
+    assert 4 * (1 << 20) <= peak < 5 * (1 << 20) + 64 * 1024, peak
+
+
+def test_time_fn_measures_a_sleep_and_bounds_slow_calls():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.01)
+
+    t = time_fn(fn, warmup=2, repeat=5)
+    assert 0.009 <= t < 0.05, t
+    assert len(calls) == 2 + 5
+    calls.clear()
+    time_fn(lambda: (calls.append(1), time.sleep(0.05)), repeat=50, budget_s=0.2)
+    assert len(calls) <= 1 + 4  # one first call, no warm-up, max(3, 0.2 / 0.05) timed
+
+
+def test_compare_records_have_the_issue_fields_and_a_skip():
+    x = torch.randn(1000)
+    peers = {"peer": lambda: x + x, "absent": "pip install x"}
+    recs = compare(op="toy", impl="ours", fn=lambda: x * 2, baselines=peers, shape="(1000,)", dtype="float32",
+                   device="cpu", mode="fwd", bytes_moved=8000, warmup=1, repeat=3)  # fmt: skip
+    assert [r.baseline for r in recs] == [None, "peer", "absent"]
+    for r in recs:
+        d = r.as_dict()
+        assert all(k in d for k in REQUIRED), d
+        assert r.median_s > 0 and r.gb_per_s > 0 and r.threads == torch.get_num_threads()
+    peer, absent = recs[1], recs[2]
+    assert peer.status == "ok" and peer.speedup == pytest.approx(peer.baseline_median_s / peer.median_s)
+    assert peer.peak_mem_bytes >= 4000 and peer.baseline_peak_mem_bytes >= 4000
+    assert absent.status == "skipped: pip install x" and absent.speedup is None
+    harness.attach_bandwidth(recs, copy_gb_per_s=2 * recs[0].gb_per_s)
+    assert recs[0].pct_of_copy == pytest.approx(50.0)
+    table = format_table(recs)
+    assert "peer" in table and "skipped: pip install x" in table and "(50%)" in table
+
+
+def test_format_table_shows_ours_when_every_peer_is_skipped():
+    r = Record("toy", "ours", None, "(1,)", "fp32", "cpu", "fwd", median_s=0.002)
+    s = Record("toy", "ours", "absent", "(1,)", "fp32", "cpu", "fwd", median_s=0.002, status="skipped: pip install x")
+    assert "2.000" in format_table([r, s]) and "2.000" in format_table([r])
+
+
+def test_collecting_records_cases_instead_of_timing():
+    cases = []
+    slow = lambda: time.sleep(10)  # noqa: E731  never called while collecting
+    with harness.collecting(cases):
+        recs = compare(op="toy", impl="ours", fn=slow, baselines={"peer": slow, "absent": "why"}, shape="s",
+                       dtype="d", device="cpu", mode="fwd")  # fmt: skip
+        compare(op="toy", impl="ours", fn=slow, baselines={"peer2": slow}, shape="s", dtype="d", device="cpu",
+                mode="fwd")  # fmt: skip
+    assert [c.id for c in cases] == ["toy-fwd-s-d-ours", "toy-fwd-s-d-peer", "toy-fwd-s-d-peer2"]
+    assert {c.group for c in cases} == {"toy-fwd-s-d"} and recs[0].status.startswith("skipped")
+    assert harness._collector is None
+
+
+def test_machine_facts_has_device_versions_and_date():
+    facts = harness.machine_facts("cpu")
+    for k in ("date", "torch", "device", "cpu", "git_commit", "transformers", "python"):
+        assert k in facts, k
+    assert facts["date"][:2] == "20" and facts["torch"] == torch.__version__
+
+
+def _png_size(data: bytes):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    idat = data.index(b"IDAT")
+    (n,) = struct.unpack(">I", data[idat - 4 : idat])
+    raw = zlib.decompress(data[idat + 4 : idat + 4 + n])
+    assert len(raw) == h * (1 + 3 * w)
+    return w, h, raw
+
+
+def test_speedup_chart_is_a_valid_png():
+    from benchmarks.plot import speedup_chart
+
+    recs = [Record("toy", "ours", f"peer{k}", "(1,)", "fp32", "cpu", "fwd", median_s=1.0, baseline_median_s=s,
+                   speedup=s) for k, s in enumerate((0.5, 1.0, 3.0, 150.0))]  # fmt: skip
+    recs.append(Record("toy", "ours", "absent", "(1,)", "fp32", "cpu", "fwd", status="skipped: pip install x"))
+    w, h, raw = _png_size(speedup_chart(recs))
+    assert w > 500 and h > 5 * 20
+    assert raw.count(bytes((60, 160, 90))) > 100 and raw.count(bytes((210, 80, 70))) > 10  # green and red bars
+
+
+def test_readme_table_from_results(tmp_path):
+    from benchmarks.make_readme_table import render
+
+    recs = [Record("toy", "ours", "peer", "(8, 8)", "fp32", "cpu", "fwd", median_s=0.001, baseline_median_s=0.003,
+                   speedup=3.0, peak_mem_bytes=2**20, baseline_peak_mem_bytes=2**21).as_dict(),
+            Record("toy", "ours", "absent", "(8, 8)", "fp32", "cpu", "fwd", status="skipped: pip install x").as_dict()]
+    old = {"machine": {"date": "2026-01-01T00:00:00+00:00", "device": "cpu", "cpu": "Toy CPU", "torch": "2.0"},
+           "records": [dict(recs[0], baseline_median_s=0.009, speedup=9.0)]}  # fmt: skip
+    new = {"machine": {"date": "2026-02-01T00:00:00+00:00", "device": "cpu", "cpu": "Toy CPU", "torch": "2.13"},
+           "records": recs}  # fmt: skip
+    for name, doc in (("old.json", old), ("new.json", new)):
+        (tmp_path / name).write_text(json.dumps(doc))
+    md = render(str(tmp_path))
+    assert "Toy CPU" in md and "3.00×" in md and "9.00×" not in md  # the newer result wins
+    assert "skipped: pip install x" in md and "2026-02-01" in md and "torch 2.13" in md
+
+
+def test_cli_rejects_an_unknown_op_and_lists_families(capsys):
+    from rlhf_fast.cli import main
+
+    with pytest.raises(SystemExit, match="unknown op"):
+        main(["bench", "--op", "no_such_op"])
+    assert main(["bench", "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"logprobs", "advantages", "ppo_step"} <= set(listed)
+
+
+def test_every_bench_module_takes_the_common_signature():
+    import importlib
+    import inspect
+
+    from rlhf_fast.bench import available_ops
+
+    for name in available_ops():
+        params = inspect.signature(importlib.import_module(f"benchmarks.bench_{name}").run).parameters
+        assert {"quick", "device", "tiny"} <= set(params), name
+        assert all(p.default is not inspect.Parameter.empty for p in params.values()), name
