@@ -159,12 +159,33 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md"))
+    ap.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"),
+                    help="README whose section between the benchmark markers is replaced")
     args = ap.parse_args(argv)
     text = render(args.results)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out} ({text.count(chr(10))} lines)")
+    if args.readme and os.path.exists(args.readme):
+        splice_readme(args.readme, text)
+
+
+BEGIN, END = "<!-- benchmarks:begin (generated) -->", "<!-- benchmarks:end -->"
+
+
+def splice_readme(path: str, text: str) -> None:
+    """Replace the README's benchmark section (between the markers) by `text`."""
+    with open(path) as f:
+        readme = f.read()
+    if BEGIN not in readme or END not in readme:
+        print(f"{path}: no benchmark markers, left unchanged")
+        return
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{text}{END}{tail}")
+    print(f"updated the benchmark section of {path}")
 
 
 if __name__ == "__main__":
