@@ -74,7 +74,7 @@ class DPOTrainer(Trainer):
         for mi in micro:
             loss, st = self.loss(mi)
             (loss / len(micro)).backward()
-            total += float(loss) / len(micro)
+            total += loss.item() / len(micro)
             for k, v in st.items():
                 sums[k] = sums.get(k, 0.0) + v / len(micro)
         norm, skip = guarded_step([self.opt], [self.sched], self.policy.parameters(), c.max_grad_norm,

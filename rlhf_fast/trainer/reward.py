@@ -67,7 +67,7 @@ class RewardTrainer(Trainer):
         for mi in micro:
             loss, rc, rr = self.loss(mi)
             (loss / len(micro)).backward()
-            total += float(loss) / len(micro)
+            total += loss.item() / len(micro)
             accs.append((rc > rr).float())
         norm, skip = guarded_step([self.opt], [self.sched], self.model.parameters(), c.max_grad_norm,
                                   torch.tensor(total))  # fmt: skip
