@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -67,7 +68,8 @@ def collect_pairs(model, tok, prompts, n: int, seed: int):
     _, texts = sample(model, tok, prompts, n, seed)
     chosen, rejected = [], []
     for i, p in enumerate(prompts):
-        group = sorted({t for t in texts[i * n : (i + 1) * n]}, key=world.hidden_score_text)
+        # sorted by (score, text): a set's order depends on PYTHONHASHSEED, and the run must not
+        group = sorted(set(texts[i * n : (i + 1) * n]), key=lambda t: (world.hidden_score_text(t), t))
         made = 0
         lo, hi = 0, len(group) - 1
         while lo < hi and made < max(n // 2, 1):  # pair the best with the worst, inward
@@ -88,13 +90,15 @@ def evaluate(model, rm, tok, prompts, seed: int, n: int = 8):
             "length": float(out.lengths.float().mean()), "texts": texts}  # fmt: skip
 
 
-def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, threads: int = 1) -> dict:
+def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, threads: int = 1, **overrides) -> dict:
     """threads: torch intra-op threads. 1 by default: the model is ~0.1M
     parameters, so a second OpenMP thread only adds sync; on the shared 2-core
     box an SFT step took 42 ms with 1 thread and 630 ms with 2."""
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
-    sizes = QUICK if quick else FULL
+    sizes = dict(QUICK if quick else FULL)
+    ppo_overrides = {k: overrides.pop(k) for k in list(overrides) if k not in sizes}
+    sizes.update(overrides)
     os.makedirs(out_dir, exist_ok=True)
     if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
         os.remove(os.path.join(out_dir, "metrics.jsonl"))
@@ -145,12 +149,13 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, thre
 
     pcfg = PPOConfig(steps=sizes["ppo_steps"], batch_size=sizes["ppo_batch"], max_new_tokens=8, lr=3e-4,
                      critic_lr=1e-3, ppo_epochs=4, minibatch_size=16, kl_coef=0.05, kl_kind="k1",
-                     reward_norm=True, reward_clip=5.0, seed=seed, out_dir=out_dir, entropy_coef=0.0)  # fmt: skip
+                     kl_target=2.0, kl_horizon=1000,  # adaptive: without it one seed spiked to 12.7 nats
+                     reward_norm=True, reward_clip=5.0, missing_eos_penalty=1.0, seed=seed, out_dir=out_dir)  # fmt: skip
+    pcfg = dataclasses.replace(pcfg, **ppo_overrides)
     ppo = PPOTrainer(pcfg, policy, ref, critic, reward_fn, pids, pmask,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
-    _log = ppo.logger.log
-    ppo.logger.log = lambda step, m, keys=("reward", "true_score", "kl"): _log(
-        step, {**m, "true_score": true_log[-1]}, keys)
+    ppo.callbacks.append(lambda trainer, metrics: {"true_score": true_log[-1]})
+    ppo.logger.keys = ("reward", "true_score", "kl")
     rows = ppo.train()
     timings["ppo"] = time.perf_counter() - t0
 

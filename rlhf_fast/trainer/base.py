@@ -24,6 +24,7 @@ class Trainer:
         self.stateful: dict = {}
         self.logger = MetricsLogger(config.out_dir, self.name, config.progress, config.steps)
         self.skipped_steps = 0
+        self.callbacks: list = []  # f(trainer, metrics) -> dict of extra metrics, run after each step
 
     def step(self) -> dict:  # one rollout + update (PPO/GRPO) or one batch (RM/DPO)
         raise NotImplementedError
@@ -38,6 +39,8 @@ class Trainer:
             metrics = self.step()
             self.step_count += 1
             metrics["time/step"] = time.perf_counter() - t0
+            for cb in self.callbacks:
+                metrics.update(cb(self, metrics) or {})
             self.skipped_steps += int(metrics.get("skipped", 0) > 0)
             rows.append(metrics)
             if self.step_count % max(self.config.log_every, 1) == 0:

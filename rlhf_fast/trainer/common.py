@@ -62,8 +62,11 @@ class RunningMoments:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
-def process_scores(scores: torch.Tensor, config, moments: RunningMoments) -> torch.Tensor:
-    """Reward normalisation (running stats, updated first) then clipping."""
+def process_scores(scores: torch.Tensor, config, moments: RunningMoments, truncated=None) -> torch.Tensor:
+    """Missing-EOS penalty (truncated: (N,) bool), reward normalisation
+    (running stats, updated first), then clipping."""
+    if config.missing_eos_penalty is not None and truncated is not None:
+        scores = scores - config.missing_eos_penalty * truncated.float()
     if config.reward_norm:
         moments.update(scores)
         scores = moments.normalize(scores)
@@ -124,14 +127,17 @@ def guarded_step(optimizers, schedulers, params, max_grad_norm, loss: torch.Tens
 class MetricsLogger:
     """One JSON object per step in out_dir/metrics.jsonl, and a console line."""
 
-    def __init__(self, out_dir: str | None, name: str, progress: bool = True, total: int | None = None):
+    def __init__(self, out_dir: str | None, name: str, progress: bool = True, total: int | None = None,
+                 keys=("reward", "kl", "loss")):  # fmt: skip
         self.path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
         if self.path:
             os.makedirs(out_dir, exist_ok=True)
         self.name, self.progress, self.total, self.t0 = name, progress, total, time.perf_counter()
         self.history: list[dict] = []
+        self.keys = keys  # shown on the console line
 
-    def log(self, step: int, metrics: dict, keys=("reward", "kl", "loss")) -> None:
+    def log(self, step: int, metrics: dict, keys=None) -> None:
+        keys = self.keys if keys is None else keys
         row = {"phase": self.name, "step": step}
         row.update({k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()})
         self.history.append(row)

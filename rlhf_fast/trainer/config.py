@@ -67,6 +67,7 @@ class RolloutConfig(TrainConfig):
     kl_horizon: int = 10000
     reward_clip: float | None = None  # clamp scores to [-c, c]
     reward_norm: bool = False  # running mean/std normalisation of scores
+    missing_eos_penalty: float | None = None  # subtracted from the score of a response cut off before EOS (TRL)
 
 
 @dataclass

@@ -54,7 +54,7 @@ class GRPOTrainer(Trainer):
                      eos_token_id=self.eos, pad_token_id=self.pad)  # fmt: skip
         t0 = time.perf_counter()
         raw = score(self.reward, ro)
-        scores = process_scores(raw, c, self.moments)
+        scores = process_scores(raw, c, self.moments, ro.truncated(self.eos))
         adv_seq = group_advantages(scores, c.num_samples, estimator=c.estimator)  # rows are prompt-major
         adv = adv_seq[:, None].expand_as(ro.response_mask).float() * ro.response_mask
         t1 = time.perf_counter()
@@ -100,7 +100,7 @@ class GRPOTrainer(Trainer):
                     (loss / len(micro)).backward()
                     total = total + loss.detach() / len(micro)
                     for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) / len(micro)
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
                 _, skip = guarded_step([self.opt], [], params, c.max_grad_norm, total)
                 skipped += int(skip)
                 n_mb += 1

@@ -57,7 +57,7 @@ class PPOTrainer(Trainer):
         ro = rollout(self.policy, ids, mask, c, self.sample_gen, eos_token_id=self.eos, pad_token_id=self.pad)
         t0 = time.perf_counter()
         raw = score(self.reward, ro)
-        scores = process_scores(raw, c, self.moments)
+        scores = process_scores(raw, c, self.moments, ro.truncated(self.eos))
         t1 = time.perf_counter()
         args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
         old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
@@ -118,7 +118,7 @@ class PPOTrainer(Trainer):
                     (loss / len(micro)).backward()
                     total = total + loss.detach() / len(micro)
                     for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) / len(micro)
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
                 norm, skip = guarded_step([self.opt, self.copt], [], params, c.max_grad_norm, total)
                 norms.append(norm)
                 skipped += int(skip)

@@ -24,6 +24,14 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)
 
+    def truncated(self, eos_token_id) -> torch.Tensor:
+        """(N,) bool: the response ran to max_new_tokens without an EOS."""
+        if eos_token_id is None:
+            return torch.zeros_like(self.lengths, dtype=torch.bool)
+        eos = torch.as_tensor(eos_token_id, device=self.sequences.device).flatten()
+        resp = self.sequences[:, self.prompt_length :]
+        return ~(torch.isin(resp, eos) & self.response_mask).any(-1)
+
     def index(self, idx: torch.Tensor) -> "Rollout":
         return Rollout(self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_length, {})
 
