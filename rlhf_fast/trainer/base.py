@@ -8,6 +8,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 
 from .common import MetricsLogger, load_checkpoint, save_checkpoint
 
@@ -24,7 +25,41 @@ class Trainer:
         self.stateful: dict = {}
         self.logger = MetricsLogger(config.out_dir, self.name, config.progress, config.steps)
         self.skipped_steps = 0
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world_size = dist.get_world_size() if distributed else 1
+        if self.rank != 0:  # one writer: rank 0 logs and checkpoints
+            self.logger.path, self.logger.progress = None, False
         self.callbacks: list = []  # f(trainer, metrics) -> dict of extra metrics, run after each step
+
+    def ddp(self, module):
+        """DistributedDataParallel around `module` under torchrun (gloo or NCCL;
+        gradients all-reduced by torch.distributed), the module itself otherwise."""
+        if self.world_size == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        # broadcast_buffers off: the only buffers (rotary inv_freq) are constants; it saves a collective per forward
+        return DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False
+        )
+
+    def all_reduce_grads(self, params) -> None:
+        """Mean of the gradients over ranks, for a model used outside its
+        forward (DPO reads the trunk and the lm_head weight separately, so a
+        DDP wrapper would never see the backward)."""
+        if self.world_size == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world_size)
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a batch drawn identically on every rank (the
+        CPU generator is seeded alike), so DDP's gradient mean over ranks is
+        the mean over the global batch when the slices are equal."""
+        return idx[self.rank :: self.world_size]
 
     def step(self) -> dict:  # one rollout + update (PPO/GRPO) or one batch (RM/DPO)
         raise NotImplementedError
@@ -46,7 +81,7 @@ class Trainer:
             if self.step_count % max(self.config.log_every, 1) == 0:
                 self.logger.log(self.step_count, metrics)
             every = self.config.checkpoint_every
-            if every and self.config.out_dir and self.step_count % every == 0:
+            if every and self.config.out_dir and self.rank == 0 and self.step_count % every == 0:
                 self.save(os.path.join(self.config.out_dir, "checkpoint.pt"))
         return rows
 

@@ -68,7 +68,7 @@ class DPOTrainer(Trainer):
         c = self.config
         self.policy.train()
         M = self.data[0].shape[0]
-        pick = torch.randperm(M, generator=self.cpu_gen)[: c.batch_size].to(self.data[0].device)
+        pick = self.shard(torch.randperm(M, generator=self.cpu_gen)[: c.batch_size].to(self.data[0].device))
         micro = pick.chunk(min(c.grad_accum, pick.numel()))
         total, sums = 0.0, {}
         for mi in micro:
@@ -77,6 +77,7 @@ class DPOTrainer(Trainer):
             total += loss.item() / len(micro)
             for k, v in st.items():
                 sums[k] = sums.get(k, 0.0) + v / len(micro)
+        self.all_reduce_grads(self.policy.parameters())
         norm, skip = guarded_step([self.opt], [self.sched], self.policy.parameters(), c.max_grad_norm,
                                   torch.tensor(total))  # fmt: skip
         return {"loss": total, **sums, "grad_norm": norm, "skipped": int(skip), "lr": self.sched.get_last_lr()[0]}

@@ -38,7 +38,9 @@ class GRPOTrainer(Trainer):
         self.prompt_ids = prompt_ids
         self.prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
         self.eos, self.pad = eos_token_id, pad_token_id
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        # one sampling stream per rank (rank 0's equals the single-process run's)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 1000003 * self.rank)
+        self.policy_ddp = self.ddp(policy)
         self.generators["sample"] = self.sample_gen
         self.opt, self.sched = make_optimizer(policy.parameters(), config)
         self.kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
@@ -50,6 +52,7 @@ class GRPOTrainer(Trainer):
     def make_experience(self) -> dict:
         c = self.config
         ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
+        ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
         ro = rollout(self.policy, ids, mask, c, self.sample_gen, num_samples=c.num_samples,
                      eos_token_id=self.eos, pad_token_id=self.pad)  # fmt: skip
         t0 = time.perf_counter()
@@ -72,7 +75,7 @@ class GRPOTrainer(Trainer):
     def _micro_loss(self, exp: dict, idx: torch.Tensor):
         c = self.config
         ro = exp["ro"].index(idx)
-        logp, ent = response_logprobs(self.policy, ro.sequences, ro.attention_mask, ro.response_mask,
+        logp, ent = response_logprobs(self.policy_ddp, ro.sequences, ro.attention_mask, ro.response_mask,
                                       ro.prompt_length, temperature=c.temperature, return_entropy=True)  # fmt: skip
         use_kl = exp["ref_logprobs"] is not None and self.kl_ctl.value > 0
         loss, st = ppo_loss(

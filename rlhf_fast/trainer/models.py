@@ -45,18 +45,22 @@ class ScalarHeadModel(nn.Module):
     def from_causal_lm(cls, lm: nn.Module, init_std: float = 0.0) -> "ScalarHeadModel":
         return cls(copy.deepcopy(trunk_of(lm)), lm.config.hidden_size, init_std)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask: (B, T) -> (B, T) fp32 scalars."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """input_ids, attention_mask: (B, T) -> (B, T) fp32 scalars, or (B,)
+        at each row's last attended token when last_only (through forward, so DDP sees it)."""
         h = self.trunk(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
         ).last_hidden_state
-        return self.head(h).squeeze(-1).float()
+        out = self.head(h).squeeze(-1).float()
+        if not last_only:
+            return out
+        T = attention_mask.shape[1]
+        last = (attention_mask.long() * torch.arange(T, device=attention_mask.device)).argmax(-1)
+        return out.gather(1, last[:, None]).squeeze(1)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B,): the scalar at each row's last attended token."""
-        T = attention_mask.shape[1]
-        last = (attention_mask.long() * torch.arange(T, device=attention_mask.device)).argmax(-1)
-        return self(input_ids, attention_mask).gather(1, last[:, None]).squeeze(1)
+        return self(input_ids, attention_mask, last_only=True)
 
 
 def response_logprobs(

@@ -38,10 +38,13 @@ class PPOTrainer(Trainer):
         self.prompt_ids = prompt_ids
         self.prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
         self.eos, self.pad = eos_token_id, pad_token_id
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        # one sampling stream per rank (rank 0's equals the single-process run's)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 1000003 * self.rank)
+        self.policy_ddp = self.ddp(policy)
         self.generators["sample"] = self.sample_gen
         self.opt, self.sched = make_optimizer(policy.parameters(), config)
         self.copt, self.csched = make_optimizer(critic.parameters(), config, lr=config.critic_lr)
+        self.critic_ddp = self.ddp(critic)
         self.kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.moments = RunningMoments()
         self.stateful = {
@@ -54,6 +57,7 @@ class PPOTrainer(Trainer):
     def make_experience(self) -> dict:
         c = self.config
         ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
+        ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
         ro = rollout(self.policy, ids, mask, c, self.sample_gen, eos_token_id=self.eos, pad_token_id=self.pad)
         t0 = time.perf_counter()
         raw = score(self.reward, ro)
@@ -84,7 +88,7 @@ class PPOTrainer(Trainer):
         c = self.config
         ro = exp["ro"].index(idx)
         m = ro.response_mask
-        logp, ent = response_logprobs(self.policy, ro.sequences, ro.attention_mask, m, ro.prompt_length,
+        logp, ent = response_logprobs(self.policy_ddp, ro.sequences, ro.attention_mask, m, ro.prompt_length,
                                       temperature=c.temperature, return_entropy=True)  # fmt: skip
         kl_loss = not c.kl_in_reward and self.kl_ctl.value > 0
         ploss, pst = ppo_loss(
@@ -93,12 +97,12 @@ class PPOTrainer(Trainer):
             kl_coef=self.kl_ctl.value if kl_loss else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
             clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
         )  # fmt: skip
-        v = response_values(self.critic, ro.sequences, ro.attention_mask, ro.prompt_length)
+        v = response_values(self.critic_ddp, ro.sequences, ro.attention_mask, ro.prompt_length)
         vloss, vst = ppo_value_loss(v, exp["values"][idx], exp["returns"][idx], m, clip=c.value_clip, agg=c.loss_agg)
         stats = {"pg_loss": pst["pg_loss"], "entropy": pst["entropy"], "clipfrac": pst["clipfrac"],
                  "approx_kl": pst["approx_kl"], "value_loss": vloss, "vf_clipfrac": vst["clipfrac"],
                  "explained_variance": vst["explained_variance"]}  # fmt: skip
-        return ploss + c.vf_coef * vloss, stats
+        return ploss, c.vf_coef * vloss, stats
 
     def update(self, exp: dict) -> dict:
         c = self.config
@@ -114,9 +118,12 @@ class PPOTrainer(Trainer):
                 micro = mb.chunk(min(c.grad_accum, mb.numel()))
                 total = torch.zeros((), device=self.device)
                 for mi in micro:
-                    loss, stats = self._micro_loss(exp, mi)
-                    (loss / len(micro)).backward()
-                    total = total + loss.detach() / len(micro)
+                    ploss, vloss, stats = self._micro_loss(exp, mi)
+                    # two backwards, not one: under DDP the policy's and the critic's gradient
+                    # all-reduces must reach the process group in the same order on every rank
+                    (ploss / len(micro)).backward()
+                    (vloss / len(micro)).backward()
+                    total = total + (ploss.detach() + vloss.detach()) / len(micro)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
                 norm, skip = guarded_step([self.opt, self.copt], [], params, c.max_grad_norm, total)

@@ -32,6 +32,7 @@ class RewardTrainer(Trainer):
         if config.margin and margin is None:
             raise ValueError("RewardTrainer: config.margin is set but no margin tensor was given")
         self.model = model
+        self.model_ddp = self.ddp(model)
         self.data = (chosen_ids, chosen_mask, rejected_ids, rejected_mask,
                      margin if margin is not None else torch.zeros(M, device=chosen_ids.device))  # fmt: skip
         perm = torch.randperm(M, generator=self.cpu_gen).to(chosen_ids.device)
@@ -40,17 +41,17 @@ class RewardTrainer(Trainer):
         self.opt, self.sched = make_optimizer(model.parameters(), config)
         self.stateful = {"model": model, "opt": self.opt, "sched": self.sched}
 
-    def _rewards(self, idx):
+    def _rewards(self, idx, model=None):
         cid, cm, rid, rm, margin = (t[idx] for t in self.data)
         # one forward over chosen and rejected together: half the launches
         T = max(cid.shape[1], rid.shape[1])
         ids = torch.cat([F.pad(cid, (0, T - cid.shape[1])), F.pad(rid, (0, T - rid.shape[1]))])
         mask = torch.cat([F.pad(cm, (0, T - cm.shape[1])), F.pad(rm, (0, T - rm.shape[1]))])
-        r = self.model.score(ids, mask)
+        r = (model or self.model)(ids, mask, last_only=True)
         return r[: idx.numel()], r[idx.numel() :], margin
 
     def loss(self, idx):
-        rc, rr, margin = self._rewards(idx)
+        rc, rr, margin = self._rewards(idx, self.model_ddp)
         diff = rc - rr - (margin if self.config.margin else 0.0)
         loss = -F.logsigmoid(diff).mean()
         if self.config.center_rewards_coef:
@@ -62,6 +63,7 @@ class RewardTrainer(Trainer):
         self.model.train()
         n = self.train_idx.numel()
         pick = self.train_idx[torch.randperm(n, generator=self.cpu_gen)[: c.batch_size].to(self.train_idx.device)]
+        pick = self.shard(pick)
         total, accs = 0.0, []
         micro = pick.chunk(min(c.grad_accum, pick.numel()))
         for mi in micro:
