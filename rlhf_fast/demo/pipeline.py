@@ -147,7 +147,9 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, thre
         true_log.append(float(world.hidden_score(tok, sequences, prompt_length).mean()))
         return rm.score(sequences, attn)
 
-    pcfg = PPOConfig(steps=sizes["ppo_steps"], batch_size=sizes["ppo_batch"], max_new_tokens=8, lr=3e-4,
+    # lr 2e-4: at 3e-4 seed 2 dropped EOS for 3 steps at step 46 (KL 29 nats) before recovering;
+    # at 2e-4 seeds 0-2 keep KL <= 3.6 nats per sequence in both sizes.
+    pcfg = PPOConfig(steps=sizes["ppo_steps"], batch_size=sizes["ppo_batch"], max_new_tokens=8, lr=2e-4,
                      critic_lr=1e-3, ppo_epochs=4, minibatch_size=16, kl_coef=0.05, kl_kind="k1",
                      kl_target=2.0, kl_horizon=1000,  # adaptive: without it one seed spiked to 12.7 nats
                      reward_norm=True, reward_clip=5.0, missing_eos_penalty=1.0, seed=seed, out_dir=out_dir)  # fmt: skip
