@@ -15,11 +15,11 @@ setup:
 	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[test,bench]"
 	$(PY) -c "import rlhf_fast._C" || (echo "rlhf_fast._C failed to build or load" && exit 1)
 
-# The main job. Until the trainer's demo lands: what runs here, then the
-# log-prob benchmark on small CPU shapes.
+# The main job: what runs here, then the end-to-end RLHF demo (SFT, simulated
+# preferences, reward model, PPO) on a tiny Llama; results in out/demo.
 demo: setup
 	rlhf-fast info
-	rlhf-fast bench --quick --op logprobs
+	rlhf-fast demo --out out/demo
 
 test: setup cuda-check
 	$(PY) -m pytest tests -q

@@ -1,4 +1,4 @@
-"""The rlhf-fast command line: info | bench (demo and train arrive with the trainer)."""
+"""The rlhf-fast command line: demo | train | info | bench."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,14 @@ def main(argv=None) -> int:
     p_bench.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for ours and peers alike")
     p_bench.add_argument("--note", default=None, help="free text stored with the machine facts (e.g. 'loaded machine')")
     p_bench.add_argument("--list", action="store_true", help="list the op families and exit")
+    p_demo = sub.add_parser("demo", help="end-to-end RLHF on a tiny Llama: SFT, preferences, reward model, PPO")
+    p_demo.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
+    p_demo.add_argument("--quick", action="store_true", help="shortened run for CI (~30-90 s)")
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for the tiny model)")
+    p_train = sub.add_parser("train", help="train from a YAML config (see examples/)")
+    p_train.add_argument("algo", choices=["ppo", "grpo", "rm", "dpo"])
+    p_train.add_argument("--config", required=True, help="YAML file (see examples/*.yaml)")
     args = parser.parse_args(argv)
 
     if args.cmd == "info":
@@ -49,6 +57,18 @@ def main(argv=None) -> int:
 
         report = rlhf_fast.info()
         print(json.dumps(report, indent=2, default=str) if args.json else format_info(report))
+        return 0
+    if args.cmd == "demo":
+        from .demo.pipeline import run_demo
+
+        summary = run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
+        print(json.dumps(summary, indent=2))
+        print(f"wrote {args.out}/summary.json, metrics.jsonl, samples.md, plot.png")
+        return 0 if summary["true_score_rose"] else 1
+    if args.cmd == "train":
+        from .trainer.run import run_from_yaml
+
+        run_from_yaml(args.algo, args.config)
         return 0
     if args.cmd == "bench":
         from .bench import available_ops, run

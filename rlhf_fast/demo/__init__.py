@@ -1,0 +1,1 @@
+"""The embedded end-to-end RLHF demo (rlhf-fast demo)."""

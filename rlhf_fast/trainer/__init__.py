@@ -1,0 +1,14 @@
+"""Thin RLHF trainers on rlhf_fast ops: PPO, GRPO, reward model, DPO."""
+from .common import KLController, RunningMoments
+from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, TrainConfig
+from .dpo import DPOTrainer
+from .grpo import GRPOTrainer
+from .models import ScalarHeadModel, response_logprobs, sequence_logprobs_linear
+from .ppo import PPOTrainer
+from .reward import RewardTrainer
+
+__all__ = [
+    "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "KLController", "PPOConfig", "PPOTrainer",
+    "RewardConfig", "RewardTrainer", "RunningMoments", "ScalarHeadModel", "TrainConfig", "response_logprobs",
+    "sequence_logprobs_linear",
+]  # fmt: skip

@@ -1,0 +1,108 @@
+"""The outer loop shared by the trainers: steps, logging, checkpoints.
+
+A subclass sets `self.stateful` (name -> object with state_dict) and
+`self.generators`, and implements `step() -> dict of metrics`."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from .common import MetricsLogger, load_checkpoint, save_checkpoint
+
+
+class Trainer:
+    name = "train"
+
+    def __init__(self, config, device=None):
+        self.config = config
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.step_count = 0
+        self.cpu_gen = torch.Generator().manual_seed(config.seed)  # shuffling, prompt draws
+        self.generators = {"cpu": self.cpu_gen}
+        self.stateful: dict = {}
+        self.logger = MetricsLogger(config.out_dir, self.name, config.progress, config.steps)
+        self.skipped_steps = 0
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world_size = dist.get_world_size() if distributed else 1
+        if self.rank != 0:  # one writer: rank 0 logs and checkpoints
+            self.logger.path, self.logger.progress = None, False
+        self.callbacks: list = []  # f(trainer, metrics) -> dict of extra metrics, run after each step
+
+    def ddp(self, module):
+        """DistributedDataParallel around `module` under torchrun (gloo or NCCL;
+        gradients all-reduced by torch.distributed), the module itself otherwise."""
+        if self.world_size == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        # broadcast_buffers off: the only buffers (rotary inv_freq) are constants; it saves a collective per forward
+        return DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False
+        )
+
+    def all_reduce_grads(self, params) -> None:
+        """Mean of the gradients over ranks, for a model used outside its
+        forward (DPO reads the trunk and the lm_head weight separately, so a
+        DDP wrapper would never see the backward)."""
+        if self.world_size == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world_size)
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a batch drawn identically on every rank (the
+        CPU generator is seeded alike), so DDP's gradient mean over ranks is
+        the mean over the global batch when the slices are equal."""
+        return idx[self.rank :: self.world_size]
+
+    def step(self) -> dict:  # one rollout + update (PPO/GRPO) or one batch (RM/DPO)
+        raise NotImplementedError
+
+    def train(self, steps: int | None = None) -> list[dict]:
+        """Run until `steps` total steps (default config.steps), logging every
+        log_every and checkpointing every checkpoint_every steps."""
+        end = self.config.steps if steps is None else steps
+        rows = []
+        while self.step_count < end:
+            t0 = time.perf_counter()
+            metrics = self.step()
+            self.step_count += 1
+            metrics["time/step"] = time.perf_counter() - t0
+            for cb in self.callbacks:
+                metrics.update(cb(self, metrics) or {})
+            self.skipped_steps += int(metrics.get("skipped", 0) > 0)
+            rows.append(metrics)
+            if self.step_count % max(self.config.log_every, 1) == 0:
+                self.logger.log(self.step_count, metrics)
+            every = self.config.checkpoint_every
+            if every and self.config.out_dir and self.rank == 0 and self.step_count % every == 0:
+                self.save(os.path.join(self.config.out_dir, "checkpoint.pt"))
+        return rows
+
+    def save(self, path: str) -> None:
+        """Models, optimizers, schedulers, controllers, every RNG, the step."""
+        extra = {"skipped": _Scalar(self, "skipped_steps")}
+        save_checkpoint(path, self.step_count, {**self.stateful, **extra}, self.generators)
+
+    def load(self, path: str) -> None:
+        extra = {"skipped": _Scalar(self, "skipped_steps")}
+        self.step_count = load_checkpoint(path, {**self.stateful, **extra}, self.generators)
+
+
+class _Scalar:
+    """state_dict adaptor for one int attribute."""
+
+    def __init__(self, obj, attr):
+        self.obj, self.attr = obj, attr
+
+    def state_dict(self):
+        return {"v": getattr(self.obj, self.attr)}
+
+    def load_state_dict(self, s):
+        setattr(self.obj, self.attr, s["v"])

@@ -1,0 +1,190 @@
+"""What every trainer shares: KL control, reward normalisation, optimizer and
+LR schedule, the NaN/inf guard, JSONL metrics and checkpoint/resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+# ---------------------------------------------------------------- KL control
+
+
+class KLController:
+    """Fixed beta, or the adaptive controller of Ziegler et al. (2019) when a
+    target is set: beta *= 1 + clip(kl/target - 1, -0.2, 0.2) * n_steps/horizon."""
+
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
+        self.value, self.target, self.horizon = float(init), target, int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if self.target is None or not math.isfinite(current_kl):
+            return
+        err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + err * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class RunningMoments:
+    """Running mean / std of scores (Chan's parallel merge), for reward normalisation."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        m, v = x.mean().item(), x.var(unbiased=False).item()
+        tot = self.count + n
+        delta = m - self.mean
+        self.var = (self.var * self.count + v * n + delta * delta * self.count * n / tot) / tot
+        self.mean += delta * n / tot
+        self.count = tot
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / math.sqrt(self.var + 1e-8)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+def process_scores(scores: torch.Tensor, config, moments: RunningMoments, truncated=None) -> torch.Tensor:
+    """Missing-EOS penalty (truncated: (N,) bool), reward normalisation
+    (running stats, updated first), then clipping."""
+    if config.missing_eos_penalty is not None and truncated is not None:
+        scores = scores - config.missing_eos_penalty * truncated.float()
+    if config.reward_norm:
+        moments.update(scores)
+        scores = moments.normalize(scores)
+    if config.reward_clip is not None:
+        scores = scores.clamp(-config.reward_clip, config.reward_clip)
+    return scores
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def make_optimizer(params, config, lr: float | None = None):
+    params = [p for p in params if p.requires_grad]
+    lr = config.lr if lr is None else lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    total, warm, kind = max(config.steps, 1), config.warmup_steps, config.lr_schedule
+    if kind not in ("constant", "linear", "cosine"):
+        raise ValueError(f"lr_schedule must be constant, linear or cosine, got {kind!r}")
+
+    def factor(step: int) -> float:
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        frac = min(max(step - warm, 0) / max(total - warm, 1), 1.0)
+        if kind == "linear":
+            return 1.0 - frac
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def guarded_step(optimizers, schedulers, params, max_grad_norm, loss: torch.Tensor) -> tuple[float, bool]:
+    """Clip, then step every optimizer unless the loss or the gradient norm is
+    NaN/inf: then the gradients are dropped and the step is skipped (the
+    scheduler still advances, so the LR curve does not shift).
+    Returns (grad_norm, skipped)."""
+    params = [p for p in params if p.grad is not None]
+    if max_grad_norm is not None and max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
+    norm = float(norm)
+    skipped = not (math.isfinite(norm) and bool(torch.isfinite(loss).all()))
+    if not skipped:
+        for opt in optimizers:
+            opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    for sch in schedulers:
+        sch.step()
+    return norm, skipped
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class MetricsLogger:
+    """One JSON object per step in out_dir/metrics.jsonl, and a console line."""
+
+    def __init__(self, out_dir: str | None, name: str, progress: bool = True, total: int | None = None,
+                 keys=("reward", "kl", "loss")):  # fmt: skip
+        self.path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+        if self.path:
+            os.makedirs(out_dir, exist_ok=True)
+        self.name, self.progress, self.total, self.t0 = name, progress, total, time.perf_counter()
+        self.history: list[dict] = []
+        self.keys = keys  # shown on the console line
+
+    def log(self, step: int, metrics: dict, keys=None) -> None:
+        keys = self.keys if keys is None else keys
+        row = {"phase": self.name, "step": step}
+        row.update({k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()})
+        self.history.append(row)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.progress:
+            shown = "  ".join(f"{k} {row[k]:.4g}" for k in keys if isinstance(row.get(k), float))
+            tot = f"/{self.total}" if self.total else ""
+            skip = "  SKIPPED (non-finite)" if row.get("skipped") else ""
+            print(f"[{self.name} {step}{tot} {time.perf_counter() - self.t0:6.1f}s] {shown}{skip}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- checkpoint / resume
+
+
+def rng_state(generators: dict) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["generators"] = {k: g.get_state() for k, g in generators.items()}
+    return state
+
+
+def set_rng_state(state: dict, generators: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+
+
+def save_checkpoint(path: str, step: int, stateful: dict, generators: dict) -> None:
+    """stateful: name -> object with state_dict() (models, optimizers,
+    schedulers, KL controller); generators: name -> torch.Generator. Written to a temp file then renamed, so a
+    crash mid-write never leaves a torn checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    blob = {"step": step, "rng": rng_state(generators)}
+    blob.update({k: v.state_dict() for k, v in stateful.items()})
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str, stateful: dict, generators: dict) -> int:
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    for k, v in stateful.items():
+        v.load_state_dict(blob[k])
+    set_rng_state(blob["rng"], generators)
+    return int(blob["step"])

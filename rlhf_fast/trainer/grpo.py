@@ -1,0 +1,121 @@
+"""GRPOTrainer: critic-free, n samples per prompt, group-relative advantages.
+
+One step: draw B prompts -> generate n responses each (prefilled once) ->
+score -> group_advantages (GRPO / Dr.GRPO / RLOO / REINFORCE++ baseline) ->
+broadcast over the response tokens -> ppo_epochs x minibatches x grad_accum
+of ppo_loss, with KL to the reference as a loss term (k3 by default) or none.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..ops import group_advantages, kl_penalty, ppo_loss
+from .base import Trainer
+from .common import KLController, RunningMoments, guarded_step, make_optimizer, process_scores
+from .config import GRPOConfig
+from .models import response_logprobs
+from .rollout import rollout, sample_prompts, score
+
+
+class GRPOTrainer(Trainer):
+    """policy, ref_policy (None when kl_coef == 0): HF causal LMs; reward:
+    ScalarHeadModel or reward_fn(sequences, response_mask, prompt_length)."""
+
+    name = "grpo"
+
+    def __init__(self, config: GRPOConfig, policy, ref_policy, reward, prompt_ids, prompt_mask=None, *,
+                 eos_token_id=None, pad_token_id=None, device=None):  # fmt: skip
+        super().__init__(config, device or prompt_ids.device)
+        if config.kl_coef > 0 and ref_policy is None:
+            raise ValueError("GRPOTrainer: kl_coef > 0 needs ref_policy")
+        self.policy, self.ref, self.reward = policy, ref_policy, reward
+        if ref_policy is not None:
+            ref_policy.eval().requires_grad_(False)
+        if isinstance(reward, torch.nn.Module):
+            reward.eval().requires_grad_(False)
+        self.prompt_ids = prompt_ids
+        self.prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
+        self.eos, self.pad = eos_token_id, pad_token_id
+        # one sampling stream per rank (rank 0's equals the single-process run's)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 1000003 * self.rank)
+        self.policy_ddp = self.ddp(policy)
+        self.generators["sample"] = self.sample_gen
+        self.opt, self.sched = make_optimizer(policy.parameters(), config)
+        self.kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.moments = RunningMoments()
+        self.stateful = {"policy": policy, "opt": self.opt, "sched": self.sched, "kl_ctl": self.kl_ctl,
+                         "moments": self.moments}  # fmt: skip
+
+    @torch.no_grad()
+    def make_experience(self) -> dict:
+        c = self.config
+        ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
+        ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
+        ro = rollout(self.policy, ids, mask, c, self.sample_gen, num_samples=c.num_samples,
+                     eos_token_id=self.eos, pad_token_id=self.pad)  # fmt: skip
+        t0 = time.perf_counter()
+        raw = score(self.reward, ro)
+        scores = process_scores(raw, c, self.moments, ro.truncated(self.eos))
+        adv_seq = group_advantages(scores, c.num_samples, estimator=c.estimator)  # rows are prompt-major
+        adv = adv_seq[:, None].expand_as(ro.response_mask).float() * ro.response_mask
+        t1 = time.perf_counter()
+        args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
+        old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
+        ref_lp = response_logprobs(self.ref, *args, temperature=c.temperature)[0] if self.ref is not None else None
+        t2 = time.perf_counter()
+        metrics = {"reward": float(raw.mean()), "reward_std_in_group": float(raw.view(-1, c.num_samples).std(-1).mean()),
+                   "response_length": float(ro.lengths.float().mean()), "time/score": t1 - t0,
+                   "time/logprobs": t2 - t1, **ro.timings}  # fmt: skip
+        if ref_lp is not None:
+            metrics["kl"] = float((kl_penalty(old_lp, ref_lp, kind=c.kl_kind) * ro.response_mask).sum(-1).mean())
+        return {"ro": ro, "old_logprobs": old_lp, "ref_logprobs": ref_lp, "advantages": adv, "metrics": metrics}
+
+    def _micro_loss(self, exp: dict, idx: torch.Tensor):
+        c = self.config
+        ro = exp["ro"].index(idx)
+        logp, ent = response_logprobs(self.policy_ddp, ro.sequences, ro.attention_mask, ro.response_mask,
+                                      ro.prompt_length, temperature=c.temperature, return_entropy=True)  # fmt: skip
+        use_kl = exp["ref_logprobs"] is not None and self.kl_ctl.value > 0
+        loss, st = ppo_loss(
+            logp, exp["old_logprobs"][idx], exp["advantages"][idx], ro.response_mask, entropy=ent,
+            ref_logprobs=exp["ref_logprobs"][idx] if use_kl else None, entropy_coef=c.entropy_coef,
+            kl_coef=self.kl_ctl.value if use_kl else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
+            clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
+        )  # fmt: skip
+        return loss, {k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl")}
+
+    def update(self, exp: dict) -> dict:
+        c = self.config
+        N = exp["ro"].sequences.shape[0]
+        params = list(self.policy.parameters())
+        sums, n_mb, skipped = {}, 0, 0
+        t0 = time.perf_counter()
+        self.policy.train()
+        for _ in range(c.ppo_epochs):
+            perm = torch.randperm(N, generator=self.cpu_gen).to(self.device)
+            for mb in perm.split(c.minibatch_size):
+                micro = mb.chunk(min(c.grad_accum, mb.numel()))
+                total = torch.zeros((), device=self.device)
+                for mi in micro:
+                    loss, stats = self._micro_loss(exp, mi)
+                    (loss / len(micro)).backward()
+                    total = total + loss.detach() / len(micro)
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
+                _, skip = guarded_step([self.opt], [], params, c.max_grad_norm, total)
+                skipped += int(skip)
+                n_mb += 1
+        self.sched.step()
+        out = {k: v / max(n_mb, 1) for k, v in sums.items()}
+        out.update({"skipped": skipped, "time/update": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0]})
+        return out
+
+    def step(self) -> dict:
+        exp = self.make_experience()
+        metrics = exp["metrics"]
+        metrics.update(self.update(exp))
+        if "kl" in metrics:
+            self.kl_ctl.update(metrics["kl"], self.config.batch_size)
+        return metrics

@@ -1,0 +1,103 @@
+"""Model glue: value / reward heads on a causal LM's trunk, and the sequence
+log-prob forwards the trainers share.
+
+Layout used everywhere: `sequences (B, P+R)` = prompt (left-padded, P tokens)
+then response (right-padded, R tokens); `attention_mask (B, P+R)`;
+`response_mask (B, R)`. The logit at position P-1+t predicts response token t,
+so only the last R+1 positions go through the lm_head (`logits_to_keep`).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..ops import linear_logprobs, logprobs_from_logits
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """HF's positions for left padding: cumsum(mask) - 1, 0 on padding."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_min(0)
+
+
+def trunk_of(lm: nn.Module) -> nn.Module:
+    """The decoder trunk of an HF causal LM (LlamaModel inside LlamaForCausalLM)."""
+    return lm.base_model if hasattr(lm, "base_model") else lm
+
+
+class ScalarHeadModel(nn.Module):
+    """A causal-LM trunk plus a linear head: per-token scalars (a critic) or one
+    score per sequence at its last valid token (a reward model).
+
+    Built from a causal LM by copying its trunk, so the critic / reward model
+    starts from the SFT features (InstructGPT initialises both that way)."""
+
+    def __init__(self, trunk: nn.Module, hidden_size: int, init_std: float = 0.0):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_causal_lm(cls, lm: nn.Module, init_std: float = 0.0) -> "ScalarHeadModel":
+        return cls(copy.deepcopy(trunk_of(lm)), lm.config.hidden_size, init_std)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """input_ids, attention_mask: (B, T) -> (B, T) fp32 scalars, or (B,)
+        at each row's last attended token when last_only (through forward, so DDP sees it)."""
+        h = self.trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).last_hidden_state
+        out = self.head(h).squeeze(-1).float()
+        if not last_only:
+            return out
+        T = attention_mask.shape[1]
+        last = (attention_mask.long() * torch.arange(T, device=attention_mask.device)).argmax(-1)
+        return out.gather(1, last[:, None]).squeeze(1)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B,): the scalar at each row's last attended token."""
+        return self(input_ids, attention_mask, last_only=True)
+
+
+def response_logprobs(
+    model, sequences, attention_mask, response_mask, prompt_length: int, *, temperature=1.0, return_entropy=False
+):
+    """Log-probs (and entropy) of the response tokens under `model`.
+
+    sequences, attention_mask: (B, P+R); response_mask: (B, R) bool.
+    Returns logprobs (B, R) fp32 (0 where masked) and entropy (B, R) or None,
+    through rlhf_fast.logprobs_from_logits on the (B, R, V) logit slice read in place."""
+    R = sequences.shape[1] - prompt_length
+    out = model(
+        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+        logits_to_keep=R + 1, use_cache=False,
+    )  # fmt: skip
+    logits = out.logits[:, :-1]  # (B, R, V): position P-1+t predicts token t
+    labels = sequences[:, prompt_length:].masked_fill(~response_mask, -100)
+    res = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy)
+    return res if return_entropy else (res, None)
+
+
+def response_values(critic: ScalarHeadModel, sequences, attention_mask, prompt_length: int) -> torch.Tensor:
+    """V(state before response token t): the critic's scalar at P-1+t. (B, R) fp32."""
+    return critic(sequences, attention_mask)[:, prompt_length - 1 : -1]
+
+
+def sequence_logprobs_linear(lm, input_ids, attention_mask, loss_mask):
+    """Summed log-prob of the tokens where loss_mask is set, and their count.
+
+    input_ids, attention_mask, loss_mask: (B, T). The trunk's final hidden
+    states go straight into rlhf_fast.linear_logprobs with the lm_head weight,
+    so the (B, T, V) logits are never materialised (DPO's memory peak).
+    Returns (logp_sum (B,), n_tokens (B,))."""
+    h = trunk_of(lm)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+    ).last_hidden_state
+    head = lm.get_output_embeddings()
+    labels = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), -100)
+    logp = linear_logprobs(h[:, :-1], head.weight, labels, bias=head.bias)
+    return logp.sum(-1), loss_mask[:, 1:].sum(-1)

@@ -1,0 +1,147 @@
+"""PPOTrainer: policy + critic + frozen reference + reward model or function.
+
+One step (torchtune's PPO recipe, InstructGPT's objective):
+  generate (rlhf_fast.generate) -> score -> old / ref log-probs and values ->
+  KL-shaped token rewards (kl_penalty) -> gae -> whiten ->
+  ppo_epochs x minibatches x grad_accum of ppo_loss + vf_coef * ppo_value_loss.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..ops import ppo_loss, ppo_value_loss
+from .base import Trainer
+from .common import KLController, RunningMoments, guarded_step, make_optimizer, process_scores
+from .config import PPOConfig
+from .models import ScalarHeadModel, response_logprobs, response_values
+from .rollout import advantages, masked_mean, rollout, sample_prompts, score, shaped_rewards
+
+
+class PPOTrainer(Trainer):
+    """policy, ref_policy: HF causal LMs (ref frozen); critic: ScalarHeadModel
+    (ScalarHeadModel.from_causal_lm(policy) gives a value head on a copy of its
+    trunk); reward: ScalarHeadModel (learned RM) or reward_fn(sequences,
+    response_mask, prompt_length) -> (N,). prompt_ids, prompt_mask: (M, P)
+    left-padded prompt pool; each step draws config.batch_size of them."""
+
+    name = "ppo"
+
+    def __init__(self, config: PPOConfig, policy, ref_policy, critic: ScalarHeadModel, reward, prompt_ids,
+                 prompt_mask=None, *, eos_token_id=None, pad_token_id=None, device=None):  # fmt: skip
+        super().__init__(config, device or prompt_ids.device)
+        self.policy, self.ref, self.critic, self.reward = policy, ref_policy, critic, reward
+        self.ref.eval().requires_grad_(False)
+        if isinstance(reward, torch.nn.Module):
+            reward.eval().requires_grad_(False)
+        self.prompt_ids = prompt_ids
+        self.prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
+        self.eos, self.pad = eos_token_id, pad_token_id
+        # one sampling stream per rank (rank 0's equals the single-process run's)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 1000003 * self.rank)
+        self.policy_ddp = self.ddp(policy)
+        self.generators["sample"] = self.sample_gen
+        self.opt, self.sched = make_optimizer(policy.parameters(), config)
+        self.copt, self.csched = make_optimizer(critic.parameters(), config, lr=config.critic_lr)
+        self.critic_ddp = self.ddp(critic)
+        self.kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.moments = RunningMoments()
+        self.stateful = {
+            "policy": policy, "critic": critic, "opt": self.opt, "sched": self.sched, "critic_opt": self.copt,
+            "critic_sched": self.csched, "kl_ctl": self.kl_ctl, "moments": self.moments,
+        }  # fmt: skip
+
+    # ------------------------------------------------------------ experience
+    @torch.no_grad()
+    def make_experience(self) -> dict:
+        c = self.config
+        ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
+        ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
+        ro = rollout(self.policy, ids, mask, c, self.sample_gen, eos_token_id=self.eos, pad_token_id=self.pad)
+        t0 = time.perf_counter()
+        raw = score(self.reward, ro)
+        scores = process_scores(raw, c, self.moments, ro.truncated(self.eos))
+        t1 = time.perf_counter()
+        args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
+        old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
+        ref_lp, _ = response_logprobs(self.ref, *args, temperature=c.temperature)
+        values = response_values(self.critic, ro.sequences, ro.attention_mask, ro.prompt_length)
+        t2 = time.perf_counter()
+        beta = self.kl_ctl.value if c.kl_in_reward else 0.0
+        rewards, kl = shaped_rewards(scores, old_lp, ref_lp, ro.response_mask, beta, c.kl_kind)
+        adv, ret = advantages(rewards, values, ro.response_mask, gamma=c.gamma, lam=c.lam,
+                              whiten_advantages=c.whiten_advantages)  # fmt: skip
+        n_tok = int(ro.response_mask.sum())
+        seq_kl = float((kl.sum(-1)).mean())
+        metrics = {
+            "reward": float(raw.mean()), "reward_processed": float(scores.mean()), "kl": seq_kl,
+            "kl_token": masked_mean(kl, ro.response_mask), "kl_coef": self.kl_ctl.value,
+            "response_length": float(ro.lengths.float().mean()), "time/score": t1 - t0, "time/logprobs": t2 - t1,
+            "tokens_per_s/logprobs": 3 * n_tok / max(t2 - t1, 1e-9), **ro.timings,
+        }  # fmt: skip
+        return {"ro": ro, "old_logprobs": old_lp, "ref_logprobs": ref_lp, "values": values, "advantages": adv,
+                "returns": ret, "metrics": metrics}  # fmt: skip
+
+    # ------------------------------------------------------------ update
+    def _micro_loss(self, exp: dict, idx: torch.Tensor):
+        c = self.config
+        ro = exp["ro"].index(idx)
+        m = ro.response_mask
+        logp, ent = response_logprobs(self.policy_ddp, ro.sequences, ro.attention_mask, m, ro.prompt_length,
+                                      temperature=c.temperature, return_entropy=True)  # fmt: skip
+        kl_loss = not c.kl_in_reward and self.kl_ctl.value > 0
+        ploss, pst = ppo_loss(
+            logp, exp["old_logprobs"][idx], exp["advantages"][idx], m, entropy=ent,
+            ref_logprobs=exp["ref_logprobs"][idx] if kl_loss else None, entropy_coef=c.entropy_coef,
+            kl_coef=self.kl_ctl.value if kl_loss else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
+            clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
+        )  # fmt: skip
+        v = response_values(self.critic_ddp, ro.sequences, ro.attention_mask, ro.prompt_length)
+        vloss, vst = ppo_value_loss(v, exp["values"][idx], exp["returns"][idx], m, clip=c.value_clip, agg=c.loss_agg)
+        stats = {"pg_loss": pst["pg_loss"], "entropy": pst["entropy"], "clipfrac": pst["clipfrac"],
+                 "approx_kl": pst["approx_kl"], "value_loss": vloss, "vf_clipfrac": vst["clipfrac"],
+                 "explained_variance": vst["explained_variance"]}  # fmt: skip
+        return ploss, c.vf_coef * vloss, stats
+
+    def update(self, exp: dict) -> dict:
+        c = self.config
+        N = exp["ro"].sequences.shape[0]
+        params = list(self.policy.parameters()) + list(self.critic.parameters())
+        sums, n_mb, skipped, norms = {}, 0, 0, []
+        t0 = time.perf_counter()
+        self.policy.train()
+        self.critic.train()
+        for _ in range(c.ppo_epochs):
+            perm = torch.randperm(N, generator=self.cpu_gen).to(self.device)
+            for mb in perm.split(c.minibatch_size):
+                micro = mb.chunk(min(c.grad_accum, mb.numel()))
+                total = torch.zeros((), device=self.device)
+                for mi in micro:
+                    ploss, vloss, stats = self._micro_loss(exp, mi)
+                    # two backwards, not one: under DDP the policy's and the critic's gradient
+                    # all-reduces must reach the process group in the same order on every rank
+                    (ploss / len(micro)).backward()
+                    (vloss / len(micro)).backward()
+                    total = total + (ploss.detach() + vloss.detach()) / len(micro)
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
+                norm, skip = guarded_step([self.opt, self.copt], [], params, c.max_grad_norm, total)
+                norms.append(norm)
+                skipped += int(skip)
+                n_mb += 1
+        self.sched.step()
+        self.csched.step()
+        out = {k: v / max(n_mb, 1) for k, v in sums.items()}
+        n_tok = int(exp["ro"].response_mask.sum())
+        dt = time.perf_counter() - t0
+        out.update({"grad_norm": sum(norms) / max(len(norms), 1), "skipped": skipped, "time/update": dt,
+                    "tokens_per_s/update": c.ppo_epochs * n_tok / max(dt, 1e-9), "lr": self.sched.get_last_lr()[0]})
+        return out
+
+    def step(self) -> dict:
+        exp = self.make_experience()
+        metrics = exp["metrics"]
+        metrics.update(self.update(exp))
+        self.kl_ctl.update(metrics["kl"], self.config.batch_size)
+        return metrics

@@ -1,0 +1,106 @@
+"""Rollouts and experience: generate -> score -> KL-shaped token rewards ->
+GAE -> whitening. Pure wiring; every piece of math is an rlhf_fast op."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from ..generation import generate
+from ..ops import gae, kl_penalty, whiten
+from .models import ScalarHeadModel
+
+
+@dataclasses.dataclass
+class Rollout:
+    sequences: torch.Tensor  # (N, P+R) int64
+    attention_mask: torch.Tensor  # (N, P+R) long
+    response_mask: torch.Tensor  # (N, R) bool
+    prompt_length: int
+    timings: dict
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+    def truncated(self, eos_token_id) -> torch.Tensor:
+        """(N,) bool: the response ran to max_new_tokens without an EOS."""
+        if eos_token_id is None:
+            return torch.zeros_like(self.lengths, dtype=torch.bool)
+        eos = torch.as_tensor(eos_token_id, device=self.sequences.device).flatten()
+        resp = self.sequences[:, self.prompt_length :]
+        return ~(torch.isin(resp, eos) & self.response_mask).any(-1)
+
+    def index(self, idx: torch.Tensor) -> "Rollout":
+        return Rollout(self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_length, {})
+
+
+def rollout(policy, prompt_ids, prompt_mask, config, generator, *, num_samples=1, eos_token_id=None, pad_token_id=None):
+    """Sample num_samples responses per prompt with rlhf_fast.generate (prompt-major rows)."""
+    t0 = time.perf_counter()
+    was_training = policy.training
+    policy.eval()
+    out = generate(
+        policy, prompt_ids, prompt_mask, max_new_tokens=config.max_new_tokens, num_samples=num_samples,
+        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, generator=generator,
+    )  # fmt: skip
+    policy.train(was_training)
+    attn = torch.cat([prompt_mask.long().repeat_interleave(num_samples, 0), out.response_mask.long()], dim=1)
+    dt = time.perf_counter() - t0
+    n_tok = int(out.lengths.sum())
+    return Rollout(out.sequences, attn, out.response_mask, out.prompt_length,
+                   {"time/generate": dt, "tokens_per_s/generate": n_tok / max(dt, 1e-9)})  # fmt: skip
+
+
+@torch.no_grad()
+def score(reward, ro: Rollout) -> torch.Tensor:
+    """(N,) fp32 scores from a ScalarHeadModel (learned RM) or a callable
+    reward_fn(sequences, response_mask, prompt_length) -> (N,)."""
+    if isinstance(reward, ScalarHeadModel):
+        was = reward.training
+        reward.eval()
+        s = reward.score(ro.sequences, ro.attention_mask)
+        reward.train(was)
+        return s.float()
+    return torch.as_tensor(reward(ro.sequences, ro.response_mask, ro.prompt_length), dtype=torch.float32)
+
+
+def shaped_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: float, kl_kind: str = "k1"):
+    """Per-token rewards: -kl_coef * KL(logp || ref) on every response token,
+    plus the sequence score on its last token (InstructGPT / TRL PPO).
+    scores (N,); logprobs, ref_logprobs, response_mask (N, R). Returns
+    (rewards (N, R) fp32, kl (N, R) fp32), zero where masked."""
+    m = response_mask.float()
+    kl = kl_penalty(logprobs, ref_logprobs, kind=kl_kind) * m
+    rewards = -kl_coef * kl
+    last = (response_mask.sum(-1) - 1).clamp_min(0)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    has = response_mask.any(-1)
+    rewards[rows, last] += torch.where(has, scores, torch.zeros_like(scores))
+    return rewards, kl
+
+
+def advantages(rewards, values, response_mask, *, gamma=1.0, lam=0.95, whiten_advantages=True):
+    """GAE (rlhf_fast.gae, one pass per row) then masked whitening. (N, R) each."""
+    adv, ret = gae(rewards, values, response_mask, gamma=gamma, lam=lam)
+    if whiten_advantages:
+        adv = whiten(adv, response_mask)
+    return adv, ret
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.float()
+    return float((x * m).sum() / m.sum().clamp_min(1))
+
+
+def sample_prompts(prompt_ids, prompt_mask, batch_size: int, generator: torch.Generator):
+    """batch_size prompt rows drawn without replacement (with, if the pool is smaller)."""
+    n = prompt_ids.shape[0]
+    if batch_size <= n:
+        idx = torch.randperm(n, generator=generator)[:batch_size]
+    else:
+        idx = torch.randint(n, (batch_size,), generator=generator)
+    idx = idx.to(prompt_ids.device)
+    return prompt_ids[idx], prompt_mask[idx]
