@@ -10,7 +10,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .common import MetricsLogger, load_checkpoint, save_checkpoint
+from .common import KLController, MetricsLogger, RunningMoments, load_checkpoint, make_optimizer, save_checkpoint
 
 
 class Trainer:
@@ -31,6 +31,23 @@ class Trainer:
         if self.rank != 0:  # one writer: rank 0 logs and checkpoints
             self.logger.path, self.logger.progress = None, False
         self.callbacks: list = []  # f(trainer, metrics) -> dict of extra metrics, run after each step
+
+    def setup_rollout(self, policy, reward, prompt_ids, prompt_mask, eos_token_id, pad_token_id) -> None:
+        """What PPO and GRPO share: a frozen reward model, the prompts, one
+        sampling stream per rank (rank 0's equals the single-process run's),
+        the policy's DDP wrapper and optimizer, KL control, reward moments."""
+        config = self.config
+        if isinstance(reward, torch.nn.Module):
+            reward.eval().requires_grad_(False)
+        self.prompt_ids = prompt_ids
+        self.prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
+        self.eos, self.pad = eos_token_id, pad_token_id
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 1000003 * self.rank)
+        self.generators["sample"] = self.sample_gen
+        self.policy_ddp = self.ddp(policy)
+        self.opt, self.sched = make_optimizer(policy.parameters(), config)
+        self.kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.moments = RunningMoments()
 
     def ddp(self, module):
         """DistributedDataParallel around `module` under torchrun (gloo or NCCL;

@@ -13,7 +13,7 @@ import torch
 
 from ..ops import group_advantages, kl_penalty, ppo_loss
 from .base import Trainer
-from .common import KLController, RunningMoments, guarded_step, make_optimizer, process_scores
+from .common import guarded_step, process_scores
 from .config import GRPOConfig
 from .models import response_logprobs
 from .rollout import rollout, sample_prompts, score
@@ -33,18 +33,7 @@ class GRPOTrainer(Trainer):
         self.policy, self.ref, self.reward = policy, ref_policy, reward
         if ref_policy is not None:
             ref_policy.eval().requires_grad_(False)
-        if isinstance(reward, torch.nn.Module):
-            reward.eval().requires_grad_(False)
-        self.prompt_ids = prompt_ids
-        self.prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
-        self.eos, self.pad = eos_token_id, pad_token_id
-        # one sampling stream per rank (rank 0's equals the single-process run's)
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 1000003 * self.rank)
-        self.policy_ddp = self.ddp(policy)
-        self.generators["sample"] = self.sample_gen
-        self.opt, self.sched = make_optimizer(policy.parameters(), config)
-        self.kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
-        self.moments = RunningMoments()
+        self.setup_rollout(policy, reward, prompt_ids, prompt_mask, eos_token_id, pad_token_id)
         self.stateful = {"policy": policy, "opt": self.opt, "sched": self.sched, "kl_ctl": self.kl_ctl,
                          "moments": self.moments}  # fmt: skip
 

@@ -13,7 +13,7 @@ import torch
 
 from ..ops import ppo_loss, ppo_value_loss
 from .base import Trainer
-from .common import KLController, RunningMoments, guarded_step, make_optimizer, process_scores
+from .common import guarded_step, make_optimizer, process_scores
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values
 from .rollout import advantages, masked_mean, rollout, sample_prompts, score, shaped_rewards
@@ -33,20 +33,9 @@ class PPOTrainer(Trainer):
         super().__init__(config, device or prompt_ids.device)
         self.policy, self.ref, self.critic, self.reward = policy, ref_policy, critic, reward
         self.ref.eval().requires_grad_(False)
-        if isinstance(reward, torch.nn.Module):
-            reward.eval().requires_grad_(False)
-        self.prompt_ids = prompt_ids
-        self.prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
-        self.eos, self.pad = eos_token_id, pad_token_id
-        # one sampling stream per rank (rank 0's equals the single-process run's)
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 1000003 * self.rank)
-        self.policy_ddp = self.ddp(policy)
-        self.generators["sample"] = self.sample_gen
-        self.opt, self.sched = make_optimizer(policy.parameters(), config)
+        self.setup_rollout(policy, reward, prompt_ids, prompt_mask, eos_token_id, pad_token_id)
         self.copt, self.csched = make_optimizer(critic.parameters(), config, lr=config.critic_lr)
         self.critic_ddp = self.ddp(critic)
-        self.kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
-        self.moments = RunningMoments()
         self.stateful = {
             "policy": policy, "critic": critic, "opt": self.opt, "sched": self.sched, "critic_opt": self.copt,
             "critic_sched": self.csched, "kl_ctl": self.kl_ctl, "moments": self.moments,
