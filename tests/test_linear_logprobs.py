@@ -328,3 +328,20 @@ def test_forced_reference_backend_runs():
     want = torch.log_softmax(h @ w.T, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
     assert_close(lp, want, rtol=1e-5, name="reference-backend logprobs")
     assert ent.shape == y.shape and bool((ent > 0).all())
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    # Under torch.autocast the op is a matmul: fp32 hidden and weight go in as
+    # bf16, exactly as if the caller had cast them (values and gradients).
+    hidden = torch.randn(9, 32, requires_grad=True)
+    weight = torch.randn(50, 32, requires_grad=True)
+    labels = torch.randint(0, 50, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = rlhf_fast.linear_logprobs(hidden, weight, labels)
+    lp.sum().backward()
+    h16, w16 = hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_()
+    want = rlhf_fast.linear_logprobs(h16, w16, labels)
+    want.sum().backward()
+    assert lp.dtype == torch.float32 and torch.equal(lp, want)
+    assert hidden.grad.dtype == torch.float32 and torch.equal(hidden.grad, h16.grad.float())
+    assert torch.equal(weight.grad, w16.grad.float())

@@ -2,6 +2,7 @@
 model and DPO learning on separable toy data, exact resume, the NaN guard,
 configs, and the quick end-to-end demo."""
 import copy
+import math
 import json
 
 import pytest
@@ -92,6 +93,34 @@ def test_ppo_steps_fused_match_reference():
     for a, b in zip(rows_f, rows_r):
         for k in ("reward", "kl", "pg_loss", "value_loss", "clipfrac", "entropy", "response_length"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+
+
+def test_bf16_autocast_steps_train_and_stay_fp32():
+    trainer = _ppo(autocast="bf16")
+    start = _params(trainer.policy).clone()
+    rows = trainer.train(2)
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())  # master weights stay fp32
+    assert float((_params(trainer.policy) - start).abs().max()) > 1e-4
+    for row in rows:
+        for k in ("reward", "kl", "pg_loss", "value_loss", "entropy"):
+            assert math.isfinite(row[k]), (k, row[k])
+    with pytest.raises(ValueError, match="autocast must be None or 'bf16'"):
+        _ppo(autocast="fp8").train(1)
+
+
+def test_bf16_autocast_grpo_rm_dpo_train():
+    (ci, cm), (ri, rm) = _separable_pairs(16)
+    cl, rl = cm.clone(), rm.clone()
+    cl[:, :4] = 0  # <bos> det noun verb: the prompt
+    rl[:, :4] = 0
+    policy = _tiny(2)
+    dpo = DPOTrainer(DPOConfig(steps=2, batch_size=8, lr=3e-3, progress=False, autocast="bf16"),
+                     policy, copy.deepcopy(policy), ci, cm, cl, ri, rm, rl)  # fmt: skip
+    rm_tr = RewardTrainer(RewardConfig(steps=2, batch_size=8, progress=False, autocast="bf16"),
+                          ScalarHeadModel.from_causal_lm(_tiny()), ci, cm, ri, rm)  # fmt: skip
+    for rows in (dpo.train(), rm_tr.train(), _grpo(autocast="bf16").train(1)):
+        for row in rows:
+            assert row["skipped"] == 0 and all(math.isfinite(v) for v in row.values() if isinstance(v, float)), row
 
 
 def test_grpo_steps_fused_match_reference():

@@ -93,6 +93,12 @@ def linear_logprobs(
     V = weight.shape[0]
     if weight.shape[1] != H:
         raise ValueError(f"{OP}: weight has H={weight.shape[1]} columns but hidden has H={H} features")
+    if torch.is_autocast_enabled(hidden.device.type):
+        # Under torch.autocast this op is a matmul: run it in the autocast
+        # dtype, as F.linear would (the casts are autograd-tracked).
+        dt = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{OP}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; cast one")
     if bias is not None:
@@ -145,6 +151,7 @@ def _row_chunks(labels: torch.Tensor, ignore_index: int, chunk_size: int):
     return list(rows.split(chunk_size))
 
 
+@torch.autocast("cpu", enabled=False)  # the chunk GEMMs keep the inputs' dtype
 def linear_logprobs_fwd_cpu(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
     """Per chunk of chunk_size labelled tokens: logits = hidden_c @ W.T + b
     (MKL), then the fused C++ row pass; the chunk is freed before the next."""
@@ -160,6 +167,7 @@ def linear_logprobs_fwd_cpu(hidden, weight, bias, labels, temperature, ignore_in
     return lp, ent, lse
 
 
+@torch.autocast("cpu", enabled=False)
 def linear_logprobs_bwd_cpu(
     grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
 ):
@@ -327,6 +335,17 @@ if _backend.HAVE_TRITON:
         ignore_index: int,
         chunk_size: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # dW / dH GEMMs in the inputs' dtype with fp32 accumulation, never
+        # re-cast by an enclosing torch.autocast
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _linear_logprobs_bwd_triton_impl(
+                grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index,
+                chunk_size,
+            )  # fmt: skip
+
+    def _linear_logprobs_bwd_triton_impl(
+        grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
+    ):
         N, H = hidden.shape
         V = weight.shape[0]
         acc = _acc_dtype(hidden.dtype)

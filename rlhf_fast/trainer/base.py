@@ -78,6 +78,13 @@ class Trainer:
         the mean over the global batch when the slices are equal."""
         return idx[self.rank :: self.world_size]
 
+    def autocast(self):
+        """bf16 autocast on the trainer's device when config.autocast == "bf16"."""
+        mode = getattr(self.config, "autocast", None)
+        if mode not in (None, "bf16"):
+            raise ValueError(f"autocast must be None or 'bf16', got {mode!r}")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=mode == "bf16")
+
     def step(self) -> dict:  # one rollout + update (PPO/GRPO) or one batch (RM/DPO)
         raise NotImplementedError
 
@@ -88,7 +95,8 @@ class Trainer:
         rows = []
         while self.step_count < end:
             t0 = time.perf_counter()
-            metrics = self.step()
+            with self.autocast():
+                metrics = self.step()
             self.step_count += 1
             metrics["time/step"] = time.perf_counter() - t0
             for cb in self.callbacks:

@@ -41,11 +41,14 @@ def rollout(policy, prompt_ids, prompt_mask, config, generator, *, num_samples=1
     t0 = time.perf_counter()
     was_training = policy.training
     policy.eval()
-    out = generate(
-        policy, prompt_ids, prompt_mask, max_new_tokens=config.max_new_tokens, num_samples=num_samples,
-        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, generator=generator,
-    )  # fmt: skip
+    # Generation runs in the model's own dtype: the static KV cache is
+    # allocated in it, so bf16 autocast (config.autocast) stops here.
+    with torch.autocast(prompt_ids.device.type, enabled=False):
+        out = generate(
+            policy, prompt_ids, prompt_mask, max_new_tokens=config.max_new_tokens, num_samples=num_samples,
+            temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, generator=generator,
+        )  # fmt: skip
     policy.train(was_training)
     attn = torch.cat([prompt_mask.long().repeat_interleave(num_samples, 0), out.response_mask.long()], dim=1)
     dt = time.perf_counter() - t0
