@@ -7,14 +7,13 @@ ratio). Issue target on CPU: >= 1.5x. GPU: HF with cache_implementation="static"
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rlhf_fast
 
-from .harness import Record, compare, format_table, machine_facts, write_json
+from .harness import Record, bench_main, compare
 
 
 def _model(device, vocab, hidden, layers):
@@ -67,16 +66,14 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
     return records
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    recs = run(quick=not args.full)
-    print(format_table(recs))
-    for r in recs:
+def _tokens_per_s(records) -> str:
+    lines = []
+    for r in records:
         if r.baseline and r.status == "ok":
             n_tok = int(r.shape.split("B=")[1].split()[0]) * int(r.shape.split("R=")[1].split()[0])
-            print(f"{r.shape}: ours {n_tok / r.median_s:.0f} tok/s, {r.baseline} {n_tok / r.baseline_median_s:.0f} tok/s")
-    if args.json:
-        write_json(args.json, recs, machine_facts("cuda" if torch.cuda.is_available() else "cpu"))
+            lines.append(f"{r.shape}: ours {n_tok / r.median_s:.0f} tok/s, {r.baseline} {n_tok / r.baseline_median_s:.0f} tok/s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    bench_main(run, quick_by_default=True, summary=_tokens_per_s)

@@ -17,13 +17,12 @@ of materialised.
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 
 import rlhf_fast
-from benchmarks.harness import Record, compare, format_table, machine_facts, write_json
+from benchmarks.harness import Record, bench_main, compare
 
 OP = "linear_logprobs"
 
@@ -124,12 +123,4 @@ def targets(records: list[Record]) -> str:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--full", action="store_true", help="the issue's shapes (CPU: ~10 min on 2 cores)")
-    ap.add_argument("--json", help="write records + machine facts here")
-    args = ap.parse_args()
-    recs = run(quick=not args.full)
-    print(format_table(recs))
-    print(targets(recs))
-    if args.json:
-        write_json(args.json, recs, machine_facts(recs[0].device if recs else "cpu"))
+    bench_main(run, quick_by_default=True, summary=targets)

@@ -26,7 +26,6 @@ up to 10x; with --threads 1 about 0.8-1.2x).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -37,7 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 import rlhf_fast
 
 from . import harness
-from .harness import Record, format_table, machine_facts, write_json
+from .harness import Record, bench_main
 
 PHASES = (
     "generate", "logprobs_policy", "logprobs_ref", "values", "rewards", "advantages", "loss_backward", "optimizer",
@@ -187,12 +186,4 @@ def phase_table(records: list[Record]) -> str:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    recs = run(quick=not args.full)
-    print(format_table(recs))
-    print(phase_table(recs))
-    if args.json:
-        write_json(args.json, recs, machine_facts(recs[0].device if recs else "cpu"))
+    bench_main(run, quick_by_default=True, summary=phase_table)

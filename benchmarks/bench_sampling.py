@@ -8,13 +8,12 @@ FlashInfer's top_p_sampling_from_probs if it is installed.
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 import rlhf_fast
 
-from .harness import Record, compare, format_table, machine_facts, write_json
+from .harness import Record, bench_main, compare
 
 
 def _hf_top_p(logits, temperature, top_p):
@@ -69,11 +68,4 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--full", action="store_true")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    recs = run(quick=not args.full)
-    print(format_table(recs))
-    if args.json:
-        write_json(args.json, recs, machine_facts("cuda" if torch.cuda.is_available() else "cpu"))
+    bench_main(run, quick_by_default=True)

@@ -333,3 +333,28 @@ def write_json(path: str, records: list[Record], facts: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump({"machine": facts, "records": [r.as_dict() for r in records]}, f, indent=1)
+
+
+def bench_main(run: Callable[..., list], *, quick_by_default: bool, summary: Callable[[list], str] | None = None,
+               argv=None) -> list:
+    """The command line every bench_<op>.py shares: --quick / --full pick the
+    shapes (the module's default otherwise), --threads sets torch's threads
+    for ours and the peers alike, --json writes records + machine facts."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small shapes")
+    ap.add_argument("--full", action="store_true", help="the issue's shapes")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every implementation")
+    ap.add_argument("--json", default=None, help="write records + machine facts here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick or (quick_by_default and not args.full)
+    records = run(quick=quick)
+    print(format_table(records))
+    if summary is not None:
+        print(summary(records))
+    if args.json:
+        write_json(args.json, records, machine_facts(records[0].device if records else "cpu"))
+    return records
