@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
 
 namespace rlhf_fast {
 
@@ -31,6 +32,33 @@ inline void check_logprobs_inputs(const at::Tensor& logits, const at::Tensor& la
 // fp32 results for fp32 / bf16 / fp16 logits, fp64 for fp64.
 inline at::ScalarType logprobs_acc_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The backward's (A, B) per-row inputs as contiguous acc_t tensors (an
+// expanded grad from .sum(), stride 0, becomes a real copy of A*B values).
+// grad_entropy is undefined when the entropy output took no gradient.
+struct LogprobsBwdRows {
+  at::Tensor grad_logprobs, grad_entropy, lse, entropy;
+};
+
+inline LogprobsBwdRows logprobs_bwd_rows(const at::Tensor& grad_logprobs,
+                                         const std::optional<at::Tensor>& grad_entropy,
+                                         const at::Tensor& logits, const at::Tensor& lse,
+                                         const at::Tensor& entropy) {
+  const auto acc = logprobs_acc_dtype(logits);
+  const auto shape = logits.sizes().slice(0, 2);
+  auto prep = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == logits.device(), "rlhf_fast::logprobs_bwd: ", name, " is on ",
+                t.device(), " but logits on ", logits.device());
+    TORCH_CHECK(t.sizes() == shape, "rlhf_fast::logprobs_bwd: ", name, " must have shape ", shape,
+                ", got ", t.sizes());
+    return t.to(acc).contiguous();
+  };
+  LogprobsBwdRows rows{prep(grad_logprobs, "grad_logprobs"), at::Tensor(), prep(lse, "lse"),
+                       prep(entropy, "entropy")};
+  if (grad_entropy.has_value() && grad_entropy->defined())
+    rows.grad_entropy = prep(*grad_entropy, "grad_entropy");
+  return rows;
 }
 
 }  // namespace rlhf_fast

@@ -282,18 +282,10 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logprobs,
                             const at::Tensor& lse, const at::Tensor& entropy,
                             double temperature, int64_t ignore_index) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_bwd");
-  const auto acc = logprobs_acc_dtype(logits);
-  const auto shape = logits.sizes().slice(0, 2);
-  auto prep = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.sizes() == shape, "rlhf_fast::logprobs_bwd: ", name,
-                " must have shape ", shape, ", got ", t.sizes());
-    return t.to(acc).contiguous();
-  };
-  const at::Tensor glp = prep(grad_logprobs, "grad_logprobs");
-  const at::Tensor lse_c = prep(lse, "lse"), ent_c = prep(entropy, "entropy");
-  at::Tensor gh;
-  if (grad_entropy.has_value() && grad_entropy->defined())
-    gh = prep(*grad_entropy, "grad_entropy");
+  const LogprobsBwdRows in =
+      logprobs_bwd_rows(grad_logprobs, grad_entropy, logits, lse, entropy);
+  const at::Tensor &glp = in.grad_logprobs, &gh = in.grad_entropy,
+                   &lse_c = in.lse, &ent_c = in.entropy;
   at::Tensor dx = at::empty(logits.sizes(), logits.options().memory_format(
                                                 at::MemoryFormat::Contiguous));
   if (dx.numel() == 0) return dx;

@@ -87,22 +87,10 @@ at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logprobs,
                              double temperature, int64_t ignore_index) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_bwd");
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto acc = logprobs_acc_dtype(logits);
-  const auto shape = logits.sizes().slice(0, 2);
-  // (A, B) per-row inputs: the kernel reads them contiguous in acc_t. An
-  // expanded grad (stride 0, from .sum()) becomes a real (A, B) copy here.
-  auto prep = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device() == logits.device(), "rlhf_fast::logprobs_bwd: ",
-                name, " is on ", t.device(), " but logits on ", logits.device());
-    TORCH_CHECK(t.sizes() == shape, "rlhf_fast::logprobs_bwd: ", name,
-                " must have shape ", shape, ", got ", t.sizes());
-    return t.to(acc).contiguous();
-  };
-  const at::Tensor glp = prep(grad_logprobs, "grad_logprobs");
-  const at::Tensor lse_c = prep(lse, "lse"), ent_c = prep(entropy, "entropy");
-  at::Tensor gh;
-  if (grad_entropy.has_value() && grad_entropy->defined())
-    gh = prep(*grad_entropy, "grad_entropy");
+  const LogprobsBwdRows in =
+      logprobs_bwd_rows(grad_logprobs, grad_entropy, logits, lse, entropy);
+  const at::Tensor &glp = in.grad_logprobs, &gh = in.grad_entropy,
+                   &lse_c = in.lse, &ent_c = in.entropy;
   at::Tensor dx = at::empty(logits.sizes(), logits.options().memory_format(
                                                 at::MemoryFormat::Contiguous));
   if (dx.numel() == 0) return dx;
