@@ -9,13 +9,25 @@ import rlhf_fast
 from rlhf_fast import _backend
 
 
+# Every schema in csrc/ops.cpp (checked against the file below).
+SCHEMAS = (
+    "logprobs_fwd", "logprobs_bwd", "gae", "discounted_returns", "whiten", "group_advantages", "sample_fwd",
+    "linear_logprobs_fwd", "linear_logprobs_bwd", "ppo_loss_fwd", "ppo_loss_bwd", "ppo_value_loss_fwd",
+    "kl_penalty_fwd", "kl_penalty_bwd",
+)  # fmt: skip
+
+
 def test_every_schema_is_registered_with_cpu_kernel_and_fake():
-    for name in ("logprobs_fwd", "logprobs_bwd"):
-        op = getattr(torch.ops.rlhf_fast, name).default
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU"), name
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta") or torch._library.simple_registry.singleton.find(
-            op.name()
-        ).fake_impl.kernel is not None, name
+    import os
+    import re
+
+    src = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "ops.cpp")).read()
+    assert set(re.findall(r'"(\w+)\(Tensor', src)) == set(SCHEMAS)
+    for name in SCHEMAS:
+        qual = f"rlhf_fast::{name}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qual, "CPU"), name
+        entry = torch._library.simple_registry.singleton.find(qual)
+        assert entry.fake_impl.kernel is not None, f"{name} has no register_fake"
 
 
 def test_build_info_reports_the_build():
@@ -38,9 +50,16 @@ def test_automatic_choice_on_cpu_is_cpp():
 def test_env_var_forces_a_backend(monkeypatch):
     monkeypatch.setenv(_backend.ENV_VAR, "reference")
     assert _backend.choose("x", torch.device("cpu"), ("cpp",)) == "reference"
-    x, y = torch.randn(3, 9, requires_grad=True), torch.tensor([1, 2, 3])
-    out = rlhf_fast.logprobs_from_logits(x, y)
-    assert "rlhf_fast" not in type(out.grad_fn).__name__.lower() or out.grad_fn is None
+    from rlhf_fast.ops import logprobs as ops_logprobs
+
+    calls = []
+    real = ops_logprobs.reference.logprobs_from_logits
+    monkeypatch.setattr(ops_logprobs.reference, "logprobs_from_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rlhf_fast.logprobs_from_logits(torch.randn(3, 9), torch.tensor([1, 2, 3]))
+    assert calls == [1]  # the reference ran, not the C++ op
+    monkeypatch.delenv(_backend.ENV_VAR)
+    rlhf_fast.logprobs_from_logits(torch.randn(3, 9), torch.tensor([1, 2, 3]))
+    assert calls == [1]  # automatic choice: the C++ op
 
 
 @pytest.mark.parametrize(
