@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import rounded
+
 NEG_INF = float("-inf")
 
 
@@ -163,7 +165,7 @@ def _linear_logprobs_dlogits_kernel(
     g = tl.where(active[:, None], g * inv_temp, 0.0)  # select, so 0 * inf on padding rows is dropped
     width = v_hi - v_lo
     dst = dl_ptr + offs_n[:, None].to(tl.int64) * width + (offs_v - v_lo)[None, :]
-    tl.store(dst, g.to(dl_ptr.dtype.element_ty), mask=row_mask[:, None] & v_mask[None, :])
+    tl.store(dst, rounded(g, dl_ptr.dtype.element_ty), mask=row_mask[:, None] & v_mask[None, :])
 
 
 @triton.jit

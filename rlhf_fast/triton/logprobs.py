@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import rounded
+
 NEG_INF = float("-inf")
 
 
@@ -98,7 +100,7 @@ def _logprobs_bwd_kernel(
         t = tl.where(p > 0, p * (z - mu), 0.0)
         g = tl.where(offs == label, g_lp, 0.0) - g_lp * p - g_h * t
         g = tl.where(active, g * inv_temp, 0.0)
-        tl.store(out_ptr + offs, g.to(dx_ptr.dtype.element_ty), mask=in_row)
+        tl.store(out_ptr + offs, rounded(g, dx_ptr.dtype.element_ty), mask=in_row)
 
 
 def block_v(V: int) -> int:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import rounded as _rounded
+
 # KL kinds and aggregation modes as constexpr ints (csrc/cpu/ppo_loss.cpp uses the same numbers).
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 KL_NONE = 4
@@ -45,20 +47,6 @@ def _kl_term(lp, ref, KIND: tl.constexpr):
         val = tl.abs(d)
         dval = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     return val, dval
-
-
-@triton.jit
-def _rounded(x, ty: tl.constexpr):
-    """x.to(ty), rounding to nearest-even for bf16 by hand: the Triton
-    interpreter truncates fp32 -> bf16 (even with fp_downcast_rounding="rtne"),
-    which doubles the gradient error the tests allow. On a GPU the final cast
-    of an already-rounded value is exact, so both paths give the same bits."""
-    if ty == tl.bfloat16:
-        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.to(tl.float32, bitcast=True).to(ty)
-    else:
-        return x.to(ty)
 
 
 @triton.jit
