@@ -97,9 +97,21 @@ def test_extreme_and_minus_inf_logits(backend):
     assert lp[3] == float("-inf")
     assert lp[2] == 0 and ent[2] == 0
     assert_close(lp, want_lp, RTOL[torch.float32], "logprobs")
-    # At 1e4 / 0.7 every row is nearly one-hot: entropies of 1e-70..1e-3, so
-    # hold them to fp32's absolute error, not a relative one.
-    assert (ent.double() - want_ent).abs().max() < 1e-6
+    # At 1e4 / 0.7 the scaled logits z reach 5e4, where one fp32 rounding of
+    # z = x * (1/T) moves z by up to |z| * 2^-23 ~ 6e-3. Entropy is not scale
+    # free: to first order |dH| <= 2 max|dz| * sum_i p_i |z_i - E[z]|, so a row
+    # whose top two tokens are close (H ~ 0.09 seen) is off by ~1e-4 in any fp32
+    # kernel. Hold every row to that bound, computed from the float64 reference.
+    z = logits.double() / 0.7
+    p = torch.softmax(z, dim=-1)
+    finite = torch.isfinite(z)
+    zf = torch.where(finite, z, 0.0)
+    mean_z = (p * zf).sum(-1, keepdim=True)
+    spread = torch.where(finite, p * (zf - mean_z).abs(), 0.0).sum(-1)
+    dz = 2 * torch.finfo(torch.float32).eps * zf.abs().amax(-1)  # 1/T and the product: two roundings
+    bound = 2 * dz * spread + 1e-6
+    err = (ent.double() - want_ent).abs()
+    assert (err <= bound).all(), f"entropy error {err.max():.3g} over the fp32 bound in rows {(err > bound).nonzero().flatten().tolist()}"
 
 
 def test_nan_stays_in_its_row(backend):
