@@ -40,8 +40,20 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, name: str = 
     assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.1e}; worst: {_first_mismatches(out, ref)}"
 
 
-def assert_no_worse_than_eager(out, eager, ref, name="output", factor=LOW_PRECISION_FACTOR, floor=1e-6) -> None:
+# Entropy is a difference of O(1) terms (log s - E[z - max]) with s in [1, V]:
+# an fp32 kernel's absolute error there is a few ulps of 1 whatever the size
+# of H, so a nearly one-hot row (H ~ 1e-3, seen 1.4e-7 off) cannot meet a
+# relative bound. 8 ulps of 1.0 is the absolute floor for fp32 entropies.
+ENTROPY_ATOL = 8 * torch.finfo(torch.float32).eps
+
+
+def assert_no_worse_than_eager(out, eager, ref, name="output", factor=LOW_PRECISION_FACTOR, floor=1e-6,
+                               atol=0.0) -> None:  # fmt: skip
     """Low-precision inputs: at most `factor` x torch eager's own error in the
-    same dtype (floor: eager can be exact on tiny cases)."""
+    same dtype (floor: eager can be exact on tiny cases), or every element
+    within `atol` of the reference (for outputs with an absolute error floor)."""
+    if atol > 0 and out.shape == ref.shape and torch.isfinite(out).all() and torch.isfinite(ref).all():
+        if float((out.double() - ref.double()).abs().max()) <= atol:
+            return
     bound = max(factor * rel_err(eager, ref), floor)
     assert_close(out, ref, bound, name=f"{name} (eager err {rel_err(eager, ref):.2e})")
