@@ -66,9 +66,18 @@ def main(argv=None) -> int:
         print(f"wrote {args.out}/summary.json, metrics.jsonl, samples.md, plot.png")
         return 0 if summary["true_score_rose"] else 1
     if args.cmd == "train":
+        import gc
+
+        import torch.distributed as dist
+
         from .trainer.run import run_from_yaml
 
-        run_from_yaml(args.algo, args.config)
+        trainer = run_from_yaml(args.algo, args.config)
+        del trainer  # DDP reducers go before the process group, not at interpreter teardown (seen hung)
+        gc.collect()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
         return 0
     if args.cmd == "bench":
         from .bench import available_ops, run

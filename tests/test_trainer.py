@@ -154,11 +154,22 @@ def _separable_pairs(n=96, seed=0):
     return world.encode_batch(TOK, ch, eos=True), world.encode_batch(TOK, rj, eos=True)
 
 
-def rm_trainer(steps=40, batch_size=16):
+def rm_trainer(steps=40, batch_size=16, **kw):
     (ci, cm), (ri, rm) = _separable_pairs()
     model = ScalarHeadModel.from_causal_lm(_tiny(1), init_std=0.02)
-    cfg = RewardConfig(steps=steps, batch_size=batch_size, lr=3e-3, eval_fraction=0.25, progress=False)
+    cfg = RewardConfig(steps=steps, batch_size=batch_size, lr=3e-3, eval_fraction=0.25, progress=False, **kw)
     return RewardTrainer(cfg, model, ci, cm, ri, rm)
+
+
+def dpo_trainer(loss_type="sigmoid", steps=25, n_pairs=48, **kw):
+    (ci, cm), (ri, rm) = _separable_pairs(n_pairs)
+    P = 4  # <bos> det noun verb
+    cl, rl = cm.clone(), rm.clone()
+    cl[:, :P] = 0
+    rl[:, :P] = 0
+    policy = _tiny(2)
+    cfg = DPOConfig(steps=steps, batch_size=16, lr=3e-3, beta=0.1, loss_type=loss_type, progress=False, **kw)
+    return DPOTrainer(cfg, policy, copy.deepcopy(policy), ci, cm, cl, ri, rm, rl)
 
 
 def test_reward_model_accuracy_rises():
@@ -179,15 +190,8 @@ def test_reward_model_margin_needs_tensor():
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_loss_decreases(loss_type):
-    (ci, cm), (ri, rm) = _separable_pairs(48)
-    P = 4  # <bos> det noun verb
-    cl, rl = cm.clone(), rm.clone()
-    cl[:, :P] = 0
-    rl[:, :P] = 0
-    policy = _tiny(2)
-    cfg = DPOConfig(steps=25, batch_size=16, lr=3e-3, beta=0.1, loss_type=loss_type, progress=False)
-    tr = DPOTrainer(cfg, policy, copy.deepcopy(policy), ci, cm, cl, ri, rm, rl)
-    all_idx = torch.arange(ci.shape[0])
+    tr = dpo_trainer(loss_type)
+    all_idx = torch.arange(tr.data[0].shape[0])
     first = float(tr.loss(all_idx)[0])
     tr.train()
     last, stats = tr.loss(all_idx)
@@ -282,15 +286,14 @@ def test_quick_demo_true_score_rises(tmp_path):
 # ---------------------------------------------------------------- torchrun, 2 processes, gloo
 
 
-def _torchrun(mode, out):
+def _run_torchrun(*args):
     import os
     import subprocess
     import sys
 
     here = os.path.dirname(__file__)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(here))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(here, "_ddp_worker.py"), mode, str(out)]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     try:
@@ -300,13 +303,46 @@ def _torchrun(mode, out):
         _, err = proc.communicate()
         raise AssertionError("torchrun timed out:\n" + err[-3000:])
     assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def _torchrun(mode, out):
+    import os
+
+    _run_torchrun(os.path.join(os.path.dirname(__file__), "_ddp_worker.py"), mode, str(out))
     return torch.load(out)
 
 
-def test_ddp_reward_model_matches_one_process_doubled_batch(tmp_path):
-    got = _torchrun("rm", tmp_path / "rm.pt")
-    assert got["world"] == 2
-    assert torch.equal(got["ranks"][0], got["ranks"][1]), "DDP ranks diverged"
+def test_cli_train_grpo_under_torchrun_fsdp2(tmp_path):
+    import yaml
+
+    from rlhf_fast.trainer.run import _load_lm
+
+    cfg = dict(model="tiny-demo", reward="rule", steps=2, batch_size=4, num_samples=2, max_new_tokens=6,
+               minibatch_size=8, lr=1e-3, kl_coef=0.02, seed=3, parallel="fsdp2", out_dir=str(tmp_path / "out"))  # fmt: skip
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+    _run_torchrun("-m", "rlhf_fast.cli", "train", "grpo", "--config", str(tmp_path / "g.yaml"))
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # rank 0 alone writes
+    state = torch.load(tmp_path / "out" / "model.pt")
+    assert all(type(v) is torch.Tensor for v in state.values()), "model.pt must hold full tensors, not shards"
+    lm = _load_lm("tiny-demo", None, 3)
+    start = _params(lm).clone()
+    lm.load_state_dict(state)  # strict: every key, every full shape
+    assert float((_params(lm) - start).abs().max()) > 1e-4
+
+
+def _moved_and_gap(got_full, single, start):
+    moved = float((single - start).abs().max())
+    return moved, float((got_full - single).abs().max())
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_distributed_reward_model_matches_one_process_doubled_batch(tmp_path, parallel):
+    got = _torchrun(f"rm:{parallel}", tmp_path / "rm.pt")
+    assert got["world"] == 2 and got["sharded"] == (parallel == "fsdp2")
+    if parallel == "ddp":
+        assert torch.equal(got["ranks"][0], got["ranks"][1]), "DDP ranks diverged"
     single = rm_trainer()  # one process, the same global batch of 16 (8 per rank above)
     start = _params(single.model).clone()
     single.train()
@@ -314,13 +350,58 @@ def test_ddp_reward_model_matches_one_process_doubled_batch(tmp_path):
     # The head bias cancels in r_chosen - r_rejected: its gradient is pure rounding noise, which
     # Adam scales up to lr-sized steps, so it is left out (it is the last parameter).
     n_bias = single.model.head.bias.numel()
-    want, got0, start = want[:-n_bias], got["ranks"][0][:-n_bias], start[:-n_bias]
-    moved = float((want - start).abs().max())
+    moved, gap = _moved_and_gap(got["full"][:-n_bias], want[:-n_bias], start[:-n_bias])
     assert moved > 1e-3
-    assert float((got0 - want).abs().max()) < 1e-3 * moved
+    assert gap < 1e-3 * moved
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_distributed_dpo_matches_one_process_doubled_batch(tmp_path, parallel):
+    # DDP: gradients all-reduced by hand (the fused path bypasses forward);
+    # FSDP2: the fused path runs as a registered forward method of the sharded model.
+    got = _torchrun(f"dpo:{parallel}", tmp_path / "dpo.pt")
+    single = dpo_trainer(steps=6)
+    start = _params(single.policy).clone()
+    rows = single.train()
+    moved, gap = _moved_and_gap(got["full"], _params(single.policy), start)
+    assert moved > 1e-2
+    assert gap < 1e-3 * moved
+    for a, b in zip(rows, got["rows"]):  # rank 0 logs its half-batch metrics; the loss is a mean of means
+        assert math.isfinite(b["loss"]) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
 
 
 def test_ddp_ppo_ranks_stay_in_sync(tmp_path):
     got = _torchrun("ppo", tmp_path / "ppo.pt")
     assert torch.equal(got["ranks"][0], got["ranks"][1]), "DDP ranks diverged"
     assert float((got["ranks"][0] - _params(_tiny(0))).abs().max()) > 1e-4
+
+
+def test_fsdp2_ppo_matches_ddp(tmp_path):
+    # Same ranks, same per-rank sampling streams: sharding changes where the
+    # weights live, not the update. (A gradient norm taken over a module's
+    # parameters instead of the optimizer's once missed FSDP2's root weights.)
+    ddp = _torchrun("ppo:ddp", tmp_path / "ddp.pt")
+    fsdp = _torchrun("ppo:fsdp2", tmp_path / "fsdp2.pt")
+    assert fsdp["sharded"] and not ddp["sharded"]
+    start = _params(_tiny(0))
+    moved, gap = _moved_and_gap(fsdp["full"], ddp["full"], start)
+    assert moved > 1e-3
+    assert gap < 1e-3 * moved
+    for a, b in zip(ddp["rows"], fsdp["rows"]):
+        for k in ("reward", "kl", "pg_loss", "value_loss", "grad_norm", "entropy", "response_length"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
+def test_fsdp2_resume_equals_uninterrupted_and_checkpoint_is_whole(tmp_path):
+    got = _torchrun("resume:fsdp2", tmp_path / "resume.pt")
+    assert got["sharded"]
+    assert torch.equal(got["full"], got["straight"])
+    blob = torch.load(got["checkpoint"], weights_only=False)
+    assert blob["world_size"] == 2 and len(blob["rng_ranks"]) == 2
+    s0, s1 = (r["generators"]["sample"] for r in blob["rng_ranks"])
+    assert not torch.equal(s0, s1), "each rank's sampling stream must be kept"
+    # the sharded run wrote full tensors: a single process loads them as they are
+    policy = _tiny(0)
+    policy.load_state_dict(blob["policy"])
+    ScalarHeadModel.from_causal_lm(_tiny(0)).load_state_dict(blob["critic"])
+    assert float((_params(policy) - _params(_tiny(0))).abs().max()) > 1e-4

@@ -72,6 +72,16 @@ class _DecodeStep:
 
 
 @torch.no_grad()
+def _all_done(done: torch.Tensor, group) -> bool:
+    if group is None:
+        return bool(done.all())
+    import torch.distributed as dist
+
+    flag = done.all().to(torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
 def generate(
     model,
     input_ids: torch.Tensor,
@@ -88,6 +98,7 @@ def generate(
     generator: torch.Generator | None = None,
     compile: bool = False,
     sync_every: int = 8,
+    sync_group=None,
 ) -> GenerateOutput:
     """Sample `num_samples` responses per prompt from a Hugging Face causal LM.
 
@@ -100,6 +111,10 @@ def generate(
         stops after its EOS and is padded with pad_token_id (default: the
         first EOS, else 0); the loop exits once every row is done (checked
         every `sync_every` steps).
+    sync_group: a torch.distributed process group (e.g. dist.group.WORLD)
+        whose ranks must run the same number of forwards, as with an FSDP2-
+        sharded model (every forward all-gathers weights): the early exit then
+        waits until every rank's rows are done (an all-reduce per check).
     generator: on the model's device; seeds for all B*n rows are drawn once,
         each row an independent counter-based stream (samples of one prompt differ).
     compile: torch.compile the decode step (mode="reduce-overhead" on CUDA:
@@ -169,7 +184,7 @@ def generate(
         response_mask[:, t] = alive
         if eos:
             done |= alive & torch.isin(s.tokens, eos_t)
-            if (t + 1) % sync_every == 0 and t + 1 < R and bool(done.all()):  # the one periodic host sync
+            if (t + 1) % sync_every == 0 and t + 1 < R and _all_done(done, sync_group):  # the one periodic host sync
                 break
 
     lengths = response_mask.sum(-1)

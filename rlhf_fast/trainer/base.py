@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .common import KLController, MetricsLogger, RunningMoments, load_checkpoint, make_optimizer, save_checkpoint
+from .parallel import ModelState, OptimizerState, check_mode, fsdp2_shard, is_sharded
 
 
 class Trainer:
@@ -28,6 +29,7 @@ class Trainer:
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
+        self.parallel = check_mode(getattr(config, "parallel", "ddp"))
         if self.rank != 0:  # one writer: rank 0 logs and checkpoints
             self.logger.path, self.logger.progress = None, False
         self.callbacks: list = []  # f(trainer, metrics) -> dict of extra metrics, run after each step
@@ -35,24 +37,39 @@ class Trainer:
     def setup_rollout(self, policy, reward, prompt_ids, prompt_mask, eos_token_id, pad_token_id) -> None:
         """What PPO and GRPO share: a frozen reward model, the prompts, one
         sampling stream per rank (rank 0's equals the single-process run's),
-        the policy's DDP wrapper and optimizer, KL control, reward moments."""
+        the policy's DDP wrapper (or FSDP2 shards) and optimizer, KL control,
+        reward moments."""
         config = self.config
         if isinstance(reward, torch.nn.Module):
             reward.eval().requires_grad_(False)
+            self.wrap(reward, trainable=False)
         self.prompt_ids = prompt_ids
         self.prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
         self.eos, self.pad = eos_token_id, pad_token_id
         self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 1000003 * self.rank)
         self.generators["sample"] = self.sample_gen
-        self.policy_ddp = self.ddp(policy)
+        self.policy_ddp = self.wrap(policy)
         self.opt, self.sched = make_optimizer(policy.parameters(), config)
         self.kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.moments = RunningMoments()
 
-    def ddp(self, module):
-        """DistributedDataParallel around `module` under torchrun (gloo or NCCL;
-        gradients all-reduced by torch.distributed), the module itself otherwise."""
+    @property
+    def sync_group(self):
+        """The process group whose ranks must run the same number of forwards
+        (FSDP2 all-gathers weights inside each one); None when they need not."""
+        return dist.group.WORLD if self.world_size > 1 and self.parallel == "fsdp2" else None
+
+    def wrap(self, module, trainable: bool = True):
+        """Under torchrun: "ddp" wraps a trained module in DistributedDataParallel
+        (gradients all-reduced by torch.distributed) and leaves frozen ones
+        alone; "fsdp2" shards either kind in place (parallel.fsdp2_shard). One
+        process: the module itself. Build optimizers after this: FSDP2 swaps
+        the parameters for sharded DTensors."""
         if self.world_size == 1:
+            return module
+        if self.parallel == "fsdp2":
+            return fsdp2_shard(module)
+        if not trainable:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
@@ -65,7 +82,7 @@ class Trainer:
         """Mean of the gradients over ranks, for a model used outside its
         forward (DPO reads the trunk and the lm_head weight separately, so a
         DDP wrapper would never see the backward)."""
-        if self.world_size == 1:
+        if self.world_size == 1 or self.parallel == "fsdp2":  # FSDP2 reduce-scatters them itself
             return
         for p in params:
             if p.grad is not None:
@@ -106,16 +123,26 @@ class Trainer:
             if self.step_count % max(self.config.log_every, 1) == 0:
                 self.logger.log(self.step_count, metrics)
             every = self.config.checkpoint_every
-            if every and self.config.out_dir and self.rank == 0 and self.step_count % every == 0:
+            if every and self.config.out_dir and self.step_count % every == 0:  # every rank: a collective
                 self.save(os.path.join(self.config.out_dir, "checkpoint.pt"))
         return rows
 
+    def model_state(self, model):
+        """What goes in `stateful` for a model: full weights even when sharded."""
+        return ModelState(model) if is_sharded(model) else model
+
+    def optimizer_state(self, model, optimizer):
+        return OptimizerState(model, optimizer) if is_sharded(model) else optimizer
+
     def save(self, path: str) -> None:
-        """Models, optimizers, schedulers, controllers, every RNG, the step."""
+        """Models, optimizers, schedulers, controllers, every rank's RNGs, the
+        step. Under torchrun every rank must call it (sharded weights are
+        gathered); rank 0 writes the file."""
         extra = {"skipped": _Scalar(self, "skipped_steps")}
         save_checkpoint(path, self.step_count, {**self.stateful, **extra}, self.generators)
 
     def load(self, path: str) -> None:
+        """Every rank reads the file; each takes its own RNG streams."""
         extra = {"skipped": _Scalar(self, "skipped_steps")}
         self.step_count = load_checkpoint(path, {**self.stateful, **extra}, self.generators)
 

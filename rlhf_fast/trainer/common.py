@@ -99,12 +99,15 @@ def make_optimizer(params, config, lr: float | None = None):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def guarded_step(optimizers, schedulers, params, max_grad_norm, loss: torch.Tensor) -> tuple[float, bool]:
+def guarded_step(optimizers, schedulers, max_grad_norm, loss: torch.Tensor) -> tuple[float, bool]:
     """Clip, then step every optimizer unless the loss or the gradient norm is
     NaN/inf: then the gradients are dropped and the step is skipped (the
     scheduler still advances, so the LR curve does not shift).
+    The norm is over the optimizers' own parameters, not a module's: an
+    FSDP2 root left unsharded by a no_grad forward lists its gathered copies,
+    which never receive gradients (the sharded ones in the optimizer do).
     Returns (grad_norm, skipped)."""
-    params = [p for p in params if p.grad is not None]
+    params = [p for opt in optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
     if max_grad_norm is not None and max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
@@ -171,20 +174,45 @@ def set_rng_state(state: dict, generators: dict) -> None:
         g.set_state(state["generators"][k])
 
 
+def _dist():
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized()
+    return (dist, dist.get_rank(), dist.get_world_size()) if on else (None, 0, 1)
+
+
 def save_checkpoint(path: str, step: int, stateful: dict, generators: dict) -> None:
     """stateful: name -> object with state_dict() (models, optimizers,
     schedulers, KL controller); generators: name -> torch.Generator. Written to a temp file then renamed, so a
-    crash mid-write never leaves a torn checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    blob = {"step": step, "rng": rng_state(generators)}
-    blob.update({k: v.state_dict() for k, v in stateful.items()})
-    torch.save(blob, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    crash mid-write never leaves a torn checkpoint.
+
+    Under torchrun every rank calls this: sharded state dicts are gathered (a
+    collective), every rank's RNG states are kept (each rank samples its own
+    stream), and rank 0 writes."""
+    dist, rank, world = _dist()
+    states = {k: v.state_dict() for k, v in stateful.items()}  # collective for FSDP2-sharded models
+    rng = rng_state(generators)
+    rng_ranks = [rng]
+    if world > 1:
+        rng_ranks = [None] * world
+        dist.all_gather_object(rng_ranks, rng)
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        blob = {"step": step, "rng": rng, "rng_ranks": rng_ranks, "world_size": world, **states}
+        torch.save(blob, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if world > 1:
+        dist.barrier()  # no rank goes on (and perhaps loads it) before the file is whole
 
 
 def load_checkpoint(path: str, stateful: dict, generators: dict) -> int:
+    """Every rank reads the file. A rank takes its own RNG states when the
+    checkpoint was written by as many ranks; otherwise rank 0's (the sampled
+    streams then differ from the original run's)."""
+    _, rank, world = _dist()
     blob = torch.load(path, map_location="cpu", weights_only=False)
     for k, v in stateful.items():
         v.load_state_dict(blob[k])
-    set_rng_state(blob["rng"], generators)
+    ranks = blob.get("rng_ranks", [blob["rng"]])
+    set_rng_state(ranks[rank] if len(ranks) == world else blob["rng"], generators)
     return int(blob["step"])

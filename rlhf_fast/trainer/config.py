@@ -28,6 +28,9 @@ class TrainConfig:
     # torch.autocast(device, bfloat16); master weights, optimizer state, the
     # log-probs and the losses stay fp32 (the ops return fp32 from bf16 logits).
     autocast: str | None = None  # None | "bf16"
+    # Under torchrun: "ddp" replicates the models, "fsdp2" shards them across
+    # ranks (trainer/parallel.py). Ignored in a single process.
+    parallel: str = "ddp"  # ddp | fsdp2
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":

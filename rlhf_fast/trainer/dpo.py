@@ -34,9 +34,15 @@ class DPOTrainer(Trainer):
             raise ValueError(f"DPOTrainer: beta must be > 0, got {config.beta}")
         self.policy, self.ref = policy, ref_policy
         ref_policy.eval().requires_grad_(False)
+        # DDP: not wrapped (the fused path bypasses forward; all_reduce_grads instead).
+        # FSDP2: sharded, the fused path registered as a forward method.
+        if self.parallel == "fsdp2":
+            self.wrap(policy)
+            self.wrap(ref_policy, trainable=False)
         self.data = (chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids, rejected_mask, rejected_loss_mask)
         self.opt, self.sched = make_optimizer(policy.parameters(), config)
-        self.stateful = {"policy": policy, "opt": self.opt, "sched": self.sched}
+        self.stateful = {"policy": self.model_state(policy), "opt": self.optimizer_state(policy, self.opt),
+                         "sched": self.sched}  # fmt: skip
 
     def _logps(self, model, idx):
         cid, cm, cl, rid, rm, rl = (t[idx] for t in self.data)
@@ -78,6 +84,6 @@ class DPOTrainer(Trainer):
             for k, v in st.items():
                 sums[k] = sums.get(k, 0.0) + v / len(micro)
         self.all_reduce_grads(self.policy.parameters())
-        norm, skip = guarded_step([self.opt], [self.sched], self.policy.parameters(), c.max_grad_norm,
+        norm, skip = guarded_step([self.opt], [self.sched], c.max_grad_norm,
                                   torch.tensor(total))  # fmt: skip
         return {"loss": total, **sums, "grad_norm": norm, "skipped": int(skip), "lr": self.sched.get_last_lr()[0]}

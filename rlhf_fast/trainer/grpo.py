@@ -33,9 +33,10 @@ class GRPOTrainer(Trainer):
         self.policy, self.ref, self.reward = policy, ref_policy, reward
         if ref_policy is not None:
             ref_policy.eval().requires_grad_(False)
+            self.wrap(ref_policy, trainable=False)
         self.setup_rollout(policy, reward, prompt_ids, prompt_mask, eos_token_id, pad_token_id)
-        self.stateful = {"policy": policy, "opt": self.opt, "sched": self.sched, "kl_ctl": self.kl_ctl,
-                         "moments": self.moments}  # fmt: skip
+        self.stateful = {"policy": self.model_state(policy), "opt": self.optimizer_state(policy, self.opt),
+                         "sched": self.sched, "kl_ctl": self.kl_ctl, "moments": self.moments}  # fmt: skip
 
     @torch.no_grad()
     def make_experience(self) -> dict:
@@ -43,7 +44,7 @@ class GRPOTrainer(Trainer):
         ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
         ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
         ro = rollout(self.policy, ids, mask, c, self.sample_gen, num_samples=c.num_samples,
-                     eos_token_id=self.eos, pad_token_id=self.pad)  # fmt: skip
+                     eos_token_id=self.eos, pad_token_id=self.pad, sync_group=self.sync_group)  # fmt: skip
         t0 = time.perf_counter()
         raw = score(self.reward, ro)
         scores = process_scores(raw, c, self.moments, ro.truncated(self.eos))
@@ -78,7 +79,6 @@ class GRPOTrainer(Trainer):
     def update(self, exp: dict) -> dict:
         c = self.config
         N = exp["ro"].sequences.shape[0]
-        params = list(self.policy.parameters())
         sums, n_mb, skipped = {}, 0, 0
         t0 = time.perf_counter()
         self.policy.train()
@@ -93,7 +93,7 @@ class GRPOTrainer(Trainer):
                     total = total + loss.detach() / len(micro)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
-                _, skip = guarded_step([self.opt], [], params, c.max_grad_norm, total)
+                _, skip = guarded_step([self.opt], [], c.max_grad_norm, total)
                 skipped += int(skip)
                 n_mb += 1
         self.sched.step()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops import linear_logprobs, logprobs_from_logits
+from .parallel import FUSED_SEQUENCE_LOGPROBS
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,15 @@ def sequence_logprobs_linear(lm, input_ids, attention_mask, loss_mask):
     input_ids, attention_mask, loss_mask: (B, T). The trunk's final hidden
     states go straight into rlhf_fast.linear_logprobs with the lm_head weight,
     so the (B, T, V) logits are never materialised (DPO's memory peak).
-    Returns (logp_sum (B,), n_tokens (B,))."""
+    Returns (logp_sum (B,), n_tokens (B,)). Under FSDP2 this runs as the
+    model's registered forward method, so its weights are gathered around it."""
+    fused = getattr(lm, FUSED_SEQUENCE_LOGPROBS, None)
+    if fused is not None:
+        return fused(input_ids, attention_mask, loss_mask)
+    return _sequence_logprobs_linear(lm, input_ids, attention_mask, loss_mask)
+
+
+def _sequence_logprobs_linear(lm, input_ids, attention_mask, loss_mask):
     h = trunk_of(lm)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
     ).last_hidden_state

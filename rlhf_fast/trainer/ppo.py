@@ -33,12 +33,15 @@ class PPOTrainer(Trainer):
         super().__init__(config, device or prompt_ids.device)
         self.policy, self.ref, self.critic, self.reward = policy, ref_policy, critic, reward
         self.ref.eval().requires_grad_(False)
+        self.wrap(self.ref, trainable=False)
         self.setup_rollout(policy, reward, prompt_ids, prompt_mask, eos_token_id, pad_token_id)
+        self.critic_ddp = self.wrap(critic)  # before its optimizer: FSDP2 swaps the parameters
         self.copt, self.csched = make_optimizer(critic.parameters(), config, lr=config.critic_lr)
-        self.critic_ddp = self.ddp(critic)
         self.stateful = {
-            "policy": policy, "critic": critic, "opt": self.opt, "sched": self.sched, "critic_opt": self.copt,
-            "critic_sched": self.csched, "kl_ctl": self.kl_ctl, "moments": self.moments,
+            "policy": self.model_state(policy), "critic": self.model_state(critic),
+            "opt": self.optimizer_state(policy, self.opt), "sched": self.sched,
+            "critic_opt": self.optimizer_state(critic, self.copt), "critic_sched": self.csched,
+            "kl_ctl": self.kl_ctl, "moments": self.moments,
         }  # fmt: skip
 
     # ------------------------------------------------------------ experience
@@ -47,7 +50,8 @@ class PPOTrainer(Trainer):
         c = self.config
         ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
         ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
-        ro = rollout(self.policy, ids, mask, c, self.sample_gen, eos_token_id=self.eos, pad_token_id=self.pad)
+        ro = rollout(self.policy, ids, mask, c, self.sample_gen, eos_token_id=self.eos, pad_token_id=self.pad,
+                     sync_group=self.sync_group)  # fmt: skip
         t0 = time.perf_counter()
         raw = score(self.reward, ro)
         scores = process_scores(raw, c, self.moments, ro.truncated(self.eos))
@@ -96,7 +100,6 @@ class PPOTrainer(Trainer):
     def update(self, exp: dict) -> dict:
         c = self.config
         N = exp["ro"].sequences.shape[0]
-        params = list(self.policy.parameters()) + list(self.critic.parameters())
         sums, n_mb, skipped, norms = {}, 0, 0, []
         t0 = time.perf_counter()
         self.policy.train()
@@ -115,7 +118,7 @@ class PPOTrainer(Trainer):
                     total = total + (ploss.detach() + vloss.detach()) / len(micro)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
-                norm, skip = guarded_step([self.opt, self.copt], [], params, c.max_grad_norm, total)
+                norm, skip = guarded_step([self.opt, self.copt], [], c.max_grad_norm, total)
                 norms.append(norm)
                 skipped += int(skip)
                 n_mb += 1

@@ -32,14 +32,15 @@ class RewardTrainer(Trainer):
         if config.margin and margin is None:
             raise ValueError("RewardTrainer: config.margin is set but no margin tensor was given")
         self.model = model
-        self.model_ddp = self.ddp(model)
+        self.model_ddp = self.wrap(model)  # before the optimizer: FSDP2 swaps the parameters
         self.data = (chosen_ids, chosen_mask, rejected_ids, rejected_mask,
                      margin if margin is not None else torch.zeros(M, device=chosen_ids.device))  # fmt: skip
         perm = torch.randperm(M, generator=self.cpu_gen).to(chosen_ids.device)
         n_eval = int(round(M * config.eval_fraction))
         self.eval_idx, self.train_idx = perm[:n_eval], perm[n_eval:]
         self.opt, self.sched = make_optimizer(model.parameters(), config)
-        self.stateful = {"model": model, "opt": self.opt, "sched": self.sched}
+        self.stateful = {"model": self.model_state(model), "opt": self.optimizer_state(model, self.opt),
+                         "sched": self.sched}  # fmt: skip
 
     def _rewards(self, idx, model=None):
         cid, cm, rid, rm, margin = (t[idx] for t in self.data)
@@ -71,7 +72,7 @@ class RewardTrainer(Trainer):
             (loss / len(micro)).backward()
             total += loss.item() / len(micro)
             accs.append((rc > rr).float())
-        norm, skip = guarded_step([self.opt], [self.sched], self.model.parameters(), c.max_grad_norm,
+        norm, skip = guarded_step([self.opt], [self.sched], c.max_grad_norm,
                                   torch.tensor(total))  # fmt: skip
         return {"loss": total, "accuracy": float(torch.cat(accs).mean()), "grad_norm": norm, "skipped": int(skip),
                 "lr": self.sched.get_last_lr()[0]}  # fmt: skip

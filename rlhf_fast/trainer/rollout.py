@@ -36,8 +36,10 @@ class Rollout:
         return Rollout(self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_length, {})
 
 
-def rollout(policy, prompt_ids, prompt_mask, config, generator, *, num_samples=1, eos_token_id=None, pad_token_id=None):
-    """Sample num_samples responses per prompt with rlhf_fast.generate (prompt-major rows)."""
+def rollout(policy, prompt_ids, prompt_mask, config, generator, *, num_samples=1, eos_token_id=None, pad_token_id=None,
+            sync_group=None):  # fmt: skip
+    """Sample num_samples responses per prompt with rlhf_fast.generate (prompt-major rows).
+    sync_group: the ranks of a sharded (FSDP2) policy, which must stop decoding together."""
     t0 = time.perf_counter()
     was_training = policy.training
     policy.eval()
@@ -47,7 +49,7 @@ def rollout(policy, prompt_ids, prompt_mask, config, generator, *, num_samples=1
         out = generate(
             policy, prompt_ids, prompt_mask, max_new_tokens=config.max_new_tokens, num_samples=num_samples,
             temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, generator=generator,
+            pad_token_id=pad_token_id, generator=generator, sync_group=sync_group,
         )  # fmt: skip
     policy.train(was_training)
     attn = torch.cat([prompt_mask.long().repeat_interleave(num_samples, 0), out.response_mask.long()], dim=1)

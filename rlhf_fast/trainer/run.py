@@ -8,6 +8,10 @@ The YAML holds the trainer's dataclass fields at the top level plus:
 With model: tiny-demo the policy is the demo's tiny Llama (random init unless
 init_checkpoint names a saved state_dict) and `reward: rule` is its hidden rule.
 At the end the trained model's state_dict is written to out_dir/model.pt.
+
+Under torchrun (WORLD_SIZE > 1) the process group is set up here (NCCL on
+GPUs, one per local rank; gloo on CPU) and the config's `parallel` (ddp |
+fsdp2) decides how the models are spread; model.pt then holds full weights.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .models import ScalarHeadModel
+from .parallel import ModelState
 from .ppo import PPOTrainer
 from .reward import RewardTrainer
 
@@ -115,16 +120,31 @@ def _reward(extra, tok: _Tok, lm):
     return rm
 
 
+def _init_distributed() -> torch.device:
+    """Join torchrun's process group when launched by it; the device to use."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
 def run_from_yaml(algo: str, path: str):
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     extra = {k: data.pop(k) for k in _EXTRA if k in data}
     cfg = _CONFIGS[algo].from_dict(data)
+    device = _init_distributed()
     spec = extra.get("model", "tiny-demo")
     tok = _Tok(spec)
-    lm = _load_lm(spec, extra.get("init_checkpoint"), cfg.seed)
+    lm = _load_lm(spec, extra.get("init_checkpoint"), cfg.seed).to(device)
     if algo in ("ppo", "grpo"):
-        ids, mask = tok.batch(_prompts(extra, tok), pad_left=True)
+        ids, mask = (t.to(device) for t in tok.batch(_prompts(extra, tok), pad_left=True))
         reward = _reward(extra, tok, lm)
         kw = dict(eos_token_id=tok.eos, pad_token_id=tok.pad)
         if algo == "ppo":
@@ -135,22 +155,26 @@ def run_from_yaml(algo: str, path: str):
         trained = lm
     else:
         prompts, chosen, rejected = _pairs(extra, tok, cfg.seed)
-        ci, cm = tok.batch([f"{p} {c}" for p, c in zip(prompts, chosen)], eos=True)
-        ri, rm = tok.batch([f"{p} {r}" for p, r in zip(prompts, rejected)], eos=True)
+        ci, cm = (t.to(device) for t in tok.batch([f"{p} {c}" for p, c in zip(prompts, chosen)], eos=True))
+        ri, rm = (t.to(device) for t in tok.batch([f"{p} {r}" for p, r in zip(prompts, rejected)], eos=True))
         if algo == "rm":
             trained = ScalarHeadModel.from_causal_lm(lm, init_std=0.02)
             trainer = RewardTrainer(cfg, trained, ci, cm, ri, rm)
         else:
             # DPO's log-probs cover the response only: drop the prompt's tokens from the loss masks
-            n_prompt = tok.batch(prompts)[1].sum(-1, keepdim=True)
-            cl = cm * (torch.arange(cm.shape[1])[None, :] >= n_prompt)
-            rl = rm * (torch.arange(rm.shape[1])[None, :] >= n_prompt)
+            n_prompt = tok.batch(prompts)[1].sum(-1, keepdim=True).to(device)
+            cl = cm * (torch.arange(cm.shape[1], device=device)[None, :] >= n_prompt)
+            rl = rm * (torch.arange(rm.shape[1], device=device)[None, :] >= n_prompt)
             trainer = DPOTrainer(cfg, lm, copy.deepcopy(lm), ci, cm, cl, ri, rm, rl)
             trained = lm
     trainer.train()
     if algo == "rm":
-        print(json.dumps(trainer.evaluate()))
+        result = trainer.evaluate()  # every rank: a sharded model's forward is a collective
+        if trainer.rank == 0:
+            print(json.dumps(result))
     if cfg.out_dir:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        torch.save(trained.state_dict(), os.path.join(cfg.out_dir, "model.pt"))
+        state = ModelState(trained).state_dict()  # full weights; a collective under FSDP2
+        if trainer.rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            torch.save(state, os.path.join(cfg.out_dir, "model.pt"))
     return trainer
