@@ -89,6 +89,55 @@ def test_gae_low_precision_inputs(cpp, dtype, T):
     assert_close(g, ref.discounted_returns(r.double(), m, gamma=1.0), RTOL[torch.float32], "discounted returns")
 
 
+MASK_DTYPES = [torch.bool, torch.int64, torch.float32, torch.int32, torch.int8, torch.float64]
+
+
+@pytest.mark.parametrize("B", [16, 37])  # one group of 16 rows in lanes; two groups and a 5-row rest
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 100, 4097])  # ragged first tiles, whole tiles, a long row
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gae_sixteen_row_tiles(cpp, B, T, dtype):
+    """fp32 accumulation on AVX-512 runs 16 rows per vector in 16-step tiles;
+    checked against the loop, with NaN in masked slots, per-row gamma / lam
+    and every mask dtype (read in its own dtype)."""
+    r, v = _rand(B, T, dtype), _rand(B, T, dtype)
+    m = make_mask(["right", "left", "holed", "random"][T % 4], B, T)
+    r[~m] = float("nan")  # padding garbage must not reach any carry
+    v[~m] = float("nan")
+    gamma = torch.rand(B) * 0.2 + 0.8
+    lam = torch.rand(B)
+    mdtype = MASK_DTYPES[(B + T) % len(MASK_DTYPES)]
+    adv, ret = rlhf_fast.gae(r, v, m.to(mdtype), gamma=gamma, lam=lam)
+    r64, v64 = r.double().nan_to_num(), v.double().nan_to_num()
+    want_adv, want_ret = ref.gae(r64, v64, m, gamma=gamma.double(), lam=lam.double())
+    assert_close(adv, want_adv, RTOL[torch.float32], f"advantages (mask {mdtype})")
+    assert_close(ret, want_ret, RTOL[torch.float32], "returns")
+    assert torch.all(adv[~m] == 0) and torch.all(ret[~m] == 0)
+    g = rlhf_fast.discounted_returns(r, m.to(mdtype), gamma=gamma)
+    assert_close(g, ref.discounted_returns(r64, m, gamma=gamma.double()), RTOL[torch.float32], "discounted returns")
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_gae_tiles_equal_the_scalar_loop_bit_for_bit(cpp, isa):
+    """The 16-lane kernel does the scalar loop's arithmetic in the same order
+    (w in {0, 1} multiplies instead of selects), so the outputs are identical."""
+    from rlhf_fast import _backend
+
+    if _backend.BUILD_INFO["cpu_isa_best"] != "avx512":
+        pytest.skip("the 16-lane tiles run only on AVX-512 CPUs")
+    B, T = 37, 1001
+    r, v, m = _rand(B, T, torch.float32), _rand(B, T, torch.float32), make_mask("holed", B, T)
+    tiles = rlhf_fast.gae(r, v, m, gamma=0.99, lam=0.95)
+    tiles_dr = rlhf_fast.discounted_returns(r, m, gamma=0.99)
+    prev = _backend._C.set_cpu_isa(isa)
+    try:
+        scalar = rlhf_fast.gae(r, v, m, gamma=0.99, lam=0.95)
+        scalar_dr = rlhf_fast.discounted_returns(r, m, gamma=0.99)
+    finally:
+        _backend._C.set_cpu_isa(prev)
+    assert torch.equal(tiles[0], scalar[0]) and torch.equal(tiles[1], scalar[1])
+    assert torch.equal(tiles_dr, scalar_dr)
+
+
 def test_gae_mixed_dtypes_promote(cpp):
     r, v, m = _rand(3, 40, torch.bfloat16), _rand(3, 40, torch.float64), make_mask("right", 3, 40)
     adv, _ = rlhf_fast.gae(r, v, m, gamma=0.9, lam=0.8)
