@@ -177,6 +177,26 @@ def test_gae_right_padded_equals_openrlhf_trl_loop(cpp):
     assert_close(got, adv * m, RTOL[torch.float64])
 
 
+def test_gae_right_padded_equals_torchrl(cpp):
+    """torchrl's vec_generalized_advantage_estimate on one response per row:
+    the last valid token ends the episode (done and terminated), so nothing
+    is bootstrapped from the padding; valid positions must agree."""
+    try:
+        from torchrl.objectives.value.functional import vec_generalized_advantage_estimate
+    except Exception as exc:  # an optional peer: pip install torchrl (the bench extra)
+        pytest.skip(f"torchrl not importable here ({type(exc).__name__})")
+    B, T, gamma, lam = 6, 40, 0.99, 0.95
+    r, v, m = _rand(B, T), _rand(B, T), make_mask("right", B, T)
+    lengths = m.sum(-1)
+    pos = torch.arange(T)
+    done = (pos[None, :] >= (lengths - 1).clamp_min(0)[:, None]).unsqueeze(-1)  # last valid token and padding
+    next_v = torch.cat([v[:, 1:], torch.zeros(B, 1, dtype=v.dtype)], 1).unsqueeze(-1)
+    want, _ = vec_generalized_advantage_estimate(gamma, lam, v.unsqueeze(-1), next_v, r.unsqueeze(-1), done, done,
+                                                 time_dim=-2)  # fmt: skip
+    got, _ = rlhf_fast.gae(r, v, m, gamma=gamma, lam=lam)
+    assert_close(got[m], want.squeeze(-1)[m].to(got.dtype), 1e-6, "advantages vs torchrl")  # torchrl works in fp32
+
+
 def test_gae_ignores_masked_garbage(cpp):
     B, T = 4, 65
     r, v, m = _rand(B, T), _rand(B, T), make_mask("holed", B, T)

@@ -405,3 +405,20 @@ def test_fsdp2_resume_equals_uninterrupted_and_checkpoint_is_whole(tmp_path):
     policy.load_state_dict(blob["policy"])
     ScalarHeadModel.from_causal_lm(_tiny(0)).load_state_dict(blob["critic"])
     assert float((_params(policy) - _params(_tiny(0))).abs().max()) > 1e-4
+
+
+def test_tensorboard_scalars_match_jsonl(tmp_path):
+    pytest.importorskip("tensorboard", reason="optional: pip install tensorboard (in the test extra)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tr = rm_trainer(steps=3, out_dir=str(tmp_path), tensorboard=True)
+    tr.train()
+    tr.logger.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("rm/loss")]
+    assert [s for s, _ in got] == [1, 2, 3]
+    assert [v for _, v in got] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    with pytest.raises(ValueError, match="needs out_dir"):
+        rm_trainer(steps=1, tensorboard=True)

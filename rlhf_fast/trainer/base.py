@@ -24,13 +24,15 @@ class Trainer:
         self.cpu_gen = torch.Generator().manual_seed(config.seed)  # shuffling, prompt draws
         self.generators = {"cpu": self.cpu_gen}
         self.stateful: dict = {}
-        self.logger = MetricsLogger(config.out_dir, self.name, config.progress, config.steps)
+        self.logger = MetricsLogger(config.out_dir, self.name, config.progress, config.steps,
+                                    tensorboard=getattr(config, "tensorboard", False))  # fmt: skip
         self.skipped_steps = 0
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
         self.parallel = check_mode(getattr(config, "parallel", "ddp"))
         if self.rank != 0:  # one writer: rank 0 logs and checkpoints
+            self.logger.close()
             self.logger.path, self.logger.progress = None, False
         self.callbacks: list = []  # f(trainer, metrics) -> dict of extra metrics, run after each step
 

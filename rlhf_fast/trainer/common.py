@@ -128,13 +128,23 @@ def guarded_step(optimizers, schedulers, max_grad_norm, loss: torch.Tensor) -> t
 
 
 class MetricsLogger:
-    """One JSON object per step in out_dir/metrics.jsonl, and a console line."""
+    """One JSON object per step in out_dir/metrics.jsonl, a console line, and
+    optionally TensorBoard scalars in out_dir/tensorboard (phase/metric tags)."""
 
     def __init__(self, out_dir: str | None, name: str, progress: bool = True, total: int | None = None,
-                 keys=("reward", "kl", "loss")):  # fmt: skip
+                 keys=("reward", "kl", "loss"), tensorboard: bool = False):  # fmt: skip
         self.path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
         if self.path:
             os.makedirs(out_dir, exist_ok=True)
+        self.tb = None
+        if tensorboard:
+            if not out_dir:
+                raise ValueError("tensorboard: true needs out_dir (the event files go to out_dir/tensorboard)")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from exc
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
         self.name, self.progress, self.total, self.t0 = name, progress, total, time.perf_counter()
         self.history: list[dict] = []
         self.keys = keys  # shown on the console line
@@ -147,11 +157,22 @@ class MetricsLogger:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, float) and k != "step":
+                    self.tb.add_scalar(f"{self.name}/{k}", v, step)
+            self.tb.flush()
         if self.progress:
             shown = "  ".join(f"{k} {row[k]:.4g}" for k in keys if isinstance(row.get(k), float))
             tot = f"/{self.total}" if self.total else ""
             skip = "  SKIPPED (non-finite)" if row.get("skipped") else ""
             print(f"[{self.name} {step}{tot} {time.perf_counter() - self.t0:6.1f}s] {shown}{skip}", file=sys.stderr)
+
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 # ---------------------------------------------------------------- checkpoint / resume

@@ -24,6 +24,7 @@ class TrainConfig:
     out_dir: str | None = None  # metrics.jsonl and checkpoints go here
     checkpoint_every: int = 0  # 0: only when save() is called
     progress: bool = True  # one console line per log step
+    tensorboard: bool = False  # also write out_dir/tensorboard (needs the tensorboard package)
     # Mixed precision for every forward in a step: "bf16" runs matmuls under
     # torch.autocast(device, bfloat16); master weights, optimizer state, the
     # log-probs and the losses stay fp32 (the ops return fp32 from bf16 logits).
