@@ -161,15 +161,19 @@ def rm_trainer(steps=40, batch_size=16, **kw):
     return RewardTrainer(cfg, model, ci, cm, ri, rm)
 
 
-def dpo_trainer(loss_type="sigmoid", steps=25, n_pairs=48, **kw):
+def dpo_trainer(loss_type="sigmoid", steps=25, n_pairs=48, policy_fn=None, **kw):
+    """policy_fn(model) -> the trained policy (e.g. LoRA-wrapped); the reference is copied before it."""
     (ci, cm), (ri, rm) = _separable_pairs(n_pairs)
     P = 4  # <bos> det noun verb
     cl, rl = cm.clone(), rm.clone()
     cl[:, :P] = 0
     rl[:, :P] = 0
     policy = _tiny(2)
+    ref = copy.deepcopy(policy)
+    if policy_fn is not None:
+        policy = policy_fn(policy)
     cfg = DPOConfig(steps=steps, batch_size=16, lr=3e-3, beta=0.1, loss_type=loss_type, progress=False, **kw)
-    return DPOTrainer(cfg, policy, copy.deepcopy(policy), ci, cm, cl, ri, rm, rl)
+    return DPOTrainer(cfg, policy, ref, ci, cm, cl, ri, rm, rl)
 
 
 def test_reward_model_accuracy_rises():
@@ -422,3 +426,70 @@ def test_tensorboard_scalars_match_jsonl(tmp_path):
     assert [v for _, v in got] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
     with pytest.raises(ValueError, match="needs out_dir"):
         rm_trainer(steps=1, tensorboard=True)
+
+
+# ---------------------------------------------------------------- LoRA through PEFT
+
+
+def test_lora_ppo_trains_only_the_adapters():
+    pytest.importorskip("peft", reason="optional: pip install peft (in the test extra)")
+    from rlhf_fast.trainer import apply_lora
+
+    policy = _tiny(0)
+    ref, critic = copy.deepcopy(policy), ScalarHeadModel.from_causal_lm(policy)  # taken before LoRA
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    lora = apply_lora(policy, r=4, alpha=8)
+    ids, mask = _prompts()
+    cfg = PPOConfig(steps=2, batch_size=6, max_new_tokens=6, lr=1e-2, ppo_epochs=2, minibatch_size=3, progress=False)
+    tr = PPOTrainer(cfg, lora, ref, critic, _rule_reward, ids, mask, eos_token_id=TOK.eos_token_id,
+                    pad_token_id=TOK.pad_token_id)  # fmt: skip
+    rows = tr.train()
+    assert all(math.isfinite(r["pg_loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    n_trainable = sum(p.numel() for g in tr.opt.param_groups for p in g["params"])
+    assert n_trainable == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    base = lora.get_base_model().state_dict()
+    for k, v in base.items():
+        if "lora_" not in k:
+            assert torch.equal(v, start[k.replace("base_layer.", "")]), f"frozen weight {k} moved"
+    assert max(float(p.abs().max()) for n, p in lora.named_parameters() if "lora_B" in n) > 0  # B starts at 0
+
+
+def test_lora_dpo_fused_logps_match_peft_forward_and_loss_falls():
+    pytest.importorskip("peft", reason="optional: pip install peft (in the test extra)")
+    from rlhf_fast.trainer import apply_lora, sequence_logprobs_linear
+
+    def lora_with_nonzero_adapter(model):
+        model = apply_lora(model, r=8, alpha=32)
+        with torch.no_grad():  # B starts at 0; non-zero, so the check below sees LoRA in both paths
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.05)
+        return model
+
+    tr = dpo_trainer(steps=25, policy_fn=lora_with_nonzero_adapter)
+    ci, cm = tr.data[0][:4], tr.data[1][:4]
+    lp, _ = sequence_logprobs_linear(tr.policy, ci, cm, cm)
+    logits = tr.policy(input_ids=ci, attention_mask=cm).logits[:, :-1].double()
+    want = (logits.log_softmax(-1).gather(-1, ci[:, 1:, None]).squeeze(-1) * cm[:, 1:]).sum(-1)
+    torch.testing.assert_close(lp.double(), want, rtol=1e-5, atol=1e-4)
+    all_idx = torch.arange(tr.data[0].shape[0])
+    first = float(tr.loss(all_idx)[0])
+    tr.train()
+    assert float(tr.loss(all_idx)[0]) < 0.85 * first
+
+
+def test_train_cli_lora_key(tmp_path):
+    pytest.importorskip("peft", reason="optional: pip install peft (in the test extra)")
+    import yaml
+
+    from rlhf_fast.trainer.run import run_from_yaml
+
+    cfg = dict(model="tiny-demo", steps=2, batch_size=8, lora={"r": 4, "alpha": 8}, progress=False,
+               out_dir=str(tmp_path / "out"))  # fmt: skip
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(cfg))
+    tr = run_from_yaml("dpo", str(tmp_path / "d.yaml"))
+    assert type(tr.policy).__name__ == "PeftModelForCausalLM"
+    assert any("lora_A" in k for k in torch.load(tmp_path / "out" / "model.pt"))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**cfg, "out_dir": None}))
+    with pytest.raises(ValueError, match="lora applies to a policy"):
+        run_from_yaml("rm", str(tmp_path / "r.yaml"))

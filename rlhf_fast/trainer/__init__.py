@@ -3,12 +3,13 @@ from .common import KLController, RunningMoments
 from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, TrainConfig
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
+from .lora import apply_lora
 from .models import ScalarHeadModel, response_logprobs, sequence_logprobs_linear
 from .ppo import PPOTrainer
 from .reward import RewardTrainer
 
 __all__ = [
     "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "KLController", "PPOConfig", "PPOTrainer",
-    "RewardConfig", "RewardTrainer", "RunningMoments", "ScalarHeadModel", "TrainConfig", "response_logprobs",
-    "sequence_logprobs_linear",
+    "RewardConfig", "RewardTrainer", "RunningMoments", "ScalarHeadModel", "TrainConfig", "apply_lora",
+    "response_logprobs", "sequence_logprobs_linear",
 ]  # fmt: skip

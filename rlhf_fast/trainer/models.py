@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops import linear_logprobs, logprobs_from_logits
+from .lora import unwrap_peft
 from .parallel import FUSED_SEQUENCE_LOGPROBS
 
 
@@ -24,7 +25,9 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def trunk_of(lm: nn.Module) -> nn.Module:
-    """The decoder trunk of an HF causal LM (LlamaModel inside LlamaForCausalLM)."""
+    """The decoder trunk of an HF causal LM (LlamaModel inside LlamaForCausalLM),
+    looking through a PEFT wrapper (whose own base_model is the LoRA model)."""
+    lm = unwrap_peft(lm)
     return lm.base_model if hasattr(lm, "base_model") else lm
 
 

@@ -1,0 +1,34 @@
+"""LoRA adapters through PEFT (optional: pip install peft).
+
+`apply_lora(model, r=8, ...)` injects LoRA layers into a Hugging Face causal
+LM and freezes everything else; the trainers then optimise only the adapters
+(make_optimizer keeps parameters with requires_grad). Build the frozen
+reference and the critic from the model *before* applying LoRA: they are
+separate copies here (TRL can instead reuse the policy with its adapters
+disabled as the reference; not done here).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               target_modules="all-linear", **kwargs) -> nn.Module:  # fmt: skip
+    """PEFT's get_peft_model with a causal-LM LoraConfig. target_modules
+    "all-linear" adapts every linear layer except the output head."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ImportError("LoRA needs the peft package: pip install peft") from exc
+    if int(r) < 1:
+        raise ValueError(f"apply_lora: r must be >= 1, got {r}")
+    cfg = LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                     task_type="CAUSAL_LM", **kwargs)  # fmt: skip
+    return get_peft_model(model, cfg)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PeftModel (its LoRA layers stay in
+    place), or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
