@@ -92,13 +92,26 @@ def test_gae_low_precision_inputs(cpp, dtype, T):
 MASK_DTYPES = [torch.bool, torch.int64, torch.float32, torch.int32, torch.int8, torch.float64]
 
 
-@pytest.mark.parametrize("B", [16, 37])  # one group of 16 rows in lanes; two groups and a 5-row rest
-@pytest.mark.parametrize("T", [1, 15, 16, 17, 100, 4097])  # ragged first tiles, whole tiles, a long row
+@pytest.fixture(params=["avx512", "avx2"])
+def tile_isa(request):
+    """Run under AVX-512 (16-row tiles) and AVX2 (8-row tiles) where the CPU has them."""
+    from rlhf_fast import _backend
+
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(request.param) > order.index(_backend.BUILD_INFO["cpu_isa_best"]):
+        pytest.skip(f"this CPU supports up to {_backend.BUILD_INFO['cpu_isa_best']}")
+    prev = _backend._C.set_cpu_isa(request.param)
+    yield request.param
+    _backend._C.set_cpu_isa(prev)
+
+
+@pytest.mark.parametrize("B", [16, 37])  # one group of 16 (or two of 8) rows; then a 5-row rest
+@pytest.mark.parametrize("T", [1, 7, 15, 16, 17, 100, 4097])  # ragged first tiles, whole tiles, a long row
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gae_sixteen_row_tiles(cpp, B, T, dtype):
-    """fp32 accumulation on AVX-512 runs 16 rows per vector in 16-step tiles;
-    checked against the loop, with NaN in masked slots, per-row gamma / lam
-    and every mask dtype (read in its own dtype)."""
+def test_gae_row_tiles(cpp, tile_isa, B, T, dtype):
+    """fp32 accumulation runs W rows per vector in W-step tiles (W = 16 on
+    AVX-512, 8 on AVX2); checked against the loop, with NaN in masked slots,
+    per-row gamma / lam and every mask dtype (read in its own dtype)."""
     r, v = _rand(B, T, dtype), _rand(B, T, dtype)
     m = make_mask(["right", "left", "holed", "random"][T % 4], B, T)
     r[~m] = float("nan")  # padding garbage must not reach any carry
@@ -116,26 +129,29 @@ def test_gae_sixteen_row_tiles(cpp, B, T, dtype):
     assert_close(g, ref.discounted_returns(r64, m, gamma=gamma.double()), RTOL[torch.float32], "discounted returns")
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
-def test_gae_tiles_equal_the_scalar_loop_bit_for_bit(cpp, isa):
-    """The 16-lane kernel does the scalar loop's arithmetic in the same order
-    (w in {0, 1} multiplies instead of selects), so the outputs are identical."""
+def test_gae_tiles_equal_the_scalar_loop_bit_for_bit(cpp):
+    """fp32 GAE runs 16 rows per vector on AVX-512 and 8 on AVX2, the scalar
+    4-row loop on baseline x86-64: the same arithmetic in the same order
+    (w in {0, 1} multiplies instead of selects), so identical outputs."""
     from rlhf_fast import _backend
 
-    if _backend.BUILD_INFO["cpu_isa_best"] != "avx512":
-        pytest.skip("the 16-lane tiles run only on AVX-512 CPUs")
-    B, T = 37, 1001
+    order = ["baseline", "avx2", "avx512"]
+    isas = order[: order.index(_backend.BUILD_INFO["cpu_isa_best"]) + 1]
+    if len(isas) == 1:
+        pytest.skip("this CPU has no AVX2: only the scalar loop runs here")
+    B, T = 37, 1001  # 16- and 8-row groups, then a rest for the scalar loop
     r, v, m = _rand(B, T, torch.float32), _rand(B, T, torch.float32), make_mask("holed", B, T)
-    tiles = rlhf_fast.gae(r, v, m, gamma=0.99, lam=0.95)
-    tiles_dr = rlhf_fast.discounted_returns(r, m, gamma=0.99)
-    prev = _backend._C.set_cpu_isa(isa)
+    outs = {}
+    prev = _backend._C.set_cpu_isa(isas[-1])
     try:
-        scalar = rlhf_fast.gae(r, v, m, gamma=0.99, lam=0.95)
-        scalar_dr = rlhf_fast.discounted_returns(r, m, gamma=0.99)
+        for isa in isas:
+            _backend._C.set_cpu_isa(isa)
+            outs[isa] = (*rlhf_fast.gae(r, v, m, gamma=0.99, lam=0.95), rlhf_fast.discounted_returns(r, m, gamma=0.99))
     finally:
         _backend._C.set_cpu_isa(prev)
-    assert torch.equal(tiles[0], scalar[0]) and torch.equal(tiles[1], scalar[1])
-    assert torch.equal(tiles_dr, scalar_dr)
+    for isa in isas[1:]:
+        for got, want in zip(outs[isa], outs["baseline"]):
+            assert torch.equal(got, want), f"{isa} differs from the scalar loop"
 
 
 def test_gae_mixed_dtypes_promote(cpp):

@@ -2,15 +2,15 @@
 // per row: on a CPU the sequential loop is already O(T) and needs no scan, so
 // the work is to keep the carry's dependency chain and the memory system busy.
 //
-// With AVX-512 and fp32 accumulation, rows go 16 to a vector (one lane per
-// row): a 16-step tile of each row is loaded, converted and blended on whole
-// vectors, the 16 x 16 tile is transposed in registers so the recurrence
-// runs 16 rows per multiply-add chain, and the outputs go back the same way.
-// At (512, 4096) on one EPYC core: ~3 ms, against 14 ms for the first
-// version, which walked 4 rows side by side with scalar code. (Staging 256
-// steps per row through scratch first was slower: ~5 ms.) Without AVX-512,
-// for fp64, and for the B % 16 rows left over, that scalar loop remains.
-// Rows are split across threads with at::parallel_for.
+// With fp32 accumulation, rows go W to a vector (one lane per row; W = 16 on
+// AVX-512, 8 on AVX2): a W-step tile of each row is loaded, converted and
+// blended on whole vectors, the W x W tile is transposed in registers so the
+// recurrence runs W rows per multiply-add chain, and the outputs go back the
+// same way. At (512, 4096) on one EPYC core: ~3 ms with AVX-512, against
+// 14 ms for the first version, which walked 4 rows side by side with scalar
+// code. (Staging 256 steps per row through scratch first was slower: ~5 ms.)
+// On baseline x86-64, for fp64, and for the B % W rows left over, that scalar
+// loop remains. Rows are split across threads with at::parallel_for.
 // Whitening and group statistics accumulate in double, two passes per chunk
 // merged with Chan's formula (never E[x^2] - E[x]^2).
 #include <ATen/Parallel.h>
@@ -79,31 +79,35 @@ RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
   }
 }
 
-// ---------------- 16 rows per vector, 16-step tiles ----------------
-constexpr int kRowLanes = 16;  // rows per vector: one zmm of fp32 (two of fp64)
-constexpr int kStep = 16;   // time steps per tile: one 64-byte line of fp32
+// ---------------- W rows per vector, W-step tiles ----------------
+// W = 16 on AVX-512 (one zmm of fp32), 8 on AVX2 (one ymm). A tile is W rows
+// x W steps: each row's W steps are one vector load (one 64-byte line of fp32
+// on AVX-512), and a W x W transpose in registers turns rows into steps.
+template <int W>
+struct Lanes {
+  typedef float f __attribute__((vector_size(W * 4)));
+  typedef int32_t i __attribute__((vector_size(W * 4)));
+  typedef uint16_t u16 __attribute__((vector_size(W * 2)));
+  typedef uint32_t u32 __attribute__((vector_size(W * 4)));
+};
+
 // 80 streams (16 rows x 5 arrays) walked backwards are more than the
 // hardware prefetchers follow: 3.9 -> 2.8 ns per element at (512, 4096) with
-// the outputs preallocated, prefetching 4 tiles ahead (16 to 128 steps measured the same).
+// the outputs preallocated, prefetching 64 steps ahead (16 to 128 measured the same).
 constexpr int kPrefetch = 64;
 
-template <typename acc_t> struct LaneVec;
-template <> struct LaneVec<float> { typedef float type __attribute__((vector_size(kRowLanes * 4))); };
-
-template <typename acc_t> struct LaneIdx;
-template <> struct LaneIdx<float> { typedef int32_t type __attribute__((vector_size(kRowLanes * 4))); };
-
-// One butterfly stage of a 16 x 16 transpose in registers: rows i and i + b
-// trade their lanes whose bit b differs (b = 8, 4, 2, 1: four stages, 64
-// two-source shuffles for 256 elements).
-template <int b, typename V, typename I>
-RLHF_FAST_INLINE void transpose_stage(V* x) {
-  I lo, hi;
-  for (int c = 0; c < kRowLanes; ++c) {
-    lo[c] = (c & b) ? kRowLanes + c - b : c;
-    hi[c] = (c & b) ? kRowLanes + c : c + b;
+// One butterfly stage of a W x W transpose in registers: rows i and i + b
+// trade their lanes whose bit b differs (b = W/2, ..., 1: log2(W) stages of
+// W two-source shuffles; 64 vpermt2ps for 16 x 16).
+template <int W, int b>
+RLHF_FAST_INLINE void transpose_stage(typename Lanes<W>::f* x) {
+  using V = typename Lanes<W>::f;
+  typename Lanes<W>::i lo, hi;
+  for (int c = 0; c < W; ++c) {
+    lo[c] = (c & b) ? W + c - b : c;
+    hi[c] = (c & b) ? W + c : c + b;
   }
-  for (int i = 0; i < kRowLanes; ++i) {
+  for (int i = 0; i < W; ++i) {
     if (i & b) continue;
     const V a = __builtin_shuffle(x[i], x[i + b], lo);
     const V d = __builtin_shuffle(x[i], x[i + b], hi);
@@ -112,99 +116,103 @@ RLHF_FAST_INLINE void transpose_stage(V* x) {
   }
 }
 
-template <typename acc_t, typename V = typename LaneVec<acc_t>::type>
-RLHF_FAST_INLINE void transpose16(V* x) {
-  using I = typename LaneIdx<acc_t>::type;
-  transpose_stage<8, V, I>(x);
-  transpose_stage<4, V, I>(x);
-  transpose_stage<2, V, I>(x);
-  transpose_stage<1, V, I>(x);
+template <int W>
+RLHF_FAST_INLINE void transpose(typename Lanes<W>::f* x) {
+  if constexpr (W >= 16) transpose_stage<W, 8>(x);
+  transpose_stage<W, 4>(x);
+  transpose_stage<W, 2>(x);
+  transpose_stage<W, 1>(x);
 }
 
 // A full tile's inputs on whole vectors: the mask compared in its own dtype,
 // bf16 widened by a shift, inputs at masked steps zeroed by AND (NaN-safe).
 // Written as a per-element loop GCC left it scalar (a cmpb per element):
 // 2.6 -> 1.3 ns per element with the tile in cache.
-using VF = LaneVec<float>::type;
-using VI = LaneIdx<float>::type;
-typedef uint16_t VU16 __attribute__((vector_size(kRowLanes * 2)));
-typedef uint32_t VU32 __attribute__((vector_size(kRowLanes * 4)));
-RLHF_FAST_INLINE VF load_vals(const float* p) { VF x; std::memcpy(&x, p, sizeof(x)); return x; }
-RLHF_FAST_INLINE VF load_vals(const bf16_bits* p) {
-  VU16 u; std::memcpy(&u, p, sizeof(u));
-  const VU32 w = __builtin_convertvector(u, VU32) << 16;
-  VF x; std::memcpy(&x, &w, sizeof(x)); return x;
+template <int W>
+RLHF_FAST_INLINE typename Lanes<W>::f load_vals(const float* p) {
+  typename Lanes<W>::f x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
 }
-RLHF_FAST_INLINE VF load_vals(const fp16_bits* p) {
-  alignas(64) float t[kRowLanes];
-  for (int k = 0; k < kRowLanes; ++k) t[k] = to_acc(p[k]);
-  VF x; std::memcpy(&x, t, sizeof(x)); return x;
+template <int W>
+RLHF_FAST_INLINE typename Lanes<W>::f load_vals(const bf16_bits* p) {
+  typename Lanes<W>::u16 u;
+  std::memcpy(&u, p, sizeof(u));
+  const typename Lanes<W>::u32 w = __builtin_convertvector(u, typename Lanes<W>::u32) << 16;
+  typename Lanes<W>::f x;
+  std::memcpy(&x, &w, sizeof(x));
+  return x;
 }
-template <typename M> RLHF_FAST_INLINE VI load_valid(const M* p) {
-  typedef M MV __attribute__((vector_size(kRowLanes * sizeof(M))));
-  MV x; std::memcpy(&x, p, sizeof(x));
-  return __builtin_convertvector(x != M(0), VI);  // -1 where valid
+template <int W>
+RLHF_FAST_INLINE typename Lanes<W>::f load_vals(const fp16_bits* p) {
+  alignas(64) float t[W];
+  for (int k = 0; k < W; ++k) t[k] = to_acc(p[k]);
+  typename Lanes<W>::f x;
+  std::memcpy(&x, t, sizeof(x));
+  return x;
 }
-RLHF_FAST_INLINE VF and_bits(VF x, VI keep) {
-  VI b; std::memcpy(&b, &x, sizeof(b)); b &= keep; std::memcpy(&x, &b, sizeof(x)); return x;
+template <int W, typename M>
+RLHF_FAST_INLINE typename Lanes<W>::i load_valid(const M* p) {
+  typedef M MV __attribute__((vector_size(W * sizeof(M))));
+  MV x;
+  std::memcpy(&x, p, sizeof(x));
+  return __builtin_convertvector(x != M(0), typename Lanes<W>::i);  // -1 where valid
 }
-// A ragged tile (the first len < 16 steps of a row), element by element.
-template <bool HAS_V, int N, typename T, typename M, typename acc_t>
-RLHF_FAST_INLINE void tile_in(const T* rj, const T* vj, const M* mj, acc_t* w,
-                              acc_t* rr, acc_t* vv, int len = N) {
-  const int n = N > 0 ? N : len;
-  for (int k = 0; k < n; ++k) {
-    const bool valid = mj[k] != M(0);
-    w[k] = valid ? acc_t(1) : acc_t(0);
-    rr[k] = valid ? to_acc(rj[k]) : acc_t(0);
-    if (HAS_V) vv[k] = valid ? to_acc(vj[k]) : acc_t(0);
-  }
+template <int W>
+RLHF_FAST_INLINE typename Lanes<W>::f and_bits(typename Lanes<W>::f x, typename Lanes<W>::i keep) {
+  typename Lanes<W>::i b;
+  std::memcpy(&b, &x, sizeof(b));
+  b &= keep;
+  std::memcpy(&x, &b, sizeof(x));
+  return x;
 }
 
-template <bool HAS_V, typename T, typename M, typename acc_t>
+template <int W, bool HAS_V, typename T, typename M>
 RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
                                 const M* const* m, int64_t n,
-                                const acc_t* g_rows, const acc_t* gl_rows,
-                                acc_t* const* adv, acc_t* const* ret) {
-  using V = typename LaneVec<acc_t>::type;
-  // xr[j] = row j's tile (16 steps); after transpose16, xr[k] = step k's 16 rows
-  V xr[kRowLanes], xv[kRowLanes], xw[kRowLanes];
+                                const float* g_rows, const float* gl_rows,
+                                float* const* adv, float* const* ret) {
+  using V = typename Lanes<W>::f;
+  using I = typename Lanes<W>::i;
+  // xr[j] = row j's tile (W steps); after transpose, xr[k] = step k's W rows
+  V xr[W], xv[W], xw[W];
   V g, gl, nv = {}, carry = {};
-  for (int j = 0; j < kRowLanes; ++j) { g[j] = g_rows[j]; gl[j] = gl_rows[j]; }
-  const V one = g * acc_t(0) + acc_t(1);
-  for (int64_t t1 = n; t1 > 0; t1 -= kStep) {
-    const int64_t t0 = std::max<int64_t>(t1 - kStep, 0);
+  for (int j = 0; j < W; ++j) { g[j] = g_rows[j]; gl[j] = gl_rows[j]; }
+  const V one = g * 0.f + 1.f;
+  for (int64_t t1 = n; t1 > 0; t1 -= W) {
+    const int64_t t0 = std::max<int64_t>(t1 - W, 0);
     const int len = static_cast<int>(t1 - t0);
-    // in: each row's tile is one contiguous read (a vector load when len is
-    // 16); masked inputs become 0 so NaN in padding never enters a carry; a
-    // short first tile is padded with masked steps, which change nothing
-    for (int j = 0; j < kRowLanes; ++j) {
+    // in: a short first tile (len < W, the row's first steps) is padded
+    // with masked steps, which change nothing
+    for (int j = 0; j < W; ++j) {
       const T* rj = r[j] + t0; const T* vj = v[j] + t0; const M* mj = m[j] + t0;
       if (t0 >= kPrefetch) {
         __builtin_prefetch(rj - kPrefetch); if (HAS_V) __builtin_prefetch(vj - kPrefetch); __builtin_prefetch(mj - kPrefetch);
         __builtin_prefetch(adv[j] + t0 - kPrefetch, 1); if (HAS_V) __builtin_prefetch(ret[j] + t0 - kPrefetch, 1);
       }
-      if (len == kStep) {
-        const VI valid = load_valid(mj);
+      if (len == W) {
+        const I valid = load_valid<W>(mj);
         xw[j] = __builtin_convertvector(-valid, V);
-        xr[j] = and_bits(load_vals(rj), valid);
-        if (HAS_V) xv[j] = and_bits(load_vals(vj), valid);
+        xr[j] = and_bits<W>(load_vals<W>(rj), valid);
+        if (HAS_V) xv[j] = and_bits<W>(load_vals<W>(vj), valid);
       } else {
-        alignas(64) acc_t w[kStep], rr[kStep], vv[kStep];
-        for (int k = 0; k < kStep; ++k) w[k] = rr[k] = vv[k] = acc_t(0);
-        tile_in<HAS_V, 0>(rj, vj, mj, w, rr, vv, len);
-        std::memcpy(&xw[j], w, sizeof(V));
-        std::memcpy(&xr[j], rr, sizeof(V));
-        if (HAS_V) std::memcpy(&xv[j], vv, sizeof(V));
+        V w = {}, rr = {}, vv = {};
+        for (int k = 0; k < len; ++k) {
+          const bool ok = mj[k] != M(0);
+          w[k] = ok ? 1.f : 0.f;
+          rr[k] = ok ? to_acc(rj[k]) : 0.f;
+          if (HAS_V) vv[k] = ok ? to_acc(vj[k]) : 0.f;
+        }
+        xw[j] = w; xr[j] = rr; if (HAS_V) xv[j] = vv;
       }
     }
-    transpose16<acc_t>(xw);
-    transpose16<acc_t>(xr);
-    if (HAS_V) transpose16<acc_t>(xv);
-    // the scalar kernel's arithmetic lane by lane: w in {0, 1} makes a masked
-    // step carry * 1 + 0, exact. Outputs overwrite the consumed inputs.
+    transpose<W>(xw);
+    transpose<W>(xr);
+    if (HAS_V) transpose<W>(xv);
+    // the scalar kernel's arithmetic lane by lane: w in {0, 1} makes a
+    // masked step carry * 1 + 0, exact. Outputs overwrite the consumed inputs.
 #pragma GCC unroll 16
-    for (int k = kStep - 1; k >= 0; --k) {
+    for (int k = W - 1; k >= 0; --k) {
       const V w = xw[k], vk = HAS_V ? xv[k] : V{};
       const V a = w * gl + (one - w);
       const V delta = xr[k] + g * nv - vk;
@@ -213,12 +221,12 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
       xr[k] = w * carry;
       if (HAS_V) xv[k] = w * (carry + vk);
     }
-    transpose16<acc_t>(xr);
-    if (HAS_V) transpose16<acc_t>(xv);
-    for (int j = 0; j < kRowLanes; ++j) {
-      acc_t* aj = adv[j] + t0;
-      acc_t* qj = HAS_V ? ret[j] + t0 : nullptr;
-      if (len == kStep) {
+    transpose<W>(xr);
+    if (HAS_V) transpose<W>(xv);
+    for (int j = 0; j < W; ++j) {
+      float* aj = adv[j] + t0;
+      float* qj = HAS_V ? ret[j] + t0 : nullptr;
+      if (len == W) {
         std::memcpy(aj, &xr[j], sizeof(V));
         if (HAS_V) std::memcpy(qj, &xv[j], sizeof(V));
       } else {
@@ -230,11 +238,10 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
 }
 
 // One out-of-line copy per (values?, dtype, mask dtype): the 4-row scalar
-// loop cloned for AVX-512 / AVX2 / baseline; the 16-lane tile kernel (fp32
-// accumulation) for AVX-512 only, where a 16 x 16 transpose is 64 vpermt2ps.
-// Without AVX-512 (or with RLHF_FAST_CPU_ISA below it) every row takes the
-// scalar loop: GCC's lowering of 16-wide shuffles for narrower targets took
-// minutes to compile per copy.
+// loop cloned for AVX-512 / AVX2 / baseline, and for fp32 accumulation the
+// tile kernel at 16 lanes (AVX-512) and 8 lanes (AVX2). Baseline x86-64 and
+// fp64 take the scalar loop only. (16-wide shuffles written once for every
+// target made GCC take minutes per copy lowering them for narrower ones.)
 #define RLHF_FAST_GAE_KERNEL(HV, T, M, acc_t)                                      \
   RLHF_FAST_CPU_CLONES void gae_rows_k(                                          \
       std::integral_constant<bool, HV>, const T* const* r, const T* const* v,    \
@@ -246,10 +253,16 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
 #define RLHF_FAST_GAE_LANES_double(HV, T, M)
 #define RLHF_FAST_GAE_LANES_float(HV, T, M)                                      \
   RLHF_FAST_TARGET_AVX512 void gae_lanes_k(                                      \
-      std::integral_constant<bool, HV>, const T* const* r, const T* const* v,    \
-      const M* const* m, int64_t n, const float* g, const float* gl,             \
-      float* const* adv, float* const* ret) {                                    \
-    gae_lanes<HV, T, M, float>(r, v, m, n, g, gl, adv, ret);                     \
+      std::integral_constant<int, 16>, std::integral_constant<bool, HV>,         \
+      const T* const* r, const T* const* v, const M* const* m, int64_t n,        \
+      const float* g, const float* gl, float* const* adv, float* const* ret) {   \
+    gae_lanes<16, HV, T, M>(r, v, m, n, g, gl, adv, ret);                        \
+  }                                                                              \
+  RLHF_FAST_TARGET_AVX2 void gae_lanes_k(                                        \
+      std::integral_constant<int, 8>, std::integral_constant<bool, HV>,          \
+      const T* const* r, const T* const* v, const M* const* m, int64_t n,        \
+      const float* g, const float* gl, float* const* adv, float* const* ret) {   \
+    gae_lanes<8, HV, T, M>(r, v, m, n, g, gl, adv, ret);                         \
   }
 #define RLHF_FAST_GAE_MASKS(HV, T, acc_t)          \
   RLHF_FAST_GAE_KERNEL(HV, T, uint8_t, acc_t)      \
@@ -395,27 +408,33 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
       const acc_t* glp = gl.const_data_ptr<acc_t>();
       acc_t* ap = adv.data_ptr<acc_t>();
       acc_t* qp = ret.data_ptr<acc_t>();
-      // Whole groups of kRowLanes rows in lanes (AVX-512, fp32 accumulation);
-      // the B % kRowLanes rest, and everything elsewhere, 4 rows at a time.
+      // Whole groups of W rows in lanes (fp32 accumulation: W = 16 on AVX-512,
+      // 8 on AVX2); the B % W rest, and everything else, 4 rows at a time.
       constexpr bool kHasLanes = std::is_same_v<acc_t, float>;
-      const bool lanes = kHasLanes && active_isa() == Isa::kAvx512;
-      const int64_t n_groups = lanes ? B / kRowLanes : 0;
-      const int64_t lane_rows = n_groups * kRowLanes;
-      if constexpr (kHasLanes) at::parallel_for(0, n_groups, std::max<int64_t>(1, row_grain(T) / kRowLanes),
-                       [&](int64_t begin, int64_t end) {
-        for (int64_t grp = begin; grp < end; ++grp) {
-          const Tv* rr[kRowLanes]; const Tv* vv[kRowLanes]; const M* mm[kRowLanes];
-          acc_t* aa[kRowLanes]; acc_t* qq[kRowLanes]; acc_t gg[kRowLanes], ggl[kRowLanes];
-          for (int j = 0; j < kRowLanes; ++j) {
-            const int64_t b = grp * kRowLanes + j;
-            rr[j] = rp + b * sr; vv[j] = vp + b * sv; mm[j] = mp + b * sm;
-            aa[j] = ap + b * T; qq[j] = qp + b * T;
-            gg[j] = gp[b]; ggl[j] = glp[b];
-          }
-          gae_lanes_k(std::integral_constant<bool, HAS_V>{}, rr, vv, mm, T, gg,
-                      ggl, aa, qq);
-        }
-      });
+      const Isa isa = active_isa();
+      const int W = !kHasLanes ? 0 : isa == Isa::kAvx512 ? 16 : isa == Isa::kAvx2 ? 8 : 0;
+      const int64_t n_groups = W > 0 ? B / W : 0;
+      const int64_t lane_rows = n_groups * W;
+      if constexpr (kHasLanes) {
+        auto run_groups = [&](auto width) {
+          constexpr int kW = decltype(width)::value;
+          at::parallel_for(0, n_groups, std::max<int64_t>(1, row_grain(T) / kW), [&](int64_t begin, int64_t end) {
+            for (int64_t grp = begin; grp < end; ++grp) {
+              const Tv* rr[kW]; const Tv* vv[kW]; const M* mm[kW];
+              float* aa[kW]; float* qq[kW]; float gg[kW], ggl[kW];
+              for (int j = 0; j < kW; ++j) {
+                const int64_t b = grp * kW + j;
+                rr[j] = rp + b * sr; vv[j] = vp + b * sv; mm[j] = mp + b * sm;
+                aa[j] = ap + b * T; qq[j] = qp + b * T;
+                gg[j] = gp[b]; ggl[j] = glp[b];
+              }
+              gae_lanes_k(width, std::integral_constant<bool, HAS_V>{}, rr, vv, mm, T, gg, ggl, aa, qq);
+            }
+          });
+        };
+        if (W == 16) run_groups(std::integral_constant<int, 16>{});
+        if (W == 8) run_groups(std::integral_constant<int, 8>{});
+      }
       at::parallel_for(lane_rows, B, row_grain(T), [&](int64_t begin, int64_t end) {
         for (int64_t b0 = begin; b0 < end; b0 += kRows) {
           const int nrows = static_cast<int>(std::min<int64_t>(kRows, end - b0));
