@@ -54,6 +54,24 @@ RLHF_FAST_INLINE acc_t blend(bool valid, acc_t a, acc_t b) {
 // ---------------- GAE / discounted-return row kernels ----------------
 // HAS_V = false: discounted returns (values 0, lam 1, no returns output).
 // Masked positions: both carries pass through unchanged; outputs 0.
+
+// One step of the masked recurrence, for one row (X a scalar) or a vector of
+// rows: the scalar loop and the row tiles share it, so they agree bit for
+// bit. Arithmetic with w in {0, 1} keeps the carry chain free of selects;
+// inputs arrive already zeroed where masked, so garbage (NaN) never enters.
+// a = valid ? gamma * lam : 1 (a select for a scalar, w * gl + (1 - w) for
+// a vector: equal exactly; the select keeps the scalar loop 25% faster).
+template <bool HAS_V, typename X>
+RLHF_FAST_INLINE void gae_step(X w, X a, X rt, X vt, X g, X& nv, X& carry,
+                               X& adv_out, X& ret_out) {
+  const X one = X{} + 1;
+  const X delta = rt + g * nv - vt;
+  carry = a * carry + w * delta;  // masked: carry * 1 + 0, exact
+  if (HAS_V) nv = w * vt + (one - w) * nv;  // exact either way
+  adv_out = w * carry;
+  if (HAS_V) ret_out = w * (carry + vt);
+}
+
 template <bool HAS_V, typename T, typename M, typename acc_t>
 RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
                                const M* const* m, int64_t n,
@@ -63,18 +81,14 @@ RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
   for (int64_t t = n - 1; t >= 0; --t) {
 #pragma GCC unroll 4
     for (int j = 0; j < kRows; ++j) {
-      // Arithmetic with w in {0, 1} keeps the carry chain free of selects;
-      // inputs are blended to 0 first so masked garbage (NaN) never enters.
       const bool valid = m[j][t] != M(0);
       const acc_t w = valid ? acc_t(1) : acc_t(0);
       const acc_t rt = blend(valid, to_acc(r[j][t]), acc_t(0));
       const acc_t vt = HAS_V ? blend(valid, to_acc(v[j][t]), acc_t(0)) : acc_t(0);
-      const acc_t a = valid ? gl[j] : acc_t(1);
-      const acc_t delta = rt + g[j] * nv[j] - vt;
-      carry[j] = a * carry[j] + w * delta;  // masked: carry * 1 + 0, exact
-      if (HAS_V) nv[j] = w * vt + (acc_t(1) - w) * nv[j];  // exact either way
-      adv[j][t] = w * carry[j];
-      if (HAS_V) ret[j][t] = w * (carry[j] + vt);
+      acc_t a_out, r_out;
+      gae_step<HAS_V>(w, valid ? gl[j] : acc_t(1), rt, vt, g[j], nv[j], carry[j], a_out, r_out);
+      adv[j][t] = a_out;
+      if (HAS_V) ret[j][t] = r_out;
     }
   }
 }
@@ -83,14 +97,6 @@ RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
 // W = 16 on AVX-512 (one zmm of fp32), 8 on AVX2 (one ymm). A tile is W rows
 // x W steps: each row's W steps are one vector load (one 64-byte line of fp32
 // on AVX-512), and a W x W transpose in registers turns rows into steps.
-template <int W>
-struct Lanes {
-  typedef float f __attribute__((vector_size(W * 4)));
-  typedef int32_t i __attribute__((vector_size(W * 4)));
-  typedef uint16_t u16 __attribute__((vector_size(W * 2)));
-  typedef uint32_t u32 __attribute__((vector_size(W * 4)));
-};
-
 // 80 streams (16 rows x 5 arrays) walked backwards are more than the
 // hardware prefetchers follow: 3.9 -> 2.8 ns per element at (512, 4096) with
 // the outputs preallocated, prefetching 64 steps ahead (16 to 128 measured the same).
@@ -100,9 +106,9 @@ constexpr int kPrefetch = 64;
 // trade their lanes whose bit b differs (b = W/2, ..., 1: log2(W) stages of
 // W two-source shuffles; 64 vpermt2ps for 16 x 16).
 template <int W, int b>
-RLHF_FAST_INLINE void transpose_stage(typename Lanes<W>::f* x) {
-  using V = typename Lanes<W>::f;
-  typename Lanes<W>::i lo, hi;
+RLHF_FAST_INLINE void transpose_stage(typename Vec<W>::f* x) {
+  using V = typename Vec<W>::f;
+  typename Vec<W>::i lo, hi;
   for (int c = 0; c < W; ++c) {
     lo[c] = (c & b) ? W + c - b : c;
     hi[c] = (c & b) ? W + c : c + b;
@@ -117,50 +123,28 @@ RLHF_FAST_INLINE void transpose_stage(typename Lanes<W>::f* x) {
 }
 
 template <int W>
-RLHF_FAST_INLINE void transpose(typename Lanes<W>::f* x) {
+RLHF_FAST_INLINE void transpose(typename Vec<W>::f* x) {
   if constexpr (W >= 16) transpose_stage<W, 8>(x);
   transpose_stage<W, 4>(x);
   transpose_stage<W, 2>(x);
   transpose_stage<W, 1>(x);
 }
 
-// A full tile's inputs on whole vectors: the mask compared in its own dtype,
-// bf16 widened by a shift, inputs at masked steps zeroed by AND (NaN-safe).
+// A full tile's inputs on whole vectors (cpu_math.h's Vec<W> and load<W>):
+// the mask compared in its own dtype, inputs at masked steps zeroed by AND
+// (NaN-safe).
 // Written as a per-element loop GCC left it scalar (a cmpb per element):
 // 2.6 -> 1.3 ns per element with the tile in cache.
-template <int W>
-RLHF_FAST_INLINE typename Lanes<W>::f load_vals(const float* p) {
-  typename Lanes<W>::f x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-template <int W>
-RLHF_FAST_INLINE typename Lanes<W>::f load_vals(const bf16_bits* p) {
-  typename Lanes<W>::u16 u;
-  std::memcpy(&u, p, sizeof(u));
-  const typename Lanes<W>::u32 w = __builtin_convertvector(u, typename Lanes<W>::u32) << 16;
-  typename Lanes<W>::f x;
-  std::memcpy(&x, &w, sizeof(x));
-  return x;
-}
-template <int W>
-RLHF_FAST_INLINE typename Lanes<W>::f load_vals(const fp16_bits* p) {
-  alignas(64) float t[W];
-  for (int k = 0; k < W; ++k) t[k] = to_acc(p[k]);
-  typename Lanes<W>::f x;
-  std::memcpy(&x, t, sizeof(x));
-  return x;
-}
 template <int W, typename M>
-RLHF_FAST_INLINE typename Lanes<W>::i load_valid(const M* p) {
+RLHF_FAST_INLINE typename Vec<W>::i load_valid(const M* p) {
   typedef M MV __attribute__((vector_size(W * sizeof(M))));
   MV x;
   std::memcpy(&x, p, sizeof(x));
-  return __builtin_convertvector(x != M(0), typename Lanes<W>::i);  // -1 where valid
+  return __builtin_convertvector(x != M(0), typename Vec<W>::i);  // -1 where valid
 }
 template <int W>
-RLHF_FAST_INLINE typename Lanes<W>::f and_bits(typename Lanes<W>::f x, typename Lanes<W>::i keep) {
-  typename Lanes<W>::i b;
+RLHF_FAST_INLINE typename Vec<W>::f and_bits(typename Vec<W>::f x, typename Vec<W>::i keep) {
+  typename Vec<W>::i b;
   std::memcpy(&b, &x, sizeof(b));
   b &= keep;
   std::memcpy(&x, &b, sizeof(x));
@@ -172,13 +156,12 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
                                 const M* const* m, int64_t n,
                                 const float* g_rows, const float* gl_rows,
                                 float* const* adv, float* const* ret) {
-  using V = typename Lanes<W>::f;
-  using I = typename Lanes<W>::i;
+  using V = typename Vec<W>::f;
+  using I = typename Vec<W>::i;
   // xr[j] = row j's tile (W steps); after transpose, xr[k] = step k's W rows
   V xr[W], xv[W], xw[W];
   V g, gl, nv = {}, carry = {};
   for (int j = 0; j < W; ++j) { g[j] = g_rows[j]; gl[j] = gl_rows[j]; }
-  const V one = g * 0.f + 1.f;
   for (int64_t t1 = n; t1 > 0; t1 -= W) {
     const int64_t t0 = std::max<int64_t>(t1 - W, 0);
     const int len = static_cast<int>(t1 - t0);
@@ -193,8 +176,8 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
       if (len == W) {
         const I valid = load_valid<W>(mj);
         xw[j] = __builtin_convertvector(-valid, V);
-        xr[j] = and_bits<W>(load_vals<W>(rj), valid);
-        if (HAS_V) xv[j] = and_bits<W>(load_vals<W>(vj), valid);
+        xr[j] = and_bits<W>(load<W>(rj), valid);
+        if (HAS_V) xv[j] = and_bits<W>(load<W>(vj), valid);
       } else {
         V w = {}, rr = {}, vv = {};
         for (int k = 0; k < len; ++k) {
@@ -209,17 +192,12 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
     transpose<W>(xw);
     transpose<W>(xr);
     if (HAS_V) transpose<W>(xv);
-    // the scalar kernel's arithmetic lane by lane: w in {0, 1} makes a
-    // masked step carry * 1 + 0, exact. Outputs overwrite the consumed inputs.
+    // the scalar loop's step on W rows at once; outputs overwrite the
+    // consumed inputs
 #pragma GCC unroll 16
     for (int k = W - 1; k >= 0; --k) {
       const V w = xw[k], vk = HAS_V ? xv[k] : V{};
-      const V a = w * gl + (one - w);
-      const V delta = xr[k] + g * nv - vk;
-      carry = a * carry + w * delta;
-      if (HAS_V) nv = w * vk + (one - w) * nv;
-      xr[k] = w * carry;
-      if (HAS_V) xv[k] = w * (carry + vk);
+      gae_step<HAS_V>(w, w * gl + (1.f - w), xr[k], vk, g, nv, carry, xr[k], xv[k]);
     }
     transpose<W>(xr);
     if (HAS_V) transpose<W>(xv);
