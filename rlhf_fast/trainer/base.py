@@ -10,7 +10,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from .common import KLController, MetricsLogger, RunningMoments, load_checkpoint, make_optimizer, save_checkpoint
+from .common import (
+    KLController, MetricsLogger, RunningMoments, guarded_step, load_checkpoint, make_optimizer, save_checkpoint,
+)  # fmt: skip
 from .parallel import ModelState, OptimizerState, check_mode, fsdp2_shard, is_sharded
 
 
@@ -96,6 +98,30 @@ class Trainer:
         CPU generator is seeded alike), so DDP's gradient mean over ranks is
         the mean over the global batch when the slices are equal."""
         return idx[self.rank :: self.world_size]
+
+    def minibatch_epochs(self, n_rows: int, micro_step, optimizers) -> tuple[dict, list[float], int]:
+        """What PPO and GRPO share: ppo_epochs x shuffled minibatches x
+        grad_accum micro-batches, one guarded optimizer step per minibatch.
+        micro_step(idx, scale) runs the backward(s) of one micro-batch, scaled
+        by `scale`, and returns (detached loss, stats of 0-d tensors). Stats are
+        summed as tensors, so a micro-batch costs no host sync; the only one is
+        guarded_step's norm. Returns (mean stats, grad norms, skipped steps)."""
+        c = self.config
+        sums, norms, skipped = {}, [], 0
+        for _ in range(c.ppo_epochs):
+            perm = torch.randperm(n_rows, generator=self.cpu_gen).to(self.device)
+            for mb in perm.split(c.minibatch_size):
+                micro = mb.chunk(min(c.grad_accum, mb.numel()))
+                total = torch.zeros((), device=self.device)
+                for mi in micro:
+                    loss, stats = micro_step(mi, 1.0 / len(micro))
+                    total = total + loss / len(micro)
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().double() / len(micro)
+                norm, skip = guarded_step(optimizers, [], c.max_grad_norm, total)
+                norms.append(norm)
+                skipped += int(skip)
+        return {k: float(v) / max(len(norms), 1) for k, v in sums.items()}, norms, skipped
 
     def autocast(self):
         """bf16 autocast on the trainer's device when config.autocast == "bf16"."""

@@ -13,7 +13,7 @@ import torch
 
 from ..ops import group_advantages, kl_penalty, ppo_loss
 from .base import Trainer
-from .common import guarded_step, process_scores
+from .common import process_scores
 from .config import GRPOConfig
 from .models import response_logprobs
 from .rollout import rollout, sample_prompts, score
@@ -62,7 +62,7 @@ class GRPOTrainer(Trainer):
             metrics["kl"] = float((kl_penalty(old_lp, ref_lp, kind=c.kl_kind) * ro.response_mask).sum(-1).mean())
         return {"ro": ro, "old_logprobs": old_lp, "ref_logprobs": ref_lp, "advantages": adv, "metrics": metrics}
 
-    def _micro_loss(self, exp: dict, idx: torch.Tensor):
+    def _micro_step(self, exp: dict, idx: torch.Tensor, scale: float):
         c = self.config
         ro = exp["ro"].index(idx)
         logp, ent = response_logprobs(self.policy_ddp, ro.sequences, ro.attention_mask, ro.response_mask,
@@ -74,30 +74,15 @@ class GRPOTrainer(Trainer):
             kl_coef=self.kl_ctl.value if use_kl else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
             clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
         )  # fmt: skip
-        return loss, {k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl")}
+        (loss * scale).backward()
+        return loss.detach(), {k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl")}
 
     def update(self, exp: dict) -> dict:
-        c = self.config
         N = exp["ro"].sequences.shape[0]
-        sums, n_mb, skipped = {}, 0, 0
         t0 = time.perf_counter()
         self.policy.train()
-        for _ in range(c.ppo_epochs):
-            perm = torch.randperm(N, generator=self.cpu_gen).to(self.device)
-            for mb in perm.split(c.minibatch_size):
-                micro = mb.chunk(min(c.grad_accum, mb.numel()))
-                total = torch.zeros((), device=self.device)
-                for mi in micro:
-                    loss, stats = self._micro_loss(exp, mi)
-                    (loss / len(micro)).backward()
-                    total = total + loss.detach() / len(micro)
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
-                _, skip = guarded_step([self.opt], [], c.max_grad_norm, total)
-                skipped += int(skip)
-                n_mb += 1
+        out, _, skipped = self.minibatch_epochs(N, lambda idx, scale: self._micro_step(exp, idx, scale), [self.opt])
         self.sched.step()
-        out = {k: v / max(n_mb, 1) for k, v in sums.items()}
         out.update({"skipped": skipped, "time/update": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0]})
         return out
 

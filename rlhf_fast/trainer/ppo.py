@@ -13,7 +13,7 @@ import torch
 
 from ..ops import ppo_loss, ppo_value_loss
 from .base import Trainer
-from .common import guarded_step, make_optimizer, process_scores
+from .common import make_optimizer, process_scores
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values
 from .rollout import advantages, masked_mean, rollout, sample_prompts, score, shaped_rewards
@@ -77,7 +77,7 @@ class PPOTrainer(Trainer):
                 "returns": ret, "metrics": metrics}  # fmt: skip
 
     # ------------------------------------------------------------ update
-    def _micro_loss(self, exp: dict, idx: torch.Tensor):
+    def _micro_step(self, exp: dict, idx: torch.Tensor, scale: float):
         c = self.config
         ro = exp["ro"].index(idx)
         m = ro.response_mask
@@ -95,36 +95,23 @@ class PPOTrainer(Trainer):
         stats = {"pg_loss": pst["pg_loss"], "entropy": pst["entropy"], "clipfrac": pst["clipfrac"],
                  "approx_kl": pst["approx_kl"], "value_loss": vloss, "vf_clipfrac": vst["clipfrac"],
                  "explained_variance": vst["explained_variance"]}  # fmt: skip
-        return ploss, c.vf_coef * vloss, stats
+        vloss = c.vf_coef * vloss
+        # two backwards, not one: under DDP the policy's and the critic's gradient
+        # all-reduces must reach the process group in the same order on every rank
+        (ploss * scale).backward()
+        (vloss * scale).backward()
+        return ploss.detach() + vloss.detach(), stats
 
     def update(self, exp: dict) -> dict:
         c = self.config
         N = exp["ro"].sequences.shape[0]
-        sums, n_mb, skipped, norms = {}, 0, 0, []
         t0 = time.perf_counter()
         self.policy.train()
         self.critic.train()
-        for _ in range(c.ppo_epochs):
-            perm = torch.randperm(N, generator=self.cpu_gen).to(self.device)
-            for mb in perm.split(c.minibatch_size):
-                micro = mb.chunk(min(c.grad_accum, mb.numel()))
-                total = torch.zeros((), device=self.device)
-                for mi in micro:
-                    ploss, vloss, stats = self._micro_loss(exp, mi)
-                    # two backwards, not one: under DDP the policy's and the critic's gradient
-                    # all-reduces must reach the process group in the same order on every rank
-                    (ploss / len(micro)).backward()
-                    (vloss / len(micro)).backward()
-                    total = total + (ploss.detach() + vloss.detach()) / len(micro)
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(micro)
-                norm, skip = guarded_step([self.opt, self.copt], [], c.max_grad_norm, total)
-                norms.append(norm)
-                skipped += int(skip)
-                n_mb += 1
+        out, norms, skipped = self.minibatch_epochs(N, lambda idx, scale: self._micro_step(exp, idx, scale),
+                                                    [self.opt, self.copt])  # fmt: skip
         self.sched.step()
         self.csched.step()
-        out = {k: v / max(n_mb, 1) for k, v in sums.items()}
         n_tok = int(exp["ro"].response_mask.sum())
         dt = time.perf_counter() - t0
         out.update({"grad_norm": sum(norms) / max(len(norms), 1), "skipped": skipped, "time/update": dt,
