@@ -386,6 +386,21 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
       const acc_t* glp = gl.const_data_ptr<acc_t>();
       acc_t* ap = adv.data_ptr<acc_t>();
       acc_t* qp = ret.data_ptr<acc_t>();
+      // The pointers and parameters of rows b0 .. b0 + n - 1; past `count`
+      // rows the last one repeats: same inputs, same outputs written twice
+      // by one thread, no branch in the kernels.
+      auto rows_at = [&](auto n, int64_t b0, int64_t count) {
+        constexpr int kN = decltype(n)::value;
+        struct { const Tv* r[kN]; const Tv* v[kN]; const M* m[kN]; acc_t* adv[kN]; acc_t* ret[kN];
+                 acc_t g[kN], gl[kN]; } rows;  // fmt: skip
+        for (int j = 0; j < kN; ++j) {
+          const int64_t b = b0 + std::min<int64_t>(j, count - 1);
+          rows.r[j] = rp + b * sr; rows.v[j] = vp + b * sv; rows.m[j] = mp + b * sm;
+          rows.adv[j] = ap + b * T; rows.ret[j] = qp + b * T;
+          rows.g[j] = gp[b]; rows.gl[j] = glp[b];
+        }
+        return rows;
+      };
       // Whole groups of W rows in lanes (fp32 accumulation: W = 16 on AVX-512,
       // 8 on AVX2); the B % W rest, and everything else, 4 rows at a time.
       constexpr bool kHasLanes = std::is_same_v<acc_t, float>;
@@ -398,15 +413,8 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
           constexpr int kW = decltype(width)::value;
           at::parallel_for(0, n_groups, std::max<int64_t>(1, row_grain(T) / kW), [&](int64_t begin, int64_t end) {
             for (int64_t grp = begin; grp < end; ++grp) {
-              const Tv* rr[kW]; const Tv* vv[kW]; const M* mm[kW];
-              float* aa[kW]; float* qq[kW]; float gg[kW], ggl[kW];
-              for (int j = 0; j < kW; ++j) {
-                const int64_t b = grp * kW + j;
-                rr[j] = rp + b * sr; vv[j] = vp + b * sv; mm[j] = mp + b * sm;
-                aa[j] = ap + b * T; qq[j] = qp + b * T;
-                gg[j] = gp[b]; ggl[j] = glp[b];
-              }
-              gae_lanes_k(width, std::integral_constant<bool, HAS_V>{}, rr, vv, mm, T, gg, ggl, aa, qq);
+              const auto x = rows_at(width, grp * kW, kW);
+              gae_lanes_k(width, std::integral_constant<bool, HAS_V>{}, x.r, x.v, x.m, T, x.g, x.gl, x.adv, x.ret);
             }
           });
         };
@@ -415,19 +423,8 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
       }
       at::parallel_for(lane_rows, B, row_grain(T), [&](int64_t begin, int64_t end) {
         for (int64_t b0 = begin; b0 < end; b0 += kRows) {
-          const int nrows = static_cast<int>(std::min<int64_t>(kRows, end - b0));
-          // A short last group repeats its last row: same inputs, same
-          // outputs written twice by this thread, no branch in the loop.
-          const Tv* rr[kRows]; const Tv* vv[kRows]; const M* mm[kRows];
-          acc_t* aa[kRows]; acc_t* qq[kRows]; acc_t gg[kRows], ggl[kRows];
-          for (int j = 0; j < kRows; ++j) {
-            const int64_t b = b0 + std::min(j, nrows - 1);
-            rr[j] = rp + b * sr; vv[j] = vp + b * sv; mm[j] = mp + b * sm;
-            aa[j] = ap + b * T; qq[j] = qp + b * T;
-            gg[j] = gp[b]; ggl[j] = glp[b];
-          }
-          gae_rows_k(std::integral_constant<bool, HAS_V>{}, rr, vv, mm, T, gg,
-                     ggl, aa, qq);
+          const auto x = rows_at(std::integral_constant<int, kRows>{}, b0, end - b0);
+          gae_rows_k(std::integral_constant<bool, HAS_V>{}, x.r, x.v, x.m, T, x.g, x.gl, x.adv, x.ret);
         }
       });
     });
