@@ -2,6 +2,7 @@
 names the argument and what was wrong with it."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -75,3 +76,33 @@ def refuse_interpreter_under_compile(op: str, backend: str, device: torch.device
             f"{op}: the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot run under torch.compile; "
             "use the cpp backend on CPU or CUDA tensors for triton"
         )
+
+
+def kernel_scalars(dtype: torch.dtype, device, *values) -> tuple[torch.Tensor | None, bool]:
+    """(scalars tensor or None, from_ptr) for a Triton launch.
+
+    A Python float reaches a compiled Triton kernel as fp32 (the interpreter
+    keeps it a double), which moves an fp64 op's 1/T or eps by up to 3e-8
+    relative. fp64 inputs therefore get their scalars from a float64 tensor
+    (one tiny copy per call: fp64 is the dtype of tests and gradcheck, not of
+    training); every other dtype passes them as plain arguments, no copy."""
+    if dtype == torch.float64:
+        return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device), True
+    return None, False
+
+
+def launch_on_tensor_device(fn):
+    """Run a triton_op body under its first tensor's CUDA device: Triton
+    launches on the *current* device, so tensors on cuda:1 with cuda:0
+    current would be an illegal address (flash-attn's cross-entropy guards
+    the same way). No effect on CPU tensors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        if device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    return wrapper

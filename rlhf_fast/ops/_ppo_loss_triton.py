@@ -23,6 +23,7 @@ from ..triton.ppo_loss import (
     block_b,
     block_t,
 )
+from ._common import kernel_scalars, launch_on_tensor_device
 from .ppo_loss import (
     LOSS_STATS,
     VALUE_STATS,
@@ -40,20 +41,12 @@ def _tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _params(acc: torch.dtype, values: list[float], device) -> tuple[torch.Tensor | None, bool]:
-    """fp64 math gets its scalars through a tensor (a Python float argument
-    arrives in the kernel as fp32, which would move the clip boundaries by
-    1e-8); fp32 math takes them as plain arguments, with no extra copy."""
-    if acc == torch.float64:
-        return torch.tensor(values, dtype=torch.float64, device=device), True
-    return None, False
-
-
 def _u8(mask: torch.Tensor) -> torch.Tensor:
     return mask.contiguous().view(torch.uint8) if mask.dtype == torch.bool else mask.contiguous()
 
 
 @torch.library.triton_op("rlhf_fast::ppo_loss_fwd_triton", mutates_args=())
+@launch_on_tensor_device
 def ppo_loss_fwd_triton(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -84,7 +77,7 @@ def ppo_loss_fwd_triton(
     part = torch.empty((B, n_chunks, N_POLICY_PARTIALS), dtype=acc, device=dev)
     lo, hi = 1.0 - clip_low, 1.0 + clip_high
     dual = 3.0 if dual_clip is None else dual_clip
-    params, from_ptr = _params(acc, [lo, hi, dual, kl_coef, entropy_coef, kl_coef, agg_norm, agg_norm], dev)
+    params, from_ptr = kernel_scalars(acc, dev, lo, hi, dual, kl_coef, entropy_coef, kl_coef, agg_norm, agg_norm)
     lp = logprobs.contiguous()
     ent = entropy.contiguous() if entropy is not None else lp
     ref = ref_logprobs.contiguous() if ref_logprobs is not None else lp
@@ -105,6 +98,7 @@ def ppo_loss_fwd_triton(
 
 
 @torch.library.triton_op("rlhf_fast::ppo_loss_bwd_triton", mutates_args=())
+@launch_on_tensor_device
 def ppo_loss_bwd_triton(
     grad_loss: torch.Tensor,
     dtok: torch.Tensor,
@@ -133,6 +127,7 @@ def ppo_loss_bwd_triton(
 
 
 @torch.library.triton_op("rlhf_fast::ppo_value_loss_fwd_triton", mutates_args=())
+@launch_on_tensor_device
 def ppo_value_loss_fwd_triton(
     values: torch.Tensor,
     old_values: torch.Tensor,
@@ -155,7 +150,7 @@ def ppo_value_loss_fwd_triton(
     n_chunks = max(1, triton.cdiv(T, bt))
     part = torch.empty((B, n_chunks, N_VALUE_PARTIALS), dtype=acc, device=dev)
     c = 0.0 if clip is None else clip
-    params, from_ptr = _params(acc, [c, agg_norm, agg_norm, agg_norm, agg_norm], dev)
+    params, from_ptr = kernel_scalars(acc, dev, c, agg_norm, agg_norm, agg_norm, agg_norm)
     v = values.contiguous()
     torch.library.wrap_triton(_ppo_value_loss_fwd_kernel)[(B, n_chunks)](
         v, old_values.contiguous(), returns.contiguous(), _u8(mask), dtok, part, params if from_ptr else v,
@@ -171,6 +166,7 @@ def ppo_value_loss_fwd_triton(
 
 
 @torch.library.triton_op("rlhf_fast::kl_penalty_fwd_triton", mutates_args=())
+@launch_on_tensor_device
 def kl_penalty_fwd_triton(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
     acc = _acc_dtype(logprobs.dtype)
     out = torch.empty(logprobs.shape, dtype=acc, device=logprobs.device)
@@ -183,6 +179,7 @@ def kl_penalty_fwd_triton(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, ki
 
 
 @torch.library.triton_op("rlhf_fast::kl_penalty_bwd_triton", mutates_args=())
+@launch_on_tensor_device
 def kl_penalty_bwd_triton(
     grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str
 ) -> torch.Tensor:

@@ -251,6 +251,7 @@ def _can_launch(t: torch.Tensor) -> bool:
 if _backend.HAVE_TRITON:
     import triton
 
+    from ._common import kernel_scalars, launch_on_tensor_device
     from ..triton.advantages import (
         MERGE_BLOCK,
         WHITEN_BLOCK,
@@ -262,6 +263,7 @@ if _backend.HAVE_TRITON:
     )
 
     @torch.library.triton_op("rlhf_fast::whiten_triton", mutates_args=())
+    @launch_on_tensor_device
     def whiten_triton(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=_acc(x.dtype), device=x.device)
         N = x.numel()
@@ -272,13 +274,18 @@ if _backend.HAVE_TRITON:
         parts = torch.empty((3, P), dtype=torch.float64, device=x.device)
         stat = torch.empty(2, dtype=torch.float64, device=x.device)
         torch.library.wrap_triton(_whiten_stats_kernel)[(P,)](xf, mf, parts[0], parts[1], parts[2], N, BLOCK=WHITEN_BLOCK)
-        torch.library.wrap_triton(_whiten_merge_kernel)[(1,)](parts[0], parts[1], parts[2], stat, P, eps, BLOCK=MERGE_BLOCK)
+        scalars, from_ptr = kernel_scalars(x.dtype, x.device, eps)
+        torch.library.wrap_triton(_whiten_merge_kernel)[(1,)](
+            parts[0], parts[1], parts[2], stat, P, eps, scalars if from_ptr else stat,
+            SCALARS_FROM_PTR=from_ptr, BLOCK=MERGE_BLOCK,
+        )  # fmt: skip
         torch.library.wrap_triton(_whiten_apply_kernel)[(P,)](
             xf, mf, stat, out.view(-1), N, SHIFT_MEAN=shift_mean, BLOCK=WHITEN_BLOCK
         )
         return out
 
     @torch.library.triton_op("rlhf_fast::group_advantages_triton", mutates_args=())
+    @launch_on_tensor_device
     def group_advantages_triton(
         scores: torch.Tensor, group_ids: torch.Tensor | None, group_size: int, estimator: str, eps: float
     ) -> torch.Tensor:
@@ -294,7 +301,9 @@ if _backend.HAVE_TRITON:
         else:
             perm = run_len = s  # unused (BY_ID=False)
             grid, block, by_id = N // group_size, group_block(group_size), False
+        scalars, from_ptr = kernel_scalars(scores.dtype, scores.device, eps)
         torch.library.wrap_triton(_group_advantages_fwd_kernel)[(grid,)](
-            s, perm, run_len, out, group_size, eps, EST=est, BY_ID=by_id, BLOCK=block
-        )
+            s, perm, run_len, out, group_size, eps, scalars if from_ptr else out,
+            EST=est, BY_ID=by_id, SCALARS_FROM_PTR=from_ptr, BLOCK=block,
+        )  # fmt: skip
         return out

@@ -255,6 +255,7 @@ if _backend.HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from ._common import kernel_scalars, launch_on_tensor_device
     from ..triton.linear_logprobs import (
         _linear_logprobs_dlogits_kernel,
         _linear_logprobs_fwd_kernel,
@@ -272,7 +273,7 @@ if _backend.HAVE_TRITON:
             return 2 * torch.cuda.get_device_properties(device).multi_processor_count
         return 4
 
-    def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, V: int):
         """(4, SPLITS, N) partial m, s, w, z_label -> logprobs, entropy, lse (N,)."""
         m, s, w, zy = part.unbind(0)
         m_row = m.amax(0)
@@ -288,9 +289,13 @@ if _backend.HAVE_TRITON:
         lse = torch.where(active, ref + log_s, zero)
         ent = torch.where(active, log_s - w_row / s_row, zero)
         lp = torch.where(active, zy.sum(0) - lse, zero)
+        # a label outside [0, V) (torch.compile skips the host check) matched
+        # no column: NaN, never a silent -lse
+        lp = torch.where(active & ((labels < 0) | (labels >= V)), torch.full_like(lp, float("nan")), lp)
         return lp, ent, lse
 
     @torch.library.triton_op("rlhf_fast::linear_logprobs_fwd_triton", mutates_args=())
+    @launch_on_tensor_device
     def linear_logprobs_fwd_triton(
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -304,24 +309,27 @@ if _backend.HAVE_TRITON:
         V = weight.shape[0]
         if N == 0:
             return _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, chunk_size)
-        cfg = tile_config(N, V, H, _backend.triton_interpret())
+        cfg = tile_config(N, V, H, _backend.triton_interpret(), hidden.element_size())
         bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
         splits = num_splits(N, V, bn, bv, _programs_wanted(hidden.device), cfg["GROUP"])
         v_split = triton.cdiv(triton.cdiv(V, bv), splits) * bv
         splits = triton.cdiv(V, v_split)  # no empty split
         part = hidden.new_empty((4, splits, N), dtype=_acc_dtype(hidden.dtype))
         labels = labels.contiguous()
+        scalars, from_ptr = kernel_scalars(hidden.dtype, hidden.device, 1.0 / temperature)
         torch.library.wrap_triton(_linear_logprobs_fwd_kernel)[(triton.cdiv(N, bn) * splits,)](
             hidden, weight, bias if bias is not None else hidden, labels,
             part[0], part[1], part[2], part[3],
             N, V, H, v_split, splits,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            1.0 / temperature, ignore_index,
-            HAS_BIAS=bias is not None, ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(), **cfg,
+            1.0 / temperature, scalars if from_ptr else part, ignore_index,
+            HAS_BIAS=bias is not None, ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
+            SCALARS_FROM_PTR=from_ptr, **cfg,
         )  # fmt: skip
-        return _merge_splits(part, labels, ignore_index)
+        return _merge_splits(part, labels, ignore_index, V)
 
     @torch.library.triton_op("rlhf_fast::linear_logprobs_bwd_triton", mutates_args=())
+    @launch_on_tensor_device
     def linear_logprobs_bwd_triton(
         grad_logprobs: torch.Tensor,
         grad_entropy: torch.Tensor | None,
@@ -354,7 +362,7 @@ if _backend.HAVE_TRITON:
         grad_hidden = torch.zeros((N, H), dtype=acc, device=hidden.device)  # fp32 accumulator over vocab chunks
         if N == 0 or V == 0:
             return grad_hidden.to(hidden.dtype), grad_weight.zero_(), grad_bias.zero_().to(weight.dtype)
-        cfg = tile_config(N, V, H, _backend.triton_interpret())
+        cfg = tile_config(N, V, H, _backend.triton_interpret(), hidden.element_size())
         bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
         # vocab chunk: the same scratch as chunk_size tokens x V, in N-row form
         v_chunk = min(V, max(bv, (chunk_size * V // N) // bv * bv))
@@ -364,6 +372,7 @@ if _backend.HAVE_TRITON:
         has_gh = grad_entropy is not None
         gh = grad_entropy.to(acc).contiguous() if has_gh else glp
         lse, entropy = lse.contiguous(), entropy.contiguous()
+        scalars, from_ptr = kernel_scalars(hidden.dtype, hidden.device, 1.0 / temperature)
         for v_lo in range(0, V, v_chunk):
             v_hi = min(V, v_lo + v_chunk)
             dz = scratch[: N * (v_hi - v_lo)].view(N, v_hi - v_lo)
@@ -372,9 +381,10 @@ if _backend.HAVE_TRITON:
                 glp, gh, lse, entropy, dz,
                 N, H, v_lo, v_hi,
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                1.0 / temperature, ignore_index,
+                1.0 / temperature, scalars if from_ptr else lse, ignore_index,
                 HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_gh,
-                ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(), **cfg,
+                ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
+                SCALARS_FROM_PTR=from_ptr, **cfg,
             )  # fmt: skip
             # dW rows of this chunk: one GEMM over all N tokens, fp32 inside,
             # rounded once; no token-chunk partial sums of dW exist.
@@ -383,7 +393,7 @@ if _backend.HAVE_TRITON:
             if hidden.dtype == acc:
                 grad_hidden.addmm_(dz, w_c)
             else:  # bf16 / fp16 GEMM with an fp32 accumulate-into epilogue
-                mm = tile_config(N, H, v_hi - v_lo, _backend.triton_interpret())
+                mm = tile_config(N, H, v_hi - v_lo, _backend.triton_interpret(), hidden.element_size())
                 torch.library.wrap_triton(_matmul_acc_kernel)[
                     (triton.cdiv(N, mm["BLOCK_N"]), triton.cdiv(H, mm["BLOCK_V"]))
                 ](
@@ -391,7 +401,8 @@ if _backend.HAVE_TRITON:
                     dz.stride(0), dz.stride(1), w_c.stride(0), w_c.stride(1),
                     grad_hidden.stride(0), grad_hidden.stride(1),
                     ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
-                    BLOCK_M=mm["BLOCK_N"], BLOCK_N=mm["BLOCK_V"], BLOCK_K=mm["BLOCK_K"],
+                    # K steps of 32: with 64 the fp32 read-add-write epilogue spilled 48 B (sm_90)
+                    BLOCK_M=mm["BLOCK_N"], BLOCK_N=mm["BLOCK_V"], BLOCK_K=min(mm["BLOCK_K"], 32),
                     num_warps=mm["num_warps"], num_stages=mm["num_stages"],
                 )  # fmt: skip
             if bias is not None:

@@ -156,28 +156,31 @@ if _backend.has_cpp():
 if _backend.HAVE_TRITON:
     import triton.language as tl
 
-    from ..triton.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel, block_v
-    from ._common import launches_kernels
+    from ..triton.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel, row_config
+    from ._common import kernel_scalars, launch_on_tensor_device, launches_kernels
 
     def _tl_acc(dtype):
         return tl.float64 if dtype == torch.float64 else tl.float32
 
     @torch.library.triton_op("rlhf_fast::logprobs_fwd_triton", mutates_args=())
+    @launch_on_tensor_device
     def logprobs_fwd_triton(
         logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         A, B, V = logits.shape
         lp, ent, lse = _fake_fwd(logits, labels, temperature, ignore_index)
         if A * B > 0 and launches_kernels(logits):
+            scalars, from_ptr = kernel_scalars(logits.dtype, logits.device, 1.0 / temperature)
             torch.library.wrap_triton(_logprobs_fwd_kernel)[(A * B,)](
                 logits, labels.contiguous(), lp, ent, lse,
                 B, V, logits.stride(0), logits.stride(1),
-                1.0 / temperature, ignore_index,
-                ACC=_tl_acc(logits.dtype), BLOCK_V=block_v(V),
+                1.0 / temperature, scalars if from_ptr else lse, ignore_index,
+                ACC=_tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr, **row_config(V, logits.dtype == torch.float64),
             )  # fmt: skip
         return lp, ent, lse
 
     @torch.library.triton_op("rlhf_fast::logprobs_bwd_triton", mutates_args=())
+    @launch_on_tensor_device
     def logprobs_bwd_triton(
         grad_logprobs: torch.Tensor,
         grad_entropy: torch.Tensor | None,
@@ -194,12 +197,13 @@ if _backend.HAVE_TRITON:
             acc = _acc_dtype(logits.dtype)
             has_gh = grad_entropy is not None
             gh = grad_entropy.to(acc).contiguous() if has_gh else lse
+            scalars, from_ptr = kernel_scalars(logits.dtype, logits.device, 1.0 / temperature)
             torch.library.wrap_triton(_logprobs_bwd_kernel)[(A * B,)](
                 logits, labels.contiguous(), grad_logprobs.to(acc).contiguous(), gh,
                 lse.contiguous(), entropy.contiguous(), grad_logits,
                 B, V, logits.stride(0), logits.stride(1),
-                1.0 / temperature, ignore_index,
-                HAS_GRAD_ENTROPY=has_gh, ACC=_tl_acc(logits.dtype), BLOCK_V=block_v(V),
+                1.0 / temperature, scalars if from_ptr else lse, ignore_index,
+                HAS_GRAD_ENTROPY=has_gh, ACC=_tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr, **row_config(V, logits.dtype == torch.float64),
             )  # fmt: skip
         return grad_logits
 

@@ -164,9 +164,11 @@ if _backend.has_cpp():
 
 
 if _backend.HAVE_TRITON:
-    from ..triton.sampling import _sample_fwd_kernel, block_v
+    from ..triton.sampling import _sample_fwd_kernel, row_config
+    from ._common import launch_on_tensor_device
 
     @torch.library.triton_op("rlhf_fast::sample_fwd_triton", mutates_args=())
+    @launch_on_tensor_device
     def sample_fwd_triton(
         logits: torch.Tensor,
         seeds: torch.Tensor,
@@ -185,6 +187,6 @@ if _backend.HAVE_TRITON:
                 logits, seeds.contiguous(), temperature.contiguous(), top_k.contiguous(),
                 top_p.contiguous(), min_p.contiguous(), tokens, lp, plp,
                 V, logits.stride(0),
-                FILTERED=filtered, BLOCK_V=block_v(V),
+                FILTERED=filtered, **row_config(V),
             )  # fmt: skip
         return tokens, lp, plp

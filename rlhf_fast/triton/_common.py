@@ -17,3 +17,39 @@ def rounded(x, ty: tl.constexpr):
         return tl.where(xf != xf, xf, u.to(tl.float32, bitcast=True)).to(ty)
     else:
         return x.to(ty)
+
+
+# NaN-propagating min / max. A plain tl.maximum / tl.minimum compiles to
+# max.f32 / min.f32, which return the non-NaN operand, so a clamp would turn
+# a NaN log-ratio into +-20 and a finite loss; these compile to max.NaN /
+# min.NaN (compare + select for fp64) and keep NaN, as torch does.
+@triton.jit
+def max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def clamp_nan(x, lo, hi):
+    return min_nan(max_nan(x, lo), hi)
+
+
+@triton.jit
+def max_reduce_nan(x, axis: tl.constexpr):
+    """tl.max that returns NaN when any element is NaN (tl.max drops NaN on GPUs)."""
+    has_nan = tl.sum((x != x).to(tl.int32), axis=axis) > 0
+    return tl.where(has_nan, float("nan"), tl.max(x, axis=axis))
+
+
+@triton.jit
+def scalar_arg(value, ptr, i: tl.constexpr, FROM_PTR: tl.constexpr):
+    """A float kernel argument, or for fp64 math the exact double the launcher
+    stored at ptr[i] (see rlhf_fast.ops._common.kernel_scalars)."""
+    if FROM_PTR:
+        return tl.load(ptr + i)
+    else:
+        return value

@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import scalar_arg
+
 WHITEN_BLOCK = 2048  # elements per stats program: 512 programs at (512, 2048)
 MERGE_BLOCK = 1024
 
@@ -37,8 +39,11 @@ def _whiten_stats_kernel(x_ptr, m_ptr, cnt_ptr, mean_ptr, m2_ptr, N, BLOCK: tl.c
 
 
 @triton.jit
-def _whiten_merge_kernel(cnt_ptr, mean_ptr, m2_ptr, stat_ptr, P, eps, BLOCK: tl.constexpr):
+def _whiten_merge_kernel(
+    cnt_ptr, mean_ptr, m2_ptr, stat_ptr, P, eps, scalars_ptr, SCALARS_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr
+):
     # Chan: mean = sum n_i mu_i / n; M2 = sum M2_i + n_i (mu_i - mean)^2.
+    eps = scalar_arg(eps, scalars_ptr, 0, SCALARS_FROM_PTR)
     offs = tl.arange(0, BLOCK)
     n_acc = tl.zeros([BLOCK], tl.float64)
     s_acc = tl.zeros([BLOCK], tl.float64)
@@ -92,11 +97,13 @@ def _group_load(s_ptr, perm_ptr, start, o, ok, BY_ID: tl.constexpr):
 @triton.jit(do_not_specialize=["group_size"])
 def _group_advantages_fwd_kernel(
     s_ptr, perm_ptr, len_ptr, out_ptr,
-    group_size, eps,
+    group_size, eps, scalars_ptr,
     EST: tl.constexpr,  # 0 grpo, 1 dr_grpo, 2 rloo, 3 reinforce_baseline
     BY_ID: tl.constexpr,  # groups from ids: program p owns the run starting at sorted position p (len 0 if none)
+    SCALARS_FROM_PTR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
+    eps = scalar_arg(eps, scalars_ptr, 0, SCALARS_FROM_PTR)
     pid = tl.program_id(0).to(tl.int64)
     if BY_ID:
         start = pid

@@ -25,10 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import rounded
-
-NEG_INF = float("-inf")
-
+from ._common import rounded, scalar_arg
 
 @triton.jit
 def _grouped_tile(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
@@ -80,11 +77,14 @@ def _linear_logprobs_fwd_kernel(
     m_ptr, s_ptr, w_ptr, zy_ptr,  # partial state, each (SPLITS, N)
     N, V, H, V_SPLIT, SPLITS,
     s_hn, s_hk, s_wv, s_wk,
-    inv_temp,  # fp32 from the launcher: torch.compile cannot widen it to fp64
+    inv_temp,  # fp32 (a Python float); fp64 inputs read the exact double from scalars_ptr
+    scalars_ptr,
     ignore_index,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SCALARS_FROM_PTR: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    inv_temp = scalar_arg(inv_temp, scalars_ptr, 0, SCALARS_FROM_PTR)
     pid_n, split = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), SPLITS, GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs_n < N
@@ -93,7 +93,7 @@ def _linear_logprobs_fwd_kernel(
     v_hi = tl.minimum(V, v_lo + V_SPLIT)
     cols = tl.arange(0, BLOCK_V)
 
-    m = tl.full([BLOCK_N], NEG_INF, ACC)
+    m = tl.full([BLOCK_N], float("-inf"), ACC)
     s = tl.zeros([BLOCK_N], ACC)
     w = tl.zeros([BLOCK_N], ACC)
     zy = tl.zeros([BLOCK_N], ACC)
@@ -105,15 +105,15 @@ def _linear_logprobs_fwd_kernel(
             H, s_hn, s_hk, s_wv, s_wk, HAS_BIAS, ACC, DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
         # vocab tail masked to -inf (V % BLOCK_V != 0 must not add exp(0) terms)
-        z = tl.where(v_mask[None, :], logits * inv_temp, NEG_INF)
+        z = tl.where(v_mask[None, :], logits * inv_temp, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # -inf guards as in the log-prob kernel: a row that has seen only -inf
         # keeps s = w = 0 instead of (-inf) - (-inf) = NaN.
-        ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - ref)
-        delta = tl.where(m == NEG_INF, 0.0, m - ref)
+        delta = tl.where(m == float("-inf"), 0.0, m - ref)
         e = tl.exp(z - ref[:, None])
-        d = tl.where(z == NEG_INF, 0.0, z - ref[:, None])
+        d = tl.where(z == float("-inf"), 0.0, z - ref[:, None])
         w = (w + delta * s) * alpha + tl.sum(d * e, axis=1)
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
@@ -132,13 +132,14 @@ def _linear_logprobs_dlogits_kernel(
     glp_ptr, gh_ptr, lse_ptr, ent_ptr, dl_ptr,  # dl: (N, v_hi - v_lo) contiguous
     N, H, v_lo, v_hi,
     s_hn, s_hk, s_wv, s_wk,
-    inv_temp, ignore_index,
+    inv_temp, scalars_ptr, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCALARS_FROM_PTR: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dz = (g_lp * (onehot - p) - g_H * p * (z - E_p[z])) / T on one tile,
     p = exp(z - lse) from recomputed logits; E_p[z] = lse - entropy."""
+    inv_temp = scalar_arg(inv_temp, scalars_ptr, 0, SCALARS_FROM_PTR)
     pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs_n < N
@@ -199,13 +200,22 @@ def _matmul_acc_kernel(
     tl.store(c, tl.load(c, mask=mask, other=0.0) + acc, mask=mask)
 
 
-def tile_config(N: int, V: int, H: int, interpret: bool) -> dict:
-    """Block sizes. GPU: 128 x 128 logits tiles (64 KiB fp32 accumulator over
-    8 warps), K steps of 64 (32 KiB of bf16 operands per stage, 3 stages).
+def tile_config(N: int, V: int, H: int, interpret: bool, itemsize: int = 2) -> dict:
+    """Block sizes by input width (offline sm_90 compile, launch_cases.py).
+    bf16 / fp16: 128 x 128 logits tiles (64 KiB fp32 accumulator over 8
+    warps), K steps of 64 (32 KiB of operands per stage, 3 stages: 96 KiB).
+    fp32 (ieee dot, no tensor cores): 64 x 64 x 32 over 4 warps; the 128 x
+    128 x 64 tile spilled 35 KB and 64 x 128 x 32 still 12 B. fp64: 32 x 64 x
+    32, 2 stages; the bf16 tile needed 256 KiB of shared memory (over sm_90's
+    227 KiB) and 64 x 64 x 32 spilled 1.6 KB.
     Interpreter: the smallest tiles tl.dot accepts that still cover the test
     shapes in few programs (numpy cost grows with the program count)."""
     if interpret:
         return dict(BLOCK_N=16 if N <= 16 else 32, BLOCK_V=64, BLOCK_K=32, GROUP=2, num_warps=4, num_stages=1)
+    if itemsize == 8:
+        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, GROUP=16, num_warps=4, num_stages=2)
+    if itemsize == 4:
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, GROUP=16, num_warps=4, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP=16, num_warps=8, num_stages=3)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import clamp_nan, max_nan, max_reduce_nan, min_nan
 from ._common import rounded as _rounded
 
 # KL kinds and aggregation modes as constexpr ints (csrc/cpu/ppo_loss.cpp uses the same numbers).
@@ -37,10 +38,10 @@ def _kl_term(lp, ref, KIND: tl.constexpr):
         val = 0.5 * d * d
         dval = d
     elif KIND == 2:
-        k = tl.minimum(tl.maximum(-d, -20.0), 20.0)
+        k = clamp_nan(-d, -20.0, 20.0)
         e = tl.exp(k)
         kld = e - k - 1.0
-        val = tl.minimum(tl.maximum(kld, -10.0), 10.0)
+        val = clamp_nan(kld, -10.0, 10.0)
         ok = (-d >= -20.0) & (-d <= 20.0) & (kld >= -10.0) & (kld <= 10.0)
         dval = tl.where(ok, 1.0 - e, 0.0)
     else:
@@ -80,12 +81,12 @@ def _ppo_loss_fwd_kernel(
     a = tl.load(adv_ptr + p, mask=inb, other=0.0).to(ACC)
 
     x = lp - old
-    xc = tl.minimum(tl.maximum(x, -20.0), 20.0)
+    xc = clamp_nan(x, -20.0, 20.0)  # NaN stays NaN: a NaN log-prob gives a NaN loss
     r = tl.exp(xc)
     l1 = -a * r  # also d l1 / d x
-    l2 = -a * tl.minimum(tl.maximum(r, lo), hi)
+    l2 = -a * clamp_nan(r, lo, hi)
     g2 = tl.where((r >= lo) & (r <= hi), l1, 0.0)
-    c1 = tl.maximum(l1, l2)
+    c1 = max_nan(l1, l2)
     # torch's gradient of max: all to the winner, half each on a tie
     dl = tl.where(l1 > l2, l1, tl.where(l2 > l1, g2, 0.5 * (l1 + g2)))
     loss = c1
@@ -94,7 +95,7 @@ def _ppo_loss_fwd_kernel(
         l3 = -a * dual
         neg = a < 0
         d2 = tl.where(c1 < l3, dl, tl.where(c1 > l3, 0.0, 0.5 * dl))
-        loss = tl.where(neg, tl.minimum(c1, l3), c1)
+        loss = tl.where(neg, min_nan(c1, l3), c1)
         dl = tl.where(neg, d2, dl)
         low = valid & neg & (c1 > l3)
     dl = tl.where((x >= -20.0) & (x <= 20.0), dl, 0.0)
@@ -120,7 +121,7 @@ def _ppo_loss_fwd_kernel(
     tl.store(out + 5, tl.sum(low.to(ACC), axis=0))
     tl.store(out + 6, tl.sum(tl.where(valid, -xc, 0.0), axis=0))
     tl.store(out + 7, tl.sum(tl.where(valid, r, 0.0), axis=0))
-    tl.store(out + 8, tl.max(tl.where(valid, r, 0.0), axis=0))
+    tl.store(out + 8, max_reduce_nan(tl.where(valid, r, 0.0), 0))
 
 
 @triton.jit
@@ -185,7 +186,7 @@ def _ppo_loss_finish_kernel(
             sums_low += tl.load(q + 5, mask=live, other=0.0).to(tl.float64)
             sums_akl += tl.load(q + 6, mask=live, other=0.0).to(tl.float64)
             sums_r += tl.load(q + 7, mask=live, other=0.0).to(tl.float64)
-            rmax = tl.maximum(rmax, tl.load(q + 8, mask=live, other=0.0).to(tl.float64))
+            rmax = max_nan(rmax, tl.load(q + 8, mask=live, other=0.0).to(tl.float64))
         s = _row_scale(AGG, n_b, N_all, S_all, norm)
         tl.store(row_scale_ptr + bb, s.to(row_scale_ptr.dtype.element_ty), mask=live)
         sums_pg += tl.where(live, s * pg, 0.0)
@@ -204,7 +205,7 @@ def _ppo_loss_finish_kernel(
     tl.store(stats_ptr + 4, (tl.sum(sums_low, axis=0) * inv_n).to(ty))
     tl.store(stats_ptr + 5, (tl.sum(sums_akl, axis=0) * inv_n).to(ty))
     tl.store(stats_ptr + 6, (tl.sum(sums_r, axis=0) * inv_n).to(ty))
-    tl.store(stats_ptr + 7, tl.max(rmax, axis=0).to(ty))
+    tl.store(stats_ptr + 7, max_reduce_nan(rmax, 0).to(ty))
 
 
 @triton.jit
@@ -253,12 +254,12 @@ def _ppo_value_loss_fwd_kernel(
         vo = tl.load(vo_ptr + p, mask=inb, other=0.0).to(ACC)
         lo = vo - cr
         hi = vo + cr
-        e2 = tl.minimum(tl.maximum(v, lo), hi) - ret
+        e2 = clamp_nan(v, lo, hi) - ret
         vf2 = e2 * e2
         g2 = tl.where((v >= lo) & (v <= hi), 2.0 * e2, 0.0)
         dl = tl.where(vf > vf2, dl, tl.where(vf2 > vf, g2, 0.5 * (dl + g2)))
         clipped = valid & (vf2 > vf)
-        vf = tl.maximum(vf, vf2)
+        vf = max_nan(vf, vf2)
     tl.store(dtok_ptr + p, tl.where(valid, 0.5 * dl, 0.0), mask=inb)
     # chunk-local (n, mean, M2) of R and R - v: centred on the chunk mean
     # from registers, merged across chunks with Chan's formula.

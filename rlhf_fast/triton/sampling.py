@@ -17,10 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .logprobs import block_v as _logprobs_block_v
+from .logprobs import row_config as _logprobs_row_config
 
-NEG_INF = float("-inf")
-KEY_NEG_INF = -2139095041  # float_key(-inf): bits 0xFF800000 ^ 0x7FFFFFFF as int32
 
 
 @triton.jit
@@ -59,7 +57,7 @@ def _count_ge(row_ptr, V, inv_t, thr, BLOCK_V: tl.constexpr):
     acc = tl.zeros([BLOCK_V], tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
         acc += (z >= thr).to(tl.int32)
     return tl.sum(acc, axis=0)
 
@@ -70,7 +68,7 @@ def _mass_ge(row_ptr, V, inv_t, mz, thr, BLOCK_V: tl.constexpr):
     acc = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
         acc += tl.where(z >= thr, tl.exp(z - mz), 0.0)
     return tl.sum(acc, axis=0)
 
@@ -96,15 +94,15 @@ def _sample_fwd_kernel(
 
     # sweep 1: online max / sum (the log-prob kernel's numerics) and, when
     # nothing is truncated, the race in the same pass
-    m = tl.full([BLOCK_V], NEG_INF, tl.float32)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
-    best = tl.full([BLOCK_V], NEG_INF, tl.float32)
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
     best_j = tl.full([BLOCK_V], 0, tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, z)
-        ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, z)  # NaN-dropping on GPUs; a NaN z reaches lse through s
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - ref)
         e = tl.exp(z - ref)
         s = s * alpha + e
@@ -116,7 +114,7 @@ def _sample_fwd_kernel(
             best_j = tl.where(upd, offs, best_j)
     # lane merge exactly as _logprobs_fwd_kernel: bit-identical lse
     mz = tl.max(m, axis=0)
-    ref = tl.where(mz == NEG_INF, 0.0, mz)
+    ref = tl.where(mz == float("-inf"), 0.0, mz)
     delta = tl.where(s > 0, m - ref, 0.0)
     scale = tl.where(s > 0, tl.exp(delta), 0.0)
     s_row = tl.sum(s * scale, axis=0)
@@ -130,7 +128,7 @@ def _sample_fwd_kernel(
         mp = tl.load(minp_ptr + row).to(tl.float32)
         top = _float_key(mz).to(tl.int64)
         # top-k: largest key with count(z >= key) >= k
-        lo = tl.full([], KEY_NEG_INF, tl.int64)
+        lo = tl.full([], -2139095041, tl.int64)  # _float_key(-inf): 0xFF800000 ^ 0x7FFFFFFF as int32
         hi = tl.where((k > 0) & (k < V) & stochastic, top, lo)
         while lo < hi:
             mid = lo + (hi - lo + 1) // 2
@@ -138,7 +136,7 @@ def _sample_fwd_kernel(
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
         k_on = (k > 0) & (k < V)
-        tau_k = tl.where(k_on, _key_float(lo), NEG_INF)
+        tau_k = tl.where(k_on, _key_float(lo), float("-inf"))
         mass_k = tl.where(k_on, _mass_ge(row_ptr, V, inv_t, mz, tau_k, BLOCK_V), s_row)
         # top-p: largest key >= tau_k whose mass reaches top_p * mass_k
         target = p * mass_k
@@ -149,15 +147,15 @@ def _sample_fwd_kernel(
             ok = _mass_ge(row_ptr, V, inv_t, mz, _key_float(mid), BLOCK_V) >= target
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
-        tau_p = tl.where(p < 1.0, _key_float(lo), NEG_INF)
-        tau_min = tl.where(mp > 0.0, mz + tl.log(tl.where(mp > 0.0, mp, 1.0)), NEG_INF)
+        tau_p = tl.where(p < 1.0, _key_float(lo), float("-inf"))
+        tau_min = tl.where(mp > 0.0, mz + tl.log(tl.where(mp > 0.0, mp, 1.0)), float("-inf"))
         thr = tl.minimum(tl.maximum(tl.maximum(tau_k, tau_p), tau_min), mz)
-        thr = tl.where(greedy, NEG_INF, thr)
+        thr = tl.where(greedy, float("-inf"), thr)
         # sweep: race over the kept tokens and their mass
         acc = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
+            z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
             kept = (z >= thr) & (offs < V)
             acc += tl.where(kept, tl.exp(z - mz), 0.0)
             key = tl.where(greedy, z, z + _gumbel(seed_lo, seed_hi, offs))
@@ -176,7 +174,7 @@ def _sample_fwd_kernel(
     tl.store(plp_ptr + row, tl.where(greedy, 0.0, z_tok - (mz + tl.log(kept_mass))))
 
 
-def block_v(V: int) -> int:
-    # The log-prob kernel's tile width, so both reduce the row in the same
-    # lane order and their log-sum-exp agree bit for bit.
-    return _logprobs_block_v(V)
+def row_config(V: int) -> dict:
+    # The log-prob kernel's tile width and warps (fp32 states), so both reduce
+    # the row in the same lane order and their log-sum-exp agree bit for bit.
+    return _logprobs_row_config(V)
