@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # isolation, so it compiles against that torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench cuda-check clean
+.PHONY: setup demo test bench cuda-check gpu-compile-check kernels-table clean
 
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
@@ -21,7 +21,7 @@ demo: setup
 	rlhf-fast info
 	rlhf-fast demo --out out/demo
 
-test: setup cuda-check
+test: setup cuda-check gpu-compile-check
 	$(PY) -m pytest tests -q
 
 bench: setup
@@ -31,6 +31,21 @@ bench: setup
 # Every .cu compiles with nvcc for sm_80 and sm_90 (skipped where no nvcc).
 cuda-check:
 	bash scripts/check_cuda_compile.sh
+
+# Every Triton kernel compiled for sm_90a and sm_80 with no GPU, with the
+# installed Triton and with the GPU machine's (3.6.0, in its own cached
+# folder): fails on a compile error, shared memory over the limit or spills
+# over budget. Results are cached by kernel source; a cold run compiles ~260
+# specialisations per Triton version.
+gpu-compile-check:
+	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.gpu.offline_compile
+	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.gpu.offline_compile --triton 3.6.0
+
+# The static table (registers, spills, shared memory, SASS per element) in
+# benchmarks/results/kernels-sm90.json and docs/kernels.md.
+kernels-table:
+	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.gpu.offline_compile --triton 3.6.0 \
+		--json benchmarks/results/kernels-sm90.json --markdown docs/kernels.md
 
 clean:
 	rm -rf build *.egg-info rlhf_fast/_C*.so

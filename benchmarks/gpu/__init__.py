@@ -1,0 +1,1 @@
+"""GPU tooling: the offline compile check and the lent-GPU script."""

@@ -1,0 +1,175 @@
+"""The Triton launches the offline compile check covers, and each kernel's budget.
+
+Every launch here is produced by the real launcher (the triton_op in
+rlhf_fast/ops/) called on meta tensors, so its block sizes, num_warps and
+num_stages are exactly what that launcher picks on a GPU: nothing is copied
+from the launchers into this file. What this file chooses is the inputs:
+every dtype each op accepts, each constexpr flag on and off, and shapes that
+reach each distinct launch configuration (the production shapes of the GPU
+benchmarks included). `KERNELS` lists every @triton.jit kernel that is
+launched from the host; tests/test_offline_compile.py proves that list
+complete against the package and that the cases below reach all of it.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# kernel -> how to read its static counts.
+#   block: the constexpr whose elements one program streams per iteration of
+#          its hot loop (None: no per-element figure, e.g. a GEMM tile);
+#   spill_budget: spill bytes (stores + loads) allowed, per target. Zero for
+#          the streaming kernels on sm_90: a spill is a local-memory round trip
+#          per element, dearer than the HBM read itself. The exceptions:
+#          - one-program epilogues (the *_finish kernels): 64 B, cold code run once;
+#          - linear_logprobs fwd: 64 B, the fp64 tile (tests' dtype; the fp64 dot
+#            has no tensor cores and 255 registers at 32 x 64);
+#          - matmul_acc: 64 B, its fp32 read-add-write epilogue of a 128 x 128 tile;
+#          - sm_80 GEMM-tile kernels: 512 B. The 128 x 128 tiles are tuned for
+#            Hopper; on Ampere they must compile and fit, and spill a little.
+_Z, _E, _G = {90: 0, 80: 0}, {90: 64, 80: 64}, {90: 0, 80: 512}
+KERNELS = {
+    "_logprobs_fwd_kernel": dict(block="BLOCK_V", spill_budget=_Z),
+    "_logprobs_bwd_kernel": dict(block="BLOCK_V", spill_budget=_Z),
+    "_linear_logprobs_fwd_kernel": dict(block=None, spill_budget={90: 64, 80: 512}),
+    "_linear_logprobs_dlogits_kernel": dict(block=None, spill_budget=_G),
+    "_matmul_acc_kernel": dict(block=None, spill_budget={90: 64, 80: 512}),
+    "_sample_fwd_kernel": dict(block="BLOCK_V", spill_budget=_Z),
+    "_ppo_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget=_Z),
+    "_ppo_loss_finish_kernel": dict(block=None, spill_budget=_E),
+    "_ppo_loss_bwd_kernel": dict(block="BLOCK_T", spill_budget=_Z),
+    "_ppo_value_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget=_Z),
+    "_ppo_value_loss_finish_kernel": dict(block=None, spill_budget=_E),
+    "_kl_penalty_fwd_kernel": dict(block="BLOCK", spill_budget=_Z),
+    "_kl_penalty_bwd_kernel": dict(block="BLOCK", spill_budget=_Z),
+    "_whiten_stats_kernel": dict(block="BLOCK", spill_budget=_Z),
+    "_whiten_merge_kernel": dict(block=None, spill_budget=_E),
+    "_whiten_apply_kernel": dict(block="BLOCK", spill_budget=_Z),
+    "_group_advantages_fwd_kernel": dict(block=None, spill_budget=_Z),
+}
+
+
+# meta tensors by default; tests use fake CUDA tensors on cuda:1 (FakeTensorMode)
+DEVICE = "meta"
+
+
+def _m(shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device=DEVICE)
+
+
+def _logprobs_cases(ops):
+    fwd, bwd = ops.logprobs.logprobs_fwd_triton._init_fn, ops.logprobs.logprobs_bwd_triton._init_fn
+    out = []
+    # every dtype at a production vocabulary (the 4096-wide block); both backward flags
+    for dt in FLOATS:
+        x, y = _m((1, 16, 151936), dt), _m((1, 16), torch.int64)
+        out.append((f"logprobs fwd {dt} V=151936", lambda x=x, y=y: fwd(x, y, 1.0, -100)))
+        for has_gh in (False, True):
+            args = (_m((1, 16)), _m((1, 16)) if has_gh else None, x, y, _m((1, 16)), _m((1, 16)), 1.0, -100)
+            out.append((f"logprobs bwd {dt} V=151936 grad_entropy={has_gh}", lambda a=args: bwd(*a)))
+    # narrow blocks and an odd row stride, as tests and small vocabularies launch them
+    for V in (7, 1003):
+        x, y = _m((2, 3, V), torch.bfloat16), _m((2, 3), torch.int32)
+        out.append((f"logprobs fwd bf16 V={V} int32 labels", lambda x=x, y=y: fwd(x, y, 0.7, -100)))
+    return out
+
+
+def _linear_cases(ops):
+    mod = ops.linear_logprobs
+    fwd, bwd = mod.linear_logprobs_fwd_triton._init_fn, mod.linear_logprobs_bwd_triton._init_fn
+    out = []
+    shapes = {dt: [(8192, 4096, 131072)] for dt in FLOATS}
+    shapes[torch.bfloat16].append((1937, 3584, 152064))
+    shapes[torch.float64] = [(1937, 64, 1003)]  # fp64 is for tests: tiles by dtype, not by shape
+    for dt, dims in shapes.items():
+        for N, H, V in dims:
+            for has_bias in (False, True):
+                h, w, y = _m((N, H), dt), _m((V, H), dt), _m((N,), torch.int64)
+                b = _m((V,), dt) if has_bias else None
+                tag = f"{dt} N={N} H={H} V={V} bias={has_bias}"
+                out.append((f"linear fwd {tag}", lambda h=h, w=w, b=b, y=y: fwd(h, w, b, y, 1.0, -100, 4096)))
+                chunk = mod.default_chunk_size(N, V, torch.device("cuda"))
+                for has_gh in (False, True) if has_bias else (True,):
+                    args = (_m((N,)), _m((N,)) if has_gh else None, h, w, b, y, _m((N,)), _m((N,)), 1.0, -100, chunk)
+                    out.append((f"linear bwd {tag} grad_entropy={has_gh}", lambda a=args: bwd(*a)))
+    return out
+
+
+def _sampling_cases(ops):
+    fwd = ops.sampling.sample_fwd_triton._init_fn
+    out = []
+    for dt, V in [(dt, 131072) for dt in FLOATS] + [(torch.bfloat16, 1003)]:
+        B = 128
+        args = (
+            _m((B, V), dt), _m((B,), torch.int64), _m((B,), torch.float64), _m((B,), torch.int64),
+            _m((B,), torch.float64), _m((B,), torch.float64),
+        )  # fmt: skip
+        for filtered in (False, True):
+            out.append((f"sample {dt} V={V} filtered={filtered}", lambda a=args, f=filtered: fwd(*a, f)))
+    return out
+
+
+def _ppo_cases(ops):
+    m = ops._ppo_loss_triton
+    out = []
+
+    def policy(dt, B, T, ent, kl, dual, agg):
+        t, mask = _m((B, T), dt), _m((B, T), torch.bool)
+        args = (t, t, t, mask, t if ent else None, t if kl else None, 0.01, 0.1, kl or "k1", 0.2, 0.28, dual, agg, float(T))
+        tag = f"{dt} ({B},{T}) ent={ent} kl={kl} dual={dual} {agg}"
+        out.append((f"ppo_loss fwd {tag}", lambda: m.ppo_loss_fwd_triton._init_fn(*args)))
+
+    # every dtype with every feature on, at the benchmark shape and an odd one
+    for dt in FLOATS:
+        for B, T in ((256, 8192), (3, 17)):
+            policy(dt, B, T, True, "k3", 3.0, "token-mean")
+    # each flag off, each KL kind and each aggregation: fp32 and bf16
+    for dt in (torch.float32, torch.bfloat16):
+        policy(dt, 256, 8192, False, None, None, "token-mean")
+        for kl in ("k1", "k2", "abs"):
+            policy(dt, 256, 8192, False, kl, None, "token-mean")
+        for agg in ("seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+            policy(dt, 64, 4096, True, "k3", 3.0, agg)
+    for dt in FLOATS:
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        B, T = 256, 8192
+        mask = _m((B, T), torch.bool)
+        for has_ent in (False, True):
+            args = (_m((), acc), _m((B, T), acc), _m((B,), acc), mask, 0.01, has_ent, dt, dt)
+            out.append((f"ppo_loss bwd {dt} ({B},{T}) ent={has_ent}", lambda a=args: m.ppo_loss_bwd_triton._init_fn(*a)))
+        t = _m((B, T), dt)
+        for clip, agg in ((None, "token-mean"), (0.2, "seq-mean-token-mean")):
+            args = (t, t, t, mask, clip, agg, float(T))
+            out.append((f"value_loss {dt} ({B},{T}) clip={clip} {agg}", lambda a=args: m.ppo_value_loss_fwd_triton._init_fn(*a)))
+        for kind in ("k1", "k2", "k3", "abs") if dt == torch.float32 else ("k3",):
+            out.append((f"kl fwd {dt} {kind}", lambda t=t, k=kind: m.kl_penalty_fwd_triton._init_fn(t, t, k)))
+            out.append((f"kl bwd {dt} {kind}", lambda t=t, k=kind, a=acc: m.kl_penalty_bwd_triton._init_fn(_m(t.shape, a), t, t, k)))
+    return out
+
+
+def _advantages_cases(ops):
+    m = ops.advantages
+    out = []
+    for dt in FLOATS:
+        x = _m((1024, 8192), dt)
+        for shift in (False, True) if dt == torch.float32 else (True,):
+            args = (x, _m((1024, 8192), torch.bool), shift, 1e-8)
+            out.append((f"whiten {dt} shift={shift}", lambda a=args: m.whiten_triton._init_fn(*a)))
+        s = _m((4096,), dt)
+        for est in m.ESTIMATORS if dt == torch.float32 else ("grpo",):
+            out.append((f"group {dt} n=4096 g=16 {est}", lambda s=s, e=est: m.group_advantages_triton._init_fn(s, None, 16, e, 1e-6)))
+    s = _m((64,), torch.float32)
+    out.append(("group fp32 by id", lambda: m.group_advantages_triton._init_fn(s, _m((64,), torch.int64), 0, "grpo", 1e-6)))
+    return out
+
+
+def all_cases():
+    """[(description, thunk)]: each thunk calls one launcher on meta tensors."""
+    import importlib
+    import types
+
+    # modules by path: rlhf_fast.ops.<family> attributes are shadowed by the public functions
+    names = ("logprobs", "linear_logprobs", "sampling", "_ppo_loss_triton", "advantages")
+    ops = types.SimpleNamespace(**{n: importlib.import_module(f"rlhf_fast.ops.{n}") for n in names})
+    return _logprobs_cases(ops) + _linear_cases(ops) + _sampling_cases(ops) + _ppo_cases(ops) + _advantages_cases(ops)
