@@ -57,6 +57,11 @@ def _inputs(N, H, V, dtype, device):
     return hidden, weight, labels
 
 
+# F.linear_cross_entropy exists from torch 2.13; the lent GPU machine runs 2.11
+HAVE_TORCH_LCE = hasattr(F, "linear_cross_entropy")
+TORCH_LCE_SKIP = f"torch.nn.functional.linear_cross_entropy needs torch >= 2.13 (this is {torch.__version__})"
+
+
 def _fwd_bwd(loss_of):
     """A call that runs forward + backward with per-token upstream grads and
     returns (dH, dW) without accumulating into .grad between repeats."""
@@ -85,7 +90,7 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
         lce = lambda h, w: -F.linear_cross_entropy(h, w, y, reduction="none")  # noqa: E731
         fwd_base = {
             "materialised": lambda: mat(h, w),
-            "torch_lce": lambda: lce(h, w),
+            "torch_lce": (lambda: lce(h, w)) if HAVE_TORCH_LCE else TORCH_LCE_SKIP,
             "logits_matmul": lambda: F.linear(h, w),
             "liger_flce": (lambda: liger(w, h, y)) if liger is not None else liger_skip,
         }
@@ -96,7 +101,7 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
         bwd = {name: _fwd_bwd(f) for name, f in (("ours", ours), ("materialised", mat), ("torch_lce", lce))}
         bwd_base = {
             "materialised": lambda: bwd["materialised"](h, w),
-            "torch_lce": lambda: bwd["torch_lce"](h, w),
+            "torch_lce": (lambda: bwd["torch_lce"](h, w)) if HAVE_TORCH_LCE else TORCH_LCE_SKIP,
             "liger_flce": (lambda: _fwd_bwd(lambda a, b: liger(b, a, y))(h, w)) if liger is not None else liger_skip,
         }
         records += compare(

@@ -267,8 +267,18 @@ def compare(
                        gb_per_s=gbps, threads=threads, status=f"skipped: {base}")
             )  # fmt: skip
             continue
-        t = time_fn(base, device=device, warmup=warmup, repeat=repeat)
-        mem = peak_memory(base, device=device)
+        try:
+            t = time_fn(base, device=device, warmup=warmup, repeat=repeat)
+            mem = peak_memory(base, device=device)
+        except Exception as exc:  # a peer that breaks (missing API, OOM) must not lose our records
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            records.append(
+                Record(op, impl, name, shape, dtype, device, mode, median_s=ours, peak_mem_bytes=ours_mem,
+                       gb_per_s=gbps, threads=threads, status=f"skipped: peer failed: {reason}")
+            )  # fmt: skip
+            continue
         records.append(
             Record(
                 op, impl, name, shape, dtype, device, mode,

@@ -157,3 +157,29 @@ def test_every_bench_module_takes_the_common_signature():
         params = inspect.signature(importlib.import_module(f"benchmarks.bench_{name}").run).parameters
         assert {"quick", "device", "tiny"} <= set(params), name
         assert all(p.default is not inspect.Parameter.empty for p in params.values()), name
+
+
+def test_a_failing_peer_is_recorded_as_skipped_and_ours_is_kept():
+    def broken_peer():
+        raise AttributeError("module 'torch.nn.functional' has no attribute 'linear_cross_entropy'")
+
+    recs = compare(
+        op="x", impl="ours", fn=lambda: torch.ones(8).sum(), baselines={"broken": broken_peer, "ok": lambda: torch.ones(8)},
+        shape="(8,)", dtype="float32", device="cpu", mode="fwd", warmup=0, repeat=2,
+    )  # fmt: skip
+    by = {r.baseline: r for r in recs}
+    assert by[None].status == "ok" and by[None].median_s > 0
+    assert by["broken"].status.startswith("skipped: peer failed: AttributeError") and by["broken"].median_s > 0
+    assert by["ok"].status == "ok" and by["ok"].speedup is not None
+
+
+def test_linear_bench_runs_without_torch_linear_cross_entropy(monkeypatch):
+    """torch < 2.13 (the lent GPU machine has 2.11) has no F.linear_cross_entropy."""
+    import benchmarks.bench_linear_logprobs as bench
+
+    monkeypatch.setattr(bench, "HAVE_TORCH_LCE", False)
+    monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy", raising=False)
+    recs = bench.run(quick=True, device="cpu", tiny=True)
+    ours = [r for r in recs if r.baseline in (None, "materialised") and r.status == "ok"]
+    lce = [r for r in recs if r.baseline == "torch_lce"]
+    assert ours and lce and all(r.status.startswith("skipped: torch.nn.functional.linear_cross_entropy") for r in lce)

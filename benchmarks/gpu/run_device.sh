@@ -1,40 +1,69 @@
 #!/usr/bin/env bash
-# One script for a lent GPU machine (H100/H200): build the CUDA extension,
-# run the GPU tests and the whole benchmark suite, and write results to commit:
-#   benchmarks/results/gpu-<name>-<date>.json   records + device, driver, versions, date, git commit
-#   benchmarks/results/gpu-<name>-<date>.png    speedup chart
-#   benchmarks/results/gpu-<name>-<date>.log    everything printed
-#   docs/benchmarks.md                          regenerated from every committed result (CPU and GPU)
-# Run from the repository root:
-#   bash benchmarks/gpu/run_device.sh            # also copies the files to $OUT if set (device sessions)
-#   QUICK=1 bash benchmarks/gpu/run_device.sh    # the suite's --quick shapes (a few minutes)
+# The one script for a lent H100 / H200: about 7 minutes, sized to one call of
+# the device tool (15 minutes of device time in all, start-up included).
+# Every step has its own timeout and writes into $OUT as soon as it has
+# something, so a call cut short still returns what it measured:
+#   $OUT/run.log        everything printed, streamed
+#   $OUT/facts.txt      device, driver, versions, git commit, date
+#   $OUT/build.log      the CUDA extension build (sm_90 only, MAX_JOBS=16)
+#   $OUT/smoke.json     each Triton kernel once at a real shape vs torch, and how it compiled there
+#   $OUT/gpu-tests.xml  pytest -m gpu (junit), per-test timeout
+#   $OUT/compass.jsonl  the GPU targets timed against copy bandwidth and their eager peers
+# Exit status: non-zero when the build, a smoke check or a GPU test failed.
+# Commit what comes back under benchmarks/results/gpu-<device>-<date>/.
+#
+#   bash benchmarks/gpu/run_device.sh          (from the repository root; OUT defaults to ./gpu-out)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 RLHF_FAST_TEST_GPU=1
-res=benchmarks/results
-mkdir -p "$res"
-stamp=$(date -u +%Y%m%d)
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
-driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1)
-base="$res/gpu-$gpu-$stamp"
-quick=${QUICK:+--quick}
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/run.log") 2>&1
+PY=python3
+status=0
+
+step() {  # step NAME SECONDS CMD...: run with a timeout, log its status, never abort the script
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit} s) $(date -u +%H:%M:%S)"
+  timeout -k 10 "$limit" "$@"
+  local rc=$?
+  echo "== $name: exit $rc $(date -u +%H:%M:%S)"
+  [ "$rc" -eq 0 ] || status=1
+  return "$rc"
+}
+
 {
-  echo "== device"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  echo "git $(git rev-parse --short HEAD 2>/dev/null)"
-  echo "== build"
-  RLHF_FAST_BUILD_CUDA=1 RLHF_FAST_CUDA_ARCHS="${RLHF_FAST_CUDA_ARCHS:-9.0}" MAX_JOBS=16 \
-    python setup.py build_ext --inplace 2>&1 | tail -5
-  python -m rlhf_fast.cli info
-  echo "== GPU tests"
-  python -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tail -40
-  echo "== GPU benchmarks"
-  python -m rlhf_fast.cli bench $quick --json "$base.json" --plot "$base.png" \
-    --note "lent $gpu, driver $driver; run by benchmarks/gpu/run_device.sh" 2>&1 | grep -v USDT
-  echo "== README section"
-  python -m benchmarks.make_readme_table
-} 2>&1 | tee "$base.log"
-if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT/results" "$OUT/docs"
-  cp "$base".* "$OUT/results/" 2>/dev/null
-  cp docs/benchmarks.md "$OUT/docs/" 2>/dev/null
+  date -u +"date %Y-%m-%dT%H:%M:%SZ"
+  echo "git $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  $PY -c "import transformers; print('transformers', transformers.__version__)" 2>/dev/null
+} > "$OUT/facts.txt" 2>&1
+cat "$OUT/facts.txt"
+
+# The CUDA build (about 1.5-2 min at 16 jobs) runs beside the Triton smoke
+# step, which needs no rlhf_fast._C.
+(
+  RLHF_FAST_BUILD_CUDA=1 RLHF_FAST_CUDA_ARCHS=9.0 MAX_JOBS=16 \
+    timeout -k 10 300 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  echo $? > "$OUT/build.rc"
+) &
+build=$!
+
+step smoke 180 $PY -m benchmarks.gpu.smoke --json "$OUT/smoke.json"
+
+wait "$build"
+echo "== build: exit $(cat "$OUT/build.rc" 2>/dev/null || echo missing)"
+if ! $PY -c "import rlhf_fast._backend as b, sys; sys.exit(0 if b.has_cuda_kernels() else 1)"; then
+  echo "== FAILED: the CUDA kernels did not build; last lines of build.log:"
+  tail -40 "$OUT/build.log"
+  status=1
 fi
+$PY -m rlhf_fast.cli info || status=1
+
+step gpu-tests 150 $PY -m pytest tests -m gpu -q -p no:cacheprovider --timeout 60 --junitxml "$OUT/gpu-tests.xml"
+
+step compass 240 $PY -m benchmarks.gpu.compass --out "$OUT/compass.jsonl"
+
+echo "== done, status $status $(date -u +%H:%M:%S)"
+exit "$status"
