@@ -318,6 +318,55 @@ def _backend_cases(group, shard, n):
         torch.testing.assert_close(local.grad, g0[:, lo : lo + sizes[shard]], rtol=1e-5, atol=1e-7)
 
 
+def _verl_case(group, shard, n, seed):
+    """The verl replacements on Megatron's even partition, against the
+    unsharded float64 log_softmax (log-probs, entropy, gradients) and verl's
+    pad / roll / slice of the rmpad variant."""
+    from rlhf_fast.integrations import verl_vocab_parallel as vv
+
+    g = _gen(seed)
+    V = 250 * n
+    v_r = V // n
+    sl = slice(shard * v_r, (shard + 1) * v_r)
+    x = torch.randn(3, 5, V, generator=g) * 2
+    y = torch.randint(0, V, (3, 5), generator=g)
+    wl, wh = torch.rand(3, 5, generator=g), torch.rand(3, 5, generator=g)
+    local = x[..., sl].clone().requires_grad_()
+    lp = vv.vocab_parallel_log_probs_from_logits(local, y, group=group)
+    H = vv.vocab_parallel_entropy(local, group=group)
+    H2 = vv.vocab_parallel_entropy_with_chunking(local, chunk_size=2, group=group)
+    (lp * wl + H * wh).sum().backward()
+    x64 = x.double().requires_grad_()
+    logp = torch.log_softmax(x64, -1)
+    lp64 = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    H64 = -(logp.exp() * logp).sum(-1)
+    (lp64 * wl + H64 * wh).sum().backward()
+    assert lp.dtype == H.dtype == H2.dtype == torch.float32
+    assert_close(lp.detach(), lp64.detach(), 1e-5, name="verl log-probs", atol=logprob_atol(x))
+    assert_close(H.detach(), H64.detach(), 1e-5, name="verl entropy", atol=ENTROPY_ATOL)
+    assert torch.equal(H, H2)
+    assert_close(local.grad, x64.grad[..., sl], 1e-5, name="verl grad")
+    # rmpad: left- and right-padded rows; verl rolls over the flat unpadded ids
+    B, S, R = 3, 8, 4
+    ids = torch.randint(0, V, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[0, :2] = 0
+    mask[2, :3] = 0
+    mask[2, -1] = 0
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    full = torch.randn(idx.numel(), V, generator=g)
+    lr = full[:, sl].clone().requires_grad_()
+    out = vv.vocab_parallel_log_probs_from_logits_response_rmpad(ids, mask, lr, R, group=group)
+    rolled = torch.roll(ids.reshape(-1)[idx], -1)
+    ref = torch.zeros(B * S, dtype=torch.float64)
+    ref[idx] = torch.log_softmax(full.double(), -1).gather(-1, rolled.unsqueeze(-1)).squeeze(-1)
+    ref = ref.view(B, S)[:, -R - 1 : -1]
+    assert out.shape == (B, R) and out.dtype == torch.float32
+    assert_close(out.detach(), ref, 1e-5, name="verl rmpad", atol=logprob_atol(full))
+    out.sum().backward()
+    assert lr.grad is not None and lr.grad.shape == lr.shape
+
+
 def _bench_quick(group, rank):
     """benchmarks/bench_vocab_parallel.py's measurement at its --quick shape,
     on this TP = 2 group: the issue's goals hold (bytes per token <= 32, peak
@@ -365,6 +414,7 @@ def _worker(rank, world, port, out):
             cases.run(f"{gname} bytes", _bytes_case, group, shard, n, rank)
             cases.run(f"{gname} bad inputs", _bad_inputs, group, shard, n, rank, world)
             cases.run(f"{gname} backends", _backend_cases, group, shard, n)
+            cases.run(f"{gname} verl", _verl_case, group or dist.group.WORLD, shard, n, seed_off + 11)
             if n == 2:
                 cases.run(f"{gname} benchmark --quick", _bench_quick, group, rank)
         for dtype in (torch.float32, torch.bfloat16):
@@ -398,3 +448,51 @@ def test_vocab_parallel_gloo(tmp_path):
             print("\n".join(f"{t:6.2f}s {name}" for name, t in res["times"]))
     assert n > 0
     assert not failures, f"{len(failures)} of {n} rank-cases failed:\n" + "\n".join(failures[:6])
+
+
+# verl 0.9.1's parameter lists (verl/utils/megatron/tensor_parallel.py)
+VERL_SIGNATURES = {
+    "vocab_parallel_log_probs_from_logits": ["logits", "labels"],
+    "vocab_parallel_entropy": ["vocab_parallel_logits"],
+    "vocab_parallel_entropy_with_chunking": ["vocab_parallel_logits", "chunk_size"],
+    "vocab_parallel_log_probs_from_logits_response_rmpad": ["input_ids", "attention_mask", "logits_rmpad",
+                                                            "response_length"],
+}
+
+
+def test_verl_replacements_keep_signatures():
+    import inspect
+
+    from rlhf_fast.integrations import verl_vocab_parallel as vv
+
+    for name, params in VERL_SIGNATURES.items():
+        sig = inspect.signature(getattr(vv, name))
+        positional = [p.name for p in sig.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert positional == params, (name, positional)
+        assert all(p.default is not p.empty for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY)
+    assert inspect.signature(vv.vocab_parallel_entropy_with_chunking).parameters["chunk_size"].default == 2048
+    for module, names in vv.REPLACEMENTS.items():
+        assert set(names) <= set(VERL_SIGNATURES), module
+
+
+def test_verl_replacement_without_megatron_names_the_fix():
+    from rlhf_fast.integrations import verl_vocab_parallel as vv
+
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pass group="):
+            vv.vocab_parallel_entropy(torch.randn(2, 5))
+    else:  # pragma: no cover
+        pytest.skip("megatron-core is installed")
+
+
+def test_no_process_group_is_one_rank():
+    """Without torch.distributed initialised, group=None means one rank
+    holding the whole vocabulary."""
+    assert not dist.is_initialized()
+    x = torch.randn(4, 9)
+    y = torch.randint(0, 9, (4,))
+    lp, H = vocab_parallel_logprobs(x, y, return_entropy=True)
+    lp0, H0 = rlhf_fast.logprobs_from_logits(x, y, return_entropy=True)
+    assert torch.equal(lp, lp0) and torch.equal(H, H0)
