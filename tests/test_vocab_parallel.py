@@ -182,7 +182,8 @@ def _bytes_case(group, shard, n, rank):
     of N fp32 + one SUM of 3N fp32) whatever V is; the validation adds a
     constant."""
     sent = []
-    names = ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "all_to_all_single"]
+    names = ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+             "all_to_all_single"]  # fmt: skip
     orig = {k: getattr(dist, k) for k in names}
 
     def counting(k):
@@ -240,7 +241,8 @@ def _bad_inputs(group, shard, n, rank, world):
     raises("do not tile", vocab_start=lo + (1 if shard == n - 1 else 0))  # a gap before the last shard
     raises("do not tile", vocab_start=0)  # every shard at 0: overlap
     raises("but vocab_size is", vocab_size=V + 1)
-    raises("different shapes", logits=torch.randn(7 + shard, sizes[shard]), labels=torch.zeros(7 + shard, dtype=torch.long))
+    raises("different shapes", logits=torch.randn(7 + shard, sizes[shard]),
+           labels=torch.zeros(7 + shard, dtype=torch.long))  # fmt: skip
     raises("differ across", labels=y + (shard == 0), check_labels=True)
     raises("some ranks passed vocab_start", vocab_start=lo if shard else None)
     raises("outside", labels=torch.full((7,), V))
@@ -270,9 +272,9 @@ def _dtensor_cases(world, rank):
 
     mesh = init_device_mesh("cpu", (world,))
     mesh2 = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
-    for m, placements, V in ((mesh, [Shard(-1)], 1003), (mesh, [Shard(2)], 7), (mesh2, [Replicate(), Shard(-1)], 32003)):
+    layouts = ((mesh, [Shard(-1)], 1003), (mesh, [Shard(2)], 7), (mesh2, [Replicate(), Shard(-1)], 32003))
+    for m, placements, V in layouts:
         x, y, wl, wh = _case_logits(V, (2, 9), V, torch.float32, 2, _split(V, 2))
-        x = x[..., :]
         dx = distribute_tensor(x, m, placements).requires_grad_()
         lp, H = vocab_parallel_logprobs(dx, y, temperature=0.7, return_entropy=True)
         (lp.to_local() * wl + H.to_local() * wh).sum().backward()

@@ -88,19 +88,27 @@ def _layout(op, group, vocab_start, local_size, vocab_size, labels, validate) ->
     """Checks that the shards tile [0, V) and that every rank has labels of
     one shape, with one all-reduce of 2W + 2 + 2 * (1 + _MAX_DIMS) int64."""
     group, world = _group_and_world(group)
-    if vocab_start is not None and (isinstance(vocab_start, bool) or int(vocab_start) != vocab_start or vocab_start < 0):
+    if vocab_start is not None and (
+        isinstance(vocab_start, bool) or int(vocab_start) != vocab_start or vocab_start < 0
+    ):  # fmt: skip
         raise ValueError(f"{op}: vocab_start must be an int >= 0, got {vocab_start!r}")
     if world == 1:
         if vocab_start not in (None, 0):
-            raise ValueError(f"{op}: a group of size 1 holds the whole vocabulary, so vocab_start must be 0, got {vocab_start}")
+            raise ValueError(
+                f"{op}: a group of size 1 holds the whole vocabulary, so vocab_start must be 0, got {vocab_start}"
+            )
         if vocab_size is not None and vocab_size != local_size:
             raise ValueError(f"{op}: the shards do not tile [0, vocab_size={vocab_size}): one rank holds {local_size}")
         return _Layout(group, 1, 0, local_size, local_size)
     if not validate:
         if vocab_start is None or vocab_size is None:
-            raise ValueError(f"{op}: validate=False needs vocab_start and vocab_size (nothing is exchanged to infer them)")
+            raise ValueError(
+                f"{op}: validate=False needs vocab_start and vocab_size (nothing is exchanged to infer them)"
+            )
         if not (0 <= vocab_start and vocab_start + local_size <= vocab_size):
-            raise ValueError(f"{op}: shard [{vocab_start}, {vocab_start + local_size}) is outside [0, vocab_size={vocab_size})")
+            raise ValueError(
+                f"{op}: shard [{vocab_start}, {vocab_start + local_size}) is outside [0, vocab_size={vocab_size})"
+            )
         return _Layout(group, world, int(vocab_start), local_size, int(vocab_size))
     rank = dist.get_rank(group)
     # gloo reduces CPU tensors; NCCL needs them on the labels' GPU
@@ -138,7 +146,9 @@ def _layout(op, group, vocab_start, local_size, vocab_size, labels, validate) ->
     for r in order:
         if starts[r] != pos:
             shards = ", ".join(f"rank {q}: [{starts[q]}, {starts[q] + sizes[q]})" for q in range(world))
-            raise ValueError(f"{op}: the vocabulary shards do not tile [0, {total}) (gap or overlap at {pos}): {shards}")
+            raise ValueError(
+                f"{op}: the vocabulary shards do not tile [0, {total}) (gap or overlap at {pos}): {shards}"
+            )
         pos += sizes[r]
     if vocab_size is not None and total != vocab_size:
         raise ValueError(f"{op}: the shards tile [0, {total}) but vocab_size is {vocab_size}")
@@ -155,7 +165,9 @@ def _check_labels_identical(op, labels, layout: _Layout) -> None:
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=layout.group)
     n = y.numel()
     if not (torch.equal(both[:n], y) and torch.equal(-both[n:], y)):
-        raise ValueError(f"{op}: labels differ across the group's ranks (check_labels=True); every rank needs the same labels")
+        raise ValueError(
+            f"{op}: labels differ across the group's ranks (check_labels=True); every rank needs the same labels"
+        )
 
 
 def _local_labels(labels, layout: _Layout, ignore_index: int):
@@ -324,7 +336,10 @@ def _unwrap_dtensor(op, logits, labels, shard_dim_name):
     mesh = logits.device_mesh
     vocab_dims = [i for i, p in enumerate(logits.placements) if isinstance(p, Shard) and p.dim in (last, -1)]
     if len(vocab_dims) != 1 or any(isinstance(p, Partial) for p in logits.placements):
-        raise ValueError(f"{op}: a DTensor {shard_dim_name} needs Shard(-1) on exactly one mesh dim and no Partial, got {logits.placements}")
+        raise ValueError(
+            f"{op}: a DTensor {shard_dim_name} needs Shard(-1) on exactly one mesh dim and no Partial, "
+            f"got {logits.placements}"
+        )
     mdim = vocab_dims[0]
     try:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -390,7 +405,9 @@ def vocab_parallel_logprobs(
     if logits.dim() < 1:
         raise ValueError(f"{OP}: logits must have a vocabulary dim (..., V_r), got a 0-dim tensor")
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
     temperature = check_positive_float(OP, "temperature", temperature)
     layout = _layout(OP, group, vocab_start, logits.shape[-1], vocab_size, labels, validate)
     if check_labels:
@@ -517,7 +534,8 @@ def vocab_parallel_linear_logprobs(
     if _is_dtensor(weight):
         if group is not None or vocab_start is not None:
             raise ValueError(f"{OP_LINEAR}: group and vocab_start come from the DTensor weight; do not pass them")
-        hidden, weight, bias, labels, group, vocab_start, v_dt, rewrap = _unwrap_linear_dtensors(hidden, weight, bias, labels)
+        unwrapped = _unwrap_linear_dtensors(hidden, weight, bias, labels)
+        hidden, weight, bias, labels, group, vocab_start, v_dt, rewrap = unwrapped
         vocab_size = v_dt if vocab_size is None else vocab_size
     check_tensor(OP_LINEAR, "hidden", hidden, FLOAT_DTYPES)
     check_tensor(OP_LINEAR, "weight", weight, FLOAT_DTYPES)
@@ -527,7 +545,8 @@ def vocab_parallel_linear_logprobs(
     check_same_device(OP_LINEAR, "hidden", hidden, weight=weight, labels=labels, bias=bias)
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"{OP_LINEAR}: need hidden (..., H) and weight (V_r, H); got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+            f"{OP_LINEAR}: need hidden (..., H) and weight (V_r, H); "
+            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if torch.is_autocast_enabled(hidden.device.type):  # a matmul under autocast, as F.linear
         dt = torch.get_autocast_dtype(hidden.device.type)
@@ -539,7 +558,10 @@ def vocab_parallel_linear_logprobs(
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{OP_LINEAR}: bias must have shape (V_r,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"{OP_LINEAR}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"{OP_LINEAR}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
     temperature = check_positive_float(OP_LINEAR, "temperature", temperature)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{OP_LINEAR}: chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -563,7 +585,10 @@ def _unwrap_linear_dtensors(hidden, weight, bias, labels):
     mesh = weight.device_mesh
     vocab_dims = [i for i, p in enumerate(weight.placements) if isinstance(p, Shard) and p.dim == 0]
     if len(vocab_dims) != 1 or any(isinstance(p, Partial) for p in weight.placements):
-        raise ValueError(f"{OP_LINEAR}: a DTensor weight needs Shard(0) on exactly one mesh dim and no Partial, got {weight.placements}")
+        raise ValueError(
+            f"{OP_LINEAR}: a DTensor weight needs Shard(0) on exactly one mesh dim and no Partial, "
+            f"got {weight.placements}"
+        )
     mdim = vocab_dims[0]
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
