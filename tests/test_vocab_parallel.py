@@ -141,7 +141,8 @@ def _reversed_case(group, shard, n, by_shard, mine, V, seed):
     _logits_case(group, mine, n, by_shard, V, torch.float32, 1.0, (9,), False, seed, start=start)
 
 
-def _linear_case(group, shard, n_shards, sizes, V, dtype, T, bias, seed, lead=(13,)):
+def _linear_case(group, shard, n_shards, sizes, V, dtype, T, bias, seed, lead=(13,), view=False):
+    """view: hidden is hidden_full[:, :-1] of a (B, T + 1, H) leaf."""
     g = _gen(seed)
     Hd = 24
     h = torch.randn(*lead, Hd, generator=g).to(dtype)
@@ -152,7 +153,9 @@ def _linear_case(group, shard, n_shards, sizes, V, dtype, T, bias, seed, lead=(1
     wl, wh = torch.rand(lead, generator=g) + 0.5, torch.rand(lead, generator=g) - 0.5
     lo = sum(sizes[:shard])
     sl = slice(lo, lo + sizes[shard])
-    hh = h.clone().requires_grad_()
+    leaf = hh = h.clone().requires_grad_()
+    if view:
+        h, y, wl, wh, hh = h[:, :-1], y[:, :-1], wl[:, :-1], wh[:, :-1], leaf[:, :-1]
     Ws = W[sl].clone().requires_grad_()
     bs = b[sl].clone().requires_grad_() if bias else None
     lp, H = vocab_parallel_linear_logprobs(hh, Ws, y, bias=bs, group=group, temperature=T, return_entropy=True,
@@ -167,11 +170,11 @@ def _linear_case(group, shard, n_shards, sizes, V, dtype, T, bias, seed, lead=(1
 
     e = unsharded(h, W, b)
     r = unsharded(h.double(), W.double(), b.double() if bias else None)
-    tag = f"linear V={V} {dtype} T={T} bias={bias}"
+    tag = f"linear V={V} {dtype} T={T} bias={bias} lead={lead} view={view}"
     logits64 = (h.double() @ W.double().t() + (b.double() if bias else 0)) / T
     _check(tag + " logp", lp, e[0], r[0], dtype, "lp", 1.0, logits64)
     _check(tag + " entropy", H, e[1], r[1], dtype, "H")
-    _check(tag + " dH", hh.grad, e[2], r[2], dtype, "grad")
+    _check(tag + " dH", leaf.grad[:, :-1] if view else leaf.grad, e[2], r[2], dtype, "grad")
     _check(tag + " dW", Ws.grad, e[3][sl], r[3][sl], dtype, "grad")
     if bias:
         _check(tag + " db", bs.grad, e[4][sl], r[4][sl], dtype, "grad")
@@ -413,6 +416,8 @@ def _worker(rank, world, port, out):
                                       (1003, torch.bfloat16, 1.0, True)):  # fmt: skip
                 cases.run(f"{gname} linear V={V} {dtype}", _linear_case, group, shard, n, _split(V, n), V, dtype, T,
                           bias, seed_off + V)  # fmt: skip
+            cases.run(f"{gname} linear 3-D view", _linear_case, group, shard, n, _split(1003, n), 1003, torch.float32,
+                      0.7, True, seed_off + 5, (3, 6), True)  # fmt: skip
             cases.run(f"{gname} bytes", _bytes_case, group, shard, n, rank)
             cases.run(f"{gname} bad inputs", _bad_inputs, group, shard, n, rank, world)
             cases.run(f"{gname} backends", _backend_cases, group, shard, n)
