@@ -41,6 +41,11 @@ has no way to leave out the one-hot of a label that is not in the shard,
 and fixing its dW / dH afterwards would cancel bf16-rounded terms. dH is
 all-reduced once in backward (in fp32 for bf16 / fp16 inputs).
 
+With nothing compiled (backend "reference"), _reference_fwd / _reference_bwd
+stand in for the two ops, from torch reductions over the shard, as every op's
+reference fallback does. Not traceable by torch.compile (one host sync per
+call, process-group arguments): call it outside the compiled region.
+
 A row whose shard is entirely -inf gives NaN from the kernel (log 0 - ...);
 those rows alone (found with one host sync, shared with the label check)
 are re-checked and count as S_r = 0, so a row whose only finite logits are
