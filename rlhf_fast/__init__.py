@@ -21,6 +21,7 @@ from .ops import (
     sample,
     whiten,
 )
+from .ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_logprobs
 
 __version__ = "0.1.0"
 
@@ -57,4 +58,6 @@ __all__ = [
     "discounted_returns",
     "whiten",
     "group_advantages",
+    "vocab_parallel_logprobs",
+    "vocab_parallel_linear_logprobs",
 ]

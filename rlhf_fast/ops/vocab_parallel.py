@@ -1,0 +1,609 @@
+"""Vocab-parallel log-probs and entropy: exact results on tensor-parallel
+vocabulary shards, with O(tokens) communication.
+
+Each rank of a process group holds the logits (..., V_r) of a contiguous
+vocabulary range [vocab_start, vocab_start + V_r) (Megatron's
+ColumnParallelLinear output, torch's loss-parallel DTensor Shard(-1)), or the
+rows (V_r, H) of the lm_head for the fused linear variant. Every rank gets the
+same fp32 log p(label) and entropy of softmax(z), z = logits / T, over the
+full vocabulary, and backward gives each rank the gradient of its own shard.
+
+How the local work reuses the single-device kernels (no second row math):
+the registered op rlhf_fast::logprobs_fwd (C++ on CPU, Triton / CUDA on GPU)
+already returns, per row of a shard, lse_r = m + log s and the shard's
+entropy ent_r = log s - w/s, computed in shifted coordinates. Those two are
+all the statistics the merge needs; the label's z_y is one gathered element
+per row (x_y * inv_t in fp32, bit-identical to the kernel's own product).
+With M = max_r lse_r (one MAX all-reduce), S_r = exp(lse_r - M) and the
+chain rule of entropy, H = sum_r q_r ent_r + H(q), q_r = S_r / S:
+
+    S = sum_r S_r,  U = sum_r S_r * (ent_r - (lse_r - M)),  Z = z_y  (one SUM all-reduce of (3, N))
+    lse = M + log S,  log p = Z - lse,  H = log S + U / S
+
+Every term of U is >= 0 and log S >= 0, so H is a sum of non-negative terms
+(no cancellation of large logits). Per token: 4 fp32 values sent, 16 bytes,
+whatever V is. A small validation all-reduce (2W + 20 int64, independent of
+N and V) checks the shard layout and the label shape first; validate=False
+drops it for a hot loop whose layout is known.
+
+Backward calls rlhf_fast::logprobs_bwd with the *global* lse and entropy:
+it computes p = exp(z - lse) and E_p[z] = lse - H from them, i.e. the global
+softmax restricted to the shard. No communication (the outputs are
+replicated, so every rank receives the same upstream gradient, as with
+Megatron's vocab_parallel_cross_entropy). A row whose label lives on another
+rank is run with local label 0 (the op needs a label in [0, V_r)); its one
+wrong element, which got the + g_lp / T of the one-hot, is recomputed from
+the same formula (N elements, O(tokens)).
+
+The linear variant runs token chunks of hidden @ W_r.T + b_r through the same
+two ops (what linear_logprobs does on CPU), not the fused linear op: that op
+has no way to leave out the one-hot of a label that is not in the shard,
+and fixing its dW / dH afterwards would cancel bf16-rounded terms. dH is
+all-reduced once in backward (in fp32 for bf16 / fp16 inputs).
+
+With nothing compiled (backend "reference"), _reference_fwd / _reference_bwd
+stand in for the two ops, from torch reductions over the shard, as every op's
+reference fallback does. Not traceable by torch.compile (one host sync per
+call, process-group arguments): call it outside the compiled region.
+
+A row whose shard is entirely -inf gives NaN from the kernel (log 0 - ...);
+those rows alone (found with one host sync, shared with the label check)
+are re-checked and count as S_r = 0, so a row whose only finite logits are
+on another rank is exact. NaN or +inf logits still give NaN for the row.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from .. import _backend
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_positive_float, check_same_device, check_tensor
+from .linear_logprobs import _row_chunks, default_chunk_size
+from .logprobs import _acc_dtype, _as_rows
+
+OP = "rlhf_fast.vocab_parallel_logprobs"
+OP_LINEAR = "rlhf_fast.vocab_parallel_linear_logprobs"
+IMPLEMENTED = ("triton", "cuda", "cpp")
+_LOCAL_IGNORE = -1  # local labels are in [0, V_r): -1 marks an ignored row for the row ops
+_MAX_DIMS = 8  # label dims compared by the validation all-reduce
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    group: object  # ProcessGroup or None (no process group: one rank)
+    world: int
+    vocab_start: int
+    local_size: int
+    vocab_size: int
+
+
+# ---------------------------------------------------------------- layout and checks
+
+
+def _group_and_world(group):
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return None, 1
+    group = group if group is not None else dist.group.WORLD
+    return group, dist.get_world_size(group)
+
+
+def _layout(op, group, vocab_start, local_size, vocab_size, labels, validate) -> _Layout:
+    """Checks that the shards tile [0, V) and that every rank has labels of
+    one shape, with one all-reduce of 2W + 2 + 2 * (1 + _MAX_DIMS) int64."""
+    group, world = _group_and_world(group)
+    if vocab_start is not None and (
+        isinstance(vocab_start, bool) or int(vocab_start) != vocab_start or vocab_start < 0
+    ):  # fmt: skip
+        raise ValueError(f"{op}: vocab_start must be an int >= 0, got {vocab_start!r}")
+    if world == 1:
+        if vocab_start not in (None, 0):
+            raise ValueError(
+                f"{op}: a group of size 1 holds the whole vocabulary, so vocab_start must be 0, got {vocab_start}"
+            )
+        if vocab_size is not None and vocab_size != local_size:
+            raise ValueError(f"{op}: the shards do not tile [0, vocab_size={vocab_size}): one rank holds {local_size}")
+        return _Layout(group, 1, 0, local_size, local_size)
+    if not validate:
+        if vocab_start is None or vocab_size is None:
+            raise ValueError(
+                f"{op}: validate=False needs vocab_start and vocab_size (nothing is exchanged to infer them)"
+            )
+        if not (0 <= vocab_start and vocab_start + local_size <= vocab_size):
+            raise ValueError(
+                f"{op}: shard [{vocab_start}, {vocab_start + local_size}) is outside [0, vocab_size={vocab_size})"
+            )
+        return _Layout(group, world, int(vocab_start), local_size, int(vocab_size))
+    rank = dist.get_rank(group)
+    # gloo reduces CPU tensors; NCCL needs them on the labels' GPU
+    dev = torch.device("cpu") if dist.get_backend(group) == "gloo" else labels.device
+    shape = list(labels.shape)
+    if len(shape) > _MAX_DIMS:
+        shape = shape[: _MAX_DIMS - 1] + [labels.numel()]
+    shape = [len(labels.shape)] + shape + [0] * (_MAX_DIMS - len(shape))
+    meta = torch.full((2 * world + 2 + 2 * len(shape),), -1, dtype=torch.int64)
+    meta[rank] = -1 if vocab_start is None else int(vocab_start)
+    meta[world + rank] = local_size
+    vs = -1 if vocab_size is None else int(vocab_size)
+    meta[2 * world : 2 * world + 2] = torch.tensor([vs, -vs if vocab_size is not None else -(2**62)])
+    tail = torch.tensor(shape, dtype=torch.int64)
+    meta[2 * world + 2 :] = torch.cat([tail, -tail])
+    meta = meta.to(dev)
+    dist.all_reduce(meta, op=dist.ReduceOp.MAX, group=group)
+    meta = meta.cpu().tolist()
+    starts, sizes = meta[:world], meta[world : 2 * world]
+    k = len(shape)
+    if meta[2 * world + 2 : 2 * world + 2 + k] != [-x for x in meta[2 * world + 2 + k :]]:
+        raise ValueError(
+            f"{op}: labels have different shapes across the group's ranks (this rank: {tuple(labels.shape)}); "
+            "every rank must pass the same labels"
+        )
+    if vocab_size is not None and (meta[2 * world] != vocab_size or -meta[2 * world + 1] != vocab_size):
+        raise ValueError(f"{op}: ranks passed different vocab_size values (this rank: {vocab_size})")
+    if all(s == -1 for s in starts):  # none given: shards in rank order
+        starts = [sum(sizes[:r]) for r in range(world)]
+    elif any(s == -1 for s in starts):
+        raise ValueError(f"{op}: some ranks passed vocab_start and some did not; pass it on every rank or none")
+    total = sum(sizes)
+    order = sorted(range(world), key=lambda r: (starts[r], sizes[r]))
+    pos = 0
+    for r in order:
+        if starts[r] != pos:
+            shards = ", ".join(f"rank {q}: [{starts[q]}, {starts[q] + sizes[q]})" for q in range(world))
+            raise ValueError(
+                f"{op}: the vocabulary shards do not tile [0, {total}) (gap or overlap at {pos}): {shards}"
+            )
+        pos += sizes[r]
+    if vocab_size is not None and total != vocab_size:
+        raise ValueError(f"{op}: the shards tile [0, {total}) but vocab_size is {vocab_size}")
+    return _Layout(group, world, starts[rank], local_size, total)
+
+
+def _check_labels_identical(op, labels, layout: _Layout) -> None:
+    """Debug check: max and -min of the labels over the group agree with this
+    rank's labels (2N int64 sent)."""
+    if layout.world == 1 or labels.numel() == 0:
+        return
+    y = labels.reshape(-1).to(torch.int64)
+    both = torch.cat([y, -y])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=layout.group)
+    n = y.numel()
+    if not (torch.equal(both[:n], y) and torch.equal(-both[n:], y)):
+        raise ValueError(
+            f"{op}: labels differ across the group's ranks (check_labels=True); every rank needs the same labels"
+        )
+
+
+def _local_labels(labels, layout: _Layout, ignore_index: int):
+    """(local label, owned, active): local label in [0, V_r) on every active
+    row (0 where the label is on another rank), _LOCAL_IGNORE on ignored rows."""
+    y = labels.to(torch.int64)
+    active = y != ignore_index
+    local = y - layout.vocab_start
+    owned = active & (local >= 0) & (local < layout.local_size)
+    dummy = torch.where(active, torch.zeros_like(local), torch.full_like(local, _LOCAL_IGNORE))
+    return torch.where(owned, local, dummy), owned, active
+
+
+def _inv_t(temperature: float, acc: torch.dtype) -> float:
+    # the kernels multiply by 1/T rounded to the accumulation dtype
+    return float(torch.tensor(1.0 / temperature, dtype=acc))
+
+
+def _all_reduce(t: torch.Tensor, op, layout: _Layout) -> None:
+    if layout.world > 1:
+        dist.all_reduce(t, op=op, group=layout.group)
+
+
+# ---------------------------------------------------------------- the local row ops
+
+
+def _row_ops(backend: str):
+    if backend == "triton":
+        return torch.ops.rlhf_fast.logprobs_fwd_triton, torch.ops.rlhf_fast.logprobs_bwd_triton
+    if backend == "reference":
+        return _reference_fwd, _reference_bwd
+    return torch.ops.rlhf_fast.logprobs_fwd, torch.ops.rlhf_fast.logprobs_bwd
+
+
+def _reference_fwd(rows, labels, temperature, ignore_index):
+    """Fallback when nothing is compiled: the op's (lp, ent, lse) from torch
+    reductions over one (A, B, V_r) float copy."""
+    from ..reference.logprobs import logprobs_from_logits as ref
+
+    acc = _acc_dtype(rows.dtype)
+    lp, ent = ref(rows, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
+    lse = torch.logsumexp(rows.to(acc) / temperature, dim=-1)
+    return lp, ent, torch.where(labels != ignore_index, lse, torch.zeros_like(lse))
+
+
+def _reference_bwd(g_lp, g_h, rows, labels, lse, entropy, temperature, ignore_index):
+    acc = _acc_dtype(rows.dtype)
+    z = rows.to(acc) / temperature
+    p = torch.exp(z - lse.unsqueeze(-1))
+    t = torch.where(p > 0, p * (z - (lse - entropy).unsqueeze(-1)), torch.zeros_like(p))
+    active = labels != ignore_index
+    onehot = torch.zeros_like(p).scatter_(-1, torch.where(active, labels, 0).long().unsqueeze(-1), 1.0)
+    g_h = g_h if g_h is not None else torch.zeros_like(g_lp)
+    dz = (g_lp.unsqueeze(-1) * (onehot - p) - g_h.unsqueeze(-1) * t) / temperature
+    return torch.where(active.unsqueeze(-1), dz, torch.zeros_like(dz)).to(rows.dtype)
+
+
+def _shard_stats(fwd, rows, labels_local, owned, temperature):
+    """Per row of a (A, B, V_r) shard: lse_r, ent_r (NaN for an all -inf
+    shard row, fixed in _merge) and the owned label's z_y (0 elsewhere)."""
+    acc = _acc_dtype(rows.dtype)
+    if rows.shape[-1] == 0:  # an empty shard (V < world size under DTensor chunking)
+        neg = torch.full(rows.shape[:2], float("-inf"), dtype=acc, device=rows.device)
+        return neg, torch.zeros_like(neg), torch.zeros_like(neg)
+    _, ent, lse = fwd(rows, labels_local, temperature, _LOCAL_IGNORE)
+    x_y = rows.gather(2, labels_local.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    z_y = torch.where(owned, x_y.to(acc) * _inv_t(temperature, acc), torch.zeros_like(lse))
+    return lse, ent, z_y
+
+
+def _merge(op, lse_r, ent_r, z_y, active, labels, rows_of, layout: _Layout):
+    """Shard statistics -> global (logprobs, entropy, lse): one MAX and one
+    SUM all-reduce of (3, N) values. rows_of(idx) returns the shard rows idx
+    (for the rare all -inf check)."""
+    bad = active & torch.isnan(lse_r)
+    out_of_range = active & ((labels < 0) | (labels >= layout.vocab_size))
+    flags = torch.stack([bad.any(), out_of_range.any()]).tolist()  # one host sync
+    if flags[1]:
+        idx = out_of_range.nonzero()[0]
+        raise ValueError(
+            f"{op}: label {int(labels[tuple(idx)])} at position {tuple(idx.tolist())} is outside "
+            f"[0, V={layout.vocab_size}) and is not ignore_index"
+        )
+    if flags[0]:
+        idx = bad.nonzero(as_tuple=True)
+        empty = (rows_of(idx) == float("-inf")).all(-1)
+        fix = torch.zeros_like(bad)
+        fix[idx] = empty
+        lse_r = torch.where(fix, torch.full_like(lse_r, float("-inf")), lse_r)
+        ent_r = torch.where(fix, torch.zeros_like(ent_r), ent_r)
+    m = torch.where(torch.isnan(lse_r), torch.full_like(lse_r, float("-inf")), lse_r)
+    _all_reduce(m, dist.ReduceOp.MAX, layout)
+    ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    a = lse_r - ref  # <= 0; NaN rows stay NaN and reach S through the SUM
+    s_r = torch.exp(a)
+    u_r = torch.where(s_r > 0, s_r * (ent_r - a), torch.zeros_like(s_r))
+    stats = torch.stack([s_r, u_r, z_y])
+    _all_reduce(stats, dist.ReduceOp.SUM, layout)
+    s, u, z = stats.unbind(0)
+    log_s = torch.log(s)
+    zero = torch.zeros_like(s)
+    nan = torch.full_like(s, float("nan"))
+    lse = torch.where(active, ref + log_s, zero)
+    ent = torch.where(active, torch.where(s > 0, log_s + u / s, nan), zero)
+    lp = torch.where(active, torch.where(s > 0, z - lse, nan), zero)
+    return lp, ent, lse
+
+
+def _fix_foreign_label(dz, rows, owned, active, g_lp, g_h, lse, ent, temperature):
+    """Rows whose label is on another rank ran with local label 0: recompute
+    element 0 without the one-hot, from the formula the op uses,
+    dz = (g_lp * (onehot - p) - g_h * p * (z - E_p[z])) / T."""
+    if rows.shape[-1] == 0:
+        return dz
+    acc = lse.dtype
+    inv_t = _inv_t(temperature, acc)
+    z0 = rows[..., 0].to(acc) * inv_t
+    p0 = torch.exp(z0 - lse)
+    t0 = torch.where(p0 > 0, p0 * (z0 - (lse - ent)), torch.zeros_like(p0))
+    g_h = g_h if g_h is not None else torch.zeros_like(g_lp)
+    val = (-g_lp * p0 - g_h * t0) * inv_t
+    foreign = active & ~owned
+    dz[..., 0] = torch.where(foreign, val.to(dz.dtype), dz[..., 0])
+    return dz
+
+
+# ---------------------------------------------------------------- logits variant
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, layout, temperature, ignore_index, backend):
+        fwd, bwd = _row_ops(backend)
+        rows = _as_rows(logits)
+        A, B = rows.shape[:2]
+        y = labels.reshape(A, B)
+        local, owned, active = _local_labels(y, layout, ignore_index)
+        lse_r, ent_r, z_y = _shard_stats(fwd, rows, local, owned, temperature)
+        lp, ent, lse = _merge(OP, lse_r, ent_r, z_y, active, y, lambda idx: rows[idx], layout)
+        ctx.save_for_backward(rows, local, owned, active, lse, ent)
+        ctx.args = (temperature, bwd, tuple(logits.shape))
+        ctx.set_materialize_grads(False)
+        return lp.reshape(labels.shape), ent.reshape(labels.shape)
+
+    @staticmethod
+    def backward(ctx, g_lp, g_h):
+        rows, local, owned, active, lse, ent = ctx.saved_tensors
+        temperature, bwd, shape = ctx.args
+        if g_lp is None and g_h is None:
+            return None, None, None, None, None, None
+        g_lp = g_lp.reshape(lse.shape).to(lse.dtype) if g_lp is not None else torch.zeros_like(lse)
+        g_h = g_h.reshape(lse.shape).to(lse.dtype) if g_h is not None else None
+        if rows.shape[-1] == 0:
+            return rows.new_zeros(shape), None, None, None, None, None
+        dz = bwd(g_lp, g_h, rows, local, lse, ent, temperature, _LOCAL_IGNORE)
+        dz = _fix_foreign_label(dz, rows, owned, active, g_lp, g_h, lse, ent, temperature)
+        return dz.reshape(shape), None, None, None, None, None
+
+
+def _unwrap_dtensor(op, logits, labels, shard_dim_name):
+    """DTensor (..., V) with Shard(-1) on one mesh dim -> (local logits,
+    local labels, group, vocab_start, V, rewrap(out))."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    last = logits.ndim - 1
+    mesh = logits.device_mesh
+    vocab_dims = [i for i, p in enumerate(logits.placements) if isinstance(p, Shard) and p.dim in (last, -1)]
+    if len(vocab_dims) != 1 or any(isinstance(p, Partial) for p in logits.placements):
+        raise ValueError(
+            f"{op}: a DTensor {shard_dim_name} needs Shard(-1) on exactly one mesh dim and no Partial, "
+            f"got {logits.placements}"
+        )
+    mdim = vocab_dims[0]
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(logits.shape, mesh, logits.placements)
+        start = int(offset[-1])
+    except ImportError:  # torch's chunk rule: ceil(V / n) per rank
+        n, r = mesh.size(mdim), mesh.get_local_rank(mdim)
+        start = min(logits.shape[-1], -(-logits.shape[-1] // n) * r)
+    if isinstance(labels, DTensor):
+        labels = labels.to_local()
+    out_placements = [Replicate() if i == mdim else p for i, p in enumerate(logits.placements)]
+
+    def rewrap(t):
+        return DTensor.from_local(t, mesh, out_placements, run_check=False)
+
+    return logits.to_local(), labels, mesh.get_group(mdim), start, int(logits.shape[-1]), rewrap
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    validate: bool = True,
+    check_labels: bool = False,
+):
+    """log p(label) (and entropy) under softmax(logits / T) over a vocabulary
+    sharded across `group`.
+
+    logits: (..., V_r), this rank's contiguous vocabulary range
+        [vocab_start, vocab_start + V_r); any leading shape and strides, as in
+        logprobs_from_logits. Or a DTensor with Shard(-1) on one mesh dim
+        (group, vocab_start and V are read from it; the outputs are DTensors
+        replicated on that mesh dim).
+    labels: (...) int32 / int64 *global* token ids, the same on every rank.
+    group: the tensor-parallel process group (default: the world; with no
+        process group initialised, one rank holding all of V).
+    vocab_start: this rank's offset; None: shards in rank order (read from
+        the validation all-reduce, so validate must be True).
+    vocab_size: V, checked against the shards when given.
+    validate: one small all-reduce (2W + 20 int64) that checks the shards
+        tile [0, V) and the labels have one shape on every rank.
+    check_labels: debug: also check the labels are identical (2N int64).
+    Returns fp32 (fp64 for fp64 logits) logprobs (...), identical on every
+    rank, and with return_entropy=True (logprobs, entropy). ignore_index rows
+    give 0 and no gradient. Backward: each rank gets its shard's gradient.
+    """
+    rewrap = None
+    if _is_dtensor(logits):
+        if group is not None or vocab_start is not None:
+            raise ValueError(f"{OP}: group and vocab_start come from the DTensor; do not pass them")
+        logits, labels, group, vocab_start, v_dt, rewrap = _unwrap_dtensor(OP, logits, labels, "logits")
+        vocab_size = v_dt if vocab_size is None else vocab_size
+    check_tensor(OP, "logits", logits, FLOAT_DTYPES)
+    check_tensor(OP, "labels", labels, INDEX_DTYPES)
+    check_same_device(OP, "logits", logits, labels=labels)
+    if logits.dim() < 1:
+        raise ValueError(f"{OP}: logits must have a vocabulary dim (..., V_r), got a 0-dim tensor")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    temperature = check_positive_float(OP, "temperature", temperature)
+    layout = _layout(OP, group, vocab_start, logits.shape[-1], vocab_size, labels, validate)
+    if check_labels:
+        _check_labels_identical(OP, labels, layout)
+    backend = _backend.choose("logprobs_from_logits", logits.device, IMPLEMENTED)
+    lp, ent = _VocabParallelLogprobs.apply(logits, labels, layout, temperature, int(ignore_index), backend)
+    if rewrap is not None:
+        lp, ent = rewrap(lp), rewrap(ent)
+    return (lp, ent) if return_entropy else lp
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+# ---------------------------------------------------------------- fused linear variant
+
+
+class _VocabParallelLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)  # the chunk GEMMs keep the inputs' dtype
+    def forward(ctx, hidden, weight, bias, labels, layout, temperature, ignore_index, chunk_size, backend):
+        fwd, bwd = _row_ops(backend)
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = labels.reshape(-1)
+        local, owned, active = _local_labels(y, layout, ignore_index)
+        acc = _acc_dtype(hidden.dtype)
+        lse_r, ent_r, z_y = (h.new_zeros(y.shape, dtype=acc) for _ in range(3))
+        for rows in _row_chunks(local, _LOCAL_IGNORE, chunk_size):
+            logits = torch.nn.functional.linear(h[rows], weight, bias).unsqueeze(0)
+            stats = _shard_stats(fwd, logits, local[rows].unsqueeze(0), owned[rows].unsqueeze(0), temperature)
+            for dst, src in zip((lse_r, ent_r, z_y), stats):
+                dst[rows] = src[0]
+            del logits
+
+        def rows_of(idx):
+            return torch.nn.functional.linear(h[idx[0]], weight, bias)
+
+        lp, ent, lse = _merge(OP_LINEAR, lse_r, ent_r, z_y, active, y, rows_of, layout)
+        ctx.save_for_backward(h, weight, bias, local, owned, active, lse, ent)
+        ctx.args = (layout, temperature, chunk_size, bwd, tuple(hidden.shape))
+        ctx.set_materialize_grads(False)
+        return lp.reshape(labels.shape), ent.reshape(labels.shape)
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, g_lp, g_h):
+        h, weight, bias, local, owned, active, lse, ent = ctx.saved_tensors
+        layout, temperature, chunk_size, bwd, shape = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        none = (None,) * 6
+        if g_lp is None and g_h is None:
+            return (None, None, None) + none
+        acc = lse.dtype
+        g_lp = g_lp.reshape(-1).to(acc) if g_lp is not None else torch.zeros_like(lse)
+        g_h = g_h.reshape(-1).to(acc) if g_h is not None else None
+        N, H = h.shape
+        # dH summed over the group in fp32 for bf16 / fp16: one rounding at the end
+        d_h = h.new_zeros((N, H), dtype=acc)
+        d_w = weight.new_zeros(weight.shape, dtype=acc)
+        d_b = weight.new_zeros((weight.shape[0],), dtype=acc) if bias is not None else None
+        if weight.shape[0] > 0:
+            for rows in _row_chunks(local, _LOCAL_IGNORE, chunk_size):
+                hc = h[rows]
+                logits = torch.nn.functional.linear(hc, weight, bias).unsqueeze(0)
+                gl, lc, lc_lse, lc_ent = (t[rows].unsqueeze(0) for t in (g_lp, local, lse, ent))
+                gh = g_h[rows].unsqueeze(0) if g_h is not None else None
+                dz = bwd(gl, gh, logits, lc, lc_lse, lc_ent, temperature, _LOCAL_IGNORE)
+                dz = _fix_foreign_label(
+                    dz, logits, owned[rows].unsqueeze(0), active[rows].unsqueeze(0), gl, gh, lc_lse, lc_ent, temperature
+                )[0]  # fmt: skip
+                del logits
+                if need_h:
+                    d_h[rows] = (dz @ weight).to(acc)
+                if need_w:
+                    d_w.addmm_(dz.t().to(acc), hc.to(acc))
+                if need_b and d_b is not None:
+                    d_b += dz.sum(0, dtype=acc)
+                del dz
+        if need_h:
+            _all_reduce(d_h, dist.ReduceOp.SUM, layout)  # the one O(N * H) collective
+        grad_h = d_h.to(h.dtype).reshape(shape) if need_h else None
+        grad_w = d_w.to(weight.dtype) if need_w else None
+        grad_b = d_b.to(weight.dtype) if (need_b and d_b is not None) else None
+        return (grad_h, grad_w, grad_b) + none
+
+
+def vocab_parallel_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    validate: bool = True,
+    check_labels: bool = False,
+):
+    """log p(label) (and entropy) under softmax((hidden @ W.T + b) / T) with
+    the lm_head W sharded by vocabulary rows across `group`, without the
+    (N, V) logits: token chunks of (chunk_size, V_r) logits at a time.
+
+    hidden: (..., H), replicated on the group (do not also pass it through
+        Megatron's copy_to_tensor_model_parallel_region: dH is all-reduced
+        here, once, in backward).
+    weight: (V_r, H), rows [vocab_start, vocab_start + V_r) of the lm_head
+        (ColumnParallelLinear's shard), or a DTensor with Shard(0); bias:
+        (V_r,) or None (or a DTensor Shard(0)).
+    labels, group, vocab_start, vocab_size, temperature, ignore_index,
+    validate, check_labels: as vocab_parallel_logprobs.
+    Backward: dW / db of this rank's shard (summed over tokens in fp32,
+    rounded once), dH identical on every rank.
+    """
+    rewrap = None
+    if _is_dtensor(weight):
+        if group is not None or vocab_start is not None:
+            raise ValueError(f"{OP_LINEAR}: group and vocab_start come from the DTensor weight; do not pass them")
+        unwrapped = _unwrap_linear_dtensors(hidden, weight, bias, labels)
+        hidden, weight, bias, labels, group, vocab_start, v_dt, rewrap = unwrapped
+        vocab_size = v_dt if vocab_size is None else vocab_size
+    check_tensor(OP_LINEAR, "hidden", hidden, FLOAT_DTYPES)
+    check_tensor(OP_LINEAR, "weight", weight, FLOAT_DTYPES)
+    check_tensor(OP_LINEAR, "labels", labels, INDEX_DTYPES)
+    if bias is not None:
+        check_tensor(OP_LINEAR, "bias", bias, FLOAT_DTYPES)
+    check_same_device(OP_LINEAR, "hidden", hidden, weight=weight, labels=labels, bias=bias)
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{OP_LINEAR}: need hidden (..., H) and weight (V_r, H); "
+            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if torch.is_autocast_enabled(hidden.device.type):  # a matmul under autocast, as F.linear
+        dt = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError(f"{OP_LINEAR}: hidden, weight and bias must share a dtype; got {hidden.dtype}, {weight.dtype}"
+                        f"{'' if bias is None else ', ' + str(bias.dtype)}")  # fmt: skip
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{OP_LINEAR}: bias must have shape (V_r,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{OP_LINEAR}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    temperature = check_positive_float(OP_LINEAR, "temperature", temperature)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{OP_LINEAR}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    layout = _layout(OP_LINEAR, group, vocab_start, weight.shape[0], vocab_size, labels, validate)
+    if check_labels:
+        _check_labels_identical(OP_LINEAR, labels, layout)
+    backend = _backend.choose("logprobs_from_logits", hidden.device, IMPLEMENTED)
+    n = labels.numel()
+    chunk = chunk_size or default_chunk_size(n, max(weight.shape[0], 1), hidden.device)
+    lp, ent = _VocabParallelLinearLogprobs.apply(
+        hidden, weight, bias, labels, layout, temperature, int(ignore_index), max(1, min(chunk, max(n, 1))), backend
+    )  # fmt: skip
+    if rewrap is not None:
+        lp, ent = rewrap(lp), rewrap(ent)
+    return (lp, ent) if return_entropy else lp
+
+
+def _unwrap_linear_dtensors(hidden, weight, bias, labels):
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    mesh = weight.device_mesh
+    vocab_dims = [i for i, p in enumerate(weight.placements) if isinstance(p, Shard) and p.dim == 0]
+    if len(vocab_dims) != 1 or any(isinstance(p, Partial) for p in weight.placements):
+        raise ValueError(
+            f"{OP_LINEAR}: a DTensor weight needs Shard(0) on exactly one mesh dim and no Partial, "
+            f"got {weight.placements}"
+        )
+    mdim = vocab_dims[0]
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in (hidden, weight, bias, labels)]
+    out_placements = [Replicate()] * mesh.ndim
+    if isinstance(hidden, DTensor):
+        out_placements = [Replicate() if i == mdim else p for i, p in enumerate(hidden.placements)]
+
+    def rewrap(t):
+        return DTensor.from_local(t, mesh, out_placements, run_check=False)
+
+    return (*local, mesh.get_group(mdim), int(offset[0]), int(weight.shape[0]), rewrap)
