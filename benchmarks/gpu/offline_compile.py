@@ -434,11 +434,15 @@ def run(capabilities=(90, 80), jobs=None, use_cache=True, cases=None, only=None,
 
 
 def summary_table(results: list[dict]) -> list[dict]:
-    """Per kernel and target, the heaviest specialisation's counts (largest
-    register use; ties broken by instructions per element)."""
+    """Per kernel and target, the heaviest production specialisation's counts
+    (largest register use, ties broken by instructions per element); fp64,
+    the tests' dtype, only where a kernel has nothing else."""
     rows: dict[tuple, dict] = {}
+    has_other = {(r["kernel"], r["target"]) for r in results if r["ok"] and "*fp64" not in r["signature"].values()}
     for r in results:
         if not r["ok"]:
+            continue
+        if "*fp64" in r["signature"].values() and (r["kernel"], r["target"]) in has_other:
             continue
         key = (r["kernel"], r["target"])
         cand = (r.get("registers") or 0, r.get("insts_per_element") or 0)
