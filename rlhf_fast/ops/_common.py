@@ -2,6 +2,7 @@
 names the argument and what was wrong with it."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -75,3 +76,53 @@ def refuse_interpreter_under_compile(op: str, backend: str, device: torch.device
             f"{op}: the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot run under torch.compile; "
             "use the cpp backend on CPU or CUDA tensors for triton"
         )
+
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a gradient computed under create_graph=True, attached to
+    the forward's differentiable inputs: differentiating it raises."""
+
+    @staticmethod
+    def forward(ctx, message, grad, *inputs):
+        ctx.message = message
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.message)
+
+
+def once_differentiable(op: str):
+    """Decorator for a register_autograd backward whose kernels have no
+    backward of their own. Without it, backward(create_graph=True) records
+    the *_bwd ops, which torch's autograd fallback then differentiates as
+    zero (silently wrong), or gives gradients that do not require grad
+    ("element 0 of tensors does not require grad"). With it the first-order
+    gradients are the same, and usable under create_graph=True in a loss that
+    is not differentiated again, but differentiating them raises an error
+    that says so, on every backend. The error node is attached to every saved
+    tensor that requires grad, so autograd.grad(g, inputs) reaches it."""
+
+    msg = (
+        f"{op}: double backward is not supported: its gradient comes from a fused kernel with no backward "
+        "of its own. Do not differentiate a gradient taken with create_graph=True through this op, or run "
+        "it with rlhf_fast.use_backend('reference') (plain PyTorch) for higher-order gradients"
+    )
+
+    def wrap(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():  # the usual first-order backward
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            inputs = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+            return tuple(
+                _NoDoubleBackward.apply(msg, g, *inputs) if isinstance(g, torch.Tensor) and g.is_floating_point() else g
+                for g in out
+            )
+
+        return wrapper
+
+    return wrap

@@ -27,6 +27,7 @@ from ._common import (
     check_same_device,
     check_tensor,
     is_compiling,
+    once_differentiable,
 )
 from .logprobs import _acc_dtype
 
@@ -228,6 +229,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(bwd_op):
+    @once_differentiable(OP)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         gh, gw, gb = bwd_op(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, *ctx.args)

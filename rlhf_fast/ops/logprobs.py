@@ -21,6 +21,7 @@ from ._common import (
     check_same_device,
     check_tensor,
     is_compiling,
+    once_differentiable,
     refuse_interpreter_under_compile,
 )
 
@@ -127,6 +128,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(bwd_op):
+    @once_differentiable(OP)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits, labels, lse, entropy = ctx.saved_tensors
         grad_logits = bwd_op(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
