@@ -141,7 +141,8 @@ def generate(
         raise ValueError(f"{OP}: attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
     temp, tk, tp, mp, filtered = row_params(
-        N, device, _expand(temperature, B, n), _expand(top_k, B, n), _expand(top_p, B, n), _expand(min_p, B, n)
+        N, device, _expand(temperature, B, n), _expand(top_k, B, n), _expand(top_p, B, n), _expand(min_p, B, n),
+        getattr(model, "dtype", torch.float32),
     )
     eos = _eos_ids(model, eos_token_id)
     pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)

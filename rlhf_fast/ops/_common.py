@@ -29,11 +29,38 @@ def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> No
 def check_positive_float(op: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{op}: {name} must be a Python float, got {type(value).__name__}")
-    if isinstance(value, (torch.SymFloat, torch.SymInt)):
-        return value
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
+    if not isinstance(value, (torch.SymFloat, torch.SymInt)):
+        value = float(value)
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a
+    # float argument is a SymFloat, which math.isfinite cannot trace, while a
+    # comparison becomes a guard (NaN fails both).
+    if not (0.0 < value < math.inf):
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
+    return value
+
+
+def min_temperature(dtype: torch.dtype) -> float:
+    """Smallest temperature the kernels take for inputs of `dtype`: they
+    multiply by 1 / T in their math dtype (fp32; fp64 for fp64 inputs), which
+    overflows to inf below 1 / finfo.max (2.9e-39 in fp32, 5.6e-309 in fp64)
+    and turns every row into NaN. Twice that, so 1 / T stays finite after
+    rounding: 5.9e-39 (fp32 math), 1.1e-308 (fp64)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return 2.0 / torch.finfo(acc).max
+
+
+def check_temperature(op: str, value, dtype: torch.dtype) -> float:
+    """A finite temperature > 0 whose 1 / T is finite in the kernels' math
+    dtype (see min_temperature). logits / T must still fit that dtype: a
+    row where it overflows gives NaN, as a row containing +inf does."""
+    value = check_positive_float(op, "temperature", value)
+    t_min = min_temperature(dtype)
+    if value < t_min:
+        math_dtype = "float64" if dtype == torch.float64 else "float32"
+        raise ValueError(
+            f"{op}: temperature={value} is too small: 1 / temperature overflows {math_dtype}, the math dtype for "
+            f"{str(dtype).replace('torch.', '')} inputs; it must be >= {t_min:.3g}"
+        )
     return value
 
 

@@ -23,8 +23,8 @@ from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_labels_in_range,
-    check_positive_float,
     check_same_device,
+    check_temperature,
     check_tensor,
     is_compiling,
     once_differentiable,
@@ -111,7 +111,7 @@ def linear_logprobs(
         raise ValueError(
             f"{OP}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
         )
-    temperature = check_positive_float(OP, "temperature", temperature)
+    temperature = check_temperature(OP, temperature, hidden.dtype)
     ignore_index = int(ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")

@@ -17,8 +17,8 @@ from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_labels_in_range,
-    check_positive_float,
     check_same_device,
+    check_temperature,
     check_tensor,
     is_compiling,
     once_differentiable,
@@ -91,7 +91,7 @@ def logprobs_from_logits(
         raise ValueError(
             f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
         )
-    temperature = check_positive_float(OP, "temperature", temperature)
+    temperature = check_temperature(OP, temperature, logits.dtype)
     ignore_index = int(ignore_index)
     V = logits.shape[-1]
     if V == 0 and labels.numel() > 0:
