@@ -114,6 +114,32 @@ def draw_seeds(B: int, device: torch.device, generator: torch.Generator | None) 
     return torch.randint_like(like, -(2**63), 2**63 - 1, generator=generator)
 
 
+def _check_rows(logits: torch.Tensor, temperature: torch.Tensor) -> None:
+    """Eager CPU only: a row with no valid token, or one whose distribution
+    is undefined, raises, naming the row and the reason (as csrc/cpu/sampling.cpp
+    does). One pass over the logits; the finer checks only on failure."""
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    inv_t = torch.where(temperature > 0, 1.0 / temperature.clamp(min=1e-300), 1.0).to(x.dtype)
+    finite = torch.isfinite(x * inv_t.unsqueeze(1))  # logits / T must fit the math dtype
+    ok = finite.any(-1) & (finite | torch.isneginf(x)).all(-1)
+    if bool(ok.all()):
+        return
+    r = int((~ok).nonzero()[0, 0])
+    row = x[r]
+    if bool(row.isnan().any()):
+        why = "contains NaN"
+    elif bool(row.isposinf().any()):
+        why = "contains +inf, which leaves the distribution undefined (mask tokens with -inf, never +inf)"
+    elif bool(row.isneginf().all()):
+        why = "has no valid token: every logit is -inf"
+    else:
+        why = (
+            f"overflows {str(x.dtype).replace('torch.', '')} once divided by the temperature "
+            f"({temperature[r].item():.3g}); raise the temperature or use 0 for greedy"
+        )
+    raise ValueError(f"{OP}: row {r} of logits {why}")
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -124,8 +150,7 @@ def sample_with_seeds(logits, seeds, temperature, top_k, top_p, min_p, filtered)
     if logits.dtype == torch.float64:
         backend = "reference"  # documented: float64 (oracle) logits run the reference
     if backend != "cpp" and logits.device.type == "cpu" and not is_compiling():
-        if bool(torch.isnan(logits).any()):  # the C++ kernel raises the same itself
-            raise ValueError(f"{OP}: logits contain NaN")
+        _check_rows(logits, temperature)  # the C++ kernel raises the same itself
     if backend == "reference":
         out = reference.sample(logits, seeds, temperature, top_k, top_p, min_p, filtered)
     elif backend == "triton":
@@ -158,8 +183,16 @@ def sample(
     logprobs_from_logits(logits, tokens, temperature=T) returns (T = 1 for
     greedy rows), processed_logprobs (B,) fp32 under the truncated,
     renormalised distribution (0 for greedy rows)).
-    No host synchronisation on GPU. NaN logits raise on CPU; on GPU (no sync)
-    a NaN row gives NaN log-probs and an unspecified token.
+    No host synchronisation on GPU. A row with no valid token (every logit
+    -inf), containing NaN or +inf, or where logits / T overflows fp32, never
+    yields a token silently: on CPU it raises an error naming the row and the
+    reason (eager, and compiled with the cpp backend). On GPU (no host sync,
+    so no error is possible) that row's logprobs and processed_logprobs are
+    NaN and its token is unspecified: check torch.isnan(out.logprobs) before
+    using such rows. temperature > 0 must be >= 5.9e-39 (1 / T finite in
+    fp32; checked for scalars and CPU tensors).
+    Under torch.compile(fullgraph=True) pass generator=None: dynamo cannot
+    trace a torch.Generator argument.
     """
     check_tensor(OP, "logits", logits, FLOAT_DTYPES)
     if logits.dim() != 2:
