@@ -39,6 +39,25 @@ def check_positive_float(op: str, name: str, value) -> float:
     return value
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_int(op: str, name: str, value, lo: int = INT64_MIN, hi: int = INT64_MAX) -> int:
+    """A Python int (not a float, not a bool) in [lo, hi]: int(1.5) would
+    silently truncate and a value past int64 would fail later as an
+    OverflowError that names nothing."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    if not isinstance(value, torch.SymInt):
+        value = int(value)
+    if not (lo <= value <= hi):
+        if hi == INT64_MAX and lo != INT64_MIN:
+            raise ValueError(f"{op}: {name} must be >= {lo}, got {value}")
+        what = "the int64 range " if (lo, hi) == (INT64_MIN, INT64_MAX) else ""
+        raise ValueError(f"{op}: {name} must be in {what}[{lo}, {hi}], got {value}")
+    return value
+
+
 def min_temperature(dtype: torch.dtype) -> float:
     """Smallest temperature the kernels take for inputs of `dtype`: they
     multiply by 1 / T in their math dtype (fp32; fp64 for fp64 inputs), which

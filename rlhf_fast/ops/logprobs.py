@@ -16,6 +16,7 @@ from ..reference import logprobs as reference
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_int,
     check_labels_in_range,
     check_same_device,
     check_temperature,
@@ -92,7 +93,7 @@ def logprobs_from_logits(
             f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
         )
     temperature = check_temperature(OP, temperature, logits.dtype)
-    ignore_index = int(ignore_index)
+    ignore_index = check_int(OP, "ignore_index", ignore_index)
     V = logits.shape[-1]
     if V == 0 and labels.numel() > 0:
         raise ValueError(f"{OP}: logits have an empty vocabulary dim (V=0)")
