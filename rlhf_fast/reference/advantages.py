@@ -86,7 +86,11 @@ def whiten(x, mask, *, shift_mean=True, eps=1e-8):
     m = mask != 0
     xv = torch.where(m, x.to(acc), torch.zeros((), dtype=acc, device=x.device))
     n = m.sum()
-    mean = xv.sum() / n.clamp(min=1)
+    # mean = lo + mean(x - lo), lo the smallest valid x: exact for constant
+    # input (sum(x) / n is not, e.g. 0.1 x 1000), so eps=0 gives 0 there
+    lo = torch.where(m, x.to(acc), torch.full((), float("inf"), dtype=acc, device=x.device)).amin()
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    mean = lo + torch.where(m, xv - lo, torch.zeros_like(xv)).sum() / n.clamp(min=1)
     centered = torch.where(m, xv - mean, torch.zeros((), dtype=acc, device=x.device))
     var = (centered * centered).sum() / (n - 1).clamp(min=1)
     var = torch.where(n > 1, var, torch.zeros_like(var))
@@ -121,7 +125,10 @@ def group_advantages(scores, groups, *, estimator="grpo", eps=1e-6):
     _, dense = torch.unique(ids, return_inverse=True)
     G = int(dense.max()) + 1 if N else 0
     cnt = torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, torch.ones_like(s))
-    mean = torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, s) / cnt
+    # mean = lo + mean(s - lo), lo the group's smallest score: exact for tied scores
+    lo = torch.full((G,), float("inf"), dtype=acc, device=s.device).scatter_reduce_(0, dense, s, "amin")
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    mean = lo + torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, s - lo[dense]) / cnt
     c = s - mean[dense]
     m2 = torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, c * c)
     n = cnt[dense]
