@@ -225,7 +225,8 @@ def test_cpp_sampler_names_tiny_temperature():
 
     x = torch.randn(3, 5)
     temp = torch.tensor([1.0, 1e-39, 1.0], dtype=torch.float64)
-    k, p, mp = torch.zeros(3, dtype=torch.int64), torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    k = torch.zeros(3, dtype=torch.int64)
+    p, mp = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="temperature .* at row 1 is too small"):
         torch.ops.rlhf_fast.sample_fwd(x, draw_seeds(3, x.device, None), temp, k, p, mp, False)
 

@@ -79,7 +79,9 @@ def _check_tiny_temperature(temperature, temp: torch.Tensor, dtype: torch.dtype)
     a host sync, as for the other per-row checks)."""
     t_min = min_temperature(dtype)
     math_dtype = "float64" if dtype == torch.float64 else "float32"
-    hint = f"1 / temperature overflows {math_dtype}, the sampler's math dtype; use 0 for greedy or a value >= {t_min:.3g}"
+    hint = (
+        f"1 / temperature overflows {math_dtype}, the sampler's math dtype; use 0 for greedy or a value >= {t_min:.3g}"
+    )
     if not isinstance(temperature, torch.Tensor):
         if 0.0 < temperature < t_min:
             raise ValueError(f"{OP}: temperature={temperature} is too small: {hint}")
