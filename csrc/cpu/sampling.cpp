@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -188,6 +189,32 @@ RowResult sample_row(const T* x, int64_t V, const RowParams& p,
   return r;
 }
 
+// Why a row's log-sum-exp is NaN, for the error message: one more scalar
+// pass over that row, on the error path only.
+template <typename T>
+std::string bad_row_reason(const T* x, int64_t V, float inv_t) {
+  bool nan = false, pos_inf = false, overflow = false, all_neg_inf = true;
+  for (int64_t j = 0; j < V; ++j) {
+    const float v = to_acc(x[j]);
+    if (std::isnan(v)) {
+      nan = true;
+    } else if (v == -kNegInf) {
+      pos_inf = true;
+    } else if (v != kNegInf) {
+      all_neg_inf = false;
+      if (!std::isfinite(v * inv_t)) overflow = true;
+    }
+  }
+  if (nan) return "contains NaN";
+  if (pos_inf)
+    return "contains +inf, which leaves the distribution undefined (mask tokens with -inf, never +inf)";
+  if (all_neg_inf) return "has no valid token: every logit is -inf";
+  if (overflow)
+    return "overflows float32 once divided by the temperature (logits / temperature is +-inf); "
+           "raise the temperature or use 0 for greedy";
+  return "has a NaN log-sum-exp";
+}
+
 // ---- glue ----
 
 at::Tensor row_param(const at::Tensor& t, int64_t B, at::ScalarType dt,
@@ -234,6 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_fwd_cpu(
   float* lpp = lp.data_ptr<float>();
   float* plpp = plp.data_ptr<float>();
   std::atomic<int64_t> nan_row{-1};
+  std::string bad_reason;
   auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* base = reinterpret_cast<const T*>(lg.const_data_ptr());
@@ -248,6 +276,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_fwd_cpu(
         RowParams p;
         p.greedy = t == 0.0;
         p.inv_t = p.greedy ? 1.0f : static_cast<float>(1.0 / t);
+        TORCH_CHECK_VALUE(std::isfinite(p.inv_t), op, ": temperature ", t, " at row ", r,
+                          " is too small: 1 / temperature overflows float32; use 0 for greedy or a "
+                          "value >= ", 2.0 / std::numeric_limits<float>::max());
         const uint64_t seed = static_cast<uint64_t>(sdp[r]);
         p.seed_lo = static_cast<uint32_t>(seed);
         p.seed_hi = static_cast<uint32_t>(seed >> 32);
@@ -265,14 +296,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_fwd_cpu(
         plpp[r] = res.processed;
       }
     });
+    const int64_t bad = nan_row.load();
+    if (bad >= 0) {
+      const bool greedy = ttp[bad] == 0.0;
+      const float inv_t = greedy ? 1.0f : static_cast<float>(1.0 / ttp[bad]);
+      bad_reason = bad_row_reason(base + bad * stride, V, inv_t);
+    }
   };
   switch (dt) {
     case at::kFloat: run(static_cast<float*>(nullptr)); break;
     case at::kBFloat16: run(static_cast<bf16_bits*>(nullptr)); break;
     default: run(static_cast<fp16_bits*>(nullptr)); break;
   }
-  TORCH_CHECK_VALUE(nan_row.load() < 0, "rlhf_fast.sample: logits contain NaN (row ",
-                    nan_row.load(), ")");
+  // a row with no valid token never yields a token: say which row and why
+  TORCH_CHECK_VALUE(nan_row.load() < 0, "rlhf_fast.sample: row ", nan_row.load(), " of logits ",
+                    bad_reason);
   return {tokens, lp, plp};
 }
 

@@ -15,6 +15,7 @@ import dataclasses
 
 import torch
 
+from ..ops._common import check_int
 from ..ops.sampling import draw_seeds, row_params, sample_with_seeds
 from .static_cache import prefill_cache, static_cache_from_prefill
 
@@ -121,19 +122,26 @@ def generate(
         CUDA graphs over the static cache; default mode on CPU).
     Returns GenerateOutput(sequences (B*n, P+R), response_mask (B*n, R),
     logprobs (B*n, R) fp32, lengths (B*n,), prompt_length P), rows ordered
-    prompt-major (the n samples of prompt 0 first).
+    prompt-major (the n samples of prompt 0 first). B = 0 gives empty
+    outputs (R = 0) without calling the model; P = 0 is an error.
+    max_new_tokens, num_samples, sync_every: ints >= 1; pad_token_id: an int
+    in [0, model.config.vocab_size).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"{OP}: input_ids must be a 2-D (B, P) tensor")
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"{OP}: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if int(num_samples) < 1:
-        raise ValueError(f"{OP}: num_samples must be >= 1, got {num_samples}")
-    if int(sync_every) < 1:
-        raise ValueError(f"{OP}: sync_every must be >= 1, got {sync_every}")
+    R = check_int(OP, "max_new_tokens", max_new_tokens, lo=1)
+    n = check_int(OP, "num_samples", num_samples, lo=1)
+    sync_every = check_int(OP, "sync_every", sync_every, lo=1)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    vocab_hi = int(vocab) - 1 if isinstance(vocab, int) and vocab > 0 else 2**63 - 1
+    if pad_token_id is not None:
+        # a pad id outside the embedding would fail later, as an IndexError inside the model
+        check_int(OP, "pad_token_id", pad_token_id, lo=0, hi=vocab_hi)
     device = input_ids.device
     B, P = input_ids.shape
-    n, R = int(num_samples), int(max_new_tokens)
+    if P == 0:
+        raise ValueError(f"{OP}: input_ids has no prompt tokens (shape {tuple(input_ids.shape)}); the first response "
+                         "token is sampled from the model's prediction after the prompt, so P must be >= 1")
     N = B * n
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -141,11 +149,20 @@ def generate(
         raise ValueError(f"{OP}: attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
     temp, tk, tp, mp, filtered = row_params(
-        N, device, _expand(temperature, B, n), _expand(top_k, B, n), _expand(top_p, B, n), _expand(min_p, B, n)
+        N, device, _expand(temperature, B, n), _expand(top_k, B, n), _expand(top_p, B, n), _expand(min_p, B, n),
+        getattr(model, "dtype", torch.float32),
     )
     eos = _eos_ids(model, eos_token_id)
     pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    if B == 0:  # no prompts: an empty rollout, without calling the model
+        return GenerateOutput(
+            sequences=input_ids.new_empty((0, P), dtype=torch.long),
+            response_mask=torch.zeros((0, 0), dtype=torch.bool, device=device),
+            logprobs=torch.zeros((0, 0), dtype=torch.float32, device=device),
+            lengths=torch.zeros((0,), dtype=torch.long, device=device),
+            prompt_length=P,
+        )
 
     # ---- prefill: B prompts once, positions as HF (cumsum of the mask - 1)
     positions = attention_mask.cumsum(-1) - 1

@@ -29,11 +29,57 @@ def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> No
 def check_positive_float(op: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{op}: {name} must be a Python float, got {type(value).__name__}")
-    if isinstance(value, (torch.SymFloat, torch.SymInt)):
-        return value
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
+    if not isinstance(value, (torch.SymFloat, torch.SymInt)):
+        value = float(value)
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a
+    # float argument is a SymFloat, which math.isfinite cannot trace, while a
+    # comparison becomes a guard (NaN fails both).
+    if not (0.0 < value < math.inf):
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
+    return value
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_int(op: str, name: str, value, lo: int = INT64_MIN, hi: int = INT64_MAX) -> int:
+    """A Python int (not a float, not a bool) in [lo, hi]: int(1.5) would
+    silently truncate and a value past int64 would fail later as an
+    OverflowError that names nothing."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r} ({type(value).__name__})")
+    if not isinstance(value, torch.SymInt):
+        value = int(value)
+    if not (lo <= value <= hi):
+        if hi == INT64_MAX and lo != INT64_MIN:
+            raise ValueError(f"{op}: {name} must be >= {lo}, got {value}")
+        what = "the int64 range " if (lo, hi) == (INT64_MIN, INT64_MAX) else ""
+        raise ValueError(f"{op}: {name} must be in {what}[{lo}, {hi}], got {value}")
+    return value
+
+
+def min_temperature(dtype: torch.dtype) -> float:
+    """Smallest temperature the kernels take for inputs of `dtype`: they
+    multiply by 1 / T in their math dtype (fp32; fp64 for fp64 inputs), which
+    overflows to inf below 1 / finfo.max (2.9e-39 in fp32, 5.6e-309 in fp64)
+    and turns every row into NaN. Twice that, so 1 / T stays finite after
+    rounding: 5.9e-39 (fp32 math), 1.1e-308 (fp64)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return 2.0 / torch.finfo(acc).max
+
+
+def check_temperature(op: str, value, dtype: torch.dtype) -> float:
+    """A finite temperature > 0 whose 1 / T is finite in the kernels' math
+    dtype (see min_temperature). logits / T must still fit that dtype: a
+    row where it overflows gives NaN, as a row containing +inf does."""
+    value = check_positive_float(op, "temperature", value)
+    t_min = min_temperature(dtype)
+    if value < t_min:
+        math_dtype = "float64" if dtype == torch.float64 else "float32"
+        raise ValueError(
+            f"{op}: temperature={value} is too small: 1 / temperature overflows {math_dtype}, the math dtype for "
+            f"{str(dtype).replace('torch.', '')} inputs; it must be >= {t_min:.3g}"
+        )
     return value
 
 
@@ -106,3 +152,52 @@ def launch_on_tensor_device(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a gradient computed under create_graph=True, attached to
+    the forward's differentiable inputs: differentiating it raises."""
+
+    @staticmethod
+    def forward(ctx, message, grad, *inputs):
+        ctx.message = message
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.message)
+
+
+def once_differentiable(op: str):
+    """Decorator for a register_autograd backward whose kernels have no
+    backward of their own. Without it, backward(create_graph=True) records
+    the *_bwd ops, which torch's autograd fallback then differentiates as
+    zero (silently wrong), or gives gradients that do not require grad
+    ("element 0 of tensors does not require grad"). With it the first-order
+    gradients are the same, and usable under create_graph=True in a loss that
+    is not differentiated again, but differentiating them raises an error
+    that says so, on every backend. The error node is attached to every saved
+    tensor that requires grad, so autograd.grad(g, inputs) reaches it."""
+
+    msg = (
+        f"{op}: double backward is not supported: its gradient comes from a fused kernel with no backward "
+        "of its own. Do not differentiate a gradient taken with create_graph=True through this op, or run "
+        "it with rlhf_fast.use_backend('reference') (plain PyTorch) for higher-order gradients"
+    )
+
+    def wrap(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():  # the usual first-order backward
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            inputs = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+            return tuple(
+                _NoDoubleBackward.apply(msg, g, *inputs) if isinstance(g, torch.Tensor) and g.is_floating_point() else g
+                for g in out
+            )
+
+        return wrapper
+
+    return wrap

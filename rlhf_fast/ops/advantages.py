@@ -128,7 +128,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps:
     Statistics in float64, two passes per chunk merged by Chan's formula.
     0 at masked positions. With one valid element var is taken as 0 (verl
     raises), so that element becomes 0 (x itself if not shift_mean); with
-    none the output is all zeros. Never NaN for finite x."""
+    none the output is all zeros. Never NaN for finite x: with eps=0 and
+    variance 0 (constant input, one valid element) an element equal to the
+    mean gives 0 (x itself if not shift_mean), not 0 * rsqrt(0) = NaN."""
     op = "rlhf_fast.whiten"
     check_tensor(op, "x", x, FLOAT_DTYPES)
     _check_mask(op, mask, x.shape)
@@ -141,7 +143,15 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps:
     if backend == "reference":
         return reference.whiten(x, mask, shift_mean=shift_mean, eps=float(eps))
     fn = torch.ops.rlhf_fast.whiten_triton if backend == "triton" else torch.ops.rlhf_fast.whiten
-    return fn(x, mask, shift_mean, float(eps))
+    out = fn(x, mask, shift_mean, float(eps))
+    if float(eps) == 0.0:
+        # The kernels compute (x - mean) * rsqrt(var + eps): 0 * inf = NaN when
+        # var = 0. A probe with eps = 1 (rsqrt finite and > 0) is 0 exactly
+        # where x == mean; there the answer is 0 (x itself if not shift_mean).
+        # One more pass over x, for eps=0 callers only; no host sync.
+        at_mean = (fn(x, mask, True, 1.0) == 0) & (mask != 0)
+        out = torch.where(at_mean, torch.zeros_like(out) if shift_mean else x.to(out.dtype), out)
+    return out
 
 
 def group_advantages(scores: torch.Tensor, groups, *, estimator: str = "grpo", eps: float = 1e-6):
@@ -153,6 +163,8 @@ def group_advantages(scores: torch.Tensor, groups, *, estimator: str = "grpo", e
     "dr_grpo" s - mean; "rloo" s - mean of the other n - 1;
     "reinforce_baseline" s - mean (whiten over the batch afterwards for
     REINFORCE++). Singleton groups give 0 (verl's GRPO gives s / (1 + eps)).
+    grpo with eps=0: a score equal to its group's mean gives 0, so a group
+    of tied scores (std 0) gives 0 rather than 0 / 0 = NaN.
     Returns (N,) float32 (float64 for float64 scores).
     """
     op = "rlhf_fast.group_advantages"
@@ -184,7 +196,12 @@ def group_advantages(scores: torch.Tensor, groups, *, estimator: str = "grpo", e
     if backend == "reference":
         return reference.group_advantages(scores, groups, estimator=estimator, eps=float(eps))
     fn = torch.ops.rlhf_fast.group_advantages_triton if backend == "triton" else torch.ops.rlhf_fast.group_advantages
-    return fn(scores, ids, size, estimator, float(eps))
+    out = fn(scores, ids, size, estimator, float(eps))
+    if estimator == "grpo" and float(eps) == 0.0:
+        # (s - mean) / std is 0 / 0 = NaN for tied scores; dr_grpo's s - mean
+        # (the same mean, the same subtraction) is 0 exactly there.
+        out = torch.where(fn(scores, ids, size, "dr_grpo", 0.0) == 0, torch.zeros_like(out), out)
+    return out
 
 
 # ---------------------------------------------------------------- fake (meta)

@@ -22,11 +22,13 @@ from ..reference.linear_logprobs import linear_logprobs as reference_linear_logp
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_int,
     check_labels_in_range,
-    check_positive_float,
     check_same_device,
+    check_temperature,
     check_tensor,
     is_compiling,
+    once_differentiable,
 )
 from .logprobs import _acc_dtype
 
@@ -78,6 +80,7 @@ def linear_logprobs(
     chunk_size: tokens per chunk (CPU); on GPU the backward's d-logits
     scratch is sized to chunk_size * V elements. Default: from a memory
     budget (24 MiB of logits per chunk on CPU, 256 MiB on GPU).
+    H = 0 is allowed: the logits are then the bias (0 without one).
     """
     check_tensor(OP, "hidden", hidden, FLOAT_DTYPES)
     check_tensor(OP, "weight", weight, FLOAT_DTYPES)
@@ -110,8 +113,8 @@ def linear_logprobs(
         raise ValueError(
             f"{OP}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
         )
-    temperature = check_positive_float(OP, "temperature", temperature)
-    ignore_index = int(ignore_index)
+    temperature = check_temperature(OP, temperature, hidden.dtype)
+    ignore_index = check_int(OP, "ignore_index", ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if V == 0 and labels.numel() > 0:
@@ -125,7 +128,7 @@ def linear_logprobs(
             hidden, weight, labels, bias=bias, temperature=temperature,
             ignore_index=ignore_index, return_entropy=return_entropy,
         )  # fmt: skip
-    rows = hidden.reshape(-1, H)  # a view unless hidden's leading dims are strided
+    rows = hidden.reshape(labels.numel(), H)  # a view unless hidden's leading dims are strided; -1 fails at H = 0
     N = rows.shape[0]
     chunk = chunk_size if chunk_size is not None else default_chunk_size(N, V, hidden.device)
     fwd = torch.ops.rlhf_fast.linear_logprobs_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.linear_logprobs_fwd
@@ -228,6 +231,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(bwd_op):
+    @once_differentiable(OP)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         gh, gw, gb = bwd_op(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, *ctx.args)

@@ -16,11 +16,13 @@ from ..reference import logprobs as reference
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_int,
     check_labels_in_range,
-    check_positive_float,
     check_same_device,
+    check_temperature,
     check_tensor,
     is_compiling,
+    once_differentiable,
     refuse_interpreter_under_compile,
 )
 
@@ -90,8 +92,8 @@ def logprobs_from_logits(
         raise ValueError(
             f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
         )
-    temperature = check_positive_float(OP, "temperature", temperature)
-    ignore_index = int(ignore_index)
+    temperature = check_temperature(OP, temperature, logits.dtype)
+    ignore_index = check_int(OP, "ignore_index", ignore_index)
     V = logits.shape[-1]
     if V == 0 and labels.numel() > 0:
         raise ValueError(f"{OP}: logits have an empty vocabulary dim (V=0)")
@@ -127,6 +129,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(bwd_op):
+    @once_differentiable(OP)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits, labels, lse, entropy = ctx.saved_tensors
         grad_logits = bwd_op(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)

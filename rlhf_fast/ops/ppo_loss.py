@@ -26,7 +26,7 @@ from ..reference.ppo_loss import AGG_MODES, KL_KINDS
 
 # the module, not the function rlhf_fast.reference.ppo_loss that shadows it
 reference = importlib.import_module("rlhf_fast.reference.ppo_loss")
-from ._common import FLOAT_DTYPES, check_positive_float, check_same_device, check_tensor
+from ._common import FLOAT_DTYPES, check_positive_float, check_same_device, check_tensor, once_differentiable
 
 IMPLEMENTED = ("triton", "cpp")
 # Order of the stats vector returned by ppo_loss_fwd.
@@ -252,7 +252,8 @@ def _fake_kl_bwd(grad, logprobs, ref_logprobs, kind):
 def _loss_setup_context(ctx, inputs, output):
     lp, _old, _adv, mask, entropy = inputs[:5]
     _, stats, dtok, row_scale = output
-    ctx.save_for_backward(dtok, row_scale, mask)
+    # lp / entropy only for the double-backward error node (once_differentiable)
+    ctx.save_for_backward(dtok, row_scale, mask, *(t for t in (lp, entropy) if t is not None and t.requires_grad))
     ctx.entropy_coef = inputs[6]
     ctx.lp_dtype = lp.dtype
     ctx.ent_dtype = entropy.dtype if entropy is not None else None
@@ -260,8 +261,10 @@ def _loss_setup_context(ctx, inputs, output):
 
 
 def _make_loss_backward(bwd_op):
+    # ppo_policy_loss calls ppo_loss, so its error names ppo_loss
+    @once_differentiable("rlhf_fast.ppo_loss (and ppo_policy_loss)")
     def backward(ctx, grad_loss, _g_stats, _g_dtok, _g_rs):
-        dtok, row_scale, mask = ctx.saved_tensors
+        dtok, row_scale, mask = ctx.saved_tensors[:3]
         has_ent = ctx.ent_dtype is not None
         glp, gent = bwd_op(
             grad_loss, dtok, row_scale, mask, ctx.entropy_coef, has_ent, ctx.lp_dtype, ctx.ent_dtype or ctx.lp_dtype
@@ -274,14 +277,15 @@ def _make_loss_backward(bwd_op):
 def _value_setup_context(ctx, inputs, output):
     values, mask = inputs[0], inputs[3]
     _, stats, dtok, row_scale = output
-    ctx.save_for_backward(dtok, row_scale, mask)
+    ctx.save_for_backward(dtok, row_scale, mask, *((values,) if values.requires_grad else ()))
     ctx.v_dtype = values.dtype
     ctx.mark_non_differentiable(stats, dtok, row_scale)
 
 
 def _make_value_backward(bwd_op):
+    @once_differentiable("rlhf_fast.ppo_value_loss")
     def backward(ctx, grad_loss, _g_stats, _g_dtok, _g_rs):
-        dtok, row_scale, mask = ctx.saved_tensors
+        dtok, row_scale, mask = ctx.saved_tensors[:3]
         gv, _ = bwd_op(grad_loss, dtok, row_scale, mask, 0.0, False, ctx.v_dtype, ctx.v_dtype)
         return (gv,) + (None,) * 6
 
@@ -295,6 +299,7 @@ def _kl_setup_context(ctx, inputs, output):
 
 
 def _make_kl_backward(bwd_op):
+    @once_differentiable("rlhf_fast.kl_penalty")
     def backward(ctx, grad):
         logprobs, ref_logprobs = ctx.saved_tensors
         return bwd_op(grad, logprobs, ref_logprobs, ctx.kind), None, None

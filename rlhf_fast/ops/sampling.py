@@ -16,7 +16,7 @@ import torch
 
 from .. import _backend
 from ..reference import sampling as reference
-from ._common import FLOAT_DTYPES, check_tensor, is_compiling
+from ._common import FLOAT_DTYPES, check_tensor, is_compiling, min_temperature
 
 OP = "rlhf_fast.sample"
 IMPLEMENTED = ("triton", "cpp")
@@ -39,7 +39,9 @@ def _scalar(name: str, value, lo: float, hi: float, lo_open: bool, integer: bool
     if integer and not isinstance(value, numbers.Integral):
         raise TypeError(f"{OP}: {name} must be an int or a (B,) int tensor, got {value!r}")
     v = int(value) if integer else float(value)
-    bad = (v <= lo if lo_open else v < lo) or v > hi or (not integer and not math.isfinite(v))
+    # comparisons, not math.isfinite: they trace as guards on a SymFloat
+    # under torch.compile(dynamic=True); NaN fails them all
+    bad = not ((lo < v if lo_open else lo <= v) and v <= hi and -math.inf < v < math.inf)
     if bad:
         rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
         raise ValueError(f"{OP}: {name} must be in {rng}, got {value}")
@@ -70,11 +72,33 @@ def _row_tensor(name, value, B, device, dtype, lo, hi, lo_open, integer=False):
     return value.to(dtype), None
 
 
-def row_params(B: int, device: torch.device, temperature, top_k, top_p, min_p):
+def _check_tiny_temperature(temperature, temp: torch.Tensor, dtype: torch.dtype) -> None:
+    """temperature > 0 but so small that 1 / T overflows the kernels' math
+    dtype (every key would be inf or NaN): a clear error instead. Scalars
+    always; (B,) tensors on CPU outside torch.compile (on GPU that would be
+    a host sync, as for the other per-row checks)."""
+    t_min = min_temperature(dtype)
+    math_dtype = "float64" if dtype == torch.float64 else "float32"
+    hint = (
+        f"1 / temperature overflows {math_dtype}, the sampler's math dtype; use 0 for greedy or a value >= {t_min:.3g}"
+    )
+    if not isinstance(temperature, torch.Tensor):
+        if 0.0 < temperature < t_min:
+            raise ValueError(f"{OP}: temperature={temperature} is too small: {hint}")
+    elif temp.device.type == "cpu" and not is_compiling() and temp.numel():
+        tiny = (temp > 0) & (temp < t_min)
+        if bool(tiny.any()):
+            i = int(tiny.nonzero()[0, 0])
+            raise ValueError(f"{OP}: temperature[{i}] = {temp[i].item()} is too small: {hint}")
+
+
+def row_params(B: int, device: torch.device, temperature, top_k, top_p, min_p, dtype: torch.dtype = torch.float32):
     """Scalars or (B,) tensors -> (temperature f64, top_k i64, top_p f64,
-    min_p f64) as (B,) tensors, and whether any row may truncate."""
+    min_p f64) as (B,) tensors, and whether any row may truncate. dtype: the
+    logits' dtype (it sets the smallest temperature > 0 allowed)."""
     inf = float("inf")
-    temp, _ = _row_tensor("temperature", temperature, B, device, torch.float64, 0.0, inf, False)
+    temp, t_s = _row_tensor("temperature", temperature, B, device, torch.float64, 0.0, inf, False)
+    _check_tiny_temperature(t_s if t_s is not None else temperature, temp, dtype)
     tk, tk_s = _row_tensor("top_k", top_k, B, device, torch.int64, 0, 2**62, False, integer=True)
     tp, tp_s = _row_tensor("top_p", top_p, B, device, torch.float64, 0.0, 1.0, True)
     mp, mp_s = _row_tensor("min_p", min_p, B, device, torch.float64, 0.0, 1.0, False)
@@ -86,7 +110,36 @@ def row_params(B: int, device: torch.device, temperature, top_k, top_p, min_p):
 def draw_seeds(B: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     """(B,) int64 row seeds from `generator` (on `device`; no host sync on GPU):
     each row's noise stream is a counter-based hash of its own seed."""
-    return torch.randint(-(2**63), 2**63 - 1, (B,), generator=generator, device=device, dtype=torch.int64)
+    # randint_like, not randint(..., (B,)): the same draws, but it also
+    # traces under torch.compile(dynamic=True), where B is a SymInt
+    like = torch.empty((B,), dtype=torch.int64, device=device)
+    return torch.randint_like(like, -(2**63), 2**63 - 1, generator=generator)
+
+
+def _check_rows(logits: torch.Tensor, temperature: torch.Tensor) -> None:
+    """Eager CPU only: a row with no valid token, or one whose distribution
+    is undefined, raises, naming the row and the reason (as csrc/cpu/sampling.cpp
+    does). One pass over the logits; the finer checks only on failure."""
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    inv_t = torch.where(temperature > 0, 1.0 / temperature.clamp(min=1e-300), 1.0).to(x.dtype)
+    finite = torch.isfinite(x * inv_t.unsqueeze(1))  # logits / T must fit the math dtype
+    ok = finite.any(-1) & (finite | torch.isneginf(x)).all(-1)
+    if bool(ok.all()):
+        return
+    r = int((~ok).nonzero()[0, 0])
+    row = x[r]
+    if bool(row.isnan().any()):
+        why = "contains NaN"
+    elif bool(row.isposinf().any()):
+        why = "contains +inf, which leaves the distribution undefined (mask tokens with -inf, never +inf)"
+    elif bool(row.isneginf().all()):
+        why = "has no valid token: every logit is -inf"
+    else:
+        why = (
+            f"overflows {str(x.dtype).replace('torch.', '')} once divided by the temperature "
+            f"({temperature[r].item():.3g}); raise the temperature or use 0 for greedy"
+        )
+    raise ValueError(f"{OP}: row {r} of logits {why}")
 
 
 # ---------------------------------------------------------------- public API
@@ -99,8 +152,7 @@ def sample_with_seeds(logits, seeds, temperature, top_k, top_p, min_p, filtered)
     if logits.dtype == torch.float64:
         backend = "reference"  # documented: float64 (oracle) logits run the reference
     if backend != "cpp" and logits.device.type == "cpu" and not is_compiling():
-        if bool(torch.isnan(logits).any()):  # the C++ kernel raises the same itself
-            raise ValueError(f"{OP}: logits contain NaN")
+        _check_rows(logits, temperature)  # the C++ kernel raises the same itself
     if backend == "reference":
         out = reference.sample(logits, seeds, temperature, top_k, top_p, min_p, filtered)
     elif backend == "triton":
@@ -133,8 +185,16 @@ def sample(
     logprobs_from_logits(logits, tokens, temperature=T) returns (T = 1 for
     greedy rows), processed_logprobs (B,) fp32 under the truncated,
     renormalised distribution (0 for greedy rows)).
-    No host synchronisation on GPU. NaN logits raise on CPU; on GPU (no sync)
-    a NaN row gives NaN log-probs and an unspecified token.
+    No host synchronisation on GPU. A row with no valid token (every logit
+    -inf), containing NaN or +inf, or where logits / T overflows fp32, never
+    yields a token silently: on CPU it raises an error naming the row and the
+    reason (eager, and compiled with the cpp backend). On GPU (no host sync,
+    so no error is possible) that row's logprobs and processed_logprobs are
+    NaN and its token is unspecified: check torch.isnan(out.logprobs) before
+    using such rows. temperature > 0 must be >= 5.9e-39 (1 / T finite in
+    fp32; checked for scalars and CPU tensors).
+    Under torch.compile(fullgraph=True) pass generator=None: dynamo cannot
+    trace a torch.Generator argument.
     """
     check_tensor(OP, "logits", logits, FLOAT_DTYPES)
     if logits.dim() != 2:
@@ -142,7 +202,7 @@ def sample(
     B, V = logits.shape
     if V == 0 and B > 0:
         raise ValueError(f"{OP}: logits have an empty vocabulary dim (V=0)")
-    temp, tk, tp, mp, filtered = row_params(B, logits.device, temperature, top_k, top_p, min_p)
+    temp, tk, tp, mp, filtered = row_params(B, logits.device, temperature, top_k, top_p, min_p, logits.dtype)
     seeds = draw_seeds(B, logits.device, generator)
     return sample_with_seeds(logits, seeds, temp, tk, tp, mp, filtered)
 

@@ -80,16 +80,21 @@ def whiten(x, mask, *, shift_mean=True, eps=1e-8):
     (x - mean) * rsqrt(var + eps) (+ mean if not shift_mean) at valid
     positions, 0 at masked ones. With n <= 1 valid elements the variance is
     taken as 0 (verl raises): one valid element gives 0 (shift_mean) or x
-    itself; none gives all zeros."""
+    itself; none gives all zeros. An element equal to the mean maps to 0
+    whatever eps is, so eps=0 on constant input gives 0, not 0 * inf = NaN."""
     acc = _acc(x)
     m = mask != 0
     xv = torch.where(m, x.to(acc), torch.zeros((), dtype=acc, device=x.device))
     n = m.sum()
-    mean = xv.sum() / n.clamp(min=1)
+    # mean = lo + mean(x - lo), lo the smallest valid x: exact for constant
+    # input (sum(x) / n is not, e.g. 0.1 x 1000), so eps=0 gives 0 there
+    lo = torch.where(m, x.to(acc), torch.full((), float("inf"), dtype=acc, device=x.device)).amin()
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    mean = lo + torch.where(m, xv - lo, torch.zeros_like(xv)).sum() / n.clamp(min=1)
     centered = torch.where(m, xv - mean, torch.zeros((), dtype=acc, device=x.device))
     var = (centered * centered).sum() / (n - 1).clamp(min=1)
     var = torch.where(n > 1, var, torch.zeros_like(var))
-    out = centered * torch.rsqrt(var + eps)
+    out = torch.where(centered == 0, centered, centered * torch.rsqrt(var + eps))
     if not shift_mean:
         out = out + mean
     return torch.where(m, out, torch.zeros_like(out))
@@ -105,7 +110,8 @@ def group_advantages(scores, groups, *, estimator="grpo", eps=1e-6):
       dr_grpo            s - mean
       rloo               (s - mean) * n / (n - 1)   (= s - mean of the others)
       reinforce_baseline s - mean
-    Singleton groups give 0 for every estimator.
+    Singleton groups give 0 for every estimator, and grpo gives 0 for a score
+    equal to its group's mean (so eps=0 on tied scores gives 0, not NaN).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
@@ -119,14 +125,17 @@ def group_advantages(scores, groups, *, estimator="grpo", eps=1e-6):
     _, dense = torch.unique(ids, return_inverse=True)
     G = int(dense.max()) + 1 if N else 0
     cnt = torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, torch.ones_like(s))
-    mean = torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, s) / cnt
+    # mean = lo + mean(s - lo), lo the group's smallest score: exact for tied scores
+    lo = torch.full((G,), float("inf"), dtype=acc, device=s.device).scatter_reduce_(0, dense, s, "amin")
+    lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    mean = lo + torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, s - lo[dense]) / cnt
     c = s - mean[dense]
     m2 = torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, c * c)
     n = cnt[dense]
     single = n <= 1
     nm1 = torch.where(single, torch.ones_like(n), n - 1)
     if estimator == "grpo":
-        out = c / ((m2[dense] / nm1).sqrt() + eps)
+        out = torch.where(c == 0, c, c / ((m2[dense] / nm1).sqrt() + eps))
     elif estimator == "rloo":
         out = c * n / nm1
     else:
