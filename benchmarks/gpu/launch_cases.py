@@ -23,14 +23,17 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #          the streaming kernels on sm_90: a spill is a local-memory round trip
 #          per element, dearer than the HBM read itself. The exceptions:
 #          - one-program epilogues (the *_finish kernels): 64 B, cold code run once;
-#          - linear_logprobs fwd: 64 B, the fp64 tile (tests' dtype; the fp64 dot
-#            has no tensor cores and 255 registers at 32 x 64);
+#          - linear_logprobs fwd: 64 B, the fp32 and fp64 tiles (ieee dots with
+#            no tensor cores at 255 registers: 28 B fp32 under Triton 3.6, 40 B
+#            fp64 under 3.9); bf16 / fp16, the training dtypes, spill nothing;
 #          - matmul_acc: 64 B, its fp32 read-add-write epilogue of a 128 x 128 tile;
 #          - sm_80 GEMM-tile kernels: 512 B. The 128 x 128 tiles are tuned for
 #            Hopper; on Ampere they must compile and fit, and spill a little.
 #          - the sampler on sm_80 and group_advantages: 16 B. Triton 3.6
 #            spills 8 B there (a 128-register cap at 8 warps; a 64-bit stack
-#            slot at 32 registers) where 3.9 spills none.
+#            slot at 32 registers) where 3.9 spills none;
+#          - ppo_value_loss fwd: 16 B, its fp64 specialisation under Triton 3.9
+#            (64 registers at 8 warps); fp32 and bf16 spill nothing.
 _Z, _E, _G = {90: 0, 80: 0}, {90: 64, 80: 64}, {90: 0, 80: 512}
 KERNELS = {
     "_logprobs_fwd_kernel": dict(block="BLOCK_V", spill_budget=_Z),
@@ -42,7 +45,7 @@ KERNELS = {
     "_ppo_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget=_Z),
     "_ppo_loss_finish_kernel": dict(block=None, spill_budget=_E),
     "_ppo_loss_bwd_kernel": dict(block="BLOCK_T", spill_budget=_Z),
-    "_ppo_value_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget=_Z),
+    "_ppo_value_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget={90: 16, 80: 16}),
     "_ppo_value_loss_finish_kernel": dict(block=None, spill_budget=_E),
     "_kl_penalty_fwd_kernel": dict(block="BLOCK", spill_budget=_Z),
     "_kl_penalty_bwd_kernel": dict(block="BLOCK", spill_budget=_Z),

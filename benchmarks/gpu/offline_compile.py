@@ -464,7 +464,8 @@ def markdown(results: list[dict], version: str) -> str:
     lines = [
         f"Offline compile for sm_90a with triton {version} (`python -m benchmarks.gpu.offline_compile --triton "
         f"{version} --json benchmarks/results/kernels-sm90.json --markdown docs/kernels.md`). Per kernel, its heaviest "
-        "specialisation (most registers). Instructions and MUFU ops per element: the longest innermost loop's SASS "
+        "specialisation (most registers; fp64, the tests' dtype, only where a kernel has nothing else). Instructions and MUFU "
+        "ops per element: the longest innermost loop's SASS "
         "over the elements one thread handles per trip (straight-line kernels: the whole kernel). Streaming at copy "
         f"bandwidth leaves about {ISSUE_BUDGET['H100']} instructions per bf16 element on an H100 and "
         f"{ISSUE_BUDGET['H200']} on an H200 at perfect issue; a kernel above that is predicted issue-bound. "
