@@ -23,9 +23,8 @@ import os
 import random
 
 import torch
-import yaml
 
-from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
+from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, load_yaml
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .models import ScalarHeadModel
@@ -138,8 +137,9 @@ def _init_distributed() -> torch.device:
 
 
 def run_from_yaml(algo: str, path: str):
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"train: {path} must hold a mapping, got {type(data).__name__}")
     extra = {k: data.pop(k) for k in _EXTRA if k in data}
     cfg = _CONFIGS[algo].from_dict(data)
     device = _init_distributed()
