@@ -35,13 +35,15 @@ class KLController:
 
 
 class RunningMoments:
-    """Running mean / std of scores (Chan's parallel merge), for reward normalisation."""
+    """Running mean / std of scores (Chan's parallel merge), for reward normalisation.
+    Non-finite values are left out: one NaN would make the moments NaN forever."""
 
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().double().flatten()
+        x = x[torch.isfinite(x)]
         n = x.numel()
         if n == 0:
             return
@@ -62,17 +64,24 @@ class RunningMoments:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
-def process_scores(scores: torch.Tensor, config, moments: RunningMoments, truncated=None) -> torch.Tensor:
+def process_scores(scores: torch.Tensor, config, moments: RunningMoments, truncated=None):
     """Missing-EOS penalty (truncated: (N,) bool), reward normalisation
-    (running stats, updated first), then clipping."""
+    (running stats, updated first), then clipping.
+
+    Returns (scores, valid): valid (N,) bool is False where the raw score was
+    NaN or +-inf. Those samples never reach the moments, their processed score
+    is 0, and the trainers zero-weight them (mask them out of the loss); clamping
+    alone would turn +inf into a maximal reward and keep NaN as NaN."""
+    valid = torch.isfinite(scores)
+    scores = torch.where(valid, scores, torch.zeros_like(scores))
     if config.missing_eos_penalty is not None and truncated is not None:
         scores = scores - config.missing_eos_penalty * truncated.float()
     if config.reward_norm:
-        moments.update(scores)
+        moments.update(scores[valid])
         scores = moments.normalize(scores)
     if config.reward_clip is not None:
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
-    return scores
+    return torch.where(valid, scores, torch.zeros_like(scores)), valid
 
 
 # ---------------------------------------------------------------- optimisation
