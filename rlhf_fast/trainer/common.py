@@ -2,7 +2,6 @@
 LR schedule, the NaN/inf guard, JSONL metrics and checkpoint/resume."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -10,6 +9,7 @@ import random
 import sys
 import time
 import warnings
+import zlib
 
 import torch
 
@@ -308,18 +308,21 @@ def _leaves(obj, prefix=""):
 
 
 def checksums(blob: dict) -> dict:
-    """sha256 of every tensor's bytes (with dtype and shape), by dotted path,
-    and one sha256 over every other leaf (steps, hyper-parameters, RNG tuples)."""
-    tensors, other = {}, hashlib.sha256()
+    """CRC-32 of every tensor's bytes (with dtype and shape), by dotted path,
+    and one over every other leaf (steps, hyper-parameters, RNG tuples).
+    CRC-32, not sha256: it catches torn and bit-rotted files (every burst of
+    up to 32 bits, random damage but for 2^-32) at 4x sha256's speed here
+    (350 vs 84 MB/s on the shared 2-core EPYC), and a checkpoint is not
+    an adversary's file."""
+    tensors, other = {}, zlib.crc32(b"")
     for path, leaf in _leaves(blob):
         if isinstance(leaf, torch.Tensor):
             t = leaf.detach().cpu().contiguous().reshape(-1)
-            h = hashlib.sha256(f"{t.dtype}{tuple(leaf.shape)}".encode())
-            h.update(memoryview(t.view(torch.uint8).numpy()))
-            tensors[path] = h.hexdigest()
+            crc = zlib.crc32(f"{t.dtype}{tuple(leaf.shape)}".encode())
+            tensors[path] = zlib.crc32(memoryview(t.view(torch.uint8).numpy()), crc)
         else:
-            other.update(f"{path}={leaf!r};".encode())
-    return {"tensors": tensors, "other": other.hexdigest()}
+            other = zlib.crc32(f"{path}={leaf!r};".encode(), other)
+    return {"kind": "crc32", "tensors": tensors, "other": other}
 
 
 def save_checkpoint(path: str, step: int, stateful: dict, generators: dict) -> None:
