@@ -86,6 +86,17 @@ def test_consecutive_skipped_steps_stop_the_run(tmp_path):
     assert tr.step_count == 3
 
 
+def test_consecutive_nonfinite_losses_stop_reward_model_training():
+    from test_trainer import rm_trainer
+
+    tr = rm_trainer(steps=20, max_skipped_steps=2)
+    with torch.no_grad():
+        next(tr.model.parameters()).fill_(float("nan"))  # every loss NaN from here on
+    with pytest.raises(RuntimeError, match=r"2 consecutive steps .*loss or the gradient norm was NaN/inf"):
+        tr.train()
+    assert tr.step_count == 2
+
+
 def test_running_moments_ignore_nonfinite():
     m = RunningMoments()
     m.update(torch.tensor([1.0, float("nan"), 3.0, float("inf")]))

@@ -110,7 +110,7 @@ class Trainer:
         ro = dataclasses.replace(ro, response_mask=ro.response_mask & valid[:, None])
         n_valid = valid.sum()
         if self.world_size > 1:
-            n_valid = n_valid.clone()
+            n_valid = n_valid.to(self.device)  # NCCL reduces device tensors only
             dist.all_reduce(n_valid)
         finite = raw[valid]
         metrics = {"nonfinite_rewards": int((~valid).sum()), "samples": int(valid.numel()),
@@ -208,7 +208,7 @@ def _dead_message(trainer, n: int, m: dict) -> str:
         cause = cause if total else cause.replace(f"({bad} of {total} non-finite rewards; ", "(")
     return (f"{trainer.name}: {n} consecutive steps skipped without an optimizer step: {cause}. Stopped "
             f"(max_skipped_steps={trainer.config.max_skipped_steps}; 0 disables this check); "
-            f"the last checkpoint predates these steps.")
+            "this step was not checkpointed.")
 
 
 class _Scalar:
