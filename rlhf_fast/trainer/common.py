@@ -366,7 +366,8 @@ def read_checkpoint(path: str) -> dict:
         warnings.warn(f"checkpoint {path} has no checksums (written before they existed); loading unverified")
         return blob
     got = checksums(blob)
-    bad = sorted(k for k in set(want["tensors"]) | set(got["tensors"]) if want["tensors"].get(k) != got["tensors"].get(k))
+    w, g = want["tensors"], got["tensors"]
+    bad = sorted(k for k in set(w) | set(g) if w.get(k) != g.get(k))
     if got["other"] != want["other"]:
         bad.append("(non-tensor state: step, hyper-parameters, RNG)")
     if bad:

@@ -93,7 +93,8 @@ class GRPOTrainer(Trainer):
         out, norms, skipped = self.minibatch_epochs(N, lambda idx, scale: self._micro_step(exp, idx, scale),
                                                     [self.opt])  # fmt: skip
         self.sched.step()
-        out.update({"skipped": skipped, "applied": len(norms) - skipped, "time/update": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0]})
+        out.update({"skipped": skipped, "applied": len(norms) - skipped, "time/update": time.perf_counter() - t0,
+                    "lr": self.sched.get_last_lr()[0]})  # fmt: skip
         return out
 
     def step(self) -> dict:
