@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     p_train = sub.add_parser("train", help="train from a YAML config (see examples/)")
     p_train.add_argument("algo", choices=["ppo", "grpo", "rm", "dpo"])
     p_train.add_argument("--config", required=True, help="YAML file (see examples/*.yaml)")
+    p_train.add_argument("--fresh", action="store_true",
+                         help="start at step 0, deleting out_dir's checkpoint.pt, metrics.jsonl and model.pt "
+                              "(default: resume from out_dir/checkpoint.pt when it exists)")  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.cmd == "info":
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
 
         from .trainer.run import run_from_yaml
 
-        trainer = run_from_yaml(args.algo, args.config)
+        trainer = run_from_yaml(args.algo, args.config, fresh=args.fresh)
         del trainer  # DDP reducers go before the process group, not at interpreter teardown (seen hung)
         gc.collect()
         if dist.is_available() and dist.is_initialized():

@@ -99,6 +99,24 @@ class Trainer:
         the mean over the global batch when the slices are equal."""
         return idx[self.rank :: self.world_size]
 
+    def drop_nonfinite(self, ro, raw: torch.Tensor, valid: torch.Tensor):
+        """Zero-weight the samples whose reward was NaN/inf: their response
+        tokens leave the loss mask (the rows stay, so every DDP rank keeps the
+        same shapes and number of optimizer steps). Returns (rollout, metrics,
+        any_valid): any_valid is False when no rank has a valid sample, and
+        then the update is skipped."""
+        import dataclasses
+
+        ro = dataclasses.replace(ro, response_mask=ro.response_mask & valid[:, None])
+        n_valid = valid.sum()
+        if self.world_size > 1:
+            n_valid = n_valid.to(self.device)  # NCCL reduces device tensors only
+            dist.all_reduce(n_valid)
+        finite = raw[valid]
+        metrics = {"nonfinite_rewards": int((~valid).sum()), "samples": int(valid.numel()),
+                   "reward": float(finite.mean()) if finite.numel() else float("nan")}  # fmt: skip
+        return ro, metrics, int(n_valid) > 0
+
     def minibatch_epochs(self, n_rows: int, micro_step, optimizers) -> tuple[dict, list[float], int]:
         """What PPO and GRPO share: ppo_epochs x shuffled minibatches x
         grad_accum micro-batches, one guarded optimizer step per minibatch.
@@ -137,7 +155,7 @@ class Trainer:
         """Run until `steps` total steps (default config.steps), logging every
         log_every and checkpointing every checkpoint_every steps."""
         end = self.config.steps if steps is None else steps
-        rows = []
+        rows, dead = [], 0
         while self.step_count < end:
             t0 = time.perf_counter()
             with self.autocast():
@@ -150,6 +168,11 @@ class Trainer:
             rows.append(metrics)
             if self.step_count % max(self.config.log_every, 1) == 0:
                 self.logger.log(self.step_count, metrics)
+            # a step that took no optimizer step at all ("applied" 0): every update non-finite, or every reward
+            dead = dead + 1 if metrics.get("skipped", 0) > 0 and metrics.get("applied", 1) == 0 else 0
+            limit = self.config.max_skipped_steps
+            if limit and dead >= limit:  # before the checkpoint: never save the state that got here
+                raise RuntimeError(_dead_message(self, dead, metrics))
             every = self.config.checkpoint_every
             if every and self.config.out_dir and self.step_count % every == 0:  # every rank: a collective
                 self.save(os.path.join(self.config.out_dir, "checkpoint.pt"))
@@ -173,6 +196,19 @@ class Trainer:
         """Every rank reads the file; each takes its own RNG streams."""
         extra = {"skipped": _Scalar(self, "skipped_steps")}
         self.step_count = load_checkpoint(path, {**self.stateful, **extra}, self.generators)
+
+
+def _dead_message(trainer, n: int, m: dict) -> str:
+    bad, total = m.get("nonfinite_rewards", 0), m.get("samples", 0)
+    if total and bad == total:
+        cause = f"every reward was NaN/inf ({bad} of {total} non-finite rewards in step {trainer.step_count})"
+    else:
+        cause = (f"the loss or the gradient norm was NaN/inf in every update of step {trainer.step_count} "
+                 f"({bad} of {total} non-finite rewards; check lr, max_grad_norm, the inputs)")  # fmt: skip
+        cause = cause if total else cause.replace(f"({bad} of {total} non-finite rewards; ", "(")
+    return (f"{trainer.name}: {n} consecutive steps skipped without an optimizer step: {cause}. Stopped "
+            f"(max_skipped_steps={trainer.config.max_skipped_steps}; 0 disables this check); "
+            "this step was not checkpointed.")
 
 
 class _Scalar:

@@ -8,6 +8,8 @@ import os
 import random
 import sys
 import time
+import warnings
+import zlib
 
 import torch
 
@@ -35,13 +37,15 @@ class KLController:
 
 
 class RunningMoments:
-    """Running mean / std of scores (Chan's parallel merge), for reward normalisation."""
+    """Running mean / std of scores (Chan's parallel merge), for reward normalisation.
+    Non-finite values are left out: one NaN would make the moments NaN forever."""
 
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().double().flatten()
+        x = x[torch.isfinite(x)]
         n = x.numel()
         if n == 0:
             return
@@ -62,17 +66,24 @@ class RunningMoments:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
-def process_scores(scores: torch.Tensor, config, moments: RunningMoments, truncated=None) -> torch.Tensor:
+def process_scores(scores: torch.Tensor, config, moments: RunningMoments, truncated=None):
     """Missing-EOS penalty (truncated: (N,) bool), reward normalisation
-    (running stats, updated first), then clipping."""
+    (running stats, updated first), then clipping.
+
+    Returns (scores, valid): valid (N,) bool is False where the raw score was
+    NaN or +-inf. Those samples never reach the moments, their processed score
+    is 0, and the trainers zero-weight them (mask them out of the loss); clamping
+    alone would turn +inf into a maximal reward and keep NaN as NaN."""
+    valid = torch.isfinite(scores)
+    scores = torch.where(valid, scores, torch.zeros_like(scores))
     if config.missing_eos_penalty is not None and truncated is not None:
         scores = scores - config.missing_eos_penalty * truncated.float()
     if config.reward_norm:
-        moments.update(scores)
+        moments.update(scores[valid])
         scores = moments.normalize(scores)
     if config.reward_clip is not None:
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
-    return scores
+    return torch.where(valid, scores, torch.zeros_like(scores)), valid
 
 
 # ---------------------------------------------------------------- optimisation
@@ -202,10 +213,123 @@ def _dist():
     return (dist, dist.get_rank(), dist.get_world_size()) if on else (None, 0, 1)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted: unreadable (truncated, not a
+    checkpoint) or failing its checksum (corrupted after it was written)."""
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to path + ".tmp", fsync, rename over path, fsync the
+    directory: a crash or kill -9 at any point leaves either the previous
+    file or the new one, never a torn one (a stale .tmp at worst, which
+    clean_stale_tmp removes)."""
+    with _atomic_open(path) as f:
+        torch.save(obj, f)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with _atomic_open(path) as f:
+        f.write(text.encode())
+
+
+class _atomic_open:
+    def __init__(self, path: str):
+        self.path, self.tmp = path, path + ".tmp"
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self.f = open(self.tmp, "wb")
+        return self.f
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.f.close()
+            os.remove(self.tmp)
+            return False
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself reaches the disk
+        finally:
+            os.close(fd)
+        return False
+
+
+ARTEFACTS = ("checkpoint.pt", "model.pt", "metrics.jsonl")  # what a run writes into out_dir
+
+
+def clean_stale_tmp(out_dir: str) -> list[str]:
+    """Remove the temp files a killed write left in out_dir; returns their names."""
+    gone = []
+    for name in ARTEFACTS:
+        tmp = os.path.join(out_dir, name + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+            gone.append(name + ".tmp")
+    return gone
+
+
+def truncate_metrics(path: str, last_step: int) -> int:
+    """Keep the rows of metrics.jsonl up to last_step (the checkpoint's): a
+    resumed run logs the later steps again. A torn last line (killed
+    mid-append) is dropped. Rewritten atomically; returns the rows dropped."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                ok = line.endswith("\n") and int(row["step"]) <= last_step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
+
+
+def _leaves(obj, prefix=""):
+    """(dotted path, leaf) of every leaf of nested dicts / lists / tuples."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple, torch.Tensor)) for v in obj):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], obj
+
+
+def checksums(blob: dict) -> dict:
+    """CRC-32 of every tensor's bytes (with dtype and shape), by dotted path,
+    and one over every other leaf (steps, hyper-parameters, RNG tuples).
+    CRC-32, not sha256: it catches torn and bit-rotted files (every burst of
+    up to 32 bits, random damage but for 2^-32) at 4x sha256's speed here
+    (350 vs 84 MB/s on the shared 2-core EPYC), and a checkpoint is not
+    an adversary's file."""
+    tensors, other = {}, zlib.crc32(b"")
+    for path, leaf in _leaves(blob):
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().cpu().contiguous().reshape(-1)
+            crc = zlib.crc32(f"{t.dtype}{tuple(leaf.shape)}".encode())
+            tensors[path] = zlib.crc32(memoryview(t.view(torch.uint8).numpy()), crc)
+        else:
+            other = zlib.crc32(f"{path}={leaf!r};".encode(), other)
+    return {"kind": "crc32", "tensors": tensors, "other": other}
+
+
 def save_checkpoint(path: str, step: int, stateful: dict, generators: dict) -> None:
     """stateful: name -> object with state_dict() (models, optimizers,
-    schedulers, KL controller); generators: name -> torch.Generator. Written to a temp file then renamed, so a
-    crash mid-write never leaves a torn checkpoint.
+    schedulers, KL controller); generators: name -> torch.Generator. Written
+    with atomic_save, so a crash mid-write never leaves a torn checkpoint, and
+    with checksums(), which load_checkpoint verifies.
 
     Under torchrun every rank calls this: sharded state dicts are gathered (a
     collective), every rank's RNG states are kept (each rank samples its own
@@ -218,20 +342,49 @@ def save_checkpoint(path: str, step: int, stateful: dict, generators: dict) -> N
         rng_ranks = [None] * world
         dist.all_gather_object(rng_ranks, rng)
     if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         blob = {"step": step, "rng": rng, "rng_ranks": rng_ranks, "world_size": world, **states}
-        torch.save(blob, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        blob["checksums"] = checksums(blob)
+        atomic_save(blob, path)
     if world > 1:
         dist.barrier()  # no rank goes on (and perhaps loads it) before the file is whole
 
 
+def read_checkpoint(path: str) -> dict:
+    """torch.load + checksum verification; CheckpointError naming the file and
+    what is wrong with it."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated / overwritten: zip, pickle or EOF errors
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (truncated, or not a checkpoint): {type(exc).__name__}: {exc}. "
+            "Delete it, or start over (rlhf-fast train --fresh)."
+        ) from exc
+    if not isinstance(blob, dict) or "step" not in blob:
+        raise CheckpointError(f"checkpoint {path} is unreadable: not a trainer checkpoint")
+    want = blob.pop("checksums", None)
+    if want is None:
+        warnings.warn(f"checkpoint {path} has no checksums (written before they existed); loading unverified")
+        return blob
+    got = checksums(blob)
+    w, g = want["tensors"], got["tensors"]
+    bad = sorted(k for k in set(w) | set(g) if w.get(k) != g.get(k))
+    if got["other"] != want["other"]:
+        bad.append("(non-tensor state: step, hyper-parameters, RNG)")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"checkpoint {path} failed its checksum: {shown} differ from what was written (corrupted on disk or "
+            "in transit). Restore a good copy, or start over (rlhf-fast train --fresh)."
+        )
+    return blob
+
+
 def load_checkpoint(path: str, stateful: dict, generators: dict) -> int:
-    """Every rank reads the file. A rank takes its own RNG states when the
-    checkpoint was written by as many ranks; otherwise rank 0's (the sampled
-    streams then differ from the original run's)."""
+    """Every rank reads (and verifies) the file. A rank takes its own RNG
+    states when the checkpoint was written by as many ranks; otherwise rank
+    0's (the sampled streams then differ from the original run's)."""
     _, rank, world = _dist()
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = read_checkpoint(path)
     for k, v in stateful.items():
         v.load_state_dict(blob[k])
     ranks = blob.get("rng_ranks", [blob["rng"]])

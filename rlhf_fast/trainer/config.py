@@ -2,12 +2,20 @@
 
 One dataclass per trainer; the fields every trainer shares live in
 TrainConfig. `from_yaml` rejects unknown keys by name, so a typo in a config
-file fails loudly instead of silently training with a default.
+file fails loudly instead of silently training with a default. Every field's
+type and range is checked at construction, in one table (RULES below), with an
+error naming the field, the value and what is allowed: `batch_size: -3` or
+`gamma: 2.0` fail before a model is built, not after the first rollout.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
+
+from ..reference.advantages import ESTIMATORS
+from ..reference.ppo_loss import AGG_MODES, KL_KINDS
 
 
 @dataclass
@@ -32,6 +40,13 @@ class TrainConfig:
     # Under torchrun: "ddp" replicates the models, "fsdp2" shards them across
     # ranks (trainer/parallel.py). Ignored in a single process.
     parallel: str = "ddp"  # ddp | fsdp2
+    # Stop with an error after this many consecutive steps in which no
+    # optimizer step was taken (every update skipped as non-finite, or every
+    # reward non-finite). 0: never stop.
+    max_skipped_steps: int = 10
+
+    def __post_init__(self):
+        validate(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -43,10 +58,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "TrainConfig":
-        import yaml
-
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = load_yaml(path)
         if not isinstance(data, dict):
             raise ValueError(f"{cls.__name__}.from_yaml: {path} must hold a mapping, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -113,3 +125,110 @@ class DPOConfig(TrainConfig):
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo
     label_smoothing: float = 0.0
+
+
+# ---------------------------------------------------------------- validation
+
+# field -> (type, rule). type: "int" | "float" | "bool" | "str" | a tuple of
+# allowed strings; a trailing "?" allows None. rule: a range in interval
+# notation ("[0, 1)", "> 0", ">= 1") or None. Fields of every config class.
+RULES: dict[str, tuple] = {
+    # TrainConfig
+    "seed": ("int", ">= 0"), "steps": ("int", ">= 0"), "lr": ("float", "> 0"), "weight_decay": ("float", ">= 0"),
+    "lr_schedule": (("constant", "linear", "cosine"), None), "warmup_steps": ("int", ">= 0"),
+    "max_grad_norm": ("float?", ">= 0"), "grad_accum": ("int", ">= 1"), "log_every": ("int", ">= 1"),
+    "out_dir": ("str?", None), "checkpoint_every": ("int", ">= 0"), "progress": ("bool", None),
+    "tensorboard": ("bool", None), "autocast": (("bf16",) + (None,), None), "parallel": (("ddp", "fsdp2"), None),
+    "max_skipped_steps": ("int", ">= 0"),
+    # RolloutConfig
+    "batch_size": ("int", ">= 1"), "max_new_tokens": ("int", ">= 1"), "temperature": ("float", "> 0"),
+    "top_k": ("int", ">= 0"), "top_p": ("float", "(0, 1]"), "ppo_epochs": ("int", ">= 1"),
+    "minibatch_size": ("int", ">= 1"), "clip_low": ("float", ">= 0"), "clip_high": ("float?", ">= 0"),
+    "dual_clip": ("float?", "> 1"), "entropy_coef": ("float", None), "loss_agg": (AGG_MODES, None),
+    "kl_coef": ("float", ">= 0"), "kl_kind": (KL_KINDS, None), "kl_target": ("float?", "> 0"),
+    "kl_horizon": ("int", ">= 1"), "reward_clip": ("float?", "> 0"), "reward_norm": ("bool", None),
+    "missing_eos_penalty": ("float?", None),
+    # PPOConfig
+    "critic_lr": ("float?", "> 0"), "vf_coef": ("float", ">= 0"), "value_clip": ("float?", "> 0"),
+    "gamma": ("float", "[0, 1]"), "lam": ("float", "[0, 1]"), "whiten_advantages": ("bool", None),
+    "kl_in_reward": ("bool", None),
+    # GRPOConfig
+    "num_samples": ("int", ">= 1"), "estimator": (ESTIMATORS, None),
+    # RewardConfig, DPOConfig
+    "epochs": ("int", ">= 1"), "margin": ("bool", None), "eval_fraction": ("float", "[0, 1)"),
+    "center_rewards_coef": ("float", ">= 0"), "beta": ("float", "> 0"), "loss_type": (("sigmoid", "ipo"), None),
+    "label_smoothing": ("float", "[0, 0.5)"),
+}  # fmt: skip
+
+
+def _in_range(x: float, rule: str) -> bool:
+    if rule.startswith((">", "<")):
+        op, bound = rule.split()
+        b = float(bound)
+        return {">": x > b, ">=": x >= b, "<": x < b, "<=": x <= b}[op]
+    lo, hi = (float(v) for v in rule[1:-1].split(","))
+    return (x >= lo if rule[0] == "[" else x > lo) and (x <= hi if rule[-1] == "]" else x < hi)
+
+
+def validate(config) -> None:
+    """Check every field of `config` against RULES; ints given for float
+    fields become floats. Raises ValueError naming the field, the value and
+    what is allowed."""
+    name = type(config).__name__
+    for f in dataclasses.fields(config):
+        if f.name not in RULES:
+            raise TypeError(f"{name}.{f.name}: no validation rule (add it to config.RULES)")
+        kind, rule = RULES[f.name]
+        v = getattr(config, f.name)
+
+        def bad(allowed):
+            return ValueError(f"{name}: {f.name} = {v!r} is invalid; allowed: {allowed}")
+
+        if isinstance(kind, tuple):
+            if v not in kind:
+                raise bad("one of " + ", ".join(map(repr, kind)))
+            continue
+        optional = kind.endswith("?")
+        kind = kind.rstrip("?")
+        if v is None:
+            if not optional:
+                raise bad(f"{kind} {rule or ''}".strip())
+            continue
+        what = f"{kind} {rule}" if rule else kind
+        what += " or None" if optional else ""
+        if kind == "bool":
+            if not isinstance(v, bool):
+                raise bad("bool (true / false)")
+        elif kind == "str":
+            if not isinstance(v, str):
+                raise bad("str" + (" or None" if optional else ""))
+        elif kind == "int":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(what)
+        else:  # float: ints are accepted and stored as floats
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise bad(what)
+            v = float(v)
+            if not math.isfinite(v):
+                raise bad(f"a finite {what}")
+            object.__setattr__(config, f.name, v)
+        if rule and not _in_range(v, rule):
+            raise bad(what)
+
+
+# YAML 1.1 (PyYAML) reads `1e-3` as a string: its float pattern wants a dot
+# ("1.0e-3"). YAML 1.2 and everyone writing a learning rate do not; this
+# resolver accepts both, so `lr: 1e-3` is the number 0.001.
+_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+def load_yaml(path: str):
+    """yaml.safe_load with YAML 1.2 floats ("1e-3", "5E-4")."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789"))
+    with open(path) as f:
+        return yaml.load(f, Loader=Loader) or {}

@@ -86,4 +86,5 @@ class DPOTrainer(Trainer):
         self.all_reduce_grads(self.policy.parameters())
         norm, skip = guarded_step([self.opt], [self.sched], c.max_grad_norm,
                                   torch.tensor(total))  # fmt: skip
-        return {"loss": total, **sums, "grad_norm": norm, "skipped": int(skip), "lr": self.sched.get_last_lr()[0]}
+        return {"loss": total, **sums, "grad_norm": norm, "skipped": int(skip), "applied": int(not skip),
+                "lr": self.sched.get_last_lr()[0]}  # fmt: skip

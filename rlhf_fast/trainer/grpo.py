@@ -47,7 +47,11 @@ class GRPOTrainer(Trainer):
                      eos_token_id=self.eos, pad_token_id=self.pad, sync_group=self.sync_group)  # fmt: skip
         t0 = time.perf_counter()
         raw = score(self.reward, ro)
-        scores = process_scores(raw, c, self.moments, ro.truncated(self.eos))
+        scores, valid = process_scores(raw, c, self.moments, ro.truncated(self.eos))
+        ro, reward_metrics, any_valid = self.drop_nonfinite(ro, raw, valid)
+        # a NaN/inf sample takes its group's mean of valid scores, so it moves
+        # neither the group's baseline; its advantage is then masked out
+        scores, raw_filled = _fill_group_mean(scores, valid, c.num_samples), _fill_group_mean(raw, valid, c.num_samples)
         adv_seq = group_advantages(scores, c.num_samples, estimator=c.estimator)  # rows are prompt-major
         adv = adv_seq[:, None].expand_as(ro.response_mask).float() * ro.response_mask
         t1 = time.perf_counter()
@@ -55,12 +59,14 @@ class GRPOTrainer(Trainer):
         old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
         ref_lp = response_logprobs(self.ref, *args, temperature=c.temperature)[0] if self.ref is not None else None
         t2 = time.perf_counter()
-        metrics = {"reward": float(raw.mean()), "reward_std_in_group": float(raw.view(-1, c.num_samples).std(-1).mean()),
+        metrics = {**reward_metrics,
+                   "reward_std_in_group": float(raw_filled.view(-1, c.num_samples).std(-1).mean()),
                    "response_length": float(ro.lengths.float().mean()), "time/score": t1 - t0,
                    "time/logprobs": t2 - t1, **ro.timings}  # fmt: skip
         if ref_lp is not None:
             metrics["kl"] = float((kl_penalty(old_lp, ref_lp, kind=c.kl_kind) * ro.response_mask).sum(-1).mean())
-        return {"ro": ro, "old_logprobs": old_lp, "ref_logprobs": ref_lp, "advantages": adv, "metrics": metrics}
+        return {"ro": ro, "old_logprobs": old_lp, "ref_logprobs": ref_lp, "advantages": adv, "metrics": metrics,
+                "any_valid": any_valid}  # fmt: skip
 
     def _micro_step(self, exp: dict, idx: torch.Tensor, scale: float):
         c = self.config
@@ -78,12 +84,17 @@ class GRPOTrainer(Trainer):
         return loss.detach(), {k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl")}
 
     def update(self, exp: dict) -> dict:
+        if not exp["any_valid"]:  # every reward NaN/inf: nothing to learn from
+            self.sched.step()
+            return {"skipped": 1, "applied": 0, "lr": self.sched.get_last_lr()[0]}
         N = exp["ro"].sequences.shape[0]
         t0 = time.perf_counter()
         self.policy.train()
-        out, _, skipped = self.minibatch_epochs(N, lambda idx, scale: self._micro_step(exp, idx, scale), [self.opt])
+        out, norms, skipped = self.minibatch_epochs(N, lambda idx, scale: self._micro_step(exp, idx, scale),
+                                                    [self.opt])  # fmt: skip
         self.sched.step()
-        out.update({"skipped": skipped, "time/update": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0]})
+        out.update({"skipped": skipped, "applied": len(norms) - skipped, "time/update": time.perf_counter() - t0,
+                    "lr": self.sched.get_last_lr()[0]})  # fmt: skip
         return out
 
     def step(self) -> dict:
@@ -93,3 +104,11 @@ class GRPOTrainer(Trainer):
         if "kl" in metrics:
             self.kl_ctl.update(metrics["kl"], self.config.batch_size)
         return metrics
+
+
+def _fill_group_mean(x: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
+    """x (B*n,) with the invalid entries replaced by their group's mean of valid ones (0 if none)."""
+    g, v = x.view(-1, n), valid.view(-1, n)
+    g0 = torch.where(v, g, torch.zeros_like(g))
+    mean = g0.sum(-1, keepdim=True) / v.sum(-1, keepdim=True).clamp_min(1)
+    return torch.where(v, g, mean).view(-1)

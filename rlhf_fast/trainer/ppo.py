@@ -54,7 +54,8 @@ class PPOTrainer(Trainer):
                      sync_group=self.sync_group)  # fmt: skip
         t0 = time.perf_counter()
         raw = score(self.reward, ro)
-        scores = process_scores(raw, c, self.moments, ro.truncated(self.eos))
+        scores, valid = process_scores(raw, c, self.moments, ro.truncated(self.eos))
+        ro, reward_metrics, any_valid = self.drop_nonfinite(ro, raw, valid)
         t1 = time.perf_counter()
         args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
         old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
@@ -68,13 +69,13 @@ class PPOTrainer(Trainer):
         n_tok = int(ro.response_mask.sum())
         seq_kl = float((kl.sum(-1)).mean())
         metrics = {
-            "reward": float(raw.mean()), "reward_processed": float(scores.mean()), "kl": seq_kl,
+            **reward_metrics, "reward_processed": float(scores[valid].mean()) if any_valid else 0.0, "kl": seq_kl,
             "kl_token": masked_mean(kl, ro.response_mask), "kl_coef": self.kl_ctl.value,
             "response_length": float(ro.lengths.float().mean()), "time/score": t1 - t0, "time/logprobs": t2 - t1,
             "tokens_per_s/logprobs": 3 * n_tok / max(t2 - t1, 1e-9), **ro.timings,
         }  # fmt: skip
         return {"ro": ro, "old_logprobs": old_lp, "ref_logprobs": ref_lp, "values": values, "advantages": adv,
-                "returns": ret, "metrics": metrics}  # fmt: skip
+                "returns": ret, "metrics": metrics, "any_valid": any_valid}  # fmt: skip
 
     # ------------------------------------------------------------ update
     def _micro_step(self, exp: dict, idx: torch.Tensor, scale: float):
@@ -104,6 +105,10 @@ class PPOTrainer(Trainer):
 
     def update(self, exp: dict) -> dict:
         c = self.config
+        if not exp["any_valid"]:  # every reward NaN/inf: nothing to learn from
+            self.sched.step()
+            self.csched.step()
+            return {"skipped": 1, "applied": 0, "lr": self.sched.get_last_lr()[0]}
         N = exp["ro"].sequences.shape[0]
         t0 = time.perf_counter()
         self.policy.train()
@@ -114,7 +119,8 @@ class PPOTrainer(Trainer):
         self.csched.step()
         n_tok = int(exp["ro"].response_mask.sum())
         dt = time.perf_counter() - t0
-        out.update({"grad_norm": sum(norms) / max(len(norms), 1), "skipped": skipped, "time/update": dt,
+        out.update({"grad_norm": sum(norms) / max(len(norms), 1), "skipped": skipped,
+                    "applied": len(norms) - skipped, "time/update": dt,
                     "tokens_per_s/update": c.ppo_epochs * n_tok / max(dt, 1e-9), "lr": self.sched.get_last_lr()[0]})
         return out
 

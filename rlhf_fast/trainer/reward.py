@@ -75,7 +75,7 @@ class RewardTrainer(Trainer):
         norm, skip = guarded_step([self.opt], [self.sched], c.max_grad_norm,
                                   torch.tensor(total))  # fmt: skip
         return {"loss": total, "accuracy": float(torch.cat(accs).mean()), "grad_norm": norm, "skipped": int(skip),
-                "lr": self.sched.get_last_lr()[0]}  # fmt: skip
+                "applied": int(not skip), "lr": self.sched.get_last_lr()[0]}  # fmt: skip
 
     @torch.no_grad()
     def evaluate(self, idx=None, batch_size: int = 256) -> dict:

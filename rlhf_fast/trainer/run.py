@@ -11,6 +11,13 @@ With model: tiny-demo the policy is the demo's tiny Llama (random init unless
 init_checkpoint names a saved state_dict) and `reward: rule` is its hidden rule.
 At the end the trained model's state_dict is written to out_dir/model.pt.
 
+Resume: when out_dir holds a checkpoint.pt (written every checkpoint_every
+steps and at the end), the run continues from it: metrics.jsonl is cut back
+to the checkpoint's step, so no step appears twice, and stale temp files of
+a killed write are removed. `fresh=True` (`--fresh`) deletes the checkpoint,
+metrics and model.pt and starts at step 0. Every file is written atomically
+(temp file, fsync, rename).
+
 Under torchrun (WORLD_SIZE > 1) the process group is set up here (NCCL on
 GPUs, one per local rank; gloo on CPU) and the config's `parallel` (ddp |
 fsdp2) decides how the models are spread; model.pt then holds full weights.
@@ -23,9 +30,9 @@ import os
 import random
 
 import torch
-import yaml
 
-from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig
+from .common import ARTEFACTS, atomic_save, clean_stale_tmp, truncate_metrics
+from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, load_yaml
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .models import ScalarHeadModel
@@ -137,9 +144,36 @@ def _init_distributed() -> torch.device:
     return device
 
 
-def run_from_yaml(algo: str, path: str):
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+def _prepare_out_dir(trainer, out_dir: str, fresh: bool) -> None:
+    """--fresh: remove the previous run's artefacts; otherwise resume from its
+    checkpoint. Every rank loads; rank 0 edits the files."""
+    import sys
+
+    import torch.distributed as dist
+
+    ckpt = os.path.join(out_dir, "checkpoint.pt")
+    if trainer.rank == 0:
+        for name in clean_stale_tmp(out_dir):
+            print(f"train: removed {os.path.join(out_dir, name)} (left by a killed write)", file=sys.stderr)
+        if fresh:
+            for name in ARTEFACTS:
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
+    if trainer.world_size > 1:
+        dist.barrier()  # no rank looks for the checkpoint while rank 0 may be deleting it
+    if fresh or not os.path.exists(ckpt):
+        return
+    trainer.load(ckpt)
+    if trainer.rank == 0:
+        dropped = truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), trainer.step_count)
+        print(f"train: resuming from {ckpt} at step {trainer.step_count} ({dropped} later metrics rows dropped; "
+              "--fresh starts over)", file=sys.stderr)  # fmt: skip
+
+
+def run_from_yaml(algo: str, path: str, fresh: bool = False):
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"train: {path} must hold a mapping, got {type(data).__name__}")
     extra = {k: data.pop(k) for k in _EXTRA if k in data}
     cfg = _CONFIGS[algo].from_dict(data)
     device = _init_distributed()
@@ -179,7 +213,12 @@ def run_from_yaml(algo: str, path: str):
             ref = copy.deepcopy(lm)
             trained = policy_of(lm)
             trainer = DPOTrainer(cfg, trained, ref, ci, cm, cl, ri, rm, rl)
+    if cfg.out_dir:
+        _prepare_out_dir(trainer, cfg.out_dir, fresh)
     trainer.train()
+    every = cfg.checkpoint_every
+    if cfg.out_dir and not (every and trainer.step_count % every == 0):  # else train() just wrote this step's
+        trainer.save(os.path.join(cfg.out_dir, "checkpoint.pt"))  # a rerun resumes here (every rank: a collective)
     if algo == "rm":
         result = trainer.evaluate()  # every rank: a sharded model's forward is a collective
         if trainer.rank == 0:
@@ -187,6 +226,5 @@ def run_from_yaml(algo: str, path: str):
     if cfg.out_dir:
         state = ModelState(trained).state_dict()  # full weights; a collective under FSDP2
         if trainer.rank == 0:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            torch.save(state, os.path.join(cfg.out_dir, "model.pt"))
+            atomic_save(state, os.path.join(cfg.out_dir, "model.pt"))
     return trainer
