@@ -122,3 +122,27 @@ def test_grpo_trainer_calls_rlhf_fast_and_matches(tmp_path):
         assert lg == pytest.approx(lr, rel=1e-4, abs=1e-6)
         assert gg == pytest.approx(gr, rel=1e-4, abs=1e-6)
     assert any(gr > 0 for _, gr in ref)
+
+
+if __name__ == "__main__":
+    # Time and peak memory per GRPO step, each way in its own process (peak RSS is per process):
+    #   OMP_NUM_THREADS=1 PYTHONPATH=. python tests/test_integrations_trl.py [steps]
+    import json
+    import pathlib
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+
+    if len(sys.argv) > 2:  # child: steps, patched
+        steps, patched = int(sys.argv[1]), sys.argv[2] == "1"
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hist, n, dt = _tiny_grpo(pathlib.Path(tempfile.mkdtemp()), steps, patched)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"patched": patched, "ms_per_step": dt * 1e3, "calls": n, "peak_rss_mib": peak / 1024,
+                          "rss_growth_mib": (peak - base) / 1024, "loss": [h[0] for h in hist]}))
+    else:
+        steps = sys.argv[1] if len(sys.argv) > 1 else "5"
+        for patched in ("0", "1", "0", "1"):
+            out = subprocess.run([sys.executable, __file__, steps, patched], capture_output=True, text=True)
+            print(out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-2000:])
