@@ -166,3 +166,13 @@ def test_ray_worker_patched_by_setup_hook(tmp_path):
         assert n == 1 and shape == (2, 3) and pid != os.getpid()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_stand_ins():
+    """Take the planted flash_attn / vllm modules out afterwards: TRL's imports probe vllm's version."""
+    yield
+    for name in _CUDA_ONLY:
+        m = sys.modules.get(name)
+        if m is not None and getattr(m, "__file__", None) is None and m.__spec__ is not None and m.__spec__.loader is None:
+            del sys.modules[name]
