@@ -33,6 +33,10 @@ log = logging.getLogger("rlhf_fast.integrations")
 _ORIGINAL_ATTR = "__rlhf_fast_original__"
 
 
+class UnsupportedVersion(RuntimeError):
+    """patch() on a stack version outside the adapter's tested range."""
+
+
 class Fallback(Exception):
     """Raised inside a replacement's body: call the original instead."""
 
@@ -132,10 +136,38 @@ def _set(owner, key, value) -> None:
 class Patcher:
     """patch() / unpatch() / patched() for one stack (package = "trl", ...)."""
 
-    def __init__(self, package: str, targets: list[Target]):
+    def __init__(self, package: str, targets: list[Target], supported: tuple[str, str] | None = None):
+        """supported = (lowest, below): the installed package's version must be
+        >= lowest and < below, checked at patch() time."""
         self.package = package
         self.targets = targets
+        self.supported = supported
         self._applied: list[_Applied] = []
+        self.extra_targets: list[Target] = []  # registered by other modules (register())
+
+    def register(self, target: Target) -> None:
+        """Add a replacement from another module (e.g. verl_vocab_parallel); applied by the next patch()."""
+        self.extra_targets.append(target)
+
+    def check_version(self) -> str | None:
+        """The installed version, or None when the package is not installed.
+        Raises UnsupportedVersion outside the supported range."""
+        import importlib.metadata as md
+
+        try:
+            version = md.version(self.package)
+        except md.PackageNotFoundError:
+            return None
+        if self.supported is not None:
+            from packaging.version import Version
+
+            low, below = self.supported
+            if not (Version(low) <= Version(version) < Version(below)):
+                raise UnsupportedVersion(
+                    f"rlhf_fast.integrations.{self.package} supports {self.package} >={low},<{below}; "
+                    f"{version} is installed. Nothing was patched: its functions' signatures or scaling may differ."
+                )
+        return version
 
     # -------------------------------------------------------------- helpers
 
@@ -168,8 +200,11 @@ class Patcher:
         names replaced (module.attr, module.Class.method, module.DICT[key])."""
         if self._applied:
             return self.replaced()
+        if self.check_version() is None:
+            log.info("rlhf_fast: %s is not installed; nothing patched", self.package)
+            return []
         originals: list[tuple[Any, Any]] = []  # (original, replacement) for the by-name sweep
-        for t in self.targets:
+        for t in [*self.targets, *self.extra_targets]:
             mod = self._import(t.module)
             if mod is None:
                 continue

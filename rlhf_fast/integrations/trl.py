@@ -22,11 +22,21 @@ Semantics kept (TRL 1.16, read from trl/trainer/utils.py):
   integer logits, a non-integer chunk_size: the original runs (it raises or
   handles them itself). Each such reason is logged once.
 
-Not replaced: TRL's GRPO / RLOO trainers in 1.16 no longer call these: they get
-log-probs from the fused lm-head forward (`add_fused_lm_head`,
-`outputs.log_probs`), which this adapter leaves alone. DPO/KTO/SFT compute
-log-probs inline. So patch() speeds up the trainers listed above and any user
-code calling these functions.
+And the fused lm-head path that GRPO / RLOO / DPO / KTO / SFT / async GRPO
+take in TRL 1.16 (`model(..., fused_lm_head=True)` -> `outputs.log_probs`):
+- trl.trainer.utils._ChunkedLogProbFunction (TRL's chunked hidden x lm_head
+  log-prob autograd function) -> rlhf_fast.linear_logprobs: same log-probs and
+  entropy, gradients for hidden, weight and bias, the logits never
+  materialised beyond one chunk. Covered: outputs within ("log_probs",
+  "entropy"), no final_logit_softcapping, logit_scale == 1, 2-D hidden; the
+  other statistics (log_sum_sq_probs, mean_logits, is_top1; asked for by
+  GOLD / distillation metrics) and softcapped heads (Gemma 2/3) go to TRL's own.
+  Entropy is returned with its gradient (TRL's is for logging).
+
+Not covered: Online DPO, GKD, GOLD and distillation compute log_softmax inline
+on full logits; nothing to patch there.
+
+Supported: TRL >=1.16,<1.17 (patch() raises UnsupportedVersion outside).
 """
 from __future__ import annotations
 
@@ -134,16 +144,58 @@ def _make_selective_log_softmax_and_entropy(original, mod):
     return make_replacement(original, body, "trl selective_log_softmax_and_entropy")
 
 
+# ---------------------------------------------------------------- fused lm-head log-probs
+
+_LINEAR_OUTPUTS = {"log_probs", "entropy"}
+
+
+def _make_chunked_logprob(original, mod):
+    """A stand-in for TRL's ChunkedLogProbFunction: only `.apply(...)` is used
+    (trl/trainer/utils.py, the fused_lm_head forward)."""
+    from ._patching import fallback_once
+
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+        import rlhf_fast
+
+        args = (hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)
+        why = None
+        if final_logit_softcapping is not None:
+            why = "final_logit_softcapping"
+        elif not (is_real(logit_scale) and float(logit_scale) == 1.0):
+            why = "logit_scale != 1"
+        elif set(outputs) - _LINEAR_OUTPUTS:
+            why = f"outputs {sorted(set(outputs) - _LINEAR_OUTPUTS)}"
+        elif not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.dtype != weight.dtype:
+            why = "hidden that is not (N, H) in the weight's dtype"
+        elif isinstance(temperature, torch.Tensor) or not is_real(temperature) or not float(temperature) > 0:
+            why = "a temperature that is not a positive number"
+        if why is not None:
+            fallback_once("trl ChunkedLogProbFunction", why)
+            return original.apply(*args)
+        lp, ent = rlhf_fast.linear_logprobs(
+            hidden, weight, targets, bias=bias, temperature=float(temperature), return_entropy=True
+        )
+        return lp, (ent if "entropy" in outputs else None), None, None, None
+
+    cls = type("RlhfFastChunkedLogProbFunction", (), {"apply": staticmethod(apply), "__doc__": _make_chunked_logprob.__doc__})
+    setattr(cls, "__rlhf_fast_original__", original)
+    return cls
+
+
 TARGETS = [
+    Target("trl.trainer.utils", "_ChunkedLogProbFunction", _make_chunked_logprob),
     Target("trl.trainer.utils", "selective_log_softmax", _make_selective_log_softmax),
     Target("trl.trainer.utils", "entropy_from_logits", _make_entropy_from_logits),
     Target("trl.trainer.utils", "selective_log_softmax_and_entropy", _make_selective_log_softmax_and_entropy),
 ]
 
-_patcher = Patcher("trl", TARGETS)
+SUPPORTED = ("1.16.0", "1.17.0")
+_patcher = Patcher("trl", TARGETS, SUPPORTED)
+register = _patcher.register
 patch = _patcher.patch
 unpatch = _patcher.unpatch
 patched = _patcher.patched
 replaced = _patcher.replaced
 
-__all__ = ["patch", "unpatch", "patched", "replaced", "TARGETS"]
+__all__ = ["patch", "unpatch", "patched", "replaced", "register", "TARGETS", "SUPPORTED"]

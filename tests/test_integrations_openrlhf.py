@@ -1,0 +1,178 @@
+"""rlhf_fast.integrations.openrlhf against the installed OpenRLHF (0.11.x):
+each replacement compared with OpenRLHF's own function (values, gradients,
+in-place temperature), the names the actor and experience maker call, the
+declined losses, and a Ray worker patched through the setup hook. Skipped when
+OpenRLHF is not installed (scripts/install_integrations.sh installs it).
+
+OpenRLHF imports flash_attn (models/ring_attn_utils.py) and vllm
+(trainer/ray/vllm_engine.py) at module level, both CUDA builds; on CPU,
+stand-in modules are planted whose functions raise if called (nothing here
+calls them; the log-prob path then takes OpenRLHF's own torch fallback, as
+without flash-attn's Triton cross-entropy)."""
+import importlib
+import importlib.machinery
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("openrlhf")
+
+
+# CUDA-only modules OpenRLHF imports at module level -> the names it takes from them
+_CUDA_ONLY = {
+    "flash_attn": (), "flash_attn.utils": (),
+    "flash_attn.bert_padding": ("index_first_axis", "pad_input", "rearrange", "unpad_input"),
+    "flash_attn.utils.distributed": ("all_gather",),
+    "vllm": ("LLM", "SamplingParams"), "vllm.inputs": ("TokensPrompt",), "vllm.utils": ("random_uuid",),
+}
+
+
+def _plant_flash_attn():
+    """Plant stand-ins for the CUDA-only modules that are not installed; their functions raise if called."""
+
+    def absent(*a, **k):
+        raise RuntimeError("a CUDA-only package is not installed (CPU test stand-in)")
+
+    for name, attrs in _CUDA_ONLY.items():
+        try:
+            importlib.import_module(name)
+            continue
+        except ImportError:
+            pass
+        m = sys.modules.setdefault(name, types.ModuleType(name))
+        m.__path__ = []
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        for f in attrs:
+            setattr(m, f, absent)
+
+
+_plant_flash_attn()
+ou = pytest.importorskip("openrlhf.models.utils")
+em = pytest.importorskip("openrlhf.trainer.ppo_utils.experience_maker")
+actor_mod = pytest.importorskip("openrlhf.models.actor")
+ro = pytest.importorskip("rlhf_fast.integrations.openrlhf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_probs_match_openrlhf(dtype, temperature):
+    g = torch.Generator().manual_seed(0)
+    z0 = (torch.randn(3, 7, 1003, generator=g) * 4).to(dtype)
+    y = torch.randint(0, 1003, (3, 7), generator=g)
+    res = []
+    for patched in (False, True):
+        leaf = z0.clone().requires_grad_(True)
+        z = leaf * 1  # non-leaf: the in-place division needs one
+        if patched:
+            with ro.patched():
+                lp = ou.log_probs_from_logits(z, y, temperature)
+        else:
+            lp = ou.log_probs_from_logits(z, y, temperature)
+        lp.float().sum().backward()
+        res.append((lp.detach().float(), z.detach().float(), leaf.grad.float(), lp.dtype))
+    (a0, z0_, g0, d0), (a1, z1, g1, d1) = res
+    assert d0 == d1
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(a1, a0, **tol)
+    torch.testing.assert_close(z1, z0_)  # the logits were divided in place, as OpenRLHF does
+    torch.testing.assert_close(g1, g0, **tol)
+
+
+def _maker():
+    cls = next(c for c in vars(em).values() if isinstance(c, type) and "get_advantages_and_returns" in c.__dict__)
+    return cls.__new__(cls)
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_gae_matches_openrlhf(holes):
+    g = torch.Generator().manual_seed(1)
+    B, T = 6, 40
+    m = (torch.arange(T)[None] < torch.randint(1, T + 1, (B,), generator=g)[:, None]).float()
+    if holes:
+        m[0, 3:9] = 0
+    m[2] = 0
+    v, r = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    ref = _maker().get_advantages_and_returns(v, r, m, 0.99, 0.95)
+    with ro.patched() as names:
+        assert any("get_advantages_and_returns" in n for n in names)
+        got = _maker().get_advantages_and_returns(v, r, m, 0.99, 0.95)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_replaces_what_the_trainer_calls():
+    """The actor's forward calls log_probs_from_logits through its own by-name
+    import; the experience maker calls its GAE method: both must be ours."""
+    with ro.patched() as names:
+        assert hasattr(actor_mod.log_probs_from_logits, "__rlhf_fast_original__")
+        assert hasattr(_maker().get_advantages_and_returns, "__rlhf_fast_original__")
+        assert not any("Loss" in n or "compute_approx_kl" in n for n in names)  # declined in 0.11
+
+
+def test_losses_and_kl_left_to_openrlhf():
+    from openrlhf.models import loss
+
+    with ro.patched():
+        assert not hasattr(loss.PolicyLoss.forward, "__rlhf_fast_original__")
+        assert not hasattr(loss.ValueLoss.forward, "__rlhf_fast_original__")
+        assert not hasattr(ou.compute_approx_kl, "__rlhf_fast_original__")
+
+
+def test_unsupported_version_raises(monkeypatch):
+    from rlhf_fast.integrations._patching import UnsupportedVersion
+
+    monkeypatch.setattr(ro._patcher, "supported", ("0.12.0", "0.13.0"))
+    with pytest.raises(UnsupportedVersion):
+        ro.patch()
+    assert ro.replaced() == []
+
+
+def test_ray_worker_patched_by_setup_hook(tmp_path):
+    """OpenRLHF's actor/critic/ref models are Ray actors: the setup hook patches
+    every worker process before it imports OpenRLHF's trainer code."""
+    ray = pytest.importorskip("ray")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the hook module: plant the CPU flash_attn stub, then patch (on a GPU the hook is the patch() alone)
+    (tmp_path / "rf_hook.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom test_integrations_openrlhf import _plant_flash_attn\n"
+        "def setup():\n    _plant_flash_attn()\n    import rlhf_fast.integrations.openrlhf as ro\n    ro.patch()\n"
+        % os.path.join(root, "tests")
+    )
+    ray.init(
+        num_cpus=1, include_dashboard=False, log_to_driver=False,
+        runtime_env={"worker_process_setup_hook": "rf_hook.setup",
+                     "env_vars": {"PYTHONPATH": f"{root}:{tmp_path}", "OMP_NUM_THREADS": "1"}},
+    )  # fmt: skip
+    try:
+
+        @ray.remote
+        def in_worker():
+            import rlhf_fast
+            from openrlhf.models import actor
+
+            calls = []
+            op = rlhf_fast.logprobs_from_logits
+            rlhf_fast.logprobs_from_logits = lambda *a, **k: calls.append(1) or op(*a, **k)
+            try:
+                lp = actor.log_probs_from_logits(torch.randn(2, 3, 11), torch.zeros(2, 3, dtype=torch.long))
+            finally:
+                rlhf_fast.logprobs_from_logits = op
+            return len(calls), tuple(lp.shape), os.getpid()
+
+        n, shape, pid = ray.get(in_worker.remote(), timeout=120)
+        assert n == 1 and shape == (2, 3) and pid != os.getpid()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_stand_ins():
+    """Take the planted flash_attn / vllm modules out afterwards: TRL's imports probe vllm's version."""
+    yield
+    for name in _CUDA_ONLY:
+        m = sys.modules.get(name)
+        if m is not None and getattr(m, "__file__", None) is None and m.__spec__ is not None and m.__spec__.loader is None:
+            del sys.modules[name]
