@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # isolation, so it compiles against that torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench cuda-check gpu-compile-check kernels-table clean
+.PHONY: setup demo test bench cuda-check gpu-compile-check kernels-table integrations clean
 
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
@@ -21,7 +21,12 @@ demo: setup
 	rlhf-fast info
 	rlhf-fast demo --out out/demo
 
-test: setup cuda-check gpu-compile-check
+# verl 0.9.1, OpenRLHF 0.11.2 and TRL 1.16.0 for the adapter tests, without
+# any CUDA wheel (the script refuses a plan that would touch torch).
+integrations:
+	bash scripts/install_integrations.sh
+
+test: setup cuda-check gpu-compile-check integrations
 	$(PY) -m pytest tests -q
 
 bench: setup
