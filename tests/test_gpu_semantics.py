@@ -319,3 +319,87 @@ def test_linear_logprobs_out_of_range_label_gives_nan():
     labels = torch.tensor([1, 40, -5, -100])
     lp, ent, lse = torch.ops.rlhf_fast.linear_logprobs_fwd_triton(h, w, None, labels, 1.0, -100, 64)
     assert torch.isfinite(lp[0]) and torch.isnan(lp[1]) and torch.isnan(lp[2]) and lp[3] == 0
+
+
+# ---------------------------------------------------------------- no host sync
+
+
+NO_SYNC_PRELUDE = """
+import torch, rlhf_fast
+from rlhf_fast import _backend
+
+# Meta tensors stand in for CUDA ones: each op picks the backend it would
+# pick on a GPU (the CUDA scans too: their registered fakes run here) and
+# runs its launchers, which skip the launch on meta, forward and backward.
+_choose = _backend.choose
+_backend.choose = lambda op, device, impl: _choose(op, torch.device("cuda") if device.type == "meta" else device, impl)
+_backend.has_cuda_kernels = lambda: True
+# autocast knows no meta device: treat it as CPU, where it is off
+_autocast, _enabled = torch.autocast, torch.is_autocast_enabled
+torch.autocast = lambda device_type, *a, **k: _autocast("cpu" if device_type == "meta" else device_type, *a, **k)
+torch.is_autocast_enabled = lambda *a: False if a and a[0] == "meta" else _enabled(*a)
+"""
+
+# Each op's public function on meta tensors, forward and backward. A host
+# sync (.item(), bool(t), .tolist(), .nonzero(), a data-dependent shape)
+# needs a value a meta tensor does not have, so it raises. (Fake CUDA tensors
+# would be closer, but a CPU build of torch aborts in autograd's CUDA guard.)
+NO_SYNC_CALLS = {
+    "logprobs_from_logits": """
+        x = torch.randn(4, 9, 1000, device="meta", requires_grad=True)
+        y = torch.randint(0, 1000, (4, 9), device="meta")
+        lp, h = rlhf_fast.logprobs_from_logits(x[:, :-1], y[:, 1:], temperature=0.7, return_entropy=True)
+        (lp.sum() + h.sum()).backward()
+        rlhf_fast.logprobs_from_logits(x, y).sum().backward()
+    """,
+    "linear_logprobs": """
+        h = torch.randn(2, 7, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(1000, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+        y = torch.randint(0, 1000, (2, 7), device="meta")
+        lp, ent = rlhf_fast.linear_logprobs(h, w, y, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+    """,
+    "sample": """
+        x = torch.randn(8, 1000, device="meta")
+        rlhf_fast.sample(x, temperature=0.7, top_k=50, top_p=0.9, min_p=0.05)
+        rlhf_fast.sample(x, temperature=torch.full((8,), 0.7, device="meta"))
+    """,
+    "ppo_loss": """
+        lp = torch.randn(4, 33, device="meta", requires_grad=True)
+        old, adv, ent, ref = (torch.randn(4, 33, device="meta") for _ in range(4))
+        mask = torch.ones(4, 33, device="meta", dtype=torch.bool)
+        loss, stats = rlhf_fast.ppo_loss(lp, old, adv, mask, entropy=ent, ref_logprobs=ref, kl_coef=0.1)
+        loss.backward()
+        loss, stats = rlhf_fast.ppo_policy_loss(lp, old, adv, mask, agg="seq-mean-token-mean")
+        loss.backward()
+        v = torch.randn(4, 33, device="meta", requires_grad=True)
+        loss, stats = rlhf_fast.ppo_value_loss(v, old, adv, mask)
+        loss.backward()
+        rlhf_fast.kl_penalty(lp, ref, kind="k3").sum().backward()
+    """,
+    "advantages": """
+        r, v = torch.randn(4, 33, device="meta"), torch.randn(4, 33, device="meta")
+        mask = torch.ones(4, 33, device="meta", dtype=torch.bool)
+        rlhf_fast.gae(r, v, mask, gamma=0.99, lam=0.95)
+        g = torch.full((4,), 0.99, device="meta")
+        rlhf_fast.gae(r, v, mask, gamma=g, lam=g)
+        rlhf_fast.discounted_returns(r, mask, gamma=g)
+        rlhf_fast.whiten(r, mask)
+        rlhf_fast.group_advantages(torch.randn(16, device="meta"), 4, estimator="rloo")
+    """,
+}
+
+
+@pytest.mark.parametrize("op", sorted(NO_SYNC_CALLS))
+def test_default_gpu_path_makes_no_host_sync(op):
+    body = textwrap.indent(textwrap.dedent(NO_SYNC_CALLS[op]), "    ")
+    proc = _offline(NO_SYNC_PRELUDE + "if True:\n" + body + "print('ok')\n", timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_the_no_sync_probe_catches_a_sync():
+    """The probe itself: a label-range check forced on GPU (RLHF_FAST_CHECK_INPUTS=1) is a host sync, and fails."""
+    body = textwrap.indent(textwrap.dedent(NO_SYNC_CALLS["logprobs_from_logits"]), "    ")
+    code = "import os; os.environ['RLHF_FAST_CHECK_INPUTS'] = '1'\n" + NO_SYNC_PRELUDE + "if True:\n" + body
+    proc = _offline(code, timeout=300)
+    assert proc.returncode == 1 and "meta tensors" in proc.stderr, proc.stderr[-3000:]

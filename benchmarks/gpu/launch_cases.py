@@ -56,6 +56,27 @@ KERNELS = {
 }
 
 
+# The hot kernels at the GPU benchmarks' production shapes, with the static
+# goals of the GPU-performance issue: (label, kernel, the launch case it must
+# come from, HBM bytes moved per element, SASS instructions per element goal,
+# MUFU per element goal). Bytes: a bf16 logit read is 2 B; the log-prob
+# backward reads the logit and writes its gradient (4 B); ppo_loss fwd reads
+# five fp32 tokens and the bool mask and writes d loss / d logp (25 B).
+HOT = [
+    ("logprobs fwd + entropy, bf16", "_logprobs_fwd_kernel", "logprobs fwd torch.bfloat16 V=151936", 2, 12, 1),
+    ("logprobs fwd, bf16", "_logprobs_fwd_kernel", "logprobs fwd torch.bfloat16 V=151936 no entropy", 2, 9, 1),
+    ("logprobs bwd + entropy grad, bf16", "_logprobs_bwd_kernel",
+     "logprobs bwd torch.bfloat16 V=151936 grad_entropy=True", 4, 10, 1),
+    ("logprobs bwd, bf16", "_logprobs_bwd_kernel", "logprobs bwd torch.bfloat16 V=151936 grad_entropy=False", 4, 10, 1),
+    ("sample (plain), bf16", "_sample_fwd_kernel", "sample torch.bfloat16 V=131072 filtered=False", 2, None, None),
+    ("sample (top-k/p/min-p), bf16", "_sample_fwd_kernel", "sample torch.bfloat16 V=131072 filtered=True", 2, None, None),
+    ("ppo_loss fwd, fp32", "_ppo_loss_fwd_kernel",
+     "ppo_loss fwd torch.float32 (256,8192) ent=True kl=k3 dual=3.0 token-mean", 25, None, None),
+    ("ppo_loss bwd, fp32", "_ppo_loss_bwd_kernel", "ppo_loss bwd torch.float32 (256,8192) ent=True", 13, None, None),
+    ("whiten apply, fp32", "_whiten_apply_kernel", "whiten torch.float32 shift=True", 9, None, None),
+]  # fmt: skip
+
+
 # meta tensors by default; tests use fake CUDA tensors on cuda:1 (FakeTensorMode)
 DEVICE = "meta"
 
@@ -71,6 +92,7 @@ def _logprobs_cases(ops):
     for dt in FLOATS:
         x, y = _m((1, 16, 151936), dt), _m((1, 16), torch.int64)
         out.append((f"logprobs fwd {dt} V=151936", lambda x=x, y=y: fwd(x, y, 1.0, -100)))
+        out.append((f"logprobs fwd {dt} V=151936 no entropy", lambda x=x, y=y: fwd(x, y, 1.0, -100, False)))
         for has_gh in (False, True):
             args = (_m((1, 16)), _m((1, 16)) if has_gh else None, x, y, _m((1, 16)), _m((1, 16)), 1.0, -100)
             out.append((f"logprobs bwd {dt} V=151936 grad_entropy={has_gh}", lambda a=args: bwd(*a)))

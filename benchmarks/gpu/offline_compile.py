@@ -350,8 +350,8 @@ def problems(result: dict) -> list[str]:
 
 
 # constexpr flags the GPU launchers only ever set one way (UPCAST: the
-# interpreter's bf16 tl.dot workaround)
-ONE_WAY_FLAGS = {"UPCAST": False}
+# interpreter's bf16 tl.dot workaround; ROUND_BY_HAND: its truncating bf16 cast)
+ONE_WAY_FLAGS = {"UPCAST": False, "ROUND_BY_HAND": False}
 
 
 def jit_functions() -> tuple[set[str], set[str]]:
@@ -434,20 +434,28 @@ def run(capabilities=(90, 80), jobs=None, use_cache=True, cases=None, only=None,
 
 
 def summary_table(results: list[dict]) -> list[dict]:
-    """Per kernel and target, the heaviest production specialisation's counts
-    (largest register use, ties broken by instructions per element); fp64,
-    the tests' dtype, only where a kernel has nothing else."""
+    """Per kernel and target, the heaviest production specialisation's counts:
+    the widest block (the production shapes launch the widest; a 16-wide tile
+    for V = 7 would make the per-element counts meaningless), then the largest
+    register use, then instructions per element; fp64, the tests' dtype, only
+    where a kernel has nothing else."""
+    from . import launch_cases
+
     rows: dict[tuple, dict] = {}
     has_other = {(r["kernel"], r["target"]) for r in results if r["ok"] and "*fp64" not in r["signature"].values()}
+
+    def rank(r):
+        block = launch_cases.KERNELS.get(r["kernel"], {}).get("block")
+        width = r["constexprs"].get(block, 0) if block else 0
+        return (width, r.get("registers") or 0, r.get("insts_per_element") or 0)
+
     for r in results:
         if not r["ok"]:
             continue
         if "*fp64" in r["signature"].values() and (r["kernel"], r["target"]) in has_other:
             continue
         key = (r["kernel"], r["target"])
-        cand = (r.get("registers") or 0, r.get("insts_per_element") or 0)
-        cur = rows.get(key)
-        if cur is None or cand > ((cur.get("registers") or 0), cur.get("insts_per_element") or 0):
+        if key not in rows or rank(r) > rank(rows[key]):
             rows[key] = r
     keep = ("kernel", "target", "triton", "constexprs", "num_warps", "num_stages", "registers", "spill_stores",
             "spill_loads", "shared", "sass_instructions", "insts_per_element", "mufu_per_element")  # fmt: skip
@@ -458,13 +466,83 @@ def summary_table(results: list[dict]) -> list[dict]:
 # copy bandwidth: 132 SMs x 4 warp-instructions x 32 lanes x 1.98 GHz =
 # 3.3e13 thread-instructions/s over 1.5e12 (H100) or 2.2e12 (H200) elements/s.
 ISSUE_BUDGET = {"H100": 22, "H200": 15}
+ISSUE_RATE = 132 * 4 * 32 * 1.98e9  # thread-instructions / s
+MUFU_RATE = 132 * 16 * 1.98e9  # ex2 / lg2 results / s (16 per SM per clock)
+COPY_BYTES_PER_S = {"H100": 3.0e12, "H200": 4.3e12}  # a device-to-device copy, read + write
+
+
+def occupancy(registers: int, warps: int, shared: int) -> float:
+    """Resident warps / 64 on an sm_90 SM: registers are allocated per warp
+    in 256-register units (8 per thread) from 64 K; 228 KiB of shared memory
+    with 1 KiB reserved per block; at most 32 blocks and 64 warps."""
+    per_warp = -(-max(registers, 1) // 8) * 8 * 32
+    blocks = min(65536 // (per_warp * warps), 32, 64 // warps)
+    if shared:
+        blocks = min(blocks, (228 * 1024) // (shared + 1024))
+    return blocks * warps / 64
+
+
+def predicted_fraction(insts: float, mufu: float, bytes_per_elem: float, gpu: str) -> float:
+    """Fraction of copy bandwidth a streaming kernel can reach when issue and
+    the MUFU pipe are perfect: bandwidth time over the largest of the
+    bandwidth, issue and MUFU times per element."""
+    t_bw = bytes_per_elem / COPY_BYTES_PER_S[gpu]
+    return t_bw / max(t_bw, insts / ISSUE_RATE, (mufu or 0) / MUFU_RATE)
+
+
+def hot_table(results: list[dict]) -> list[dict]:
+    """launch_cases.HOT: each hot kernel's production specialisation on sm_90."""
+    from . import launch_cases
+
+    rows = []
+    for label, kernel, case, nbytes, goal_insts, goal_mufu in launch_cases.HOT:
+        found = [r for r in results if r["ok"] and r["kernel"] == kernel and r["target"] == "sm_90" and case in r["cases"]]
+        if not found:
+            continue
+        r = found[0]
+        ipe, mpe = r.get("insts_per_element"), r.get("mufu_per_element")
+        row = dict(label=label, kernel=kernel, case=case, triton=r["triton"], num_warps=r["num_warps"],
+                   registers=r["registers"], spill=(r["spill_stores"] or 0) + (r["spill_loads"] or 0),
+                   occupancy=occupancy(r["registers"], r["num_warps"], r["shared"]), insts_per_element=ipe,
+                   mufu_per_element=mpe, bytes_per_element=nbytes, goal_insts=goal_insts, goal_mufu=goal_mufu)  # fmt: skip
+        for gpu in COPY_BYTES_PER_S:
+            row[f"predicted_{gpu}"] = round(predicted_fraction(ipe, mpe, nbytes, gpu), 3) if ipe is not None else None
+        rows.append(row)
+    return rows
+
+
+def hot_markdown(results: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "## The hot kernels at production shapes",
+        "",
+        "The specialisation each GPU benchmark launches, against the static goals. Predicted fraction of copy "
+        "bandwidth = t_bw / max(t_bw, t_issue, t_mufu) per element, with t_bw = bytes / copy rate (3.0 TB/s H100, "
+        f"4.3 TB/s H200), t_issue = instructions / {ISSUE_RATE:.3g} per s (132 SMs x 4 schedulers x 32 lanes x "
+        f"1.98 GHz) and t_mufu = MUFU ops / {MUFU_RATE:.3g} per s (16 per SM per clock): perfect issue, no stalls, so "
+        "an upper bound. Occupancy: resident warps of 64 from registers and shared memory.",
+        "",
+        "| kernel | warps | registers | spill B | occupancy | insts / elem (goal) | MUFU / elem (goal) | B / elem "
+        "| predicted H100 | predicted H200 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in hot_table(results):
+        gi = f" (<= {r['goal_insts']})" if r["goal_insts"] else ""
+        gm = f" ({r['goal_mufu']})" if r["goal_mufu"] else ""
+        lines.append(
+            f"| {r['label']} (`{r['kernel']}`) | {r['num_warps']} | {r['registers']} | {r['spill']} | "
+            f"{r['occupancy']:.0%} | {r['insts_per_element']}{gi} | {r['mufu_per_element']}{gm} | "
+            f"{r['bytes_per_element']} | {r['predicted_H100']:.0%} | {r['predicted_H200']:.0%} |"
+        )
+    return lines
 
 
 def markdown(results: list[dict], version: str) -> str:
     lines = [
         f"Offline compile for sm_90a with triton {version} (`python -m benchmarks.gpu.offline_compile --triton "
         f"{version} --json benchmarks/results/kernels-sm90.json --markdown docs/kernels.md`). Per kernel, its heaviest "
-        "specialisation (most registers; fp64, the tests' dtype, only where a kernel has nothing else). Instructions and MUFU "
+        "production specialisation (the widest block, then the most registers; fp64, the tests' dtype, only where a "
+        "kernel has nothing else). Instructions and MUFU "
         "ops per element: the longest innermost loop's SASS "
         "over the elements one thread handles per trip (straight-line kernels: the whole kernel). Streaming at copy "
         f"bandwidth leaves about {ISSUE_BUDGET['H100']} instructions per bf16 element on an H100 and "
@@ -486,7 +564,7 @@ def markdown(results: list[dict], version: str) -> str:
             f"{r['sass_instructions']} | {ipe if ipe is not None else '-'} | "
             f"{r['mufu_per_element'] if r['mufu_per_element'] is not None else '-'} | {verdict['H100']} | {verdict['H200']} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + hot_markdown(results)) + "\n"
 
 
 def _ensure_triton(version: str) -> Path:
@@ -535,7 +613,7 @@ def main(argv=None) -> int:
             generated=time.strftime("%Y-%m-%d"), command="python -m benchmarks.gpu.offline_compile " + " ".join(
                 argv if argv is not None else sys.argv[1:]),
             note=__doc__.split("What the counts cannot tell: ")[1].split("\n\n")[0].replace("\n", " "),
-            summary=summary_table(results), specialisations=results,
+            summary=summary_table(results), hot=hot_table(results), specialisations=results,
         )  # fmt: skip
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     if args.markdown:
@@ -547,6 +625,12 @@ def main(argv=None) -> int:
                 f"{line['spill_loads']!s:<3} smem {line['shared']:>6} insts/elem {line['insts_per_element']!s:>6} "
                 f"mufu/elem {line['mufu_per_element']!s:>5}"
             )
+    for r in hot_table(results):
+        if r["goal_insts"] and r["insts_per_element"] > r["goal_insts"]:
+            errs.append(f"{r['kernel']} ({r['label']}): {r['insts_per_element']} SASS instructions per element, "
+                        f"over its goal of {r['goal_insts']}")
+        print(f"  hot: {r['label']:36s} insts/elem {r['insts_per_element']!s:>6} mufu/elem {r['mufu_per_element']!s:>5} "
+              f"occupancy {r['occupancy']:.0%} predicted H100 {r['predicted_H100']:.0%} H200 {r['predicted_H200']:.0%}")
     for e in errs:
         print("FAIL", e)
     return 1 if errs else 0

@@ -6,6 +6,8 @@ import functools
 import math
 import numbers
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -83,10 +85,26 @@ def check_temperature(op: str, value, dtype: torch.dtype) -> float:
     return value
 
 
+CHECK_INPUTS_ENV = "RLHF_FAST_CHECK_INPUTS"
+
+
+def host_value_checks(device: torch.device) -> bool:
+    """Whether to run the checks that read tensor values on the host (label
+    range, per-row gamma / lam / temperature ranges). Always on CPU, where
+    they cost no synchronisation; off on GPU, where each would be a host sync
+    that stalls the stream and breaks CUDA-graph capture, unless
+    RLHF_FAST_CHECK_INPUTS=1 (for debugging). Off under torch.compile. With
+    the checks off, the kernels never read out of bounds: a bad label gives
+    that row a NaN log-prob and gradient (docs/kernels.md, the contract)."""
+    if is_compiling():
+        return False
+    return device.type == "cpu" or os.environ.get(CHECK_INPUTS_ENV, "0") == "1"
+
+
 def check_labels_in_range(op: str, labels: torch.Tensor, V: int, ignore_index: int, v_name: str = "V") -> None:
     """Every label is in [0, V) or ignore_index. N int64 reads next to N*V
-    logits; one host sync on GPU. Callers skip it under torch.compile, where
-    the CPU kernels still check every label they read."""
+    logits; one host sync on GPU, so callers run it only where
+    host_value_checks() allows."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])

@@ -21,7 +21,7 @@ import torch
 
 from .. import _backend
 from ..reference import advantages as reference
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, is_compiling
+from ._common import FLOAT_DTYPES, check_same_device, check_tensor, host_value_checks, is_compiling
 
 ESTIMATORS = reference.ESTIMATORS
 SCAN_IMPLEMENTED = ("cuda", "cpp")  # gae, discounted_returns
@@ -59,10 +59,16 @@ def _discount(op: str, name: str, value, B: int, device):
             raise ValueError(f"{op}: {name} as a tensor must have shape ({B},) (one per row), got {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{op}: {name} is on {value.device} but rewards are on {device}")
-        if not is_compiling() and value.numel() > 0:
+        if host_value_checks(device) and value.numel() > 0:
             lo, hi = float(value.min()), float(value.max())
             if not (0.0 <= lo and hi <= 1.0):
                 raise ValueError(f"{op}: {name} must lie in [0, 1], got values from {lo} to {hi}")
+        elif value.numel() > 0:
+            # GPU, no host sync: a row whose value is outside [0, 1] gets
+            # NaN (its advantages and returns become NaN), never a silent
+            # result for a discount that means nothing
+            value = value if value.is_floating_point() else value.double()
+            value = torch.where((value >= 0) & (value <= 1), value, torch.full_like(value, float("nan")))
         return 1.0, value.reshape(-1).expand(B)
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{op}: {name} must be a float in [0, 1] or a (B,) tensor, got {type(value).__name__}")

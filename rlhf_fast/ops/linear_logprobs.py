@@ -24,6 +24,7 @@ from ._common import (
     INDEX_DTYPES,
     check_int,
     check_labels_in_range,
+    host_value_checks,
     check_same_device,
     check_temperature,
     check_tensor,
@@ -119,7 +120,7 @@ def linear_logprobs(
         raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if V == 0 and labels.numel() > 0:
         raise ValueError(f"{OP}: weight has an empty vocabulary dim (V=0)")
-    if not is_compiling():
+    if host_value_checks(hidden.device):
         check_labels_in_range(OP, labels, V, ignore_index, v_name="V = weight.shape[0]")
 
     backend = _backend.choose("linear_logprobs", hidden.device, IMPLEMENTED)

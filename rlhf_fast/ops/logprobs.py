@@ -21,6 +21,7 @@ from ._common import (
     check_same_device,
     check_temperature,
     check_tensor,
+    host_value_checks,
     is_compiling,
     once_differentiable,
     refuse_interpreter_under_compile,
@@ -97,7 +98,7 @@ def logprobs_from_logits(
     V = logits.shape[-1]
     if V == 0 and labels.numel() > 0:
         raise ValueError(f"{OP}: logits have an empty vocabulary dim (V=0)")
-    if not is_compiling():
+    if host_value_checks(logits.device):
         check_labels_in_range(OP, labels, V, ignore_index)
 
     backend = _backend.choose("logprobs_from_logits", logits.device, IMPLEMENTED)
@@ -109,7 +110,10 @@ def logprobs_from_logits(
     rows = _as_rows(logits)
     labels_rows = labels.reshape(rows.shape[0], rows.shape[1])
     fwd = torch.ops.rlhf_fast.logprobs_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.logprobs_fwd
-    lp, ent, _ = fwd(rows, labels_rows, temperature, ignore_index)
+    if backend == "triton":
+        lp, ent, _ = fwd(rows, labels_rows, temperature, ignore_index, return_entropy)
+    else:
+        lp, ent, _ = fwd(rows, labels_rows, temperature, ignore_index)
     lp = lp.reshape(labels.shape)
     if return_entropy:
         return lp, ent.reshape(labels.shape)
@@ -120,11 +124,15 @@ def logprobs_from_logits(
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, ignore_index = inputs
+    logits, labels, temperature, ignore_index = inputs[:4]  # the Triton op adds compute_entropy
     _, entropy, lse = output
     ctx.save_for_backward(logits, labels, lse, entropy)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
+    # the Triton op's compute_entropy=False: the entropy was never returned,
+    # so its (materialised zero) gradient is dropped and the backward takes
+    # the log-prob-only sweep
+    ctx.entropy_returned = len(inputs) < 5 or bool(inputs[4])
     ctx.mark_non_differentiable(lse)
 
 
@@ -132,13 +140,15 @@ def _make_backward(bwd_op):
     @once_differentiable(OP)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits, labels, lse, entropy = ctx.saved_tensors
+        if not ctx.entropy_returned:
+            grad_entropy = None
         grad_logits = bwd_op(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
-        return grad_logits, None, None, None
+        return (grad_logits,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
     return backward
 
 
-def _fake_fwd(logits, labels, temperature, ignore_index):
+def _fake_fwd(logits, labels, temperature, ignore_index, compute_entropy=True):
     acc = _acc_dtype(logits.dtype)
     shape = logits.shape[:2]
     return (logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc))
@@ -159,7 +169,7 @@ if _backend.has_cpp():
 if _backend.HAVE_TRITON:
     import triton.language as tl
 
-    from ..triton.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel, row_config
+    from ..triton.logprobs import STRIP, _logprobs_bwd_kernel, _logprobs_fwd_kernel, row_config
     from ._common import kernel_scalars, launch_on_tensor_device, launches_kernels
 
     def _tl_acc(dtype):
@@ -168,8 +178,11 @@ if _backend.HAVE_TRITON:
     @torch.library.triton_op("rlhf_fast::logprobs_fwd_triton", mutates_args=())
     @launch_on_tensor_device
     def logprobs_fwd_triton(
-        logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int
+        logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, compute_entropy: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """compute_entropy=False leaves the entropy output 0 (a log-prob-only
+        sweep: 2 fewer instructions per logit); the backward never reads it
+        then, since no gradient can flow into an entropy nobody returned."""
         A, B, V = logits.shape
         lp, ent, lse = _fake_fwd(logits, labels, temperature, ignore_index)
         if A * B > 0 and launches_kernels(logits):
@@ -178,7 +191,8 @@ if _backend.HAVE_TRITON:
                 logits, labels.contiguous(), lp, ent, lse,
                 B, V, logits.stride(0), logits.stride(1),
                 1.0 / temperature, scalars if from_ptr else lse, ignore_index,
-                ACC=_tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr, **row_config(V, logits.dtype == torch.float64),
+                ACC=_tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr, ENTROPY=compute_entropy,
+                STRIP=STRIP, **row_config(V, logits.dtype == torch.float64),
             )  # fmt: skip
         return lp, ent, lse
 
@@ -206,7 +220,8 @@ if _backend.HAVE_TRITON:
                 lse.contiguous(), entropy.contiguous(), grad_logits,
                 B, V, logits.stride(0), logits.stride(1),
                 1.0 / temperature, scalars if from_ptr else lse, ignore_index,
-                HAS_GRAD_ENTROPY=has_gh, ACC=_tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr, **row_config(V, logits.dtype == torch.float64),
+                HAS_GRAD_ENTROPY=has_gh, ACC=_tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr,
+                ROUND_BY_HAND=_backend.triton_interpret(), **row_config(V, logits.dtype == torch.float64),
             )  # fmt: skip
         return grad_logits
 

@@ -16,7 +16,7 @@ import torch
 
 from .. import _backend
 from ..reference import sampling as reference
-from ._common import FLOAT_DTYPES, check_tensor, is_compiling, min_temperature
+from ._common import FLOAT_DTYPES, check_tensor, host_value_checks, is_compiling, min_temperature
 
 OP = "rlhf_fast.sample"
 IMPLEMENTED = ("triton", "cpp")
@@ -62,7 +62,7 @@ def _row_tensor(name, value, B, device, dtype, lo, hi, lo_open, integer=False):
         raise ValueError(f"{OP}: {name} must be a scalar or have shape ({B},), got {tuple(value.shape)}")
     # Value checks read the tensor: free on CPU, a host sync on GPU, so they
     # run only for CPU tensors (GPU callers own their per-row values).
-    if device.type == "cpu" and not is_compiling() and value.numel():
+    if host_value_checks(device) and value.numel():
         v = value.double()
         bad = (v <= lo if lo_open else v < lo) | (v > hi) | ~v.isfinite()
         if bool(bad.any()):
@@ -85,7 +85,7 @@ def _check_tiny_temperature(temperature, temp: torch.Tensor, dtype: torch.dtype)
     if not isinstance(temperature, torch.Tensor):
         if 0.0 < temperature < t_min:
             raise ValueError(f"{OP}: temperature={temperature} is too small: {hint}")
-    elif temp.device.type == "cpu" and not is_compiling() and temp.numel():
+    elif host_value_checks(temp.device) and temp.numel():
         tiny = (temp > 0) & (temp < t_min)
         if bool(tiny.any()):
             i = int(tiny.nonzero()[0, 0])

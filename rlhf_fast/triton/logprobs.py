@@ -1,10 +1,16 @@
 """Triton log-probs and entropy: one program per row, one sweep over V.
 
-Forward keeps per-lane online state (running max m, s = sum exp(z - m),
-w = sum (z - m) exp(z - m)) across BLOCK_V-wide tiles and merges the lanes
-at the end, so the logits are read exactly once: N*V*2 bytes for bf16, 5 GB
-at (16384, 151936). Backward recomputes p from the saved lse and writes
-d logits in one more sweep.
+The row is read as BLOCK_V-wide tiles shaped (BLOCK_V // STRIP, STRIP).
+Each strip of STRIP consecutive logits keeps online state: its running max
+m, s = sum 2^(d) and w = sum d 2^(d), with d = (z - m) log2(e) / T. Per
+tile a strip takes one max over its STRIP logits, one rescale exp2 (shared
+by the STRIP elements) and then, per element, one FFMA for d, one MUFU ex2,
+one add for s and, with entropy, one clamp and one FFMA for w: 1 + 1/STRIP
+MUFU per element instead of the 2 of a per-element running max, and no
+cross-warp reduction inside the loop (sm_90a: see docs/kernels.md). The
+logits are read exactly once: N*V*2 bytes for bf16, 5 GB at (16384, 151936).
+Backward recomputes p from the saved lse and writes d logits in one more
+sweep.
 """
 from __future__ import annotations
 
@@ -12,7 +18,58 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import rounded, scalar_arg
+from ._common import cast_out, scalar_arg
+
+# log2(e) and ln(2), written as literals inside the kernels (a GPU compile
+# rejects non-constexpr globals): 1.4426950408889634, 0.6931471805599453.
+STRIP = 16
+
+
+@triton.jit
+def row_lse_step(z, m, s, w, c, ENTROPY: tl.constexpr):
+    """Fold one (R, STRIP) tile of raw logits z (ACC dtype, -inf padded) into
+    the strips' state m (raw max), s, w (relative to m, base 2). c = log2(e)/T.
+    Shared with the sampler, whose raw log-probs must match these bits."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))  # max drops a NaN z; e = 2^NaN carries it into s
+    # A strip that has seen only -inf keeps reference 0 and s = w = 0, so no
+    # (-inf) - (-inf) = NaN appears.
+    ref_old = tl.where(m == float("-inf"), 0.0, m * c)
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new * c)
+    alpha = tl.where(m == float("-inf"), 0.0, tl.exp2(ref_old - ref))
+    d = z * c - ref[:, None]
+    e = tl.exp2(d)
+    if ENTROPY:
+        # 2^d is 0 below d = -1075 (fp64) / -150 (fp32): clamping at -2048
+        # changes no term and turns -inf * 0 into 0, one max per element.
+        w = alpha * (w - (ref - ref_old) * s) + tl.sum(tl.maximum(d, -2048.0) * e, axis=1)
+    s = s * alpha + tl.sum(e, axis=1)
+    return m_new, s, w
+
+
+@triton.jit
+def row_lse_finish(m, s, w, c, ENTROPY: tl.constexpr):
+    """Merge the strips: (row max (raw), sum 2^d, sum d 2^d) relative to the
+    row max. NaN in any strip's s reaches s_row (NaN * 0 is NaN)."""
+    m_row = tl.max(m, axis=0)
+    ref = tl.where(m_row == float("-inf"), 0.0, m_row * c)
+    delta = tl.where(m == float("-inf"), 0.0, m * c - ref)
+    scale = tl.where(m == float("-inf"), 0.0, tl.exp2(delta))
+    s_row = tl.sum(s * scale, axis=0)
+    if ENTROPY:
+        w_row = tl.sum((w + delta * s) * scale, axis=0)
+    else:
+        w_row = 0.0
+    return m_row, s_row, w_row
+
+
+@triton.jit
+def row_lse(m_row, s_row, inv_temp):
+    """log-sum-exp of z = x / T in nats from the merged state, and log2(s_row):
+    one expression for the log-prob kernel and the sampler, so both contract
+    it into the same FFMA."""
+    log2_s = tl.log2(s_row)
+    return m_row * inv_temp + log2_s * 0.6931471805599453, log2_s
+
 
 @triton.jit
 def _logprobs_fwd_kernel(
@@ -23,53 +80,45 @@ def _logprobs_fwd_kernel(
     ignore_index,
     ACC: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
     SCALARS_FROM_PTR: tl.constexpr,
+    ENTROPY: tl.constexpr,  # False: the entropy output is left 0 and w is never formed
     BLOCK_V: tl.constexpr,
+    STRIP: tl.constexpr,
 ):
     inv_temp = scalar_arg(inv_temp, scalars_ptr, 0, SCALARS_FROM_PTR)
+    c = inv_temp * 1.4426950408889634  # log2(e) / T
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // B) * stride_a + (row % B) * stride_b
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
-    n_cols = tl.where(active, V, 0)  # padding rows: the loop runs 0 times
-    cols = tl.arange(0, BLOCK_V)
+    n_cols = tl.where(active, V, 0)  # padding rows: the loops run 0 times
+    offs = tl.arange(0, BLOCK_V // STRIP)[:, None] * STRIP + tl.arange(0, STRIP)[None, :]
 
-    m = tl.full([BLOCK_V], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_V], ACC)
-    w = tl.zeros([BLOCK_V], ACC)
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC) * inv_temp
-        m_new = tl.maximum(m, z)  # drops a NaN z on GPUs (max.f32); e = exp(NaN) carries it into s
-        # Every -inf below is guarded: a lane that has seen only -inf keeps
-        # s = w = 0 instead of turning into (-inf) - (-inf) = NaN.
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        delta = tl.where(m == float("-inf"), 0.0, m - ref)
-        alpha = tl.exp(m - ref)
-        e = tl.exp(z - ref)
-        d = tl.where(z == float("-inf"), 0.0, z - ref)
-        w = (w + delta * s) * alpha + d * e
-        s = s * alpha + e
-        m = m_new
-
-    # merge the BLOCK_V lanes
-    m_row = tl.max(m, axis=0)
-    ref = tl.where(m_row == float("-inf"), 0.0, m_row)
-    delta = tl.where(s > 0, m - ref, 0.0)
-    scale = tl.where(s > 0, tl.exp(delta), 0.0)
-    # padding rows: s = 1, w = 0 keeps log / divide quiet; outputs are 0 below
-    s_row = tl.where(active, tl.sum(s * scale, axis=0), 1.0)
-    w_row = tl.where(active, tl.sum((w + delta * s) * scale, axis=0), 0.0)
-    log_s = tl.log(s_row)
-    lse = m_row + log_s
-    entropy = log_s - w_row / s_row
-    # A label outside [0, V) is never read: under torch.compile the host's
-    # range check is skipped, and such a row gets a NaN log-prob (as in the
-    # CUDA kernel) instead of an out-of-bounds load.
+    m = tl.full([BLOCK_V // STRIP], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_V // STRIP], ACC)
+    w = tl.zeros([BLOCK_V // STRIP], ACC)
+    n_full = (n_cols // BLOCK_V) * BLOCK_V
+    for start in range(0, n_full, BLOCK_V):  # full tiles: no mask per element
+        z = tl.load(row_ptr + start + offs).to(ACC)
+        m, s, w = row_lse_step(z, m, s, w, c, ENTROPY)
+    if n_full < n_cols:  # the ragged tail, masked
+        z = tl.load(row_ptr + n_full + offs, mask=n_full + offs < V, other=float("-inf")).to(ACC)
+        m, s, w = row_lse_step(z, m, s, w, c, ENTROPY)
+    m_row, s_row, w_row = row_lse_finish(m, s, w, c, ENTROPY)
+    # padding rows: s = 1, w = 0 keep log / divide quiet; outputs are 0 below
+    s_row = tl.where(active, s_row, 1.0)
+    lse, log2_s = row_lse(m_row, s_row, inv_temp)
+    # A label outside [0, V) is never read: under torch.compile, and on GPU
+    # where the host check would sync, such a row gets a NaN log-prob (as in
+    # the CUDA kernel) instead of an out-of-bounds load.
     in_range = active & (label >= 0) & (label < V)
     safe_label = tl.where(in_range, label, 0)
     z_label = tl.load(row_ptr + safe_label, mask=in_range, other=float("nan")).to(ACC) * inv_temp
     tl.store(lp_ptr + row, tl.where(active, z_label - lse, 0.0))
-    tl.store(ent_ptr + row, tl.where(active, entropy, 0.0))
+    if ENTROPY:
+        entropy = (log2_s - tl.where(active, w_row, 0.0) / s_row) * 0.6931471805599453
+        tl.store(ent_ptr + row, tl.where(active, entropy, 0.0))
+    else:
+        tl.store(ent_ptr + row, tl.zeros([], ACC))
     tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
 
 
@@ -81,43 +130,75 @@ def _logprobs_bwd_kernel(
     HAS_GRAD_ENTROPY: tl.constexpr,
     ACC: tl.constexpr,
     SCALARS_FROM_PTR: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr,  # the interpreter's bf16 cast truncates (see rounded)
     BLOCK_V: tl.constexpr,
 ):
+    """d logits_k = (1/T) [1{k = label} g_lp - p_k g_lp - g_h p_k (z_k - E_p[z])]
+    with z = logits / T, written as p_k (A + B x_k) plus the label's term,
+    which one fix-up store adds after the sweep: per element one FFMA and one
+    MUFU for p, one FFMA for A + B x, two clamps, one multiply and the cast."""
     inv_temp = scalar_arg(inv_temp, scalars_ptr, 0, SCALARS_FROM_PTR)
+    c = inv_temp * 1.4426950408889634  # log2(e) / T
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // B) * stride_a + (row % B) * stride_b
     out_ptr = dx_ptr + row * V
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
-    lse = tl.load(lse_ptr + row)
-    mu = lse - tl.load(ent_ptr + row)  # E_p[z]
-    g_lp = tl.where(active, tl.load(glp_ptr + row).to(ACC), 0.0)
-    if HAS_GRAD_ENTROPY:
-        g_h = tl.where(active, tl.load(gh_ptr + row).to(ACC), 0.0)
-    else:
-        g_h = 0.0
     label_ok = (label >= 0) & (label < V)
+    lse = tl.load(lse_ptr + row)
+    # p = 2^(x c - lse2); a label out of range makes the row's gradient NaN
+    # (the forward's NaN row), through p
+    lse2 = tl.where(label_ok, lse * 1.4426950408889634, float("nan"))
+    g_lp = tl.load(glp_ptr + row).to(ACC)
+    a = -g_lp * inv_temp
+    b = 0.0
+    if HAS_GRAD_ENTROPY:
+        g_h = tl.load(gh_ptr + row).to(ACC)
+        mu = lse - tl.load(ent_ptr + row)  # E_p[z]
+        a += g_h * mu * inv_temp
+        b = -g_h * inv_temp * inv_temp
     cols = tl.arange(0, BLOCK_V)
-    n_read = tl.where(active, V, 0)  # padding rows: write zeros, read nothing
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        in_row = offs < V
-        z = tl.load(row_ptr + offs, mask=offs < n_read, other=float("-inf")).to(ACC) * inv_temp
-        p = tl.exp(z - lse)
-        t = tl.where(p > 0, p * (z - mu), 0.0)
-        g = tl.where(offs == label, g_lp, 0.0) - g_lp * p - g_h * t
-        g = tl.where(label_ok, g, float("nan"))  # the forward's NaN row, as a gradient
-        g = tl.where(active, g * inv_temp, 0.0)
-        tl.store(out_ptr + offs, rounded(g, dx_ptr.dtype.element_ty), mask=in_row)
+    if active:
+        n_full = (V // BLOCK_V) * BLOCK_V
+        for start in range(0, n_full, BLOCK_V):
+            x = tl.load(row_ptr + start + cols).to(ACC)
+            g = _dlogit(x, c, lse2, a, b, HAS_GRAD_ENTROPY)
+            tl.store(out_ptr + start + cols, cast_out(g, dx_ptr.dtype.element_ty, ROUND_BY_HAND))
+        if n_full < V:
+            offs = n_full + cols
+            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC)
+            g = _dlogit(x, c, lse2, a, b, HAS_GRAD_ENTROPY)
+            tl.store(out_ptr + offs, cast_out(g, dx_ptr.dtype.element_ty, ROUND_BY_HAND), mask=offs < V)
+        if label_ok:
+            # the label's column again, with its one-hot term: ordered after
+            # the sweep's store of the same address by the CTA barrier
+            tl.debug_barrier()
+            x = tl.load(row_ptr + label).to(ACC)
+            g = _dlogit(x, c, lse2, a, b, HAS_GRAD_ENTROPY) + g_lp * inv_temp
+            tl.store(out_ptr + label, cast_out(g, dx_ptr.dtype.element_ty, ROUND_BY_HAND))
+    else:  # padding rows: zeros, and their logits are never read
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            tl.store(out_ptr + offs, tl.zeros([BLOCK_V], dx_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _dlogit(x, c, lse2, a, b, HAS_GRAD_ENTROPY: tl.constexpr):
+    p = tl.exp2(x * c - lse2)
+    if HAS_GRAD_ENTROPY:
+        # x = -inf gives p = 0 and a + b x = +-inf (NaN when b = 0): clamp it
+        # finite so p * t is 0; a NaN x still reaches g through p
+        t = tl.minimum(tl.maximum(a + b * x, -3.0e38), 3.0e38)
+        return p * t
+    else:
+        return p * a
 
 
 def row_config(V: int, fp64: bool = False) -> dict:
     """BLOCK_V and num_warps of the row kernels: the log-prob forward and
-    backward and the sampler, which must reduce a row in the same lane order
-    to stay bit-identical. 4096 lanes x 3 fp32 states over 8 warps is 48
-    registers of state per thread; at 4 warps the forward took 158 registers
-    and the sampler spilled (offline sm_90 compile). fp64 states are twice
-    as wide, so fp64 rows use 1024 lanes (the 4096-lane fp64 forward spilled
-    27 KB)."""
-    bv = max(16, min(1024 if fp64 else 4096, triton.next_power_of_2(max(V, 1))))
+    backward and the sampler, which must reduce a row in the same strip order
+    to stay bit-identical. 4096 lanes over 8 warps is 16 logits per thread:
+    256 strips of 16, their (m, s, w) state 6 registers per thread. fp64
+    rows use 1024 lanes (the 4096-lane fp64 forward spilled 27 KB)."""
+    bv = max(STRIP, min(1024 if fp64 else 4096, triton.next_power_of_2(max(V, 1))))
     return dict(BLOCK_V=bv, num_warps=8 if bv >= 2048 else 4)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .logprobs import STRIP, row_lse, row_lse_finish, row_lse_step
 from .logprobs import row_config as _logprobs_row_config
 
 
@@ -80,6 +81,7 @@ def _sample_fwd_kernel(
     V, stride_row,
     FILTERED: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    STRIP: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -90,36 +92,28 @@ def _sample_fwd_kernel(
     seed = tl.load(seeds_ptr + row)
     seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
     seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    cols = tl.arange(0, BLOCK_V)
 
-    # sweep 1: online max / sum (the log-prob kernel's numerics) and, when
-    # nothing is truncated, the race in the same pass
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)
-    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    best_j = tl.full([BLOCK_V], 0, tl.int32)
+    # sweep 1: the log-prob kernel's strips and row_lse_step (bit-identical
+    # lse) and, when nothing is truncated, the race in the same pass
+    offs2 = tl.arange(0, BLOCK_V // STRIP)[:, None] * STRIP + tl.arange(0, STRIP)[None, :]
+    m = tl.full([BLOCK_V // STRIP], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V // STRIP], tl.float32)
+    best = tl.full([BLOCK_V // STRIP, STRIP], float("-inf"), tl.float32)
+    best_j = tl.full([BLOCK_V // STRIP, STRIP], 0, tl.int32)
+    c = inv_t * 1.4426950408889634
     for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, z)  # NaN-dropping on GPUs; a NaN z reaches lse through s
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - ref)
-        e = tl.exp(z - ref)
-        s = s * alpha + e
-        m = m_new
+        offs = start + offs2
+        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        m, s, _ = row_lse_step(x, m, s, s, c, False)
         if not FILTERED:
+            z = x * inv_t
             key = tl.where(greedy, z, z + _gumbel(seed_lo, seed_hi, offs))
             upd = (key > best) & (offs < V)
             best = tl.where(upd, key, best)
             best_j = tl.where(upd, offs, best_j)
-    # lane merge exactly as _logprobs_fwd_kernel: bit-identical lse
-    mz = tl.max(m, axis=0)
-    ref = tl.where(mz == float("-inf"), 0.0, mz)
-    delta = tl.where(s > 0, m - ref, 0.0)
-    scale = tl.where(s > 0, tl.exp(delta), 0.0)
-    s_row = tl.sum(s * scale, axis=0)
-    log_s = tl.log(s_row)
-    lse = mz + log_s
+    m_raw, s_row, _ = row_lse_finish(m, s, s, c, False)
+    lse, _ = row_lse(m_raw, s_row, inv_t)
+    mz = m_raw * inv_t
     kept_mass = s_row
 
     if FILTERED:
@@ -152,9 +146,9 @@ def _sample_fwd_kernel(
         thr = tl.minimum(tl.maximum(tl.maximum(tau_k, tau_p), tau_min), mz)
         thr = tl.where(greedy, float("-inf"), thr)
         # sweep: race over the kept tokens and their mass
-        acc = tl.zeros([BLOCK_V], tl.float32)
+        acc = tl.zeros([BLOCK_V // STRIP, STRIP], tl.float32)
         for start in range(0, V, BLOCK_V):
-            offs = start + cols
+            offs = start + offs2
             z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
             kept = (z >= thr) & (offs < V)
             acc += tl.where(kept, tl.exp(z - mz), 0.0)
@@ -162,11 +156,11 @@ def _sample_fwd_kernel(
             upd = (key > best) & kept
             best = tl.where(upd, key, best)
             best_j = tl.where(upd, offs, best_j)
-        kept_mass = tl.sum(acc, axis=0)
+        kept_mass = tl.sum(tl.sum(acc, axis=1), axis=0)
 
     # first index of the best key across lanes (each lane kept its first)
-    top_key = tl.max(best, axis=0)
-    tok = tl.min(tl.where(best == top_key, best_j, V), axis=0)
+    top_key = tl.max(tl.max(best, axis=1), axis=0)
+    tok = tl.min(tl.min(tl.where(best == top_key, best_j, V), axis=1), axis=0)
     tok = tl.where(tok < V, tok, 0)
     z_tok = tl.load(row_ptr + tok).to(tl.float32) * inv_t
     tl.store(tok_ptr + row, tok.to(tl.int64))
@@ -177,4 +171,4 @@ def _sample_fwd_kernel(
 def row_config(V: int) -> dict:
     # The log-prob kernel's tile width and warps (fp32 states), so both reduce
     # the row in the same lane order and their log-sum-exp agree bit for bit.
-    return _logprobs_row_config(V)
+    return dict(_logprobs_row_config(V), STRIP=STRIP)
