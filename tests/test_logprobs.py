@@ -402,3 +402,22 @@ def test_gpu_backends_match_reference(backend_name, dtype, N, V):
     assert_no_worse_than_eager(ent.cpu(), e_ent, r_ent, "entropy", floor=RTOL[torch.float32])
     grad_tol = RTOL[torch.float32] if dtype == torch.float32 else 8e-3
     assert_close(x.grad.cpu(), x64.grad, grad_tol, "d logits")
+
+
+def test_triton_log_prob_only_sweep_matches_and_backpropagates():
+    """compute_entropy=False (return_entropy=False on the Triton path): the
+    same log-probs bit for bit, the entropy output untouched, the gradient of
+    the log-prob-only backward; opcheck on the flag."""
+    logits, labels = make_inputs((3, 7), 1003, torch.bfloat16)
+    op = torch.ops.rlhf_fast.logprobs_fwd_triton
+    lp_full, _, lse_full = op(logits, labels, 0.7, IGNORE, True)
+    lp, ent, lse = op(logits, labels, 0.7, IGNORE, False)
+    assert torch.equal(lp, lp_full) and torch.equal(lse, lse_full)
+    assert (ent == 0).all()
+    x = logits.float().requires_grad_()
+    with rlhf_fast.use_backend("triton"):  # the flag exists on the Triton op only
+        rlhf_fast.logprobs_from_logits(x, labels, temperature=0.7).sum().backward()
+    x_ref = logits.double().requires_grad_()
+    ref.logprobs_from_logits(x_ref, labels, temperature=0.7).sum().backward()
+    assert_close(x.grad, x_ref.grad, RTOL[torch.float32], "grad")
+    _opcheck("logprobs_fwd_triton", (logits, labels, 0.7, IGNORE, False))

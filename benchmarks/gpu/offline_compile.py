@@ -511,6 +511,23 @@ def hot_table(results: list[dict]) -> list[dict]:
     return rows
 
 
+def linear_waves() -> list[dict]:
+    """The fused linear log-prob forward's grid at the GPU benchmark shapes on
+    132 SMs (H100 and H200): splits chosen by the launcher's own rule."""
+    import triton
+
+    from rlhf_fast.triton.linear_logprobs import num_splits, tile_config, wave_efficiency
+
+    out = []
+    for N, H, V in ((8192, 4096, 131072), (1937, 3584, 152064)):
+        cfg = tile_config(N, V, H, False, 2)
+        splits = num_splits(N, V, cfg["BLOCK_N"], cfg["BLOCK_V"], 2 * 132, cfg["GROUP"])
+        rows, cols = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
+        out.append(dict(shape=(N, H, V), splits=splits, programs=rows * splits,
+                        waves=triton.cdiv(rows * splits, 132), efficiency=round(wave_efficiency(rows, cols, splits, 132), 3)))  # fmt: skip
+    return out
+
+
 def hot_markdown(results: list[dict]) -> list[str]:
     lines = [
         "",
@@ -534,6 +551,17 @@ def hot_markdown(results: list[dict]) -> list[str]:
             f"{r['occupancy']:.0%} | {r['insts_per_element']}{gi} | {r['mufu_per_element']}{gm} | "
             f"{r['bytes_per_element']} | {r['predicted_H100']:.0%} | {r['predicted_H200']:.0%} |"
         )
+    lines += [
+        "",
+        "`linear_logprobs` forward grid (bf16, 128 x 128 tiles, one program resident per SM, 132 SMs): every program "
+        "of a wave waits for the longest vocabulary split, so efficiency = useful tile-steps / (waves x 132 x the "
+        "longest split's tiles).",
+        "",
+        "| (N, H, V) | splits | programs | waves | wave efficiency |",
+        "|---|---|---|---|---|",
+    ]
+    for w in linear_waves():
+        lines.append(f"| {w['shape']} | {w['splits']} | {w['programs']} | {w['waves']} | {w['efficiency']:.1%} |")
     return lines
 
 
@@ -613,7 +641,8 @@ def main(argv=None) -> int:
             generated=time.strftime("%Y-%m-%d"), command="python -m benchmarks.gpu.offline_compile " + " ".join(
                 argv if argv is not None else sys.argv[1:]),
             note=__doc__.split("What the counts cannot tell: ")[1].split("\n\n")[0].replace("\n", " "),
-            summary=summary_table(results), hot=hot_table(results), specialisations=results,
+            summary=summary_table(results), hot=hot_table(results), linear_waves=linear_waves(),
+            specialisations=results,
         )  # fmt: skip
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     if args.markdown:
