@@ -11,6 +11,7 @@ does this), but is never picked there unless forced.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -134,12 +135,34 @@ def choose(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
         if reason is not None:
             raise BackendUnavailable(f"rlhf_fast.{op}: backend {forced!r} forced by {ENV_VAR} is unavailable: {reason}")
         return forced
+    if device.type == "cuda":
+        implemented = measured_order(op, device, implemented)
     for name in implemented:
         if name == "triton" and device.type != "cuda":
             continue  # the interpreter is for tests, never an automatic choice
         if why_unavailable(name, device) is None:
             return name
     return "reference"
+
+
+def measured_order(op: str, device: torch.device, implemented: tuple[str, ...]) -> tuple[str, ...]:
+    """`implemented` with the backend measured faster on this GPU model first
+    (rlhf_fast/_gpu_dispatch.py, generated from a committed GPU run)."""
+    from ._gpu_dispatch import MEASURED
+
+    if not MEASURED:
+        return implemented
+    name = _device_name(device)
+    for model, prefs in MEASURED.items():
+        best = prefs.get(op, {}).get("backend")
+        if model in name and best in implemented:
+            return (best,) + tuple(b for b in implemented if b != best)
+    return implemented
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
 
 
 def info() -> dict:

@@ -403,3 +403,40 @@ def test_the_no_sync_probe_catches_a_sync():
     code = "import os; os.environ['RLHF_FAST_CHECK_INPUTS'] = '1'\n" + NO_SYNC_PRELUDE + "if True:\n" + body
     proc = _offline(code, timeout=300)
     assert proc.returncode == 1 and "meta tensors" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_a_training_step_captures_in_a_cuda_graph():
+    """Run by the GPU suite: log-probs, entropy, GAE, whitening and the PPO
+    loss, forward and backward, captured in one CUDA graph (any host sync
+    raises during capture) and replayed: the replay matches eager."""
+    torch.manual_seed(0)
+    B, T, V = 8, 64, 32000
+    logits = torch.randn(B, T, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), device="cuda")
+    old = torch.randn(B, T, device="cuda") - 10
+    rewards, values = torch.randn(B, T, device="cuda"), torch.randn(B, T, device="cuda")
+    mask = torch.rand(B, T, device="cuda") > 0.2
+
+    def step():
+        lp, ent = rlhf_fast.logprobs_from_logits(logits, labels, return_entropy=True)
+        adv, _ = rlhf_fast.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+        adv = rlhf_fast.whiten(adv, mask)
+        loss, _ = rlhf_fast.ppo_loss(lp, old, adv, mask, entropy=ent)
+        (grad,) = torch.autograd.grad(loss, logits)
+        return loss.detach(), grad
+
+    want_loss, want_grad = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up on a side stream, as torch.cuda.graph requires
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss_g, grad_g = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    # equal up to the order of any atomic reduction
+    torch.testing.assert_close(loss_g, want_loss)
+    torch.testing.assert_close(grad_g, want_grad)

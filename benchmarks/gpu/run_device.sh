@@ -9,6 +9,7 @@
 #   $OUT/smoke.json     each Triton kernel once at a real shape vs torch, and how it compiled there
 #   $OUT/gpu-tests.xml  pytest -m gpu (junit), per-test timeout
 #   $OUT/compass.jsonl  the GPU targets timed against copy bandwidth and their eager peers
+#   $OUT/dispatch.json  per op, the faster backend (CUDA or Triton) measured here
 # Exit status: non-zero when the build, a smoke check or a GPU test failed.
 # Commit what comes back under benchmarks/results/gpu-<device>-<date>/.
 #
@@ -64,6 +65,8 @@ $PY -m rlhf_fast.cli info || status=1
 step gpu-tests 150 $PY -m pytest tests -m gpu -q -p no:cacheprovider --timeout 60 --junitxml "$OUT/gpu-tests.xml"
 
 step compass 240 $PY -m benchmarks.gpu.compass --out "$OUT/compass.jsonl"
+# which backend won per op here: commit with `--write` to make it the GPU default
+$PY -m benchmarks.gpu.dispatch_table "$OUT/compass.jsonl" > "$OUT/dispatch.json" || status=1
 
 echo "== done, status $status $(date -u +%H:%M:%S)"
 exit "$status"
