@@ -1,0 +1,275 @@
+"""TRL users' inputs on rlhf_fast's trainer: a TRL-style GRPO script run with
+only the imports changed (rlhf_fast.trl), TRL's reward-function calling
+convention, HF sequence-classification reward models, prompt datasets
+(text, conversational, JSONL), and the errors raised before the first rollout.
+Everything is built in code: a word-level HF tokenizer, a tiny Llama policy
+and a tiny LlamaForSequenceClassification reward model."""
+import json
+
+import pytest
+import torch
+
+from rlhf_fast.demo import world
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def hf_tokenizer():
+    """A PreTrainedTokenizerFast over the demo's words (<pad> 0, <bos> 1, <eos> 2), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    words = world.DETS + world.NOUNS + world.VERBS + world.ADJECTIVES + world.GLUE + ["<user>", "<assistant>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(world.SPECIALS + words)}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    t.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>",
+                                               pad_token="<pad>", unk_token="<unk>")  # fmt: skip
+    tok.chat_template = CHAT
+    return tok
+
+
+def tiny_policy(tok, seed=0):
+    return world.tiny_llama(len(tok), seed, hidden=32, layers=1)
+
+
+def tiny_reward_model(tok, seed=1):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, num_labels=1,
+                      pad_token_id=None)  # fmt: skip
+    return LlamaForSequenceClassification(cfg)
+
+
+PROMPTS = [f"{d} {n} was" for d in world.DETS for n in world.NOUNS[:4]]  # 12 prompts
+
+
+def prompt_dataset(conversational=False):
+    datasets = pytest.importorskip("datasets")
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS] if conversational else PROMPTS
+    return datasets.Dataset.from_dict({"prompt": prompts, "noun": [p.split()[1] for p in PROMPTS]})
+
+
+def _text(c):
+    return c if isinstance(c, str) else c[0]["content"]
+
+
+# ---- the TRL-style script: only its import line differs between TRL and rlhf_fast
+
+
+def trl_style_script(GRPOConfig, GRPOTrainer, tok, dataset, out_dir, calls):
+    def positive_share(completions, **kwargs):  # TRL's simplest form
+        calls.append(("positive_share", kwargs))
+        out = []
+        for c in completions:
+            adj = [w for w in _text(c).split() if w in world.ADJECTIVES]
+            out.append(sum(w in world.POSITIVE for w in adj) / len(adj) if adj else None)  # None: not applicable
+        return out
+
+    def names_the_noun(prompts, completions, completion_ids, noun, **kwargs):  # a dataset column as a kwarg
+        calls.append(("names_the_noun", dict(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                                             noun=noun, **kwargs)))  # fmt: skip
+        return [float(n in _text(c).split()) for c, n in zip(completions, noun)]
+
+    reward_model = tiny_reward_model(tok)
+    args = GRPOConfig(output_dir=out_dir, learning_rate=1e-3, per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=6, max_steps=3, beta=0.04, reward_weights=[1.0, 0.5, 0.1],
+                      logging_steps=1, seed=0, bf16=False, use_cpu=True, report_to="none", save_strategy="no")  # fmt: skip
+    trainer = GRPOTrainer(model=tiny_policy(tok), reward_funcs=[positive_share, names_the_noun, reward_model],
+                          args=args, train_dataset=dataset, processing_class=tok,
+                          reward_processing_classes=[None, None, tok])  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_trl_style_grpo_script_runs_with_rlhf_fast_imports(tmp_path, conversational):
+    from rlhf_fast.trl import GRPOConfig, GRPOTrainer
+
+    tok = hf_tokenizer()
+    calls = []
+    trainer = trl_style_script(GRPOConfig, GRPOTrainer, tok, prompt_dataset(conversational), str(tmp_path), calls)
+    assert trainer.step_count == 3 and trainer.state.global_step == 3
+    c = trainer.config  # TRL's names mapped: 8 completions per step = 2 prompts x 4
+    assert (c.batch_size, c.num_samples, c.minibatch_size, c.max_new_tokens, c.kl_coef) == (2, 4, 8, 6, 0.04)
+    rows = trainer.state.log_history
+    assert len(rows) == 3 and all("rewards/positive_share/mean" in r and "rewards/names_the_noun/mean" in r
+                                  for r in rows)  # fmt: skip
+    assert all(r["applied"] >= 1 for r in rows)
+    fn_calls = [kw for name, kw in calls if name == "names_the_noun"]
+    assert len(fn_calls) == 3
+    for kw in fn_calls:  # TRL's convention: prompts repeated per sample, the other columns alongside
+        assert len(kw["prompts"]) == len(kw["completions"]) == len(kw["completion_ids"]) == len(kw["noun"]) == 8
+        assert {"trainer_state", "log_extra", "log_metric"} <= set(kw)
+        for p, noun, comp, ids in zip(kw["prompts"], kw["noun"], kw["completions"], kw["completion_ids"]):
+            assert noun == _text(p).split()[1]  # the row's own column, not another prompt's
+            assert _text(comp) == tok.decode(ids, skip_special_tokens=True)
+            assert isinstance(comp, list) == conversational
+        assert kw["prompts"][0:4] == [kw["prompts"][0]] * 4  # the n samples of a prompt are adjacent
+    saved = trainer.save_model(str(tmp_path / "policy"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(saved)
+    for (k, a), b in zip(trainer.model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert transformers.AutoTokenizer.from_pretrained(saved)("my movie was")["input_ids"] == tok("my movie was")["input_ids"]
+
+
+@pytest.mark.slow
+def test_same_script_runs_under_trl(tmp_path):
+    """The script above is TRL's own API: it runs unchanged with `from trl import ...`."""
+    trl = pytest.importorskip("trl")
+    tok = hf_tokenizer()
+    tok.padding_side = "left"
+    calls = []
+    trainer = trl_style_script(trl.GRPOConfig, trl.GRPOTrainer, tok, prompt_dataset(), str(tmp_path), calls)
+    assert trainer.state.global_step == 3
+    assert {n for n, _ in calls} == {"positive_share", "names_the_noun"}
+
+
+def test_text_rewards_weighting_none_and_model_scores_match_hf():
+    from rlhf_fast.trainer.rewards import TextRewards
+
+    tok = hf_tokenizer()
+    rm = tiny_reward_model(tok)
+    rows = [{"prompt": "my movie was", "k": 1}, {"prompt": "the trip is", "k": 2}]
+    f1 = lambda completions, **kw: [1.0, None, 3.0, None]  # noqa: E731
+    f2 = lambda prompts, completions, k, **kw: [None, None, float(k[2]), 4.0]  # noqa: E731
+    r = TextRewards([f1, f2, rm], tok, rows, num_samples=2, reward_weights=[2.0, 1.0, 0.5],
+                    reward_processing_classes=[None, None, tok])
+    r.set_batch([0, 1])
+    texts = ["great .", "dull and odd .", "fun .", "bad ."]
+    prompt_ids = torch.tensor([tok("my movie was")["input_ids"], tok("the trip is")["input_ids"]])
+    seqs, masks = [], []
+    for i, t in enumerate(texts):
+        resp = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        resp += [tok.pad_token_id] * (6 - len(resp))
+        seqs.append(prompt_ids[i // 2].tolist() + resp)
+        masks.append([j < len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for j in range(6)])
+    out = r(torch.tensor(seqs), torch.tensor(masks), prompt_ids.shape[1])
+    # the model scores prompt + completion text, right-padded, with its own tokenizer (no special tokens)
+    decoded = [tok.decode(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]  # as the trainer decodes
+    full = [f"{['my movie was', 'the trip is'][i // 2]}{t}" for i, t in enumerate(decoded)]
+    want_rm = torch.stack([rm(**tok(f, add_special_tokens=False, return_tensors="pt")).logits[0, 0] for f in full])
+    w = torch.tensor([[2.0 * 1.0, 0.0], [0.0, 0.0], [2.0 * 3.0, 2.0], [0.0, 4.0]]).sum(-1)  # nansum over functions
+    torch.testing.assert_close(out, w + 0.5 * want_rm, rtol=1e-5, atol=1e-5)
+    assert rm.config.pad_token_id is None  # set for the call only
+    r2 = TextRewards([f1], tok, rows, num_samples=2)
+    r2.set_batch([0, 1])
+    assert r2(torch.tensor(seqs), torch.tensor(masks), prompt_ids.shape[1]).isnan().tolist() == [False, True, False, True]
+
+
+# ---- errors before the first rollout, naming what was expected
+
+
+def _trainer(reward_funcs, tmp_path=None, **cfg):
+    from rlhf_fast.trl import GRPOConfig, GRPOTrainer
+
+    tok = hf_tokenizer()
+    args = GRPOConfig(output_dir=None, per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                      max_steps=1, bf16=False, **cfg)  # fmt: skip
+    return GRPOTrainer(model=tiny_policy(tok), reward_funcs=reward_funcs, args=args, train_dataset=prompt_dataset(),
+                       processing_class=tok)  # fmt: skip
+
+
+def test_wrong_reward_signature_is_reported_before_rollout(monkeypatch):
+    import rlhf_fast.trainer.rollout as rollout_mod
+
+    monkeypatch.setattr(rollout_mod, "generate", lambda *a, **k: pytest.fail("generated before the check"))
+    with pytest.raises(TypeError, match=r"fn\(prompts, completions, \*\*kwargs\).*keyword arguments prompts"):
+        _trainer([lambda texts: [0.0] * len(texts)])
+    with pytest.raises(TypeError, match="rlhf_fast's token-level reward"):
+        _trainer([lambda sequences, response_mask, prompt_length: None])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'noun'"):
+        _trainer([lambda prompts, completions, completion_ids, trainer_state, log_extra, log_metric: None])
+    with pytest.raises(TypeError, match="AutoModelForSequenceClassification.*causal LM"):
+        _trainer([tiny_policy(hf_tokenizer())])
+    with pytest.raises(TypeError, match="expected fn"):
+        _trainer([42])
+    with pytest.raises(ValueError, match="2 reward_weights for 1 reward functions"):
+        _trainer([lambda completions, **kw: [0.0] * len(completions)], reward_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="could not be loaded as a transformers AutoModelForSequenceClassification"):
+        _trainer(["/nonexistent/reward-model"])
+
+
+def test_reward_returning_wrong_length_or_type_says_so():
+    t = _trainer([lambda completions, **kw: [0.0]])
+    with pytest.raises(ValueError, match="returned 1 rewards for 4 completions"):
+        t.train()
+    t = _trainer([lambda completions, **kw: ["good"] * len(completions)])
+    with pytest.raises(TypeError, match="returned 'good' for completion 0; expected a float or None"):
+        t.train()
+
+
+def test_config_rejects_unsupported_trl_arguments_by_name():
+    from rlhf_fast.trl import GRPOConfig
+
+    with pytest.raises(TypeError, match=r"num_generation \(did you mean num_generations\?\)"):
+        GRPOConfig(num_generation=4)
+    with pytest.raises(ValueError, match="repetition_penalty=1.1 is not supported"):
+        GRPOConfig(repetition_penalty=1.1)
+    with pytest.raises(ValueError, match="use_vllm=True is not supported"):
+        GRPOConfig(use_vllm=True)
+    with pytest.raises(ValueError, match="loss_type='cispo' is not supported"):
+        GRPOConfig(loss_type="cispo")
+    with pytest.raises(ValueError, match="must be divisible by num_generations"):
+        GRPOConfig(per_device_train_batch_size=6, num_generations=4)
+    cfg = GRPOConfig(report_to="none", gradient_checkpointing=True)  # TRL machinery only: accepted, ignored
+    assert cfg.ignored == ["gradient_checkpointing", "report_to"]
+    with pytest.raises(TypeError, match="not supported: eval_dataset"):
+        from rlhf_fast.trl import GRPOTrainer
+
+        GRPOTrainer(model=None, reward_funcs=[], args=cfg, train_dataset=[], eval_dataset=[{"prompt": "x"}])
+
+
+def test_trl_config_mapping():
+    from rlhf_fast.trl import GRPOConfig
+
+    c = GRPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4, max_steps=10,
+                   num_iterations=2, loss_type="dr_grpo", scale_rewards="none", epsilon_high=0.28, warmup_steps=4,
+                   bf16=False).to_rlhf_fast(num_prompts=100)  # fmt: skip
+    # generation batch = 4 x 2 = 8 completions = 2 prompts x 4; 2 iterations x 1 optimizer step each per rollout
+    assert (c.batch_size, c.num_samples, c.minibatch_size, c.grad_accum, c.ppo_epochs) == (2, 4, 8, 2, 2)
+    assert (c.steps, c.warmup_steps, c.loss_agg, c.estimator, c.clip_high) == (5, 2, "seq-mean-token-sum-norm",
+                                                                              "dr_grpo", 0.28)  # fmt: skip
+    d = GRPOConfig(bf16=False).to_rlhf_fast(num_prompts=10)  # TRL's defaults: 3 epochs over 10 prompts, 1 per step
+    assert (d.steps, d.batch_size, d.lr, d.seed, d.max_new_tokens, d.loss_agg, d.kl_coef) == (
+        30, 1, 1e-6, 42, 512, "token-mean", 0.0)  # fmt: skip
+
+
+def test_prompt_sources_jsonl_list_and_errors(tmp_path):
+    from rlhf_fast.trainer.data import load_prompt_rows, tokenize_prompts
+
+    tok = hf_tokenizer()
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p, "id": i}) for i, p in enumerate(PROMPTS[:3])) + "\n")
+    rows = load_prompt_rows(str(path))
+    assert rows == [{"prompt": p, "id": i} for i, p in enumerate(PROMPTS[:3])]
+    assert load_prompt_rows(PROMPTS[:3]) == [{"prompt": p} for p in PROMPTS[:3]]
+    ids, mask = tokenize_prompts([{"prompt": "my movie was"}, {"prompt": "the trip"}], tok)
+    assert ids.tolist() == [[1] + tok("my movie was", add_special_tokens=False)["input_ids"],
+                            [0, 1] + tok("the trip", add_special_tokens=False)["input_ids"]]  # left-padded, BOS
+    assert mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    chat, _ = tokenize_prompts([{"prompt": [{"role": "user", "content": "my movie was"}]}], tok)
+    assert tok.decode(chat[0]) == "<user> my movie was <assistant>"
+    with pytest.raises(ValueError, match='no "prompt" column'):
+        load_prompt_rows(prompt_dataset().rename_column("prompt", "query"))
+    with pytest.raises(ValueError, match="mixes plain-text and conversational"):
+        load_prompt_rows([{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2 is not JSON"):
+        load_prompt_rows(str(bad))
