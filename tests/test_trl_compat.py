@@ -87,10 +87,12 @@ def trl_style_script(GRPOConfig, GRPOTrainer, tok, dataset, out_dir, calls):
         return [float(n in _text(c).split()) for c, n in zip(completions, noun)]
 
     reward_model = tiny_reward_model(tok)
+    model_dir = f"{out_dir}/init"  # a path, as most scripts give it (TRL also rebuilds its reference from it)
+    tiny_policy(tok).save_pretrained(model_dir)
     args = GRPOConfig(output_dir=out_dir, learning_rate=1e-3, per_device_train_batch_size=8, num_generations=4,
                       max_completion_length=6, max_steps=3, beta=0.04, reward_weights=[1.0, 0.5, 0.1],
                       logging_steps=1, seed=0, bf16=False, use_cpu=True, report_to="none", save_strategy="no")  # fmt: skip
-    trainer = GRPOTrainer(model=tiny_policy(tok), reward_funcs=[positive_share, names_the_noun, reward_model],
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=[positive_share, names_the_noun, reward_model],
                           args=args, train_dataset=dataset, processing_class=tok,
                           reward_processing_classes=[None, None, tok])  # fmt: skip
     trainer.train()
@@ -128,16 +130,37 @@ def test_trl_style_grpo_script_runs_with_rlhf_fast_imports(tmp_path, conversatio
     assert transformers.AutoTokenizer.from_pretrained(saved)("my movie was")["input_ids"] == tok("my movie was")["input_ids"]
 
 
-@pytest.mark.slow
-def test_same_script_runs_under_trl(tmp_path):
-    """The script above is TRL's own API: it runs unchanged with `from trl import ...`."""
-    trl = pytest.importorskip("trl")
+def test_same_script_runs_under_trl_and_rewards_agree(tmp_path):
+    """The script above is TRL's own API: it runs unchanged with `from trl import ...`, and
+    TextRewards scores a batch exactly as TRL's GRPOTrainer._calculate_rewards does."""
+    trl = pytest.importorskip("trl", reason="TRL is optional (scripts/install_integrations.sh installs it)")
+    from rlhf_fast.trainer.rewards import TextRewards
+
     tok = hf_tokenizer()
     tok.padding_side = "left"
     calls = []
     trainer = trl_style_script(trl.GRPOConfig, trl.GRPOTrainer, tok, prompt_dataset(), str(tmp_path), calls)
     assert trainer.state.global_step == 3
     assert {n for n, _ in calls} == {"positive_share", "names_the_noun"}
+    # one generation batch scored both ways: 2 prompts x 2 samples
+    rows = [dict(prompt_dataset()[i]) for i in (0, 5)]
+    texts = ["great and bad .", "my movie", "odd .", "trip is nice ."]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    completions = tok.batch_decode(ids, skip_special_tokens=True)
+    inputs = [rows[i // 2] for i in range(4)]
+    prompts = [r["prompt"] for r in inputs]
+    want = trainer._calculate_rewards(inputs, prompts, completions, ids)  # (4, 3) per function
+    want = (want * trainer.reward_weights).nansum(-1)
+    ours = TextRewards(trainer.reward_funcs, tok, rows, 2, reward_weights=[1.0, 0.5, 0.1],
+                       reward_processing_classes=trainer.reward_processing_classes)  # fmt: skip
+    ours.set_batch([0, 1])
+    P = max(len(tok(r["prompt"])["input_ids"]) for r in rows)
+    seqs = torch.zeros((4, P + 6), dtype=torch.long)
+    mask = torch.zeros((4, 6), dtype=torch.bool)
+    for i, x in enumerate(ids):
+        seqs[i, P : P + len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = True
+    torch.testing.assert_close(ours(seqs, mask, P), want.float().cpu(), rtol=1e-5, atol=1e-6)
 
 
 def test_text_rewards_weighting_none_and_model_scores_match_hf():
