@@ -296,3 +296,50 @@ def test_prompt_sources_jsonl_list_and_errors(tmp_path):
     bad.write_text('{"prompt": "a"}\nnot json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2 is not JSON"):
         load_prompt_rows(str(bad))
+
+
+# ---- save_pretrained-style outputs
+
+
+def test_reward_head_exports_as_sequence_classification(tmp_path):
+    from rlhf_fast.trainer import ScalarHeadModel
+    from rlhf_fast.trainer.export import load_scalar_head, save_scalar_head
+
+    tok = hf_tokenizer()
+    rm = ScalarHeadModel.from_causal_lm(tiny_policy(tok), init_std=0.02)
+    with torch.no_grad():
+        rm.head.bias.fill_(0.3)
+    save_scalar_head(rm, str(tmp_path), tokenizer=tok)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path))
+    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.rlhf_fast_score_bias == pytest.approx(0.3)
+    enc = tok(["my movie was great .", "the trip is"], return_tensors="pt", padding=True, padding_side="right")
+    want = rm.score(enc["input_ids"], enc["attention_mask"])
+    got = hf(**enc).logits[:, 0] + hf.config.rlhf_fast_score_bias  # HF finds the last token by the pad id
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    back = load_scalar_head(str(tmp_path))
+    torch.testing.assert_close(back.score(enc["input_ids"], enc["attention_mask"]), want, rtol=0, atol=0)
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).pad_token_id == tok.pad_token_id
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rm"])
+def test_cli_train_writes_save_pretrained_folders_beside_model_pt(tmp_path, algo):
+    import yaml
+
+    from rlhf_fast.trainer.run import run_from_yaml
+
+    cfg = dict(steps=1, seed=0, progress=False, out_dir=str(tmp_path), batch_size=4)
+    cfg.update(dict(max_new_tokens=4, minibatch_size=4, ppo_epochs=1) if algo == "ppo" else {})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    trainer = run_from_yaml(algo, str(tmp_path / "c.yaml"))
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    if algo == "rm":
+        back = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "reward_model"))
+        ids = torch.tensor([[1, 5, 9, 12, 2]])
+        want = trainer.model.score(ids, torch.ones_like(ids))
+        torch.testing.assert_close(back(input_ids=ids).logits[:, 0] + back.config.rlhf_fast_score_bias, want)
+        return
+    policy = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))
+    for k, v in policy.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    value = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "value_model"))
+    torch.testing.assert_close(value.score.weight, trainer.critic.head.weight)

@@ -9,7 +9,10 @@ The YAML holds the trainer's dataclass fields at the top level plus:
         LoRA on the policy only; the reference and the critic are copies taken before it
 With model: tiny-demo the policy is the demo's tiny Llama (random init unless
 init_checkpoint names a saved state_dict) and `reward: rule` is its hidden rule.
-At the end the trained model's state_dict is written to out_dir/model.pt.
+At the end the trained model's state_dict is written to out_dir/model.pt, and
+save_pretrained folders beside it (trainer/export.py): out_dir/policy
+(ppo, grpo, dpo), out_dir/value_model (ppo), out_dir/reward_model (rm, an
+AutoModelForSequenceClassification folder).
 
 Resume: when out_dir holds a checkpoint.pt (written every checkpoint_every
 steps and at the end), the run continues from it: metrics.jsonl is cut back
@@ -227,4 +230,7 @@ def run_from_yaml(algo: str, path: str, fresh: bool = False):
         state = ModelState(trained).state_dict()  # full weights; a collective under FSDP2
         if trainer.rank == 0:
             atomic_save(state, os.path.join(cfg.out_dir, "model.pt"))
+        from .export import export_run  # save_pretrained folders beside model.pt
+
+        export_run(algo, trainer, trained, cfg.out_dir, tok.tok, tok.pad)
     return trainer
