@@ -73,14 +73,22 @@ def _check_signature(fn, i: int, keywords: list[str]) -> None:
         sig.bind(**{k: None for k in keywords})
     except TypeError as e:
         params = list(sig.parameters)
+        P = inspect.Parameter
+        kinds = {n: p.kind for n, p in sig.parameters.items()}
+        never = [n for n, p in sig.parameters.items() if p.default is P.empty and n not in keywords
+                 and p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]  # fmt: skip
+        takes_any = P.VAR_KEYWORD in kinds.values()
+        refused = [] if takes_any else [k for k in keywords if k not in kinds or kinds[k] == P.POSITIONAL_ONLY]
+        why = "; ".join(x for x in (f"it requires {', '.join(never)}, which are never passed" if never else "",
+                                    f"it does not accept {', '.join(refused)} (add **kwargs)" if refused else "") if x)
+        why = why or str(e)
         hint = ""
         if params[:3] == list(_TOKEN_REWARD_ARGS):
             hint = (" It looks like rlhf_fast's token-level reward fn(sequences, response_mask, prompt_length): "
                     "give that one to rlhf_fast.trainer.GRPOTrainer directly.")  # fmt: skip
         raise TypeError(
-            f"{OP}: reward function {_name(fn)!r}{sig} cannot be called TRL's way ({e}). Expected {EXPECTED_FN}; it "
-            f"is called with the keyword arguments {', '.join(keywords)}. Add **kwargs to accept the ones it does "
-            f"not use.{hint}"
+            f"{OP}: reward function {_name(fn)!r}{sig} cannot be called TRL's way: {why}. Expected {EXPECTED_FN}; "
+            f"it is called with the keyword arguments {', '.join(keywords)}.{hint}"
         ) from None
 
 
