@@ -207,7 +207,11 @@ class GRPOTrainer(_GRPOTrainer):
                              chat_template_kwargs=args.chat_template_kwargs)  # fmt: skip
         config = args.to_rlhf_fast(len(rows))
         ids, mask = tokenize_prompts(rows, tok, chat_template_kwargs=args.chat_template_kwargs)
-        device = next(model.parameters()).device
+        device = _device(args)  # as TRL (accelerate) does: the GPU of this rank unless use_cpu
+        model.to(device)
+        for f in reward.funcs:
+            if isinstance(f, torch.nn.Module):
+                f.to(device)
         ref = copy.deepcopy(model) if config.kl_coef > 0 else None
         if peft_config is not None:
             from peft import get_peft_model
@@ -220,6 +224,21 @@ class GRPOTrainer(_GRPOTrainer):
         self.model, self.processing_class, self.args, self.rows = model, tok, args, rows
         self.state = types.SimpleNamespace(global_step=0, max_steps=config.steps, log_history=[])
         reward.trainer_state = self.state
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **unsupported) -> list[dict]:
+        """Run args' steps. resume_from_checkpoint: a checkpoint.pt path, or
+        True for output_dir/checkpoint.pt (as written every save_steps)."""
+        if unsupported:
+            raise TypeError(f"rlhf_fast.trl.GRPOTrainer.train: not supported: {', '.join(sorted(unsupported))}")
+        if resume_from_checkpoint:
+            path = resume_from_checkpoint
+            if path is True:
+                path = os.path.join(self.args.output_dir or "", "checkpoint.pt")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"rlhf_fast.trl.GRPOTrainer.train: no checkpoint at {path!r}")
+            self.load(path)
+            self.state.global_step = self.step_count
+        return super().train()
 
     def make_experience(self) -> dict:
         # The rewards need each prompt's dataset row (its other columns go to
@@ -250,6 +269,12 @@ class GRPOTrainer(_GRPOTrainer):
             self.model.save_pretrained(out)
             self.processing_class.save_pretrained(out)
         return out
+
+
+def _device(args) -> torch.device:
+    if args.use_cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def _eos_ids(model, tok) -> list[int]:

@@ -344,3 +344,27 @@ def test_cli_train_writes_save_pretrained_folders_beside_model_pt(tmp_path, algo
         assert torch.equal(v, state[k]), k
     value = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "value_model"))
     torch.testing.assert_close(value.score.weight, trainer.critic.head.weight)
+
+
+def test_resume_from_checkpoint_continues_the_run(tmp_path):
+    from rlhf_fast.trl import GRPOConfig, GRPOTrainer
+
+    tok = hf_tokenizer()
+
+    def run(max_steps, resume=None, seed_model=0):
+        args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
+                          max_completion_length=4, max_steps=max_steps, save_steps=1, learning_rate=1e-3,
+                          lr_scheduler_type="constant", bf16=False, disable_tqdm=True)  # fmt: skip
+        t = GRPOTrainer(model=tiny_policy(tok, seed_model), reward_funcs=lambda completions, **kw: [
+            float(len(c)) for c in completions], args=args, train_dataset=PROMPTS, processing_class=tok)  # fmt: skip
+        t.train(resume_from_checkpoint=resume)
+        return t
+
+    straight = {k: v.clone() for k, v in run(3).model.state_dict().items()}
+    run(2)
+    resumed = run(3, resume=True, seed_model=5)  # other initial weights: the checkpoint's must win
+    assert resumed.state.global_step == 3 and len(resumed.state.log_history) == 1
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, straight[k]), k
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        run(1, resume=str(tmp_path / "nope.pt"))
