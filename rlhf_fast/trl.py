@@ -27,8 +27,7 @@ import torch
 from .trainer import config as _cfg
 from .trainer.data import load_prompt_rows, tokenize_prompts
 from .trainer.grpo import GRPOTrainer as _GRPOTrainer
-from .trainer.rewards import TextRewards
-from .trainer.rollout import sample_prompts
+from .trainer.rewards import PromptRowsMixin, TextRewards
 
 # TRL name -> TRL 1.16 default. Each is mapped in GRPOConfig.to_rlhf_fast.
 MAPPED = {
@@ -152,7 +151,7 @@ class GRPOConfig:
         )  # fmt: skip
 
 
-class GRPOTrainer(_GRPOTrainer):
+class GRPOTrainer(PromptRowsMixin, _GRPOTrainer):
     """rlhf_fast's GRPO trainer behind TRL's constructor.
 
     model: a transformers causal LM (trained in place, as TRL does) or a path
@@ -240,21 +239,8 @@ class GRPOTrainer(_GRPOTrainer):
             self.state.global_step = self.step_count
         return super().train()
 
-    def make_experience(self) -> dict:
-        # The rewards need each prompt's dataset row (its other columns go to
-        # the reward functions): replay the trainer's own draw on a copy of its
-        # generator; TextRewards checks the drawn prompts' tokens against it.
-        n = self.prompt_ids.shape[0]
-        g = torch.Generator().set_state(self.cpu_gen.get_state())
-        rows = torch.arange(n)[:, None]
-        idx = self.shard(sample_prompts(rows, rows, self.config.batch_size, g)[0][:, 0])
-        self.reward.set_batch(idx.tolist(), expected_prompt_ids=self.prompt_ids[idx.to(self.prompt_ids.device)])
-        self.reward.metrics = {}
-        return super().make_experience()
-
     def step(self) -> dict:
         metrics = super().step()
-        metrics.update(self.reward.metrics)
         self.state.global_step = self.step_count + 1
         self.state.log_history.append(metrics)
         return metrics

@@ -368,3 +368,34 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
         assert torch.equal(v, straight[k]), k
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         run(1, resume=str(tmp_path / "nope.pt"))
+
+
+def test_cli_train_grpo_with_jsonl_prompts_text_reward_and_hf_reward_model(tmp_path):
+    import yaml
+
+    from rlhf_fast.trainer.run import run_from_yaml
+
+    rows = [{"prompt": p, "noun": p.split()[1]} for p in PROMPTS]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "my_rewards.py").write_text(
+        "def names_the_noun(prompts, completions, noun, **kwargs):\n"
+        "    assert all(n == p.split()[1] for p, n in zip(prompts, noun)), 'a row got another row\\'s column'\n"
+        "    kwargs['log_metric']('calls', 1.0)\n"
+        "    return [float(n in c.split()) for c, n in zip(completions, noun)]\n"
+    )
+    tok = hf_tokenizer()
+    tiny_reward_model(tok).save_pretrained(str(tmp_path / "rm"))
+    tok.save_pretrained(str(tmp_path / "rm"))
+    cfg = dict(model="tiny-demo", steps=2, seed=0, progress=False, out_dir=str(tmp_path / "out"), batch_size=3,
+               num_samples=2, max_new_tokens=4, minibatch_size=6, ppo_epochs=1,
+               prompts_file=str(tmp_path / "prompts.jsonl"),
+               reward={"funcs": [f"{tmp_path}/my_rewards.py:names_the_noun", str(tmp_path / "rm")],
+                       "weights": [1.0, 0.5]})  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    trainer = run_from_yaml("grpo", str(tmp_path / "c.yaml"))
+    lines = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
+    assert len(lines) == 2 and all("rewards/names_the_noun/mean" in r and r["calls"] == 1.0 for r in lines)
+    assert trainer.reward.weights.tolist() == [1.0, 0.5]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**cfg, "reward": f"{tmp_path}/my_rewards.py:nope"}))
+    with pytest.raises(ValueError, match="my_rewards.py has no 'nope'"):
+        run_from_yaml("grpo", str(tmp_path / "bad.yaml"))

@@ -175,7 +175,10 @@ class TextRewards:
         prompts = [r["prompt"] for r in rows]
         resp, m = sequences[:, prompt_length:].cpu(), response_mask.cpu()
         completion_ids = [resp[i][m[i]].tolist() for i in range(resp.shape[0])]
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        if hasattr(self.tokenizer, "batch_decode"):
+            texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        else:  # the demo's word tokenizer: decode() already drops <bos>, <pad> and stops at <eos>
+            texts = [self.tokenizer.decode(ids) for ids in completion_ids]
         chat = is_conversational(prompts[0])
         completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
         kwargs = {k: [r.get(k) for r in rows] for k in self.columns}
@@ -273,3 +276,34 @@ def _load_tokenizer(model, i: int):
     except Exception:  # noqa: BLE001
         raise ValueError(f"{OP}: reward_funcs[{i}] ({type(model).__name__}) has no tokenizer at {path!r}; pass its "
                          "tokenizer in reward_processing_classes") from None  # fmt: skip
+
+
+class PromptRowsMixin:
+    """For a PPO / GRPO trainer whose reward is a TextRewards: tells it, before
+    each rollout, which dataset row each drawn prompt is (the reward functions
+    get that row's other columns). The trainer's draw is replayed on a copy of
+    its CPU generator; TextRewards checks the drawn prompts' tokens against it,
+    so a change in how trainers draw fails loudly instead of mis-scoring."""
+
+    def make_experience(self) -> dict:
+        from .rollout import sample_prompts
+
+        if isinstance(self.reward, TextRewards):
+            n = self.prompt_ids.shape[0]
+            g = torch.Generator().set_state(self.cpu_gen.get_state())
+            rows = torch.arange(n)[:, None]
+            idx = self.shard(sample_prompts(rows, rows, self.config.batch_size, g)[0][:, 0])
+            self.reward.set_batch(idx.tolist(), expected_prompt_ids=self.prompt_ids[idx.to(self.prompt_ids.device)])
+            self.reward.metrics = {}
+        return super().make_experience()
+
+    def step(self) -> dict:
+        metrics = super().step()
+        if isinstance(self.reward, TextRewards):
+            metrics.update(self.reward.metrics)
+        return metrics
+
+
+def with_prompt_rows(trainer_cls):
+    """trainer_cls (PPOTrainer, GRPOTrainer) with PromptRowsMixin."""
+    return type(trainer_cls.__name__, (PromptRowsMixin, trainer_cls), {"__module__": trainer_cls.__module__})
