@@ -91,7 +91,8 @@ def trl_style_script(GRPOConfig, GRPOTrainer, tok, dataset, out_dir, calls):
     tiny_policy(tok).save_pretrained(model_dir)
     args = GRPOConfig(output_dir=out_dir, learning_rate=1e-3, per_device_train_batch_size=8, num_generations=4,
                       max_completion_length=6, max_steps=3, beta=0.04, reward_weights=[1.0, 0.5, 0.1],
-                      logging_steps=1, seed=0, bf16=False, use_cpu=True, report_to="none", save_strategy="no")  # fmt: skip
+                      logging_steps=1, seed=0, bf16=False, use_cpu=True, report_to="none",
+                      save_strategy="no")  # fmt: skip
     trainer = GRPOTrainer(model=model_dir, reward_funcs=[positive_share, names_the_noun, reward_model],
                           args=args, train_dataset=dataset, processing_class=tok,
                           reward_processing_classes=[None, None, tok])  # fmt: skip
@@ -127,7 +128,8 @@ def test_trl_style_grpo_script_runs_with_rlhf_fast_imports(tmp_path, conversatio
     back = transformers.AutoModelForCausalLM.from_pretrained(saved)
     for (k, a), b in zip(trainer.model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
-    assert transformers.AutoTokenizer.from_pretrained(saved)("my movie was")["input_ids"] == tok("my movie was")["input_ids"]
+    back_tok = transformers.AutoTokenizer.from_pretrained(saved)
+    assert back_tok("my movie was")["input_ids"] == tok("my movie was")["input_ids"]
 
 
 def test_same_script_runs_under_trl_and_rewards_agree(tmp_path):
@@ -192,7 +194,8 @@ def test_text_rewards_weighting_none_and_model_scores_match_hf():
     assert rm.config.pad_token_id is None  # set for the call only
     r2 = TextRewards([f1], tok, rows, num_samples=2)
     r2.set_batch([0, 1])
-    assert r2(torch.tensor(seqs), torch.tensor(masks), prompt_ids.shape[1]).isnan().tolist() == [False, True, False, True]
+    nan = r2(torch.tensor(seqs), torch.tensor(masks), prompt_ids.shape[1]).isnan()
+    assert nan.tolist() == [False, True, False, True]  # every reward None: NaN, zero-weighted by the trainer
 
 
 # ---- errors before the first rollout, naming what was expected
@@ -212,8 +215,9 @@ def test_wrong_reward_signature_is_reported_before_rollout(monkeypatch):
     import rlhf_fast.trainer.rollout as rollout_mod
 
     monkeypatch.setattr(rollout_mod, "generate", lambda *a, **k: pytest.fail("generated before the check"))
-    with pytest.raises(TypeError, match=r"requires texts, which are never passed; it does not accept prompts, "
-                                        r"completions.*\(add \*\*kwargs\). Expected fn\(prompts, completions, \*\*kwargs\)"):
+    want = (r"requires texts, which are never passed; it does not accept prompts, completions.*\(add \*\*kwargs\). "
+            r"Expected fn\(prompts, completions, \*\*kwargs\)")
+    with pytest.raises(TypeError, match=want):
         _trainer([lambda texts: [0.0] * len(texts)])
     with pytest.raises(TypeError, match="rlhf_fast's token-level reward"):
         _trainer([lambda sequences, response_mask, prompt_length: None])
@@ -312,7 +316,8 @@ def test_reward_head_exports_as_sequence_classification(tmp_path):
         rm.head.bias.fill_(0.3)
     save_scalar_head(rm, str(tmp_path), tokenizer=tok)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path))
-    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.rlhf_fast_score_bias == pytest.approx(0.3)
+    assert type(hf).__name__ == "LlamaForSequenceClassification"
+    assert hf.config.rlhf_fast_score_bias == pytest.approx(0.3)
     enc = tok(["my movie was great .", "the trip is"], return_tensors="pt", padding=True, padding_side="right")
     want = rm.score(enc["input_ids"], enc["attention_mask"])
     got = hf(**enc).logits[:, 0] + hf.config.rlhf_fast_score_bias  # HF finds the last token by the pad id
@@ -399,3 +404,24 @@ def test_cli_train_grpo_with_jsonl_prompts_text_reward_and_hf_reward_model(tmp_p
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**cfg, "reward": f"{tmp_path}/my_rewards.py:nope"}))
     with pytest.raises(ValueError, match="my_rewards.py has no 'nope'"):
         run_from_yaml("grpo", str(tmp_path / "bad.yaml"))
+
+
+def test_core_trainer_checks_its_reward_before_the_first_rollout():
+    from rlhf_fast.trainer import GRPOConfig as CoreConfig
+    from rlhf_fast.trainer import GRPOTrainer as CoreGRPO
+
+    tok = hf_tokenizer()
+    ids = torch.tensor([tok("my movie was")["input_ids"]])
+    cfg = CoreConfig(steps=1, batch_size=1, num_samples=2, max_new_tokens=2, progress=False)
+
+    def build(reward):
+        return CoreGRPO(cfg, tiny_policy(tok), None, reward, ids, eos_token_id=2, pad_token_id=0)
+
+    with pytest.raises(TypeError, match="LlamaForSequenceClassification; expected a ScalarHeadModel.*TextRewards"):
+        build(tiny_reward_model(tok))
+    with pytest.raises(TypeError, match="cannot be called as reward\\(sequences, response_mask, prompt_length\\).*TRL "
+                                        "reward function on text"):  # fmt: skip
+        build(lambda prompts, completions, **kw: [0.0])
+    with pytest.raises(TypeError, match="reward is a str"):
+        build("rule")
+    build(lambda sequences, response_mask, prompt_length: torch.zeros(sequences.shape[0]))  # the right shape passes

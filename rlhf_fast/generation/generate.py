@@ -145,8 +145,8 @@ def generate(
     """
     nrs = generate_kwargs.pop("num_return_sequences", None)
     max_length = generate_kwargs.pop("max_length", None)
-    if max_new_tokens is None and max_length is not None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
-        max_new_tokens = max_length - input_ids.shape[1]  # HF: max_length counts the prompt
+    if max_new_tokens is None and max_length is not None and isinstance(input_ids, torch.Tensor):
+        max_new_tokens = max_length - input_ids.shape[-1]  # HF: max_length counts the prompt
     if num_samples is None and nrs is not None:
         num_samples = nrs
     hf = resolve_hf_args(

@@ -39,8 +39,8 @@ SUPPORTED = ("do_sample", "generation_config", "max_new_tokens", "max_length", "
 def _refuse(op: str, name: str, value) -> ValueError:
     return ValueError(
         f"{op}: {name}={value!r} is not supported: rlhf_fast.generate samples from softmax(logits / temperature) "
-        f"with top-k / top-p / min-p only, so that the log-probs it returns are the trainer's. Supported model.generate "
-        f"arguments: {', '.join(SUPPORTED)}. Use model.generate for {name}."
+        f"with top-k / top-p / min-p only, so that the log-probs it returns are the trainer's. Supported "
+        f"model.generate arguments: {', '.join(SUPPORTED)}. Use model.generate for {name}."
     )
 
 

@@ -111,7 +111,8 @@ class TextRewards:
                  reward_processing_classes=None, chat_template_kwargs: dict | None = None):  # fmt: skip
         funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
-            raise ValueError(f"{OP}: no reward functions given; expected at least one {EXPECTED_FN} or {EXPECTED_MODEL}")
+            raise ValueError(f"{OP}: no reward functions given; expected at least one {EXPECTED_FN} or "
+                             f"{EXPECTED_MODEL}")  # fmt: skip
         procs = reward_processing_classes
         procs = list(procs) if isinstance(procs, (list, tuple)) else [procs] * len(funcs)
         if len(procs) != len(funcs):
@@ -136,7 +137,8 @@ class TextRewards:
         self.names = [_name(f) for f in self.funcs]
         w = [1.0] * len(self.funcs) if reward_weights is None else [float(x) for x in reward_weights]
         if len(w) != len(self.funcs):
-            raise ValueError(f"{OP}: {len(w)} reward_weights for {len(self.funcs)} reward functions; give one per reward")
+            raise ValueError(f"{OP}: {len(w)} reward_weights for {len(self.funcs)} reward functions; give one per "
+                             "reward")  # fmt: skip
         if not all(math.isfinite(x) for x in w):
             raise ValueError(f"{OP}: reward_weights must be finite, got {w}")
         self.weights = torch.tensor(w, dtype=torch.float32)
@@ -224,7 +226,8 @@ class TextRewards:
 
     def _model_scores(self, model, tok, prompts, completions, chat) -> torch.Tensor:
         if chat:
-            texts = [tok.apply_chat_template(p + c, tokenize=False, **self.chat_kw) for p, c in zip(prompts, completions)]
+            texts = [tok.apply_chat_template(p + c, tokenize=False, **self.chat_kw)
+                     for p, c in zip(prompts, completions)]  # fmt: skip
         else:
             texts = [p + c for p, c in zip(prompts, completions)]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -307,3 +310,37 @@ class PromptRowsMixin:
 def with_prompt_rows(trainer_cls):
     """trainer_cls (PPOTrainer, GRPOTrainer) with PromptRowsMixin."""
     return type(trainer_cls.__name__, (PromptRowsMixin, trainer_cls), {"__module__": trainer_cls.__module__})
+
+
+def check_token_reward(reward) -> None:
+    """What PPOTrainer / GRPOTrainer take as `reward`, checked when they are
+    built: a ScalarHeadModel, a TextRewards, or fn(sequences, response_mask,
+    prompt_length) -> (N,). Raises TypeError naming what was expected."""
+    from .models import ScalarHeadModel
+
+    expected = ("a ScalarHeadModel, fn(sequences, response_mask, prompt_length) -> (N,) scores, or a "
+                "rlhf_fast.trainer.rewards.TextRewards")  # fmt: skip
+    if isinstance(reward, (ScalarHeadModel, TextRewards)):
+        return
+    cls = type(reward).__name__
+    if isinstance(reward, nn.Module) and cls.endswith(("ForSequenceClassification", "ForCausalLM")):
+        hint = ""
+        if cls.endswith("ForSequenceClassification"):
+            hint = ("; a Hugging Face reward model scores text: wrap it in TextRewards([model], tokenizer, rows, n) "
+                    "or use rlhf_fast.trl.GRPOTrainer")  # fmt: skip
+        raise TypeError(f"reward is a {cls}; expected {expected}{hint}")
+    if not callable(reward):
+        raise TypeError(f"reward is a {type(reward).__name__}; expected {expected}")
+    try:
+        sig = inspect.signature(reward)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None, None, None)
+    except TypeError:
+        hint = ""
+        if {"prompts", "completions"} & set(sig.parameters):
+            hint = ("; it looks like a TRL reward function on text: wrap it in TextRewards([fn], tokenizer, rows, n) "
+                    "or use rlhf_fast.trl.GRPOTrainer")  # fmt: skip
+        raise TypeError(f"reward function {_name(reward)!r}{sig} cannot be called as reward(sequences, "
+                        f"response_mask, prompt_length); expected {expected}{hint}") from None  # fmt: skip
