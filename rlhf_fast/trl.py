@@ -107,13 +107,14 @@ class GRPOConfig:
             raise ValueError("rlhf_fast.trl.GRPOConfig: generation_batch_size and steps_per_generation cannot both "
                              "be set (as in TRL)")  # fmt: skip
         ga, pd = self.gradient_accumulation_steps, self.per_device_train_batch_size
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # as TRL: the generation batch is global, per_device per rank
         if self.generation_batch_size is None:
             spg = self.steps_per_generation if self.steps_per_generation is not None else ga
-            self.generation_batch_size = pd * spg
-        if self.generation_batch_size % pd:
+            self.generation_batch_size = pd * world * spg
+        if self.generation_batch_size % (pd * world):
             raise ValueError(f"rlhf_fast.trl.GRPOConfig: generation_batch_size ({self.generation_batch_size}) must "
-                             f"be divisible by per_device_train_batch_size ({pd})")  # fmt: skip
-        self.steps_per_generation = self.generation_batch_size // pd
+                             f"be divisible by per_device_train_batch_size x processes ({pd} x {world})")  # fmt: skip
+        self.steps_per_generation = self.generation_batch_size // (pd * world)
         if self.generation_batch_size % self.num_generations:
             raise ValueError(f"rlhf_fast.trl.GRPOConfig: generation_batch_size ({self.generation_batch_size}) must "
                              f"be divisible by num_generations ({self.num_generations})")  # fmt: skip
@@ -163,7 +164,9 @@ class GRPOTrainer(PromptRowsMixin, _GRPOTrainer):
     processing_class: the policy's tokenizer (default: loaded from the model's path).
     peft_config: a peft LoraConfig; the reference model is taken before it.
     Not supported (raise when given): eval_dataset, callbacks, optimizers,
-    quantization_config, rollout_func, environment_factory."""
+    quantization_config, rollout_func, environment_factory, tools.
+    Under torchrun each rank generates its share of the global generation
+    batch (per_device_train_batch_size x processes x steps_per_generation)."""
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
@@ -206,6 +209,10 @@ class GRPOTrainer(PromptRowsMixin, _GRPOTrainer):
                              chat_template_kwargs=args.chat_template_kwargs)  # fmt: skip
         config = args.to_rlhf_fast(len(rows))
         ids, mask = tokenize_prompts(rows, tok, chat_template_kwargs=args.chat_template_kwargs)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: join the process group (NCCL / gloo)
+            from .trainer.run import _init_distributed
+
+            _init_distributed()
         device = _device(args)  # as TRL (accelerate) does: the GPU of this rank unless use_cpu
         model.to(device)
         for f in reward.funcs:

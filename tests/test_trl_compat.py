@@ -425,3 +425,16 @@ def test_core_trainer_checks_its_reward_before_the_first_rollout():
     with pytest.raises(TypeError, match="reward is a str"):
         build("rule")
     build(lambda sequences, response_mask, prompt_length: torch.zeros(sequences.shape[0]))  # the right shape passes
+
+
+def test_trl_style_script_under_torchrun_keeps_ranks_in_sync(tmp_path):
+    import os
+
+    from test_trainer import _run_torchrun
+
+    out = str(tmp_path / "r")
+    _run_torchrun(os.path.join(os.path.dirname(__file__), "_trl_worker.py"), out)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert r0["batch_size"] == 2 and r0["steps"] == r1["steps"] == 2  # 4 per rank x 2 ranks / 4 samples = 2 prompts
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k
