@@ -59,10 +59,14 @@ def tiny_reward_model(tok, seed=1):
 PROMPTS = [f"{d} {n} was" for d in world.DETS for n in world.NOUNS[:4]]  # 12 prompts
 
 
-def prompt_dataset(conversational=False):
-    datasets = pytest.importorskip("datasets")
+def prompt_dataset(conversational=False, source="datasets"):
+    """A datasets.Dataset (TRL's input; `datasets` is not a dependency of rlhf_fast) or a list of dicts."""
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS] if conversational else PROMPTS
-    return datasets.Dataset.from_dict({"prompt": prompts, "noun": [p.split()[1] for p in PROMPTS]})
+    nouns = [p.split()[1] for p in PROMPTS]
+    if source == "list":
+        return [{"prompt": p, "noun": n} for p, n in zip(prompts, nouns)]
+    datasets = pytest.importorskip("datasets", reason="TRL's Dataset input needs the datasets package (TRL has it)")
+    return datasets.Dataset.from_dict({"prompt": prompts, "noun": nouns})
 
 
 def _text(c):
@@ -100,13 +104,14 @@ def trl_style_script(GRPOConfig, GRPOTrainer, tok, dataset, out_dir, calls):
     return trainer
 
 
-@pytest.mark.parametrize("conversational", [False, True])
-def test_trl_style_grpo_script_runs_with_rlhf_fast_imports(tmp_path, conversational):
+@pytest.mark.parametrize("source,conversational", [("datasets", False), ("datasets", True), ("list", True)])
+def test_trl_style_grpo_script_runs_with_rlhf_fast_imports(tmp_path, source, conversational):
     from rlhf_fast.trl import GRPOConfig, GRPOTrainer
 
     tok = hf_tokenizer()
     calls = []
-    trainer = trl_style_script(GRPOConfig, GRPOTrainer, tok, prompt_dataset(conversational), str(tmp_path), calls)
+    data = prompt_dataset(conversational, source)
+    trainer = trl_style_script(GRPOConfig, GRPOTrainer, tok, data, str(tmp_path), calls)
     assert trainer.step_count == 3 and trainer.state.global_step == 3
     c = trainer.config  # TRL's names mapped: 8 completions per step = 2 prompts x 4
     assert (c.batch_size, c.num_samples, c.minibatch_size, c.max_new_tokens, c.kl_coef) == (2, 4, 8, 6, 0.04)
@@ -207,8 +212,8 @@ def _trainer(reward_funcs, tmp_path=None, **cfg):
     tok = hf_tokenizer()
     args = GRPOConfig(output_dir=None, per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
                       max_steps=1, bf16=False, **cfg)  # fmt: skip
-    return GRPOTrainer(model=tiny_policy(tok), reward_funcs=reward_funcs, args=args, train_dataset=prompt_dataset(),
-                       processing_class=tok)  # fmt: skip
+    return GRPOTrainer(model=tiny_policy(tok), reward_funcs=reward_funcs, args=args,
+                       train_dataset=prompt_dataset(source="list"), processing_class=tok)  # fmt: skip
 
 
 def test_wrong_reward_signature_is_reported_before_rollout(monkeypatch):
@@ -293,8 +298,17 @@ def test_prompt_sources_jsonl_list_and_errors(tmp_path):
     assert mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
     chat, _ = tokenize_prompts([{"prompt": [{"role": "user", "content": "my movie was"}]}], tok)
     assert tok.decode(chat[0]) == "<user> my movie was <assistant>"
-    with pytest.raises(ValueError, match='no "prompt" column'):
-        load_prompt_rows(prompt_dataset().rename_column("prompt", "query"))
+    class Columns:  # anything with column_names, len() and ds[i] passes for a datasets.Dataset
+        column_names = ["query"]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"query": "my movie was"}
+
+    with pytest.raises(ValueError, match=r'no "prompt" column \(columns: \[\'query\'\]\)'):
+        load_prompt_rows(Columns())
     with pytest.raises(ValueError, match="mixes plain-text and conversational"):
         load_prompt_rows([{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}])
     bad = tmp_path / "bad.jsonl"
@@ -375,7 +389,8 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
         run(1, resume=str(tmp_path / "nope.pt"))
 
 
-def test_cli_train_grpo_with_jsonl_prompts_text_reward_and_hf_reward_model(tmp_path):
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_cli_train_with_jsonl_prompts_text_reward_and_hf_reward_model(tmp_path, algo):
     import yaml
 
     from rlhf_fast.trainer.run import run_from_yaml
@@ -392,18 +407,18 @@ def test_cli_train_grpo_with_jsonl_prompts_text_reward_and_hf_reward_model(tmp_p
     tiny_reward_model(tok).save_pretrained(str(tmp_path / "rm"))
     tok.save_pretrained(str(tmp_path / "rm"))
     cfg = dict(model="tiny-demo", steps=2, seed=0, progress=False, out_dir=str(tmp_path / "out"), batch_size=3,
-               num_samples=2, max_new_tokens=4, minibatch_size=6, ppo_epochs=1,
+               max_new_tokens=4, minibatch_size=6, ppo_epochs=1, **({"num_samples": 2} if algo == "grpo" else {}),
                prompts_file=str(tmp_path / "prompts.jsonl"),
                reward={"funcs": [f"{tmp_path}/my_rewards.py:names_the_noun", str(tmp_path / "rm")],
                        "weights": [1.0, 0.5]})  # fmt: skip
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    trainer = run_from_yaml("grpo", str(tmp_path / "c.yaml"))
+    trainer = run_from_yaml(algo, str(tmp_path / "c.yaml"))
     lines = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
     assert len(lines) == 2 and all("rewards/names_the_noun/mean" in r and r["calls"] == 1.0 for r in lines)
     assert trainer.reward.weights.tolist() == [1.0, 0.5]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**cfg, "reward": f"{tmp_path}/my_rewards.py:nope"}))
     with pytest.raises(ValueError, match="my_rewards.py has no 'nope'"):
-        run_from_yaml("grpo", str(tmp_path / "bad.yaml"))
+        run_from_yaml(algo, str(tmp_path / "bad.yaml"))
 
 
 def test_core_trainer_checks_its_reward_before_the_first_rollout():
