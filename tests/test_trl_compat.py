@@ -453,3 +453,28 @@ def test_trl_style_script_under_torchrun_keeps_ranks_in_sync(tmp_path):
     assert r0["batch_size"] == 2 and r0["steps"] == r1["steps"] == 2  # 4 per rank x 2 ranks / 4 samples = 2 prompts
     for k, v in r0["state"].items():
         assert torch.equal(v, r1["state"][k]), k
+
+
+def test_peft_config_trains_only_the_adapters_and_async_rewards_run():
+    peft = pytest.importorskip("peft", reason="optional: pip install peft (in the test extra)")
+    from rlhf_fast.trl import GRPOConfig, GRPOTrainer
+
+    tok = hf_tokenizer()
+
+    async def length_reward(completions, **kwargs):  # TRL also accepts async reward functions
+        return [float(len(c)) for c in completions]
+
+    args = GRPOConfig(per_device_train_batch_size=4, num_generations=4, max_completion_length=4, max_steps=1,
+                      learning_rate=1e-2, beta=0.1, bf16=False, disable_tqdm=True)  # fmt: skip
+    model = tiny_policy(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    t = GRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=PROMPTS, processing_class=tok,
+                    peft_config=lora)  # fmt: skip
+    t.train()
+    assert t.state.log_history[0]["applied"] == 1 and "kl" in t.state.log_history[0]  # beta > 0: a reference ran
+    named = dict(t.model.named_parameters())
+    assert all(p.requires_grad == ("lora_" in n) for n, p in named.items())
+    assert any(float(p.detach().abs().max()) > 0 for n, p in named.items() if "lora_B" in n)  # the adapters moved
+    for k, v in t.ref.state_dict().items():  # the reference is the model before the adapters, untouched
+        assert torch.equal(v, before[k]), k
