@@ -147,25 +147,28 @@ def test_same_script_runs_under_trl_and_rewards_agree(tmp_path):
     trainer = trl_style_script(trl.GRPOConfig, trl.GRPOTrainer, tok, prompt_dataset(), str(tmp_path), calls)
     assert trainer.state.global_step == 3
     assert {n for n, _ in calls} == {"positive_share", "names_the_noun"}
-    # one generation batch scored both ways: 2 prompts x 2 samples
-    rows = [dict(prompt_dataset()[i]) for i in (0, 5)]
+    # one generation batch scored both ways, 2 prompts x 2 samples, text and chat (the reward model then
+    # reads the chat template)
     texts = ["great and bad .", "my movie", "odd .", "trip is nice ."]
     ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-    completions = tok.batch_decode(ids, skip_special_tokens=True)
-    inputs = [rows[i // 2] for i in range(4)]
-    prompts = [r["prompt"] for r in inputs]
-    want = trainer._calculate_rewards(inputs, prompts, completions, ids)  # (4, 3) per function
-    want = (want * trainer.reward_weights).nansum(-1)
-    ours = TextRewards(trainer.reward_funcs, tok, rows, 2, reward_weights=[1.0, 0.5, 0.1],
-                       reward_processing_classes=trainer.reward_processing_classes)  # fmt: skip
-    ours.set_batch([0, 1])
-    P = max(len(tok(r["prompt"])["input_ids"]) for r in rows)
-    seqs = torch.zeros((4, P + 6), dtype=torch.long)
-    mask = torch.zeros((4, 6), dtype=torch.bool)
-    for i, x in enumerate(ids):
-        seqs[i, P : P + len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = True
-    torch.testing.assert_close(ours(seqs, mask, P), want.float().cpu(), rtol=1e-5, atol=1e-6)
+    decoded = tok.batch_decode(ids, skip_special_tokens=True)
+    for conversational in (False, True):
+        rows = [dict(prompt_dataset(conversational)[i]) for i in (0, 5)]
+        inputs = [rows[i // 2] for i in range(4)]
+        prompts = [r["prompt"] for r in inputs]
+        completions = [[{"role": "assistant", "content": d}] for d in decoded] if conversational else decoded
+        want = trainer._calculate_rewards(inputs, prompts, completions, ids)  # (4, 3) per function
+        want = (want * trainer.reward_weights).nansum(-1)
+        ours = TextRewards(trainer.reward_funcs, tok, rows, 2, reward_weights=[1.0, 0.5, 0.1],
+                           reward_processing_classes=trainer.reward_processing_classes)  # fmt: skip
+        ours.set_batch([0, 1])
+        P = 8  # any prompt width: the rows name their prompts, the tokens only carry the completions
+        seqs = torch.zeros((4, P + 6), dtype=torch.long)
+        mask = torch.zeros((4, 6), dtype=torch.bool)
+        for i, x in enumerate(ids):
+            seqs[i, P : P + len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = True
+        torch.testing.assert_close(ours(seqs, mask, P), want.float().cpu(), rtol=1e-5, atol=1e-6)
 
 
 # ---- errors before the first rollout, naming what was expected
