@@ -17,6 +17,8 @@ import torch
 
 from ..ops._common import check_int
 from ..ops.sampling import draw_seeds, row_params, sample_with_seeds
+from .hf_args import check_sliding_window, warn_right_padding
+from .hf_args import resolve as resolve_hf_args
 from .static_cache import prefill_cache, static_cache_from_prefill
 
 OP = "rlhf_fast.generate"
@@ -88,18 +90,21 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    max_new_tokens: int,
-    num_samples: int = 1,
-    temperature=1.0,
-    top_k=0,
-    top_p=1.0,
-    min_p=0.0,
+    max_new_tokens: int | None = None,
+    num_samples: int | None = None,
+    temperature=None,
+    top_k=None,
+    top_p=None,
+    min_p=None,
     eos_token_id=None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     compile: bool = False,
     sync_every: int = 8,
     sync_group=None,
+    do_sample: bool | None = None,
+    generation_config=None,
+    **generate_kwargs,
 ) -> GenerateOutput:
     """Sample `num_samples` responses per prompt from a Hugging Face causal LM.
 
@@ -126,7 +131,32 @@ def generate(
     outputs (R = 0) without calling the model; P = 0 is an error.
     max_new_tokens, num_samples, sync_every: ints >= 1; pad_token_id: an int
     in [0, model.config.vocab_size).
+    model.generate's own arguments (generation/hf_args.py): do_sample (False:
+    greedy; None/True: sample), generation_config (a GenerationConfig or dict
+    filling what is not given explicitly: max_new_tokens / max_length,
+    temperature, top_k, top_p, min_p, eos/pad ids, num_return_sequences),
+    num_return_sequences, max_length. Defaults: temperature 1, top_k 0, top_p 1,
+    min_p 0, num_samples 1. Arguments that would change the distribution
+    (repetition_penalty, num_beams > 1, no_repeat_ngram_size, logits_processor,
+    ...) raise ValueError by name; at their neutral values they are accepted.
+    Right-padded prompts warn (their log-probs differ from the trainer's).
+    Sliding-window models (Mistral, Gemma 2) are exact while prompt +
+    max_new_tokens fit in the window and raise before the prefill otherwise.
     """
+    nrs = generate_kwargs.pop("num_return_sequences", None)
+    max_length = generate_kwargs.pop("max_length", None)
+    if max_new_tokens is None and max_length is not None and isinstance(input_ids, torch.Tensor):
+        max_new_tokens = max_length - input_ids.shape[-1]  # HF: max_length counts the prompt
+    if num_samples is None and nrs is not None:
+        num_samples = nrs
+    hf = resolve_hf_args(
+        OP, model, input_ids, dict(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
+        top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id),
+        do_sample, generation_config, generate_kwargs,
+    )  # fmt: skip
+    max_new_tokens, num_samples, temperature = hf["max_new_tokens"], hf["num_samples"], hf["temperature"]
+    top_k, top_p, min_p = hf["top_k"], hf["top_p"], hf["min_p"]
+    eos_token_id, pad_token_id = hf["eos_token_id"], hf["pad_token_id"]
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"{OP}: input_ids must be a 2-D (B, P) tensor")
     R = check_int(OP, "max_new_tokens", max_new_tokens, lo=1)
@@ -148,6 +178,8 @@ def generate(
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"{OP}: attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    warn_right_padding(OP, attention_mask)
+    check_sliding_window(OP, model, P + R)
     temp, tk, tp, mp, filtered = row_params(
         N, device, _expand(temperature, B, n), _expand(top_k, B, n), _expand(top_p, B, n), _expand(min_p, B, n),
         getattr(model, "dtype", torch.float32),

@@ -41,7 +41,13 @@ def static_cache_from_prefill(model, prefill: DynamicCache, num_samples: int, ma
     )
     for src, dst in zip(layers, cache.layers):
         if getattr(dst, "is_sliding", False):
-            raise ValueError("rlhf_fast.generate: sliding-window cache layers are not supported")
+            # exact while P + R fits in the window (generate checks it first): the layer's
+            # buffer is then min(window, max_cache_len) = max_cache_len and never rolls
+            if dst.max_cache_len < max_cache_len:
+                raise ValueError(f"rlhf_fast.generate: {max_cache_len} tokens exceed the sliding window "
+                                 f"({dst.max_cache_len}); only sequences that fit in the window are "
+                                 "supported")  # fmt: skip
+            dst.cumulative_length_int = P  # the host-side count this layer type keeps beside the device one
         dst.keys[:, :, :P].copy_(src.keys.repeat_interleave(num_samples, dim=0))
         dst.values[:, :, :P].copy_(src.values.repeat_interleave(num_samples, dim=0))
         dst.cumulative_length.fill_(P)  # device tensor: the next write goes to column P

@@ -44,6 +44,9 @@ class Trainer:
         the policy's DDP wrapper (or FSDP2 shards) and optimizer, KL control,
         reward moments."""
         config = self.config
+        from .rewards import check_token_reward
+
+        check_token_reward(reward)  # a wrong type or signature fails here, before the first rollout
         if isinstance(reward, torch.nn.Module):
             reward.eval().requires_grad_(False)
             self.wrap(reward, trainable=False)
