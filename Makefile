@@ -43,7 +43,7 @@ $(STAMPS)/deps-test: pyproject.toml $(STAMPS)/torch
 $(STAMPS)/ext: $(CSRC) setup.py $(STAMPS)/torch $(if $(EXT_SO),,FORCE) | $(STAMPS)/deps-core
 	@echo "setup: building rlhf_fast._C with $(MAX_JOBS) jobs (ninja prints [done/total] per file; the first"
 	@echo "       build takes about 5 min on 2 cores, later ones recompile only the changed files)"
-	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace --force
+	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py build_ext --inplace --force
 	@$(PY) -c "import rlhf_fast._C" || (echo "rlhf_fast._C failed to build or load" && exit 1)
 	@touch $@
 

@@ -123,8 +123,9 @@ def _one_line(e: BaseException) -> str:
 
 def train_threads(requested: int | None, model_spec) -> int | None:
     """The torch thread count for `train`, or None to keep torch's default.
-    Measured on a shared 2-core box, 10 PPO steps of the tiny-demo model took
-    7-12 s on 1 thread and 19-27 s on torch's default of 2 (docs/trainer.md)."""
+    tiny-demo gets 1: on the shared 2-core box its PPO steps ran 1.5-3.7x
+    slower on torch's default of 2 threads (benchmarks/results/demo-cpu.json,
+    train_threads)."""
     if requested is not None:
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
@@ -150,16 +151,19 @@ def _train(args) -> int:
     import torch
     import torch.distributed as dist
 
-    threads = train_threads(args.threads, model_spec)
+    threads, before = train_threads(args.threads, model_spec), torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     from .trainer.run import run_from_yaml
     from .trainer.summary import train_summary
 
-    trainer = run_from_yaml(args.algo, args.config, fresh=args.fresh, overrides=args.overrides)
-    if trainer.rank == 0:
-        print(f"(torch threads: {torch.get_num_threads()})")
-        print(train_summary(trainer, args.algo))
+    try:
+        trainer = run_from_yaml(args.algo, args.config, fresh=args.fresh, overrides=args.overrides)
+        if trainer.rank == 0:
+            print(f"(torch threads: {torch.get_num_threads()})")
+            print(train_summary(trainer, args.algo))
+    finally:
+        torch.set_num_threads(before)  # callers in the same process (tests) keep theirs
     del trainer  # DDP reducers go before the process group, not at interpreter teardown (seen hung)
     gc.collect()
     if dist.is_available() and dist.is_initialized():

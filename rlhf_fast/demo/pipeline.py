@@ -171,6 +171,7 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, thre
         "true_score_before": round(before["true_score"], 4), "true_score_after": round(after["true_score"], 4),
         "true_score_gain": round(after["true_score"] - before["true_score"], 4),
         "rm_score_before": round(before["rm_score"], 4), "rm_score_after": round(after["rm_score"], 4),
+        "eval_prompts": len(eval_prompts),
         "rm_accuracy": round(rm_eval["eval_accuracy"], 4), "rm_eval_pairs": int(rt.eval_idx.numel()),
         "rm_train_pairs": int(rt.train_idx.numel()), "kl_final": round(sum(kl_tail) / len(kl_tail), 4),
         "kl_max": round(max(r["kl"] for r in rows), 4), "ppo_steps": len(rows), "skipped_steps": ppo.skipped_steps,
