@@ -38,7 +38,7 @@ _LAZY = {
     "vocab_parallel_logprobs": ".ops.vocab_parallel",
     "vocab_parallel_linear_logprobs": ".ops.vocab_parallel",
 }
-_SUBMODULES = {"reference", "ops", "generation", "trainer", "integrations", "demo", "cli", "bench"}
+_SUBMODULES = {"reference", "ops", "generation", "trainer", "integrations", "demo", "cli", "bench", "triton"}
 
 
 def __getattr__(name: str):
@@ -46,8 +46,12 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value  # later look-ups skip __getattr__
         return value
-    if name in _SUBMODULES:
-        return importlib.import_module("." + name, __name__)
+    if not name.startswith("__"):  # rlhf_fast.ops, rlhf_fast._backend, ...: the submodule, imported now
+        try:
+            return importlib.import_module("." + name, __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'rlhf_fast' has no attribute {name!r}")
 
 

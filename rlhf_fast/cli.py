@@ -123,8 +123,9 @@ def _one_line(e: BaseException) -> str:
 
 def train_threads(requested: int | None, model_spec) -> int | None:
     """The torch thread count for `train`, or None to keep torch's default.
-    tiny-demo gets 1: on the shared 2-core box its PPO steps ran 1.5-3.7x
-    slower on torch's default of 2 threads (benchmarks/results/demo-cpu.json,
+    tiny-demo gets 1: its ~0.1M-parameter matmuls are too small to split, so
+    more threads only add synchronisation and, on a shared box, contention
+    (10 PPO steps at 1 and at 2 threads: benchmarks/results/demo-cpu.json,
     train_threads)."""
     if requested is not None:
         return requested
