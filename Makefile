@@ -22,11 +22,13 @@ EXT_SO := $(wildcard rlhf_fast/_C*.so)
 setup: $(STAMPS)/deps-core $(STAMPS)/ext
 setup-test: $(STAMPS)/deps-test $(STAMPS)/ext
 
-# Rewritten only when the installed torch version changes.
+# Rewritten only when the installed torch version changes. Read from the
+# package metadata: importing torch would cost seconds on every run.
+TORCH_VERSION = $(PY) -c "import importlib.metadata as m; print(m.version('torch'))"
 $(STAMPS)/torch: FORCE
 	@mkdir -p $(STAMPS)
-	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC) --index-url $(TORCH_INDEX)
-	@$(PY) -c "import torch; print(torch.__version__)" > $@.new
+	@$(TORCH_VERSION) > $@.new 2>/dev/null || \
+		($(PIP) install $(TORCH_SPEC) --index-url $(TORCH_INDEX) && $(TORCH_VERSION) > $@.new)
 	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; echo "setup: torch $$(cat $@)"; fi
 
 # core: what the demo and the library need; test: plus pytest, peft,
@@ -44,7 +46,7 @@ $(STAMPS)/ext: $(CSRC) setup.py $(STAMPS)/torch $(if $(EXT_SO),,FORCE) | $(STAMP
 	@echo "setup: building rlhf_fast._C with $(MAX_JOBS) jobs (ninja prints [done/total] per file; the first"
 	@echo "       build takes about 5 min on 2 cores, later ones recompile only the changed files)"
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py build_ext --inplace --force
-	@$(PY) -c "import rlhf_fast._C" || (echo "rlhf_fast._C failed to build or load" && exit 1)
+	@$(PY) -c "import torch, rlhf_fast._C" || (echo "rlhf_fast._C failed to build or load" && exit 1)  # torch first: it loads libc10.so
 	@touch $@
 
 # The main job: what runs here, then the end-to-end RLHF demo (SFT, simulated
