@@ -43,8 +43,8 @@ $(STAMPS)/deps-test: pyproject.toml $(STAMPS)/torch
 	@touch $@ $(STAMPS)/deps-core
 
 $(STAMPS)/ext: $(CSRC) setup.py $(STAMPS)/torch $(if $(EXT_SO),,FORCE) | $(STAMPS)/deps-core
-	@echo "setup: building rlhf_fast._C with $(MAX_JOBS) jobs (ninja prints [done/total] per file; the first"
-	@echo "       build takes about 5 min on 2 cores, later ones recompile only the changed files)"
+	@echo "setup: building rlhf_fast._C with $(MAX_JOBS) jobs; ninja prints [done/total] as each file finishes."
+	@echo "       The first build compiles every file (many minutes on 2 cores: see the README); later ones only what changed."
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py build_ext --inplace --force
 	@$(PY) -c "import torch, rlhf_fast._C" || (echo "rlhf_fast._C failed to build or load" && exit 1)  # torch first: it loads libc10.so
 	@touch $@
