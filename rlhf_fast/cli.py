@@ -13,7 +13,8 @@ import sys
 
 # Errors a user can fix from the command line or the YAML: printed as one
 # line (`--traceback` shows the full trace). Anything else keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
 
 
 def format_info(report: dict) -> str:
