@@ -1,36 +1,70 @@
 # The README's commands. Each target sets itself up first, so a fresh clone
-# needs nothing but Python 3.10+ and a C++ compiler.
+# needs nothing but Python 3.10+ (in a virtual environment), a C++ compiler
+# and make. Set-up is incremental: stamps under build/stamps record what is
+# installed, and the extension is built in place with a kept build/ folder,
+# so a second `make demo` skips set-up and a changed .cpp recompiles alone.
 PY ?= python3
 PIP := $(PY) -m pip
-# torch first: the CPU build where there is no GPU, so pip never pulls the
-# several-GB CUDA wheels onto a CPU machine; then the project without build
-# isolation, so it compiles against that torch.
+# torch first, from the CPU index unless told otherwise, so pip never pulls
+# the several-GB CUDA wheels onto a CPU machine (a GPU machine: install the
+# CUDA torch you want first; an importable torch is never replaced).
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+MAX_JOBS ?= 2
+STAMPS := build/stamps
+CSRC := $(shell find csrc -type f)
+# The extension is rebuilt when a source, setup.py or torch changes, or when
+# the library itself is missing.
+EXT_SO := $(wildcard rlhf_fast/_C*.so)
 
-.PHONY: setup demo test bench cuda-check gpu-compile-check kernels-table integrations clean
+.PHONY: setup setup-test demo test bench cuda-check gpu-compile-check kernels-table integrations clean FORCE
 
-setup:
-	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+setup: $(STAMPS)/deps-core $(STAMPS)/ext
+setup-test: $(STAMPS)/deps-test $(STAMPS)/ext
+
+# Rewritten only when the installed torch version changes. Read from the
+# package metadata: importing torch would cost seconds on every run.
+TORCH_VERSION = $(PY) -c "import importlib.metadata as m; print(m.version('torch'))"
+$(STAMPS)/torch: FORCE
+	@mkdir -p $(STAMPS)
+	@$(TORCH_VERSION) > $@.new 2>/dev/null || \
+		($(PIP) install $(TORCH_SPEC) --index-url $(TORCH_INDEX) && $(TORCH_VERSION) > $@.new)
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; echo "setup: torch $$(cat $@)"; fi
+
+# core: what the demo and the library need; test: plus pytest, peft,
+# tensorboard and the benchmark peers (trl, torchrl).
+$(STAMPS)/deps-core: pyproject.toml $(STAMPS)/torch
 	$(PIP) install pybind11 ninja setuptools wheel
-	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e ".[test,bench]"
-	$(PY) -c "import rlhf_fast._C" || (echo "rlhf_fast._C failed to build or load" && exit 1)
+	RLHF_FAST_SKIP_EXT=1 $(PIP) install --no-build-isolation -e .
+	@touch $@
+$(STAMPS)/deps-test: pyproject.toml $(STAMPS)/torch
+	$(PIP) install pybind11 ninja setuptools wheel
+	RLHF_FAST_SKIP_EXT=1 $(PIP) install --no-build-isolation -e ".[test,bench]"
+	@touch $@ $(STAMPS)/deps-core
+
+$(STAMPS)/ext: $(CSRC) setup.py $(STAMPS)/torch $(if $(EXT_SO),,FORCE) | $(STAMPS)/deps-core
+	@echo "setup: building rlhf_fast._C with $(MAX_JOBS) jobs; ninja prints [done/total] as each file finishes."
+	@echo "       The first build compiles every file (many minutes on 2 cores: see the README); later ones only what changed."
+	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py build_ext --inplace --force
+	@$(PY) -c "import torch, rlhf_fast._C" || (echo "rlhf_fast._C failed to build or load" && exit 1)  # torch first: it loads libc10.so
+	@touch $@
 
 # The main job: what runs here, then the end-to-end RLHF demo (SFT, simulated
 # preferences, reward model, PPO) on a tiny Llama; results in out/demo.
 demo: setup
-	rlhf-fast info
-	rlhf-fast demo --out out/demo
+	$(PY) -m rlhf_fast.cli info
+	$(PY) -m rlhf_fast.cli demo --out out/demo
 
 # verl 0.9.1, OpenRLHF 0.11.2 and TRL 1.16.0 for the adapter tests, without
 # any CUDA wheel (the script refuses a plan that would touch torch).
 integrations:
-	bash scripts/install_integrations.sh
+	PYTHON=$(PY) bash scripts/install_integrations.sh
 
-test: setup cuda-check gpu-compile-check integrations
+test: setup-test cuda-check gpu-compile-check integrations
 	$(PY) -m pytest tests -q
 
-bench: setup
-	rlhf-fast bench --json benchmarks/results/latest-cpu.json --plot benchmarks/results/latest-cpu.png
+bench: setup-test
+	$(PY) -m rlhf_fast.cli bench --json benchmarks/results/latest-cpu.json --plot benchmarks/results/latest-cpu.png
 	$(PY) -m benchmarks.make_readme_table
 
 # Every .cu compiles with nvcc for sm_80 and sm_90 (skipped where no nvcc).
@@ -42,7 +76,7 @@ cuda-check:
 # folder): fails on a compile error, shared memory over the limit or spills
 # over budget. Results are cached by kernel source; a cold run compiles ~260
 # specialisations per Triton version.
-gpu-compile-check:
+gpu-compile-check: setup-test
 	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.gpu.offline_compile
 	TRITON_DEFAULT_FP_FUSION=1 $(PY) -m benchmarks.gpu.offline_compile --triton 3.6.0
 

@@ -7,6 +7,12 @@ Environment:
   RLHF_FAST_NATIVE=1         add -march=native (never the default: wheels
                              must run on any x86-64 with AVX2)
   MAX_JOBS                   parallel compile jobs (read by torch's builder)
+  RLHF_FAST_SKIP_EXT=1       no extension: the Makefile's `pip install -e .` then
+                             only records the package, its dependencies and the
+                             rlhf-fast command, and the extension is built by
+                             `python setup.py build_ext --inplace` into a kept
+                             build/ folder, so ninja recompiles only what changed
+                             (pip would build it from scratch in a throw-away one)
 """
 import glob
 import os
@@ -88,6 +94,6 @@ def extension():
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("RLHF_FAST_SKIP_EXT") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,6 +1,16 @@
-"""Regenerates the README's benchmark section from the committed results.
+"""Regenerates the README's benchmark section and every number quoted in the
+README and docs/ from the committed results.
 
     python -m benchmarks.make_readme_table [--results benchmarks/results] [--out docs/benchmarks.md]
+    python -m benchmarks.make_readme_table --check    # exit 1 if any page disagrees with the results
+
+A number quoted in prose sits between markers naming where it comes from:
+  <!--n:bench gae;fwd;(64, 2048);float32;1;verl-style;speedup-->269×<!--/n-->
+      a benchmark record: op;mode;shape;dtype;threads;a substring of the peer's
+      name;field (speedup, ours, peer, ours_peak, peer_peak)
+  <!--n:json demo-cpu.json full.0.wall_seconds .0f-->54<!--/n-->
+      a value in a results file: file, dotted path, format spec
+and is rewritten from that source on every run, so it cannot drift.
 
 Reads every benchmarks/results/*.json (written by `rlhf-fast bench --json`,
 a bench module's --json, or benchmarks/gpu/run_device.sh), groups records by
@@ -15,6 +25,8 @@ import argparse
 import glob
 import json
 import os
+import re
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -155,38 +167,104 @@ def render(results_dir: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
+_NUM = re.compile(r"<!--n:(\w+) ([^>]*?)-->(.*?)<!--/n-->", re.S)
+
+
+def _speedup(x: float) -> str:
+    return f"{x:.0f}×" if x >= 100 else f"{x:.1f}×" if x >= 10 else f"{x:.2f}×"
+
+
+_FIELDS = {
+    "speedup": lambda r: _speedup(r["speedup"]),
+    "ours": lambda r: _time(r["median_s"]),
+    "peer": lambda r: _time(r["baseline_median_s"]),
+    "ours_peak": lambda r: _mib(r.get("peak_mem_bytes")),
+    "peer_peak": lambda r: _mib(r.get("baseline_peak_mem_bytes")),
+}
+
+
+def _bench_value(devices: dict, spec: str) -> str:
+    op, mode, shape, dtype, threads, peer, field = (p.strip() for p in spec.split(";"))
+    hits = [r for data in devices.values() if not data.get("gpu") for (o, m, sh, dt, pe, th), (r, _) in data["rows"].items()
+            if (o, m, sh, dt, str(th)) == (op, mode, shape, dtype, threads) and peer in pe
+            and str(r.get("status", "ok")).startswith("ok")]  # fmt: skip
+    if len(hits) != 1:
+        raise KeyError(f"bench {spec!r}: {len(hits)} matching records (need exactly 1)")
+    return _FIELDS[field](hits[0])
+
+
+def _json_value(results_dir: str, spec: str) -> str:
+    name, path, *fmt = spec.split(" ")
+    with open(os.path.join(results_dir, name)) as f:
+        v = json.load(f)
+    for part in path.split("."):
+        v = v[int(part)] if isinstance(v, list) else v[part]
+    return format(v, fmt[0] if fmt else "")
+
+
+def fill_numbers(text: str, results_dir: str, devices: dict) -> str:
+    """Rewrite every <!--n:...-->value<!--/n--> in `text` from its source."""
+
+    def sub(m: re.Match) -> str:
+        kind, spec = m.group(1), m.group(2)
+        value = _bench_value(devices, spec) if kind == "bench" else _json_value(results_dir, spec)
+        return f"<!--n:{kind} {spec}-->{value}<!--/n-->"
+
+    return _NUM.sub(sub, text)
+
+
+def pages() -> list[str]:
+    root = os.path.dirname(HERE)
+    return [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md"))
     ap.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"),
                     help="README whose section between the benchmark markers is replaced")
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 listing the pages that would change")
     args = ap.parse_args(argv)
     text = render(args.results)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(f"wrote {args.out} ({text.count(chr(10))} lines)")
-    if args.readme and os.path.exists(args.readme):
-        splice_readme(args.readme, text)
+    devices = load(args.results)
+    wanted = {}
+    for page in dict.fromkeys(pages() + [args.out]):
+        if page == args.out:  # generated whole
+            new = text
+        else:
+            with open(page) as f:
+                new = f.read()
+            if page == args.readme:
+                new = spliced(new, text)
+        wanted[page] = fill_numbers(new, args.results, devices)
+    stale = []
+    for page, new in wanted.items():
+        old = open(page).read() if os.path.exists(page) else None
+        if old != new:
+            stale.append(page)
+            if not args.check:
+                with open(page, "w") as f:
+                    f.write(new)
+    if args.check:
+        for page in stale:
+            print(f"{page}: out of date with {args.results}; run python -m benchmarks.make_readme_table")
+        return 1 if stale else 0
+    print("updated: " + (", ".join(os.path.relpath(p) for p in stale) or "nothing (all current)"))
+    return 0
 
 
 BEGIN, END = "<!-- benchmarks:begin (generated) -->", "<!-- benchmarks:end -->"
 
 
-def splice_readme(path: str, text: str) -> None:
-    """Replace the README's benchmark section (between the markers) by `text`."""
-    with open(path) as f:
-        readme = f.read()
+def spliced(readme: str, text: str) -> str:
+    """The README with its benchmark section (between the markers) replaced by `text`."""
     if BEGIN not in readme or END not in readme:
-        print(f"{path}: no benchmark markers, left unchanged")
-        return
+        return readme
     head, rest = readme.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{BEGIN}\n{text}{END}{tail}")
-    print(f"updated the benchmark section of {path}")
+    return f"{head}{BEGIN}\n{text}{END}{tail}"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

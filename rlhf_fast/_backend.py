@@ -182,6 +182,8 @@ def info() -> dict:
     }
     for name in BACKENDS:
         reasons = {dev.type: why_unavailable(name, dev) for dev in (dev_cpu, dev_gpu)}
+        if reasons["cuda"] is None and not cuda_ok:  # the reference "runs" on CUDA only where a GPU exists
+            reasons["cuda"] = "no CUDA device visible to torch"
         if name in ("cuda", "triton") and not cuda_ok:
             reasons["cuda"] = "no CUDA device visible to torch"
         report["backends"][name] = {d: ("available" if r is None else r) for d, r in reasons.items()}

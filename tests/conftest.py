@@ -14,7 +14,8 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("RLHF_FAST_TEST_
 
 import torch  # noqa: E402
 
-import rlhf_fast  # noqa: E402,F401  (registers the ops under the interpreter setting above)
+import rlhf_fast  # noqa: E402
+import rlhf_fast.ops  # noqa: E402,F401  (import rlhf_fast is lazy: this registers every op, under the interpreter setting above)
 
 SEED = int(os.environ.get("RLHF_FAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
 

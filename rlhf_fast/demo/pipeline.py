@@ -86,8 +86,10 @@ def evaluate(model, rm, tok, prompts, seed: int, n: int = 8):
     attn = torch.cat([torch.ones(out.sequences.shape[0], out.prompt_length, dtype=torch.long),
                       out.response_mask.long()], 1)  # fmt: skip
     true = torch.tensor([world.hidden_score_text(t) for t in texts])
-    return {"true_score": float(true.mean()), "rm_score": float(rm.score(out.sequences, attn).mean()),
-            "length": float(out.lengths.float().mean()), "texts": texts}  # fmt: skip
+    rm_scores = rm.score(out.sequences, attn).float()
+    return {"true_score": float(true.mean()), "rm_score": float(rm_scores.mean()),
+            "length": float(out.lengths.float().mean()), "texts": texts,
+            "true_scores": true.tolist(), "rm_scores": rm_scores.tolist()}  # fmt: skip
 
 
 def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, threads: int = 1, **overrides) -> dict:
@@ -169,6 +171,7 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, thre
         "true_score_before": round(before["true_score"], 4), "true_score_after": round(after["true_score"], 4),
         "true_score_gain": round(after["true_score"] - before["true_score"], 4),
         "rm_score_before": round(before["rm_score"], 4), "rm_score_after": round(after["rm_score"], 4),
+        "eval_prompts": len(eval_prompts),
         "rm_accuracy": round(rm_eval["eval_accuracy"], 4), "rm_eval_pairs": int(rt.eval_idx.numel()),
         "rm_train_pairs": int(rt.train_idx.numel()), "kl_final": round(sum(kl_tail) / len(kl_tail), 4),
         "kl_max": round(max(r["kl"] for r in rows), 4), "ppo_steps": len(rows), "skipped_steps": ppo.skipped_steps,
@@ -179,12 +182,32 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, thre
     }  # fmt: skip
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    with open(os.path.join(out_dir, "samples.md"), "w") as f:
-        f.write("| prompt | before PPO (SFT) | after PPO |\n|---|---|---|\n")
-        for i, p in enumerate(eval_prompts[:12]):
-            f.write(f"| {p} | {before['texts'][i * 8]} | {after['texts'][i * 8]} |\n")
+    write_samples(os.path.join(out_dir, "samples.md"), eval_prompts[:12], before, after, n=8)
     steps = list(range(1, len(rows) + 1))
+    held_out = (f"held-out true score ({len(eval_prompts)} prompts): {before['true_score']:.3f} before, "
+                f"{after['true_score']:.3f} after PPO")  # fmt: skip
     line_chart(os.path.join(out_dir, "plot.png"), steps,
-               {"reward (learned RM)": [r["reward"] for r in rows], "true score (hidden rule)": true_log[: len(rows)],
-                "KL to SFT (per sequence)": [r["kl"] for r in rows]}, title="PPO on a tiny Llama")  # fmt: skip
+               {"reward: learned RM score per sequence (raw)": [r["reward"] for r in rows],
+                "true score: share of positive adjectives (0-1)": true_log[: len(rows)],
+                "KL to SFT: nats per sequence": [r["kl"] for r in rows]},
+               title="PPO on a tiny Llama, 2 CPU cores", subtitle=held_out, x_label="PPO step",
+               marks={"true score: share of positive adjectives (0-1)":
+                      [("SFT " + f"{before['true_score']:.2f}", before["true_score"]),
+                       ("after " + f"{after['true_score']:.2f}", after["true_score"])]})  # fmt: skip
     return summary
+
+
+def write_samples(path: str, prompts, before: dict, after: dict, n: int) -> None:
+    """The first completion of each prompt before and after PPO, each with its
+    true score (the hidden rule: share of positive adjectives, 0-1) and the
+    learned reward model's score."""
+    with open(path, "w") as f:
+        f.write("Scores: **true** = the hidden rule (share of the completion's adjectives that are positive, 0-1); "
+                "**RM** = the learned reward model's raw score.\n\n"
+                "| prompt | before PPO (SFT) | true | RM | after PPO | true | RM |\n|---|---|---:|---:|---|---:|---:|\n")
+        for i, p in enumerate(prompts):
+            j = i * n
+            f.write(f"| {p} | {before['texts'][j]} | {before['true_scores'][j]:.2f} | {before['rm_scores'][j]:.2f} "
+                    f"| {after['texts'][j]} | {after['true_scores'][j]:.2f} | {after['rm_scores'][j]:.2f} |\n")
+        f.write(f"| **mean over all {len(before['texts'])} held-out samples** | | **{before['true_score']:.3f}** | "
+                f"**{before['rm_score']:.2f}** | | **{after['true_score']:.3f}** | **{after['rm_score']:.2f}** |\n")

@@ -20,6 +20,8 @@ _FONT = {
     "6": "###/#../###/#.#/###", "7": "###/..#/..#/..#/..#", "8": "###/#.#/###/#.#/###", "9": "###/#.#/###/..#/###",
     ".": ".../.../.../.../.#.", "-": ".../.../###/.../...", " ": ".../.../.../.../...", "(": ".#./#../#../#../.#.",
     ")": ".#./..#/..#/..#/.#.", "/": "..#/..#/.#./#../#..", "_": ".../.../.../.../###", ":": ".../.#./.../.#./...",
+    ",": ".../.../.../.#./#..", ">": "#../.#./..#/.#./#..", "=": ".../###/.../###/...", "+": ".../.#./###/.#./...",
+    "%": "#.#/..#/.#./#../#.#",
 }
 _COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
@@ -75,37 +77,71 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if math.isfinite(v) else "NAN"
 
 
-def line_chart(path: str, x: list, series: dict, title: str = "", width: int = 640, panel_h: int = 170) -> None:
-    """series: name -> list of y (same length as x; None skipped). One panel per series."""
+def line_chart(path: str, x: list, series: dict, title: str = "", width: int = 720, panel_h: int = 170,
+               subtitle: str = "", x_label: str = "step", marks: dict | None = None) -> None:
+    """series: name -> list of y (same length as x; None skipped). One panel per
+    series, each titled by its name (put the unit there), with the top, middle
+    and bottom y values written on the axis and grid lines at them; x ticks at
+    0, 25, 50, 75 and 100 % of the range, labelled with x_label. marks: series
+    name -> [(label, y)] drawn as labelled dashed horizontal lines (e.g. the
+    held-out score before and after training)."""
+    marks = marks or {}
     names = list(series)
-    top = 28 if title else 6
-    c = Canvas(width, top + panel_h * len(names) + 16)
+    top = 8 + 20 * bool(title) + 16 * bool(subtitle)
+    c = Canvas(width, top + panel_h * len(names) + 30)
     if title:
         c.text(10, 8, title)
+    if subtitle:
+        c.text(10, 8 + 20 * bool(title), subtitle, (60, 60, 60), scale=1 + (len(subtitle) * 8 < width - 20))
     x0, x1 = 70, width - 14
     xmin, xmax = (min(x), max(x)) if x else (0, 1)
     xmax = xmax if xmax > xmin else xmin + 1
+    grid, ink = (225, 225, 225), (120, 120, 120)
+    whole = all(float(xi).is_integer() for xi in x)
     for k, name in enumerate(names):
         ys = [(xi, yi) for xi, yi in zip(x, series[name]) if yi is not None and math.isfinite(yi)]
         py0, py1 = top + k * panel_h + 22, top + (k + 1) * panel_h - 8
         color = _COLORS[k % len(_COLORS)]
         c.text(x0, py0 - 16, name, color)
+        values = [v for _, v in ys] + [v for _, v in marks.get(name, [])]
+        if values:
+            lo, hi = min(values), max(values)
+            if hi - lo < 1e-12:
+                lo, hi = lo - 0.5, hi + 0.5
+
+            def to_py(yi, lo=lo, hi=hi):
+                return py1 - (yi - lo) / (hi - lo) * (py1 - py0)
+
+            for v in (hi, (lo + hi) / 2, lo):
+                y = to_py(v)
+                c.line(x0, y, x1, y, grid)
+                label = _fmt(v)
+                c.text(4, int(y) - 5, label, scale=1 + (len(label) <= 7))
         for a, b, cc, d in ((x0, py0, x1, py0), (x0, py1, x1, py1), (x0, py0, x0, py1), (x1, py0, x1, py1)):
-            c.line(a, b, cc, d, (120, 120, 120))
-        if not ys:
+            c.line(a, b, cc, d, ink)
+        for f in (0.25, 0.5, 0.75):  # x grid
+            xv = xmin + f * (xmax - xmin)
+            xp = x0 + ((round(xv) if all(float(xi).is_integer() for xi in x) else xv) - xmin) / (xmax - xmin) * (x1 - x0)
+            c.line(xp, py0 + 1, xp, py1 - 1, grid)
+        if not values:
             continue
-        lo, hi = min(v for _, v in ys), max(v for _, v in ys)
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-        c.text(4, py0, _fmt(hi), scale=1 + (len(_fmt(hi)) <= 7))
-        c.text(4, py1 - 10, _fmt(lo), scale=1 + (len(_fmt(lo)) <= 7))
-
-        def to_px(xi, yi):
-            return x0 + (xi - xmin) / (xmax - xmin) * (x1 - x0), py1 - (yi - lo) / (hi - lo) * (py1 - py0)
-
-        pts = [to_px(xi, yi) for xi, yi in ys]
+        for j, (label, v) in enumerate(marks.get(name, [])):
+            y = to_py(v)
+            for xs in range(x0, x1, 8):  # dashed
+                c.line(xs, y, min(xs + 4, x1), y, (90, 90, 90))
+            below = y < (py0 + py1) / 2  # keep the label inside the panel
+            c.text(x1 - 8 * len(label) - 4, int(y) + (4 if below else -14), label, (60, 60, 60))
+        pts = [(x0 + (xi - xmin) / (xmax - xmin) * (x1 - x0), to_py(yi)) for xi, yi in ys]
         for (ax, ay), (bx, by) in zip(pts, pts[1:]):
             c.line(ax, ay, bx, by, color, width=2)
-    c.text(x0, c.h - 12, f"STEP {_fmt(xmin)} - {_fmt(xmax)}", scale=1)
+    base = c.h - 28
+    for f in (0.0, 0.25, 0.5, 0.75, 1.0):
+        xv = xmin + f * (xmax - xmin)
+        xv = round(xv) if whole else xv  # steps: tick at the nearest whole step
+        xp = x0 + (xv - xmin) / (xmax - xmin) * (x1 - x0)
+        c.line(xp, base - 6, xp, base - 2, ink)
+        label = str(xv) if whole else _fmt(xv)
+        c.text(int(xp) - 4 * len(label), base, label)
+    c.text((x0 + x1) // 2 - 4 * len(x_label), base + 14, x_label)
     with open(path, "wb") as f:
         f.write(c.png())

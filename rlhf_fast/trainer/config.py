@@ -10,6 +10,7 @@ error naming the field, the value and what is allowed: `batch_size: -3` or
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -50,10 +51,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; known: {sorted(names)}")
+        check_keys(data, cls)
         return cls(**data)
 
     @classmethod
@@ -222,13 +220,63 @@ def validate(config) -> None:
 _FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
 
-def load_yaml(path: str):
-    """yaml.safe_load with YAML 1.2 floats ("1e-3", "5E-4")."""
+def _loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
         pass
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789"))
+    return Loader
+
+
+def load_yaml(path: str):
+    """yaml.safe_load with YAML 1.2 floats ("1e-3", "5E-4")."""
+    import yaml
+
     with open(path) as f:
-        return yaml.load(f, Loader=Loader) or {}
+        return yaml.load(f, Loader=_loader()) or {}
+
+
+class ConfigError(ValueError):
+    """A config the CLI reports as one line (unknown key, bad override)."""
+
+
+def check_keys(data: dict, cls, extra=()) -> None:
+    """Refuse keys that are neither `cls`'s fields nor `extra` (the YAML-only
+    keys such as model or reward), suggesting the closest accepted key and
+    listing every accepted one."""
+    accepted = sorted({f.name for f in dataclasses.fields(cls)} | set(extra))
+    unknown = sorted(set(data) - set(accepted), key=str)
+    if not unknown:
+        return
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), accepted, n=1, cutoff=0.6)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(f"{cls.__name__}: unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(parts)}; "
+                      f"accepted keys: {', '.join(accepted)}")  # fmt: skip
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """A copy of `data` with each "key=value" applied; the value is read as
+    YAML (so `lr=1e-5` is a float, `lora={r: 8}` a mapping) and a dotted key
+    (`lora.r=16`) sets a nested one. `data` itself is not modified."""
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(data)
+    for item in overrides or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. lr=1e-5")
+        value = yaml.load(text, Loader=_loader()) if text.strip() else None
+        *parents, leaf = key.strip().split(".")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {name} is not a mapping")
+        node[leaf] = value
+    return out

@@ -38,7 +38,7 @@ import random
 import torch
 
 from .common import ARTEFACTS, atomic_save, clean_stale_tmp, truncate_metrics
-from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, load_yaml
+from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, apply_overrides, check_keys, load_yaml
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .models import ScalarHeadModel
@@ -178,11 +178,28 @@ def _prepare_out_dir(trainer, out_dir: str, fresh: bool) -> None:
               "--fresh starts over)", file=sys.stderr)  # fmt: skip
 
 
-def run_from_yaml(algo: str, path: str, fresh: bool = False):
+def check_paths(extra: dict) -> None:
+    """Refuse a local path that does not exist before any model is built:
+    transformers would otherwise take a missing folder for a Hub repo id and
+    fail ~75 lines later with a download error (nothing is downloaded here)."""
+    spec = extra.get("model", "tiny-demo")
+    if spec != "tiny-demo" and not os.path.isdir(str(spec)):
+        raise FileNotFoundError(f"model: {spec!r} is neither 'tiny-demo' nor an existing local checkpoint folder "
+                                "(nothing is downloaded: give the folder holding config.json)")  # fmt: skip
+    for key in ("init_checkpoint", "prompts_file", "pairs_file"):
+        if extra.get(key) and not os.path.exists(str(extra[key])):
+            raise FileNotFoundError(f"{key}: {extra[key]!r} does not exist")
+
+
+def run_from_yaml(algo: str, path: str, fresh: bool = False, overrides=None):
+    """overrides: "key=value" strings applied on top of the file (config.apply_overrides)."""
     data = load_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"train: {path} must hold a mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides)
+    check_keys(data, _CONFIGS[algo], _EXTRA)
     extra = {k: data.pop(k) for k in _EXTRA if k in data}
+    check_paths(extra)
     cfg = _CONFIGS[algo].from_dict(data)
     device = _init_distributed()
     spec = extra.get("model", "tiny-demo")
@@ -236,8 +253,10 @@ def run_from_yaml(algo: str, path: str, fresh: bool = False):
             trainer = DPOTrainer(cfg, trained, ref, ci, cm, cl, ri, rm, rl)
     if cfg.out_dir:
         _prepare_out_dir(trainer, cfg.out_dir, fresh)
-    trainer.train()
+    rows = trainer.train()
+    trainer.final_metrics = rows[-1] if rows else {}  # for the CLI's closing summary
     every = cfg.checkpoint_every
+    trainer.decode = tok.decode  # for the CLI's closing summary (sample completions)
     if cfg.out_dir and not (every and trainer.step_count % every == 0):  # else train() just wrote this step's
         trainer.save(os.path.join(cfg.out_dir, "checkpoint.pt"))  # a rerun resumes here (every rank: a collective)
     if algo == "rm":
