@@ -22,6 +22,7 @@ from .ops import (
     whiten,
 )
 from .ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_logprobs
+from .reference.rollout_correction import RolloutCorrection
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "ppo_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "RolloutCorrection",
     "reference",
     "sample",
     "SampleOutput",
