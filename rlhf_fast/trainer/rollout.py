@@ -81,7 +81,9 @@ def mismatch_metrics(old_logprobs, ro: Rollout) -> dict:
     against the sampler's (floats; {} when the rollout has none)."""
     if ro.logprobs is None:
         return {}
-    return {k: float(v) for k, v in rollout_mismatch(old_logprobs, ro.logprobs, ro.response_mask).items()}
+    stats = rollout_mismatch(old_logprobs, ro.logprobs, ro.response_mask)
+    # rollout_is_* / rollout_rs_* describe a correction; the update logs those when one is on
+    return {k: float(v) for k, v in stats.items() if not k.startswith(("rollout_corr/rollout_is", "rollout_corr/rollout_rs"))}
 
 
 @torch.no_grad()
