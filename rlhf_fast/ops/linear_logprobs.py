@@ -160,8 +160,8 @@ def _row_chunks(labels: torch.Tensor, ignore_index: int, chunk_size: int):
 # the same bits per row whatever M, the row's position and the thread count.
 # So each chunk's GEMM runs on its rows padded with zero rows to a multiple of
 # 16: a token's logits, hence its log-prob, do not depend on N or chunk_size.
-# Cost: at most 15 extra rows per call (the last chunk), ~8% at the default
-# 192-row chunks, 16x for a single token.
+# Cost: at most 15 extra rows per call (only the last chunk is short), 16x
+# for a single token.
 GEMM_ROW_MULTIPLE = 16
 
 
