@@ -98,7 +98,9 @@ class RolloutCorrection:
 
     def __post_init__(self):
         if self.rollout_is is not None and self.rollout_is not in IS_LEVELS:
-            raise ValueError(f"RolloutCorrection: rollout_is must be None or one of {IS_LEVELS}, got {self.rollout_is!r}")
+            raise ValueError(
+                f"RolloutCorrection: rollout_is must be None or one of {IS_LEVELS}, got {self.rollout_is!r}"
+            )
         is_lo, is_hi = _bounds("rollout_is_threshold", self.rollout_is_threshold)
         rs_lo = rs_hi = 0.0
         if self.rollout_rs is not None:

@@ -81,7 +81,8 @@ class GRPOTrainer(Trainer):
             logp, exp["old_logprobs"][idx], exp["advantages"][idx], ro.response_mask, entropy=ent,
             ref_logprobs=exp["ref_logprobs"][idx] if use_kl else None, entropy_coef=c.entropy_coef,
             kl_coef=self.kl_ctl.value if use_kl else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
-            clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg, **correction_args(self.rollout_correction, ro),
+            clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
+            **correction_args(self.rollout_correction, ro),
         )  # fmt: skip
         (loss * scale).backward()
         return loss.detach(), {k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl") + CORRECTION_STATS

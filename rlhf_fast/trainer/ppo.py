@@ -17,7 +17,10 @@ from .base import Trainer
 from .common import make_optimizer, process_scores
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values
-from .rollout import CORRECTION_STATS, advantages, correction_args, masked_mean, mismatch_metrics, rollout, sample_prompts, score, shaped_rewards
+from .rollout import (
+    CORRECTION_STATS, advantages, correction_args, masked_mean, mismatch_metrics, rollout, sample_prompts, score,
+    shaped_rewards,
+)  # fmt: skip
 
 
 class PPOTrainer(Trainer):
@@ -92,7 +95,8 @@ class PPOTrainer(Trainer):
             logp, exp["old_logprobs"][idx], exp["advantages"][idx], m, entropy=ent,
             ref_logprobs=exp["ref_logprobs"][idx] if kl_loss else None, entropy_coef=c.entropy_coef,
             kl_coef=self.kl_ctl.value if kl_loss else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
-            clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg, **correction_args(self.rollout_correction, ro),
+            clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
+            **correction_args(self.rollout_correction, ro),
         )  # fmt: skip
         v = response_values(self.critic_ddp, ro.sequences, ro.attention_mask, ro.prompt_length)
         vloss, vst = ppo_value_loss(v, exp["values"][idx], exp["returns"][idx], m, clip=c.value_clip, agg=c.loss_agg)

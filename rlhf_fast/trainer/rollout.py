@@ -83,7 +83,8 @@ def mismatch_metrics(old_logprobs, ro: Rollout) -> dict:
         return {}
     stats = rollout_mismatch(old_logprobs, ro.logprobs, ro.response_mask)
     # rollout_is_* / rollout_rs_* describe a correction; the update logs those when one is on
-    return {k: float(v) for k, v in stats.items() if not k.startswith(("rollout_corr/rollout_is", "rollout_corr/rollout_rs"))}
+    own = ("rollout_corr/rollout_is", "rollout_corr/rollout_rs")
+    return {k: float(v) for k, v in stats.items() if not k.startswith(own)}
 
 
 @torch.no_grad()
