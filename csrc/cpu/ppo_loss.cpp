@@ -504,15 +504,16 @@ void policy_rows(const at::Tensor& lp, const at::Tensor& old, const at::Tensor& 
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(7 * T);
+    std::vector<uint8_t> keep_scratch(has_rc && !keep ? T : 0);
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t* m = mk + b * T;
       PolicyRow& r = rows[b];
       const acc_t* o = s_old.row(b, buf.data() + T);
       acc_t* w = has_w ? buf.data() + 6 * T : nullptr;
       if (has_rc) {
-        uint8_t* kp = keep ? keep + b * T : nullptr;
-        rc_row_k<acc_t>(o, s_roll.row(b, buf.data() + 5 * T), m, T, &rcc, w, kp, &rc_rows[b]);
-        if (kp) m = kp;  // rejected tokens leave the loss, its counts and the aggregation
+        uint8_t* kp = keep ? keep + b * T : keep_scratch.data();
+        rc_row_k<acc_t>(o, s_roll.row(b, buf.data() + 5 * T), m, T, &rcc, buf.data() + 6 * T, kp, &rc_rows[b]);
+        if (keep) m = kp;  // rejected tokens leave the loss, its counts and the aggregation
       }
       policy_dispatch<acc_t>(kl, dual, s_lp.row(b, buf.data()), o, s_adv.row(b, buf.data() + 2 * T),
                              s_ref.row(b, buf.data() + 3 * T), w, m, T, c, dtok + b * T, r);

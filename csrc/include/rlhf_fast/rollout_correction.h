@@ -99,8 +99,8 @@ inline double row_raw_weight(const Cfg& c, const RowStats& s) {
   return 1.0;
 }
 
-// Per-token weight w (if w != nullptr) and kept mask keep (if keep !=
-// nullptr), plus the row's metric sums. row_raw / row_pass come from the
+// Per-token weight w and kept mask keep (both written; callers pass scratch
+// for what they do not need), plus the row's metric sums. row_raw / row_pass come from the
 // row pass (ignored at the token level). Uniform runtime flags become
 // selects, so the loop stays one vectorisable body for every mode.
 template <typename acc_t>
@@ -127,8 +127,8 @@ RLHF_FAST_INLINE void weights_row(const acc_t* old, const acc_t* roll, const uin
       const bool pass = tok_rs ? (st <= rs_hi) & ((rs_k != 1) | (st >= rs_lo)) : row_pass;
       const acc_t raw = tok_is ? e : row_raw;
       const acc_t wt = icepop ? ((raw >= lo) & (raw <= hi) ? raw : acc_t(0)) : (raw > hi ? hi : raw);
-      if (w) w[t] = wt;
-      if (keep) keep[t] = v & pass;
+      w[t] = wt;  // unconditional stores: a store under `if (w)` kept GCC from vectorising the loop
+      keep[t] = v & pass;
       n0 += fv, so += o, sr += r, slr += d, sk3 += fv * k3, srho2 += fv * e * e;
       sw += fv * wt, nh += (v & (raw > hi)) ? acc_t(1) : acc_t(0), nl += (v & (raw < lo)) ? acc_t(1) : acc_t(0);
       nrej += (v & !pass) ? acc_t(1) : acc_t(0);
