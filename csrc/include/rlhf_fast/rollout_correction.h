@@ -130,10 +130,13 @@ RLHF_FAST_INLINE void weights_row(const acc_t* old, const acc_t* roll, const uin
       w[t] = wt;  // unconditional stores: a store under `if (w)` kept GCC from vectorising the loop
       keep[t] = v & pass;
       n0 += fv, so += o, sr += r, slr += d, sk3 += fv * k3, srho2 += fv * e * e;
-      sw += fv * wt, nh += (v & (raw > hi)) ? acc_t(1) : acc_t(0), nl += (v & (raw < lo)) ? acc_t(1) : acc_t(0);
-      nrej += (v & !pass) ? acc_t(1) : acc_t(0);
-      mxw = v & (wt > mxw) ? wt : mxw;
-      mnw = v & (wt < mnw) ? wt : mnw;
+      // counts as selects of fv, not of (v & cond): the bool logic cost 2-5x in this loop
+      // (13 vs 37-77 ns / token, standalone, fp32, AVX2)
+      sw += fv * wt, nh += raw > hi ? fv : acc_t(0), nl += raw < lo ? fv : acc_t(0);
+      nrej += pass ? acc_t(0) : fv;
+      const acc_t wmx = v ? wt : -inf, wmn = v ? wt : inf;
+      mxw = wmx > mxw ? wmx : mxw;
+      mnw = wmn < mnw ? wmn : mnw;
     }
     out.n0 += n0, out.s_old += so, out.s_roll += sr, out.s_lr += slr, out.s_k3 += sk3, out.s_rho2 += srho2;
     out.s_w += sw, out.n_high += nh, out.n_low += nl, out.n_rej += nrej;
