@@ -4,6 +4,12 @@ forward + backward) against the eager reference chain (verl's formulas, one
 
 CPU: (64, 4096) fp32 (quick: (16, 1024)). GPU: (256, 8192) fp32 and bf16,
 with GB/s against the measured copy bandwidth.
+
+With rollout correction (op "ppo_loss+rollout_correction"): the same step
+plus rollout_logprobs and a RolloutCorrection (token TIS; and verl's
+decoupled_seq_is_rs preset, sequence TIS + seq_sum_k1 rejection, which needs
+the row pass) against the eager reference chain of the same correction and
+against rlhf_fast.ppo_loss without correction (the cost of correcting).
     python -m benchmarks.bench_ppo_loss [--full] [--device cuda] [--threads N] [--json PATH]
 """
 from __future__ import annotations
@@ -78,6 +84,46 @@ def bench(B, T, dtype, device) -> list:
     )  # fmt: skip
 
 
+CORRECTIONS = {
+    "token TIS": rlhf_fast.RolloutCorrection("token", 2.0),
+    "seq TIS + seq_sum_k1": rlhf_fast.RolloutCorrection("sequence", 2.0, "seq_sum_k1", "0.5_2.0"),
+}
+
+
+def _corrected_step(loss_fn, lp, old, adv, mask, ent, ref, roll, spec):
+    def fn():
+        loss, _ = loss_fn(lp, old, adv, mask, entropy=ent, ref_logprobs=ref, rollout_logprobs=roll,
+                          rollout_correction=spec, **KW)  # fmt: skip
+        return torch.autograd.grad(loss, (lp, ent))
+
+    return fn
+
+
+def bench_corrected(B, T, dtype, device) -> list:
+    lp, old, adv, mask, ent, ref = _inputs(B, T, dtype, device)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    # the sampler's log-probs: the trainer's plus a small engine mismatch
+    roll = (old.float().cpu() + 0.01 * torch.randn(B, T, generator=g)).to(device=device, dtype=dtype)
+    lp.requires_grad_()
+    ent.requires_grad_()
+    records = []
+    for name, spec in CORRECTIONS.items():
+        baselines = {
+            "eager reference chain (same correction)": _corrected_step(reference.ppo_loss, lp, old, adv, mask, ent,
+                                                                       ref, roll, spec),
+            "rlhf_fast.ppo_loss without correction": _step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref),
+        }  # fmt: skip
+        e = lp.element_size()
+        bytes_moved = B * T * (6 * e + 1 + 4 + 4 + 1 + 2 * e)  # + rollout_logprobs read once
+        records += compare(
+            op="ppo_loss+rollout_correction", impl=f"rlhf_fast ({name})",
+            fn=_corrected_step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref, roll, spec), baselines=baselines,
+            shape=f"({B}, {T})", dtype=str(dtype).replace("torch.", ""), device=device, mode="fwd+bwd",
+            bytes_moved=bytes_moved, warmup=5, repeat=30 if device == "cuda" else 15,
+        )  # fmt: skip
+    return records
+
+
 def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> list:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if tiny:
@@ -92,6 +138,7 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
     for B, T in shapes:
         for dt in dtypes:
             records += bench(B, T, dt, device)
+            records += bench_corrected(B, T, dt, device)
     return records
 
 

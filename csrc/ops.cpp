@@ -83,12 +83,20 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // dtok = d loss_tok / d logprobs (B, T) in the accumulation dtype, 0 where
   // masked, and row_scale (B,): the aggregation weight of each row, so that
   // d loss / d logprobs = row_scale[:, None] * dtok.
+  // Rollout correction (rlhf_fast/reference/rollout_correction.py): weights
+  // of old vs rollout_logprobs (rc_is: none / token / sequence / geometric;
+  // TIS at rc_is_upper, IcePop when rc_is_lower is given) scale the clipped
+  // term; rc_rs (verl's rollout_rs option or "none") rejects tokens, and
+  // keep (B, T) bool is the mask after rejection ((0,) without rc_rs).
+  // stats gains 18 rollout_corr/* metrics (0 without rollout_logprobs).
   m.def(
       "ppo_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
       "Tensor mask, Tensor? entropy, Tensor? ref_logprobs, float entropy_coef, "
       "float kl_coef, str kl_kind, float clip_low, float clip_high, "
-      "float? dual_clip, str agg, float agg_norm) -> (Tensor loss, Tensor stats, "
-      "Tensor dtok, Tensor row_scale)");
+      "float? dual_clip, str agg, float agg_norm, Tensor? rollout_logprobs=None, "
+      "str rc_is=\"none\", float rc_is_upper=2.0, float? rc_is_lower=None, "
+      "str rc_rs=\"none\", float rc_rs_lower=0.0, float rc_rs_upper=0.0) -> (Tensor loss, "
+      "Tensor stats, Tensor dtok, Tensor row_scale, Tensor keep)");
   // grad_logprobs = g * row_scale[b] * dtok; grad_entropy =
   // -entropy_coef * g * row_scale[b] * mask (a (0,) tensor unless has_entropy).
   // Also the backward of ppo_value_loss_fwd (has_entropy = false).

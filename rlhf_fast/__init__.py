@@ -37,6 +37,7 @@ _LAZY = {
     "whiten": ".ops",
     "vocab_parallel_logprobs": ".ops.vocab_parallel",
     "vocab_parallel_linear_logprobs": ".ops.vocab_parallel",
+    "RolloutCorrection": ".reference.rollout_correction",
 }
 _SUBMODULES = {"reference", "ops", "generation", "trainer", "integrations", "demo", "cli", "bench", "triton"}
 
@@ -85,6 +86,7 @@ __all__ = [
     "ppo_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "RolloutCorrection",
     "reference",
     "sample",
     "SampleOutput",

@@ -380,7 +380,7 @@ def _opcheck_all(backend, device="cpu"):
     args = (lp, old, adv, mask, ent, ref, 0.01, 0.1, "k3", 0.2, 0.28, 3.0, "seq-mean-token-mean", 8.0)
     opcheck(fwd, args)
     opcheck(fwd, (lp, old, adv, mask, None, None, 0.0, 0.0, "k1", 0.2, 0.2, None, "token-mean", 8.0))
-    _, _, dtok, rs = fwd(*args)
+    _, _, dtok, rs, _ = fwd(*args)
     opcheck(bwd, (torch.tensor(1.5, device=device), dtok, rs, mask, 0.01, True, torch.float32, torch.float32))
     opcheck(bwd, (torch.tensor(1.5, device=device), dtok, rs, mask, 0.0, False, torch.bfloat16, torch.float32))
     v, vo, ret, vm = (t.to(device) for t in make_value(3, 8))

@@ -45,6 +45,8 @@ KERNELS = {
     "_ppo_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget=_Z),
     "_ppo_loss_finish_kernel": dict(block=None, spill_budget=_E),
     "_ppo_loss_bwd_kernel": dict(block="BLOCK_T", spill_budget=_Z),
+    "_rollout_row_kernel": dict(block="BLOCK_T", spill_budget=_Z),
+    "_rollout_corr_finish_kernel": dict(block=None, spill_budget=_E),
     "_ppo_value_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget={90: 16, 80: 16}),
     "_ppo_value_loss_finish_kernel": dict(block=None, spill_budget=_E),
     "_kl_penalty_fwd_kernel": dict(block="BLOCK", spill_budget=_Z),
@@ -159,6 +161,16 @@ def _ppo_cases(ops):
             policy(dt, 256, 8192, False, kl, None, "token-mean")
         for agg in ("seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
             policy(dt, 64, 4096, True, "k3", 3.0, agg)
+    # rollout correction: token level (no row pass), sequence / geometric with the row pass, every dtype
+    from rlhf_fast import RolloutCorrection as RC
+
+    for dt in FLOATS:
+        for spec in (RC("token", 2.0, "token_k1", "0.5_2.0"), RC("sequence", "0.5_2.0", "seq_mean_k1", 1.01),
+                     RC("geometric", 2.0, "seq_max_k3", 0.1), RC(None, 2.0)):  # fmt: skip
+            t, mask = _m((256, 8192), dt), _m((256, 8192), torch.bool)
+            args = (t, t, t, mask, t, t, 0.01, 0.1, "k3", 0.2, 0.28, 3.0, "token-mean", 8192.0, t, *spec.kernel_args())
+            tag = f"{dt} (256,8192) {spec.rollout_is} {spec.rollout_rs}"
+            out.append((f"ppo_loss fwd rollout correction {tag}", lambda a=args: m.ppo_loss_fwd_triton._init_fn(*a)))
     for dt in FLOATS:
         acc = torch.float64 if dt == torch.float64 else torch.float32
         B, T = 256, 8192

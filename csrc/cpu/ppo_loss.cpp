@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "rlhf_fast/cpu_math.h"
+#include "rlhf_fast/rollout_correction.h"
 
 namespace rlhf_fast {
 namespace cpu {
@@ -172,9 +173,11 @@ struct PolicyTok {
   V dtok, loss, kl, n, clip, low, akl, r;
 };
 
-template <typename V, int KL, bool DUAL, typename acc_t>
+// w_t: the rollout-correction weight (stop-gradient) of the clipped term;
+// it scales the token's policy loss and its gradient, not the KL term.
+template <typename V, int KL, bool DUAL, bool W, typename acc_t>
 RLHF_FAST_INLINE PolicyTok<V, KL, DUAL> policy_tok(typename Lane<V>::M valid, V lp_t, V old_t, V adv_t, V ref_t,
-                                                   PolicyCfg<acc_t> c) {
+                                                   V w_t, PolicyCfg<acc_t> c) {
   using L = Lane<V>;
   const V zero = L::splat(0), one = L::splat(1), half = L::splat(0.5);
   const V fv = sel<V>(valid, one, zero);
@@ -201,6 +204,10 @@ RLHF_FAST_INLINE PolicyTok<V, KL, DUAL> policy_tok(typename Lane<V>::M valid, V 
     low = sel<V>(neg & (c1 > l3), one, zero);
   }
   dl = sel<V>((x >= lo20) & (x <= hi20), dl, zero);
+  if (W) {
+    const V w = sel<V>(valid, w_t, zero);
+    dl = dl * w, loss = loss * w;
+  }
   V kv = zero, dk = zero;
   if (KL != kNone) kl_lane<KL>(lpt, sel<V>(valid, ref_t, zero), kv, dk);
   return {(dl + L::splat(c.kl_coef) * dk) * fv, loss * fv, kv * fv, fv,
@@ -215,9 +222,9 @@ RLHF_FAST_INLINE void add_tok(const PolicyTok<V, KL, DUAL>& k, double* acc, doub
   rmax = double(k.r) > rmax ? double(k.r) : rmax;
 }
 
-template <typename acc_t, int KL, bool DUAL>
+template <typename acc_t, int KL, bool DUAL, bool W>
 RLHF_FAST_INLINE void policy_row(const acc_t* lp, const acc_t* old, const acc_t* adv,
-                                 const acc_t* ref, const uint8_t* mk, int64_t T,
+                                 const acc_t* ref, const acc_t* wt, const uint8_t* mk, int64_t T,
                                  PolicyCfg<acc_t> c, acc_t* dtok, PolicyRow& out) {
   double acc[7] = {0, 0, 0, 0, 0, 0, 0}, rmax = 0;  // ratios are > 0: 0 is the max identity
   int64_t t = 0;
@@ -226,13 +233,14 @@ RLHF_FAST_INLINE void policy_row(const acc_t* lp, const acc_t* old, const acc_t*
     while (t + 8 <= T) {
       vf8 s[7] = {}, m = {};
       for (int64_t g = 0; g < kGroups && t + 8 <= T; ++g, t += 8) {
-        vf8 lpv, oldv, advv, refv = {};
+        vf8 lpv, oldv, advv, refv = {}, wv = {};
         vu8 mv;
         std::memcpy(&lpv, lp + t, 32), std::memcpy(&oldv, old + t, 32), std::memcpy(&advv, adv + t, 32);
         if (KL != kNone) std::memcpy(&refv, ref + t, 32);
+        if (W) std::memcpy(&wv, wt + t, 32);
         std::memcpy(&mv, mk + t, 8);
         const vi8 valid = __builtin_convertvector(mv, vi8) != 0;
-        const auto k = policy_tok<vf8, KL, DUAL>(valid, lpv, oldv, advv, refv, c);
+        const auto k = policy_tok<vf8, KL, DUAL, W>(valid, lpv, oldv, advv, refv, wv, c);
         std::memcpy(dtok + t, &k.dtok, 32);
         s[0] += k.loss, s[1] += k.kl, s[2] += k.n, s[3] += k.clip, s[4] += k.low, s[5] += k.akl, s[6] += k.r;
         m = k.r > m ? k.r : m;
@@ -246,8 +254,8 @@ RLHF_FAST_INLINE void policy_row(const acc_t* lp, const acc_t* old, const acc_t*
     }
   }
   for (; t < T; ++t) {  // tail (and the whole fp64 row)
-    const auto k = policy_tok<acc_t, KL, DUAL>(mk[t] != 0, lp[t], old[t], adv[t],
-                                               KL != kNone ? ref[t] : acc_t(0), c);
+    const auto k = policy_tok<acc_t, KL, DUAL, W>(mk[t] != 0, lp[t], old[t], adv[t],
+                                                  KL != kNone ? ref[t] : acc_t(0), W ? wt[t] : acc_t(1), c);
     dtok[t] = k.dtok;
     add_tok<acc_t, KL, DUAL, acc_t>(k, acc, rmax);
   }
@@ -336,11 +344,11 @@ RLHF_FAST_INLINE void value_row(const acc_t* v, const acc_t* vo, const acc_t* re
 }
 
 // One out-of-line, ISA-cloned copy per (acc_t, KL, DUAL).
-template <typename acc_t, int KL, bool DUAL>
+template <typename acc_t, int KL, bool DUAL, bool W>
 RLHF_FAST_CPU_CLONES void policy_row_k(const acc_t* lp, const acc_t* old, const acc_t* adv,
-                                       const acc_t* ref, const uint8_t* mk, int64_t T,
+                                       const acc_t* ref, const acc_t* wt, const uint8_t* mk, int64_t T,
                                        PolicyCfg<acc_t> c, acc_t* dtok, PolicyRow& out) {
-  policy_row<acc_t, KL, DUAL>(lp, old, adv, ref, mk, T, c, dtok, out);
+  policy_row<acc_t, KL, DUAL, W>(lp, old, adv, ref, wt, mk, T, c, dtok, out);
 }
 
 template <typename acc_t, bool CLIP>
@@ -449,12 +457,14 @@ double row_scale_of(Agg agg, double n_b, double N, double S, double norm) {
 
 template <typename acc_t>
 void policy_dispatch(int kl, bool dual, const acc_t* lp, const acc_t* old, const acc_t* adv,
-                     const acc_t* ref, const uint8_t* mk, int64_t T, PolicyCfg<acc_t> c,
+                     const acc_t* ref, const acc_t* wt, const uint8_t* mk, int64_t T, PolicyCfg<acc_t> c,
                      acc_t* dtok, PolicyRow& out) {
-#define RLHF_FAST_POLICY_CASE(K)                                                      \
-  case K:                                                                             \
-    return dual ? policy_row_k<acc_t, K, true>(lp, old, adv, ref, mk, T, c, dtok, out) \
-                : policy_row_k<acc_t, K, false>(lp, old, adv, ref, mk, T, c, dtok, out);
+#define RLHF_FAST_POLICY_W(K, D)                                                        \
+  (wt ? policy_row_k<acc_t, K, D, true>(lp, old, adv, ref, wt, mk, T, c, dtok, out)     \
+      : policy_row_k<acc_t, K, D, false>(lp, old, adv, ref, wt, mk, T, c, dtok, out))
+#define RLHF_FAST_POLICY_CASE(K) \
+  case K:                        \
+    return dual ? RLHF_FAST_POLICY_W(K, true) : RLHF_FAST_POLICY_W(K, false);
   switch (kl) {
     RLHF_FAST_POLICY_CASE(kK1)
     RLHF_FAST_POLICY_CASE(kK2)
@@ -463,37 +473,138 @@ void policy_dispatch(int kl, bool dual, const acc_t* lp, const acc_t* old, const
     RLHF_FAST_POLICY_CASE(kNone)
   }
 #undef RLHF_FAST_POLICY_CASE
+#undef RLHF_FAST_POLICY_W
+}
+
+// Rollout correction, ISA-cloned. The row pass reads old / rollout once
+// more (row in L1/L2: 2 x 16 KB at T = 4096 fp32) before the weights pass.
+template <typename acc_t>
+RLHF_FAST_CPU_CLONES void rc_row_k(const acc_t* old, const acc_t* roll, const uint8_t* mk, int64_t T,
+                                   const rc::Cfg* c, acc_t* w, uint8_t* keep, rc::Row* out) {
+  acc_t row_raw = 1;
+  bool row_pass = true;
+  if (c->needs_row_pass()) {
+    const rc::RowStats s = rc::row_stats(old, roll, mk, T);
+    row_raw = acc_t(rc::row_raw_weight(*c, s));
+    row_pass = rc::row_passes(*c, s);
+  }
+  rc::weights_row(old, roll, mk, T, *c, row_raw, row_pass, w, keep, *out);
 }
 
 template <typename acc_t>
 void policy_rows(const at::Tensor& lp, const at::Tensor& old, const at::Tensor& adv,
-                 const at::Tensor& ent, const at::Tensor& ref, const uint8_t* mk, int kl,
-                 bool dual, PolicyCfg<acc_t> c, acc_t* dtok, std::vector<PolicyRow>& rows) {
+                 const at::Tensor& ent, const at::Tensor& ref, const at::Tensor& roll, const uint8_t* mk,
+                 int kl, bool dual, PolicyCfg<acc_t> c, const rc::Cfg& rcc, acc_t* dtok, uint8_t* keep,
+                 std::vector<PolicyRow>& rows, std::vector<rc::Row>& rc_rows) {
   const int64_t B = lp.size(0), T = lp.size(1);
   const auto s_lp = src_of<acc_t>(lp), s_old = src_of<acc_t>(old), s_adv = src_of<acc_t>(adv),
-             s_ent = src_of<acc_t>(ent), s_ref = src_of<acc_t>(ref);
+             s_ent = src_of<acc_t>(ent), s_ref = src_of<acc_t>(ref), s_roll = src_of<acc_t>(roll);
+  const bool has_rc = roll.defined(), has_w = has_rc && rcc.is != rc::kIsNone;
   // ~16k tokens per task: less than that and the OpenMP fork dominates.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(5 * T);
+    std::vector<acc_t> buf(7 * T);
+    std::vector<uint8_t> keep_scratch(has_rc && !keep ? T : 0);
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t* m = mk + b * T;
       PolicyRow& r = rows[b];
-      policy_dispatch<acc_t>(kl, dual, s_lp.row(b, buf.data()), s_old.row(b, buf.data() + T),
-                             s_adv.row(b, buf.data() + 2 * T), s_ref.row(b, buf.data() + 3 * T), m, T,
-                             c, dtok + b * T, r);
+      const acc_t* o = s_old.row(b, buf.data() + T);
+      acc_t* w = has_w ? buf.data() + 6 * T : nullptr;
+      if (has_rc) {
+        uint8_t* kp = keep ? keep + b * T : keep_scratch.data();
+        rc_row_k<acc_t>(o, s_roll.row(b, buf.data() + 5 * T), m, T, &rcc, buf.data() + 6 * T, kp, &rc_rows[b]);
+        if (keep) m = kp;  // rejected tokens leave the loss, its counts and the aggregation
+      }
+      policy_dispatch<acc_t>(kl, dual, s_lp.row(b, buf.data()), o, s_adv.row(b, buf.data() + 2 * T),
+                             s_ref.row(b, buf.data() + 3 * T), w, m, T, c, dtok + b * T, r);
       const acc_t* e = s_ent.row(b, buf.data() + 4 * T);
       r.ent = e ? masked_sum(e, m, T) : 0.0;
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_fwd_cpu(
+rc::Cfg parse_rc(c10::string_view is_s, double is_hi, std::optional<double> is_lo, c10::string_view rs_s,
+                 double rs_lo, double rs_hi, const char* op) {
+  rc::Cfg c;
+  const std::string is(is_s), rs(rs_s);
+  if (is == "none") c.is = rc::kIsNone;
+  else if (is == "token") c.is = rc::kIsToken;
+  else if (is == "sequence") c.is = rc::kIsSeq;
+  else if (is == "geometric") c.is = rc::kIsGeo;
+  else TORCH_CHECK(false, op, ": rollout_is must be none, token, sequence or geometric; got '", is, "'");
+  TORCH_CHECK(is_hi > 0, op, ": rollout_is upper threshold must be > 0, got ", is_hi);
+  c.is_hi = is_hi;
+  c.icepop = is_lo.has_value();
+  c.is_lo = is_lo.value_or(1.0 / is_hi);
+  TORCH_CHECK(c.is_lo > 0 && c.is_lo <= is_hi, op, ": rollout_is lower threshold must be in (0, upper], got ",
+              c.is_lo);
+  if (rs == "none") return c;
+  const auto under = rs.rfind('_');
+  const std::string lvl = under == std::string::npos ? "" : rs.substr(0, under), k = rs.substr(under + 1);
+  TORCH_CHECK(k == "k1" || k == "k2" || k == "k3", op, ": unknown rollout_rs '", rs, "'");
+  c.rs_k = k[1] - '0';
+  if (lvl == "token") c.rs = rc::kRsToken;
+  else if (lvl == "seq_sum") c.rs = rc::kRsSum;
+  else if (lvl == "seq_mean") c.rs = rc::kRsMean;
+  else if (lvl == "seq_max" && c.rs_k != 1) c.rs = rc::kRsMax;
+  else TORCH_CHECK(false, op, ": unknown rollout_rs '", rs, "'");
+  TORCH_CHECK(c.rs_k == 1 ? rs_lo <= rs_hi : rs_hi > 0, op, ": bad rollout_rs bounds [", rs_lo, ", ", rs_hi, "]");
+  c.rs_lo = rs_lo, c.rs_hi = rs_hi;
+  return c;
+}
+
+// The rollout_corr/* metrics (order: RC_STATS in rlhf_fast/ops/ppo_loss.py),
+// from the row sums in row order. Token means over the caller's mask, row
+// means over its non-empty rows; a mean over nothing is 0.
+std::vector<double> rc_metrics(const rc::Cfg& c, const std::vector<rc::Row>& rows) {
+  double N = 0, S = 0, sw = 0, nh = 0, nl = 0, nrej = 0, slr = 0, sk3 = 0, srho2 = 0;
+  double mxw = -INFINITY, mnw = INFINITY, seq_rej = 0, chi2s = 0, tppl = 0, rppl = 0, tlp = 0, rlp = 0, d = 0,
+         ad = 0, pr = 0, seq_hi = 0, seq_lo = 0, seq_mx = -INFINITY, seq_mn = INFINITY;
+  const bool seq = c.is == rc::kIsSeq || c.is == rc::kIsGeo;
+  for (const rc::Row& r : rows) {
+    N += r.n0, sw += r.s_w, nh += r.n_high, nl += r.n_low, nrej += r.n_rej;
+    slr += r.s_lr, sk3 += r.s_k3, srho2 += r.s_rho2;
+    mxw = std::max(mxw, r.max_w), mnw = std::min(mnw, r.min_w);
+    if (r.n0 == 0) continue;
+    S += 1;
+    seq_rej += r.n_rej > 0 ? 1.0 : 0.0;
+    const double l = std::clamp(r.s_lr, -20.0, 20.0);
+    chi2s += std::exp(2.0 * l);
+    const double mo = r.s_old / r.n0, mr = r.s_roll / r.n0;
+    tppl += std::exp(-mo), rppl += std::exp(-mr), tlp += -mo, rlp += -mr;
+    d += mr - mo, ad += std::abs(mr - mo), pr += std::exp(mr - mo);
+    // the row's raw weight, as the kernel made it (sequence: product, geometric: mean)
+    const double raw = std::exp(std::clamp(c.is == rc::kIsGeo ? r.s_lr / r.n0 : r.s_lr, -20.0, 20.0));
+    seq_hi += raw > c.is_hi ? 1.0 : 0.0, seq_lo += raw < c.is_lo ? 1.0 : 0.0;
+    seq_mx = std::max(seq_mx, raw), seq_mn = std::min(seq_mn, raw);
+  }
+  const double iN = N > 0 ? 1.0 / N : 0.0, iS = S > 0 ? 1.0 / S : 0.0;
+  const bool is = c.is != rc::kIsNone && N > 0, rs = c.rs != rc::kRsNone;
+  return {
+      is ? sw * iN : 0.0,
+      is ? (seq ? seq_mx : mxw) : 0.0,
+      is ? (seq ? seq_mn : mnw) : 0.0,
+      is ? (seq ? seq_hi * iS : nh * iN) : 0.0,
+      is ? (seq ? seq_lo * iS : nl * iN) : 0.0,
+      rs ? nrej * iN : 0.0,
+      rs ? seq_rej * iS : 0.0,
+      -slr * iN,
+      sk3 * iN,
+      N > 0 ? srho2 * iN - 1.0 : 0.0,
+      S > 0 ? chi2s * iS - 1.0 : 0.0,
+      tppl * iS, rppl * iS, tlp * iS, rlp * iS, d * iS, ad * iS, pr * iS,
+  };
+}
+constexpr int64_t kRcStats = 18;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_fwd_cpu(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const at::Tensor& mask, const std::optional<at::Tensor>& entropy,
     const std::optional<at::Tensor>& ref_logprobs, double entropy_coef, double kl_coef,
     c10::string_view kl_kind, double clip_low, double clip_high, std::optional<double> dual_clip,
-    c10::string_view agg_s, double agg_norm) {
+    c10::string_view agg_s, double agg_norm, const std::optional<at::Tensor>& rollout_logprobs,
+    c10::string_view rc_is, double rc_is_upper, std::optional<double> rc_is_lower, c10::string_view rc_rs,
+    double rc_rs_lower, double rc_rs_upper) {
   const char* op = "rlhf_fast::ppo_loss_fwd";
   check_float(logprobs, op, "logprobs");
   TORCH_CHECK(logprobs.dim() == 2, op, ": logprobs must be 2-D (B, T), got ", logprobs.sizes());
@@ -504,7 +615,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_fwd_cpu(
   const at::Tensor old = prep(old_logprobs, shape, op, "old_logprobs");
   const at::Tensor adv = prep(advantages, shape, op, "advantages");
   const at::Tensor mk = prep_mask(mask, shape, op);
-  at::Tensor ent, ref;
+  at::Tensor ent, ref, roll;
   if (entropy.has_value() && entropy->defined()) {
     check_float(*entropy, op, "entropy");
     ent = prep(*entropy, shape, op, "entropy");
@@ -513,6 +624,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_fwd_cpu(
     check_float(*ref_logprobs, op, "ref_logprobs");
     ref = prep(*ref_logprobs, shape, op, "ref_logprobs");
   }
+  if (rollout_logprobs.has_value() && rollout_logprobs->defined()) {
+    check_float(*rollout_logprobs, op, "rollout_logprobs");
+    roll = prep(*rollout_logprobs, shape, op, "rollout_logprobs");
+  }
+  const rc::Cfg rcc = parse_rc(rc_is, rc_is_upper, rc_is_lower, rc_rs, rc_rs_lower, rc_rs_upper, op);
+  TORCH_CHECK(roll.defined() || (rcc.is == rc::kIsNone && rcc.rs == rc::kRsNone), op,
+              ": a rollout correction needs rollout_logprobs");
   TORCH_CHECK(clip_low > 0 && clip_high > 0, op, ": clip_low and clip_high must be > 0");
   TORCH_CHECK(!dual_clip.has_value() || *dual_clip > 1.0, op, ": dual_clip must be > 1");
   const Agg agg = parse_agg(std::string(agg_s), op);
@@ -524,14 +642,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_fwd_cpu(
   const auto opts = lp.options().dtype(acc);
   at::Tensor dtok = at::empty({B, T}, opts);
   at::Tensor row_scale = at::empty({B}, opts);
+  // the mask after rejection, for backward's entropy gradient; (0,) without rejection
+  const std::vector<int64_t> keep_shape = rcc.rs != rc::kRsNone ? std::vector<int64_t>{B, T}
+                                                                 : std::vector<int64_t>{0};
+  at::Tensor keep = at::empty(keep_shape, lp.options().dtype(at::kBool));
   std::vector<PolicyRow> rows(B);
+  std::vector<rc::Row> rc_rows(roll.defined() ? B : 0);
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mk.const_data_ptr());
+  uint8_t* kp = keep.numel() ? reinterpret_cast<uint8_t*>(keep.data_ptr()) : nullptr;
   AT_DISPATCH_FLOATING_TYPES(acc, "ppo_loss_fwd", [&] {
     PolicyCfg<scalar_t> c{scalar_t(1.0 - clip_low), scalar_t(1.0 + clip_high),
                           scalar_t(dual_clip.value_or(3.0)), scalar_t(kl_coef)};
     if (B * T > 0)
-      policy_rows<scalar_t>(lp, old, adv, ent, ref, m, kl, dual_clip.has_value(), c,
-                            dtok.data_ptr<scalar_t>(), rows);
+      policy_rows<scalar_t>(lp, old, adv, ent, ref, roll, m, kl, dual_clip.has_value(), c, rcc,
+                            dtok.data_ptr<scalar_t>(), kp, rows, rc_rows);
   });
 
   // Fixed-order fp64 epilogue over the rows.
@@ -548,12 +672,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_fwd_cpu(
   }
   const double inv_n = N > 0 ? 1.0 / N : 0.0;
   const double loss = pg - entropy_coef * en + kl_coef * kv;
-  at::Tensor stats = at::tensor({pg, en, kv, clip * inv_n, lower * inv_n, akl * inv_n, rsum * inv_n, rmax},
-                                at::TensorOptions().dtype(at::kDouble))
-                         .to(acc);
+  std::vector<double> st = {pg, en, kv, clip * inv_n, lower * inv_n, akl * inv_n, rsum * inv_n, rmax};
+  const std::vector<double> rcs = roll.defined() ? rc_metrics(rcc, rc_rows) : std::vector<double>(kRcStats, 0.0);
+  st.insert(st.end(), rcs.begin(), rcs.end());
+  at::Tensor stats = at::tensor(st, at::TensorOptions().dtype(at::kDouble)).to(acc);
   at::Tensor loss_t = at::scalar_tensor(loss, at::TensorOptions().dtype(at::kDouble)).to(acc);
   row_scale.copy_(at::from_blob(scale.data(), {B}, at::TensorOptions().dtype(at::kDouble)));
-  return {loss_t, stats, dtok, row_scale};
+  return {loss_t, stats, dtok, row_scale, keep};
 }
 
 // grad_logprobs = g * row_scale[b] * dtok; grad_entropy = -coef * g * row_scale[b] * mask.

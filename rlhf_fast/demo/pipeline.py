@@ -162,6 +162,10 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, thre
     ppo.logger.keys = ("reward", "true_score", "kl")
     rows = ppo.train()
     timings["ppo"] = time.perf_counter() - t0
+    # the sampler's log-probs against the trainer's recomputed old log-probs (docs/rollout_correction.md)
+    gap = {k: max(abs(r[f"rollout_corr/{k}"]) for r in rows) for k in ("kl", "chi2_token", "log_ppl_abs_diff")}
+    print(f"rollout/trainer mismatch over {len(rows)} PPO steps (max per step): |kl| {gap['kl']:.1e}, "
+          f"|chi2_token| {gap['chi2_token']:.1e}, log_ppl_abs_diff {gap['log_ppl_abs_diff']:.1e}")
 
     # 5. held-out evaluation, files
     after = evaluate(policy, rm, tok, eval_prompts, seed + 20)

@@ -23,6 +23,16 @@ from ..triton.ppo_loss import (
     block_b,
     block_t,
 )
+from ..triton.rollout_correction import (
+    IS_CODES,
+    N_RC_PARTIALS,
+    N_ROW_PARTIALS,
+    _rollout_corr_finish_kernel,
+    _rollout_row_kernel,
+    block_b_rc,
+    needs_row_pass,
+    rs_codes,
+)
 from ._common import kernel_scalars, launch_on_tensor_device
 from .ppo_loss import (
     LOSS_STATS,
@@ -62,7 +72,14 @@ def ppo_loss_fwd_triton(
     dual_clip: float | None,
     agg: str,
     agg_norm: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rollout_logprobs: torch.Tensor | None = None,
+    rc_is: str = "none",
+    rc_is_upper: float = 2.0,
+    rc_is_lower: float | None = None,
+    rc_rs: str = "none",
+    rc_rs_lower: float = 0.0,
+    rc_rs_upper: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T = logprobs.shape
     acc = _acc_dtype(logprobs.dtype)
     dev = logprobs.device
@@ -70,31 +87,57 @@ def ppo_loss_fwd_triton(
     row_scale = torch.empty((B,), dtype=acc, device=dev)
     loss = torch.zeros((), dtype=acc, device=dev)
     stats = torch.zeros((len(LOSS_STATS),), dtype=acc, device=dev)
+    keep = torch.empty((B, T) if rc_rs != "none" else (0,), dtype=torch.bool, device=dev)
+    rc = rollout_logprobs is not None
+    is_code, (rs_lvl, rs_k) = IS_CODES[rc_is], rs_codes(rc_rs)
+    if (is_code or rs_lvl >= 0) and not rc:
+        raise ValueError("rlhf_fast::ppo_loss_fwd_triton: a rollout correction needs rollout_logprobs")
     if B == 0:
-        return loss, stats, dtok, row_scale
+        return loss, stats, dtok, row_scale, keep
     bt = block_t(T)
     n_chunks = max(1, triton.cdiv(T, bt))
-    part = torch.empty((B, n_chunks, N_POLICY_PARTIALS), dtype=acc, device=dev)
+    n_part = N_POLICY_PARTIALS + (N_RC_PARTIALS if rc else 0)
+    part = torch.empty((B, n_chunks, n_part), dtype=acc, device=dev)
     lo, hi = 1.0 - clip_low, 1.0 + clip_high
     dual = 3.0 if dual_clip is None else dual_clip
-    params, from_ptr = kernel_scalars(acc, dev, lo, hi, dual, kl_coef, entropy_coef, kl_coef, agg_norm, agg_norm)
+    is_lo = 1.0 / rc_is_upper if rc_is_lower is None else rc_is_lower
+    rc_vals = (rc_is_upper, is_lo, rc_rs_lower, rc_rs_upper)
+    params, from_ptr = kernel_scalars(
+        acc, dev, lo, hi, dual, kl_coef, entropy_coef, kl_coef, agg_norm, agg_norm, *rc_vals
+    )  # fmt: skip
     lp = logprobs.contiguous()
+    old = old_logprobs.contiguous()
     ent = entropy.contiguous() if entropy is not None else lp
     ref = ref_logprobs.contiguous() if ref_logprobs is not None else lp
+    roll = rollout_logprobs.contiguous() if rc else lp
+    m8 = _u8(mask)
+    rowp = part
+    if rc and needs_row_pass(is_code, rs_lvl):
+        rowp = torch.empty((B, n_chunks, N_ROW_PARTIALS), dtype=acc, device=dev)
+        torch.library.wrap_triton(_rollout_row_kernel)[(B, n_chunks)](
+            old, roll, m8, rowp, T, ACC=_tl(acc), BLOCK_T=bt, num_warps=8 if bt >= 2048 else 4
+        )
     torch.library.wrap_triton(_ppo_loss_fwd_kernel)[(B, n_chunks)](
-        lp, old_logprobs.contiguous(), advantages.contiguous(), _u8(mask), ent, ref, dtok, part,
-        params if from_ptr else lp,
-        T, lo, hi, dual, kl_coef,
+        lp, old, advantages.contiguous(), m8, ent, ref, dtok, part,
+        params if from_ptr else lp, roll, rowp, keep.view(torch.uint8) if keep.numel() else m8,
+        T, lo, hi, dual, kl_coef, *rc_vals,
         HAS_ENT=entropy is not None, KL=KL_CODES[kl_kind] if ref_logprobs is not None else KL_NONE,
         DUAL=dual_clip is not None, ACC=_tl(acc), PARAMS_FROM_PTR=from_ptr, BLOCK_T=bt,
+        RC=rc, IS=is_code, ICEPOP=rc_is_lower is not None, RS_LVL=rs_lvl, RS_K=rs_k, NP=n_part,
         num_warps=8 if bt >= 2048 else 4,
     )  # fmt: skip
     torch.library.wrap_triton(_ppo_loss_finish_kernel)[(1,)](
         part, row_scale, loss, stats, params if from_ptr else part,
         B, n_chunks, entropy_coef, kl_coef, agg_norm,
-        AGG=AGG_CODES[agg], PARAMS_FROM_PTR=from_ptr, BLOCK_B=block_b(B), num_warps=4,
+        AGG=AGG_CODES[agg], PARAMS_FROM_PTR=from_ptr, BLOCK_B=block_b(B), NP=n_part, num_warps=4,
     )  # fmt: skip
-    return loss, stats, dtok, row_scale
+    if rc:
+        torch.library.wrap_triton(_rollout_corr_finish_kernel)[(1,)](
+            part, stats, params if from_ptr else part, B, n_chunks, rc_is_upper, is_lo,
+            NP=n_part, OFF=N_POLICY_PARTIALS, IS=is_code, HAS_RS=rs_lvl >= 0, PARAMS_FROM_PTR=from_ptr,
+            BLOCK_B=block_b_rc(B), num_warps=4,
+        )  # fmt: skip
+    return loss, stats, dtok, row_scale, keep
 
 
 @torch.library.triton_op("rlhf_fast::ppo_loss_bwd_triton", mutates_args=())

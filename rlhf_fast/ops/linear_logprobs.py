@@ -155,6 +155,25 @@ def _row_chunks(labels: torch.Tensor, ignore_index: int, chunk_size: int):
     return list(rows.split(chunk_size))
 
 
+# Batch invariance (docs/rollout_correction.md): MKL / oneDNN pick a different
+# kernel for a GEMM with few rows (M = 1, 2, 5 gave other bits than M = 16 in
+# tests/test_batch_invariance.py), while every M that is a multiple of 16 gave
+# the same bits per row whatever M, the row's position and the thread count.
+# So each chunk's GEMM runs on its rows padded with zero rows to a multiple of
+# 16: a token's logits, hence its log-prob, do not depend on N or chunk_size.
+# Cost: at most 15 extra rows per call (only the last chunk is short), 16x
+# for a single token.
+GEMM_ROW_MULTIPLE = 16
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    m = h.shape[0]
+    pad = -m % GEMM_ROW_MULTIPLE
+    if pad:
+        h = torch.cat([h, h.new_zeros((pad, h.shape[1]))])
+    return torch.nn.functional.linear(h, weight, bias)[:m]
+
+
 @torch.autocast("cpu", enabled=False)  # the chunk GEMMs keep the inputs' dtype
 def linear_logprobs_fwd_cpu(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
     """Per chunk of chunk_size labelled tokens: logits = hidden_c @ W.T + b
@@ -163,7 +182,7 @@ def linear_logprobs_fwd_cpu(hidden, weight, bias, labels, temperature, ignore_in
     acc = _acc_dtype(hidden.dtype)
     lp, ent, lse = (hidden.new_zeros((N,), dtype=acc) for _ in range(3))
     for rows in _row_chunks(labels, ignore_index, chunk_size):
-        logits = torch.nn.functional.linear(hidden[rows], weight, bias)
+        logits = _chunk_logits(hidden[rows], weight, bias)
         out = torch.ops.rlhf_fast.logprobs_fwd(logits.unsqueeze(0), labels[rows].unsqueeze(0), temperature, ignore_index)
         for dst, src in zip((lp, ent, lse), out):
             dst[rows] = src[0]
@@ -187,7 +206,7 @@ def linear_logprobs_bwd_cpu(
     grad_bias = weight.new_zeros((V,) if bias is not None else (0,), dtype=acc)
     for rows in _row_chunks(labels, ignore_index, chunk_size):
         h = hidden[rows]
-        logits = torch.nn.functional.linear(h, weight, bias)
+        logits = _chunk_logits(h, weight, bias)  # the forward's logits, bit for bit
         gh = grad_entropy[rows].unsqueeze(0) if grad_entropy is not None else None
         dz = torch.ops.rlhf_fast.logprobs_bwd(
             grad_logprobs[rows].unsqueeze(0), gh, logits.unsqueeze(0), labels[rows].unsqueeze(0),

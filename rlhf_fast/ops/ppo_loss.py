@@ -23,6 +23,7 @@ import importlib
 
 from .. import _backend
 from ..reference.ppo_loss import AGG_MODES, KL_KINDS
+from ..reference.rollout_correction import RC_STATS, RolloutCorrection
 
 # the module, not the function rlhf_fast.reference.ppo_loss that shadows it
 reference = importlib.import_module("rlhf_fast.reference.ppo_loss")
@@ -30,8 +31,9 @@ from ._common import FLOAT_DTYPES, check_positive_float, check_same_device, chec
 
 IMPLEMENTED = ("triton", "cpp")
 # Order of the stats vector returned by ppo_loss_fwd.
-LOSS_STATS = ("pg_loss", "entropy", "kl", "clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
-POLICY_STATS = LOSS_STATS[3:]
+BASE_STATS = ("pg_loss", "entropy", "kl", "clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
+LOSS_STATS = BASE_STATS + tuple(f"rollout_corr/{k}" for k in RC_STATS)  # the rollout_corr/* ones: 0 without
+POLICY_STATS = BASE_STATS[3:]
 VALUE_STATS = ("clipfrac", "explained_variance")
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64) + FLOAT_DTYPES
 
@@ -97,9 +99,20 @@ def _check_kind(op: str, kind) -> str:
 # ---------------------------------------------------------------- public API
 
 
+def _check_rollout(op: str, rollout_logprobs, rollout_correction):
+    if rollout_correction is not None and not isinstance(rollout_correction, RolloutCorrection):
+        raise TypeError(
+            f"{op}: rollout_correction must be a rlhf_fast.RolloutCorrection, got {type(rollout_correction).__name__}"
+        )
+    if rollout_logprobs is None and rollout_correction is not None and rollout_correction.enabled:
+        raise ValueError(f"{op}: rollout_correction needs rollout_logprobs (the sampler's log-probs)")
+    return () if rollout_logprobs is None else (rollout_correction or RolloutCorrection()).kernel_args()
+
+
 def ppo_loss(
     logprobs, old_logprobs, advantages, mask, *, entropy=None, ref_logprobs=None, entropy_coef=0.0, kl_coef=0.0,
     kl_kind="k3", clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean", agg_norm=None,
+    rollout_logprobs=None, rollout_correction=None,
 ):  # fmt: skip
     """The whole actor objective in one fused op:
     loss = pg_loss - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logprobs, ref_logprobs)).
@@ -113,12 +126,21 @@ def ppo_loss(
     clipfrac_lower, approx_kl, ratio_mean, ratio_max: token means over the
     mask whatever `agg` is, as in verl). Gradients reach logprobs and entropy.
     An all-masked batch gives loss 0, zero stats and zero gradients.
+
+    rollout_logprobs: (B, T) the sampler's log-probs of the same tokens
+        (raw: before temperature / top-k / top-p). Given, stats also holds
+        verl's mismatch metrics rollout_corr/* of old_logprobs vs them.
+    rollout_correction: a RolloutCorrection (verl's rollout_is / rollout_rs,
+        docs/rollout_correction.md): stop-gradient importance weights of the
+        clipped term (TIS / IcePop, token, sequence or geometric level) and
+        rejection of tokens or whole rows, in the same fused pass.
     """
     op = "rlhf_fast.ppo_loss"
     mask = _check_tokens(
         op, "logprobs", logprobs, mask, old_logprobs=old_logprobs, advantages=advantages, entropy=entropy,
-        ref_logprobs=ref_logprobs,
+        ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
     )  # fmt: skip
+    rc_args = _check_rollout(op, rollout_logprobs, rollout_correction)
     clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
     agg_norm = _check_agg(op, agg, agg_norm, logprobs.shape[1])
     entropy_coef = _check_coef(op, "entropy_coef", entropy_coef)
@@ -133,19 +155,21 @@ def ppo_loss(
         return reference.ppo_loss(
             logprobs, old_logprobs, advantages, mask, entropy=entropy, ref_logprobs=ref_logprobs,
             entropy_coef=entropy_coef, kl_coef=kl_coef, kl_kind=kl_kind, clip_low=clip_low, clip_high=clip_high,
-            dual_clip=dual_clip, agg=agg, agg_norm=agg_norm,
+            dual_clip=dual_clip, agg=agg, agg_norm=agg_norm, rollout_logprobs=rollout_logprobs,
+            rollout_correction=rollout_correction,
         )  # fmt: skip
     fwd = torch.ops.rlhf_fast.ppo_loss_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.ppo_loss_fwd
-    loss, stats, _, _ = fwd(
+    loss, stats, _, _, _ = fwd(
         logprobs, old_logprobs, advantages, mask, entropy, ref_logprobs, entropy_coef, kl_coef, kl_kind,
-        clip_low, clip_high, dual_clip, agg, agg_norm,
+        clip_low, clip_high, dual_clip, agg, agg_norm, rollout_logprobs, *rc_args,
     )  # fmt: skip
-    return loss, dict(zip(LOSS_STATS, stats.unbind(0)))
+    names = LOSS_STATS if rollout_logprobs is not None else BASE_STATS
+    return loss, dict(zip(names, stats.unbind(0)))
 
 
 def ppo_policy_loss(
     logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean",
-    agg_norm=None,
+    agg_norm=None, rollout_logprobs=None, rollout_correction=None,
 ):  # fmt: skip
     """verl's clipped PPO surrogate (compute_policy_loss_vanilla):
     ratio = exp(clamp(logprobs - old_logprobs, -20, 20)),
@@ -157,14 +181,26 @@ def ppo_policy_loss(
     seq-mean-token-sum, seq-mean-token-mean (both over non-empty rows),
     seq-mean-token-sum-norm (sum / agg_norm, default T).
     Returns (loss, stats) with stats clipfrac, clipfrac_lower, approx_kl,
-    ratio_mean, ratio_max (token means over the mask). Gradient flows to
-    logprobs only.
+    ratio_mean, ratio_max (token means over the mask), and with
+    rollout_logprobs the rollout_corr/* metrics; rollout_correction as in
+    ppo_loss. Gradient flows to logprobs only.
     """
     loss, stats = ppo_loss(
         logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        agg=agg, agg_norm=agg_norm,
+        agg=agg, agg_norm=agg_norm, rollout_logprobs=rollout_logprobs, rollout_correction=rollout_correction,
     )  # fmt: skip
-    return loss, {k: stats[k] for k in POLICY_STATS}
+    return loss, {k: v for k, v in stats.items() if k not in BASE_STATS[:3]}
+
+
+def rollout_mismatch(old_logprobs, rollout_logprobs, mask):
+    """verl's rollout_corr/* mismatch metrics of the trainer's old log-probs
+    against the sampler's, alone: old_logprobs, rollout_logprobs (B, T),
+    mask (B, T). A dict of 0-dim tensors (keys as in ppo_loss's stats).
+    One pass of the fused forward (the metrics do not depend on the current
+    policy or the advantages, so those are stand-ins); no host sync."""
+    zeros = torch.zeros_like(old_logprobs)
+    _, stats = ppo_loss(old_logprobs.detach(), old_logprobs.detach(), zeros, mask, rollout_logprobs=rollout_logprobs)
+    return {k: v for k, v in stats.items() if k.startswith("rollout_corr/")}
 
 
 def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", agg_norm=None):
@@ -217,12 +253,14 @@ def kl_penalty(logprobs, ref_logprobs, *, kind="k3"):
 
 
 def _fake_loss_fwd(lp, old, adv, mask, entropy, ref, entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip,
-                   agg, agg_norm):  # fmt: skip
+                   agg, agg_norm, rollout_logprobs=None, rc_is="none", rc_is_upper=2.0, rc_is_lower=None,
+                   rc_rs="none", rc_rs_lower=0.0, rc_rs_upper=0.0):  # fmt: skip
     acc = _acc_dtype(lp.dtype)
     B, T = lp.shape
     return (
         lp.new_empty((), dtype=acc), lp.new_empty((len(LOSS_STATS),), dtype=acc),
         lp.new_empty((B, T), dtype=acc), lp.new_empty((B,), dtype=acc),
+        lp.new_empty((B, T) if rc_rs != "none" else (0,), dtype=torch.bool),
     )  # fmt: skip
 
 
@@ -251,25 +289,28 @@ def _fake_kl_bwd(grad, logprobs, ref_logprobs, kind):
 
 def _loss_setup_context(ctx, inputs, output):
     lp, _old, _adv, mask, entropy = inputs[:5]
-    _, stats, dtok, row_scale = output
+    _, stats, dtok, row_scale, keep = output
+    # after rejection (rollout_rs) the entropy gradient follows the kept mask
+    mask = keep if keep.dim() == 2 else mask
     # lp / entropy only for the double-backward error node (once_differentiable)
     ctx.save_for_backward(dtok, row_scale, mask, *(t for t in (lp, entropy) if t is not None and t.requires_grad))
     ctx.entropy_coef = inputs[6]
+    ctx.n_inputs = len(inputs)
     ctx.lp_dtype = lp.dtype
     ctx.ent_dtype = entropy.dtype if entropy is not None else None
-    ctx.mark_non_differentiable(stats, dtok, row_scale)
+    ctx.mark_non_differentiable(stats, dtok, row_scale, keep)
 
 
 def _make_loss_backward(bwd_op):
     # ppo_policy_loss calls ppo_loss, so its error names ppo_loss
     @once_differentiable("rlhf_fast.ppo_loss (and ppo_policy_loss)")
-    def backward(ctx, grad_loss, _g_stats, _g_dtok, _g_rs):
+    def backward(ctx, grad_loss, _g_stats, _g_dtok, _g_rs, _g_keep):
         dtok, row_scale, mask = ctx.saved_tensors[:3]
         has_ent = ctx.ent_dtype is not None
         glp, gent = bwd_op(
             grad_loss, dtok, row_scale, mask, ctx.entropy_coef, has_ent, ctx.lp_dtype, ctx.ent_dtype or ctx.lp_dtype
         )
-        return (glp, None, None, None, gent if has_ent else None) + (None,) * 9
+        return (glp, None, None, None, gent if has_ent else None) + (None,) * (ctx.n_inputs - 5)
 
     return backward
 

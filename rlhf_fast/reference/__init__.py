@@ -8,6 +8,7 @@ from .advantages import discounted_returns, gae, group_advantages, whiten
 from .sampling import sample
 from .linear_logprobs import linear_logprobs
 from .ppo_loss import kl_penalty, ppo_loss, ppo_policy_loss, ppo_value_loss
+from .rollout_correction import RolloutCorrection
 
 __all__ = [
     "logprobs_from_logits",
@@ -21,4 +22,5 @@ __all__ = [
     "ppo_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "RolloutCorrection",
 ]

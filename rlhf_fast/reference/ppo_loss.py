@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from . import rollout_correction as _rc
+
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3", "abs")
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi / pi_old) to +-20 before exp
@@ -65,9 +67,13 @@ def _token_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return _safe_div(torch.where(valid, x, torch.zeros_like(x)).sum(), valid.sum().to(x.dtype))
 
 
-def ppo_policy_loss_terms(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None):
+def ppo_policy_loss_terms(
+    logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None, weights=None
+):  # fmt: skip
     """Per-token clipped policy loss (B, T) (0 where masked) and the
-    token-mean stats. verl compute_policy_loss_vanilla, dual clip optional."""
+    token-mean stats. verl compute_policy_loss_vanilla, dual clip optional;
+    weights (B, T), stop-gradient, multiply the per-token loss (verl's
+    rollout_is_weights)."""
     acc = _acc(logprobs)
     valid = _valid(mask)
     lp = _masked(logprobs, valid, acc)
@@ -88,6 +94,8 @@ def ppo_policy_loss_terms(logprobs, old_logprobs, advantages, mask, *, clip_low=
     else:
         lower = torch.zeros_like(clipped)
         pg = clip1
+    if weights is not None:
+        pg = pg * weights.detach().to(acc)
     pg = torch.where(valid, pg, torch.zeros_like(pg))
     ratio_d = ratio.detach()
     stats = {
@@ -104,13 +112,14 @@ def ppo_policy_loss_terms(logprobs, old_logprobs, advantages, mask, *, clip_low=
 
 def ppo_policy_loss(
     logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean",
-    agg_norm=None,
+    agg_norm=None, rollout_logprobs=None, rollout_correction=None,
 ):  # fmt: skip
     """(loss, stats): agg of the clipped surrogate; see rlhf_fast.ppo_policy_loss."""
-    pg, stats = ppo_policy_loss_terms(
-        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
-    )
-    return agg_loss(pg, mask, agg, agg_norm), stats
+    loss, stats = ppo_loss(
+        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        agg=agg, agg_norm=agg_norm, rollout_logprobs=rollout_logprobs, rollout_correction=rollout_correction,
+    )  # fmt: skip
+    return loss, {k: v for k, v in stats.items() if k not in ("pg_loss", "entropy", "kl")}
 
 
 def kl_penalty(logprobs, ref_logprobs, *, kind="k3"):
@@ -134,14 +143,27 @@ def kl_penalty(logprobs, ref_logprobs, *, kind="k3"):
 def ppo_loss(
     logprobs, old_logprobs, advantages, mask, *, entropy=None, ref_logprobs=None, entropy_coef=0.0, kl_coef=0.0,
     kl_kind="k3", clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean", agg_norm=None,
+    rollout_logprobs=None, rollout_correction=None,
 ):  # fmt: skip
     """The actor objective: pg - entropy_coef * agg(entropy) + kl_coef * agg(kl).
-    Stats: the policy stats plus pg_loss, entropy and kl (each aggregated)."""
+    Stats: the policy stats plus pg_loss, entropy and kl (each aggregated).
+    With rollout_logprobs: the rollout_corr/* metrics, and rollout_correction
+    (a RolloutCorrection) weights the clipped term and rejects tokens."""
     valid = _valid(mask)
     acc = _acc(logprobs)
+    weights, rc_stats = None, {}
+    if rollout_logprobs is not None:
+        weights, valid, rc = _rc.correction_terms(old_logprobs, rollout_logprobs, valid, rollout_correction)
+        rc_stats = {f"rollout_corr/{k}": v for k, v in rc.items()}
+        if rollout_correction is None or rollout_correction.rollout_is is None:
+            weights = None
+    elif rollout_correction is not None and rollout_correction.enabled:
+        raise ValueError("rollout_correction needs rollout_logprobs")
+    mask = valid
     pg, stats = ppo_policy_loss_terms(
-        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
-    )
+        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        weights=weights,
+    )  # fmt: skip
     pg_loss = agg_loss(pg, valid, agg, agg_norm)
     zero = pg_loss.new_zeros(())
     ent_loss = zero
@@ -152,7 +174,7 @@ def ppo_loss(
         kl = kl_penalty(_masked(logprobs, valid, acc), _masked(ref_logprobs, valid, acc), kind=kl_kind)
         kl_loss = agg_loss(torch.where(valid, kl, torch.zeros_like(kl)), valid, agg, agg_norm)
     loss = pg_loss - entropy_coef * ent_loss + kl_coef * kl_loss
-    stats = {"pg_loss": pg_loss.detach(), "entropy": ent_loss.detach(), "kl": kl_loss.detach(), **stats}
+    stats = {"pg_loss": pg_loss.detach(), "entropy": ent_loss.detach(), "kl": kl_loss.detach(), **stats, **rc_stats}
     return loss, stats
 
 

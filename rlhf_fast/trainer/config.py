@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..reference.advantages import ESTIMATORS
 from ..reference.ppo_loss import AGG_MODES, KL_KINDS
+from ..reference.rollout_correction import RolloutCorrection
 
 
 @dataclass
@@ -86,6 +87,11 @@ class RolloutConfig(TrainConfig):
     reward_clip: float | None = None  # clamp scores to [-c, c]
     reward_norm: bool = False  # running mean/std normalisation of scores
     missing_eos_penalty: float | None = None  # subtracted from the score of a response cut off before EOS (TRL)
+    # Rollout correction inside ppo_loss (docs/rollout_correction.md), verl's keys:
+    # {rollout_is: token | sequence | geometric, rollout_is_threshold: 2.0 or "0.5_2.0",
+    #  rollout_rs: e.g. seq_mean_k1, rollout_rs_threshold: "0.999_1.001"}. None: off.
+    # The rollout/trainer mismatch metrics (rollout_corr/*) are logged either way.
+    rollout_correction: dict | None = None
 
 
 @dataclass
@@ -145,7 +151,7 @@ RULES: dict[str, tuple] = {
     "dual_clip": ("float?", "> 1"), "entropy_coef": ("float", None), "loss_agg": (AGG_MODES, None),
     "kl_coef": ("float", ">= 0"), "kl_kind": (KL_KINDS, None), "kl_target": ("float?", "> 0"),
     "kl_horizon": ("int", ">= 1"), "reward_clip": ("float?", "> 0"), "reward_norm": ("bool", None),
-    "missing_eos_penalty": ("float?", None),
+    "missing_eos_penalty": ("float?", None), "rollout_correction": ("rollout_correction?", None),
     # PPOConfig
     "critic_lr": ("float?", "> 0"), "vf_coef": ("float", ">= 0"), "value_clip": ("float?", "> 0"),
     "gamma": ("float", "[0, 1]"), "lam": ("float", "[0, 1]"), "whiten_advantages": ("bool", None),
@@ -200,6 +206,13 @@ def validate(config) -> None:
         elif kind == "str":
             if not isinstance(v, str):
                 raise bad("str" + (" or None" if optional else ""))
+        elif kind == "rollout_correction":
+            if not isinstance(v, dict):
+                raise bad("a mapping of verl's rollout_is / rollout_rs keys, or None")
+            try:
+                RolloutCorrection.from_dict(v)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{name}: rollout_correction = {v!r} is invalid: {e}") from None
         elif kind == "int":
             if isinstance(v, bool) or not isinstance(v, int):
                 raise bad(what)

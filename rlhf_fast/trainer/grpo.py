@@ -12,11 +12,12 @@ import time
 import torch
 
 from ..ops import group_advantages, kl_penalty, ppo_loss
+from ..reference.rollout_correction import RolloutCorrection
 from .base import Trainer
 from .common import process_scores
 from .config import GRPOConfig
 from .models import response_logprobs
-from .rollout import rollout, sample_prompts, score
+from .rollout import CORRECTION_STATS, correction_args, mismatch_metrics, rollout, sample_prompts, score
 
 
 class GRPOTrainer(Trainer):
@@ -35,6 +36,7 @@ class GRPOTrainer(Trainer):
             ref_policy.eval().requires_grad_(False)
             self.wrap(ref_policy, trainable=False)
         self.setup_rollout(policy, reward, prompt_ids, prompt_mask, eos_token_id, pad_token_id)
+        self.rollout_correction = RolloutCorrection.from_dict(config.rollout_correction)  # None: off
         self.stateful = {"policy": self.model_state(policy), "opt": self.optimizer_state(policy, self.opt),
                          "sched": self.sched, "kl_ctl": self.kl_ctl, "moments": self.moments}  # fmt: skip
 
@@ -63,6 +65,7 @@ class GRPOTrainer(Trainer):
                    "reward_std_in_group": float(raw_filled.view(-1, c.num_samples).std(-1).mean()),
                    "response_length": float(ro.lengths.float().mean()), "time/score": t1 - t0,
                    "time/logprobs": t2 - t1, **ro.timings}  # fmt: skip
+        metrics.update(mismatch_metrics(old_lp, ro))  # always: the user sees the rollout/trainer gap
         if ref_lp is not None:
             metrics["kl"] = float((kl_penalty(old_lp, ref_lp, kind=c.kl_kind) * ro.response_mask).sum(-1).mean())
         return {"ro": ro, "old_logprobs": old_lp, "ref_logprobs": ref_lp, "advantages": adv, "metrics": metrics,
@@ -79,9 +82,11 @@ class GRPOTrainer(Trainer):
             ref_logprobs=exp["ref_logprobs"][idx] if use_kl else None, entropy_coef=c.entropy_coef,
             kl_coef=self.kl_ctl.value if use_kl else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
             clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
+            **correction_args(self.rollout_correction, ro),
         )  # fmt: skip
         (loss * scale).backward()
-        return loss.detach(), {k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl")}
+        return loss.detach(), {k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl") + CORRECTION_STATS
+                               if k in st}  # fmt: skip
 
     def update(self, exp: dict) -> dict:
         if not exp["any_valid"]:  # every reward NaN/inf: nothing to learn from

@@ -12,11 +12,15 @@ import time
 import torch
 
 from ..ops import ppo_loss, ppo_value_loss
+from ..reference.rollout_correction import RolloutCorrection
 from .base import Trainer
 from .common import make_optimizer, process_scores
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values
-from .rollout import advantages, masked_mean, rollout, sample_prompts, score, shaped_rewards
+from .rollout import (
+    CORRECTION_STATS, advantages, correction_args, masked_mean, mismatch_metrics, rollout, sample_prompts, score,
+    shaped_rewards,
+)  # fmt: skip
 
 
 class PPOTrainer(Trainer):
@@ -35,6 +39,7 @@ class PPOTrainer(Trainer):
         self.ref.eval().requires_grad_(False)
         self.wrap(self.ref, trainable=False)
         self.setup_rollout(policy, reward, prompt_ids, prompt_mask, eos_token_id, pad_token_id)
+        self.rollout_correction = RolloutCorrection.from_dict(config.rollout_correction)  # None: off
         self.critic_ddp = self.wrap(critic)  # before its optimizer: FSDP2 swaps the parameters
         self.copt, self.csched = make_optimizer(critic.parameters(), config, lr=config.critic_lr)
         self.stateful = {
@@ -69,6 +74,7 @@ class PPOTrainer(Trainer):
         n_tok = int(ro.response_mask.sum())
         seq_kl = float((kl.sum(-1)).mean())
         metrics = {
+            **mismatch_metrics(old_lp, ro),  # always: the user sees the rollout/trainer gap
             **reward_metrics, "reward_processed": float(scores[valid].mean()) if any_valid else 0.0, "kl": seq_kl,
             "kl_token": masked_mean(kl, ro.response_mask), "kl_coef": self.kl_ctl.value,
             "response_length": float(ro.lengths.float().mean()), "time/score": t1 - t0, "time/logprobs": t2 - t1,
@@ -90,12 +96,14 @@ class PPOTrainer(Trainer):
             ref_logprobs=exp["ref_logprobs"][idx] if kl_loss else None, entropy_coef=c.entropy_coef,
             kl_coef=self.kl_ctl.value if kl_loss else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
             clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
+            **correction_args(self.rollout_correction, ro),
         )  # fmt: skip
         v = response_values(self.critic_ddp, ro.sequences, ro.attention_mask, ro.prompt_length)
         vloss, vst = ppo_value_loss(v, exp["values"][idx], exp["returns"][idx], m, clip=c.value_clip, agg=c.loss_agg)
         stats = {"pg_loss": pst["pg_loss"], "entropy": pst["entropy"], "clipfrac": pst["clipfrac"],
                  "approx_kl": pst["approx_kl"], "value_loss": vloss, "vf_clipfrac": vst["clipfrac"],
-                 "explained_variance": vst["explained_variance"]}  # fmt: skip
+                 "explained_variance": vst["explained_variance"],
+                 **{k: pst[k] for k in CORRECTION_STATS if k in pst}}  # fmt: skip
         vloss = c.vf_coef * vloss
         # two backwards, not one: under DDP the policy's and the critic's gradient
         # all-reduces must reach the process group in the same order on every rank

@@ -9,6 +9,7 @@ import torch
 
 from ..generation import generate
 from ..ops import gae, kl_penalty, whiten
+from ..ops.ppo_loss import rollout_mismatch
 from .models import ScalarHeadModel
 
 
@@ -19,6 +20,9 @@ class Rollout:
     response_mask: torch.Tensor  # (N, R) bool
     prompt_length: int
     timings: dict
+    # (N, R) fp32: the sampler's log-probs of the response tokens (raw: softmax(logits / T)
+    # before top-k / top-p), for the rollout correction and the mismatch metrics
+    logprobs: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -33,7 +37,9 @@ class Rollout:
         return ~(torch.isin(resp, eos) & self.response_mask).any(-1)
 
     def index(self, idx: torch.Tensor) -> "Rollout":
-        return Rollout(self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_length, {})
+        lp = self.logprobs[idx] if self.logprobs is not None else None
+        return Rollout(self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_length, {},
+                       lp)  # fmt: skip
 
 
 def rollout(policy, prompt_ids, prompt_mask, config, generator, *, num_samples=1, eos_token_id=None, pad_token_id=None,
@@ -56,7 +62,29 @@ def rollout(policy, prompt_ids, prompt_mask, config, generator, *, num_samples=1
     dt = time.perf_counter() - t0
     n_tok = int(out.lengths.sum())
     return Rollout(out.sequences, attn, out.response_mask, out.prompt_length,
-                   {"time/generate": dt, "tokens_per_s/generate": n_tok / max(dt, 1e-9)})  # fmt: skip
+                   {"time/generate": dt, "tokens_per_s/generate": n_tok / max(dt, 1e-9)}, out.logprobs)  # fmt: skip
+
+
+# what a corrected update logs per minibatch (besides the mismatch metrics of the experience)
+CORRECTION_STATS = ("rollout_corr/rollout_is_mean", "rollout_corr/rollout_rs_masked_fraction")
+
+
+def correction_args(spec, ro: Rollout) -> dict:
+    """ppo_loss keywords that apply the rollout correction `spec` (None: off) to minibatch ro."""
+    if spec is None or ro.logprobs is None:
+        return {}
+    return {"rollout_logprobs": ro.logprobs, "rollout_correction": spec}
+
+
+def mismatch_metrics(old_logprobs, ro: Rollout) -> dict:
+    """verl's rollout_corr/* metrics of the trainer's recomputed old log-probs
+    against the sampler's (floats; {} when the rollout has none)."""
+    if ro.logprobs is None:
+        return {}
+    stats = rollout_mismatch(old_logprobs, ro.logprobs, ro.response_mask)
+    # rollout_is_* / rollout_rs_* describe a correction; the update logs those when one is on
+    own = ("rollout_corr/rollout_is", "rollout_corr/rollout_rs")
+    return {k: float(v) for k, v in stats.items() if not k.startswith(own)}
 
 
 @torch.no_grad()

@@ -18,12 +18,14 @@ import triton.language as tl
 
 from ._common import clamp_nan, max_nan, max_reduce_nan, min_nan
 from ._common import rounded as _rounded
+from .rollout_correction import N_RC_PARTIALS, _rc_token_terms
 
 # KL kinds and aggregation modes as constexpr ints (csrc/cpu/ppo_loss.cpp uses the same numbers).
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 KL_NONE = 4
 AGG_CODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum-norm": 3}
 N_POLICY_PARTIALS = 9  # pg, entropy, kl, n, clip, clip_lower, approx_kl, ratio_sum, ratio_max
+# + N_RC_PARTIALS with a rollout correction (triton/rollout_correction.py)
 N_VALUE_PARTIALS = 7  # loss, n, clip, mean_r, m2_r, mean_e, m2_e
 
 
@@ -64,9 +66,12 @@ def _load_params(params_ptr, a0, a1, a2, a3, ACC: tl.constexpr, FROM_PTR: tl.con
 @triton.jit
 def _ppo_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, ref_ptr, dtok_ptr, part_ptr, params_ptr,
-    T, lo_arg, hi_arg, dual_arg, kl_coef_arg,
+    roll_ptr, rowp_ptr, keep_ptr,
+    T, lo_arg, hi_arg, dual_arg, kl_coef_arg, is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg,
     HAS_ENT: tl.constexpr, KL: tl.constexpr, DUAL: tl.constexpr,
     ACC: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr,
+    RC: tl.constexpr = False, IS: tl.constexpr = 0, ICEPOP: tl.constexpr = False, RS_LVL: tl.constexpr = -1,
+    RS_K: tl.constexpr = 0, NP: tl.constexpr = 9,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -79,6 +84,20 @@ def _ppo_loss_fwd_kernel(
     lp = tl.load(lp_ptr + p, mask=inb, other=0.0).to(ACC)
     old = tl.load(old_ptr + p, mask=inb, other=0.0).to(ACC)
     a = tl.load(adv_ptr + p, mask=inb, other=0.0).to(ACC)
+    out = part_ptr + (b * n_chunks + c) * NP
+    if RC:
+        is_hi, is_lo, rs_lo, rs_hi = _load_params(
+            params_ptr + 8, is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg, ACC, PARAMS_FROM_PTR
+        )
+        roll = tl.load(roll_ptr + p, mask=inb, other=0.0).to(ACC)
+        w, keep = _rc_token_terms(
+            old, roll, valid, b, rowp_ptr, out + 9, n_chunks, is_hi, is_lo, rs_lo, rs_hi, IS, ICEPOP, RS_LVL, RS_K,
+            ACC,
+        )  # fmt: skip
+        if RS_LVL >= 0:
+            # rejected tokens leave every term, count and the aggregation
+            valid = keep
+            tl.store(keep_ptr + p, keep.to(tl.uint8), mask=inb)
 
     x = lp - old
     xc = clamp_nan(x, -20.0, 20.0)  # NaN stays NaN: a NaN log-prob gives a NaN loss
@@ -99,6 +118,10 @@ def _ppo_loss_fwd_kernel(
         dl = tl.where(neg, d2, dl)
         low = valid & neg & (c1 > l3)
     dl = tl.where((x >= -20.0) & (x <= 20.0), dl, 0.0)
+    if RC:
+        if IS > 0:  # the stop-gradient weight scales the clipped term and its gradient
+            dl = dl * w
+            loss = loss * w
     zero = tl.sum(tl.zeros([BLOCK_T], ACC), axis=0)
     kl_sum = zero
     if KL != 4:
@@ -112,7 +135,6 @@ def _ppo_loss_fwd_kernel(
         ent = tl.load(ent_ptr + p, mask=inb, other=0.0).to(ACC)
         ent_sum = tl.sum(tl.where(valid, ent, 0.0), axis=0)
 
-    out = part_ptr + (b * n_chunks + c) * 9
     tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
     tl.store(out + 1, ent_sum)
     tl.store(out + 2, kl_sum)
@@ -141,7 +163,7 @@ def _row_scale(agg: tl.constexpr, n_b, N, S, norm):
 def _ppo_loss_finish_kernel(
     part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr,
     B, n_chunks, entropy_coef_arg, kl_coef_arg, agg_norm_arg,
-    AGG: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
+    AGG: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr = 9,
 ):  # fmt: skip
     """One program; rows in blocks of BLOCK_B, chunks in order, fp64."""
     entropy_coef, kl_coef, agg_norm, _u = _load_params(
@@ -154,7 +176,7 @@ def _ppo_loss_finish_kernel(
         bb = (b0 + rows).to(tl.int64)
         n_b = tl.zeros([BLOCK_B], tl.float64)
         for c in range(0, n_chunks):
-            n_b += tl.load(part_ptr + (bb * n_chunks + c) * 9 + 3, mask=bb < B, other=0.0).to(tl.float64)
+            n_b += tl.load(part_ptr + (bb * n_chunks + c) * NP + 3, mask=bb < B, other=0.0).to(tl.float64)
         N += n_b
         S += (n_b > 0).to(tl.float64)
     N_all = tl.sum(N, axis=0)
@@ -177,7 +199,7 @@ def _ppo_loss_finish_kernel(
         kl = pg
         n_b = pg
         for c in range(0, n_chunks):
-            q = part_ptr + (bb * n_chunks + c) * 9
+            q = part_ptr + (bb * n_chunks + c) * NP
             pg += tl.load(q + 0, mask=live, other=0.0).to(tl.float64)
             en += tl.load(q + 1, mask=live, other=0.0).to(tl.float64)
             kl += tl.load(q + 2, mask=live, other=0.0).to(tl.float64)

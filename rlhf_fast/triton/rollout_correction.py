@@ -1,0 +1,266 @@
+"""Triton rollout correction for the fused PPO loss (triton/ppo_loss.py);
+definitions in rlhf_fast/reference/rollout_correction.py, C++ twin in
+csrc/include/rlhf_fast/rollout_correction.h.
+
+Token-level corrections need nothing but the token: the forward kernel calls
+_rc_token_terms on its block. Sequence / geometric weights and the seq_*
+rejection options need row totals first, and a row is split over
+cdiv(T, BLOCK_T) programs, so _rollout_row_kernel writes per-chunk row
+partials (7 floats) that every chunk of the row then folds in the same
+order: the same row weight in every chunk, no atomics. That re-reads old and
+rollout (8 B / token in fp32) for those modes only.
+_rollout_corr_finish_kernel folds the 12 per-chunk metric partials into the
+18 rollout_corr/* stats after the loss epilogue.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import clamp_nan
+
+IS_CODES = {"none": 0, "token": 1, "sequence": 2, "geometric": 3}
+RS_LEVELS = {"token": 0, "seq_sum": 1, "seq_mean": 2, "seq_max": 3}
+N_ROW_PARTIALS = 7  # n, sum lr, sum k1, sum k2, sum k3, max k2, max k3
+N_RC_PARTIALS = 12  # n0, old, rollout, lr, k3, rho^2, w, max w, min w, n_high, n_low, n_rejected
+
+
+def rs_codes(rs: str) -> tuple[int, int]:
+    """("seq_mean_k1" -> (2, 1)); "none" -> (-1, 0)."""
+    if rs == "none":
+        return -1, 0
+    level, k = rs.rsplit("_", 1)
+    return RS_LEVELS[level], int(k[1])
+
+
+def needs_row_pass(is_code: int, rs_level: int) -> bool:
+    return is_code >= 2 or rs_level >= 1
+
+
+@triton.jit
+def _rollout_row_kernel(old_ptr, roll_ptr, mask_ptr, rowp_ptr, T, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = offs < T
+    p = b * T + offs
+    valid = (tl.load(mask_ptr + p, mask=inb, other=0) != 0) & inb
+    o = tl.load(old_ptr + p, mask=inb, other=0.0).to(ACC)
+    r = tl.load(roll_ptr + p, mask=inb, other=0.0).to(ACC)
+    d = tl.where(valid, o - r, 0.0)
+    cl = clamp_nan(d, -20.0, 20.0)
+    q2 = 0.5 * cl * cl
+    q3 = tl.exp(cl) - 1.0 - cl
+    out = rowp_ptr + (b * tl.num_programs(1) + c) * 7
+    tl.store(out + 0, tl.sum(valid.to(ACC), axis=0))
+    tl.store(out + 1, tl.sum(d, axis=0))
+    tl.store(out + 2, tl.sum(-cl, axis=0))
+    tl.store(out + 3, tl.sum(q2, axis=0))
+    tl.store(out + 4, tl.sum(q3, axis=0))
+    tl.store(out + 5, tl.max(tl.where(valid, q2, 0.0), axis=0))
+    tl.store(out + 6, tl.max(tl.where(valid, q3, 0.0), axis=0))
+
+
+@triton.jit
+def _rc_token_terms(
+    old, roll, valid, b, rowp_ptr, part_out, n_chunks, is_hi, is_lo, rs_lo, rs_hi,
+    IS: tl.constexpr, ICEPOP: tl.constexpr, RS_LVL: tl.constexpr, RS_K: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """(w, keep) for one block of tokens; stores the block's 12 metric partials at part_out."""
+    o = tl.where(valid, old, 0.0)
+    r = tl.where(valid, roll, 0.0)
+    d = o - r
+    cl = clamp_nan(d, -20.0, 20.0)
+    e = tl.exp(cl)
+    k3 = e - 1.0 - cl
+    row_raw = tl.sum(tl.zeros([1], tl.float64), axis=0) + 1.0
+    row_pass = row_raw > 0.0
+    if IS >= 2 or RS_LVL >= 1:
+        # the row's totals, chunk partials folded in order (same bits in every chunk)
+        rn = row_raw * 0.0
+        rlr = rn
+        rk = rn
+        rmx = rn
+        for c in range(0, n_chunks):
+            q = rowp_ptr + (b * n_chunks + c) * 7
+            rn += tl.load(q + 0).to(tl.float64)
+            rlr += tl.load(q + 1).to(tl.float64)
+            if RS_LVL == 1 or RS_LVL == 2:
+                rk += tl.load(q + 1 + RS_K).to(tl.float64)
+            if RS_LVL == 3:
+                rmx = tl.maximum(rmx, tl.load(q + 3 + RS_K).to(tl.float64))
+        if IS == 2:
+            row_raw = tl.exp(tl.minimum(tl.maximum(rlr, -20.0), 20.0))
+        if IS == 3:
+            row_raw = tl.exp(tl.minimum(tl.maximum(tl.where(rn > 0, rlr / tl.maximum(rn, 1.0), 0.0), -20.0), 20.0))
+        if RS_LVL >= 1:
+            stat = rk
+            if RS_LVL == 2:
+                stat = tl.where(rn > 0, rk / tl.maximum(rn, 1.0), 0.0)
+            if RS_LVL == 3:
+                stat = rmx
+            row_pass = stat <= rs_hi
+            if RS_K == 1:
+                row_pass = row_pass & (stat >= rs_lo)
+    if IS == 1:
+        raw = e
+    else:
+        raw = tl.zeros_like(e) + row_raw.to(ACC)
+    if ICEPOP:
+        w = tl.where((raw >= is_lo) & (raw <= is_hi), raw, 0.0)
+    else:
+        w = tl.where(raw > is_hi, is_hi, raw)
+    if RS_LVL == 0:
+        if RS_K == 1:
+            st = -cl
+            ok = (st <= rs_hi) & (st >= rs_lo)
+        elif RS_K == 2:
+            ok = 0.5 * cl * cl <= rs_hi
+        else:
+            ok = k3 <= rs_hi
+        keep = valid & ok
+    else:
+        keep = valid & (tl.zeros_like(o) + row_pass.to(ACC) > 0)
+    fv = valid.to(ACC)
+    tl.store(part_out + 0, tl.sum(fv, axis=0))
+    tl.store(part_out + 1, tl.sum(o, axis=0))
+    tl.store(part_out + 2, tl.sum(r, axis=0))
+    tl.store(part_out + 3, tl.sum(d, axis=0))
+    tl.store(part_out + 4, tl.sum(fv * k3, axis=0))
+    tl.store(part_out + 5, tl.sum(fv * e * e, axis=0))
+    tl.store(part_out + 6, tl.sum(fv * w, axis=0))
+    tl.store(part_out + 7, tl.max(tl.where(valid, w, float("-inf")), axis=0))
+    tl.store(part_out + 8, tl.min(tl.where(valid, w, float("inf")), axis=0))
+    tl.store(part_out + 9, tl.sum((valid & (raw > is_hi)).to(ACC), axis=0))
+    tl.store(part_out + 10, tl.sum((valid & (raw < is_lo)).to(ACC), axis=0))
+    tl.store(part_out + 11, tl.sum((valid & (keep == 0)).to(ACC), axis=0))
+    return w, keep
+
+
+@triton.jit
+def _rollout_corr_finish_kernel(
+    part_ptr, stats_ptr, params_ptr, B, n_chunks, is_hi_arg, is_lo_arg,
+    NP: tl.constexpr, OFF: tl.constexpr, IS: tl.constexpr, HAS_RS: tl.constexpr,
+    PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """One program: the rollout_corr/* stats (RC_STATS order) at stats[8:]."""
+    if PARAMS_FROM_PTR:
+        is_hi = tl.load(params_ptr + 8)
+        is_lo = tl.load(params_ptr + 9)
+    else:
+        is_hi = tl.zeros([], tl.float64) + is_hi_arg
+        is_lo = tl.zeros([], tl.float64) + is_lo_arg
+    rows = tl.arange(0, BLOCK_B)
+    z = tl.zeros([BLOCK_B], tl.float64)
+    N = z
+    S = z
+    sw = z
+    nh = z
+    nl = z
+    nrej = z
+    slr = z
+    sk3 = z
+    srho2 = z
+    mxw = z - float("inf")
+    mnw = z + float("inf")
+    seq_rej = z
+    chi2s = z
+    tppl = z
+    rppl = z
+    tlp = z
+    rlp = z
+    dd = z
+    ad = z
+    pr = z
+    seq_hi = z
+    seq_lo = z
+    seq_mx = z - float("inf")
+    seq_mn = z + float("inf")
+    for b0 in range(0, B, BLOCK_B):
+        bb = (b0 + rows).to(tl.int64)
+        live = bb < B
+        n0 = tl.zeros([BLOCK_B], tl.float64)
+        so = n0
+        sr = n0
+        lr = n0
+        rej = n0
+        for c in range(0, n_chunks):
+            q = part_ptr + (bb * n_chunks + c) * NP + OFF
+            n0 += tl.load(q + 0, mask=live, other=0.0).to(tl.float64)
+            so += tl.load(q + 1, mask=live, other=0.0).to(tl.float64)
+            sr += tl.load(q + 2, mask=live, other=0.0).to(tl.float64)
+            lr += tl.load(q + 3, mask=live, other=0.0).to(tl.float64)
+            sk3 += tl.load(q + 4, mask=live, other=0.0).to(tl.float64)
+            srho2 += tl.load(q + 5, mask=live, other=0.0).to(tl.float64)
+            sw += tl.load(q + 6, mask=live, other=0.0).to(tl.float64)
+            mxw = tl.maximum(mxw, tl.load(q + 7, mask=live, other=float("-inf")).to(tl.float64))
+            mnw = tl.minimum(mnw, tl.load(q + 8, mask=live, other=float("inf")).to(tl.float64))
+            nh += tl.load(q + 9, mask=live, other=0.0).to(tl.float64)
+            nl += tl.load(q + 10, mask=live, other=0.0).to(tl.float64)
+            rej += tl.load(q + 11, mask=live, other=0.0).to(tl.float64)
+        N += n0
+        nrej += rej
+        slr += lr
+        ne = live & (n0 > 0)
+        inv = 1.0 / tl.maximum(n0, 1.0)
+        S += ne.to(tl.float64)
+        seq_rej += (ne & (rej > 0)).to(tl.float64)
+        chi2s += tl.where(ne, tl.exp(2.0 * tl.minimum(tl.maximum(lr, -20.0), 20.0)), 0.0)
+        mo = so * inv
+        mr = sr * inv
+        tppl += tl.where(ne, tl.exp(-mo), 0.0)
+        rppl += tl.where(ne, tl.exp(-mr), 0.0)
+        tlp += tl.where(ne, -mo, 0.0)
+        rlp += tl.where(ne, -mr, 0.0)
+        dd += tl.where(ne, mr - mo, 0.0)
+        ad += tl.where(ne, tl.abs(mr - mo), 0.0)
+        pr += tl.where(ne, tl.exp(mr - mo), 0.0)
+        lrow = lr
+        if IS == 3:
+            lrow = lr * inv
+        raw = tl.exp(tl.minimum(tl.maximum(lrow, -20.0), 20.0))
+        seq_hi += (ne & (raw > is_hi)).to(tl.float64)
+        seq_lo += (ne & (raw < is_lo)).to(tl.float64)
+        seq_mx = tl.maximum(seq_mx, tl.where(ne, raw, float("-inf")))
+        seq_mn = tl.minimum(seq_mn, tl.where(ne, raw, float("inf")))
+    Nt = tl.sum(N, axis=0)
+    St = tl.sum(S, axis=0)
+    iN = tl.where(Nt > 0, 1.0 / tl.maximum(Nt, 1.0), 0.0)
+    iS = tl.where(St > 0, 1.0 / tl.maximum(St, 1.0), 0.0)
+    has_is = (Nt > 0) & (IS > 0)
+    zero = Nt * 0.0
+    if IS >= 2:
+        w_max = tl.max(seq_mx, axis=0)
+        w_min = tl.min(seq_mn, axis=0)
+        f_hi = tl.sum(seq_hi, axis=0) * iS
+        f_lo = tl.sum(seq_lo, axis=0) * iS
+    else:
+        w_max = tl.max(mxw, axis=0)
+        w_min = tl.min(mnw, axis=0)
+        f_hi = tl.sum(nh, axis=0) * iN
+        f_lo = tl.sum(nl, axis=0) * iN
+    ty = stats_ptr.dtype.element_ty
+    out = stats_ptr + 8
+    tl.store(out + 0, tl.where(has_is, tl.sum(sw, axis=0) * iN, zero).to(ty))
+    tl.store(out + 1, tl.where(has_is, w_max, zero).to(ty))
+    tl.store(out + 2, tl.where(has_is, w_min, zero).to(ty))
+    tl.store(out + 3, tl.where(has_is, f_hi, zero).to(ty))
+    tl.store(out + 4, tl.where(has_is, f_lo, zero).to(ty))
+    tl.store(out + 5, (tl.sum(nrej, axis=0) * iN if HAS_RS else zero).to(ty))
+    tl.store(out + 6, (tl.sum(seq_rej, axis=0) * iS if HAS_RS else zero).to(ty))
+    tl.store(out + 7, (-tl.sum(slr, axis=0) * iN).to(ty))
+    tl.store(out + 8, (tl.sum(sk3, axis=0) * iN).to(ty))
+    tl.store(out + 9, tl.where(Nt > 0, tl.sum(srho2, axis=0) * iN - 1.0, zero).to(ty))
+    tl.store(out + 10, tl.where(St > 0, tl.sum(chi2s, axis=0) * iS - 1.0, zero).to(ty))
+    tl.store(out + 11, (tl.sum(tppl, axis=0) * iS).to(ty))
+    tl.store(out + 12, (tl.sum(rppl, axis=0) * iS).to(ty))
+    tl.store(out + 13, (tl.sum(tlp, axis=0) * iS).to(ty))
+    tl.store(out + 14, (tl.sum(rlp, axis=0) * iS).to(ty))
+    tl.store(out + 15, (tl.sum(dd, axis=0) * iS).to(ty))
+    tl.store(out + 16, (tl.sum(ad, axis=0) * iS).to(ty))
+    tl.store(out + 17, (tl.sum(pr, axis=0) * iS).to(ty))
+
+
+def block_b_rc(B: int) -> int:
+    # 24 fp64 row accumulators: 128 rows x 24 x 8 B = 24 KB of registers at 4 warps
+    return max(16, min(128, triton.next_power_of_2(max(B, 1))))
