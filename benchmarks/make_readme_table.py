@@ -64,6 +64,8 @@ def load(results_dir: str) -> dict[str, dict]:
             doc = json.load(f)
         if not isinstance(doc, dict) or "records" not in doc:
             continue  # not ours (e.g. pytest-benchmark's JSON)
+        if doc.get("table") is False:
+            continue  # a one-off comparison kept beside the table, not in it
         m = doc.get("machine", {})
         runs.append((m.get("date", ""), os.path.basename(path), m, doc["records"]))
     out: dict[str, dict] = {}

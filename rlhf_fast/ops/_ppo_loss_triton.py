@@ -95,6 +95,13 @@ def ppo_loss_fwd_triton(
     if B == 0:
         return loss, stats, dtok, row_scale, keep
     bt = block_t(T)
+    fwd_warps = 8 if bt >= 2048 else 4
+    if rc and acc == torch.float64:
+        # fp64 (the tests' dtype) with the correction's extra state: at 8
+        # warps ptxas caps a thread at 128 registers and it spilled 8-24 B
+        # (sm_90 / sm_80); 4 warps may use 255 registers, and 512 lanes (4
+        # per thread) spill none where 1024 still spilled 32-72 B on sm_80
+        bt, fwd_warps = min(bt, 512), 4
     n_chunks = max(1, triton.cdiv(T, bt))
     n_part = N_POLICY_PARTIALS + (N_RC_PARTIALS if rc else 0)
     part = torch.empty((B, n_chunks, n_part), dtype=acc, device=dev)
@@ -115,7 +122,7 @@ def ppo_loss_fwd_triton(
     if rc and needs_row_pass(is_code, rs_lvl):
         rowp = torch.empty((B, n_chunks, N_ROW_PARTIALS), dtype=acc, device=dev)
         torch.library.wrap_triton(_rollout_row_kernel)[(B, n_chunks)](
-            old, roll, m8, rowp, T, ACC=_tl(acc), BLOCK_T=bt, num_warps=8 if bt >= 2048 else 4
+            old, roll, m8, rowp, T, ACC=_tl(acc), BLOCK_T=bt, num_warps=fwd_warps
         )
     torch.library.wrap_triton(_ppo_loss_fwd_kernel)[(B, n_chunks)](
         lp, old, advantages.contiguous(), m8, ent, ref, dtok, part,
@@ -124,7 +131,7 @@ def ppo_loss_fwd_triton(
         HAS_ENT=entropy is not None, KL=KL_CODES[kl_kind] if ref_logprobs is not None else KL_NONE,
         DUAL=dual_clip is not None, ACC=_tl(acc), PARAMS_FROM_PTR=from_ptr, BLOCK_T=bt,
         RC=rc, IS=is_code, ICEPOP=rc_is_lower is not None, RS_LVL=rs_lvl, RS_K=rs_k, NP=n_part,
-        num_warps=8 if bt >= 2048 else 4,
+        num_warps=fwd_warps,
     )  # fmt: skip
     torch.library.wrap_triton(_ppo_loss_finish_kernel)[(1,)](
         part, row_scale, loss, stats, params if from_ptr else part,

@@ -336,13 +336,14 @@ if _backend.HAVE_TRITON:
         cfg = tile_config(N, V, H, _backend.triton_interpret(), hidden.element_size())
         bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
         splits = num_splits(N, V, bn, bv, _programs_wanted(hidden.device), cfg["GROUP"])
+        v_split = triton.cdiv(triton.cdiv(V, bv), splits) * bv  # num_splits leaves no split empty
         part = hidden.new_empty((4, splits, N), dtype=_acc_dtype(hidden.dtype))
         labels = labels.contiguous()
         scalars, from_ptr = kernel_scalars(hidden.dtype, hidden.device, 1.0 / temperature)
         torch.library.wrap_triton(_linear_logprobs_fwd_kernel)[(triton.cdiv(N, bn) * splits,)](
             hidden, weight, bias if bias is not None else hidden, labels,
             part[0], part[1], part[2], part[3],
-            N, V, H, triton.cdiv(V, bv), splits,
+            N, V, H, v_split, splits,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             1.0 / temperature, scalars if from_ptr else part, ignore_index,
             HAS_BIAS=bias is not None, ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),

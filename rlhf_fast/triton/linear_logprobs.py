@@ -75,7 +75,7 @@ def _logits_tile(
 def _linear_logprobs_fwd_kernel(
     hidden_ptr, weight_ptr, bias_ptr, labels_ptr,
     m_ptr, s_ptr, w_ptr, zy_ptr,  # partial state, each (SPLITS, N)
-    N, V, H, V_TILES, SPLITS,
+    N, V, H, V_SPLIT, SPLITS,
     s_hn, s_hk, s_wv, s_wk,
     inv_temp,  # fp32 (a Python float); fp64 inputs read the exact double from scalars_ptr
     scalars_ptr,
@@ -89,9 +89,8 @@ def _linear_logprobs_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs_n < N
     label = tl.load(labels_ptr + offs_n, mask=row_mask, other=ignore_index).to(tl.int64)
-    # balanced splits: split i walks tiles [i * V_TILES // SPLITS, (i + 1) * V_TILES // SPLITS)
-    v_lo = ((split * V_TILES) // SPLITS) * BLOCK_V
-    v_hi = tl.minimum(V, (((split + 1) * V_TILES) // SPLITS) * BLOCK_V)
+    v_lo = split * V_SPLIT
+    v_hi = tl.minimum(V, v_lo + V_SPLIT)
     cols = tl.arange(0, BLOCK_V)
 
     m = tl.full([BLOCK_N], float("-inf"), ACC)
@@ -221,21 +220,22 @@ def tile_config(N: int, V: int, H: int, interpret: bool, itemsize: int = 2) -> d
 
 
 def num_splits(N: int, V: int, block_n: int, block_v: int, n_programs_wanted: int, group: int) -> int:
-    """Vocabulary splits. At least enough for two waves (64 token tiles at
-    N=8192 would leave half of an H100's 132 SMs idle) and for one group of
-    `group` token tiles x all splits to cover the resident programs; then,
-    up to 4x that, the count whose last wave is fullest. One 128 x 128 bf16
-    program is resident per SM (255 registers x 256 threads), so
-    n_programs_wanted / 2 programs run at once. With the tiles split evenly
-    (+-1 tile), 17 splits left a third wave of 8 programs at (1937, 3584,
-    152064): 69% of the last wave idle; 33 splits fill 4 waves exactly."""
+    """Vocabulary splits (each cdiv(V tiles, splits) tiles wide, the last one
+    shorter). At least enough for two waves (64 token tiles at N=8192 would
+    leave half of an H100's 132 SMs idle) and for one group of `group` token
+    tiles x all splits to cover the resident programs; then, up to 4x that,
+    the count whose last wave is fullest. One 128 x 128 bf16 program is
+    resident per SM (255 registers x 256 threads), so n_programs_wanted / 2
+    run at once. The minimum alone, 17 splits, left a third wave of 8
+    programs at (1937, 3584, 152064): 69% wave efficiency; 33 fill 4 waves."""
     row_tiles = triton.cdiv(max(N, 1), block_n)
     v_tiles = triton.cdiv(max(V, 1), block_v)
     want = max(triton.cdiv(n_programs_wanted, row_tiles), triton.cdiv(n_programs_wanted, min(group, row_tiles)))
     resident = max(1, n_programs_wanted // 2)
     lo = max(1, min(v_tiles, want))
-    best = max(range(lo, min(v_tiles, 4 * lo) + 1), key=lambda s: (wave_efficiency(row_tiles, v_tiles, s, resident), -s))
-    return best
+    # the count a split width really gives (no empty split)
+    counts = sorted({triton.cdiv(v_tiles, triton.cdiv(v_tiles, s)) for s in range(lo, min(v_tiles, 4 * lo) + 1)})
+    return max(counts, key=lambda s: (wave_efficiency(row_tiles, v_tiles, s, resident), -s))
 
 
 def wave_efficiency(row_tiles: int, v_tiles: int, splits: int, resident: int) -> float:
