@@ -2,11 +2,15 @@
 
 Triton kernels run on CPU tensors under the interpreter: TRITON_INTERPRET must
 be set before triton.jit decorates anything, so before rlhf_fast is imported.
-Every run draws fresh random data; the seed is printed in the header and
-RLHF_FAST_TEST_SEED=<n> replays a run.
+The default run is deterministic: every test draws its data from a fixed seed
+(printed in the header) mixed with a stable hash of its node id, so CI never
+flakes. RLHF_FAST_TEST_SEED=<n> runs another seed, RLHF_FAST_TEST_SEED=random
+a fresh one (`make fuzz SEEDS=N` loops over N of them and prints a failing seed
+so it can be replayed).
 """
 import os
 import random
+import zlib
 
 import pytest
 
@@ -17,7 +21,25 @@ import torch  # noqa: E402
 import rlhf_fast  # noqa: E402
 import rlhf_fast.ops  # noqa: E402,F401  (import rlhf_fast is lazy: this registers every op, under the interpreter setting above)
 
-SEED = int(os.environ.get("RLHF_FAST_TEST_SEED", random.SystemRandom().randrange(2**31)))
+DEFAULT_SEED = 20240917
+
+
+def _seed_from_env():
+    raw = os.environ.get("RLHF_FAST_TEST_SEED", "").strip()
+    if raw == "":
+        return DEFAULT_SEED
+    if raw == "random":
+        return random.SystemRandom().randrange(2**31)
+    return int(raw)
+
+
+SEED = _seed_from_env()
+# pytest-xdist workers start after this file is imported in the controller and
+# inherit its environment: they draw from the seed the header prints.
+os.environ["RLHF_FAST_TEST_SEED"] = str(SEED)
+# `pytest -n W` on C cores: C // W intra-op threads per worker, not C each.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_report_header(config):
@@ -26,8 +48,9 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def _seeded(request):
-    # A different but replayable stream per test.
-    torch.manual_seed(SEED ^ (hash(request.node.nodeid) & 0x7FFFFFFF))
+    # A different but replayable stream per test. crc32, not hash(): str hashes
+    # change with PYTHONHASHSEED, so hash() made even a fixed seed unreplayable.
+    torch.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
     yield
 
 

@@ -79,28 +79,39 @@ FP32_SPECS = ("metrics_only", "token_icepop", "seq_tis", "geo_icepop", "token_k3
 CASES = [(n, torch.float64) for n in SPECS] + [(n, torch.float32) for n in FP32_SPECS]
 
 
+def reaches_mode(spec, stats):
+    """Some tokens / rows rejected, some weights truncated: the case is not vacuous."""
+    if spec is None:
+        return True
+    ok = True
+    if spec.rollout_rs is not None:
+        ok &= bool(0 < stats["rollout_corr/rollout_rs_masked_fraction"] < 1)
+    if spec.rollout_is is not None:
+        f = stats["rollout_corr/rollout_is_ratio_fraction_high"] + stats["rollout_corr/rollout_is_ratio_fraction_low"]
+        ok &= bool(0 < f < 1)
+    return ok
+
+
 @pytest.mark.parametrize("name,dtype", CASES)
 def test_matches_reference(backend, name, dtype):
     spec = SPECS[name]
     # 32 rows of ~36 tokens, lr ~ N(0, 0.1): each spec above rejects / truncates
-    # 3-70% of its tokens or 35-70% of its rows (checked below; all rows or
-    # none by chance: < 1e-4), so no case is vacuous
-    lp, old, roll, adv, mask = make(32, 45, dtype)
-    ent = torch.rand(32, 45, dtype=dtype)
-    kw = dict(entropy=ent, entropy_coef=0.01, ref_logprobs=old + 0.05, kl_coef=0.1, dual_clip=3.0,
-              agg="seq-mean-token-mean")  # fmt: skip
+    # 3-70% of its tokens or 35-70% of its rows. A draw where every row or none
+    # is hit (about 1 in 400 per spec, measured over 400 seeds) tests nothing,
+    # so such draws are redrawn: any seed gives a case that reaches the mode.
+    for _ in range(8):
+        lp, old, roll, adv, mask = make(32, 45, dtype)
+        ent = torch.rand(32, 45, dtype=dtype)
+        kw = dict(entropy=ent, entropy_coef=0.01, ref_logprobs=old + 0.05, kl_coef=0.1, dual_clip=3.0,
+                  agg="seq-mean-token-mean")  # fmt: skip
+        d = [t.double() for t in (lp, old, roll, adv)]
+        kw64 = dict(kw, entropy=ent.double(), ref_logprobs=(old + 0.05).double())
+        ref = run(R.ppo_loss, *d, mask, spec, **kw64)
+        if reaches_mode(spec, ref[1]):
+            break
+    assert reaches_mode(spec, ref[1]), f"{name}: 8 draws in a row missed the mode"
     out = run(rlhf_fast.ppo_loss, lp, old, roll, adv, mask, spec, **kw)
-    d = [t.double() for t in (lp, old, roll, adv)]
-    kw["entropy"], kw["ref_logprobs"] = ent.double(), (old + 0.05).double()
-    ref = run(R.ppo_loss, *d, mask, spec, **kw)
     check(out, ref, RTOL[dtype], f"{backend} {name} {dtype}")
-    st = ref[1]
-    # the data reach the mode: some tokens / rows rejected, some weights truncated
-    if spec is not None and spec.rollout_rs is not None:
-        assert 0 < st["rollout_corr/rollout_rs_masked_fraction"] < 1, name
-    if spec is not None and spec.rollout_is is not None:
-        f = st["rollout_corr/rollout_is_ratio_fraction_high"] + st["rollout_corr/rollout_is_ratio_fraction_low"]
-        assert 0 < f < 1, name
 
 
 @pytest.mark.parametrize("agg", R.AGG_MODES)
