@@ -17,7 +17,7 @@ CSRC := $(shell find csrc -type f)
 # the library itself is missing.
 EXT_SO := $(wildcard rlhf_fast/_C*.so)
 
-.PHONY: setup setup-test demo test bench cuda-check gpu-compile-check kernels-table integrations clean FORCE
+.PHONY: setup setup-test demo test fuzz lint bench cuda-check gpu-compile-check kernels-table integrations clean FORCE
 
 setup: $(STAMPS)/deps-core $(STAMPS)/ext
 setup-test: $(STAMPS)/deps-test $(STAMPS)/ext
@@ -60,11 +60,24 @@ demo: setup
 integrations:
 	PYTHON=$(PY) bash scripts/install_integrations.sh
 
-test: setup-test cuda-check gpu-compile-check integrations
-	$(PY) -m pytest tests -q
+# Deterministic: a fixed seed (printed at the end); two pytest-xdist workers,
+# each with half the cores' threads.
+TEST_JOBS ?= 2
+test: setup-test lint cuda-check gpu-compile-check integrations
+	$(PY) -m pytest tests -q -n $(TEST_JOBS)
+
+# The kernel tests over SEEDS fresh random seeds; prints any failing seed.
+SEEDS ?= 5
+fuzz: setup-test
+	PY=$(PY) SEEDS=$(SEEDS) JOBS=$(TEST_JOBS) bash scripts/fuzz.sh
+
+# ruff (pinned in the test extra): lint rules and formatting, as CI runs them.
+lint: setup-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: setup-test
-	$(PY) -m rlhf_fast.cli bench --json benchmarks/results/latest-cpu.json --plot benchmarks/results/latest-cpu.png
+	$(PY) -m benchmarks --json benchmarks/results/latest-cpu.json --plot benchmarks/results/latest-cpu.png
 	$(PY) -m benchmarks.make_readme_table
 
 # Every .cu compiles with nvcc for sm_80 and sm_90 (skipped where no nvcc).

@@ -202,7 +202,7 @@ def summary(results: list[dict]) -> str:
 
 
 def run(quick: bool = True, device: str | None = None, tiny: bool = False, shapes=None) -> list:
-    """For `rlhf-fast bench`. tiny (benchmarks/test_bench.py's collection of
+    """For `python -m benchmarks`. tiny (benchmarks/test_bench.py's collection of
     single-process cases): nothing, a process group cannot be timed there;
     tests/test_vocab_parallel.py runs measure_rank at the quick shape instead."""
     if tiny or (device or "cpu") != "cpu":

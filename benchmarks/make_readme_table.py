@@ -12,7 +12,7 @@ A number quoted in prose sits between markers naming where it comes from:
       a value in a results file: file, dotted path, format spec
 and is rewritten from that source on every run, so it cannot drift.
 
-Reads every benchmarks/results/*.json (written by `rlhf-fast bench --json`,
+Reads every benchmarks/results/*.json (written by `python -m benchmarks --json`,
 a bench module's --json, or benchmarks/gpu/run_device.sh), groups records by
 device (the CPU or GPU name in the machine facts) and keeps, for each
 (op, mode, shape, dtype, peer), the newest record by date. One table per
@@ -117,9 +117,9 @@ def render(results_dir: str) -> str:
         "GB/s = bytes the op must move / our median, with % of the machine's measured copy bandwidth.",
         "",
         "```bash",
-        "rlhf-fast bench --quick                          # every family on small CPU shapes (a few minutes)",
-        "rlhf-fast bench --op logprobs --op ppo_step      # some families, full shapes",
-        "rlhf-fast bench --quick --threads 1 --json out.json --plot out.png   # records + machine facts, chart",
+        "python -m benchmarks --quick                     # every family on small CPU shapes (a few minutes)",
+        "python -m benchmarks --op logprobs --op ppo_step # some families, full shapes",
+        "python -m benchmarks --quick --threads 1 --json out.json --plot out.png   # records + machine facts, chart",
         "pytest benchmarks/ --benchmark-only              # the same cases through pytest-benchmark, tiny shapes",
         "bash benchmarks/gpu/run_device.sh                # on a GPU: build, GPU tests, suite, results to commit",
         "python -m benchmarks.make_readme_table           # this page, from benchmarks/results/*.json",
@@ -140,7 +140,10 @@ def render(results_dir: str) -> str:
             extra = f"; torch threads {m['cpu_threads']}" if m.get("cpu_threads") and not m.get("gpu") else ""
             extra += f" of {m['cpu_count']} cores" if extra and m.get("cpu_count") else ""
             note = f"; note: {m['note']}" if m.get("note") and m["note"] not in (m.get("command") or "") else ""
-            cmd = f"; `{m['command']}`" if m.get("command") else ""
+            # results recorded before the runner moved out of the package name
+            # the old spelling of the same command; show the one that runs now
+            command = (m.get("command") or "").replace("rlhf-fast bench", "python -m benchmarks")
+            cmd = f"; `{command}`" if command else ""
             lines.append(f"- `{name}`: {m.get('date', '?')[:10]}, {vers}{extra}{cmd}{note}")
         lines += _ppo_step_table(rows)
         lines += [

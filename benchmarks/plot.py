@@ -1,5 +1,5 @@
 """A speedup bar chart as a PNG, in pure Python (zlib + struct): no
-matplotlib, so `rlhf-fast bench --plot FILE.png` works wherever the suite runs.
+matplotlib, so `python -m benchmarks --plot FILE.png` works wherever the suite runs.
 
 One horizontal bar per (case, peer), on a log2 axis: green where rlhf_fast is
 faster (speedup = peer median / ours > 1), red where slower, grey text for a

@@ -5,7 +5,7 @@
 Cases are not written twice: each bench_<op>.run(tiny=True) is called once
 under harness.collecting(), where compare() records every callable it would
 have timed (ours and each installed peer) instead of timing it. Peers that are
-not installed show up in `rlhf-fast bench`, not here.
+not installed show up in `python -m benchmarks`, not here.
 """
 from __future__ import annotations
 

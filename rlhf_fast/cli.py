@@ -1,4 +1,4 @@
-"""The rlhf-fast command line: demo | train | info | bench.
+"""The rlhf-fast command line: demo | train | info (bench moved to `python -m benchmarks`).
 
 Only the standard library is imported at the top: torch, transformers and
 the ops load inside the command that needs them, so `rlhf-fast --help` and
@@ -44,15 +44,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_info = sub.add_parser("info", help="what is built and which backends run here")
     p_info.add_argument("--json", action="store_true", help="print the report as JSON")
-    p_bench = sub.add_parser("bench", help="run the kernel benchmarks")
-    p_bench.add_argument("--quick", action="store_true", help="small CPU shapes")
-    p_bench.add_argument("--op", action="append", default=None,
-                         help="only this op family (e.g. logprobs; repeatable; see --list)")  # fmt: skip
-    p_bench.add_argument("--json", dest="json_file", default=None, help="write JSON records + machine facts here")
-    p_bench.add_argument("--plot", dest="plot_file", default=None, help="write a PNG chart of the speedups here")
-    p_bench.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for ours and peers alike")
-    p_bench.add_argument("--note", default=None, help="free text stored with the machine facts (e.g. 'loaded machine')")
-    p_bench.add_argument("--list", action="store_true", help="list the op families and exit")
+    sub.add_parser("bench", help="moved: run `python -m benchmarks` from a source checkout")
     p_demo = sub.add_parser("demo", help="end-to-end RLHF on a tiny Llama: SFT, preferences, reward model, PPO")
     p_demo.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
     p_demo.add_argument("--quick", action="store_true", help="shortened run for CI (~30-90 s)")
@@ -98,13 +90,11 @@ def main(argv=None) -> int:
             print(f"rlhf-fast train: error: {_one_line(e)}", file=sys.stderr)
             return 2
     if args.cmd == "bench":
-        from .bench import available_ops, run
-
-        if args.list:
-            print("\n".join(available_ops()))
-            return 0
-        return run(quick=args.quick, op=args.op, json_file=args.json_file, plot_file=args.plot_file,
-                   threads=args.threads, note=args.note)  # fmt: skip
+        # The benchmarks are not part of the installed package (a wheel has
+        # only rlhf_fast/); running them from here meant editing sys.path.
+        print("rlhf-fast bench: the benchmarks run from a source checkout's root: python -m benchmarks --help",
+              file=sys.stderr)  # fmt: skip
+        return 2
     return 1
 
 

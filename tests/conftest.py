@@ -46,6 +46,11 @@ def pytest_report_header(config):
     return [f"rlhf_fast test seed: {SEED} (replay with RLHF_FAST_TEST_SEED={SEED})", f"torch {torch.__version__}"]
 
 
+def pytest_terminal_summary(terminalreporter):
+    # -q hides the header: say the seed again where a failure is read.
+    terminalreporter.write_line(f"rlhf_fast test seed: {SEED} (replay with RLHF_FAST_TEST_SEED={SEED})")
+
+
 @pytest.fixture(autouse=True)
 def _seeded(request):
     # A different but replayable stream per test. crc32, not hash(): str hashes

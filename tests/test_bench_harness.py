@@ -137,21 +137,40 @@ def test_readme_table_from_results(tmp_path):
     assert "skipped: pip install x" in md and "2026-02-01" in md and "torch 2.13" in md
 
 
-def test_cli_rejects_an_unknown_op_and_lists_families(capsys):
-    from rlhf_fast.cli import main
+def test_runner_rejects_an_unknown_op_and_lists_families(capsys):
+    from benchmarks.__main__ import main
 
     with pytest.raises(SystemExit, match="unknown op"):
-        main(["bench", "--op", "no_such_op"])
-    assert main(["bench", "--list"]) == 0
+        main(["--op", "no_such_op"])
+    assert main(["--list"]) == 0
     listed = capsys.readouterr().out.split()
     assert {"logprobs", "advantages", "ppo_step"} <= set(listed)
+
+
+def test_python_m_benchmarks_runs_from_the_checkout_root():
+    """The documented command, in a fresh interpreter: no sys.path edits in the package."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--list"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ppo_loss" in out.stdout.split()
+
+
+def test_rlhf_fast_bench_points_to_the_checkout_command(capsys):
+    from rlhf_fast.cli import main
+
+    assert main(["bench"]) == 2
+    assert "python -m benchmarks" in capsys.readouterr().err
 
 
 def test_every_bench_module_takes_the_common_signature():
     import importlib
     import inspect
 
-    from rlhf_fast.bench import available_ops
+    from benchmarks.runner import available_ops
 
     for name in available_ops():
         params = inspect.signature(importlib.import_module(f"benchmarks.bench_{name}").run).parameters

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _compare import assert_close
 
 import rlhf_fast
 from rlhf_fast import reference
@@ -230,8 +231,8 @@ def test_fp64_logprobs_exact_with_compiled_scalar_semantics(gpu_scalar_args, tem
     ref_lp, ref_h = reference.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
     with rlhf_fast.use_backend("triton"):
         lp, h = rlhf_fast.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
-    assert torch.allclose(lp, ref_lp, rtol=1e-12, atol=1e-12), (lp - ref_lp).abs().max()
-    assert torch.allclose(h, ref_h, rtol=1e-12, atol=1e-12), (h - ref_h).abs().max()
+    assert_close(lp, ref_lp, "agree", "fp64 logprobs")
+    assert_close(h, ref_h, "agree", "fp64 entropy")
 
 
 @needs_interpreter
@@ -244,7 +245,7 @@ def test_fp64_linear_logprobs_exact_with_compiled_scalar_semantics(gpu_scalar_ar
         out = rlhf_fast.linear_logprobs(h, w, y, temperature=0.7)
     ref = ref[0] if isinstance(ref, tuple) else ref
     out = out[0] if isinstance(out, tuple) else out
-    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12), (out - ref).abs().max()
+    assert_close(out, ref, "agree", "fp64 linear logprobs")
 
 
 @needs_interpreter
@@ -253,7 +254,7 @@ def test_fp64_group_advantages_eps_exact_with_compiled_scalar_semantics(gpu_scal
     ref = reference.group_advantages(scores, 4, estimator="grpo", eps=1e-7)
     with rlhf_fast.use_backend("triton"):
         out = rlhf_fast.group_advantages(scores, 4, estimator="grpo", eps=1e-7)
-    assert torch.allclose(out, ref, rtol=1e-12, atol=0), (out - ref).abs().max()
+    assert_close(out, ref, "agree", "fp64 group advantages")
 
 
 def _ppo_inputs(dtype=torch.float32):
@@ -282,7 +283,7 @@ def test_nan_at_a_valid_position_gives_a_nan_loss_like_torch(backend, where):
         loss_ref = out_ref[0] if isinstance(out_ref, tuple) else out_ref.loss
     loss.backward()
     loss_ref.backward()
-    torch.testing.assert_close(lp.grad, lp_ref.grad, equal_nan=True, rtol=1e-5, atol=1e-7)
+    assert_close(lp.grad, lp_ref.grad, "agree", f"{backend} grad (NaN rows in place)")
 
 
 def test_nan_value_and_kl_propagate(backend):
@@ -438,5 +439,5 @@ def test_a_training_step_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     # equal up to the order of any atomic reduction
-    torch.testing.assert_close(loss_g, want_loss)
-    torch.testing.assert_close(grad_g, want_grad)
+    assert_close(loss_g, want_loss, "agree", "graph loss")
+    assert_close(grad_g, want_grad, "agree", "graph grad")

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from _compare import assert_close, logit_scale
 
 import rlhf_fast
 from rlhf_fast.ops.sampling import draw_seeds, row_params, sample_with_seeds
@@ -85,8 +86,8 @@ def test_same_tokens_as_reference(backend, cfg, dtype):
         want = _call(logits, seeds, temperature=0.8, **cfg)
     assert out.tokens.dtype == torch.int64 and out.logprobs.dtype == torch.float32
     assert torch.equal(out.tokens, want.tokens), f"tokens differ at rows {(out.tokens != want.tokens).nonzero().flatten()}"
-    torch.testing.assert_close(out.logprobs, want.logprobs, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.processed_logprobs, want.processed_logprobs, rtol=0, atol=1e-5)
+    assert_close(out.logprobs, want.logprobs, "agree", "logprobs", scale=logit_scale(logits, 0.8))
+    assert_close(out.processed_logprobs, want.processed_logprobs, "agree", "processed", scale=logit_scale(logits, 0.8))
     assert bool((out.tokens[0] >= V // 2).all())
 
 
@@ -97,7 +98,7 @@ def test_logprobs_equal_logprob_kernel(backend, dtype):
     for temperature in (1.0, 0.6, 1.7):
         out = rlhf_fast.sample(logits, temperature=temperature, top_p=0.9, top_k=40)
         want = rlhf_fast.logprobs_from_logits(logits, out.tokens, temperature=temperature)
-        torch.testing.assert_close(out.logprobs, want, rtol=0, atol=1e-6)
+        assert_close(out.logprobs, want, "agree", f"T={temperature}", scale=logit_scale(logits, temperature))
         # bit-identical by construction (same row statistics); 1e-6 is the bar
         # processed - raw = -log(kept mass) >= 0
         assert bool((out.processed_logprobs >= out.logprobs - 1e-6).all())
@@ -112,7 +113,7 @@ def test_greedy_exact(backend):
     assert torch.equal(out.tokens, logits.argmax(-1))
     assert int(out.tokens[1]) == 10
     want = rlhf_fast.logprobs_from_logits(logits, out.tokens, temperature=1.0)
-    torch.testing.assert_close(out.logprobs, want, rtol=0, atol=1e-6)
+    assert_close(out.logprobs, want, "agree", "greedy", scale=logit_scale(logits))
     assert torch.equal(out.processed_logprobs, torch.zeros(B))
 
 
@@ -132,7 +133,7 @@ def test_top_k_one_is_greedy_and_min_p_one(backend):
     for cfg in (dict(top_k=1), dict(min_p=1.0), dict(top_p=1e-6)):
         out = rlhf_fast.sample(logits, temperature=1.5, **cfg)
         assert torch.equal(out.tokens, logits.argmax(-1)), cfg
-        torch.testing.assert_close(out.processed_logprobs, torch.zeros(12), rtol=0, atol=1e-6)
+        assert_close(out.processed_logprobs, torch.zeros(12), "agree", str(cfg))
 
 
 def test_small_and_empty_shapes(backend):
@@ -164,7 +165,7 @@ def test_frequencies_match_truncated_distribution(impl, cfg):
     probs = _expected_probs(STAT_LOGITS, temperature=0.9, **cfg)
     _assert_follows(out.tokens, probs, f"{impl} {cfg}")
     # processed log-prob is the log of the truncated probability
-    torch.testing.assert_close(out.processed_logprobs.double(), probs.log()[out.tokens], rtol=0, atol=1e-5)
+    assert_close(out.processed_logprobs, probs.log()[out.tokens], "logprob", "processed", scale=logit_scale(STAT_LOGITS, 0.9))
 
 
 def test_per_row_parameters():
@@ -196,7 +197,7 @@ def test_per_row_parameters_triton_matches_cpp():
     with rlhf_fast.use_backend("cpp"):
         want = _call(logits, seeds, *args)
     assert torch.equal(got.tokens, want.tokens)
-    torch.testing.assert_close(got.processed_logprobs, want.processed_logprobs, rtol=0, atol=1e-5)
+    assert_close(got.processed_logprobs, want.processed_logprobs, "agree", "processed", scale=logit_scale(logits))
 
 
 def test_generator_reproducible_rows_independent(backend):

@@ -1,27 +1,20 @@
-"""`rlhf-fast bench`: runs the benchmark modules of a source checkout
+"""`python -m benchmarks`: runs the benchmark modules of a source checkout
 (benchmarks/bench_<op>.py, each exposing run(quick, device=None) -> list[Record])
-in one process, so every ratio is against a peer timed in the same run."""
+in one process, so every ratio is against a peer timed in the same run.
+
+The benchmarks live beside the package, not in it (a wheel ships only
+rlhf_fast/), so they run from a checkout's root: `python -m benchmarks --quick`."""
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 import sys
 import time
 import traceback
 
 
-def _benchmarks_package():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isdir(os.path.join(root, "benchmarks")):
-        raise SystemExit("rlhf-fast bench runs from a source checkout (the benchmarks/ folder next to rlhf_fast/)")
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module("benchmarks")
-
-
 def available_ops() -> list[str]:
-    pkg = _benchmarks_package()
+    pkg = importlib.import_module("benchmarks")
     return sorted(m.name[len("bench_") :] for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("bench_"))
 
 
@@ -39,7 +32,6 @@ def run(
     exit status is then 1."""
     import torch
 
-    _benchmarks_package()
     from benchmarks.harness import attach_bandwidth, copy_bandwidth, format_table, machine_facts, write_json
 
     ops = available_ops()
@@ -77,7 +69,7 @@ def run(
         records += recs
     facts = machine_facts(device)
     facts["copy_gb_per_s"] = bandwidth
-    facts["command"] = "rlhf-fast " + " ".join(sys.argv[1:])
+    facts["command"] = "python -m benchmarks " + " ".join(sys.argv[1:])
     facts["quick"] = quick
     if note:
         facts["note"] = note
