@@ -26,14 +26,14 @@ def test_mismatch_metrics_logged_by_default(make):
     trainer = make()
     assert trainer.rollout_correction is None  # off by default
     exp = trainer.make_experience()
-    ro = exp["ro"]
+    ro = exp.rollout
     assert ro.logprobs is not None and ro.logprobs.shape == ro.response_mask.shape
-    m = exp["metrics"]
+    m = exp.metrics
     for k in MISMATCH:
         assert k in m and math.isfinite(m[k]), k
     # the same kernels sample and re-score, but the decode step (one token, KV cache) and the
     # trainer's full-sequence forward run different GEMM shapes: fp32 rounding, not a policy gap
-    gap = (exp["old_logprobs"] - ro.logprobs)[ro.response_mask].abs().max().item()
+    gap = (exp.old_logprobs - ro.logprobs)[ro.response_mask].abs().max().item()
     assert gap < 1e-4, gap
     assert abs(m["rollout_corr/kl"]) < 1e-5 and abs(m["rollout_corr/chi2_token"]) < 1e-4
     assert m["rollout_corr/ppl_ratio"] == pytest.approx(1.0, abs=1e-5)

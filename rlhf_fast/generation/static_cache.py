@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import inspect
 
-import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
 

@@ -120,14 +120,20 @@ class Trainer:
                    "reward": float(finite.mean()) if finite.numel() else float("nan")}  # fmt: skip
         return ro, metrics, int(n_valid) > 0
 
-    def minibatch_epochs(self, n_rows: int, micro_step, optimizers) -> tuple[dict, list[float], int]:
+    def micro_step(self, mb, scale: float) -> tuple[torch.Tensor, dict]:
+        """PPO / GRPO: the backward(s) of one micro-batch `mb` (an
+        Experience.minibatch), scaled by `scale`; returns (detached loss,
+        stats of 0-d tensors)."""
+        raise NotImplementedError
+
+    def minibatch_epochs(self, exp, optimizers) -> tuple[dict, list[float], int]:
         """What PPO and GRPO share: ppo_epochs x shuffled minibatches x
-        grad_accum micro-batches, one guarded optimizer step per minibatch.
-        micro_step(idx, scale) runs the backward(s) of one micro-batch, scaled
-        by `scale`, and returns (detached loss, stats of 0-d tensors). Stats are
-        summed as tensors, so a micro-batch costs no host sync; the only one is
-        guarded_step's norm. Returns (mean stats, grad norms, skipped steps)."""
+        grad_accum micro-batches of self.micro_step, one guarded optimizer step
+        per minibatch. Stats are summed as tensors, so a micro-batch costs no
+        host sync; the only one is guarded_step's norm. Returns (mean stats,
+        grad norms, skipped steps)."""
         c = self.config
+        n_rows = exp.rollout.sequences.shape[0]
         sums, norms, skipped = {}, [], 0
         for _ in range(c.ppo_epochs):
             perm = torch.randperm(n_rows, generator=self.cpu_gen).to(self.device)
@@ -135,7 +141,7 @@ class Trainer:
                 micro = mb.chunk(min(c.grad_accum, mb.numel()))
                 total = torch.zeros((), device=self.device)
                 for mi in micro:
-                    loss, stats = micro_step(mi, 1.0 / len(micro))
+                    loss, stats = self.micro_step(exp.minibatch(mi), 1.0 / len(micro))
                     total = total + loss / len(micro)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v.detach().double() / len(micro)
@@ -143,6 +149,29 @@ class Trainer:
                 norms.append(norm)
                 skipped += int(skip)
         return {k: float(v) / max(len(norms), 1) for k, v in sums.items()}, norms, skipped
+
+    def update(self, exp) -> dict:
+        """PPO / GRPO: minibatch_epochs over `exp` for every (model, optimizer,
+        scheduler) in self.updated, then one scheduler step each (also when
+        every reward was NaN/inf and there is nothing to learn from)."""
+        c = self.config
+        models, opts, scheds = zip(*self.updated)
+        if not exp.any_valid:
+            for sch in scheds:
+                sch.step()
+            return {"skipped": 1, "applied": 0, "lr": scheds[0].get_last_lr()[0]}
+        t0 = time.perf_counter()
+        for m in models:
+            m.train()
+        out, norms, skipped = self.minibatch_epochs(exp, list(opts))
+        for sch in scheds:
+            sch.step()
+        n_tok = int(exp.rollout.response_mask.sum())
+        dt = time.perf_counter() - t0
+        out.update({"grad_norm": sum(norms) / max(len(norms), 1), "skipped": skipped,
+                    "applied": len(norms) - skipped, "time/update": dt,
+                    "tokens_per_s/update": c.ppo_epochs * n_tok / max(dt, 1e-9), "lr": scheds[0].get_last_lr()[0]})  # fmt: skip
+        return out
 
     def autocast(self):
         """bf16 autocast on the trainer's device when config.autocast == "bf16"."""

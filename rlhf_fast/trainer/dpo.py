@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .base import Trainer
 from .common import guarded_step, make_optimizer
 from .config import DPOConfig
-from .models import sequence_logprobs_linear
+from .models import register_fused_logprobs, sequence_logprobs_linear
 
 
 class DPOTrainer(Trainer):
@@ -35,10 +35,10 @@ class DPOTrainer(Trainer):
         self.policy, self.ref = policy, ref_policy
         ref_policy.eval().requires_grad_(False)
         # DDP: not wrapped (the fused path bypasses forward; all_reduce_grads instead).
-        # FSDP2: sharded, the fused path registered as a forward method.
+        # FSDP2: sharded, then the fused path registered as a forward method.
         if self.parallel == "fsdp2":
-            self.wrap(policy)
-            self.wrap(ref_policy, trainable=False)
+            register_fused_logprobs(self.wrap(policy))
+            register_fused_logprobs(self.wrap(ref_policy, trainable=False))
         self.data = (chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids, rejected_mask, rejected_loss_mask)
         self.opt, self.sched = make_optimizer(policy.parameters(), config)
         self.stateful = {"policy": self.model_state(policy), "opt": self.optimizer_state(policy, self.opt),
