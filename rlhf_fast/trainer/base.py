@@ -120,6 +120,32 @@ class Trainer:
                    "reward": float(finite.mean()) if finite.numel() else float("nan")}  # fmt: skip
         return ro, metrics, int(n_valid) > 0
 
+    def accumulate(self, pick: torch.Tensor, loss_fn) -> tuple[torch.Tensor, dict]:
+        """What the reward-model and DPO trainers share: the rows `pick` in
+        grad_accum micro-batches; loss_fn(idx) -> (loss, stats of 0-d tensors,
+        each a mean over idx's rows). Backward of loss / n_micro each; the
+        loss and the stats are summed on device (no host sync per
+        micro-batch). Returns (mean loss, stats as means over all rows), 0-d
+        tensors: the caller reads them once per step."""
+        micro = pick.chunk(min(self.config.grad_accum, pick.numel()))
+        total, sums = torch.zeros((), device=self.device), {}
+        for mi in micro:
+            loss, stats = loss_fn(mi)
+            (loss / len(micro)).backward()
+            total = total + loss.detach() / len(micro)
+            w = mi.numel() / pick.numel()  # row weights: chunks may differ in size by one
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * w
+        return total, sums
+
+    def optimizer_step(self, loss: torch.Tensor, stats: dict) -> dict:
+        """After accumulate: one guarded step of self.opt and self.sched, and
+        the step's metrics as floats, read from the device in one transfer."""
+        norm, skip = guarded_step([self.opt], [self.sched], self.config.max_grad_norm, loss)
+        values = torch.stack([loss.float(), *stats.values()]).tolist()
+        return {**dict(zip(["loss", *stats], values)), "grad_norm": norm, "skipped": int(skip),
+                "applied": int(not skip), "lr": self.sched.get_last_lr()[0]}  # fmt: skip
+
     def micro_step(self, mb, scale: float) -> tuple[torch.Tensor, dict]:
         """PPO / GRPO: the backward(s) of one micro-batch `mb` (an
         Experience.minibatch), scaled by `scale`; returns (detached loss,
