@@ -384,6 +384,9 @@ def test_train_cli_lora_key(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**cfg, "out_dir": None}))
     with pytest.raises(ValueError, match="lora applies to a policy"):
         train_from_yaml("rm", str(tmp_path / "r.yaml"))
+    (tmp_path / "k.yaml").write_text(yaml.safe_dump({**cfg, "lora": {"r": 4, "alpah": 8}, "out_dir": None}))
+    with pytest.raises(ValueError, match="lora: unknown config key 'alpah' \\(did you mean 'alpha'\\?\\)"):
+        train_from_yaml("dpo", str(tmp_path / "k.yaml"))
 
 
 # ---------------------------------------------------------------- layering
