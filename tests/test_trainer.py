@@ -25,12 +25,18 @@ def test_extension_is_used():
     assert rlhf_fast.info()["extension_loaded"], "build rlhf_fast._C first (python setup.py build_ext --inplace)"
 
 
-def test_ppo_steps_fused_match_reference():
-    fused = ppo_trainer()
-    rows_f = fused.train(2)
+def _fused_and_reference(make, steps=2):
+    """Two runs of make(): the compiled ops, then the pure-PyTorch reference. (trainer, rows) each."""
+    fused = make()
+    rows_f = fused.train(steps)
     with rlhf_fast.use_backend("reference"):
-        ref = ppo_trainer()
-        rows_r = ref.train(2)
+        ref = make()
+        rows_r = ref.train(steps)
+    return fused, rows_f, ref, rows_r
+
+
+def test_ppo_steps_fused_match_reference():
+    fused, rows_f, ref, rows_r = _fused_and_reference(ppo_trainer)
     start = tiny_llama(0)
     moved = max_param_diff(fused.policy, start)
     assert moved > 1e-4, "the policy did not move: the comparison would be vacuous"
@@ -71,11 +77,7 @@ def test_bf16_autocast_grpo_rm_dpo_train():
 
 
 def test_grpo_steps_fused_match_reference():
-    fused = grpo_trainer()
-    rows_f = fused.train(2)
-    with rlhf_fast.use_backend("reference"):
-        ref = grpo_trainer()
-        rows_r = ref.train(2)
+    fused, rows_f, ref, rows_r = _fused_and_reference(grpo_trainer)
     moved = max_param_diff(fused.policy, tiny_llama(0))
     assert moved > 1e-4
     assert max_param_diff(fused.policy, ref.policy) < 1e-3 * moved
