@@ -1,5 +1,6 @@
 """rlhf_fast.generate against Hugging Face generate, on tiny Llama / Qwen2 /
 GPT-2 models built from configs (no downloads), fp32 on CPU."""
+import inspect
 import warnings
 
 import pytest
@@ -173,7 +174,12 @@ class _OldSpelling(torch.nn.Module):
         assert past_key_values is not None
         self.calls += 1
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)  # fmt: skip
+                       use_cache=use_cache, logits_to_keep=logits_to_keep, **{_native(self.lm): past_key_values})
+
+
+def _native(lm) -> str:
+    """The installed transformers' name for the cache argument (5.24: cache; 5.17: past_key_values)."""
+    return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
 
 
 class _Wrapper(torch.nn.Module):  # a PEFT-like wrapper: forward(**kwargs), the model behind get_base_model()
@@ -193,8 +199,8 @@ def test_cache_keyword_follows_the_model_signature():
 
     llama = MODELS["llama"]
     old = _OldSpelling(llama)
-    assert cache_kwarg(llama) == "cache" and cache_kwarg(old) == "past_key_values"
-    assert cache_kwarg(_Wrapper(old)) == "past_key_values" and cache_kwarg(_Wrapper(llama)) == "cache"
+    assert cache_kwarg(llama) == _native(llama) and cache_kwarg(old) == "past_key_values"
+    assert cache_kwarg(_Wrapper(old)) == "past_key_values" and cache_kwarg(_Wrapper(llama)) == _native(llama)
     ids, mask = _prompts("left")
     want = rlhf_fast.generate(llama, ids, mask, max_new_tokens=6, temperature=0.0, eos_token_id=None)
     got = rlhf_fast.generate(old, ids, mask, max_new_tokens=6, temperature=0.0, eos_token_id=None)
