@@ -438,3 +438,25 @@ def test_demo_overrides_are_checked_by_name(tmp_path):
 
     with pytest.raises(ValueError, match="'kl_coeff' \\(did you mean 'kl_coef'\\?\\)"):
         run_demo(str(tmp_path), quick=True, kl_coeff=0.1)
+
+
+@pytest.mark.parametrize("make", [rm_trainer, dpo_trainer], ids=["rm", "dpo"])
+def test_micro_batches_accumulate_on_device(make, monkeypatch):
+    """Trainer.accumulate reads nothing back per micro-batch: .item() and
+    float() on a tensor fail inside it; the step reads its metrics once."""
+    tr = make(steps=1, grad_accum=4)
+    pick = torch.arange(13)  # chunks of 4, 4, 4, 1: row weights, not chunk weights, for the stats
+
+    def refuse(self, *a):
+        raise AssertionError("host sync inside accumulate")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", refuse)
+        m.setattr(torch.Tensor, "__float__", refuse)
+        loss, stats = tr.accumulate(pick, tr.loss)
+    key = "accuracy" if make is rm_trainer else "reward_accuracy"
+    with torch.no_grad():
+        whole = tr.loss(pick)[1][key]
+    assert loss.dim() == 0 and float(stats[key]) == pytest.approx(float(whole), abs=1e-6)
+    row = tr.optimizer_step(loss, stats)
+    assert row["loss"] == pytest.approx(float(loss)) and row["applied"] == 1
