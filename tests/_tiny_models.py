@@ -46,8 +46,9 @@ def one_thread():
 # ---------------------------------------------------------------- the demo's world, smaller
 
 
-def tiny_llama(seed=0, vocab_size=len(TOK)):
-    return world.tiny_llama(vocab_size, seed, hidden=32, layers=1)
+def tiny_llama(seed=0, vocab_size=None):
+    """1 layer, 32 wide; vocab_size None: the demo's words."""
+    return world.tiny_llama(len(TOK) if vocab_size is None else vocab_size, seed, hidden=32, layers=1)
 
 
 def rule_reward(sequences, response_mask, prompt_length):

@@ -1,7 +1,10 @@
 """The outer loop shared by the trainers: steps, logging, checkpoints.
 
 A subclass sets `self.stateful` (name -> object with state_dict) and
-`self.generators`, and implements `step() -> dict of metrics`."""
+`self.generators`, and implements `step() -> dict of metrics`.
+PPO / GRPO also set `self.updated` ((model, optimizer, scheduler) each) and
+implement `micro_step`; `update(experience)` runs the minibatch loop.
+The reward-model and DPO trainers step through `accumulate` + `optimizer_step`."""
 from __future__ import annotations
 
 import os

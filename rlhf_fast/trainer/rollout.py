@@ -36,7 +36,7 @@ class Rollout:
         resp = self.sequences[:, self.prompt_length :]
         return ~(torch.isin(resp, eos) & self.response_mask).any(-1)
 
-    def index(self, idx: torch.Tensor) -> "Rollout":
+    def index(self, idx: torch.Tensor) -> Rollout:
         lp = self.logprobs[idx] if self.logprobs is not None else None
         return Rollout(self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_length, {},
                        lp)  # fmt: skip
