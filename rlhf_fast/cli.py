@@ -146,11 +146,11 @@ def _train(args) -> int:
     threads, before = train_threads(args.threads, model_spec), torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    from .trainer.run import run_from_yaml
+    from .demo.train_source import train_from_yaml  # the trainer's run, with `model: tiny-demo` registered
     from .trainer.summary import train_summary
 
     try:
-        trainer = run_from_yaml(args.algo, args.config, fresh=args.fresh, overrides=args.overrides)
+        trainer = train_from_yaml(args.algo, args.config, fresh=args.fresh, overrides=args.overrides)
         if trainer.rank == 0:
             print(f"(torch threads: {torch.get_num_threads()})")
             print(train_summary(trainer, args.algo))

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-import test_trainer as T  # noqa: E402
+import _tiny_models as T  # noqa: E402
 
 from rlhf_fast.trainer.parallel import ModelState, is_sharded  # noqa: E402
 
@@ -35,7 +35,7 @@ def run(task: str, parallel: str, out: str) -> dict:
         result["rows"] = tr.train()
         model = tr.model
     elif task == "ppo":
-        tr = T._ppo(steps=2, batch_size=6, parallel=parallel)
+        tr = T.ppo_trainer(steps=2, batch_size=6, parallel=parallel)
         result["rows"] = tr.train()
         model = tr.policy
     elif task == "dpo":
@@ -44,13 +44,13 @@ def run(task: str, parallel: str, out: str) -> dict:
         model = tr.policy
     elif task == "resume":
         ck = os.path.join(os.path.dirname(out), "resume_ck.pt")
-        straight = T._ppo(steps=2, batch_size=6, parallel=parallel, kl_target=0.5, kl_horizon=50)
+        straight = T.ppo_trainer(steps=2, batch_size=6, parallel=parallel, kl_target=0.5, kl_horizon=50)
         straight.train()
         result["straight"] = full_params(straight.policy)
-        first = T._ppo(steps=2, batch_size=6, parallel=parallel, kl_target=0.5, kl_horizon=50)
+        first = T.ppo_trainer(steps=2, batch_size=6, parallel=parallel, kl_target=0.5, kl_horizon=50)
         first.train(1)
         first.save(ck)
-        tr = T._ppo(steps=2, batch_size=6, parallel=parallel, seed=7, kl_target=0.5, kl_horizon=50)
+        tr = T.ppo_trainer(steps=2, batch_size=6, parallel=parallel, seed=7, kl_target=0.5, kl_horizon=50)
         tr.load(ck)
         assert tr.step_count == 1
         tr.train()
@@ -62,7 +62,7 @@ def run(task: str, parallel: str, out: str) -> dict:
     result["sharded"] = is_sharded(model)
     result["full"] = full_params(model)
     if not result["sharded"]:
-        flat = T._params(model)
+        flat = T.flat_params(model)
         gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, flat)
         result["ranks"] = gathered

@@ -6,7 +6,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_trl_compat import PROMPTS, hf_tokenizer, tiny_policy  # noqa: E402
+from _tiny_models import PROMPTS, hf_tokenizer, tiny_policy  # noqa: E402
 
 from rlhf_fast.trl import GRPOConfig, GRPOTrainer  # noqa: E402
 

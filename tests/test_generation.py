@@ -1,5 +1,8 @@
 """rlhf_fast.generate against Hugging Face generate, on tiny Llama / Qwen2 /
 GPT-2 models built from configs (no downloads), fp32 on CPU."""
+import inspect
+import warnings
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -142,3 +145,63 @@ def test_bad_arguments_raise():
         rlhf_fast.generate(model, ids, torch.ones(2, 5), max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
         rlhf_fast.generate(model, ids, max_new_tokens=2, top_p=0.0)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_no_cache_deprecation_warning(kind):
+    """transformers >= 5.24 renamed the forward's `past_key_values` to `cache`
+    (FutureWarning, removal announced for 5.40): generate passes the name
+    the installed version reads, so no warning reaches the user."""
+    ids, mask = _prompts("left", B=2, P=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        out = rlhf_fast.generate(MODELS[kind], ids, mask, max_new_tokens=4, num_samples=2, temperature=0.0)
+    assert out.sequences.shape == (4, 5 + int(out.lengths.max()))
+
+
+class _OldSpelling(torch.nn.Module):
+    """A causal LM as transformers < 5.24 shaped it: the cache arrives as
+    past_key_values, and any other keyword is an error."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm, self.config, self.dtype = lm, lm.config, lm.dtype
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                logits_to_keep=0):  # fmt: skip
+        assert past_key_values is not None
+        self.calls += 1
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=use_cache, logits_to_keep=logits_to_keep, **{_native(self.lm): past_key_values})
+
+
+def _native(lm) -> str:
+    """The installed transformers' name for the cache argument (5.24: cache; 5.17: past_key_values)."""
+    return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
+
+
+class _Wrapper(torch.nn.Module):  # a PEFT-like wrapper: forward(**kwargs), the model behind get_base_model()
+    def __init__(self, lm):
+        super().__init__()
+        self.inner = lm
+
+    def get_base_model(self):
+        return self.inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+def test_cache_keyword_follows_the_model_signature():
+    from rlhf_fast.generation.static_cache import cache_kwarg
+
+    llama = MODELS["llama"]
+    old = _OldSpelling(llama)
+    assert cache_kwarg(llama) == _native(llama) and cache_kwarg(old) == "past_key_values"
+    assert cache_kwarg(_Wrapper(old)) == "past_key_values" and cache_kwarg(_Wrapper(llama)) == _native(llama)
+    ids, mask = _prompts("left")
+    want = rlhf_fast.generate(llama, ids, mask, max_new_tokens=6, temperature=0.0, eos_token_id=None)
+    got = rlhf_fast.generate(old, ids, mask, max_new_tokens=6, temperature=0.0, eos_token_id=None)
+    assert torch.equal(got.sequences, want.sequences) and old.calls == 6  # prefill + 5 decode steps

@@ -2,73 +2,20 @@
 model and DPO learning on separable toy data, exact resume, the NaN guard,
 configs, and the quick end-to-end demo."""
 import copy
-import math
 import json
+import math
 
 import pytest
 import torch
-
-import rlhf_fast
-from rlhf_fast.demo import world
-from rlhf_fast.trainer import (
-    DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KLController, PPOConfig, PPOTrainer, RewardConfig,
-    RewardTrainer, ScalarHeadModel,
+from _tiny_models import (  # noqa: F401 - one_thread: the autouse fixture
+    TOK, dpo_trainer, flat_params, grpo_trainer, max_param_diff, one_thread, ppo_trainer, prompt_batch, rm_trainer,
+    rule_reward, run_torchrun, separable_pairs, tiny_llama,
 )  # fmt: skip
 
-TOK = world.make_tokenizer()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second OpenMP thread only adds sync (and makes runs order-dependent)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _tiny(seed=0):
-    return world.tiny_llama(len(TOK), seed, hidden=32, layers=1)
-
-
-def _rule_reward(sequences, response_mask, prompt_length):
-    return world.hidden_score(TOK, sequences, prompt_length)
-
-
-def _prompts(n=12):
-    train, _ = world.split_prompts(0)
-    return world.encode_batch(TOK, train[:n], pad_left=True)
-
-
-def _ppo(tmp=None, seed=0, model_seed=0, **kw):
-    cfg = dict(steps=4, batch_size=6, max_new_tokens=6, lr=1e-3, ppo_epochs=2, minibatch_size=3, grad_accum=2,
-               kl_coef=0.1, seed=seed, progress=False, out_dir=tmp, entropy_coef=0.01, dual_clip=3.0)  # fmt: skip
-    cfg.update(kw)
-    policy = _tiny(model_seed)
-    ref = copy.deepcopy(policy)
-    critic = ScalarHeadModel.from_causal_lm(policy)
-    ids, mask = _prompts()
-    return PPOTrainer(PPOConfig(**cfg), policy, ref, critic, _rule_reward, ids, mask,
-                      eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)  # fmt: skip
-
-
-def _grpo(seed=0, **kw):
-    cfg = dict(steps=2, batch_size=3, num_samples=4, max_new_tokens=6, lr=1e-3, ppo_epochs=2, minibatch_size=6,
-               kl_coef=0.05, seed=seed, progress=False)  # fmt: skip
-    cfg.update(kw)
-    policy = _tiny(seed)
-    ids, mask = _prompts()
-    return GRPOTrainer(GRPOConfig(**cfg), policy, copy.deepcopy(policy), _rule_reward, ids, mask,
-                       eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)  # fmt: skip
-
-
-def _params(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
-def _max_param_diff(a, b):
-    return float((_params(a) - _params(b)).abs().max())
-
+import rlhf_fast
+from rlhf_fast.trainer import (
+    DPOConfig, DPOTrainer, KLController, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, ScalarHeadModel,
+)  # fmt: skip
 
 # ---------------------------------------------------------------- fused == reference
 
@@ -78,102 +25,68 @@ def test_extension_is_used():
     assert rlhf_fast.info()["extension_loaded"], "build rlhf_fast._C first (python setup.py build_ext --inplace)"
 
 
-def test_ppo_steps_fused_match_reference():
-    fused = _ppo()
-    rows_f = fused.train(2)
+def _fused_and_reference(make, steps=2):
+    """Two runs of make(): the compiled ops, then the pure-PyTorch reference. (trainer, rows) each."""
+    fused = make()
+    rows_f = fused.train(steps)
     with rlhf_fast.use_backend("reference"):
-        ref = _ppo()
-        rows_r = ref.train(2)
-    start = _tiny(0)
-    moved = _max_param_diff(fused.policy, start)
+        ref = make()
+        rows_r = ref.train(steps)
+    return fused, rows_f, ref, rows_r
+
+
+def test_ppo_steps_fused_match_reference():
+    fused, rows_f, ref, rows_r = _fused_and_reference(ppo_trainer)
+    start = tiny_llama(0)
+    moved = max_param_diff(fused.policy, start)
     assert moved > 1e-4, "the policy did not move: the comparison would be vacuous"
     # same sampled tokens (shared counter-based noise), so the only difference is fp32 rounding
-    assert _max_param_diff(fused.policy, ref.policy) < 1e-3 * moved
-    assert _max_param_diff(fused.critic, ref.critic) < 1e-3 * max(_max_param_diff(fused.critic, ScalarHeadModel.from_causal_lm(start)), 1e-6)
+    assert max_param_diff(fused.policy, ref.policy) < 1e-3 * moved
+    assert max_param_diff(fused.critic, ref.critic) < 1e-3 * max(max_param_diff(fused.critic, ScalarHeadModel.from_causal_lm(start)), 1e-6)
     for a, b in zip(rows_f, rows_r):
         for k in ("reward", "kl", "pg_loss", "value_loss", "clipfrac", "entropy", "response_length"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
 
 
 def test_bf16_autocast_steps_train_and_stay_fp32():
-    trainer = _ppo(autocast="bf16")
-    start = _params(trainer.policy).clone()
+    trainer = ppo_trainer(autocast="bf16")
+    start = flat_params(trainer.policy).clone()
     rows = trainer.train(2)
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())  # master weights stay fp32
-    assert float((_params(trainer.policy) - start).abs().max()) > 1e-4
+    assert float((flat_params(trainer.policy) - start).abs().max()) > 1e-4
     for row in rows:
         for k in ("reward", "kl", "pg_loss", "value_loss", "entropy"):
             assert math.isfinite(row[k]), (k, row[k])
     with pytest.raises(ValueError, match="autocast = 'fp8' is invalid; allowed: one of 'bf16', None"):
-        _ppo(autocast="fp8")  # refused by the config, before a model is built
+        ppo_trainer(autocast="fp8")  # refused by the config, before a model is built
 
 
 def test_bf16_autocast_grpo_rm_dpo_train():
-    (ci, cm), (ri, rm) = _separable_pairs(16)
+    (ci, cm), (ri, rm) = separable_pairs(16)
     cl, rl = cm.clone(), rm.clone()
     cl[:, :4] = 0  # <bos> det noun verb: the prompt
     rl[:, :4] = 0
-    policy = _tiny(2)
+    policy = tiny_llama(2)
     dpo = DPOTrainer(DPOConfig(steps=2, batch_size=8, lr=3e-3, progress=False, autocast="bf16"),
                      policy, copy.deepcopy(policy), ci, cm, cl, ri, rm, rl)  # fmt: skip
     rm_tr = RewardTrainer(RewardConfig(steps=2, batch_size=8, progress=False, autocast="bf16"),
-                          ScalarHeadModel.from_causal_lm(_tiny()), ci, cm, ri, rm)  # fmt: skip
-    for rows in (dpo.train(), rm_tr.train(), _grpo(autocast="bf16").train(1)):
+                          ScalarHeadModel.from_causal_lm(tiny_llama()), ci, cm, ri, rm)  # fmt: skip
+    for rows in (dpo.train(), rm_tr.train(), grpo_trainer(autocast="bf16").train(1)):
         for row in rows:
             assert row["skipped"] == 0 and all(math.isfinite(v) for v in row.values() if isinstance(v, float)), row
 
 
 def test_grpo_steps_fused_match_reference():
-    fused = _grpo()
-    rows_f = fused.train(2)
-    with rlhf_fast.use_backend("reference"):
-        ref = _grpo()
-        rows_r = ref.train(2)
-    moved = _max_param_diff(fused.policy, _tiny(0))
+    fused, rows_f, ref, rows_r = _fused_and_reference(grpo_trainer)
+    moved = max_param_diff(fused.policy, tiny_llama(0))
     assert moved > 1e-4
-    assert _max_param_diff(fused.policy, ref.policy) < 1e-3 * moved
+    assert max_param_diff(fused.policy, ref.policy) < 1e-3 * moved
     for a, b in zip(rows_f, rows_r):
         for k in ("reward", "kl", "pg_loss", "entropy"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
 
 
 # ---------------------------------------------------------------- reward model, DPO
-
-
-def _separable_pairs(n=96, seed=0):
-    """chosen: a completion with positive adjectives only; rejected: negative only."""
-    import random
-
-    rng = random.Random(seed)
-    prompts = world.all_prompts()
-    ch, rj = [], []
-    for _ in range(n):
-        p = rng.choice(prompts)
-        ch.append(f"{p} very {rng.choice(world.POSITIVE)} .")
-        rj.append(f"{p} very {rng.choice(world.NEGATIVE)} .")
-    return world.encode_batch(TOK, ch, eos=True), world.encode_batch(TOK, rj, eos=True)
-
-
-def rm_trainer(steps=40, batch_size=16, **kw):
-    (ci, cm), (ri, rm) = _separable_pairs()
-    model = ScalarHeadModel.from_causal_lm(_tiny(1), init_std=0.02)
-    cfg = RewardConfig(steps=steps, batch_size=batch_size, lr=3e-3, eval_fraction=0.25, progress=False, **kw)
-    return RewardTrainer(cfg, model, ci, cm, ri, rm)
-
-
-def dpo_trainer(loss_type="sigmoid", steps=25, n_pairs=48, policy_fn=None, **kw):
-    """policy_fn(model) -> the trained policy (e.g. LoRA-wrapped); the reference is copied before it."""
-    (ci, cm), (ri, rm) = _separable_pairs(n_pairs)
-    P = 4  # <bos> det noun verb
-    cl, rl = cm.clone(), rm.clone()
-    cl[:, :P] = 0
-    rl[:, :P] = 0
-    policy = _tiny(2)
-    ref = copy.deepcopy(policy)
-    if policy_fn is not None:
-        policy = policy_fn(policy)
-    cfg = DPOConfig(steps=steps, batch_size=16, lr=3e-3, beta=0.1, loss_type=loss_type, progress=False, **kw)
-    return DPOTrainer(cfg, policy, ref, ci, cm, cl, ri, rm, rl)
 
 
 def test_reward_model_accuracy_rises():
@@ -187,9 +100,9 @@ def test_reward_model_accuracy_rises():
 
 
 def test_reward_model_margin_needs_tensor():
-    (ci, cm), (ri, rm) = _separable_pairs(8)
+    (ci, cm), (ri, rm) = separable_pairs(8)
     with pytest.raises(ValueError, match="margin"):
-        RewardTrainer(RewardConfig(margin=True, progress=False), ScalarHeadModel.from_causal_lm(_tiny()), ci, cm, ri, rm)
+        RewardTrainer(RewardConfig(margin=True, progress=False), ScalarHeadModel.from_causal_lm(tiny_llama()), ci, cm, ri, rm)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -204,8 +117,8 @@ def test_dpo_loss_decreases(loss_type):
 
 
 def test_dpo_logps_match_materialised_logits():
-    (ci, cm), _ = _separable_pairs(4)
-    lm = _tiny(3)
+    (ci, cm), _ = separable_pairs(4)
+    lm = tiny_llama(3)
     from rlhf_fast.trainer import sequence_logprobs_linear
 
     lp, n = sequence_logprobs_linear(lm, ci, cm, cm)
@@ -219,33 +132,33 @@ def test_dpo_logps_match_materialised_logits():
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    straight = _ppo(str(tmp_path / "a"), kl_target=0.5, kl_horizon=50)
+    straight = ppo_trainer(str(tmp_path / "a"), kl_target=0.5, kl_horizon=50)
     straight.train(4)
-    first = _ppo(str(tmp_path / "b"), kl_target=0.5, kl_horizon=50)
+    first = ppo_trainer(str(tmp_path / "b"), kl_target=0.5, kl_horizon=50)
     first.train(2)
     first.save(str(tmp_path / "ck.pt"))
     torch.manual_seed(12345)  # the global RNG must come back from the checkpoint too
     # other RNG seeds and a perturbed policy / critic: load must overwrite them all.
     # The frozen reference is not in the checkpoint: it is rebuilt from its source, as here.
-    resumed = _ppo(str(tmp_path / "c"), seed=7, kl_target=0.5, kl_horizon=50)
+    resumed = ppo_trainer(str(tmp_path / "c"), seed=7, kl_target=0.5, kl_horizon=50)
     with torch.no_grad():
         for p in list(resumed.policy.parameters()) + list(resumed.critic.parameters()):
             p.add_(0.01)
     resumed.load(str(tmp_path / "ck.pt"))
     assert resumed.step_count == 2
     resumed.train(4)
-    assert torch.equal(_params(straight.policy), _params(resumed.policy))
-    assert torch.equal(_params(straight.critic), _params(resumed.critic))
+    assert torch.equal(flat_params(straight.policy), flat_params(resumed.policy))
+    assert torch.equal(flat_params(straight.critic), flat_params(resumed.critic))
     assert straight.kl_ctl.value == resumed.kl_ctl.value != 0.1
 
 
 def test_nan_reward_skips_step_and_says_so(tmp_path, capsys):
-    tr = _ppo(str(tmp_path), progress=True)
+    tr = ppo_trainer(str(tmp_path), progress=True)
     tr.reward = lambda s, m, p: torch.full((s.shape[0],), float("nan"))
-    before = _params(tr.policy).clone()
+    before = flat_params(tr.policy).clone()
     rows = tr.train(1)
     assert rows[0]["skipped"] > 0
-    assert torch.equal(before, _params(tr.policy))
+    assert torch.equal(before, flat_params(tr.policy))
     assert "SKIPPED" in capsys.readouterr().err
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert logged[-1]["skipped"] > 0
@@ -290,50 +203,30 @@ def test_quick_demo_true_score_rises(tmp_path):
 # ---------------------------------------------------------------- torchrun, 2 processes, gloo
 
 
-def _run_torchrun(*args):
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(__file__)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(here))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # torchrun and both workers: no orphan left holding a rank
-        _, err = proc.communicate()
-        raise AssertionError("torchrun timed out:\n" + err[-3000:])
-    assert proc.returncode == 0, err[-3000:]
-    return err
-
-
 def _torchrun(mode, out):
     import os
 
-    _run_torchrun(os.path.join(os.path.dirname(__file__), "_ddp_worker.py"), mode, str(out))
+    run_torchrun(os.path.join(os.path.dirname(__file__), "_ddp_worker.py"), mode, str(out))
     return torch.load(out)
 
 
 def test_cli_train_grpo_under_torchrun_fsdp2(tmp_path):
     import yaml
 
-    from rlhf_fast.trainer.run import _load_lm
+    from rlhf_fast.demo.train_source import TinyDemoSource
 
     cfg = dict(model="tiny-demo", reward="rule", steps=2, batch_size=4, num_samples=2, max_new_tokens=6,
                minibatch_size=8, lr=1e-3, kl_coef=0.02, seed=3, parallel="fsdp2", out_dir=str(tmp_path / "out"))  # fmt: skip
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
-    _run_torchrun("-m", "rlhf_fast.cli", "train", "grpo", "--config", str(tmp_path / "g.yaml"))
+    run_torchrun("-m", "rlhf_fast.cli", "train", "grpo", "--config", str(tmp_path / "g.yaml"))
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # rank 0 alone writes
     state = torch.load(tmp_path / "out" / "model.pt")
     assert all(type(v) is torch.Tensor for v in state.values()), "model.pt must hold full tensors, not shards"
-    lm = _load_lm("tiny-demo", None, 3)
-    start = _params(lm).clone()
+    lm = TinyDemoSource().load_lm(3)
+    start = flat_params(lm).clone()
     lm.load_state_dict(state)  # strict: every key, every full shape
-    assert float((_params(lm) - start).abs().max()) > 1e-4
+    assert float((flat_params(lm) - start).abs().max()) > 1e-4
 
 
 def _moved_and_gap(got_full, single, start):
@@ -348,9 +241,9 @@ def test_distributed_reward_model_matches_one_process_doubled_batch(tmp_path, pa
     if parallel == "ddp":
         assert torch.equal(got["ranks"][0], got["ranks"][1]), "DDP ranks diverged"
     single = rm_trainer()  # one process, the same global batch of 16 (8 per rank above)
-    start = _params(single.model).clone()
+    start = flat_params(single.model).clone()
     single.train()
-    want = _params(single.model)
+    want = flat_params(single.model)
     # The head bias cancels in r_chosen - r_rejected: its gradient is pure rounding noise, which
     # Adam scales up to lr-sized steps, so it is left out (it is the last parameter).
     n_bias = single.model.head.bias.numel()
@@ -365,9 +258,9 @@ def test_distributed_dpo_matches_one_process_doubled_batch(tmp_path, parallel):
     # FSDP2: the fused path runs as a registered forward method of the sharded model.
     got = _torchrun(f"dpo:{parallel}", tmp_path / "dpo.pt")
     single = dpo_trainer(steps=6)
-    start = _params(single.policy).clone()
+    start = flat_params(single.policy).clone()
     rows = single.train()
-    moved, gap = _moved_and_gap(got["full"], _params(single.policy), start)
+    moved, gap = _moved_and_gap(got["full"], flat_params(single.policy), start)
     assert moved > 1e-2
     assert gap < 1e-3 * moved
     for a, b in zip(rows, got["rows"]):  # rank 0 logs its half-batch metrics; the loss is a mean of means
@@ -377,7 +270,7 @@ def test_distributed_dpo_matches_one_process_doubled_batch(tmp_path, parallel):
 def test_ddp_ppo_ranks_stay_in_sync(tmp_path):
     got = _torchrun("ppo", tmp_path / "ppo.pt")
     assert torch.equal(got["ranks"][0], got["ranks"][1]), "DDP ranks diverged"
-    assert float((got["ranks"][0] - _params(_tiny(0))).abs().max()) > 1e-4
+    assert float((got["ranks"][0] - flat_params(tiny_llama(0))).abs().max()) > 1e-4
 
 
 def test_fsdp2_ppo_matches_ddp(tmp_path):
@@ -387,7 +280,7 @@ def test_fsdp2_ppo_matches_ddp(tmp_path):
     ddp = _torchrun("ppo:ddp", tmp_path / "ddp.pt")
     fsdp = _torchrun("ppo:fsdp2", tmp_path / "fsdp2.pt")
     assert fsdp["sharded"] and not ddp["sharded"]
-    start = _params(_tiny(0))
+    start = flat_params(tiny_llama(0))
     moved, gap = _moved_and_gap(fsdp["full"], ddp["full"], start)
     assert moved > 1e-3
     assert gap < 1e-3 * moved
@@ -405,10 +298,10 @@ def test_fsdp2_resume_equals_uninterrupted_and_checkpoint_is_whole(tmp_path):
     s0, s1 = (r["generators"]["sample"] for r in blob["rng_ranks"])
     assert not torch.equal(s0, s1), "each rank's sampling stream must be kept"
     # the sharded run wrote full tensors: a single process loads them as they are
-    policy = _tiny(0)
+    policy = tiny_llama(0)
     policy.load_state_dict(blob["policy"])
-    ScalarHeadModel.from_causal_lm(_tiny(0)).load_state_dict(blob["critic"])
-    assert float((_params(policy) - _params(_tiny(0))).abs().max()) > 1e-4
+    ScalarHeadModel.from_causal_lm(tiny_llama(0)).load_state_dict(blob["critic"])
+    assert float((flat_params(policy) - flat_params(tiny_llama(0))).abs().max()) > 1e-4
 
 
 def test_tensorboard_scalars_match_jsonl(tmp_path):
@@ -435,13 +328,13 @@ def test_lora_ppo_trains_only_the_adapters():
     pytest.importorskip("peft", reason="optional: pip install peft (in the test extra)")
     from rlhf_fast.trainer import apply_lora
 
-    policy = _tiny(0)
+    policy = tiny_llama(0)
     ref, critic = copy.deepcopy(policy), ScalarHeadModel.from_causal_lm(policy)  # taken before LoRA
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     lora = apply_lora(policy, r=4, alpha=8)
-    ids, mask = _prompts()
+    ids, mask = prompt_batch()
     cfg = PPOConfig(steps=2, batch_size=6, max_new_tokens=6, lr=1e-2, ppo_epochs=2, minibatch_size=3, progress=False)
-    tr = PPOTrainer(cfg, lora, ref, critic, _rule_reward, ids, mask, eos_token_id=TOK.eos_token_id,
+    tr = PPOTrainer(cfg, lora, ref, critic, rule_reward, ids, mask, eos_token_id=TOK.eos_token_id,
                     pad_token_id=TOK.pad_token_id)  # fmt: skip
     rows = tr.train()
     assert all(math.isfinite(r["pg_loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
@@ -482,14 +375,88 @@ def test_train_cli_lora_key(tmp_path):
     pytest.importorskip("peft", reason="optional: pip install peft (in the test extra)")
     import yaml
 
-    from rlhf_fast.trainer.run import run_from_yaml
+    from rlhf_fast.demo.train_source import train_from_yaml
 
     cfg = dict(model="tiny-demo", steps=2, batch_size=8, lora={"r": 4, "alpha": 8}, progress=False,
                out_dir=str(tmp_path / "out"))  # fmt: skip
     (tmp_path / "d.yaml").write_text(yaml.safe_dump(cfg))
-    tr = run_from_yaml("dpo", str(tmp_path / "d.yaml"))
+    tr = train_from_yaml("dpo", str(tmp_path / "d.yaml"))
     assert type(tr.policy).__name__ == "PeftModelForCausalLM"
     assert any("lora_A" in k for k in torch.load(tmp_path / "out" / "model.pt"))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**cfg, "out_dir": None}))
     with pytest.raises(ValueError, match="lora applies to a policy"):
-        run_from_yaml("rm", str(tmp_path / "r.yaml"))
+        train_from_yaml("rm", str(tmp_path / "r.yaml"))
+    (tmp_path / "k.yaml").write_text(yaml.safe_dump({**cfg, "lora": {"r": 4, "alpah": 8}, "out_dir": None}))
+    with pytest.raises(ValueError, match="lora: unknown config key 'alpah' \\(did you mean 'alpha'\\?\\)"):
+        train_from_yaml("dpo", str(tmp_path / "k.yaml"))
+
+
+# ---------------------------------------------------------------- layering
+
+
+def test_trainer_imports_nothing_from_the_demo():
+    """The trainer (and its YAML runner) stands alone: `model: tiny-demo` is a
+    source the command line registers (rlhf_fast/demo/train_source.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rlhf_fast.trainer, rlhf_fast.trainer.run, rlhf_fast.trainer.parallel\n"
+            "print(sorted(m for m in sys.modules if m.startswith('rlhf_fast.demo')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_parallel_imports_no_model_code():
+    import ast
+    import inspect
+
+    from rlhf_fast.trainer import parallel
+
+    tree = ast.parse(inspect.getsource(parallel))
+    relative = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
+    assert relative == [], relative
+
+
+def test_run_from_yaml_knows_only_checkpoint_folders_unless_given_sources(tmp_path):
+    import yaml
+
+    from rlhf_fast.trainer.run import run_from_yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model": "tiny-demo", "steps": 1}))
+    with pytest.raises(FileNotFoundError, match="'tiny-demo' is neither an existing local checkpoint folder"):
+        run_from_yaml("rm", str(tmp_path / "c.yaml"))
+    (tmp_path / "n.yaml").write_text(yaml.safe_dump({"steps": 1}))
+    with pytest.raises(ValueError, match="no model key"):
+        run_from_yaml("rm", str(tmp_path / "n.yaml"))
+    (tmp_path / "u.yaml").write_text(yaml.safe_dump({"model": "tiny-demo", "stepz": 1}))
+    with pytest.raises(ValueError, match="'stepz' \\(did you mean 'steps'\\?\\)"):
+        run_from_yaml("rm", str(tmp_path / "u.yaml"))
+
+
+def test_demo_overrides_are_checked_by_name(tmp_path):
+    from rlhf_fast.demo.pipeline import run_demo
+
+    with pytest.raises(ValueError, match="'kl_coeff' \\(did you mean 'kl_coef'\\?\\)"):
+        run_demo(str(tmp_path), quick=True, kl_coeff=0.1)
+
+
+@pytest.mark.parametrize("make", [rm_trainer, dpo_trainer], ids=["rm", "dpo"])
+def test_micro_batches_accumulate_on_device(make, monkeypatch):
+    """Trainer.accumulate reads nothing back per micro-batch: .item() and
+    float() on a tensor fail inside it; the step reads its metrics once."""
+    tr = make(steps=1, grad_accum=4)
+    pick = torch.arange(13)  # chunks of 4, 4, 4, 1: row weights, not chunk weights, for the stats
+
+    def refuse(self, *a):
+        raise AssertionError("host sync inside accumulate")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", refuse)
+        m.setattr(torch.Tensor, "__float__", refuse)
+        loss, stats = tr.accumulate(pick, tr.loss)
+    key = "accuracy" if make is rm_trainer else "reward_accuracy"
+    with torch.no_grad():
+        whole = tr.loss(pick)[1][key]
+    assert loss.dim() == 0 and float(stats[key]) == pytest.approx(float(whole), abs=1e-6)
+    row = tr.optimizer_step(loss, stats)
+    assert row["loss"] == pytest.approx(float(loss)) and row["applied"] == 1

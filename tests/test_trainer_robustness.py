@@ -10,30 +10,20 @@ import time
 import pytest
 import torch
 import yaml
+from _tiny_models import flat_params, grpo_trainer, one_thread, ppo_trainer, rm_trainer, rule_reward  # noqa: F401
 
-from rlhf_fast.trainer import GRPOConfig, PPOConfig, RewardConfig, DPOConfig, RunningMoments
-from test_trainer import _grpo, _params, _ppo
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from rlhf_fast.trainer import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, RunningMoments
 
 # ---------------------------------------------------------------- non-finite rewards
 
 
 def _poisoned(bad_value, bad_steps=(1,), rows=(0,)):
     """The rule reward with `bad_value` in `rows` on the steps in `bad_steps` (1-based)."""
-    from test_trainer import _rule_reward
-
     calls = [0]
 
     def fn(seqs, mask, P):
         calls[0] += 1
-        s = _rule_reward(seqs, mask, P).float().clone()
+        s = rule_reward(seqs, mask, P).float().clone()
         if calls[0] in bad_steps:
             s[list(rows)] = bad_value
         return s
@@ -41,7 +31,7 @@ def _poisoned(bad_value, bad_steps=(1,), rows=(0,)):
     return fn
 
 
-@pytest.mark.parametrize("make", [_ppo, _grpo], ids=["ppo", "grpo"])
+@pytest.mark.parametrize("make", [ppo_trainer, grpo_trainer], ids=["ppo", "grpo"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_reward_with_reward_norm_never_poisons_moments(make, bad):
     tr = make(steps=3, reward_norm=True)
@@ -55,31 +45,31 @@ def test_nonfinite_reward_with_reward_norm_never_poisons_moments(make, bad):
     assert all(math.isfinite(r["reward"]) for r in rows)
 
 
-@pytest.mark.parametrize("make", [_ppo, _grpo], ids=["ppo", "grpo"])
+@pytest.mark.parametrize("make", [ppo_trainer, grpo_trainer], ids=["ppo", "grpo"])
 def test_nan_reward_with_reward_clip_is_zero_weighted(make):
     tr = make(steps=1, reward_clip=0.5)
     tr.reward = _poisoned(float("nan"))
-    before = _params(tr.policy).clone()
+    before = flat_params(tr.policy).clone()
     row = tr.train()[0]
     assert row["nonfinite_rewards"] == 1 and row["skipped"] == 0
-    assert not torch.equal(before, _params(tr.policy))  # the other samples still trained
-    assert torch.isfinite(_params(tr.policy)).all()
+    assert not torch.equal(before, flat_params(tr.policy))  # the other samples still trained
+    assert torch.isfinite(flat_params(tr.policy)).all()
 
 
 def test_bad_sample_carries_no_gradient():
     """A NaN reward zero-weights its sample: the update equals one in which the
     sample's score was anything else."""
-    a, b = _ppo(steps=1, reward_norm=True), _ppo(steps=1, reward_norm=True)
+    a, b = ppo_trainer(steps=1, reward_norm=True), ppo_trainer(steps=1, reward_norm=True)
     a.reward = _poisoned(float("nan"))
     b.reward = _poisoned(123.0)
     a.train(), b.train()
-    pa, pb = _params(a.policy), _params(b.policy)
+    pa, pb = flat_params(a.policy), flat_params(b.policy)
     assert torch.isfinite(pa).all()
     assert not torch.equal(pa, pb)  # b's outlier counts, a's NaN does not
 
 
 def test_consecutive_skipped_steps_stop_the_run(tmp_path):
-    tr = _ppo(str(tmp_path), steps=20, checkpoint_every=1, max_skipped_steps=3)
+    tr = ppo_trainer(str(tmp_path), steps=20, checkpoint_every=1, max_skipped_steps=3)
     tr.reward = lambda s, m, p: torch.full((s.shape[0],), float("nan"))
     with pytest.raises(RuntimeError, match=r"3 consecutive steps .*non-finite rewards"):
         tr.train()
@@ -87,8 +77,6 @@ def test_consecutive_skipped_steps_stop_the_run(tmp_path):
 
 
 def test_consecutive_nonfinite_losses_stop_reward_model_training():
-    from test_trainer import rm_trainer
-
     tr = rm_trainer(steps=20, max_skipped_steps=2)
     with torch.no_grad():
         next(tr.model.parameters()).fill_(float("nan"))  # every loss NaN from here on
@@ -154,18 +142,18 @@ def test_yaml_scientific_notation_is_a_number(tmp_path):
 
 
 def test_cli_config_errors_name_the_field(tmp_path):
-    from rlhf_fast.trainer.run import run_from_yaml
+    from rlhf_fast.demo.train_source import train_from_yaml
 
     (tmp_path / "c.yaml").write_text("model: tiny-demo\nsteps: 1\ngamma: 2.0\n")
     with pytest.raises(ValueError, match="gamma"):
-        run_from_yaml("ppo", str(tmp_path / "c.yaml"))
+        train_from_yaml("ppo", str(tmp_path / "c.yaml"))
 
 
 # ---------------------------------------------------------------- checkpoints: checksum, truncation
 
 
 def test_corrupted_checkpoint_is_refused(tmp_path):
-    tr = _ppo(steps=1)
+    tr = ppo_trainer(steps=1)
     tr.train()
     path = str(tmp_path / "ck.pt")
     tr.save(path)
@@ -174,14 +162,14 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
     for i in range(mid, mid + 4096):  # 4 KB XOR'd in the middle: the issue's reproduction
         data[i] ^= 0x5A
     open(path, "wb").write(bytes(data))
-    fresh = _ppo(steps=1)
+    fresh = ppo_trainer(steps=1)
     with pytest.raises(RuntimeError, match=r"ck\.pt.*(checksum|unreadable)"):
         fresh.load(path)
 
 
 def test_bit_flip_in_a_tensor_names_it(tmp_path):
     """Silent damage to Adam's state (the file still unpickles): the per-tensor checksum says which tensor."""
-    tr = _ppo(steps=1)
+    tr = ppo_trainer(steps=1)
     tr.train()
     path = str(tmp_path / "ck.pt")
     tr.save(path)
@@ -189,13 +177,13 @@ def test_bit_flip_in_a_tensor_names_it(tmp_path):
     blob["opt"]["state"][0]["exp_avg_sq"].view(-1)[3] += 1e-3  # silent corruption of the payload
     torch.save(blob, path)
     with pytest.raises(RuntimeError, match=r"ck\.pt failed its checksum: opt\.state\.0\.exp_avg_sq") as e:
-        _ppo(steps=1).load(path)
+        ppo_trainer(steps=1).load(path)
     assert type(e.value).__name__ == "CheckpointError"
 
 
 @pytest.mark.parametrize("keep", [0, 100, 0.5])
 def test_truncated_checkpoint_is_refused(tmp_path, keep):
-    tr = _ppo(steps=1)
+    tr = ppo_trainer(steps=1)
     tr.train()
     path = str(tmp_path / "ck.pt")
     tr.save(path)
@@ -203,7 +191,7 @@ def test_truncated_checkpoint_is_refused(tmp_path, keep):
     n = int(len(data) * keep) if isinstance(keep, float) else keep
     open(path, "wb").write(data[:n])
     with pytest.raises(RuntimeError, match=r"ck\.pt is unreadable \(truncated") as e:
-        _ppo(steps=1).load(path)
+        ppo_trainer(steps=1).load(path)
     assert type(e.value).__name__ == "CheckpointError"
 
 

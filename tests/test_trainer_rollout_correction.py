@@ -4,42 +4,33 @@ the rollout/trainer mismatch metrics are always logged, and the
 import math
 
 import pytest
-import torch
+from _tiny_models import grpo_trainer, max_param_diff, one_thread, ppo_trainer, tiny_llama  # noqa: F401
 
 from rlhf_fast.trainer import GRPOConfig, PPOConfig
-from test_trainer import _grpo, _max_param_diff, _ppo, _tiny
 
 MISMATCH = ("rollout_corr/kl", "rollout_corr/k3_kl", "rollout_corr/chi2_token", "rollout_corr/chi2_seq",
             "rollout_corr/log_ppl_diff", "rollout_corr/ppl_ratio")  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.mark.parametrize("make", [_ppo, _grpo])
+@pytest.mark.parametrize("make", [ppo_trainer, grpo_trainer])
 def test_mismatch_metrics_logged_by_default(make):
     trainer = make()
     assert trainer.rollout_correction is None  # off by default
     exp = trainer.make_experience()
-    ro = exp["ro"]
+    ro = exp.rollout
     assert ro.logprobs is not None and ro.logprobs.shape == ro.response_mask.shape
-    m = exp["metrics"]
+    m = exp.metrics
     for k in MISMATCH:
         assert k in m and math.isfinite(m[k]), k
     # the same kernels sample and re-score, but the decode step (one token, KV cache) and the
     # trainer's full-sequence forward run different GEMM shapes: fp32 rounding, not a policy gap
-    gap = (exp["old_logprobs"] - ro.logprobs)[ro.response_mask].abs().max().item()
+    gap = (exp.old_logprobs - ro.logprobs)[ro.response_mask].abs().max().item()
     assert gap < 1e-4, gap
     assert abs(m["rollout_corr/kl"]) < 1e-5 and abs(m["rollout_corr/chi2_token"]) < 1e-4
     assert m["rollout_corr/ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("make", [_ppo, _grpo])
+@pytest.mark.parametrize("make", [ppo_trainer, grpo_trainer])
 def test_correction_applied_and_logged(make):
     trainer = make(rollout_correction={"rollout_is": "token", "rollout_is_threshold": 2.0,
                                        "rollout_rs": "token_k1", "rollout_rs_threshold": "0.5_2.0"})  # fmt: skip
@@ -54,13 +45,13 @@ def test_correction_applied_and_logged(make):
 def test_rejecting_every_token_stops_learning():
     """token_k1 keeps ratios in [1.5, 2] only: with a ~0 gap every token is rejected,
     so the loss and every gradient are 0 and the policy does not move."""
-    trainer = _grpo(rollout_correction={"rollout_rs": "token_k1", "rollout_rs_threshold": "1.5_2.0"}, weight_decay=0.0)
+    trainer = grpo_trainer(rollout_correction={"rollout_rs": "token_k1", "rollout_rs_threshold": "1.5_2.0"}, weight_decay=0.0)
     rows = trainer.train(1)
     assert rows[0]["rollout_corr/rollout_rs_masked_fraction"] == 1.0
-    assert _max_param_diff(trainer.policy, _tiny(0)) == 0.0
-    free = _grpo()
+    assert max_param_diff(trainer.policy, tiny_llama(0)) == 0.0
+    free = grpo_trainer()
     free.train(1)
-    assert _max_param_diff(free.policy, _tiny(0)) > 1e-4  # the same run without the correction learns
+    assert max_param_diff(free.policy, tiny_llama(0)) > 1e-4  # the same run without the correction learns
 
 
 def test_config_block_validated():

@@ -6,55 +6,14 @@ word-level HF tokenizer, a tiny Llama policy and a tiny
 LlamaForSequenceClassification reward model (reused by test_trl_inputs.py)."""
 import pytest
 import torch
+from _tiny_models import (  # noqa: F401 - one_thread: the autouse fixture
+    PROMPTS, hf_tokenizer, one_thread, run_torchrun, tiny_policy, tiny_reward_model,
+)  # fmt: skip
 
 from rlhf_fast.demo import world
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
-
-CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}<assistant> {% endif %}")  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def hf_tokenizer():
-    """A PreTrainedTokenizerFast over the demo's words (<pad> 0, <bos> 1, <eos> 2), with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    words = world.DETS + world.NOUNS + world.VERBS + world.ADJECTIVES + world.GLUE + ["<user>", "<assistant>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(world.SPECIALS + words)}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    t.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>",
-                                               pad_token="<pad>", unk_token="<unk>")  # fmt: skip
-    tok.chat_template = CHAT
-    return tok
-
-
-def tiny_policy(tok, seed=0):
-    return world.tiny_llama(len(tok), seed, hidden=32, layers=1)
-
-
-def tiny_reward_model(tok, seed=1):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, num_labels=1,
-                      pad_token_id=None)  # fmt: skip
-    return LlamaForSequenceClassification(cfg)
-
-
-PROMPTS = [f"{d} {n} was" for d in world.DETS for n in world.NOUNS[:4]]  # 12 prompts
 
 
 def prompt_dataset(conversational=False, source="datasets"):
@@ -278,10 +237,8 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
 def test_trl_style_script_under_torchrun_keeps_ranks_in_sync(tmp_path):
     import os
 
-    from test_trainer import _run_torchrun
-
     out = str(tmp_path / "r")
-    _run_torchrun(os.path.join(os.path.dirname(__file__), "_trl_worker.py"), out)
+    run_torchrun(os.path.join(os.path.dirname(__file__), "_trl_worker.py"), out)
     r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     assert r0["batch_size"] == 2 and r0["steps"] == r1["steps"] == 2  # 4 per rank x 2 ranks / 4 samples = 2 prompts
     for k, v in r0["state"].items():

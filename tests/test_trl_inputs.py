@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-
-from test_trl_compat import (  # noqa: F401 - _one_thread: the autouse fixture, one torch thread
-    PROMPTS, _one_thread, hf_tokenizer, tiny_policy, tiny_reward_model,
+from _tiny_models import (  # noqa: F401 - one_thread: the autouse fixture, one torch thread
+    PROMPTS, hf_tokenizer, one_thread, tiny_policy, tiny_reward_model,
 )  # fmt: skip
 
 transformers = pytest.importorskip("transformers")
@@ -110,12 +109,12 @@ def test_reward_head_exports_as_sequence_classification(tmp_path):
 def test_cli_train_writes_save_pretrained_folders_beside_model_pt(tmp_path, algo):
     import yaml
 
-    from rlhf_fast.trainer.run import run_from_yaml
+    from rlhf_fast.demo.train_source import train_from_yaml
 
     cfg = dict(steps=1, seed=0, progress=False, out_dir=str(tmp_path), batch_size=4)
     cfg.update(dict(max_new_tokens=4, minibatch_size=4, ppo_epochs=1) if algo == "ppo" else {})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    trainer = run_from_yaml(algo, str(tmp_path / "c.yaml"))
+    trainer = train_from_yaml(algo, str(tmp_path / "c.yaml"))
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     if algo == "rm":
         back = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "reward_model"))
@@ -134,7 +133,7 @@ def test_cli_train_writes_save_pretrained_folders_beside_model_pt(tmp_path, algo
 def test_cli_train_with_jsonl_prompts_text_reward_and_hf_reward_model(tmp_path, algo):
     import yaml
 
-    from rlhf_fast.trainer.run import run_from_yaml
+    from rlhf_fast.demo.train_source import train_from_yaml
 
     rows = [{"prompt": p, "noun": p.split()[1]} for p in PROMPTS]
     (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -153,13 +152,13 @@ def test_cli_train_with_jsonl_prompts_text_reward_and_hf_reward_model(tmp_path, 
                reward={"funcs": [f"{tmp_path}/my_rewards.py:names_the_noun", str(tmp_path / "rm")],
                        "weights": [1.0, 0.5]})  # fmt: skip
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    trainer = run_from_yaml(algo, str(tmp_path / "c.yaml"))
+    trainer = train_from_yaml(algo, str(tmp_path / "c.yaml"))
     lines = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
     assert len(lines) == 2 and all("rewards/names_the_noun/mean" in r and r["calls"] == 1.0 for r in lines)
     assert trainer.reward.weights.tolist() == [1.0, 0.5]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**cfg, "reward": f"{tmp_path}/my_rewards.py:nope"}))
     with pytest.raises(ValueError, match="my_rewards.py has no 'nope'"):
-        run_from_yaml(algo, str(tmp_path / "bad.yaml"))
+        train_from_yaml(algo, str(tmp_path / "bad.yaml"))
 
 
 def test_core_trainer_checks_its_reward_before_the_first_rollout():

@@ -21,6 +21,7 @@ from ..generation import generate
 from ..ops import logprobs_from_logits
 from ..trainer import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, ScalarHeadModel
 from ..trainer.common import MetricsLogger, make_optimizer
+from ..trainer.config import check_keys
 from . import world
 from .plot import line_chart
 
@@ -99,6 +100,7 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, thre
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
     sizes = dict(QUICK if quick else FULL)
+    check_keys(overrides, PPOConfig, extra=tuple(sizes))  # a misspelt override fails here, naming the close key
     ppo_overrides = {k: overrides.pop(k) for k in list(overrides) if k not in sizes}
     sizes.update(overrides)
     os.makedirs(out_dir, exist_ok=True)

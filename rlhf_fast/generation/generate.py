@@ -19,7 +19,7 @@ from ..ops._common import check_int
 from ..ops.sampling import draw_seeds, row_params, sample_with_seeds
 from .hf_args import check_sliding_window, warn_right_padding
 from .hf_args import resolve as resolve_hf_args
-from .static_cache import prefill_cache, static_cache_from_prefill
+from .static_cache import cache_kwarg, prefill_cache, static_cache_from_prefill
 
 OP = "rlhf_fast.generate"
 _GOLDEN = 0x9E3779B97F4A7C15  # Weyl step: decorrelates per-step seeds
@@ -61,15 +61,16 @@ class _DecodeStep:
     (mode="reduce-overhead": CUDA graphs; every input lives at a fixed address)."""
 
     def __init__(self, model, cache, attention_mask):
-        self.model, self.cache, self.mask = model, cache, attention_mask
+        self.model, self.mask = model, attention_mask
+        self.cache_kw = {cache_kwarg(model): cache}  # "cache" or "past_key_values": decided once
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(
             input_ids=tokens.unsqueeze(1),
             attention_mask=self.mask,
             position_ids=positions.unsqueeze(1),
-            past_key_values=self.cache,
             use_cache=True,
+            **self.cache_kw,
         )
         return out.logits[:, -1, :]
 
@@ -202,7 +203,7 @@ def generate(
     dyn = prefill_cache(model)
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-        past_key_values=dyn, use_cache=True, logits_to_keep=1,
+        use_cache=True, logits_to_keep=1, **{cache_kwarg(model): dyn},
     )  # fmt: skip
     logits = out.logits[:, -1, :].repeat_interleave(n, dim=0)
     cache = static_cache_from_prefill(model, dyn, n, P + R)

@@ -8,11 +8,48 @@ attention mask from a 2-D (rows, max_cache_len) padding mask. What it lacks
 is sharing: each prompt is prefilled once into a DynamicCache (B rows) and
 copied here n times (repeat_interleave), so a group of n samples costs one
 prefill (TRL measured ~1.5x from this).
+
+The cache goes to the model's forward under the name its transformers
+version reads: `cache` since transformers renamed it (5.24 warns that
+`past_key_values` is deprecated, removal announced for 5.40), and
+`past_key_values` before (5.17 has no `cache` argument). `cache_kwarg`
+decides once per model class, not per forward.
 """
 from __future__ import annotations
 
-import torch
+import functools
+import inspect
+
 from transformers.cache_utils import DynamicCache, StaticCache
+
+
+def cache_kwarg(model) -> str:
+    """The keyword under which `model`'s forward takes a KV cache: "cache" or
+    "past_key_values". Looks through PEFT and DDP wrappers (their forward
+    passes **kwargs on) to the Hugging Face model's own signature."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "module", model)
+        if inner is model:
+            break
+        model = inner
+    return _cache_kwarg_of(type(model))
+
+
+@functools.cache
+def _cache_kwarg_of(cls) -> str:
+    try:
+        params = inspect.signature(cls.forward).parameters  # follows the deprecation decorator's __wrapped__
+    except (TypeError, ValueError):  # a forward without a readable signature
+        params = {}
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    # **kwargs only (remote code, custom wrappers): the library's own spelling
+    from transformers.generation import utils
+
+    return utils.ALL_CACHE_NAMES[0]
 
 
 def prefill_cache(model) -> DynamicCache:

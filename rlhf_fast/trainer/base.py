@@ -1,7 +1,10 @@
 """The outer loop shared by the trainers: steps, logging, checkpoints.
 
 A subclass sets `self.stateful` (name -> object with state_dict) and
-`self.generators`, and implements `step() -> dict of metrics`."""
+`self.generators`, and implements `step() -> dict of metrics`.
+PPO / GRPO also set `self.updated` ((model, optimizer, scheduler) each) and
+implement `micro_step`; `update(experience)` runs the minibatch loop.
+The reward-model and DPO trainers step through `accumulate` + `optimizer_step`."""
 from __future__ import annotations
 
 import os
@@ -120,14 +123,46 @@ class Trainer:
                    "reward": float(finite.mean()) if finite.numel() else float("nan")}  # fmt: skip
         return ro, metrics, int(n_valid) > 0
 
-    def minibatch_epochs(self, n_rows: int, micro_step, optimizers) -> tuple[dict, list[float], int]:
+    def accumulate(self, pick: torch.Tensor, loss_fn) -> tuple[torch.Tensor, dict]:
+        """What the reward-model and DPO trainers share: the rows `pick` in
+        grad_accum micro-batches; loss_fn(idx) -> (loss, stats of 0-d tensors,
+        each a mean over idx's rows). Backward of loss / n_micro each; the
+        loss and the stats are summed on device (no host sync per
+        micro-batch). Returns (mean loss, stats as means over all rows), 0-d
+        tensors: the caller reads them once per step."""
+        micro = pick.chunk(min(self.config.grad_accum, pick.numel()))
+        total, sums = torch.zeros((), device=self.device), {}
+        for mi in micro:
+            loss, stats = loss_fn(mi)
+            (loss / len(micro)).backward()
+            total = total + loss.detach() / len(micro)
+            w = mi.numel() / pick.numel()  # row weights: chunks may differ in size by one
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * w
+        return total, sums
+
+    def optimizer_step(self, loss: torch.Tensor, stats: dict) -> dict:
+        """After accumulate: one guarded step of self.opt and self.sched, and
+        the step's metrics as floats, read from the device in one transfer."""
+        norm, skip = guarded_step([self.opt], [self.sched], self.config.max_grad_norm, loss)
+        values = torch.stack([loss.float(), *stats.values()]).tolist()
+        return {**dict(zip(["loss", *stats], values)), "grad_norm": norm, "skipped": int(skip),
+                "applied": int(not skip), "lr": self.sched.get_last_lr()[0]}  # fmt: skip
+
+    def micro_step(self, mb, scale: float) -> tuple[torch.Tensor, dict]:
+        """PPO / GRPO: the backward(s) of one micro-batch `mb` (an
+        Experience.minibatch), scaled by `scale`; returns (detached loss,
+        stats of 0-d tensors)."""
+        raise NotImplementedError
+
+    def minibatch_epochs(self, exp, optimizers) -> tuple[dict, list[float], int]:
         """What PPO and GRPO share: ppo_epochs x shuffled minibatches x
-        grad_accum micro-batches, one guarded optimizer step per minibatch.
-        micro_step(idx, scale) runs the backward(s) of one micro-batch, scaled
-        by `scale`, and returns (detached loss, stats of 0-d tensors). Stats are
-        summed as tensors, so a micro-batch costs no host sync; the only one is
-        guarded_step's norm. Returns (mean stats, grad norms, skipped steps)."""
+        grad_accum micro-batches of self.micro_step, one guarded optimizer step
+        per minibatch. Stats are summed as tensors, so a micro-batch costs no
+        host sync; the only one is guarded_step's norm. Returns (mean stats,
+        grad norms, skipped steps)."""
         c = self.config
+        n_rows = exp.rollout.sequences.shape[0]
         sums, norms, skipped = {}, [], 0
         for _ in range(c.ppo_epochs):
             perm = torch.randperm(n_rows, generator=self.cpu_gen).to(self.device)
@@ -135,7 +170,7 @@ class Trainer:
                 micro = mb.chunk(min(c.grad_accum, mb.numel()))
                 total = torch.zeros((), device=self.device)
                 for mi in micro:
-                    loss, stats = micro_step(mi, 1.0 / len(micro))
+                    loss, stats = self.micro_step(exp.minibatch(mi), 1.0 / len(micro))
                     total = total + loss / len(micro)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v.detach().double() / len(micro)
@@ -143,6 +178,29 @@ class Trainer:
                 norms.append(norm)
                 skipped += int(skip)
         return {k: float(v) / max(len(norms), 1) for k, v in sums.items()}, norms, skipped
+
+    def update(self, exp) -> dict:
+        """PPO / GRPO: minibatch_epochs over `exp` for every (model, optimizer,
+        scheduler) in self.updated, then one scheduler step each (also when
+        every reward was NaN/inf and there is nothing to learn from)."""
+        c = self.config
+        models, opts, scheds = zip(*self.updated)
+        if not exp.any_valid:
+            for sch in scheds:
+                sch.step()
+            return {"skipped": 1, "applied": 0, "lr": scheds[0].get_last_lr()[0]}
+        t0 = time.perf_counter()
+        for m in models:
+            m.train()
+        out, norms, skipped = self.minibatch_epochs(exp, list(opts))
+        for sch in scheds:
+            sch.step()
+        n_tok = int(exp.rollout.response_mask.sum())
+        dt = time.perf_counter() - t0
+        out.update({"grad_norm": sum(norms) / max(len(norms), 1), "skipped": skipped,
+                    "applied": len(norms) - skipped, "time/update": dt,
+                    "tokens_per_s/update": c.ppo_epochs * n_tok / max(dt, 1e-9), "lr": scheds[0].get_last_lr()[0]})  # fmt: skip
+        return out
 
     def autocast(self):
         """bf16 autocast on the trainer's device when config.autocast == "bf16"."""

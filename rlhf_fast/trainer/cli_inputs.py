@@ -17,7 +17,7 @@ import importlib
 import importlib.util
 import os
 
-from .data import load_prompt_rows, tokenize_prompts
+from .data import load_prompt_rows
 from .rewards import TextRewards
 
 OP = "train"
@@ -28,15 +28,6 @@ def prompt_rows(prompts_file) -> list[dict] | None:
     if prompts_file and str(prompts_file).endswith(".jsonl"):
         return load_prompt_rows(prompts_file)
     return None
-
-
-def encode_rows(rows: list[dict], tok) -> tuple:
-    """Left-padded (ids, mask) of the rows' prompts with the run's tokenizer (run._Tok)."""
-    if tok.world is not None:  # the demo's word tokenizer: plain text only
-        if not all(isinstance(r["prompt"], str) for r in rows):
-            raise ValueError(f"{OP}: model tiny-demo has no chat template; its prompts_file must hold text prompts")
-        return tok.batch([r["prompt"] for r in rows], pad_left=True)
-    return tokenize_prompts(rows, tok.tok)
 
 
 def is_text_reward(spec) -> bool:

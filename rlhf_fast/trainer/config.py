@@ -255,11 +255,13 @@ class ConfigError(ValueError):
     """A config the CLI reports as one line (unknown key, bad override)."""
 
 
-def check_keys(data: dict, cls, extra=()) -> None:
-    """Refuse keys that are neither `cls`'s fields nor `extra` (the YAML-only
-    keys such as model or reward), suggesting the closest accepted key and
-    listing every accepted one."""
-    accepted = sorted({f.name for f in dataclasses.fields(cls)} | set(extra))
+def check_keys(data: dict, cls, extra=(), name: str | None = None) -> None:
+    """Refuse keys that are neither `cls`'s fields (cls: a dataclass, or None)
+    nor `extra` (the YAML-only keys such as model or reward), suggesting the
+    closest accepted key and listing every accepted one. name: what the error
+    starts with (default: the class's name)."""
+    fields = {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
+    accepted = sorted(fields | set(extra))
     unknown = sorted(set(data) - set(accepted), key=str)
     if not unknown:
         return
@@ -267,7 +269,7 @@ def check_keys(data: dict, cls, extra=()) -> None:
     for key in unknown:
         close = difflib.get_close_matches(str(key), accepted, n=1, cutoff=0.6)
         parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise ConfigError(f"{cls.__name__}: unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(parts)}; "
+    raise ConfigError(f"{name or cls.__name__}: unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(parts)}; "
                       f"accepted keys: {', '.join(accepted)}")  # fmt: skip
 
 

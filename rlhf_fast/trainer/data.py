@@ -97,3 +97,12 @@ def tokenize_prompts(rows: list[dict], tokenizer, *, chat_template_kwargs: dict 
         ids[i, P - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
         mask[i, P - len(s) :] = 1
     return ids, mask
+
+
+def cat_right_padded(*tensors: torch.Tensor) -> torch.Tensor:
+    """(M_i, T_i) tensors -> (sum M_i, max T_i), each right-padded with 0
+    (the pad value of ids, attention masks and loss masks alike: masked out).
+    How the reward-model and DPO trainers put chosen and rejected rows into one
+    forward (half the launches)."""
+    T = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, T - t.shape[1])) for t in tensors])

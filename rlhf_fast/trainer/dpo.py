@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from .base import Trainer
-from .common import guarded_step, make_optimizer
+from .common import make_optimizer
 from .config import DPOConfig
-from .models import sequence_logprobs_linear
+from .data import cat_right_padded
+from .models import register_fused_logprobs, sequence_logprobs_linear
 
 
 class DPOTrainer(Trainer):
@@ -35,10 +36,10 @@ class DPOTrainer(Trainer):
         self.policy, self.ref = policy, ref_policy
         ref_policy.eval().requires_grad_(False)
         # DDP: not wrapped (the fused path bypasses forward; all_reduce_grads instead).
-        # FSDP2: sharded, the fused path registered as a forward method.
+        # FSDP2: sharded, then the fused path registered as a forward method.
         if self.parallel == "fsdp2":
-            self.wrap(policy)
-            self.wrap(ref_policy, trainable=False)
+            register_fused_logprobs(self.wrap(policy))
+            register_fused_logprobs(self.wrap(ref_policy, trainable=False))
         self.data = (chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids, rejected_mask, rejected_loss_mask)
         self.opt, self.sched = make_optimizer(policy.parameters(), config)
         self.stateful = {"policy": self.model_state(policy), "opt": self.optimizer_state(policy, self.opt),
@@ -46,10 +47,7 @@ class DPOTrainer(Trainer):
 
     def _logps(self, model, idx):
         cid, cm, cl, rid, rm, rl = (t[idx] for t in self.data)
-        T = max(cid.shape[1], rid.shape[1])
-        ids = torch.cat([F.pad(cid, (0, T - cid.shape[1])), F.pad(rid, (0, T - rid.shape[1]))])
-        mask = torch.cat([F.pad(cm, (0, T - cm.shape[1])), F.pad(rm, (0, T - rm.shape[1]))])
-        lmask = torch.cat([F.pad(cl, (0, T - cl.shape[1])), F.pad(rl, (0, T - rl.shape[1]))])
+        ids, mask, lmask = cat_right_padded(cid, rid), cat_right_padded(cm, rm), cat_right_padded(cl, rl)
         lp, n = sequence_logprobs_linear(model, ids, mask, lmask)
         k = idx.numel()
         return lp[:k], lp[k:], n[:k].clamp_min(1), n[k:].clamp_min(1)
@@ -67,24 +65,13 @@ class DPOTrainer(Trainer):
             eps = c.label_smoothing
             losses = -(1 - eps) * F.logsigmoid(c.beta * h) - eps * F.logsigmoid(-c.beta * h)
         reward_c, reward_r = c.beta * (pc - rc).detach(), c.beta * (pr - rr).detach()
-        return losses.mean(), {"reward_margin": float((reward_c - reward_r).mean()),
-                               "reward_accuracy": float((reward_c > reward_r).float().mean())}  # fmt: skip
+        return losses.mean(), {"reward_margin": (reward_c - reward_r).mean(),
+                               "reward_accuracy": (reward_c > reward_r).float().mean()}  # fmt: skip
 
     def step(self) -> dict:
-        c = self.config
         self.policy.train()
         M = self.data[0].shape[0]
-        pick = self.shard(torch.randperm(M, generator=self.cpu_gen)[: c.batch_size].to(self.data[0].device))
-        micro = pick.chunk(min(c.grad_accum, pick.numel()))
-        total, sums = 0.0, {}
-        for mi in micro:
-            loss, st = self.loss(mi)
-            (loss / len(micro)).backward()
-            total += loss.item() / len(micro)
-            for k, v in st.items():
-                sums[k] = sums.get(k, 0.0) + v / len(micro)
+        pick = self.shard(torch.randperm(M, generator=self.cpu_gen)[: self.config.batch_size].to(self.data[0].device))
+        loss, stats = self.accumulate(pick, self.loss)
         self.all_reduce_grads(self.policy.parameters())
-        norm, skip = guarded_step([self.opt], [self.sched], c.max_grad_norm,
-                                  torch.tensor(total))  # fmt: skip
-        return {"loss": total, **sums, "grad_norm": norm, "skipped": int(skip), "applied": int(not skip),
-                "lr": self.sched.get_last_lr()[0]}  # fmt: skip
+        return self.optimizer_step(loss, stats)

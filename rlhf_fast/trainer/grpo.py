@@ -17,7 +17,7 @@ from .base import Trainer
 from .common import process_scores
 from .config import GRPOConfig
 from .models import response_logprobs
-from .rollout import CORRECTION_STATS, correction_args, mismatch_metrics, rollout, sample_prompts, score
+from .rollout import CORRECTION_STATS, Experience, correction_args, mismatch_metrics, rollout, sample_prompts, score
 
 
 class GRPOTrainer(Trainer):
@@ -39,9 +39,10 @@ class GRPOTrainer(Trainer):
         self.rollout_correction = RolloutCorrection.from_dict(config.rollout_correction)  # None: off
         self.stateful = {"policy": self.model_state(policy), "opt": self.optimizer_state(policy, self.opt),
                          "sched": self.sched, "kl_ctl": self.kl_ctl, "moments": self.moments}  # fmt: skip
+        self.updated = [(policy, self.opt, self.sched)]
 
     @torch.no_grad()
-    def make_experience(self) -> dict:
+    def make_experience(self) -> Experience:
         c = self.config
         ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
         ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
@@ -68,18 +69,17 @@ class GRPOTrainer(Trainer):
         metrics.update(mismatch_metrics(old_lp, ro))  # always: the user sees the rollout/trainer gap
         if ref_lp is not None:
             metrics["kl"] = float((kl_penalty(old_lp, ref_lp, kind=c.kl_kind) * ro.response_mask).sum(-1).mean())
-        return {"ro": ro, "old_logprobs": old_lp, "ref_logprobs": ref_lp, "advantages": adv, "metrics": metrics,
-                "any_valid": any_valid}  # fmt: skip
+        return Experience(ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp)
 
-    def _micro_step(self, exp: dict, idx: torch.Tensor, scale: float):
+    def micro_step(self, mb: Experience, scale: float):
         c = self.config
-        ro = exp["ro"].index(idx)
+        ro = mb.rollout
         logp, ent = response_logprobs(self.policy_ddp, ro.sequences, ro.attention_mask, ro.response_mask,
                                       ro.prompt_length, temperature=c.temperature, return_entropy=True)  # fmt: skip
-        use_kl = exp["ref_logprobs"] is not None and self.kl_ctl.value > 0
+        use_kl = mb.ref_logprobs is not None and self.kl_ctl.value > 0
         loss, st = ppo_loss(
-            logp, exp["old_logprobs"][idx], exp["advantages"][idx], ro.response_mask, entropy=ent,
-            ref_logprobs=exp["ref_logprobs"][idx] if use_kl else None, entropy_coef=c.entropy_coef,
+            logp, mb.old_logprobs, mb.advantages, ro.response_mask, entropy=ent,
+            ref_logprobs=mb.ref_logprobs if use_kl else None, entropy_coef=c.entropy_coef,
             kl_coef=self.kl_ctl.value if use_kl else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
             clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
             **correction_args(self.rollout_correction, ro),
@@ -88,23 +88,9 @@ class GRPOTrainer(Trainer):
         return loss.detach(), {k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl") + CORRECTION_STATS
                                if k in st}  # fmt: skip
 
-    def update(self, exp: dict) -> dict:
-        if not exp["any_valid"]:  # every reward NaN/inf: nothing to learn from
-            self.sched.step()
-            return {"skipped": 1, "applied": 0, "lr": self.sched.get_last_lr()[0]}
-        N = exp["ro"].sequences.shape[0]
-        t0 = time.perf_counter()
-        self.policy.train()
-        out, norms, skipped = self.minibatch_epochs(N, lambda idx, scale: self._micro_step(exp, idx, scale),
-                                                    [self.opt])  # fmt: skip
-        self.sched.step()
-        out.update({"skipped": skipped, "applied": len(norms) - skipped, "time/update": time.perf_counter() - t0,
-                    "lr": self.sched.get_last_lr()[0]})  # fmt: skip
-        return out
-
     def step(self) -> dict:
         exp = self.make_experience()
-        metrics = exp["metrics"]
+        metrics = exp.metrics
         metrics.update(self.update(exp))
         if "kl" in metrics:
             self.kl_ctl.update(metrics["kl"], self.config.batch_size)

@@ -22,6 +22,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
         raise ImportError("LoRA needs the peft package: pip install peft") from exc
     if int(r) < 1:
         raise ValueError(f"apply_lora: r must be >= 1, got {r}")
+    _check_lora_keys(kwargs, LoraConfig)
     cfg = LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                      task_type="CAUSAL_LM", **kwargs)  # fmt: skip
     return get_peft_model(model, cfg)
@@ -32,3 +33,20 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     place), or the model itself."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+_SET_HERE = ("lora_alpha", "lora_dropout", "task_type")  # LoraConfig fields apply_lora fills from its own arguments
+
+
+def _check_lora_keys(kwargs: dict, lora_config_cls) -> None:
+    """A `lora:` key that is neither apply_lora's nor a LoraConfig field fails
+    by name, with the closest accepted one (config.check_keys)."""
+    import dataclasses
+
+    from .config import check_keys
+
+    given = sorted(set(kwargs) & set(_SET_HERE))
+    if given:
+        raise ValueError(f"lora: {', '.join(given)} is set from apply_lora's alpha / dropout (task_type: CAUSAL_LM)")
+    fields = {f.name for f in dataclasses.fields(lora_config_cls)} - set(_SET_HERE)
+    check_keys(kwargs, None, extra=sorted(fields | {"r", "alpha", "dropout", "target_modules"}), name="lora")

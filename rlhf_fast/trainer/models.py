@@ -15,7 +15,9 @@ from torch import nn
 
 from ..ops import linear_logprobs, logprobs_from_logits
 from .lora import unwrap_peft
-from .parallel import FUSED_SEQUENCE_LOGPROBS
+from .parallel import is_sharded
+
+FUSED_SEQUENCE_LOGPROBS = "rlhf_fast_sequence_logprobs"  # attribute name of the registered method
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -98,11 +100,29 @@ def sequence_logprobs_linear(lm, input_ids, attention_mask, loss_mask):
     states go straight into rlhf_fast.linear_logprobs with the lm_head weight,
     so the (B, T, V) logits are never materialised (DPO's memory peak).
     Returns (logp_sum (B,), n_tokens (B,)). Under FSDP2 this runs as the
-    model's registered forward method, so its weights are gathered around it."""
+    model's registered forward method (register_fused_logprobs), so its
+    weights are gathered around it."""
     fused = getattr(lm, FUSED_SEQUENCE_LOGPROBS, None)
     if fused is not None:
         return fused(input_ids, attention_mask, loss_mask)
     return _sequence_logprobs_linear(lm, input_ids, attention_mask, loss_mask)
+
+
+def register_fused_logprobs(lm) -> None:
+    """For an FSDP2-sharded causal LM: make sequence_logprobs_linear an FSDP
+    forward method of `lm`. It reads the trunk and the lm_head weight outside
+    `forward`, so without this the root's weights (embeddings, final norm,
+    lm_head) would not be all-gathered around it, nor its gradients
+    reduce-scattered. A no-op on an unsharded model."""
+    if not is_sharded(lm) or getattr(lm, FUSED_SEQUENCE_LOGPROBS, None) is not None:
+        return
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    def fused(input_ids, attention_mask, loss_mask):
+        return _sequence_logprobs_linear(lm, input_ids, attention_mask, loss_mask)
+
+    setattr(lm, FUSED_SEQUENCE_LOGPROBS, fused)
+    register_fsdp_forward_method(lm, FUSED_SEQUENCE_LOGPROBS)
 
 
 def _sequence_logprobs_linear(lm, input_ids, attention_mask, loss_mask):

@@ -13,9 +13,9 @@ Two modes, chosen by TrainConfig.parallel:
 What FSDP2 asks of the loop, and where it is handled:
 - every rank runs the same number of forwards (each one all-gathers):
   `generate(..., sync_group=...)` exits early only once every rank is done;
-- the fused DPO path reads the trunk and the lm_head weight outside `forward`:
-  it is registered as an FSDP forward method (`register_fsdp_forward_method`)
-  so the root's weights are gathered around it and its gradients reduce-scattered;
+- a method that reads the weights outside `forward` (DPO's fused log-probs,
+  models.register_fused_logprobs) is registered as an FSDP forward method by
+  its user, after sharding; this module knows no model code;
 - checkpoints hold full (unsharded) tensors gathered with
   torch.distributed.checkpoint.state_dict, so a checkpoint written by N ranks
   loads into 1 process or into M ranks alike.
@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 PARALLEL_MODES = ("ddp", "fsdp2")
-FUSED_SEQUENCE_LOGPROBS = "rlhf_fast_sequence_logprobs"  # attribute name of the registered method
 
 
 def check_mode(mode: str) -> str:
@@ -55,7 +54,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def fsdp2_shard(model: nn.Module, mesh=None) -> nn.Module:
     """fully_shard each decoder layer, then the root (which keeps the
     embeddings, final norm and heads). In place; returns the model."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
 
     if is_sharded(model):
         return model
@@ -68,14 +67,6 @@ def fsdp2_shard(model: nn.Module, mesh=None) -> nn.Module:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
-        from .models import _sequence_logprobs_linear
-
-        def fused(input_ids, attention_mask, loss_mask):
-            return _sequence_logprobs_linear(model, input_ids, attention_mask, loss_mask)
-
-        setattr(model, FUSED_SEQUENCE_LOGPROBS, fused)
-        register_fsdp_forward_method(model, FUSED_SEQUENCE_LOGPROBS)
     return model
 
 

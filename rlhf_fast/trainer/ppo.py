@@ -18,8 +18,8 @@ from .common import make_optimizer, process_scores
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values
 from .rollout import (
-    CORRECTION_STATS, advantages, correction_args, masked_mean, mismatch_metrics, rollout, sample_prompts, score,
-    shaped_rewards,
+    CORRECTION_STATS, Experience, advantages, correction_args, masked_mean, mismatch_metrics, rollout, sample_prompts,
+    score, shaped_rewards,
 )  # fmt: skip
 
 
@@ -48,10 +48,11 @@ class PPOTrainer(Trainer):
             "critic_opt": self.optimizer_state(critic, self.copt), "critic_sched": self.csched,
             "kl_ctl": self.kl_ctl, "moments": self.moments,
         }  # fmt: skip
+        self.updated = [(policy, self.opt, self.sched), (critic, self.copt, self.csched)]
 
     # ------------------------------------------------------------ experience
     @torch.no_grad()
-    def make_experience(self) -> dict:
+    def make_experience(self) -> Experience:
         c = self.config
         ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
         ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
@@ -80,26 +81,24 @@ class PPOTrainer(Trainer):
             "response_length": float(ro.lengths.float().mean()), "time/score": t1 - t0, "time/logprobs": t2 - t1,
             "tokens_per_s/logprobs": 3 * n_tok / max(t2 - t1, 1e-9), **ro.timings,
         }  # fmt: skip
-        return {"ro": ro, "old_logprobs": old_lp, "ref_logprobs": ref_lp, "values": values, "advantages": adv,
-                "returns": ret, "metrics": metrics, "any_valid": any_valid}  # fmt: skip
+        return Experience(ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp, values=values, returns=ret)
 
     # ------------------------------------------------------------ update
-    def _micro_step(self, exp: dict, idx: torch.Tensor, scale: float):
+    def micro_step(self, mb: Experience, scale: float):
         c = self.config
-        ro = exp["ro"].index(idx)
+        ro = mb.rollout
         m = ro.response_mask
         logp, ent = response_logprobs(self.policy_ddp, ro.sequences, ro.attention_mask, m, ro.prompt_length,
                                       temperature=c.temperature, return_entropy=True)  # fmt: skip
         kl_loss = not c.kl_in_reward and self.kl_ctl.value > 0
         ploss, pst = ppo_loss(
-            logp, exp["old_logprobs"][idx], exp["advantages"][idx], m, entropy=ent,
-            ref_logprobs=exp["ref_logprobs"][idx] if kl_loss else None, entropy_coef=c.entropy_coef,
-            kl_coef=self.kl_ctl.value if kl_loss else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
+            logp, mb.old_logprobs, mb.advantages, m, entropy=ent, ref_logprobs=mb.ref_logprobs if kl_loss else None,
+            entropy_coef=c.entropy_coef, kl_coef=self.kl_ctl.value if kl_loss else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
             clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
             **correction_args(self.rollout_correction, ro),
         )  # fmt: skip
         v = response_values(self.critic_ddp, ro.sequences, ro.attention_mask, ro.prompt_length)
-        vloss, vst = ppo_value_loss(v, exp["values"][idx], exp["returns"][idx], m, clip=c.value_clip, agg=c.loss_agg)
+        vloss, vst = ppo_value_loss(v, mb.values, mb.returns, m, clip=c.value_clip, agg=c.loss_agg)
         stats = {"pg_loss": pst["pg_loss"], "entropy": pst["entropy"], "clipfrac": pst["clipfrac"],
                  "approx_kl": pst["approx_kl"], "value_loss": vloss, "vf_clipfrac": vst["clipfrac"],
                  "explained_variance": vst["explained_variance"],
@@ -111,30 +110,9 @@ class PPOTrainer(Trainer):
         (vloss * scale).backward()
         return ploss.detach() + vloss.detach(), stats
 
-    def update(self, exp: dict) -> dict:
-        c = self.config
-        if not exp["any_valid"]:  # every reward NaN/inf: nothing to learn from
-            self.sched.step()
-            self.csched.step()
-            return {"skipped": 1, "applied": 0, "lr": self.sched.get_last_lr()[0]}
-        N = exp["ro"].sequences.shape[0]
-        t0 = time.perf_counter()
-        self.policy.train()
-        self.critic.train()
-        out, norms, skipped = self.minibatch_epochs(N, lambda idx, scale: self._micro_step(exp, idx, scale),
-                                                    [self.opt, self.copt])  # fmt: skip
-        self.sched.step()
-        self.csched.step()
-        n_tok = int(exp["ro"].response_mask.sum())
-        dt = time.perf_counter() - t0
-        out.update({"grad_norm": sum(norms) / max(len(norms), 1), "skipped": skipped,
-                    "applied": len(norms) - skipped, "time/update": dt,
-                    "tokens_per_s/update": c.ppo_epochs * n_tok / max(dt, 1e-9), "lr": self.sched.get_last_lr()[0]})
-        return out
-
     def step(self) -> dict:
         exp = self.make_experience()
-        metrics = exp["metrics"]
+        metrics = exp.metrics
         metrics.update(self.update(exp))
         self.kl_ctl.update(metrics["kl"], self.config.batch_size)
         return metrics

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from .base import Trainer
-from .common import guarded_step, make_optimizer
+from .common import make_optimizer
 from .config import RewardConfig
+from .data import cat_right_padded
 from .models import ScalarHeadModel
 
 
@@ -45,37 +46,25 @@ class RewardTrainer(Trainer):
     def _rewards(self, idx, model=None):
         cid, cm, rid, rm, margin = (t[idx] for t in self.data)
         # one forward over chosen and rejected together: half the launches
-        T = max(cid.shape[1], rid.shape[1])
-        ids = torch.cat([F.pad(cid, (0, T - cid.shape[1])), F.pad(rid, (0, T - rid.shape[1]))])
-        mask = torch.cat([F.pad(cm, (0, T - cm.shape[1])), F.pad(rm, (0, T - rm.shape[1]))])
-        r = (model or self.model)(ids, mask, last_only=True)
+        r = (model or self.model)(cat_right_padded(cid, rid), cat_right_padded(cm, rm), last_only=True)
         return r[: idx.numel()], r[idx.numel() :], margin
 
     def loss(self, idx):
+        """(loss, stats): the Bradley-Terry loss of pairs idx and the share of
+        them ranked right (0-d tensors)."""
         rc, rr, margin = self._rewards(idx, self.model_ddp)
         diff = rc - rr - (margin if self.config.margin else 0.0)
         loss = -F.logsigmoid(diff).mean()
         if self.config.center_rewards_coef:
             loss = loss + self.config.center_rewards_coef * ((rc + rr) ** 2).mean()
-        return loss, rc, rr
+        return loss, {"accuracy": (rc > rr).float().mean()}
 
     def step(self) -> dict:
         c = self.config
         self.model.train()
         n = self.train_idx.numel()
         pick = self.train_idx[torch.randperm(n, generator=self.cpu_gen)[: c.batch_size].to(self.train_idx.device)]
-        pick = self.shard(pick)
-        total, accs = 0.0, []
-        micro = pick.chunk(min(c.grad_accum, pick.numel()))
-        for mi in micro:
-            loss, rc, rr = self.loss(mi)
-            (loss / len(micro)).backward()
-            total += loss.item() / len(micro)
-            accs.append((rc > rr).float())
-        norm, skip = guarded_step([self.opt], [self.sched], c.max_grad_norm,
-                                  torch.tensor(total))  # fmt: skip
-        return {"loss": total, "accuracy": float(torch.cat(accs).mean()), "grad_norm": norm, "skipped": int(skip),
-                "applied": int(not skip), "lr": self.sched.get_last_lr()[0]}  # fmt: skip
+        return self.optimizer_step(*self.accumulate(self.shard(pick), self.loss))
 
     @torch.no_grad()
     def evaluate(self, idx=None, batch_size: int = 256) -> dict:

@@ -288,7 +288,7 @@ class PromptRowsMixin:
     its CPU generator; TextRewards checks the drawn prompts' tokens against it,
     so a change in how trainers draw fails loudly instead of mis-scoring."""
 
-    def make_experience(self) -> dict:
+    def make_experience(self):  # -> rollout.Experience
         from .rollout import sample_prompts
 
         if isinstance(self.reward, TextRewards):

@@ -36,10 +36,35 @@ class Rollout:
         resp = self.sequences[:, self.prompt_length :]
         return ~(torch.isin(resp, eos) & self.response_mask).any(-1)
 
-    def index(self, idx: torch.Tensor) -> "Rollout":
+    def index(self, idx: torch.Tensor) -> Rollout:
         lp = self.logprobs[idx] if self.logprobs is not None else None
         return Rollout(self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_length, {},
                        lp)  # fmt: skip
+
+
+@dataclasses.dataclass
+class Experience:
+    """One rollout batch with everything the update reads, (N, R) per token.
+    ref_logprobs is None without a reference (GRPO with kl_coef 0); values and
+    returns are PPO's (the critic's), None in GRPO."""
+
+    rollout: Rollout
+    old_logprobs: torch.Tensor  # fp32: the policy's log-probs before the update
+    advantages: torch.Tensor  # fp32, 0 where masked
+    metrics: dict  # floats, logged with the step
+    any_valid: bool  # False when every reward was NaN/inf: the update is skipped
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def minibatch(self, idx: torch.Tensor) -> Experience:
+        """The rows `idx` of every tensor (metrics are not copied)."""
+
+        def pick(t):
+            return None if t is None else t[idx]
+
+        return Experience(self.rollout.index(idx), self.old_logprobs[idx], self.advantages[idx], {}, self.any_valid,
+                          pick(self.ref_logprobs), pick(self.values), pick(self.returns))  # fmt: skip
 
 
 def rollout(policy, prompt_ids, prompt_mask, config, generator, *, num_samples=1, eos_token_id=None, pad_token_id=None,
