@@ -51,7 +51,7 @@ TOL: dict[tuple[torch.dtype, str], tuple[float, float]] = {
     (torch.float32, "loss"): (1e-5, 0.0),
     (torch.float32, "stat"): (1e-5, 1e-6),
     (torch.float32, "value"): (1e-5, 0.0),
-    (torch.float32, "agree"): (1e-6, 1e-6),
+    (torch.float32, "agree"): (1e-5, 1e-6),
     (torch.float32, "peer"): (1e-5, 1e-5),
     (torch.float32, "model"): (1e-5, 1e-4),
     # bf16 data, bf16 output against eager bf16 (the adapters' peers): one
@@ -87,7 +87,8 @@ def tol(dtype: torch.dtype, quantity: str) -> tuple[float, float]:
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.detach().double(), ref.detach().double()
     finite = torch.isfinite(ref)
-    if not torch.equal(torch.isfinite(out), finite) or not torch.equal(out[~finite], ref[~finite]):
+    o, r = out[~finite], ref[~finite]
+    if not torch.equal(torch.isfinite(out), finite) or not bool(((o == r) | (o.isnan() & r.isnan())).all()):
         return float("inf")  # NaN / inf in different places is always a failure
     num = torch.linalg.vector_norm(out[finite] - ref[finite])
     den = torch.linalg.vector_norm(ref[finite])

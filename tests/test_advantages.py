@@ -210,7 +210,7 @@ def test_gae_right_padded_equals_torchrl(cpp):
     want, _ = vec_generalized_advantage_estimate(gamma, lam, v.unsqueeze(-1), next_v, r.unsqueeze(-1), done, done,
                                                  time_dim=-2)  # fmt: skip
     got, _ = rlhf_fast.gae(r, v, m, gamma=gamma, lam=lam)
-    assert_close(got[m], want.squeeze(-1)[m].to(got.dtype), "peer", "advantages vs torchrl")  # torchrl works in fp32
+    assert_close(got[m], want.squeeze(-1)[m].to(got.dtype), "peer", "advantages vs torchrl", dtype=torch.float32)  # torchrl works in fp32
 
 
 def test_gae_ignores_masked_garbage(cpp):

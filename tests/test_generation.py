@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from _compare import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import rlhf_fast
@@ -87,7 +88,7 @@ def test_sampled_logprobs_equal_teacher_forced(kind, cfg):
     out = rlhf_fast.generate(model, ids, mask, max_new_tokens=12, num_samples=3, eos_token_id=2, **cfg)
     assert out.sequences.shape[0] == 12 and out.logprobs.dtype == torch.float32
     want = _teacher_forced_logprobs(model, out, mask, cfg["temperature"])
-    torch.testing.assert_close(out.logprobs, want, rtol=0, atol=1e-4)
+    assert_close(out.logprobs, want, "model", "sampled vs teacher-forced")
     assert bool((out.logprobs[out.response_mask] < 0).all())
 
 
@@ -96,7 +97,7 @@ def test_triton_backend_sampled_logprobs():
     ids, mask = _prompts("left", B=2, P=5)
     with rlhf_fast.use_backend("triton"):
         out = rlhf_fast.generate(model, ids, mask, max_new_tokens=5, num_samples=2, temperature=0.9)
-    torch.testing.assert_close(out.logprobs, _teacher_forced_logprobs(model, out, mask, 0.9), rtol=0, atol=1e-4)
+    assert_close(out.logprobs, _teacher_forced_logprobs(model, out, mask, 0.9), "model", "triton sampled")
 
 
 def test_num_samples_differ_and_generator_reproducible():

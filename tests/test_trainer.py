@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _compare import assert_close
 from _tiny_models import (  # noqa: F401 - one_thread: the autouse fixture
     TOK, dpo_trainer, flat_params, grpo_trainer, max_param_diff, one_thread, ppo_trainer, prompt_batch, rm_trainer,
     rule_reward, run_torchrun, separable_pairs, tiny_llama,
@@ -124,7 +125,7 @@ def test_dpo_logps_match_materialised_logits():
     lp, n = sequence_logprobs_linear(lm, ci, cm, cm)
     logits = lm(input_ids=ci, attention_mask=cm).logits[:, :-1].double()
     want = (logits.log_softmax(-1).gather(-1, ci[:, 1:, None]).squeeze(-1) * cm[:, 1:]).sum(-1)
-    torch.testing.assert_close(lp.double(), want, rtol=1e-5, atol=1e-4)
+    assert_close(lp, want, "model", "sequence log-probs")
     assert torch.equal(n, cm[:, 1:].sum(-1))
 
 
@@ -364,7 +365,7 @@ def test_lora_dpo_fused_logps_match_peft_forward_and_loss_falls():
     lp, _ = sequence_logprobs_linear(tr.policy, ci, cm, cm)
     logits = tr.policy(input_ids=ci, attention_mask=cm).logits[:, :-1].double()
     want = (logits.log_softmax(-1).gather(-1, ci[:, 1:, None]).squeeze(-1) * cm[:, 1:]).sum(-1)
-    torch.testing.assert_close(lp.double(), want, rtol=1e-5, atol=1e-4)
+    assert_close(lp, want, "model", "sequence log-probs")
     all_idx = torch.arange(tr.data[0].shape[0])
     first = float(tr.loss(all_idx)[0])
     tr.train()

@@ -6,6 +6,7 @@ word-level HF tokenizer, a tiny Llama policy and a tiny
 LlamaForSequenceClassification reward model (reused by test_trl_inputs.py)."""
 import pytest
 import torch
+from _compare import assert_close
 from _tiny_models import (  # noqa: F401 - one_thread: the autouse fixture
     PROMPTS, hf_tokenizer, one_thread, run_torchrun, tiny_policy, tiny_reward_model,
 )  # fmt: skip
@@ -127,7 +128,7 @@ def test_same_script_runs_under_trl_and_rewards_agree(tmp_path):
         for i, x in enumerate(ids):
             seqs[i, P : P + len(x)] = torch.tensor(x)
             mask[i, : len(x)] = True
-        torch.testing.assert_close(ours(seqs, mask, P), want.float().cpu(), rtol=1e-5, atol=1e-6)
+        assert_close(ours(seqs, mask, P), want.float().cpu(), "peer", "rewards")
 
 
 # ---- errors before the first rollout, naming what was expected

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from _compare import assert_close, assert_equal
 from _tiny_models import (  # noqa: F401 - one_thread: the autouse fixture, one torch thread
     PROMPTS, hf_tokenizer, one_thread, tiny_policy, tiny_reward_model,
 )  # fmt: skip
@@ -39,7 +40,7 @@ def test_text_rewards_weighting_none_and_model_scores_match_hf():
     full = [f"{['my movie was', 'the trip is'][i // 2]}{t}" for i, t in enumerate(decoded)]
     want_rm = torch.stack([rm(**tok(f, add_special_tokens=False, return_tensors="pt")).logits[0, 0] for f in full])
     w = torch.tensor([[2.0 * 1.0, 0.0], [0.0, 0.0], [2.0 * 3.0, 2.0], [0.0, 4.0]]).sum(-1)  # nansum over functions
-    torch.testing.assert_close(out, w + 0.5 * want_rm, rtol=1e-5, atol=1e-5)
+    assert_close(out, w + 0.5 * want_rm, "model", "weighted rewards")
     assert rm.config.pad_token_id is None  # set for the call only
     r2 = TextRewards([f1], tok, rows, num_samples=2)
     r2.set_batch([0, 1])
@@ -99,9 +100,9 @@ def test_reward_head_exports_as_sequence_classification(tmp_path):
     enc = tok(["my movie was great .", "the trip is"], return_tensors="pt", padding=True, padding_side="right")
     want = rm.score(enc["input_ids"], enc["attention_mask"])
     got = hf(**enc).logits[:, 0] + hf.config.rlhf_fast_score_bias  # HF finds the last token by the pad id
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_close(got, want, "model", "exported head")
     back = load_scalar_head(str(tmp_path))
-    torch.testing.assert_close(back.score(enc["input_ids"], enc["attention_mask"]), want, rtol=0, atol=0)
+    assert_equal(back.score(enc["input_ids"], enc["attention_mask"]), want, "reloaded head")
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path)).pad_token_id == tok.pad_token_id
 
 
@@ -120,13 +121,13 @@ def test_cli_train_writes_save_pretrained_folders_beside_model_pt(tmp_path, algo
         back = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "reward_model"))
         ids = torch.tensor([[1, 5, 9, 12, 2]])
         want = trainer.model.score(ids, torch.ones_like(ids))
-        torch.testing.assert_close(back(input_ids=ids).logits[:, 0] + back.config.rlhf_fast_score_bias, want)
+        assert_close(back(input_ids=ids).logits[:, 0] + back.config.rlhf_fast_score_bias, want, "model", "exported reward model")
         return
     policy = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))
     for k, v in policy.state_dict().items():
         assert torch.equal(v, state[k]), k
     value = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "value_model"))
-    torch.testing.assert_close(value.score.weight, trainer.critic.head.weight)
+    assert_equal(value.score.weight.detach(), trainer.critic.head.weight.detach(), "exported value head")
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
