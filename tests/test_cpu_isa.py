@@ -43,7 +43,7 @@ def _grad_of(fn, *inputs):
     outs = fn(*xs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     g = torch.Generator().manual_seed(7)
-    total = sum((o * torch.rand(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    total = sum((o * torch.rand(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum() for o in outs)
     total.backward()
     return [o.detach() for o in outs] + [x.grad for x in xs]
 
@@ -96,18 +96,18 @@ def fam_sample():
 def _policy(kl_kind, rc):
     lp, old, adv, ent, ref, roll, mask = _tokens()
 
-    def f(impl, old_t, adv_t, roll_t):
-        def call(a, e, r):
+    def f(impl, old_t, adv_t, ref_t, roll_t):
+        def call(a, e):
             extra = {} if rc is None else {"rollout_logprobs": roll_t, "rollout_correction": rc}
-            loss, stats = impl(a, old_t, adv_t, mask, entropy=e, ref_logprobs=r, entropy_coef=0.01, kl_coef=0.1,
+            loss, stats = impl(a, old_t, adv_t, mask, entropy=e, ref_logprobs=ref_t, entropy_coef=0.01, kl_coef=0.1,
                                kl_kind=kl_kind, dual_clip=3.0, agg="seq-mean-token-mean", **extra)
             return loss, torch.stack([stats[k] for k in sorted(stats)])
 
         return call
 
-    got = _grad_of(f(rlhf_fast.ppo_loss, old, adv, roll), lp, ent, ref)
-    want = _grad_of(f(R.ppo_loss, old.double(), adv.double(), roll.double()), lp.double(), ent.double(), ref.double())
-    names = ("loss", "stats", "d_logprobs", "d_entropy", "d_ref")
+    got = _grad_of(f(rlhf_fast.ppo_loss, old, adv, ref, roll), lp, ent)
+    want = _grad_of(f(R.ppo_loss, old.double(), adv.double(), ref.double(), roll.double()), lp.double(), ent.double())
+    names = ("loss", "stats", "d_logprobs", "d_entropy")
     return dict(zip(names, got)), dict(zip(names, want)), names
 
 
@@ -121,7 +121,7 @@ def fam_policy_abs():
 
 def fam_policy_token_is():
     got, want, _ = _policy("k1", RolloutCorrection("token", 1.1))
-    return got, want, ("loss", "d_logprobs", "d_entropy", "d_ref")  # the metrics are omp simd sums
+    return got, want, ("loss", "d_logprobs", "d_entropy")  # the metrics are omp simd sums
 
 
 def fam_policy_seq_is():
@@ -150,9 +150,9 @@ def fam_kl_penalty():
     lp, _, _, _, ref, _, _ = _tokens()
     got, want = {}, {}
     for kind in ("k1", "k2", "k3", "abs"):
-        g = _grad_of(lambda a, r, k=kind: rlhf_fast.kl_penalty(a, r, kind=k), lp, ref)
-        w = _grad_of(lambda a, r, k=kind: R.kl_penalty(a, r, kind=k), lp.double(), ref.double())
-        for name, x, y in zip(("kl", "d_logprobs", "d_ref"), g, w):
+        g = _grad_of(lambda a, k=kind: rlhf_fast.kl_penalty(a, ref, kind=k), lp)
+        w = _grad_of(lambda a, k=kind: R.kl_penalty(a, ref.double(), kind=k), lp.double())
+        for name, x, y in zip(("kl", "d_logprobs"), g, w):
             got[f"{kind} {name}"], want[f"{kind} {name}"] = x, y
     return got, want, "all"
 

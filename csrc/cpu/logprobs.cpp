@@ -165,9 +165,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels,
               ignore_index, ")");
 }
 
-
-
-template <typename acc_t, typename F>
+template <typename F>
 void dispatch_logits(at::ScalarType dt, F&& f) {
   switch (dt) {
     case at::kFloat: return f(static_cast<float*>(nullptr));
@@ -242,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
                              lse.data_ptr<double>());
   } else {
     const float inv_t = static_cast<float>(1.0 / temperature);
-    dispatch_logits<float>(logits.scalar_type(), [&](auto* tag) {
+    dispatch_logits(logits.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       fwd_rows<T, float>(logits, yp, inv_t, ignore_index, lp.data_ptr<float>(),
                          ent.data_ptr<float>(), lse.data_ptr<float>());
@@ -274,7 +272,7 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logprobs,
         dx.data_ptr<double>());
   } else {
     const float inv_t = static_cast<float>(1.0 / temperature);
-    dispatch_logits<float>(logits.scalar_type(), [&](auto* tag) {
+    dispatch_logits(logits.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       bwd_rows<T, float>(logits, yp, inv_t, ignore_index,
                          glp.const_data_ptr<float>(),
