@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "acc_dtype.h"
+
 #include <cmath>
 #include <optional>
 
@@ -30,9 +32,7 @@ inline void check_logprobs_inputs(const at::Tensor& logits, const at::Tensor& la
 }
 
 // fp32 results for fp32 / bf16 / fp16 logits, fp64 for fp64.
-inline at::ScalarType logprobs_acc_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType logprobs_acc_dtype(const at::Tensor& logits) { return acc_dtype(logits.scalar_type()); }
 
 // The backward's (A, B) per-row inputs as contiguous acc_t tensors (an
 // expanded grad from .sum(), stride 0, becomes a real copy of A*B values).

@@ -101,6 +101,38 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}; choose one of {BACKENDS}"
 
 
+CPU_ISAS = ("baseline", "avx2", "avx512")  # narrowest first
+
+
+def cpu_isas() -> tuple[str, ...]:
+    """The vector ISAs whose copy of the C++ CPU kernels can run here,
+    narrowest first (() without the extension)."""
+    if _C is None:
+        return ()
+    return CPU_ISAS[: CPU_ISAS.index(_C.build_info()["cpu_isa_best"]) + 1]
+
+
+def set_cpu_isa(name: str) -> str:
+    """Run the C++ CPU kernels' `name` copy (baseline | avx2 | avx512) from now
+    on, process-wide (RLHF_FAST_CPU_ISA sets the start value); returns the
+    previous one. Every vectorised CPU kernel follows it."""
+    if _C is None:
+        raise BackendUnavailable(f"no C++ CPU kernels to switch: the compiled extension did not load ({_C_ERROR})")
+    if name not in cpu_isas():
+        raise ValueError(f"CPU ISA {name!r} is not available here; choose one of {cpu_isas()}")
+    return _C.set_cpu_isa(name)
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str):
+    """`set_cpu_isa(name)` inside a `with` block, restored after it."""
+    prev = set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa(prev)
+
+
 _local = threading.local()
 
 

@@ -4,7 +4,7 @@
 // so DRAM sees the logits once, and no (N, V) intermediate exists.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "../logprobs_checks.h"
+#include "parallel.h"
 #include "rlhf_fast/cpu_isa.h"
 #include "rlhf_fast/cpu_math.h"
 #include "rlhf_fast/logprobs_row.h"
@@ -88,56 +89,35 @@ RLHF_FAST_INLINE void bwd_row(const T* x, T* dx, int64_t V, int64_t label,
   scalar(label, true);  // the label's term in full: bf16 rounds once
 }
 
-// Three copies per dtype (AVX-512 / AVX2+FMA / SSE2); cpu_isa.h picks one.
-#define RLHF_FAST_ROW_KERNELS(T)                                               \
-  RLHF_FAST_TARGET_AVX512 RowStats<float> fwd_row_##T##_avx512(                \
-      const T* x, int64_t V, float t) {                                        \
-    return fwd_row<16>(x, V, t);                                               \
-  }                                                                            \
-  RLHF_FAST_TARGET_AVX2 RowStats<float> fwd_row_##T##_avx2(const T* x,         \
-                                                            int64_t V, float t) { \
-    return fwd_row<8>(x, V, t);                                                \
-  }                                                                            \
-  RowStats<float> fwd_row_##T##_baseline(const T* x, int64_t V, float t) {     \
-    return fwd_row<4>(x, V, t);                                                \
-  }                                                                            \
-  RLHF_FAST_TARGET_AVX512 void bwd_row_##T##_avx512(                           \
-      const T* x, T* dx, int64_t V, int64_t y, float it, float lse, float h,   \
-      float gl, float gh) {                                                    \
-    bwd_row<16>(x, dx, V, y, it, lse, h, gl, gh);                              \
-  }                                                                            \
-  RLHF_FAST_TARGET_AVX2 void bwd_row_##T##_avx2(                               \
-      const T* x, T* dx, int64_t V, int64_t y, float it, float lse, float h,   \
-      float gl, float gh) {                                                    \
-    bwd_row<8>(x, dx, V, y, it, lse, h, gl, gh);                               \
-  }                                                                            \
-  void bwd_row_##T##_baseline(const T* x, T* dx, int64_t V, int64_t y,         \
-                              float it, float lse, float h, float gl,          \
-                              float gh) {                                      \
-    bwd_row<4>(x, dx, V, y, it, lse, h, gl, gh);                               \
-  }                                                                            \
-  void bwd_row_k(const T* x, T* dx, int64_t V, int64_t y, float it, float lse, \
-                 float h, float gl, float gh) {                                \
-    RLHF_FAST_ISA_DISPATCH(bwd_row_##T, x, dx, V, y, it, lse, h, gl, gh);       \
+// The kernels for isa_call (cpu_isa.h): W = 16 / 8 / 4 floats per vector.
+// The 16 partial sums are the same in every copy, so all give the same bits.
+struct FwdRow {
+  template <int W, typename T>
+  static RLHF_FAST_INLINE RowStats<float> run(const T* x, int64_t V, float inv_t) {
+    return fwd_row<W>(x, V, inv_t);
   }
-RLHF_FAST_ROW_KERNELS(float)
-RLHF_FAST_ROW_KERNELS(bf16_bits)
-RLHF_FAST_ROW_KERNELS(fp16_bits)
-#undef RLHF_FAST_ROW_KERNELS
+};
+
+struct BwdRow {
+  template <int W, typename T>
+  static RLHF_FAST_INLINE void run(const T* x, T* dx, int64_t V, int64_t y, float it, float lse, float h,
+                                   float gl, float gh) {
+    bwd_row<W>(x, dx, V, y, it, lse, h, gl, gh);
+  }
+};
+
+template <typename T>
+void bwd_row_k(const T* x, T* dx, int64_t V, int64_t y, float it, float lse, float h, float gl, float gh) {
+  isa_call<BwdRow>(x, dx, V, y, it, lse, h, gl, gh);
+}
 
 }  // namespace
 
 // The row statistics, declared in logprobs_row.h and shared with the sampler
 // so that a sampled token's log-prob is bit-identical to logprobs_from_logits.
-RowStats<float> logprobs_row_stats(const float* x, int64_t V, float t) {
-  return RLHF_FAST_ISA_DISPATCH(fwd_row_float, x, V, t);
-}
-RowStats<float> logprobs_row_stats(const bf16_bits* x, int64_t V, float t) {
-  return RLHF_FAST_ISA_DISPATCH(fwd_row_bf16_bits, x, V, t);
-}
-RowStats<float> logprobs_row_stats(const fp16_bits* x, int64_t V, float t) {
-  return RLHF_FAST_ISA_DISPATCH(fwd_row_fp16_bits, x, V, t);
-}
+RowStats<float> logprobs_row_stats(const float* x, int64_t V, float t) { return isa_call<FwdRow>(x, V, t); }
+RowStats<float> logprobs_row_stats(const bf16_bits* x, int64_t V, float t) { return isa_call<FwdRow>(x, V, t); }
+RowStats<float> logprobs_row_stats(const fp16_bits* x, int64_t V, float t) { return isa_call<FwdRow>(x, V, t); }
 RowStats<double> logprobs_row_stats(const double* x, int64_t V, double inv_t) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < V; ++j) m = x[j] > m ? x[j] : m;
@@ -185,14 +165,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels,
               ignore_index, ")");
 }
 
-// Rows per task so that each task touches at least ~32k logits: below that
-// forking the OpenMP team costs more than it saves.
-int64_t row_grain(int64_t V) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
-}
-
-
-template <typename acc_t, typename F>
+template <typename F>
 void dispatch_logits(at::ScalarType dt, F&& f) {
   switch (dt) {
     case at::kFloat: return f(static_cast<float*>(nullptr));
@@ -209,7 +182,7 @@ void fwd_rows(const at::Tensor& logits, const int64_t* labels, acc_t inv_t,
   const int64_t N = logits.size(0) * B;
   const int64_t sA = logits.stride(0), sB = logits.stride(1);
   const T* base = reinterpret_cast<const T*>(logits.const_data_ptr());
-  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = labels[r];
       if (y == ignore_index) {  // padding: never read, 0 out
@@ -234,7 +207,7 @@ void bwd_rows(const at::Tensor& logits, const int64_t* labels, acc_t inv_t,
   const int64_t N = logits.size(0) * B;
   const int64_t sA = logits.stride(0), sB = logits.stride(1);
   const T* base = reinterpret_cast<const T*>(logits.const_data_ptr());
-  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* out = dx + r * V;
       const int64_t y = labels[r];
@@ -267,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
                              lse.data_ptr<double>());
   } else {
     const float inv_t = static_cast<float>(1.0 / temperature);
-    dispatch_logits<float>(logits.scalar_type(), [&](auto* tag) {
+    dispatch_logits(logits.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       fwd_rows<T, float>(logits, yp, inv_t, ignore_index, lp.data_ptr<float>(),
                          ent.data_ptr<float>(), lse.data_ptr<float>());
@@ -299,7 +272,7 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logprobs,
         dx.data_ptr<double>());
   } else {
     const float inv_t = static_cast<float>(1.0 / temperature);
-    dispatch_logits<float>(logits.scalar_type(), [&](auto* tag) {
+    dispatch_logits(logits.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       bwd_rows<T, float>(logits, yp, inv_t, ignore_index,
                          glp.const_data_ptr<float>(),

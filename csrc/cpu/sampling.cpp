@@ -7,7 +7,7 @@
 // Semantics and noise are those of rlhf_fast/reference/sampling.py.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <atomic>
@@ -17,6 +17,8 @@
 #include <tuple>
 #include <vector>
 
+#include "parallel.h"
+#include "rlhf_fast/cpu_isa.h"
 #include "rlhf_fast/cpu_math.h"
 #include "rlhf_fast/logprobs_row.h"
 #include "rlhf_fast/sampling.h"
@@ -27,16 +29,6 @@ namespace {
 
 using sampling::float_key;
 using sampling::key_float;
-
-// Without -fno-trapping-math GCC will not if-convert the selects in
-// exp_nonpos / log_pos, and the loops stay scalar ("control flow in loop"):
-// the noise sweep ran at ~75 ns per token. Enabled per function so that
-// lse_row keeps the log-prob kernel's exact loop (and its bit-identical sum).
-#if defined(__GNUC__) && !defined(__clang__)
-#define RLHF_FAST_VEC_SELECTS __attribute__((optimize("no-trapping-math")))
-#else
-#define RLHF_FAST_VEC_SELECTS
-#endif
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kChunk = 256;  // noise keys computed a chunk at a time
@@ -56,34 +48,56 @@ struct RowResult {
   bool nan;
 };
 
-// ---- sweeps over the fp32 row buffers z[0..V), e[0..V) ----
+// ---- sweeps over the fp32 row buffers z[0..V), e[0..V), for isa_call ----
+// Counts are exact in any order and the other sweeps are elementwise; the
+// mass is summed in kLanes = 16 fixed partial sums (as the log-prob kernel
+// does), so every ISA copy samples the same token with the same bits.
 
-RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES int64_t count_ge(const float* z, int64_t V, float thr) {
-  int64_t c = 0;
+struct CountGe {
+  template <int W>
+  static RLHF_FAST_INLINE int64_t run(const float* z, int64_t V, float thr) {
+    int64_t c = 0;
 #pragma omp simd reduction(+ : c)
-  for (int64_t j = 0; j < V; ++j) c += z[j] >= thr ? 1 : 0;
-  return c;
-}
+    for (int64_t j = 0; j < V; ++j) c += z[j] >= thr ? 1 : 0;
+    return c;
+  }
+};
 
-RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES float mass_ge(const float* z, const float* e, int64_t V,
-                                   float thr) {
-  float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < V; ++j) s += z[j] >= thr ? e[j] : 0.0f;
-  return s;
-}
+struct MassGe {
+  template <int W>
+  static RLHF_FAST_INLINE float run(const float* z, const float* e, int64_t V, float thr) {
+    using vf = typename Vec<W>::f;
+    constexpr int K = kLanes / W;
+    const int64_t Vb = V / kLanes * kLanes;
+    const vf th = splat<W>(thr);
+    vf vs[K] = {};
+    for (int64_t j = 0; j < Vb; j += kLanes)
+      for (int k = 0; k < K; ++k)
+        vs[k] += load<W>(z + j + k * W) >= th ? load<W>(e + j + k * W) : splat<W>(0.f);
+    for (int64_t j = Vb; j < V; ++j) {  // tail: lane j - Vb, as a full block would
+      const int l = static_cast<int>(j - Vb);
+      vs[l / W][l % W] += z[j] >= thr ? e[j] : 0.0f;
+    }
+    return sum_lanes<W>(vs);
+  }
+};
 
 // z and e = exp(z - mz) into the row buffers (only for rows that truncate).
 template <typename T>
-RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES void fill_row(const T* x, int64_t V, float inv_t, float mz,
-                                   float* z, float* e) {
+struct FillRow {
+  template <int W>
+  static RLHF_FAST_INLINE void run(const T* x, int64_t V, float inv_t, float mz, float* z, float* e) {
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) {
-    const float zj = to_acc(x[j]) * inv_t;
-    z[j] = zj;
-    e[j] = exp_nonpos(zj - mz);
+    for (int64_t j = 0; j < V; ++j) {
+      const float zj = to_acc(x[j]) * inv_t;
+      z[j] = zj;
+      e[j] = exp_nonpos(zj - mz);
+    }
   }
-}
+};
+
+int64_t count_ge(const float* z, int64_t V, float thr) { return isa_call<CountGe>(z, V, thr); }
+float mass_ge(const float* z, const float* e, int64_t V, float thr) { return isa_call<MassGe>(z, e, V, thr); }
 
 // The log-prob kernel's own row statistics (logprobs_row.h): the sampled
 // token's log-prob is then bit-identical to logprobs_from_logits'.
@@ -99,16 +113,18 @@ LseStats lse_row(const T* x, int64_t V, float inv_t) {
 
 // keys = kept ? z + gumbel : -inf for one chunk; vectorises (no libm calls).
 template <typename T>
-RLHF_FAST_VEC_SELECTS RLHF_FAST_CPU_CLONES void race_chunk(const T* x, int64_t j0, int64_t n,
-                                     float inv_t, float thr, uint32_t lo,
-                                     uint32_t hi, float* keys) {
+struct RaceChunk {
+  template <int W>
+  static RLHF_FAST_INLINE void run(const T* x, int64_t j0, int64_t n, float inv_t, float thr, uint32_t lo,
+                                   uint32_t hi, float* keys) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float zj = to_acc(x[j0 + i]) * inv_t;
-    const float g = sampling::gumbel(lo, hi, static_cast<uint32_t>(j0 + i));
-    keys[i] = zj >= thr ? zj + g : kNegInf;
+    for (int64_t i = 0; i < n; ++i) {
+      const float zj = to_acc(x[j0 + i]) * inv_t;
+      const float g = sampling::gumbel(lo, hi, static_cast<uint32_t>(j0 + i));
+      keys[i] = zj >= thr ? zj + g : kNegInf;
+    }
   }
-}
+};
 
 // Largest key t in [lo, hi] with pred(key_float(t)) true; pred(lo) is true
 // and pred is monotone (true then false), so 32 halvings at most.
@@ -152,7 +168,7 @@ RowResult sample_row(const T* x, int64_t V, const RowParams& p,
     ebuf.resize(V);
     float* z = zbuf.data();
     float* e = ebuf.data();
-    fill_row(x, V, inv_t, mz, z, e);
+    isa_call<FillRow<T>>(x, V, inv_t, mz, z, e);
     const int32_t top = float_key(mz);
     float tau_k = kNegInf, mass_k = mass_ge(z, e, V, kNegInf);
     if (p.top_k > 0 && p.top_k < V) {
@@ -177,7 +193,7 @@ RowResult sample_row(const T* x, int64_t V, const RowParams& p,
   int64_t best_j = -1;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int64_t n = std::min(kChunk, V - j0);
-    race_chunk(x, j0, n, inv_t, thr, p.seed_lo, p.seed_hi, keys);
+    isa_call<RaceChunk<T>>(x, j0, n, inv_t, thr, p.seed_lo, p.seed_hi, keys);
     for (int64_t i = 0; i < n; ++i) {
       if (keys[i] > best) { best = keys[i]; best_j = j0 + i; }
     }
@@ -265,8 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_fwd_cpu(
   auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* base = reinterpret_cast<const T*>(lg.const_data_ptr());
-    const int64_t grain = std::max<int64_t>(1, 32768 / V);
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B, rows_per_task(V), [&](int64_t begin, int64_t end) {
       std::vector<float> zbuf, ebuf;
       for (int64_t r = begin; r < end; ++r) {
         const double t = ttp[r];

@@ -9,6 +9,7 @@
 
 #include <tuple>
 
+#include "../acc_dtype.h"
 #include "rlhf_fast/advantages.cuh"
 
 namespace rlhf_fast {
@@ -82,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> scan_cuda(const char* op, const at::Tensor& r
       vt = (vt == at::kDouble || values_in->scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
   }
   const ValueType vtype = value_type(vt);
-  const at::ScalarType acc = vt == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_dtype(vt);
   const int64_t B = rewards_in.size(0), T = rewards_in.size(1);
   const at::Tensor g = per_row(gamma_rows, B, acc, rewards_in, op, "gamma");
   const at::Tensor l = values_in ? per_row(lam_rows, B, acc, rewards_in, op, "lam") : at::Tensor();

@@ -1,4 +1,4 @@
-// Rollout correction for one row of the fused PPO loss (csrc/cpu/ppo_loss.cpp):
+// Rollout correction for one row of the fused PPO loss (csrc/cpu/ppo_policy_loss.cpp):
 // importance weights between the old (trainer) policy and the rollout
 // (inference engine) policy, rejection of tokens / sequences, and the
 // mismatch sums behind verl's rollout_corr/* metrics. Torch-free.
@@ -49,12 +49,10 @@ struct Row {
   double n_high = 0, n_low = 0, n_rej = 0;
 };
 
-RLHF_FAST_INLINE float rc_exp(float x) { return cpu::exp_nonpos(x); }  // |x| <= 20 here
-RLHF_FAST_INLINE double rc_exp(double x) { return __builtin_exp(x); }
-
+// lr clamped to [-20, 20] before every exp, as the policy ratio is.
 template <typename acc_t>
 RLHF_FAST_INLINE acc_t clamp20(acc_t x) {
-  return x < acc_t(-20) ? acc_t(-20) : (x > acc_t(20) ? acc_t(20) : x);
+  return cpu::clampv(x, acc_t(-20), acc_t(20));
 }
 
 constexpr int64_t kRcBlock = 256;  // tokens per acc_t partial sum, then fp64
@@ -71,7 +69,7 @@ RLHF_FAST_INLINE RowStats row_stats(const acc_t* old, const acc_t* roll, const u
       const bool v = mk[t] != 0;
       const acc_t d = v ? old[t] - roll[t] : acc_t(0);
       const acc_t c = clamp20(d);
-      const acc_t q2 = acc_t(0.5) * c * c, q3 = rc_exp(c) - acc_t(1) - c;
+      const acc_t q2 = acc_t(0.5) * c * c, q3 = cpu::exp_pm20(c) - acc_t(1) - c;
       n += v ? acc_t(1) : acc_t(0);
       lr += d, k1 -= c, k2 += q2, k3 += q3;
       m2 = q2 > m2 ? q2 : m2;
@@ -94,8 +92,8 @@ inline bool row_passes(const Cfg& c, const RowStats& s) {
 
 // The row's raw importance weight at the sequence / geometric level.
 inline double row_raw_weight(const Cfg& c, const RowStats& s) {
-  if (c.is == kIsSeq) return __builtin_exp(clamp20(s.lr));
-  if (c.is == kIsGeo) return __builtin_exp(clamp20(s.n > 0 ? s.lr / s.n : 0.0));
+  if (c.is == kIsSeq) return cpu::exp_pm20(clamp20(s.lr));
+  if (c.is == kIsGeo) return cpu::exp_pm20(clamp20(s.n > 0 ? s.lr / s.n : 0.0));
   return 1.0;
 }
 
@@ -121,7 +119,7 @@ RLHF_FAST_INLINE void weights_row(const acc_t* old, const acc_t* roll, const uin
       const bool v = mk[t] != 0;
       const acc_t fv = v ? acc_t(1) : acc_t(0);
       const acc_t o = v ? old[t] : acc_t(0), r = v ? roll[t] : acc_t(0);
-      const acc_t d = o - r, cl = clamp20(d), e = rc_exp(cl);
+      const acc_t d = o - r, cl = clamp20(d), e = cpu::exp_pm20(cl);
       const acc_t k3 = e - acc_t(1) - cl;
       const acc_t st = rs_k == 1 ? -cl : (rs_k == 2 ? acc_t(0.5) * cl * cl : k3);
       const bool pass = tok_rs ? (st <= rs_hi) & ((rs_k != 1) | (st >= rs_lo)) : row_pass;

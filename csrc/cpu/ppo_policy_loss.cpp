@@ -1,0 +1,406 @@
+// CPU fused PPO policy loss (rlhf_fast::ppo_loss_fwd / _bwd): the clipped
+// policy loss + entropy bonus + KL loss, with the optional rollout
+// correction (rlhf_fast/rollout_correction.h, ppo_rollout_correction.cpp).
+//
+// Forward is one sweep over the (B, T) token tensors, rows in parallel. Each
+// row produces the per-token gradient d loss_tok / d logprobs (fp32, 0 where
+// masked) and fp64 row sums; a serial epilogue then folds the B rows in a
+// fixed order (no atomics: the same bits for any thread count) into the
+// loss, the stats and the per-row scale that aggregation applies.
+// Backward is grad_logprobs[b, t] = grad_loss * row_scale[b] * dtok[b, t]:
+// one read of 4 bytes and one write per token. Recomputing in backward
+// instead would re-read logprobs, old_logprobs, advantages, mask (and
+// ref_logprobs): 13-17 bytes per token, and repeat every exp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../acc_dtype.h"
+#include "parallel.h"
+#include "ppo_glue.h"
+#include "ppo_rollout_correction.h"
+#include "rlhf_fast/cpu_isa.h"
+#include "rlhf_fast/cpu_math.h"
+#include "rlhf_fast/kl_estimators.h"
+#include "rlhf_fast/rollout_correction.h"
+
+namespace rlhf_fast {
+namespace cpu {
+namespace {
+
+template <typename acc_t>
+struct PolicyCfg {
+  acc_t lo, hi, dual, kl_coef;
+};
+
+// Row sums, fp64: 4096 fp32 terms summed in fp64 lose nothing measurable.
+struct PolicyRow {
+  double pg = 0, kl = 0, ent = 0, n = 0, clip = 0, lower = 0, akl = 0, rsum = 0, rmax = 0;
+};
+
+// ---------------- the per-token math, once, for scalars and vectors ----------------
+// GCC would not vectorise the token loop on its own (the clip branches and
+// the exp sit under `valid ? ... : 0` selects; it stayed scalar at ~25-40 ns
+// per token), so the fp32 path runs on Vec<kPolicyLanes>: ternaries become
+// blends, and the same template body runs on plain scalars for the row tail
+// and the fp64 path. The lane count is part of the summation order, so it is
+// fixed at 8 for every ISA copy (on AVX-512 too): all copies agree bit for bit.
+constexpr int kPolicyLanes = 8;
+using PV = Vec<kPolicyLanes>;
+
+// Per-token terms of the fused policy loss for one lane group. Masked
+// tokens are zeroed on input and every output is multiplied by fv in {0,1}.
+template <typename V>
+struct PolicyTok {
+  V dtok, loss, kl, n, clip, low, akl, r;
+};
+
+// w_t: the rollout-correction weight (stop-gradient) of the clipped term;
+// it scales the token's policy loss and its gradient, not the KL term.
+template <typename V, int KL, bool DUAL, bool HAS_W, typename acc_t>
+RLHF_FAST_INLINE PolicyTok<V> policy_tok(mask_of<V> valid, V lp_t, V old_t, V adv_t, V ref_t, V w_t,
+                                         PolicyCfg<acc_t> c) {
+  const V zero = bcast<V>(0), one = bcast<V>(1), half = bcast<V>(0.5);
+  const V fv = sel<V>(valid, one, zero);
+  const V lpt = sel<V>(valid, lp_t, zero);
+  const V x = lpt - sel<V>(valid, old_t, zero);
+  const V lo20 = bcast<V>(-20), hi20 = bcast<V>(20);
+  const V xc = clampv(x, lo20, hi20);
+  const V r = exp_pm20(xc);
+  const V a = sel<V>(valid, adv_t, zero);
+  const V clo = bcast<V>(c.lo), chi = bcast<V>(c.hi);
+  const V l1 = -a * r;  // also d l1 / d x
+  const V l2 = -a * clampv(r, clo, chi);
+  const V g2 = sel<V>((r >= clo) & (r <= chi), l1, zero);  // d l2 / d x
+  const V c1 = sel<V>(l1 > l2, l1, l2);
+  // torch's gradient of max: all to the winner, half to each on a tie
+  V dl = sel<V>(l1 > l2, l1, sel<V>(l2 > l1, g2, half * (l1 + g2)));
+  V loss = c1, low = zero;
+  if constexpr (DUAL) {
+    const V l3 = -a * bcast<V>(c.dual);
+    const auto neg = a < zero;
+    const V d2 = sel<V>(c1 < l3, dl, sel<V>(c1 > l3, zero, half * dl));
+    loss = sel<V>(neg, sel<V>(c1 < l3, c1, l3), c1);
+    dl = sel<V>(neg, d2, dl);
+    low = sel<V>(neg & (c1 > l3), one, zero);
+  }
+  dl = sel<V>((x >= lo20) & (x <= hi20), dl, zero);
+  if constexpr (HAS_W) {
+    const V w = sel<V>(valid, w_t, zero);
+    dl = dl * w, loss = loss * w;
+  }
+  V kv = zero, dk = zero;
+  if constexpr (KL != kNone) kl_term<KL>(lpt, sel<V>(valid, ref_t, zero), kv, dk);
+  return {(dl + bcast<V>(c.kl_coef) * dk) * fv, loss * fv, kv * fv, fv,
+          sel<V>(l2 > l1, one, zero) * fv, low * fv, -xc * fv, r * fv};
+}
+
+constexpr int64_t kBlock = 256;  // tokens per acc_t partial sum, then fp64
+
+// One row: dtok and the row sums (the masked entropy's too, when given).
+template <typename acc_t, int KL, bool DUAL, bool HAS_W>
+struct PolicyRowKernel {
+  template <int W>  // ignored: kPolicyLanes for every copy
+  static RLHF_FAST_INLINE void run(const acc_t* lp, const acc_t* old, const acc_t* adv, const acc_t* ref,
+                                   const acc_t* wt, const acc_t* ent, const uint8_t* mk, int64_t T,
+                                   PolicyCfg<acc_t> c, acc_t* dtok, PolicyRow* out) {
+    // acc[7]: the masked entropy sum, in the same lanes and order, so it too
+    // is the same in every copy
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, rmax = 0;  // ratios are > 0: 0 is the max identity
+    int64_t t = 0;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      using vf = PV::f;
+      constexpr int kL = kPolicyLanes, kBytes = kL * sizeof(float);
+      while (t + kL <= T) {
+        vf s[8] = {}, m = {};
+        for (int64_t t_end = std::min(T, t + kBlock); t + kL <= t_end; t += kL) {
+          vf lpv, oldv, advv, refv = {}, wv = {};
+          PV::b mv;
+          std::memcpy(&lpv, lp + t, kBytes), std::memcpy(&oldv, old + t, kBytes);
+          std::memcpy(&advv, adv + t, kBytes);
+          if (KL != kNone) std::memcpy(&refv, ref + t, kBytes);
+          if (HAS_W) std::memcpy(&wv, wt + t, kBytes);
+          std::memcpy(&mv, mk + t, kL);
+          const PV::i valid = __builtin_convertvector(mv, PV::i) != 0;
+          const auto k = policy_tok<vf, KL, DUAL, HAS_W>(valid, lpv, oldv, advv, refv, wv, c);
+          std::memcpy(dtok + t, &k.dtok, kBytes);
+          s[0] += k.loss, s[1] += k.kl, s[2] += k.n, s[3] += k.clip, s[4] += k.low, s[5] += k.akl, s[6] += k.r;
+          m = k.r > m ? k.r : m;
+          if (ent) {
+            vf ev;
+            std::memcpy(&ev, ent + t, kBytes);
+            s[7] += sel<vf>(valid, ev, vf{});
+          }
+        }
+        for (int j = 0; j < 8; ++j) {
+          float sum = 0;
+          for (int l = 0; l < kL; ++l) sum += s[j][l];
+          acc[j] += sum;
+        }
+        for (int l = 0; l < kL; ++l) rmax = m[l] > rmax ? m[l] : rmax;
+      }
+    }
+    for (; t < T; ++t) {  // tail (and the whole fp64 row)
+      const auto k = policy_tok<acc_t, KL, DUAL, HAS_W>(mk[t] != 0, lp[t], old[t], adv[t],
+                                                        KL != kNone ? ref[t] : acc_t(0), HAS_W ? wt[t] : acc_t(1), c);
+      dtok[t] = k.dtok;
+      acc[0] += double(k.loss), acc[1] += double(k.kl), acc[2] += double(k.n), acc[3] += double(k.clip);
+      acc[4] += double(k.low), acc[5] += double(k.akl), acc[6] += double(k.r);
+      rmax = double(k.r) > rmax ? double(k.r) : rmax;
+      if (ent && mk[t] != 0) acc[7] += double(ent[t]);
+    }
+    out->pg = acc[0], out->kl = acc[1], out->n = acc[2], out->clip = acc[3], out->lower = acc[4];
+    out->akl = acc[5], out->rsum = acc[6], out->rmax = rmax, out->ent = acc[7];
+  }
+};
+
+// The compile-time variants of the row kernel: KL kind x dual clip x rollout weights.
+template <typename acc_t, typename... A>
+void policy_row(int kl, bool dual, bool has_w, A&&... args) {
+  auto with_w = [&](auto K, auto D) {
+    if (has_w) isa_call<PolicyRowKernel<acc_t, decltype(K)::value, decltype(D)::value, true>>(args...);
+    else isa_call<PolicyRowKernel<acc_t, decltype(K)::value, decltype(D)::value, false>>(args...);
+  };
+  auto with_dual = [&](auto K) {
+    if (dual) with_w(K, std::true_type{});
+    else with_w(K, std::false_type{});
+  };
+  switch (kl) {
+    case kK1: return with_dual(std::integral_constant<int, kK1>{});
+    case kK2: return with_dual(std::integral_constant<int, kK2>{});
+    case kK3: return with_dual(std::integral_constant<int, kK3>{});
+    case kAbs: return with_dual(std::integral_constant<int, kAbs>{});
+    default: return with_dual(std::integral_constant<int, kNone>{});
+  }
+}
+
+// Rollout correction of one row. The row pass reads old / rollout once
+// more (row in L1/L2: 2 x 16 KB at T = 4096 fp32) before the weights pass.
+template <typename acc_t>
+struct RcRowKernel {
+  template <int W>
+  static RLHF_FAST_INLINE void run(const acc_t* old, const acc_t* roll, const uint8_t* mk, int64_t T,
+                                   const rc::Cfg* c, acc_t* w, uint8_t* keep, rc::Row* out) {
+    acc_t row_raw = 1;
+    bool row_pass = true;
+    if (c->needs_row_pass()) {
+      const rc::RowStats s = rc::row_stats(old, roll, mk, T);
+      row_raw = acc_t(rc::row_raw_weight(*c, s));
+      row_pass = rc::row_passes(*c, s);
+    }
+    rc::weights_row(old, roll, mk, T, *c, row_raw, row_pass, w, keep, *out);
+  }
+};
+
+template <typename acc_t>
+void policy_rows(const at::Tensor& lp, const at::Tensor& old, const at::Tensor& adv,
+                 const at::Tensor& ent, const at::Tensor& ref, const at::Tensor& roll, const uint8_t* mk,
+                 int kl, bool dual, PolicyCfg<acc_t> c, const rc::Cfg& rcc, acc_t* dtok, uint8_t* keep,
+                 std::vector<PolicyRow>& rows, std::vector<rc::Row>& rc_rows) {
+  const int64_t B = lp.size(0), T = lp.size(1);
+  const auto s_lp = src_of<acc_t>(lp), s_old = src_of<acc_t>(old), s_adv = src_of<acc_t>(adv),
+             s_ent = src_of<acc_t>(ent), s_ref = src_of<acc_t>(ref), s_roll = src_of<acc_t>(roll);
+  const bool has_rc = roll.defined(), has_w = has_rc && rcc.is != rc::kIsNone;
+  at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(7 * T);
+    std::vector<uint8_t> keep_scratch(has_rc && !keep ? T : 0);
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* m = mk + b * T;
+      const acc_t* o = s_old.row(b, buf.data() + T);
+      acc_t* w = has_w ? buf.data() + 6 * T : nullptr;
+      if (has_rc) {
+        uint8_t* kp = keep ? keep + b * T : keep_scratch.data();
+        isa_call<RcRowKernel<acc_t>>(o, s_roll.row(b, buf.data() + 5 * T), m, T, &rcc, buf.data() + 6 * T, kp,
+                                     &rc_rows[b]);
+        if (keep) m = kp;  // rejected tokens leave the loss, its counts and the aggregation
+      }
+      policy_row<acc_t>(kl, dual, w != nullptr, s_lp.row(b, buf.data()), o, s_adv.row(b, buf.data() + 2 * T),
+                        s_ref.row(b, buf.data() + 3 * T), static_cast<const acc_t*>(w),
+                        s_ent.row(b, buf.data() + 4 * T), m, T, c, dtok + b * T, &rows[b]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_fwd_cpu(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& entropy,
+    const std::optional<at::Tensor>& ref_logprobs, double entropy_coef, double kl_coef,
+    c10::string_view kl_kind, double clip_low, double clip_high, std::optional<double> dual_clip,
+    c10::string_view agg_s, double agg_norm, const std::optional<at::Tensor>& rollout_logprobs,
+    c10::string_view rc_is, double rc_is_upper, std::optional<double> rc_is_lower, c10::string_view rc_rs,
+    double rc_rs_lower, double rc_rs_upper) {
+  const char* op = "rlhf_fast::ppo_loss_fwd";
+  check_float(logprobs, op, "logprobs");
+  TORCH_CHECK(logprobs.dim() == 2, op, ": logprobs must be 2-D (B, T), got ", logprobs.sizes());
+  const auto shape = logprobs.sizes();
+  const at::Tensor lp = logprobs.contiguous();
+  check_float(old_logprobs, op, "old_logprobs");
+  check_float(advantages, op, "advantages");
+  const at::Tensor old = prep(old_logprobs, shape, op, "old_logprobs");
+  const at::Tensor adv = prep(advantages, shape, op, "advantages");
+  const at::Tensor mk = prep_mask(mask, shape, op);
+  at::Tensor ent, ref, roll;
+  if (entropy.has_value() && entropy->defined()) {
+    check_float(*entropy, op, "entropy");
+    ent = prep(*entropy, shape, op, "entropy");
+  }
+  if (ref_logprobs.has_value() && ref_logprobs->defined()) {
+    check_float(*ref_logprobs, op, "ref_logprobs");
+    ref = prep(*ref_logprobs, shape, op, "ref_logprobs");
+  }
+  if (rollout_logprobs.has_value() && rollout_logprobs->defined()) {
+    check_float(*rollout_logprobs, op, "rollout_logprobs");
+    roll = prep(*rollout_logprobs, shape, op, "rollout_logprobs");
+  }
+  const rc::Cfg rcc = parse_rc(rc_is, rc_is_upper, rc_is_lower, rc_rs, rc_rs_lower, rc_rs_upper, op);
+  TORCH_CHECK(roll.defined() || (rcc.is == rc::kIsNone && rcc.rs == rc::kRsNone), op,
+              ": a rollout correction needs rollout_logprobs");
+  TORCH_CHECK(clip_low > 0 && clip_high > 0, op, ": clip_low and clip_high must be > 0");
+  TORCH_CHECK(!dual_clip.has_value() || *dual_clip > 1.0, op, ": dual_clip must be > 1");
+  const Agg agg = parse_agg(std::string(agg_s), op);
+  TORCH_CHECK(agg_norm > 0, op, ": agg_norm must be > 0, got ", agg_norm);
+  const int kl = ref.defined() ? parse_kl(std::string(kl_kind), op) : kNone;
+
+  const int64_t B = lp.size(0), T = lp.size(1);
+  const auto acc = acc_dtype(lp.scalar_type());
+  const auto opts = lp.options().dtype(acc);
+  at::Tensor dtok = at::empty({B, T}, opts);
+  at::Tensor row_scale = at::empty({B}, opts);
+  // the mask after rejection, for backward's entropy gradient; (0,) without rejection
+  const std::vector<int64_t> keep_shape = rcc.rs != rc::kRsNone ? std::vector<int64_t>{B, T}
+                                                                 : std::vector<int64_t>{0};
+  at::Tensor keep = at::empty(keep_shape, lp.options().dtype(at::kBool));
+  std::vector<PolicyRow> rows(B);
+  std::vector<rc::Row> rc_rows(roll.defined() ? B : 0);
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mk.const_data_ptr());
+  uint8_t* kp = keep.numel() ? reinterpret_cast<uint8_t*>(keep.data_ptr()) : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(acc, "ppo_loss_fwd", [&] {
+    PolicyCfg<scalar_t> c{scalar_t(1.0 - clip_low), scalar_t(1.0 + clip_high),
+                          scalar_t(dual_clip.value_or(3.0)), scalar_t(kl_coef)};
+    if (B * T > 0)
+      policy_rows<scalar_t>(lp, old, adv, ent, ref, roll, m, kl, dual_clip.has_value(), c, rcc,
+                            dtok.data_ptr<scalar_t>(), kp, rows, rc_rows);
+  });
+
+  // Fixed-order fp64 epilogue over the rows.
+  double N = 0, S = 0;
+  for (const auto& r : rows) N += r.n, S += r.n > 0 ? 1.0 : 0.0;
+  double pg = 0, en = 0, kv = 0, clip = 0, lower = 0, akl = 0, rsum = 0, rmax = 0;
+  std::vector<double> scale(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const PolicyRow& r = rows[b];
+    scale[b] = row_scale_of(agg, r.n, N, S, agg_norm);
+    pg += scale[b] * r.pg, en += scale[b] * r.ent, kv += scale[b] * r.kl;
+    clip += r.clip, lower += r.lower, akl += r.akl, rsum += r.rsum;
+    rmax = std::max(rmax, r.rmax);
+  }
+  const double inv_n = N > 0 ? 1.0 / N : 0.0;
+  const double loss = pg - entropy_coef * en + kl_coef * kv;
+  std::vector<double> st = {pg, en, kv, clip * inv_n, lower * inv_n, akl * inv_n, rsum * inv_n, rmax};
+  const std::vector<double> rcs = roll.defined() ? rc_metrics(rcc, rc_rows) : std::vector<double>(kRcStats, 0.0);
+  st.insert(st.end(), rcs.begin(), rcs.end());
+  at::Tensor stats = at::tensor(st, at::TensorOptions().dtype(at::kDouble)).to(acc);
+  at::Tensor loss_t = at::scalar_tensor(loss, at::TensorOptions().dtype(at::kDouble)).to(acc);
+  row_scale.copy_(at::from_blob(scale.data(), {B}, at::TensorOptions().dtype(at::kDouble)));
+  return {loss_t, stats, dtok, row_scale, keep};
+}
+
+// grad_logprobs = g * row_scale[b] * dtok (src = dtok); grad_entropy =
+// -coef * g * row_scale[b] * mask (src = nullptr). Elementwise: every copy
+// gives the same bits.
+template <typename acc_t, typename T>
+struct ScaleRowKernel {
+  template <int W>
+  static RLHF_FAST_INLINE void run(const acc_t* src, const uint8_t* mk, acc_t s, T* dst, int64_t n) {
+    if (src) {
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) from_acc(s * src[t], dst + t);
+    } else {
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) from_acc(mk[t] != 0 ? s : acc_t(0), dst + t);
+    }
+  }
+};
+
+template <typename acc_t, typename F>
+void dispatch_out(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat: if constexpr (std::is_same_v<acc_t, float>) return f(static_cast<float*>(nullptr)); break;
+    case at::kDouble: if constexpr (std::is_same_v<acc_t, double>) return f(static_cast<double*>(nullptr)); break;
+    case at::kBFloat16: if constexpr (std::is_same_v<acc_t, float>) return f(static_cast<bf16_bits*>(nullptr)); break;
+    case at::kHalf: if constexpr (std::is_same_v<acc_t, float>) return f(static_cast<fp16_bits*>(nullptr)); break;
+    default: break;
+  }
+  // fp32 accumulation written as fp64 (or the reverse): convert afterwards.
+  TORCH_CHECK(false, "rlhf_fast::ppo_loss_bwd: unsupported gradient dtype ", dt);
+}
+
+std::tuple<at::Tensor, at::Tensor> ppo_loss_bwd_cpu(const at::Tensor& grad_loss,
+                                                    const at::Tensor& dtok, const at::Tensor& row_scale,
+                                                    const at::Tensor& mask, double entropy_coef,
+                                                    bool has_entropy, at::ScalarType logp_dtype,
+                                                    at::ScalarType entropy_dtype) {
+  const char* op = "rlhf_fast::ppo_loss_bwd";
+  TORCH_CHECK(dtok.dim() == 2, op, ": dtok must be 2-D");
+  const int64_t B = dtok.size(0), T = dtok.size(1);
+  const auto acc = dtok.scalar_type();
+  const at::Tensor d = dtok.contiguous();
+  const at::Tensor rs = prep(row_scale.to(acc), {B}, op, "row_scale");
+  const at::Tensor mk = prep_mask(mask, dtok.sizes(), op);
+  const double g = grad_loss.item<double>();
+  // A grad dtype that the accumulation cannot write directly (fp64 grads
+  // for fp32 math or the reverse) is produced in acc and converted.
+  auto out_dtype = [&](at::ScalarType want) {
+    const bool direct = acc == at::kDouble ? want == at::kDouble : want != at::kDouble;
+    return direct ? want : acc;
+  };
+  at::Tensor glp = at::empty({B, T}, dtok.options().dtype(out_dtype(logp_dtype)));
+  at::Tensor gent = has_entropy ? at::empty({B, T}, dtok.options().dtype(out_dtype(entropy_dtype)))
+                                : at::empty({0}, dtok.options().dtype(entropy_dtype));
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mk.const_data_ptr());
+  AT_DISPATCH_FLOATING_TYPES(acc, "ppo_loss_bwd", [&] {
+    using acc_t = scalar_t;
+    const acc_t* dp = d.const_data_ptr<acc_t>();
+    const acc_t* sp = rs.const_data_ptr<acc_t>();
+    const int64_t grain = rows_per_task(T);
+    dispatch_out<acc_t>(glp.scalar_type(), [&](auto* tag) {
+      using O = std::remove_pointer_t<decltype(tag)>;
+      O* out = reinterpret_cast<O*>(glp.data_ptr());
+      at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          isa_call<ScaleRowKernel<acc_t, O>>(dp + b * T, m + b * T, acc_t(g * sp[b]), out + b * T, T);
+      });
+    });
+    if (has_entropy) {
+      dispatch_out<acc_t>(gent.scalar_type(), [&](auto* tag) {
+        using O = std::remove_pointer_t<decltype(tag)>;
+        O* out = reinterpret_cast<O*>(gent.data_ptr());
+        at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b)
+            isa_call<ScaleRowKernel<acc_t, O>>(static_cast<const acc_t*>(nullptr), m + b * T,
+                                               acc_t(-entropy_coef * g * sp[b]), out + b * T, T);
+        });
+      });
+    }
+  });
+  if (glp.scalar_type() != logp_dtype) glp = glp.to(logp_dtype);
+  if (has_entropy && gent.scalar_type() != entropy_dtype) gent = gent.to(entropy_dtype);
+  return {glp, gent};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace rlhf_fast
+
+TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
+  m.impl("ppo_loss_fwd", &rlhf_fast::cpu::ppo_loss_fwd_cpu);
+  m.impl("ppo_loss_bwd", &rlhf_fast::cpu::ppo_loss_bwd_cpu);
+}
