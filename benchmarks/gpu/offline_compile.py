@@ -60,6 +60,7 @@ def capture_launches(cases=None) -> list[dict]:
     import torch
 
     os.environ.pop("TRITON_INTERPRET", None)
+    import rlhf_fast.ops  # noqa: F401  (before torch.autocast is stubbed below: ops modules decorate with it)
     from rlhf_fast.triton import linear_logprobs as lin
 
     from . import launch_cases
