@@ -26,7 +26,7 @@ try:
 except ImportError:  # run as a script
     from harness import compare, copy_bandwidth, format_table, machine_facts, write_json
 
-reference = importlib.import_module("rlhf_fast.reference.ppo_loss")
+reference = rlhf_fast.reference
 KW = dict(entropy_coef=0.01, kl_coef=0.05, kl_kind="k3", clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="token-mean")
 
 

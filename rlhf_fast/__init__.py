@@ -37,7 +37,7 @@ _LAZY = {
     "whiten": ".ops",
     "vocab_parallel_logprobs": ".ops.vocab_parallel",
     "vocab_parallel_linear_logprobs": ".ops.vocab_parallel",
-    "RolloutCorrection": ".reference.rollout_correction",
+    "RolloutCorrection": ".reference",
 }
 _SUBMODULES = {"reference", "ops", "generation", "trainer", "integrations", "demo", "cli", "bench", "triton"}
 

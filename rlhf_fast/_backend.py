@@ -60,7 +60,33 @@ HAVE_TRITON, _TRITON_ERROR = _probe_triton()
 
 
 def triton_interpret() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (the tests).
+    Launchers also pass it to the kernels as ROUND_BY_HAND / UPCAST, the
+    interpreter's bf16 workarounds; launches_kernels is the guard."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launches_kernels(t: torch.Tensor) -> bool:
+    """The one Triton-interpreter guard, called by every triton_op body
+    before it launches. On CUDA tensors, or without the interpreter: True
+    (wrap_triton records the launch while tracing). Under the interpreter
+    (TRITON_INTERPRET=1, CPU tensors) wrap_triton hands back the interpreted
+    kernel itself, so: fake or meta tensors (opcheck's fake-tensor test,
+    torch.compile's shape propagation) give False, and the body returns its
+    allocated outputs unlaunched; a graph being traced (AOTAutograd's
+    functional tensors) could not hold the eager launch, so that raises
+    rather than compiling to empty outputs."""
+    if t.device.type == "cuda" or not triton_interpret():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(t, FunctionalTensor):
+        raise BackendUnavailable(
+            "rlhf_fast: Triton kernels under TRITON_INTERPRET=1 cannot be traced by torch.compile; "
+            "use the cpp backend on CPU tensors, or CUDA tensors for triton"
+        )
+    return not (is_fake(t) or t.device.type == "meta")
 
 
 def has_cpp() -> bool:

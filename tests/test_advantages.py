@@ -1,5 +1,5 @@
 """gae, discounted_returns, whiten, group_advantages against the float64
-reference loops (rlhf_fast.reference.advantages).
+reference loops (rlhf_fast/reference/_advantages.py).
 
 The scans (gae, discounted_returns) have a C++ CPU kernel and a CUDA kernel
 (GPU-only, tests marked gpu); whiten and group_advantages have C++ and Triton

@@ -111,3 +111,41 @@ def test_import_without_extension_falls_back():
     assert out.returncode == 0, out.stderr
     assert "-1.386" in out.stdout  # log(1/4)
     assert "compiled extension not loaded" in out.stderr
+
+
+FAMILIES = ("logprobs", "linear_logprobs", "advantages", "sampling", "ppo_loss")
+
+
+@pytest.mark.skipif(not _backend.HAVE_TRITON, reason="triton is not importable")
+def test_every_family_is_wired_the_same_way():
+    """rlhf_fast/triton/<family>.py holds the kernels and their triton_op
+    launchers, rlhf_fast/ops/<family>.py the checks, dispatch, fakes and
+    autograd (no launcher), for every family alike."""
+    import importlib
+
+    from torch._library.custom_ops import CustomOpDef
+
+    def launchers(mod):
+        return sorted(n for n, v in vars(mod).items() if isinstance(v, CustomOpDef))
+
+    for family in FAMILIES:
+        kernels = importlib.import_module(f"rlhf_fast.triton.{family}")
+        ops = importlib.import_module(f"rlhf_fast.ops.{family}")
+        assert launchers(kernels), f"triton/{family}.py defines no triton_op"
+        assert all(n.endswith("_triton") for n in launchers(kernels)), launchers(kernels)
+        assert launchers(ops) == [], f"ops/{family}.py defines launchers {launchers(ops)}"
+        assert "Naming chain" in ops.__doc__, f"ops/{family}.py lost its naming chain"
+
+
+def test_reference_names_are_never_modules():
+    """rlhf_fast.reference.<name> is a function, a class or a constant: its
+    modules are private (_<family>.py), so no import can rebind a public name."""
+    import types
+
+    import rlhf_fast.reference as reference
+
+    public = [n for n in dir(reference) if not n.startswith("_")]
+    assert [n for n in public if isinstance(getattr(reference, n), types.ModuleType)] == []
+    assert set(reference.__all__) <= set(public)
+    assert callable(reference.ppo_loss) and callable(reference.linear_logprobs)
+    assert "token-mean" in reference.AGG_MODES and "k3" in reference.KL_KINDS and reference.RC_STATS

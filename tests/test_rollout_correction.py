@@ -2,7 +2,6 @@
 mismatch metrics) against the float64 reference written from the definitions,
 on every CPU backend (C++, Triton interpreter), and against verl 0.9.1's own
 rollout_corr_helper + compute_policy_loss_vanilla (it imports on CPU)."""
-import importlib
 import math
 
 import pytest
@@ -12,8 +11,7 @@ import rlhf_fast
 from rlhf_fast import RolloutCorrection as RC
 from _compare import assert_close
 
-R = importlib.import_module("rlhf_fast.reference.ppo_loss")
-RCR = importlib.import_module("rlhf_fast.reference.rollout_correction")
+R = rlhf_fast.reference
 
 SPECS = {
     "metrics_only": None,
@@ -137,7 +135,7 @@ def test_uncorrected_path_unchanged(backend):
     b = run(rlhf_fast.ppo_loss, lp, old, None, adv, mask, None)
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     assert all(torch.equal(a[1][k], b[1][k]) for k in b[1])
-    assert set(a[1]) - set(b[1]) == {f"rollout_corr/{k}" for k in RCR.RC_STATS}
+    assert set(a[1]) - set(b[1]) == {f"rollout_corr/{k}" for k in R.RC_STATS}
 
 
 def test_same_policies_give_zero_mismatch(backend):

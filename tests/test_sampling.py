@@ -16,7 +16,7 @@ from _compare import assert_close, logit_scale
 
 import rlhf_fast
 from rlhf_fast.ops.sampling import draw_seeds, row_params, sample_with_seeds
-from rlhf_fast.reference import sampling as ref_sampling
+from rlhf_fast.reference import noise_bits
 
 CONFIGS = [
     dict(),
@@ -213,7 +213,7 @@ def test_generator_reproducible_rows_independent(backend):
 def test_noise_is_uniform():
     # the 32-bit hash behind every backend: uniform bits, uncorrelated rows
     seeds = draw_seeds(64, torch.device("cpu"), None)
-    bits = ref_sampling.noise_bits(seeds, 4096)
+    bits = noise_bits(seeds, 4096)
     u = (bits >> 24).flatten()  # top byte: 256 equiprobable cells, 262144 draws
     _assert_follows(u, torch.full((256,), 1 / 256, dtype=torch.float64), "noise top byte")
     lo = (bits & 0xFF).flatten()

@@ -1,7 +1,7 @@
 """The Triton launches the offline compile check covers, and each kernel's budget.
 
 Every launch here is produced by the real launcher (the triton_op in
-rlhf_fast/ops/) called on meta tensors, so its block sizes, num_warps and
+rlhf_fast/triton/) called on meta tensors, so its block sizes, num_warps and
 num_stages are exactly what that launcher picks on a GPU: nothing is copied
 from the launchers into this file. What this file chooses is the inputs:
 every dtype each op accepts, each constexpr flag on and off, and shapes that
@@ -113,6 +113,8 @@ def _logprobs_cases(ops):
 
 
 def _linear_cases(ops):
+    from rlhf_fast.ops.linear_logprobs import default_chunk_size
+
     mod = ops.linear_logprobs
     fwd, bwd = mod.linear_logprobs_fwd_triton._init_fn, mod.linear_logprobs_bwd_triton._init_fn
     out = []
@@ -126,7 +128,7 @@ def _linear_cases(ops):
                 b = _m((V,), dt) if has_bias else None
                 tag = f"{dt} N={N} H={H} V={V} bias={has_bias}"
                 out.append((f"linear fwd {tag}", lambda h=h, w=w, b=b, y=y: fwd(h, w, b, y, 1.0, -100, 4096)))
-                chunk = mod.default_chunk_size(N, V, torch.device("cuda"))
+                chunk = default_chunk_size(N, V, torch.device("cuda"))
                 for has_gh in (False, True) if has_bias else (True,):
                     args = (_m((N,)), _m((N,)) if has_gh else None, h, w, b, y, _m((N,)), _m((N,)), 1.0, -100, chunk)
                     out.append((f"linear bwd {tag} grad_entropy={has_gh}", lambda a=args: bwd(*a)))
@@ -148,7 +150,7 @@ def _sampling_cases(ops):
 
 
 def _ppo_cases(ops):
-    m = ops._ppo_loss_triton
+    m = ops.ppo_loss
     out = []
 
     def policy(dt, B, T, ent, kl, dual, agg):
@@ -213,10 +215,11 @@ def _advantages_cases(ops):
 
 def all_cases():
     """[(description, thunk)]: each thunk calls one launcher on meta tensors."""
-    import importlib
     import types
 
-    # modules by path: rlhf_fast.ops.<family> attributes are shadowed by the public functions
-    names = ("logprobs", "linear_logprobs", "sampling", "_ppo_loss_triton", "advantages")
-    ops = types.SimpleNamespace(**{n: importlib.import_module(f"rlhf_fast.ops.{n}") for n in names})
+    from rlhf_fast.triton import advantages, linear_logprobs, logprobs, ppo_loss, sampling
+
+    ops = types.SimpleNamespace(
+        logprobs=logprobs, linear_logprobs=linear_logprobs, sampling=sampling, ppo_loss=ppo_loss, advantages=advantages
+    )
     return _logprobs_cases(ops) + _linear_cases(ops) + _sampling_cases(ops) + _ppo_cases(ops) + _advantages_cases(ops)

@@ -5,7 +5,7 @@ machine without a GPU, and fail on what a real GPU would reject.
     python -m benchmarks.gpu.offline_compile --triton 3.6.0     # the GPU machine's Triton
     python -m benchmarks.gpu.offline_compile --triton 3.6.0 --json benchmarks/results/kernels-sm90.json
 
-1. Capture: the launchers (the triton_ops of rlhf_fast/ops/) run on meta
+1. Capture: the launchers (the triton_ops of rlhf_fast/triton/) run on meta
    tensors with torch.library.wrap_triton replaced by a recorder, for the
    inputs of launch_cases.py. Each launch they would make on a GPU is kept:
    kernel, argument types, constexprs, num_warps / num_stages, as the
@@ -60,9 +60,8 @@ def capture_launches(cases=None) -> list[dict]:
     import torch
 
     os.environ.pop("TRITON_INTERPRET", None)
-    import importlib
-
-    lin = importlib.import_module("rlhf_fast.ops.linear_logprobs")  # the module, not the function
+    import rlhf_fast.ops  # noqa: F401  (before torch.autocast is stubbed below: ops modules decorate with it)
+    from rlhf_fast.triton import linear_logprobs as lin
 
     from . import launch_cases
 

@@ -1,11 +1,12 @@
 """Input checks shared by every op family: each raises an exception that
-names the argument and what was wrong with it."""
+names the argument and what was wrong with it; and the once_differentiable
+backward wrapper. (The Triton launchers' helpers are in triton/_common.py,
+the interpreter guard is rlhf_fast._backend.launches_kernels.)"""
 from __future__ import annotations
 
 import functools
 import math
 import numbers
-
 import os
 
 import torch
@@ -116,60 +117,6 @@ def check_labels_in_range(op: str, labels: torch.Tensor, V: int, ignore_index: i
 
 def is_compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def launches_kernels(t: torch.Tensor) -> bool:
-    """False only for fake tensors under the CPU Triton interpreter, which
-    would otherwise run the kernel on fake storage (opcheck's fake-tensor
-    test). On CUDA the launch must always reach wrap_triton, which records
-    it while tracing."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    from .. import _backend
-
-    return not (_backend.triton_interpret() and (is_fake(t) or t.device.type == "meta"))
-
-
-def refuse_interpreter_under_compile(op: str, backend: str, device: torch.device) -> None:
-    """The interpreter launches kernels eagerly, so a traced graph would lose
-    them: refuse instead of returning garbage."""
-    from .. import _backend
-
-    if backend == "triton" and device.type != "cuda" and is_compiling():
-        raise _backend.BackendUnavailable(
-            f"{op}: the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot run under torch.compile; "
-            "use the cpp backend on CPU or CUDA tensors for triton"
-        )
-
-
-def kernel_scalars(dtype: torch.dtype, device, *values) -> tuple[torch.Tensor | None, bool]:
-    """(scalars tensor or None, from_ptr) for a Triton launch.
-
-    A Python float reaches a compiled Triton kernel as fp32 (the interpreter
-    keeps it a double), which moves an fp64 op's 1/T or eps by up to 3e-8
-    relative. fp64 inputs therefore get their scalars from a float64 tensor
-    (one tiny copy per call: fp64 is the dtype of tests and gradcheck, not of
-    training); every other dtype passes them as plain arguments, no copy."""
-    if dtype == torch.float64:
-        return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device), True
-    return None, False
-
-
-def launch_on_tensor_device(fn):
-    """Run a triton_op body under its first tensor's CUDA device: Triton
-    launches on the *current* device, so tensors on cuda:1 with cuda:0
-    current would be an illegal address (flash-attn's cross-entropy guards
-    the same way). No effect on CPU tensors."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-        if device.type != "cuda":
-            return fn(*args, **kwargs)
-        with torch.cuda.device(device):
-            return fn(*args, **kwargs)
-
-    return wrapper
 
 
 class _NoDoubleBackward(torch.autograd.Function):

@@ -7,7 +7,8 @@ Naming chain: gae_cpu (csrc/cpu/advantages.cpp), gae_cuda
 rlhf_fast.gae -> reference.gae -> tests/test_advantages.py ->
 benchmarks/bench_advantages.py; likewise discounted_returns, whiten
 (+ _whiten_*_kernel, rlhf_fast::whiten_triton) and group_advantages
-(+ _group_advantages_fwd_kernel, rlhf_fast::group_advantages_triton).
+(+ _group_advantages_fwd_kernel, rlhf_fast::group_advantages_triton), their
+kernels and launchers in triton/advantages.py.
 
 Dtypes: rewards / values / x / scores float32, bfloat16, float16 or float64;
 outputs float32, or float64 when an input is float64 (the reference-grade
@@ -19,17 +20,13 @@ import numbers
 
 import torch
 
-from .. import _backend
-from ..reference import advantages as reference
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, host_value_checks, is_compiling
+from .. import _backend, reference
+from .._dtypes import acc_dtype
+from ._common import FLOAT_DTYPES, check_same_device, check_tensor, host_value_checks
 
 ESTIMATORS = reference.ESTIMATORS
 SCAN_IMPLEMENTED = ("cuda", "cpp")  # gae, discounted_returns
 STATS_IMPLEMENTED = ("triton", "cpp")  # whiten, group_advantages
-
-
-def _acc(*dtypes) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 # ---------------------------------------------------------------- validation
@@ -214,20 +211,20 @@ def group_advantages(scores: torch.Tensor, groups, *, estimator: str = "grpo", e
 
 
 def _fake_gae(rewards, values, mask, gamma, lam, gamma_rows, lam_rows):
-    acc = _acc(rewards.dtype, values.dtype)
+    acc = acc_dtype(rewards.dtype, values.dtype)
     return rewards.new_empty(rewards.shape, dtype=acc), rewards.new_empty(rewards.shape, dtype=acc)
 
 
 def _fake_discounted_returns(rewards, mask, gamma, gamma_rows):
-    return rewards.new_empty(rewards.shape, dtype=_acc(rewards.dtype))
+    return rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards.dtype))
 
 
 def _fake_whiten(x, mask, shift_mean, eps):
-    return x.new_empty(x.shape, dtype=_acc(x.dtype))
+    return x.new_empty(x.shape, dtype=acc_dtype(x.dtype))
 
 
 def _fake_group_advantages(scores, group_ids, group_size, estimator, eps):
-    return scores.new_empty(scores.shape, dtype=_acc(scores.dtype))
+    return scores.new_empty(scores.shape, dtype=acc_dtype(scores.dtype))
 
 
 if _backend.has_cpp():
@@ -240,93 +237,5 @@ if _backend.has_cpp():
 # ---------------------------------------------------------------- triton
 
 
-def _sorted_runs(ids: torch.Tensor):
-    """Group ids -> (perm, run_len): perm sorts the ids stably; run_len[p] is
-    the length of the run of equal ids starting at sorted position p, 0 where
-    no run starts. Fixed shapes only (no unique), so torch.compile traces it."""
-    N = ids.shape[0]
-    sorted_ids, perm = torch.sort(ids.to(torch.int64), stable=True)
-    pos = torch.arange(N, device=ids.device)
-    is_start = torch.ones(N, dtype=torch.bool, device=ids.device)
-    is_start[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    nxt = torch.full((N,), N, dtype=torch.int64, device=ids.device)
-    nxt[:-1] = torch.where(is_start[1:], pos[1:], N)
-    next_start = torch.flip(torch.cummin(torch.flip(nxt, (0,)), 0).values, (0,))
-    return perm.contiguous(), torch.where(is_start, next_start - pos, 0).contiguous()
-
-
-def _can_launch(t: torch.Tensor) -> bool:
-    """False while fake-propagating shapes under TRITON_INTERPRET=1: there
-    wrap_triton hands back the interpreted kernel itself, which would run on
-    fake tensors. On GPUs wrap_triton records the launch instead. A graph
-    being traced (AOTAutograd, functional tensors) could not contain the
-    interpreted launch, so that raises rather than compiling to empty outputs."""
-    if not (_backend.triton_interpret() and torch._subclasses.fake_tensor.is_fake(t)):
-        return True
-    if isinstance(t, torch._subclasses.functional_tensor.FunctionalTensor):
-        raise _backend.BackendUnavailable(
-            "rlhf_fast: Triton kernels under TRITON_INTERPRET=1 cannot be traced by torch.compile; "
-            "use the cpp backend on CPU tensors"
-        )
-    return False
-
-
 if _backend.HAVE_TRITON:
-    import triton
-
-    from ._common import kernel_scalars, launch_on_tensor_device
-    from ..triton.advantages import (
-        MERGE_BLOCK,
-        WHITEN_BLOCK,
-        _group_advantages_fwd_kernel,
-        _whiten_apply_kernel,
-        _whiten_merge_kernel,
-        _whiten_stats_kernel,
-        group_block,
-    )
-
-    @torch.library.triton_op("rlhf_fast::whiten_triton", mutates_args=())
-    @launch_on_tensor_device
-    def whiten_triton(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float) -> torch.Tensor:
-        out = torch.empty(x.shape, dtype=_acc(x.dtype), device=x.device)
-        N = x.numel()
-        if N == 0 or not _can_launch(x):
-            return out
-        xf, mf = x.contiguous().reshape(-1), mask.contiguous().reshape(-1)
-        P = triton.cdiv(N, WHITEN_BLOCK)
-        parts = torch.empty((3, P), dtype=torch.float64, device=x.device)
-        stat = torch.empty(2, dtype=torch.float64, device=x.device)
-        torch.library.wrap_triton(_whiten_stats_kernel)[(P,)](xf, mf, parts[0], parts[1], parts[2], N, BLOCK=WHITEN_BLOCK)
-        scalars, from_ptr = kernel_scalars(x.dtype, x.device, eps)
-        torch.library.wrap_triton(_whiten_merge_kernel)[(1,)](
-            parts[0], parts[1], parts[2], stat, P, eps, scalars if from_ptr else stat,
-            SCALARS_FROM_PTR=from_ptr, BLOCK=MERGE_BLOCK,
-        )  # fmt: skip
-        torch.library.wrap_triton(_whiten_apply_kernel)[(P,)](
-            xf, mf, stat, out.view(-1), N, SHIFT_MEAN=shift_mean, BLOCK=WHITEN_BLOCK
-        )
-        return out
-
-    @torch.library.triton_op("rlhf_fast::group_advantages_triton", mutates_args=())
-    @launch_on_tensor_device
-    def group_advantages_triton(
-        scores: torch.Tensor, group_ids: torch.Tensor | None, group_size: int, estimator: str, eps: float
-    ) -> torch.Tensor:
-        out = torch.empty(scores.shape, dtype=_acc(scores.dtype), device=scores.device)
-        N = scores.shape[0]
-        if N == 0 or not _can_launch(scores):
-            return out
-        est = ESTIMATORS.index(estimator)
-        s = scores.contiguous()
-        if group_ids is not None:
-            perm, run_len = _sorted_runs(group_ids)
-            grid, block, by_id = N, 128, True
-        else:
-            perm = run_len = s  # unused (BY_ID=False)
-            grid, block, by_id = N // group_size, group_block(group_size), False
-        scalars, from_ptr = kernel_scalars(scores.dtype, scores.device, eps)
-        torch.library.wrap_triton(_group_advantages_fwd_kernel)[(grid,)](
-            s, perm, run_len, out, group_size, eps, scalars if from_ptr else out,
-            EST=est, BY_ID=by_id, SCALARS_FROM_PTR=from_ptr, BLOCK=block,
-        )  # fmt: skip
-        return out
+    from ..triton import advantages as kernels  # noqa: F401  (registers the *_triton ops; no autograd)

@@ -1,7 +1,8 @@
 """rlhf_fast.linear_logprobs: token log-probs and entropy straight from hidden
 states and the lm_head, without the (N, V) logits.
 
-Naming chain: _linear_logprobs_fwd_kernel (triton/linear_logprobs.py),
+Naming chain: _linear_logprobs_fwd_kernel and its launcher
+linear_logprobs_fwd_triton (triton/linear_logprobs.py),
 linear_logprobs_fwd_cpu (here: chunks of tokens through at::mm and the C++
 logprobs_fwd row pass) -> torch.ops.rlhf_fast.linear_logprobs_fwd /
 linear_logprobs_fwd_triton -> rlhf_fast.linear_logprobs ->
@@ -16,9 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
-# the function, not `reference.linear_logprobs`: reference/__init__ rebinds that name to the function
-from ..reference.linear_logprobs import linear_logprobs as reference_linear_logprobs
+from .. import _backend, reference
+from .._dtypes import acc_dtype
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -31,7 +31,6 @@ from ._common import (
     is_compiling,
     once_differentiable,
 )
-from .logprobs import _acc_dtype
 
 OP = "rlhf_fast.linear_logprobs"
 IMPLEMENTED = ("triton", "cpp")
@@ -125,7 +124,7 @@ def linear_logprobs(
 
     backend = _backend.choose("linear_logprobs", hidden.device, IMPLEMENTED)
     if backend == "reference":
-        return reference_linear_logprobs(
+        return reference.linear_logprobs(
             hidden, weight, labels, bias=bias, temperature=temperature,
             ignore_index=ignore_index, return_entropy=return_entropy,
         )  # fmt: skip
@@ -179,7 +178,7 @@ def linear_logprobs_fwd_cpu(hidden, weight, bias, labels, temperature, ignore_in
     """Per chunk of chunk_size labelled tokens: logits = hidden_c @ W.T + b
     (MKL), then the fused C++ row pass; the chunk is freed before the next."""
     N = hidden.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     lp, ent, lse = (hidden.new_zeros((N,), dtype=acc) for _ in range(3))
     for rows in _row_chunks(labels, ignore_index, chunk_size):
         logits = _chunk_logits(hidden[rows], weight, bias)
@@ -200,7 +199,7 @@ def linear_logprobs_bwd_cpu(
     Scratch: the chunk's logits and dZ, 2 * chunk_size * V elements."""
     N, H = hidden.shape
     V = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     grad_hidden = torch.zeros((N, H), dtype=hidden.dtype, device=hidden.device)
     grad_weight = weight.new_zeros((V, H), dtype=acc)
     grad_bias = weight.new_zeros((V,) if bias is not None else (0,), dtype=acc)
@@ -231,7 +230,7 @@ def linear_logprobs_bwd_cpu(
 
 
 def _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     n = hidden.shape[0]
     return tuple(hidden.new_empty((n,), dtype=acc) for _ in range(3))
 
@@ -276,162 +275,8 @@ if _backend.has_cpp():
 
 
 if _backend.HAVE_TRITON:
-    import triton
-    import triton.language as tl
+    from ..triton import linear_logprobs as kernels  # registers the *_triton ops
 
-    from ._common import kernel_scalars, launch_on_tensor_device
-    from ..triton.linear_logprobs import (
-        _linear_logprobs_dlogits_kernel,
-        _linear_logprobs_fwd_kernel,
-        _matmul_acc_kernel,
-        num_splits,
-        tile_config,
-    )
-
-    def _tl_acc(dtype):
-        return tl.float64 if dtype == torch.float64 else tl.float32
-
-    def _programs_wanted(device: torch.device) -> int:
-        # two waves of programs over the SMs (132 on H100); 4 under the interpreter
-        if device.type == "cuda":
-            return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-        return 4
-
-    def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, V: int):
-        """(4, SPLITS, N) partial m, s, w, z_label -> logprobs, entropy, lse (N,)."""
-        m, s, w, zy = part.unbind(0)
-        m_row = m.amax(0)
-        ref = torch.where(m_row == float("-inf"), torch.zeros_like(m_row), m_row)
-        seen = s > 0  # a split whose logits were all -inf adds nothing
-        delta = torch.where(seen, m - ref, torch.zeros_like(m))
-        scale = torch.where(seen, torch.exp(delta), torch.zeros_like(m))
-        active = labels != ignore_index
-        s_row = torch.where(active, (s * scale).sum(0), torch.ones_like(m_row))
-        w_row = torch.where(active, ((w + delta * s) * scale).sum(0), torch.zeros_like(m_row))
-        log_s = torch.log(s_row)
-        zero = torch.zeros_like(m_row)
-        lse = torch.where(active, ref + log_s, zero)
-        ent = torch.where(active, log_s - w_row / s_row, zero)
-        lp = torch.where(active, zy.sum(0) - lse, zero)
-        # a label outside [0, V) (torch.compile skips the host check) matched
-        # no column: NaN, never a silent -lse
-        lp = torch.where(active & ((labels < 0) | (labels >= V)), torch.full_like(lp, float("nan")), lp)
-        return lp, ent, lse
-
-    @torch.library.triton_op("rlhf_fast::linear_logprobs_fwd_triton", mutates_args=())
-    @launch_on_tensor_device
-    def linear_logprobs_fwd_triton(
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        labels: torch.Tensor,
-        temperature: float,
-        ignore_index: int,
-        chunk_size: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        N, H = hidden.shape
-        V = weight.shape[0]
-        if N == 0:
-            return _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, chunk_size)
-        cfg = tile_config(N, V, H, _backend.triton_interpret(), hidden.element_size())
-        bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
-        splits = num_splits(N, V, bn, bv, _programs_wanted(hidden.device), cfg["GROUP"])
-        v_split = triton.cdiv(triton.cdiv(V, bv), splits) * bv  # num_splits leaves no split empty
-        part = hidden.new_empty((4, splits, N), dtype=_acc_dtype(hidden.dtype))
-        labels = labels.contiguous()
-        scalars, from_ptr = kernel_scalars(hidden.dtype, hidden.device, 1.0 / temperature)
-        torch.library.wrap_triton(_linear_logprobs_fwd_kernel)[(triton.cdiv(N, bn) * splits,)](
-            hidden, weight, bias if bias is not None else hidden, labels,
-            part[0], part[1], part[2], part[3],
-            N, V, H, v_split, splits,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            1.0 / temperature, scalars if from_ptr else part, ignore_index,
-            HAS_BIAS=bias is not None, ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
-            SCALARS_FROM_PTR=from_ptr, **cfg,
-        )  # fmt: skip
-        return _merge_splits(part, labels, ignore_index, V)
-
-    @torch.library.triton_op("rlhf_fast::linear_logprobs_bwd_triton", mutates_args=())
-    @launch_on_tensor_device
-    def linear_logprobs_bwd_triton(
-        grad_logprobs: torch.Tensor,
-        grad_entropy: torch.Tensor | None,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        labels: torch.Tensor,
-        lse: torch.Tensor,
-        entropy: torch.Tensor,
-        temperature: float,
-        ignore_index: int,
-        chunk_size: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # dW / dH GEMMs in the inputs' dtype with fp32 accumulation, never
-        # re-cast by an enclosing torch.autocast
-        with torch.autocast(hidden.device.type, enabled=False):
-            return _linear_logprobs_bwd_triton_impl(
-                grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index,
-                chunk_size,
-            )  # fmt: skip
-
-    def _linear_logprobs_bwd_triton_impl(
-        grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
-    ):
-        N, H = hidden.shape
-        V = weight.shape[0]
-        acc = _acc_dtype(hidden.dtype)
-        grad_weight = torch.empty((V, H), dtype=weight.dtype, device=weight.device)
-        grad_bias = weight.new_empty((V,) if bias is not None else (0,), dtype=acc)
-        grad_hidden = torch.zeros((N, H), dtype=acc, device=hidden.device)  # fp32 accumulator over vocab chunks
-        if N == 0 or V == 0:
-            return grad_hidden.to(hidden.dtype), grad_weight.zero_(), grad_bias.zero_().to(weight.dtype)
-        cfg = tile_config(N, V, H, _backend.triton_interpret(), hidden.element_size())
-        bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
-        # vocab chunk: the same scratch as chunk_size tokens x V, in N-row form
-        v_chunk = min(V, max(bv, (chunk_size * V // N) // bv * bv))
-        scratch = hidden.new_empty((N * v_chunk,))
-        labels = labels.contiguous()
-        glp = grad_logprobs.to(acc).contiguous()
-        has_gh = grad_entropy is not None
-        gh = grad_entropy.to(acc).contiguous() if has_gh else glp
-        lse, entropy = lse.contiguous(), entropy.contiguous()
-        scalars, from_ptr = kernel_scalars(hidden.dtype, hidden.device, 1.0 / temperature)
-        for v_lo in range(0, V, v_chunk):
-            v_hi = min(V, v_lo + v_chunk)
-            dz = scratch[: N * (v_hi - v_lo)].view(N, v_hi - v_lo)
-            torch.library.wrap_triton(_linear_logprobs_dlogits_kernel)[(triton.cdiv(N, bn) * triton.cdiv(v_hi - v_lo, bv),)](
-                hidden, weight, bias if bias is not None else hidden, labels,
-                glp, gh, lse, entropy, dz,
-                N, H, v_lo, v_hi,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                1.0 / temperature, scalars if from_ptr else lse, ignore_index,
-                HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_gh,
-                ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
-                SCALARS_FROM_PTR=from_ptr, **cfg,
-            )  # fmt: skip
-            # dW rows of this chunk: one GEMM over all N tokens, fp32 inside,
-            # rounded once; no token-chunk partial sums of dW exist.
-            torch.mm(dz.t(), hidden, out=grad_weight[v_lo:v_hi])
-            w_c = weight[v_lo:v_hi]
-            if hidden.dtype == acc:
-                grad_hidden.addmm_(dz, w_c)
-            else:  # bf16 / fp16 GEMM with an fp32 accumulate-into epilogue
-                mm = tile_config(N, H, v_hi - v_lo, _backend.triton_interpret(), hidden.element_size())
-                torch.library.wrap_triton(_matmul_acc_kernel)[
-                    (triton.cdiv(N, mm["BLOCK_N"]), triton.cdiv(H, mm["BLOCK_V"]))
-                ](
-                    dz, w_c, grad_hidden, N, v_hi - v_lo, H,
-                    dz.stride(0), dz.stride(1), w_c.stride(0), w_c.stride(1),
-                    grad_hidden.stride(0), grad_hidden.stride(1),
-                    ACC=_tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
-                    # K steps of 32: with 64 the fp32 read-add-write epilogue spilled 48 B (sm_90)
-                    BLOCK_M=mm["BLOCK_N"], BLOCK_N=mm["BLOCK_V"], BLOCK_K=min(mm["BLOCK_K"], 32),
-                    num_warps=mm["num_warps"], num_stages=mm["num_stages"],
-                )  # fmt: skip
-            if bias is not None:
-                grad_bias[v_lo:v_hi] = dz.sum(0, dtype=acc)
-        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias.to(weight.dtype)
-
-    linear_logprobs_fwd_triton.register_autograd(
-        _make_backward(linear_logprobs_bwd_triton), setup_context=_setup_context
+    kernels.linear_logprobs_fwd_triton.register_autograd(
+        _make_backward(kernels.linear_logprobs_bwd_triton), setup_context=_setup_context
     )

@@ -1,7 +1,8 @@
 """rlhf_fast.logprobs_from_logits: validation, backend dispatch, autograd and
 fake (meta) registration for the log-prob / entropy ops.
 
-Naming chain: _logprobs_fwd_kernel (triton/logprobs.py), logprobs_fwd_cpu
+Naming chain: _logprobs_fwd_kernel and its launcher logprobs_fwd_triton
+(triton/logprobs.py), logprobs_fwd_cpu
 (csrc/cpu/logprobs.cpp), logprobs_fwd_cuda (csrc/cuda/logprobs_ops.cpp) ->
 torch.ops.rlhf_fast.logprobs_fwd / logprobs_fwd_triton ->
 rlhf_fast.logprobs_from_logits -> reference.logprobs_from_logits ->
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
-from ..reference import logprobs as reference
+from .. import _backend, reference
+from .._dtypes import acc_dtype
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -22,18 +23,12 @@ from ._common import (
     check_temperature,
     check_tensor,
     host_value_checks,
-    is_compiling,
     once_differentiable,
-    refuse_interpreter_under_compile,
 )
 
 OP = "rlhf_fast.logprobs_from_logits"
 # GPU: Triton first (the issue's primary GPU kernel), the CUDA kernel second.
 IMPLEMENTED = ("triton", "cuda", "cpp")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------- shapes
@@ -102,7 +97,6 @@ def logprobs_from_logits(
         check_labels_in_range(OP, labels, V, ignore_index)
 
     backend = _backend.choose("logprobs_from_logits", logits.device, IMPLEMENTED)
-    refuse_interpreter_under_compile(OP, backend, logits.device)
     if backend == "reference":
         return reference.logprobs_from_logits(
             logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
@@ -149,7 +143,7 @@ def _make_backward(bwd_op):
 
 
 def _fake_fwd(logits, labels, temperature, ignore_index, compute_entropy=True):
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     shape = logits.shape[:2]
     return (logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc))
 
@@ -167,62 +161,8 @@ if _backend.has_cpp():
 
 
 if _backend.HAVE_TRITON:
-    import triton.language as tl
+    from ..triton import logprobs as kernels  # registers the *_triton ops
 
-    from ..triton.logprobs import STRIP, _logprobs_bwd_kernel, _logprobs_fwd_kernel, row_config
-    from ._common import kernel_scalars, launch_on_tensor_device, launches_kernels
-
-    def _tl_acc(dtype):
-        return tl.float64 if dtype == torch.float64 else tl.float32
-
-    @torch.library.triton_op("rlhf_fast::logprobs_fwd_triton", mutates_args=())
-    @launch_on_tensor_device
-    def logprobs_fwd_triton(
-        logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, compute_entropy: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """compute_entropy=False leaves the entropy output 0 (a log-prob-only
-        sweep: 2 fewer instructions per logit); the backward never reads it
-        then, since no gradient can flow into an entropy nobody returned."""
-        A, B, V = logits.shape
-        lp, ent, lse = _fake_fwd(logits, labels, temperature, ignore_index)
-        if A * B > 0 and launches_kernels(logits):
-            scalars, from_ptr = kernel_scalars(logits.dtype, logits.device, 1.0 / temperature)
-            torch.library.wrap_triton(_logprobs_fwd_kernel)[(A * B,)](
-                logits, labels.contiguous(), lp, ent, lse,
-                B, V, logits.stride(0), logits.stride(1),
-                1.0 / temperature, scalars if from_ptr else lse, ignore_index,
-                ACC=_tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr, ENTROPY=compute_entropy,
-                STRIP=STRIP, **row_config(V, logits.dtype == torch.float64),
-            )  # fmt: skip
-        return lp, ent, lse
-
-    @torch.library.triton_op("rlhf_fast::logprobs_bwd_triton", mutates_args=())
-    @launch_on_tensor_device
-    def logprobs_bwd_triton(
-        grad_logprobs: torch.Tensor,
-        grad_entropy: torch.Tensor | None,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        lse: torch.Tensor,
-        entropy: torch.Tensor,
-        temperature: float,
-        ignore_index: int,
-    ) -> torch.Tensor:
-        A, B, V = logits.shape
-        grad_logits = torch.empty((A, B, V), dtype=logits.dtype, device=logits.device)
-        if grad_logits.numel() > 0 and launches_kernels(logits):
-            acc = _acc_dtype(logits.dtype)
-            has_gh = grad_entropy is not None
-            gh = grad_entropy.to(acc).contiguous() if has_gh else lse
-            scalars, from_ptr = kernel_scalars(logits.dtype, logits.device, 1.0 / temperature)
-            torch.library.wrap_triton(_logprobs_bwd_kernel)[(A * B,)](
-                logits, labels.contiguous(), grad_logprobs.to(acc).contiguous(), gh,
-                lse.contiguous(), entropy.contiguous(), grad_logits,
-                B, V, logits.stride(0), logits.stride(1),
-                1.0 / temperature, scalars if from_ptr else lse, ignore_index,
-                HAS_GRAD_ENTROPY=has_gh, ACC=_tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr,
-                ROUND_BY_HAND=_backend.triton_interpret(), **row_config(V, logits.dtype == torch.float64),
-            )  # fmt: skip
-        return grad_logits
-
-    logprobs_fwd_triton.register_autograd(_make_backward(logprobs_bwd_triton), setup_context=_setup_context)
+    kernels.logprobs_fwd_triton.register_autograd(
+        _make_backward(kernels.logprobs_bwd_triton), setup_context=_setup_context
+    )

@@ -1,9 +1,10 @@
 """rlhf_fast.ppo_policy_loss / ppo_value_loss / kl_penalty / ppo_loss:
 validation, backend dispatch, autograd and fake registration.
 
-Naming chain: _ppo_loss_fwd_kernel (triton/ppo_loss.py), ppo_loss_fwd_cpu
-(csrc/cpu/ppo_loss.cpp) -> torch.ops.rlhf_fast.ppo_loss_fwd / _bwd (and
-ppo_loss_fwd_triton / _bwd_triton) -> rlhf_fast.ppo_loss, ppo_policy_loss
+Naming chain: _ppo_loss_fwd_kernel and its launcher ppo_loss_fwd_triton
+(triton/ppo_loss.py), ppo_loss_fwd_cpu (csrc/cpu/ppo_loss.cpp) ->
+torch.ops.rlhf_fast.ppo_loss_fwd / _bwd (and ppo_loss_fwd_triton /
+_bwd_triton) -> rlhf_fast.ppo_loss, ppo_policy_loss
 -> reference.ppo_loss -> tests/test_ppo_loss.py -> benchmarks/bench_ppo_loss.py;
 likewise ppo_value_loss_fwd and kl_penalty_fwd / _bwd.
 
@@ -19,14 +20,9 @@ import numbers
 
 import torch
 
-import importlib
-
-from .. import _backend
-from ..reference.ppo_loss import AGG_MODES, KL_KINDS
-from ..reference.rollout_correction import RC_STATS, RolloutCorrection
-
-# the module, not the function rlhf_fast.reference.ppo_loss that shadows it
-reference = importlib.import_module("rlhf_fast.reference.ppo_loss")
+from .. import _backend, reference
+from .._dtypes import acc_dtype
+from ..reference import AGG_MODES, KL_KINDS, RC_STATS, RolloutCorrection
 from ._common import FLOAT_DTYPES, check_positive_float, check_same_device, check_tensor, once_differentiable
 
 IMPLEMENTED = ("triton", "cpp")
@@ -36,10 +32,6 @@ LOSS_STATS = BASE_STATS + tuple(f"rollout_corr/{k}" for k in RC_STATS)  # the ro
 POLICY_STATS = BASE_STATS[3:]
 VALUE_STATS = ("clipfrac", "explained_variance")
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64) + FLOAT_DTYPES
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------- validation
@@ -255,7 +247,7 @@ def kl_penalty(logprobs, ref_logprobs, *, kind="k3"):
 def _fake_loss_fwd(lp, old, adv, mask, entropy, ref, entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip,
                    agg, agg_norm, rollout_logprobs=None, rc_is="none", rc_is_upper=2.0, rc_is_lower=None,
                    rc_rs="none", rc_rs_lower=0.0, rc_rs_upper=0.0):  # fmt: skip
-    acc = _acc_dtype(lp.dtype)
+    acc = acc_dtype(lp.dtype)
     B, T = lp.shape
     return (
         lp.new_empty((), dtype=acc), lp.new_empty((len(LOSS_STATS),), dtype=acc),
@@ -271,7 +263,7 @@ def _fake_loss_bwd(grad_loss, dtok, row_scale, mask, entropy_coef, has_entropy, 
 
 
 def _fake_value_fwd(values, old_values, returns, mask, clip, agg, agg_norm):
-    acc = _acc_dtype(values.dtype)
+    acc = acc_dtype(values.dtype)
     B, T = values.shape
     return (
         values.new_empty((), dtype=acc), values.new_empty((len(VALUE_STATS),), dtype=acc),
@@ -280,7 +272,7 @@ def _fake_value_fwd(values, old_values, returns, mask, clip, agg, agg_norm):
 
 
 def _fake_kl_fwd(logprobs, ref_logprobs, kind):
-    return logprobs.new_empty(logprobs.shape, dtype=_acc_dtype(logprobs.dtype))
+    return logprobs.new_empty(logprobs.shape, dtype=acc_dtype(logprobs.dtype))
 
 
 def _fake_kl_bwd(grad, logprobs, ref_logprobs, kind):
@@ -370,4 +362,15 @@ if _backend.has_cpp():
 
 
 if _backend.HAVE_TRITON:
-    from . import _ppo_loss_triton  # noqa: F401  (registers the *_triton ops)
+    from ..triton import ppo_loss as kernels  # registers the *_triton ops
+
+    assert (kernels.N_LOSS_STATS, kernels.N_VALUE_STATS) == (len(LOSS_STATS), len(VALUE_STATS))
+    kernels.ppo_loss_fwd_triton.register_autograd(
+        _make_loss_backward(kernels.ppo_loss_bwd_triton), setup_context=_loss_setup_context
+    )
+    kernels.ppo_value_loss_fwd_triton.register_autograd(
+        _make_value_backward(kernels.ppo_loss_bwd_triton), setup_context=_value_setup_context
+    )
+    kernels.kl_penalty_fwd_triton.register_autograd(
+        _make_kl_backward(kernels.kl_penalty_bwd_triton), setup_context=_kl_setup_context
+    )

@@ -1,7 +1,8 @@
 """rlhf_fast.sample: validation, per-row parameters, seeds from a
 torch.Generator, backend dispatch and fake (meta) registration.
 
-Naming chain: _sample_fwd_kernel (triton/sampling.py), sample_fwd_cpu
+Naming chain: _sample_fwd_kernel and its launcher sample_fwd_triton
+(triton/sampling.py), sample_fwd_cpu
 (csrc/cpu/sampling.cpp) -> torch.ops.rlhf_fast.sample_fwd /
 sample_fwd_triton -> rlhf_fast.sample -> reference.sample ->
 tests/test_sampling.py -> benchmarks/bench_sampling.py.
@@ -14,8 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _backend
-from ..reference import sampling as reference
+from .. import _backend, reference
 from ._common import FLOAT_DTYPES, check_tensor, host_value_checks, is_compiling, min_temperature
 
 OP = "rlhf_fast.sample"
@@ -224,29 +224,4 @@ if _backend.has_cpp():
 
 
 if _backend.HAVE_TRITON:
-    from ..triton.sampling import _sample_fwd_kernel, row_config
-    from ._common import launch_on_tensor_device
-
-    @torch.library.triton_op("rlhf_fast::sample_fwd_triton", mutates_args=())
-    @launch_on_tensor_device
-    def sample_fwd_triton(
-        logits: torch.Tensor,
-        seeds: torch.Tensor,
-        temperature: torch.Tensor,
-        top_k: torch.Tensor,
-        top_p: torch.Tensor,
-        min_p: torch.Tensor,
-        filtered: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, V = logits.shape
-        tokens, lp, plp = _fake_fwd(logits, seeds, temperature, top_k, top_p, min_p, filtered)
-        if B > 0:
-            if V > 1 and logits.stride(1) != 1:
-                logits = logits.contiguous()
-            torch.library.wrap_triton(_sample_fwd_kernel)[(B,)](
-                logits, seeds.contiguous(), temperature.contiguous(), top_k.contiguous(),
-                top_p.contiguous(), min_p.contiguous(), tokens, lp, plp,
-                V, logits.stride(0),
-                FILTERED=filtered, **row_config(V),
-            )  # fmt: skip
-        return tokens, lp, plp
+    from ..triton import sampling as kernels  # noqa: F401  (registers sample_fwd_triton; no autograd)

@@ -8,6 +8,13 @@ rows (V_r, H) of the lm_head for the fused linear variant. Every rank gets the
 same fp32 log p(label) and entropy of softmax(z), z = logits / T, over the
 full vocabulary, and backward gives each rank the gradient of its own shard.
 
+Naming chain: no kernels of its own (the log-prob family's
+rlhf_fast::logprobs_fwd / _bwd and logprobs_fwd_triton / _bwd_triton run on
+each shard) -> rlhf_fast.vocab_parallel_logprobs /
+vocab_parallel_linear_logprobs -> _reference_fwd / _reference_bwd here and
+reference.logprobs_from_logits on the gathered logits ->
+tests/test_vocab_parallel.py -> benchmarks/bench_vocab_parallel.py.
+
 How the local work reuses the single-device kernels (no second row math):
 the registered op rlhf_fast::logprobs_fwd (C++ on CPU, Triton / CUDA on GPU)
 already returns, per row of a shard, lse_r = m + log s and the shard's
@@ -59,9 +66,10 @@ import torch
 import torch.distributed as dist
 
 from .. import _backend
+from .._dtypes import acc_dtype
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_positive_float, check_same_device, check_tensor
 from .linear_logprobs import _row_chunks, default_chunk_size
-from .logprobs import _acc_dtype, _as_rows
+from .logprobs import _as_rows
 
 OP = "rlhf_fast.vocab_parallel_logprobs"
 OP_LINEAR = "rlhf_fast.vocab_parallel_linear_logprobs"
@@ -210,16 +218,16 @@ def _row_ops(backend: str):
 def _reference_fwd(rows, labels, temperature, ignore_index):
     """Fallback when nothing is compiled: the op's (lp, ent, lse) from torch
     reductions over one (A, B, V_r) float copy."""
-    from ..reference.logprobs import logprobs_from_logits as ref
+    from ..reference import logprobs_from_logits as ref
 
-    acc = _acc_dtype(rows.dtype)
+    acc = acc_dtype(rows.dtype)
     lp, ent = ref(rows, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
     lse = torch.logsumexp(rows.to(acc) / temperature, dim=-1)
     return lp, ent, torch.where(labels != ignore_index, lse, torch.zeros_like(lse))
 
 
 def _reference_bwd(g_lp, g_h, rows, labels, lse, entropy, temperature, ignore_index):
-    acc = _acc_dtype(rows.dtype)
+    acc = acc_dtype(rows.dtype)
     z = rows.to(acc) / temperature
     p = torch.exp(z - lse.unsqueeze(-1))
     t = torch.where(p > 0, p * (z - (lse - entropy).unsqueeze(-1)), torch.zeros_like(p))
@@ -233,7 +241,7 @@ def _reference_bwd(g_lp, g_h, rows, labels, lse, entropy, temperature, ignore_in
 def _shard_stats(fwd, rows, labels_local, owned, temperature):
     """Per row of a (A, B, V_r) shard: lse_r, ent_r (NaN for an all -inf
     shard row, fixed in _merge) and the owned label's z_y (0 elsewhere)."""
-    acc = _acc_dtype(rows.dtype)
+    acc = acc_dtype(rows.dtype)
     if rows.shape[-1] == 0:  # an empty shard (V < world size under DTensor chunking)
         neg = torch.full(rows.shape[:2], float("-inf"), dtype=acc, device=rows.device)
         return neg, torch.zeros_like(neg), torch.zeros_like(neg)
@@ -443,7 +451,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         h = hidden.reshape(-1, hidden.shape[-1])
         y = labels.reshape(-1)
         local, owned, active = _local_labels(y, layout, ignore_index)
-        acc = _acc_dtype(hidden.dtype)
+        acc = acc_dtype(hidden.dtype)
         lse_r, ent_r, z_y = (h.new_zeros(y.shape, dtype=acc) for _ in range(3))
         for rows in _row_chunks(local, _LOCAL_IGNORE, chunk_size):
             logits = torch.nn.functional.linear(h[rows], weight, bias).unsqueeze(0)

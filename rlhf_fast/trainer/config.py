@@ -15,9 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ..reference.advantages import ESTIMATORS
-from ..reference.ppo_loss import AGG_MODES, KL_KINDS
-from ..reference.rollout_correction import RolloutCorrection
+from ..reference import AGG_MODES, ESTIMATORS, KL_KINDS, RolloutCorrection
 
 
 @dataclass

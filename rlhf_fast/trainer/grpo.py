@@ -12,7 +12,7 @@ import time
 import torch
 
 from ..ops import group_advantages, kl_penalty, ppo_loss
-from ..reference.rollout_correction import RolloutCorrection
+from ..reference import RolloutCorrection
 from .base import Trainer
 from .common import process_scores
 from .config import GRPOConfig

@@ -12,7 +12,7 @@ import time
 import torch
 
 from ..ops import ppo_loss, ppo_value_loss
-from ..reference.rollout_correction import RolloutCorrection
+from ..reference import RolloutCorrection
 from .base import Trainer
 from .common import make_optimizer, process_scores
 from .config import PPOConfig

@@ -10,14 +10,21 @@ Whitening is three launches: per-chunk (count, mean, M2) in two passes over a
 chunk held in registers; one program merging the chunks with Chan's formula;
 an elementwise apply. Group advantages are one program per group, three
 sweeps over the group (mean, M2, write); groups given by id are first sorted
-(stable) by the caller so each group is a contiguous run of a permutation.
+(stable) by the launcher so each group is a contiguous run of a permutation.
+
+The launchers at the end are the triton_ops rlhf_fast::whiten_triton and
+rlhf_fast::group_advantages_triton; their fakes are in rlhf_fast/ops/advantages.py.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ._common import scalar_arg
+from .. import _backend
+from .._dtypes import acc_dtype
+from ..reference import ESTIMATORS
+from ._common import kernel_scalars, launch_on_tensor_device, num_warps, scalar_arg
 
 WHITEN_BLOCK = 2048  # elements per stats program: 512 programs at (512, 2048)
 MERGE_BLOCK = 1024
@@ -144,3 +151,71 @@ def _group_advantages_fwd_kernel(
 
 def group_block(n: int) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), 16), 1024)
+
+
+# ---------------------------------------------------------------- launchers (triton_ops)
+
+
+def _sorted_runs(ids: torch.Tensor):
+    """Group ids -> (perm, run_len): perm sorts the ids stably; run_len[p] is
+    the length of the run of equal ids starting at sorted position p, 0 where
+    no run starts. Fixed shapes only (no unique), so torch.compile traces it."""
+    N = ids.shape[0]
+    sorted_ids, perm = torch.sort(ids.to(torch.int64), stable=True)
+    pos = torch.arange(N, device=ids.device)
+    is_start = torch.ones(N, dtype=torch.bool, device=ids.device)
+    is_start[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    nxt = torch.full((N,), N, dtype=torch.int64, device=ids.device)
+    nxt[:-1] = torch.where(is_start[1:], pos[1:], N)
+    next_start = torch.flip(torch.cummin(torch.flip(nxt, (0,)), 0).values, (0,))
+    return perm.contiguous(), torch.where(is_start, next_start - pos, 0).contiguous()
+
+
+@torch.library.triton_op("rlhf_fast::whiten_triton", mutates_args=())
+@launch_on_tensor_device
+def whiten_triton(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=acc_dtype(x.dtype), device=x.device)
+    N = x.numel()
+    if N == 0 or not _backend.launches_kernels(x):
+        return out
+    xf, mf = x.contiguous().reshape(-1), mask.contiguous().reshape(-1)
+    P = triton.cdiv(N, WHITEN_BLOCK)
+    parts = torch.empty((3, P), dtype=torch.float64, device=x.device)
+    stat = torch.empty(2, dtype=torch.float64, device=x.device)
+    torch.library.wrap_triton(_whiten_stats_kernel)[(P,)](
+        xf, mf, parts[0], parts[1], parts[2], N, BLOCK=WHITEN_BLOCK, num_warps=num_warps(WHITEN_BLOCK)
+    )
+    scalars, from_ptr = kernel_scalars(x.dtype, x.device, eps)
+    torch.library.wrap_triton(_whiten_merge_kernel)[(1,)](
+        parts[0], parts[1], parts[2], stat, P, eps, scalars if from_ptr else stat,
+        SCALARS_FROM_PTR=from_ptr, BLOCK=MERGE_BLOCK, num_warps=num_warps(MERGE_BLOCK),
+    )  # fmt: skip
+    torch.library.wrap_triton(_whiten_apply_kernel)[(P,)](
+        xf, mf, stat, out.view(-1), N, SHIFT_MEAN=shift_mean, BLOCK=WHITEN_BLOCK, num_warps=num_warps(WHITEN_BLOCK)
+    )
+    return out
+
+
+@torch.library.triton_op("rlhf_fast::group_advantages_triton", mutates_args=())
+@launch_on_tensor_device
+def group_advantages_triton(
+    scores: torch.Tensor, group_ids: torch.Tensor | None, group_size: int, estimator: str, eps: float
+) -> torch.Tensor:
+    out = torch.empty(scores.shape, dtype=acc_dtype(scores.dtype), device=scores.device)
+    N = scores.shape[0]
+    if N == 0 or not _backend.launches_kernels(scores):
+        return out
+    s = scores.contiguous()
+    if group_ids is not None:
+        perm, run_len = _sorted_runs(group_ids)
+        grid, block, by_id = N, 128, True
+    else:
+        perm = run_len = s  # unused (BY_ID=False)
+        grid, block, by_id = N // group_size, group_block(group_size), False
+    scalars, from_ptr = kernel_scalars(scores.dtype, scores.device, eps)
+    torch.library.wrap_triton(_group_advantages_fwd_kernel)[(grid,)](
+        s, perm, run_len, out, group_size, eps, scalars if from_ptr else out,
+        EST=ESTIMATORS.index(estimator), BY_ID=by_id, SCALARS_FROM_PTR=from_ptr, BLOCK=block,
+        num_warps=num_warps(block),
+    )  # fmt: skip
+    return out

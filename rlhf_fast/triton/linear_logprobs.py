@@ -19,13 +19,19 @@ the fp32 accumulator N x H (128 MiB at (8192, 4096)) instead of V x H
 (2 GiB at (131072, 4096)). The alternatives cost more: fully fused dH/dW
 kernels need either fp32 atomics ((N/BLOCK_N) * V * H of them for dW) or a
 recomputation of every logits tile per H tile (H/BLOCK_H = 32x the matmul).
+
+The launchers at the end are the triton_ops rlhf_fast::linear_logprobs_fwd_triton
+/ _bwd_triton; their fakes and autograd are in rlhf_fast/ops/linear_logprobs.py.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ._common import rounded, scalar_arg
+from .. import _backend
+from .._dtypes import acc_dtype
+from ._common import NEG_INF, cast_out, kernel_scalars, launch_on_tensor_device, num_warps, scalar_arg, tl_acc
 
 @triton.jit
 def _grouped_tile(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
@@ -93,7 +99,7 @@ def _linear_logprobs_fwd_kernel(
     v_hi = tl.minimum(V, v_lo + V_SPLIT)
     cols = tl.arange(0, BLOCK_V)
 
-    m = tl.full([BLOCK_N], float("-inf"), ACC)
+    m = tl.full([BLOCK_N], NEG_INF, ACC)
     s = tl.zeros([BLOCK_N], ACC)
     w = tl.zeros([BLOCK_N], ACC)
     zy = tl.zeros([BLOCK_N], ACC)
@@ -105,15 +111,15 @@ def _linear_logprobs_fwd_kernel(
             H, s_hn, s_hk, s_wv, s_wk, HAS_BIAS, ACC, DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
         # vocab tail masked to -inf (V % BLOCK_V != 0 must not add exp(0) terms)
-        z = tl.where(v_mask[None, :], logits * inv_temp, float("-inf"))
+        z = tl.where(v_mask[None, :], logits * inv_temp, NEG_INF)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # -inf guards as in the log-prob kernel: a row that has seen only -inf
         # keeps s = w = 0 instead of (-inf) - (-inf) = NaN.
-        ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        ref = tl.where(m_new == NEG_INF, 0.0, m_new)
         alpha = tl.exp(m - ref)
-        delta = tl.where(m == float("-inf"), 0.0, m - ref)
+        delta = tl.where(m == NEG_INF, 0.0, m - ref)
         e = tl.exp(z - ref[:, None])
-        d = tl.where(z == float("-inf"), 0.0, z - ref[:, None])
+        d = tl.where(z == NEG_INF, 0.0, z - ref[:, None])
         w = (w + delta * s) * alpha + tl.sum(d * e, axis=1)
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
@@ -135,6 +141,7 @@ def _linear_logprobs_dlogits_kernel(
     inv_temp, scalars_ptr, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
     ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCALARS_FROM_PTR: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr,  # the interpreter's bf16 cast truncates (see rounded)
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dz = (g_lp * (onehot - p) - g_H * p * (z - E_p[z])) / T on one tile,
@@ -166,7 +173,7 @@ def _linear_logprobs_dlogits_kernel(
     g = tl.where(active[:, None], g * inv_temp, 0.0)  # select, so 0 * inf on padding rows is dropped
     width = v_hi - v_lo
     dst = dl_ptr + offs_n[:, None].to(tl.int64) * width + (offs_v - v_lo)[None, :]
-    tl.store(dst, rounded(g, dl_ptr.dtype.element_ty), mask=row_mask[:, None] & v_mask[None, :])
+    tl.store(dst, cast_out(g, dl_ptr.dtype.element_ty, ROUND_BY_HAND), mask=row_mask[:, None] & v_mask[None, :])
 
 
 @triton.jit
@@ -211,12 +218,15 @@ def tile_config(N: int, V: int, H: int, interpret: bool, itemsize: int = 2) -> d
     Interpreter: the smallest tiles tl.dot accepts that still cover the test
     shapes in few programs (numpy cost grows with the program count)."""
     if interpret:
-        return dict(BLOCK_N=16 if N <= 16 else 32, BLOCK_V=64, BLOCK_K=32, GROUP=2, num_warps=4, num_stages=1)
-    if itemsize == 8:
-        return dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, GROUP=16, num_warps=4, num_stages=2)
-    if itemsize == 4:
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, GROUP=16, num_warps=4, num_stages=3)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP=16, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_N=16 if N <= 16 else 32, BLOCK_V=64, BLOCK_K=32, GROUP=2, num_stages=1)
+    elif itemsize == 8:
+        cfg = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, GROUP=16, num_stages=2)
+    elif itemsize == 4:
+        cfg = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, GROUP=16, num_stages=3)
+    else:
+        cfg = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP=16, num_stages=3)
+    # 64 fp32 accumulators per thread: 128 x 128 over 8 warps, the others 4
+    return dict(cfg, num_warps=num_warps(cfg["BLOCK_N"] * cfg["BLOCK_V"], per_thread=64))
 
 
 def num_splits(N: int, V: int, block_n: int, block_v: int, n_programs_wanted: int, group: int) -> int:
@@ -243,3 +253,149 @@ def wave_efficiency(row_tiles: int, v_tiles: int, splits: int, resident: int) ->
     a wave waits for the longest split (ceil(v_tiles / splits) tiles)."""
     waves = triton.cdiv(row_tiles * splits, resident)
     return row_tiles * v_tiles / (waves * resident * triton.cdiv(v_tiles, splits))
+
+
+# ---------------------------------------------------------------- launchers (triton_ops)
+
+
+def _programs_wanted(device: torch.device) -> int:
+    # two waves of programs over the SMs (132 on H100); 4 under the interpreter
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, V: int):
+    """(4, SPLITS, N) partial m, s, w, z_label -> logprobs, entropy, lse (N,)."""
+    m, s, w, zy = part.unbind(0)
+    m_row = m.amax(0)
+    ref = torch.where(m_row == float("-inf"), torch.zeros_like(m_row), m_row)
+    seen = s > 0  # a split whose logits were all -inf adds nothing
+    delta = torch.where(seen, m - ref, torch.zeros_like(m))
+    scale = torch.where(seen, torch.exp(delta), torch.zeros_like(m))
+    active = labels != ignore_index
+    s_row = torch.where(active, (s * scale).sum(0), torch.ones_like(m_row))
+    w_row = torch.where(active, ((w + delta * s) * scale).sum(0), torch.zeros_like(m_row))
+    log_s = torch.log(s_row)
+    zero = torch.zeros_like(m_row)
+    lse = torch.where(active, ref + log_s, zero)
+    ent = torch.where(active, log_s - w_row / s_row, zero)
+    lp = torch.where(active, zy.sum(0) - lse, zero)
+    # a label outside [0, V) (torch.compile skips the host check) matched
+    # no column: NaN, never a silent -lse
+    lp = torch.where(active & ((labels < 0) | (labels >= V)), torch.full_like(lp, float("nan")), lp)
+    return lp, ent, lse
+
+@torch.library.triton_op("rlhf_fast::linear_logprobs_fwd_triton", mutates_args=())
+@launch_on_tensor_device
+def linear_logprobs_fwd_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, H = hidden.shape
+    V = weight.shape[0]
+    if N == 0 or not _backend.launches_kernels(hidden):
+        return tuple(hidden.new_empty((N,), dtype=acc_dtype(hidden.dtype)) for _ in range(3))
+    cfg = tile_config(N, V, H, _backend.triton_interpret(), hidden.element_size())
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    splits = num_splits(N, V, bn, bv, _programs_wanted(hidden.device), cfg["GROUP"])
+    v_split = triton.cdiv(triton.cdiv(V, bv), splits) * bv  # num_splits leaves no split empty
+    part = hidden.new_empty((4, splits, N), dtype=acc_dtype(hidden.dtype))
+    labels = labels.contiguous()
+    scalars, from_ptr = kernel_scalars(hidden.dtype, hidden.device, 1.0 / temperature)
+    torch.library.wrap_triton(_linear_logprobs_fwd_kernel)[(triton.cdiv(N, bn) * splits,)](
+        hidden, weight, bias if bias is not None else hidden, labels,
+        part[0], part[1], part[2], part[3],
+        N, V, H, v_split, splits,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        1.0 / temperature, scalars if from_ptr else part, ignore_index,
+        HAS_BIAS=bias is not None, ACC=tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
+        SCALARS_FROM_PTR=from_ptr, **cfg,
+    )  # fmt: skip
+    return _merge_splits(part, labels, ignore_index, V)
+
+@torch.library.triton_op("rlhf_fast::linear_logprobs_bwd_triton", mutates_args=())
+@launch_on_tensor_device
+def linear_logprobs_bwd_triton(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # dW / dH GEMMs in the inputs' dtype with fp32 accumulation, never
+    # re-cast by an enclosing torch.autocast
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _linear_logprobs_bwd_triton_impl(
+            grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index,
+            chunk_size,
+        )  # fmt: skip
+
+def _linear_logprobs_bwd_triton_impl(
+    grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
+):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    grad_weight = torch.empty((V, H), dtype=weight.dtype, device=weight.device)
+    grad_bias = weight.new_empty((V,) if bias is not None else (0,), dtype=acc)
+    grad_hidden = torch.zeros((N, H), dtype=acc, device=hidden.device)  # fp32 accumulator over vocab chunks
+    if N == 0 or V == 0 or not _backend.launches_kernels(hidden):
+        return grad_hidden.to(hidden.dtype), grad_weight.zero_(), grad_bias.zero_().to(weight.dtype)
+    cfg = tile_config(N, V, H, _backend.triton_interpret(), hidden.element_size())
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    # vocab chunk: the same scratch as chunk_size tokens x V, in N-row form
+    v_chunk = min(V, max(bv, (chunk_size * V // N) // bv * bv))
+    scratch = hidden.new_empty((N * v_chunk,))
+    labels = labels.contiguous()
+    glp = grad_logprobs.to(acc).contiguous()
+    has_gh = grad_entropy is not None
+    gh = grad_entropy.to(acc).contiguous() if has_gh else glp
+    lse, entropy = lse.contiguous(), entropy.contiguous()
+    scalars, from_ptr = kernel_scalars(hidden.dtype, hidden.device, 1.0 / temperature)
+    for v_lo in range(0, V, v_chunk):
+        v_hi = min(V, v_lo + v_chunk)
+        dz = scratch[: N * (v_hi - v_lo)].view(N, v_hi - v_lo)
+        torch.library.wrap_triton(_linear_logprobs_dlogits_kernel)[(triton.cdiv(N, bn) * triton.cdiv(v_hi - v_lo, bv),)](
+            hidden, weight, bias if bias is not None else hidden, labels,
+            glp, gh, lse, entropy, dz,
+            N, H, v_lo, v_hi,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            1.0 / temperature, scalars if from_ptr else lse, ignore_index,
+            HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_gh,
+            ACC=tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
+            SCALARS_FROM_PTR=from_ptr, ROUND_BY_HAND=_backend.triton_interpret(), **cfg,
+        )  # fmt: skip
+        # dW rows of this chunk: one GEMM over all N tokens, fp32 inside,
+        # rounded once; no token-chunk partial sums of dW exist.
+        torch.mm(dz.t(), hidden, out=grad_weight[v_lo:v_hi])
+        w_c = weight[v_lo:v_hi]
+        if hidden.dtype == acc:
+            grad_hidden.addmm_(dz, w_c)
+        else:  # bf16 / fp16 GEMM with an fp32 accumulate-into epilogue
+            mm = tile_config(N, H, v_hi - v_lo, _backend.triton_interpret(), hidden.element_size())
+            torch.library.wrap_triton(_matmul_acc_kernel)[
+                (triton.cdiv(N, mm["BLOCK_N"]), triton.cdiv(H, mm["BLOCK_V"]))
+            ](
+                dz, w_c, grad_hidden, N, v_hi - v_lo, H,
+                dz.stride(0), dz.stride(1), w_c.stride(0), w_c.stride(1),
+                grad_hidden.stride(0), grad_hidden.stride(1),
+                ACC=tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
+                # K steps of 32: with 64 the fp32 read-add-write epilogue spilled 48 B (sm_90)
+                BLOCK_M=mm["BLOCK_N"], BLOCK_N=mm["BLOCK_V"], BLOCK_K=min(mm["BLOCK_K"], 32),
+                num_warps=mm["num_warps"], num_stages=mm["num_stages"],
+            )  # fmt: skip
+        if bias is not None:
+            grad_bias[v_lo:v_hi] = dz.sum(0, dtype=acc)
+    return grad_hidden.to(hidden.dtype), grad_weight, grad_bias.to(weight.dtype)
+

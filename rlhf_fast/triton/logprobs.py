@@ -11,6 +11,9 @@ cross-warp reduction inside the loop (sm_90a: see docs/kernels.md). The
 logits are read exactly once: N*V*2 bytes for bf16, 5 GB at (16384, 151936).
 Backward recomputes p from the saved lse and writes d logits in one more
 sweep.
+
+The launchers at the end are the triton_ops rlhf_fast::logprobs_fwd_triton /
+_bwd_triton; their fakes and autograd are in rlhf_fast/ops/logprobs.py.
 """
 from __future__ import annotations
 
@@ -18,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_out, scalar_arg
+from .. import _backend
+from .._dtypes import acc_dtype
+from ._common import LN2, LOG2E, NEG_INF, cast_out, kernel_scalars, launch_on_tensor_device, num_warps, scalar_arg, tl_acc
 
-# log2(e) and ln(2), written as literals inside the kernels (a GPU compile
-# rejects non-constexpr globals): 1.4426950408889634, 0.6931471805599453.
 STRIP = 16
 
 
@@ -33,9 +36,9 @@ def row_lse_step(z, m, s, w, c, ENTROPY: tl.constexpr):
     m_new = tl.maximum(m, tl.max(z, axis=1))  # max drops a NaN z; e = 2^NaN carries it into s
     # A strip that has seen only -inf keeps reference 0 and s = w = 0, so no
     # (-inf) - (-inf) = NaN appears.
-    ref_old = tl.where(m == float("-inf"), 0.0, m * c)
-    ref = tl.where(m_new == float("-inf"), 0.0, m_new * c)
-    alpha = tl.where(m == float("-inf"), 0.0, tl.exp2(ref_old - ref))
+    ref_old = tl.where(m == NEG_INF, 0.0, m * c)
+    ref = tl.where(m_new == NEG_INF, 0.0, m_new * c)
+    alpha = tl.where(m == NEG_INF, 0.0, tl.exp2(ref_old - ref))
     d = z * c - ref[:, None]
     e = tl.exp2(d)
     if ENTROPY:
@@ -51,9 +54,9 @@ def row_lse_finish(m, s, w, c, ENTROPY: tl.constexpr):
     """Merge the strips: (row max (raw), sum 2^d, sum d 2^d) relative to the
     row max. NaN in any strip's s reaches s_row (NaN * 0 is NaN)."""
     m_row = tl.max(m, axis=0)
-    ref = tl.where(m_row == float("-inf"), 0.0, m_row * c)
-    delta = tl.where(m == float("-inf"), 0.0, m * c - ref)
-    scale = tl.where(m == float("-inf"), 0.0, tl.exp2(delta))
+    ref = tl.where(m_row == NEG_INF, 0.0, m_row * c)
+    delta = tl.where(m == NEG_INF, 0.0, m * c - ref)
+    scale = tl.where(m == NEG_INF, 0.0, tl.exp2(delta))
     s_row = tl.sum(s * scale, axis=0)
     if ENTROPY:
         w_row = tl.sum((w + delta * s) * scale, axis=0)
@@ -68,7 +71,7 @@ def row_lse(m_row, s_row, inv_temp):
     one expression for the log-prob kernel and the sampler, so both contract
     it into the same FFMA."""
     log2_s = tl.log2(s_row)
-    return m_row * inv_temp + log2_s * 0.6931471805599453, log2_s
+    return m_row * inv_temp + log2_s * LN2, log2_s
 
 
 @triton.jit
@@ -85,7 +88,7 @@ def _logprobs_fwd_kernel(
     STRIP: tl.constexpr,
 ):
     inv_temp = scalar_arg(inv_temp, scalars_ptr, 0, SCALARS_FROM_PTR)
-    c = inv_temp * 1.4426950408889634  # log2(e) / T
+    c = inv_temp * LOG2E  # log2(e) / T
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // B) * stride_a + (row % B) * stride_b
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -93,7 +96,7 @@ def _logprobs_fwd_kernel(
     n_cols = tl.where(active, V, 0)  # padding rows: the loops run 0 times
     offs = tl.arange(0, BLOCK_V // STRIP)[:, None] * STRIP + tl.arange(0, STRIP)[None, :]
 
-    m = tl.full([BLOCK_V // STRIP], float("-inf"), ACC)
+    m = tl.full([BLOCK_V // STRIP], NEG_INF, ACC)
     s = tl.zeros([BLOCK_V // STRIP], ACC)
     w = tl.zeros([BLOCK_V // STRIP], ACC)
     n_full = (n_cols // BLOCK_V) * BLOCK_V
@@ -101,7 +104,7 @@ def _logprobs_fwd_kernel(
         z = tl.load(row_ptr + start + offs).to(ACC)
         m, s, w = row_lse_step(z, m, s, w, c, ENTROPY)
     if n_full < n_cols:  # the ragged tail, masked
-        z = tl.load(row_ptr + n_full + offs, mask=n_full + offs < V, other=float("-inf")).to(ACC)
+        z = tl.load(row_ptr + n_full + offs, mask=n_full + offs < V, other=NEG_INF).to(ACC)
         m, s, w = row_lse_step(z, m, s, w, c, ENTROPY)
     m_row, s_row, w_row = row_lse_finish(m, s, w, c, ENTROPY)
     # padding rows: s = 1, w = 0 keep log / divide quiet; outputs are 0 below
@@ -115,7 +118,7 @@ def _logprobs_fwd_kernel(
     z_label = tl.load(row_ptr + safe_label, mask=in_range, other=float("nan")).to(ACC) * inv_temp
     tl.store(lp_ptr + row, tl.where(active, z_label - lse, 0.0))
     if ENTROPY:
-        entropy = (log2_s - tl.where(active, w_row, 0.0) / s_row) * 0.6931471805599453
+        entropy = (log2_s - tl.where(active, w_row, 0.0) / s_row) * LN2
         tl.store(ent_ptr + row, tl.where(active, entropy, 0.0))
     else:
         tl.store(ent_ptr + row, tl.zeros([], ACC))
@@ -138,7 +141,7 @@ def _logprobs_bwd_kernel(
     which one fix-up store adds after the sweep: per element one FFMA and one
     MUFU for p, one FFMA for A + B x, two clamps, one multiply and the cast."""
     inv_temp = scalar_arg(inv_temp, scalars_ptr, 0, SCALARS_FROM_PTR)
-    c = inv_temp * 1.4426950408889634  # log2(e) / T
+    c = inv_temp * LOG2E  # log2(e) / T
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + (row // B) * stride_a + (row % B) * stride_b
     out_ptr = dx_ptr + row * V
@@ -148,7 +151,7 @@ def _logprobs_bwd_kernel(
     lse = tl.load(lse_ptr + row)
     # p = 2^(x c - lse2); a label out of range makes the row's gradient NaN
     # (the forward's NaN row), through p
-    lse2 = tl.where(label_ok, lse * 1.4426950408889634, float("nan"))
+    lse2 = tl.where(label_ok, lse * LOG2E, float("nan"))
     g_lp = tl.load(glp_ptr + row).to(ACC)
     a = -g_lp * inv_temp
     b = 0.0
@@ -166,7 +169,7 @@ def _logprobs_bwd_kernel(
             tl.store(out_ptr + start + cols, cast_out(g, dx_ptr.dtype.element_ty, ROUND_BY_HAND))
         if n_full < V:
             offs = n_full + cols
-            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(ACC)
+            x = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(ACC)
             g = _dlogit(x, c, lse2, a, b, HAS_GRAD_ENTROPY)
             tl.store(out_ptr + offs, cast_out(g, dx_ptr.dtype.element_ty, ROUND_BY_HAND), mask=offs < V)
         if label_ok:
@@ -201,4 +204,61 @@ def row_config(V: int, fp64: bool = False) -> dict:
     256 strips of 16, their (m, s, w) state 6 registers per thread. fp64
     rows use 1024 lanes (the 4096-lane fp64 forward spilled 27 KB)."""
     bv = max(STRIP, min(1024 if fp64 else 4096, triton.next_power_of_2(max(V, 1))))
-    return dict(BLOCK_V=bv, num_warps=8 if bv >= 2048 else 4)
+    return dict(BLOCK_V=bv, num_warps=num_warps(bv))
+
+
+# ---------------------------------------------------------------- launchers (triton_ops)
+
+
+@torch.library.triton_op("rlhf_fast::logprobs_fwd_triton", mutates_args=())
+@launch_on_tensor_device
+def logprobs_fwd_triton(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, compute_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (A, B, V) with any strides on A, B; labels (A, B). Returns
+    logprobs, entropy, lse (A, B) in the accumulation dtype.
+    compute_entropy=False leaves the entropy output 0 (a log-prob-only
+    sweep: 2 fewer instructions per logit); the backward never reads it
+    then, since no gradient can flow into an entropy nobody returned."""
+    A, B, V = logits.shape
+    lp, ent, lse = (logits.new_empty((A, B), dtype=acc_dtype(logits.dtype)) for _ in range(3))
+    if A * B > 0 and _backend.launches_kernels(logits):
+        scalars, from_ptr = kernel_scalars(logits.dtype, logits.device, 1.0 / temperature)
+        torch.library.wrap_triton(_logprobs_fwd_kernel)[(A * B,)](
+            logits, labels.contiguous(), lp, ent, lse,
+            B, V, logits.stride(0), logits.stride(1),
+            1.0 / temperature, scalars if from_ptr else lse, ignore_index,
+            ACC=tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr, ENTROPY=compute_entropy,
+            STRIP=STRIP, **row_config(V, logits.dtype == torch.float64),
+        )  # fmt: skip
+    return lp, ent, lse
+
+
+@torch.library.triton_op("rlhf_fast::logprobs_bwd_triton", mutates_args=())
+@launch_on_tensor_device
+def logprobs_bwd_triton(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    A, B, V = logits.shape
+    grad_logits = torch.empty((A, B, V), dtype=logits.dtype, device=logits.device)
+    if grad_logits.numel() > 0 and _backend.launches_kernels(logits):
+        acc = acc_dtype(logits.dtype)
+        has_gh = grad_entropy is not None
+        gh = grad_entropy.to(acc).contiguous() if has_gh else lse
+        scalars, from_ptr = kernel_scalars(logits.dtype, logits.device, 1.0 / temperature)
+        torch.library.wrap_triton(_logprobs_bwd_kernel)[(A * B,)](
+            logits, labels.contiguous(), grad_logprobs.to(acc).contiguous(), gh,
+            lse.contiguous(), entropy.contiguous(), grad_logits,
+            B, V, logits.stride(0), logits.stride(1),
+            1.0 / temperature, scalars if from_ptr else lse, ignore_index,
+            HAS_GRAD_ENTROPY=has_gh, ACC=tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr,
+            ROUND_BY_HAND=_backend.triton_interpret(), **row_config(V, logits.dtype == torch.float64),
+        )  # fmt: skip
+    return grad_logits

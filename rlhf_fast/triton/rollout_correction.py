@@ -1,5 +1,5 @@
 """Triton rollout correction for the fused PPO loss (triton/ppo_loss.py);
-definitions in rlhf_fast/reference/rollout_correction.py, C++ twin in
+definitions in rlhf_fast/reference/_rollout_correction.py, C++ twin in
 csrc/include/rlhf_fast/rollout_correction.h.
 
 Token-level corrections need nothing but the token: the forward kernel calls
@@ -14,15 +14,17 @@ _rollout_corr_finish_kernel folds the 12 per-chunk metric partials into the
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ._common import clamp_nan
+from ._common import NEG_INF, POS_INF, clamp_nan, load_f64, num_warps, tl_acc
 
 IS_CODES = {"none": 0, "token": 1, "sequence": 2, "geometric": 3}
 RS_LEVELS = {"token": 0, "seq_sum": 1, "seq_mean": 2, "seq_max": 3}
 N_ROW_PARTIALS = 7  # n, sum lr, sum k1, sum k2, sum k3, max k2, max k3
 N_RC_PARTIALS = 12  # n0, old, rollout, lr, k3, rho^2, w, max w, min w, n_high, n_low, n_rejected
+N_RC_STATS = 18  # the rollout_corr/* stats (reference.RC_STATS), written after the 8 loss stats
 
 
 def rs_codes(rs: str) -> tuple[int, int]:
@@ -129,8 +131,8 @@ def _rc_token_terms(
     tl.store(part_out + 4, tl.sum(fv * k3, axis=0))
     tl.store(part_out + 5, tl.sum(fv * e * e, axis=0))
     tl.store(part_out + 6, tl.sum(fv * w, axis=0))
-    tl.store(part_out + 7, tl.max(tl.where(valid, w, float("-inf")), axis=0))
-    tl.store(part_out + 8, tl.min(tl.where(valid, w, float("inf")), axis=0))
+    tl.store(part_out + 7, tl.max(tl.where(valid, w, NEG_INF), axis=0))
+    tl.store(part_out + 8, tl.min(tl.where(valid, w, POS_INF), axis=0))
     tl.store(part_out + 9, tl.sum((valid & (raw > is_hi)).to(ACC), axis=0))
     tl.store(part_out + 10, tl.sum((valid & (raw < is_lo)).to(ACC), axis=0))
     tl.store(part_out + 11, tl.sum((valid & (keep == 0)).to(ACC), axis=0))
@@ -161,8 +163,8 @@ def _rollout_corr_finish_kernel(
     slr = z
     sk3 = z
     srho2 = z
-    mxw = z - float("inf")
-    mnw = z + float("inf")
+    mxw = z + NEG_INF
+    mnw = z + POS_INF
     seq_rej = z
     chi2s = z
     tppl = z
@@ -174,8 +176,8 @@ def _rollout_corr_finish_kernel(
     pr = z
     seq_hi = z
     seq_lo = z
-    seq_mx = z - float("inf")
-    seq_mn = z + float("inf")
+    seq_mx = z + NEG_INF
+    seq_mn = z + POS_INF
     for b0 in range(0, B, BLOCK_B):
         bb = (b0 + rows).to(tl.int64)
         live = bb < B
@@ -186,18 +188,18 @@ def _rollout_corr_finish_kernel(
         rej = n0
         for c in range(0, n_chunks):
             q = part_ptr + (bb * n_chunks + c) * NP + OFF
-            n0 += tl.load(q + 0, mask=live, other=0.0).to(tl.float64)
-            so += tl.load(q + 1, mask=live, other=0.0).to(tl.float64)
-            sr += tl.load(q + 2, mask=live, other=0.0).to(tl.float64)
-            lr += tl.load(q + 3, mask=live, other=0.0).to(tl.float64)
-            sk3 += tl.load(q + 4, mask=live, other=0.0).to(tl.float64)
-            srho2 += tl.load(q + 5, mask=live, other=0.0).to(tl.float64)
-            sw += tl.load(q + 6, mask=live, other=0.0).to(tl.float64)
-            mxw = tl.maximum(mxw, tl.load(q + 7, mask=live, other=float("-inf")).to(tl.float64))
-            mnw = tl.minimum(mnw, tl.load(q + 8, mask=live, other=float("inf")).to(tl.float64))
-            nh += tl.load(q + 9, mask=live, other=0.0).to(tl.float64)
-            nl += tl.load(q + 10, mask=live, other=0.0).to(tl.float64)
-            rej += tl.load(q + 11, mask=live, other=0.0).to(tl.float64)
+            n0 += load_f64(q + 0, live)
+            so += load_f64(q + 1, live)
+            sr += load_f64(q + 2, live)
+            lr += load_f64(q + 3, live)
+            sk3 += load_f64(q + 4, live)
+            srho2 += load_f64(q + 5, live)
+            sw += load_f64(q + 6, live)
+            mxw = tl.maximum(mxw, tl.load(q + 7, mask=live, other=NEG_INF).to(tl.float64))
+            mnw = tl.minimum(mnw, tl.load(q + 8, mask=live, other=POS_INF).to(tl.float64))
+            nh += load_f64(q + 9, live)
+            nl += load_f64(q + 10, live)
+            rej += load_f64(q + 11, live)
         N += n0
         nrej += rej
         slr += lr
@@ -221,8 +223,8 @@ def _rollout_corr_finish_kernel(
         raw = tl.exp(tl.minimum(tl.maximum(lrow, -20.0), 20.0))
         seq_hi += (ne & (raw > is_hi)).to(tl.float64)
         seq_lo += (ne & (raw < is_lo)).to(tl.float64)
-        seq_mx = tl.maximum(seq_mx, tl.where(ne, raw, float("-inf")))
-        seq_mn = tl.minimum(seq_mn, tl.where(ne, raw, float("inf")))
+        seq_mx = tl.maximum(seq_mx, tl.where(ne, raw, NEG_INF))
+        seq_mn = tl.minimum(seq_mn, tl.where(ne, raw, POS_INF))
     Nt = tl.sum(N, axis=0)
     St = tl.sum(S, axis=0)
     iN = tl.where(Nt > 0, 1.0 / tl.maximum(Nt, 1.0), 0.0)
@@ -264,3 +266,29 @@ def _rollout_corr_finish_kernel(
 def block_b_rc(B: int) -> int:
     # 24 fp64 row accumulators: 128 rows x 24 x 8 B = 24 KB of registers at 4 warps
     return max(16, min(128, triton.next_power_of_2(max(B, 1))))
+
+
+# ---------------------------------------------------------------- launch steps of rlhf_fast::ppo_loss_fwd_triton
+
+
+def launch_row_pass(old, roll, m8, part, is_code: int, rs_lvl: int, block_t: int, warps: int) -> torch.Tensor:
+    """The row partials the sequence / geometric modes need, or `part`
+    itself (a placeholder the kernel never reads) for token-level ones."""
+    if not needs_row_pass(is_code, rs_lvl):
+        return part
+    B, n_chunks, _ = part.shape
+    rowp = torch.empty((B, n_chunks, N_ROW_PARTIALS), dtype=part.dtype, device=part.device)
+    torch.library.wrap_triton(_rollout_row_kernel)[(B, n_chunks)](
+        old, roll, m8, rowp, old.shape[1], ACC=tl_acc(part.dtype), BLOCK_T=block_t, num_warps=warps
+    )
+    return rowp
+
+
+def launch_finish(part, stats, params, from_ptr: bool, is_code: int, rs_lvl: int, is_hi: float, is_lo: float, off: int):
+    """The rollout_corr/* stats from the forward's per-chunk partials (columns off: of part)."""
+    B, n_chunks, n_part = part.shape
+    torch.library.wrap_triton(_rollout_corr_finish_kernel)[(1,)](
+        part, stats, params if from_ptr else part, B, n_chunks, is_hi, is_lo,
+        NP=n_part, OFF=off, IS=is_code, HAS_RS=rs_lvl >= 0, PARAMS_FROM_PTR=from_ptr,
+        BLOCK_B=block_b_rc(B), num_warps=num_warps(block_b_rc(B)),
+    )  # fmt: skip

@@ -10,16 +10,21 @@ largest key whose count (top-k) or mass (top-p) of tokens above it still
 meets the target. Each halving is one sweep over the row; at most 32 per
 filter, and a row whose filter is off runs none. Then one more sweep does
 the race over the kept tokens and their mass. Noise and semantics are those
-of rlhf_fast/reference/sampling.py.
+of rlhf_fast/reference/_sampling.py.
+
+The launcher at the end is the triton_op rlhf_fast::sample_fwd_triton; its
+fake is in rlhf_fast/ops/sampling.py.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from .. import _backend
+from ._common import LOG2E, NEG_INF, launch_on_tensor_device
 from .logprobs import STRIP, row_lse, row_lse_finish, row_lse_step
 from .logprobs import row_config as _logprobs_row_config
-
 
 
 @triton.jit
@@ -58,7 +63,7 @@ def _count_ge(row_ptr, V, inv_t, thr, BLOCK_V: tl.constexpr):
     acc = tl.zeros([BLOCK_V], tl.int32)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
+        z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
         acc += (z >= thr).to(tl.int32)
     return tl.sum(acc, axis=0)
 
@@ -69,7 +74,7 @@ def _mass_ge(row_ptr, V, inv_t, mz, thr, BLOCK_V: tl.constexpr):
     acc = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
+        z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
         acc += tl.where(z >= thr, tl.exp(z - mz), 0.0)
     return tl.sum(acc, axis=0)
 
@@ -96,14 +101,14 @@ def _sample_fwd_kernel(
     # sweep 1: the log-prob kernel's strips and row_lse_step (bit-identical
     # lse) and, when nothing is truncated, the race in the same pass
     offs2 = tl.arange(0, BLOCK_V // STRIP)[:, None] * STRIP + tl.arange(0, STRIP)[None, :]
-    m = tl.full([BLOCK_V // STRIP], float("-inf"), tl.float32)
+    m = tl.full([BLOCK_V // STRIP], NEG_INF, tl.float32)
     s = tl.zeros([BLOCK_V // STRIP], tl.float32)
-    best = tl.full([BLOCK_V // STRIP, STRIP], float("-inf"), tl.float32)
+    best = tl.full([BLOCK_V // STRIP, STRIP], NEG_INF, tl.float32)
     best_j = tl.full([BLOCK_V // STRIP, STRIP], 0, tl.int32)
-    c = inv_t * 1.4426950408889634
+    c = inv_t * LOG2E
     for start in range(0, V, BLOCK_V):
         offs = start + offs2
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32)
         m, s, _ = row_lse_step(x, m, s, s, c, False)
         if not FILTERED:
             z = x * inv_t
@@ -130,7 +135,7 @@ def _sample_fwd_kernel(
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
         k_on = (k > 0) & (k < V)
-        tau_k = tl.where(k_on, _key_float(lo), float("-inf"))
+        tau_k = tl.where(k_on, _key_float(lo), NEG_INF)
         mass_k = tl.where(k_on, _mass_ge(row_ptr, V, inv_t, mz, tau_k, BLOCK_V), s_row)
         # top-p: largest key >= tau_k whose mass reaches top_p * mass_k
         target = p * mass_k
@@ -141,15 +146,15 @@ def _sample_fwd_kernel(
             ok = _mass_ge(row_ptr, V, inv_t, mz, _key_float(mid), BLOCK_V) >= target
             lo = tl.where(ok, mid, lo)
             hi = tl.where(ok, hi, mid - 1)
-        tau_p = tl.where(p < 1.0, _key_float(lo), float("-inf"))
-        tau_min = tl.where(mp > 0.0, mz + tl.log(tl.where(mp > 0.0, mp, 1.0)), float("-inf"))
+        tau_p = tl.where(p < 1.0, _key_float(lo), NEG_INF)
+        tau_min = tl.where(mp > 0.0, mz + tl.log(tl.where(mp > 0.0, mp, 1.0)), NEG_INF)
         thr = tl.minimum(tl.maximum(tl.maximum(tau_k, tau_p), tau_min), mz)
-        thr = tl.where(greedy, float("-inf"), thr)
+        thr = tl.where(greedy, NEG_INF, thr)
         # sweep: race over the kept tokens and their mass
         acc = tl.zeros([BLOCK_V // STRIP, STRIP], tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + offs2
-            z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
+            z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
             kept = (z >= thr) & (offs < V)
             acc += tl.where(kept, tl.exp(z - mz), 0.0)
             key = tl.where(greedy, z, z + _gumbel(seed_lo, seed_hi, offs))
@@ -172,3 +177,34 @@ def row_config(V: int) -> dict:
     # The log-prob kernel's tile width and warps (fp32 states), so both reduce
     # the row in the same lane order and their log-sum-exp agree bit for bit.
     return dict(_logprobs_row_config(V), STRIP=STRIP)
+
+
+# ---------------------------------------------------------------- launcher (triton_op)
+
+
+@torch.library.triton_op("rlhf_fast::sample_fwd_triton", mutates_args=())
+@launch_on_tensor_device
+def sample_fwd_triton(
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    filtered: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (B, V); per-row parameters (B,) (ops/sampling.py row_params).
+    Returns tokens (B,) int64, raw and processed log-probs (B,) fp32."""
+    B, V = logits.shape
+    tokens = logits.new_empty((B,), dtype=torch.int64)
+    lp, plp = (logits.new_empty((B,), dtype=torch.float32) for _ in range(2))
+    if B > 0 and _backend.launches_kernels(logits):
+        if V > 1 and logits.stride(1) != 1:
+            logits = logits.contiguous()
+        torch.library.wrap_triton(_sample_fwd_kernel)[(B,)](
+            logits, seeds.contiguous(), temperature.contiguous(), top_k.contiguous(),
+            top_p.contiguous(), min_p.contiguous(), tokens, lp, plp,
+            V, logits.stride(0),
+            FILTERED=filtered, **row_config(V),
+        )  # fmt: skip
+    return tokens, lp, plp

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import acc_dtype
+
 
 def logprobs_from_logits(
     logits: torch.Tensor,
@@ -15,7 +17,7 @@ def logprobs_from_logits(
     """log p(label) under softmax(logits / temperature), in float32 (float64
     for float64 logits); entropy of the same distribution if asked. Positions
     whose label is ignore_index give 0 and receive no gradient."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits.dtype)
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logp_all = torch.log_softmax(logits.to(acc) / temperature, dim=-1)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import acc_dtype
+
 _M32 = 0xFFFFFFFF
 _C1 = 0x7FEB352D  # lowbias32 (C. Wellons' hash-prospector), bias ~0.17
 _C2 = 0x846CA68B
@@ -103,7 +105,7 @@ def sample(
     under softmax(z), z = logits / T; T = 1 for greedy rows) and
     processed_logprobs (B,) (under the kept, renormalised distribution; 0
     for greedy rows), fp32 (fp64 for fp64 logits)."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits.dtype)
     B, V = logits.shape
     greedy = temperature == 0
     t64 = temperature.to(torch.float64)

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import torch
 
-from . import rollout_correction as _rc
+from .._dtypes import acc_dtype
+
+from . import _rollout_correction as _rc
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "k2", "k3", "abs")
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi / pi_old) to +-20 before exp
 K3_CLAMP = 10.0  # verl's low_var_kl clamps the estimate to +-10
-
-
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _valid(mask: torch.Tensor) -> torch.Tensor:
@@ -74,7 +72,7 @@ def ppo_policy_loss_terms(
     token-mean stats. verl compute_policy_loss_vanilla, dual clip optional;
     weights (B, T), stop-gradient, multiply the per-token loss (verl's
     rollout_is_weights)."""
-    acc = _acc(logprobs)
+    acc = acc_dtype(logprobs.dtype)
     valid = _valid(mask)
     lp = _masked(logprobs, valid, acc)
     old = _masked(old_logprobs, valid, acc).detach()
@@ -125,7 +123,7 @@ def ppo_policy_loss(
 def kl_penalty(logprobs, ref_logprobs, *, kind="k3"):
     """Per-token KL estimate of logprobs vs ref_logprobs (verl kl_penalty),
     fp32 (fp64 for fp64 inputs); differentiable in logprobs only."""
-    acc = _acc(logprobs)
+    acc = acc_dtype(logprobs.dtype)
     lp = logprobs.to(acc)
     ref = ref_logprobs.to(acc).detach()
     if kind == "k1":
@@ -150,7 +148,7 @@ def ppo_loss(
     With rollout_logprobs: the rollout_corr/* metrics, and rollout_correction
     (a RolloutCorrection) weights the clipped term and rejects tokens."""
     valid = _valid(mask)
-    acc = _acc(logprobs)
+    acc = acc_dtype(logprobs.dtype)
     weights, rc_stats = None, {}
     if rollout_logprobs is not None:
         weights, valid, rc = _rc.correction_terms(old_logprobs, rollout_logprobs, valid, rollout_correction)
@@ -183,7 +181,7 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-me
     Stats: clipfrac (token mean of the clipped term winning) and
     explained_variance = 1 - Var[R - v] / (Var[R] + 1e-8), population
     variances over the valid tokens (0 when nothing is valid)."""
-    acc = _acc(values)
+    acc = acc_dtype(values.dtype)
     valid = _valid(mask)
     v = _masked(values, valid, acc)
     v_old = _masked(old_values, valid, acc).detach()

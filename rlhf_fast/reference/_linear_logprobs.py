@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .logprobs import logprobs_from_logits
+from ._logprobs import logprobs_from_logits
 
 
 def linear_logprobs(

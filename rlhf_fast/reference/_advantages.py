@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import acc_dtype
+
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
-
-
-def _acc(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _per_row(x, B: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -36,7 +34,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=1.0):
     tokens are skipped) and give advantage = return = 0.
     Returns (advantages, returns), returns = advantages + values where valid.
     """
-    acc = _acc(rewards, values)
+    acc = acc_dtype(rewards.dtype, values.dtype)
     B, T = rewards.shape
     r, v = rewards.to(acc), values.to(acc)
     m = mask != 0
@@ -60,7 +58,7 @@ def discounted_returns(rewards, mask, *, gamma=1.0):
     """G_t = r_t + gamma * G_(next valid t), 0 at masked positions, which the
     running return passes through unchanged (REINFORCE / REINFORCE++).
     rewards, mask: (B, T); gamma: float or (B,) tensor."""
-    acc = _acc(rewards)
+    acc = acc_dtype(rewards.dtype)
     B, T = rewards.shape
     r = rewards.to(acc)
     m = mask != 0
@@ -82,7 +80,7 @@ def whiten(x, mask, *, shift_mean=True, eps=1e-8):
     taken as 0 (verl raises): one valid element gives 0 (shift_mean) or x
     itself; none gives all zeros. An element equal to the mean maps to 0
     whatever eps is, so eps=0 on constant input gives 0, not 0 * inf = NaN."""
-    acc = _acc(x)
+    acc = acc_dtype(x.dtype)
     m = mask != 0
     xv = torch.where(m, x.to(acc), torch.zeros((), dtype=acc, device=x.device))
     n = m.sum()
@@ -115,7 +113,7 @@ def group_advantages(scores, groups, *, estimator="grpo", eps=1e-6):
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
-    acc = _acc(scores)
+    acc = acc_dtype(scores.dtype)
     s = scores.to(acc)
     N = s.shape[0]
     if isinstance(groups, int):

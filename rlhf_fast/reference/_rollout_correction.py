@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._dtypes import acc_dtype
+
 IS_LEVELS = ("token", "sequence", "geometric")
 RS_OPTIONS = (
     "token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
@@ -143,10 +145,6 @@ class RolloutCorrection:
 # ---------------------------------------------------------------- reference math
 
 
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _mean(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
 
@@ -156,7 +154,7 @@ def correction_terms(old_logprobs, rollout_logprobs, mask, spec: RolloutCorrecti
     (1 without rollout_is), keep (B, T) bool the mask after rejection, and
     the rollout_corr/* metrics (dict of 0-dim tensors, keys RC_STATS)."""
     spec = spec or RolloutCorrection()
-    acc = _acc(old_logprobs)
+    acc = acc_dtype(old_logprobs.dtype)
     valid = mask if mask.dtype == torch.bool else mask != 0
     zero = torch.zeros((), dtype=acc, device=old_logprobs.device)
     old = torch.where(valid, old_logprobs.detach().to(acc), zero)
