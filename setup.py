@@ -14,12 +14,12 @@ Environment:
                              build/ folder, so ninja recompiles only what changed
                              (pip would build it from scratch in a throw-away one)
 """
+
 import glob
 import os
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -63,9 +63,15 @@ def extension():
     # -fno-trapping-math: nothing here relies on FP exceptions; with traps
     # assumed GCC will not if-convert `valid ? f(x) : 0` loops.
     cxx = [
-        "-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math",
-        "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi",
-    ]  # fmt: skip
+        "-O3",
+        "-std=c++20",
+        "-fopenmp",
+        "-ffp-contract=off",
+        "-fno-trapping-math",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-Wno-psabi",
+    ]
     if os.environ.get("RLHF_FAST_NATIVE") == "1":
         cxx.append("-march=native")
     define_macros = []

@@ -2,6 +2,7 @@
 
 Runs the kernel benchmarks from a source checkout's root; each family's
 ratios are against peers timed in the same process (see docs/benchmarks.md)."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,14 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(available_ops()))
         return 0
-    return run(quick=args.quick, op=args.op, json_file=args.json_file, plot_file=args.plot_file,
-               threads=args.threads, note=args.note)  # fmt: skip
+    return run(
+        quick=args.quick,
+        op=args.op,
+        json_file=args.json_file,
+        plot_file=args.plot_file,
+        threads=args.threads,
+        note=args.note,
+    )
 
 
 if __name__ == "__main__":

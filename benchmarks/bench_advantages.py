@@ -15,6 +15,7 @@ torchrl's GAE treats masked steps as episode ends (`done`), not as skipped
 tokens, so it is timed on the same tensors but is not the same function for
 holed masks; the loop reference is the semantic match.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,9 +56,19 @@ def _gae_records(B, T, device, warmup, repeat, loop_repeat) -> list[Record]:
     recs = []
     ours = lambda: rlhf_fast.gae(r, v, m, gamma=GAMMA, lam=LAM)  # noqa: E731
     loop = lambda: reference.gae(r, v, m, gamma=GAMMA, lam=LAM)  # noqa: E731
-    recs += compare(op="gae", impl="rlhf_fast", fn=ours, baselines={"verl-style loop (reference.gae)": loop},
-                    shape=shape, dtype="float32", device=device, mode="fwd", bytes_moved=nbytes,
-                    warmup=1, repeat=loop_repeat)  # fmt: skip
+    recs += compare(
+        op="gae",
+        impl="rlhf_fast",
+        fn=ours,
+        baselines={"verl-style loop (reference.gae)": loop},
+        shape=shape,
+        dtype="float32",
+        device=device,
+        mode="fwd",
+        bytes_moved=nbytes,
+        warmup=1,
+        repeat=loop_repeat,
+    )
     trl = _torchrl_gae()
     if not isinstance(trl, str):
         done = (~m).unsqueeze(-1)
@@ -67,35 +78,71 @@ def _gae_records(B, T, device, warmup, repeat, loop_repeat) -> list[Record]:
         trl_fn = lambda: trl(GAMMA, LAM, vv, nv, rr, done, done, time_dim=-2)  # noqa: E731
     else:
         trl_fn = trl
-    recs += compare(op="gae", impl="rlhf_fast", fn=ours,
-                    baselines={"torchrl vec_generalized_advantage_estimate": trl_fn},
-                    shape=shape, dtype="float32", device=device, mode="fwd", bytes_moved=nbytes,
-                    warmup=warmup, repeat=repeat)[1:]  # fmt: skip
+    recs += compare(
+        op="gae",
+        impl="rlhf_fast",
+        fn=ours,
+        baselines={"torchrl vec_generalized_advantage_estimate": trl_fn},
+        shape=shape,
+        dtype="float32",
+        device=device,
+        mode="fwd",
+        bytes_moved=nbytes,
+        warmup=warmup,
+        repeat=repeat,
+    )[1:]
     dr = lambda: rlhf_fast.discounted_returns(r, m, gamma=GAMMA)  # noqa: E731
     dr_loop = lambda: reference.discounted_returns(r, m, gamma=GAMMA)  # noqa: E731
-    recs += compare(op="discounted_returns", impl="rlhf_fast", fn=dr, baselines={"loop (reference)": dr_loop},
-                    shape=shape, dtype="float32", device=device, mode="fwd", bytes_moved=B * T * 9,
-                    warmup=1, repeat=loop_repeat)  # fmt: skip
+    recs += compare(
+        op="discounted_returns",
+        impl="rlhf_fast",
+        fn=dr,
+        baselines={"loop (reference)": dr_loop},
+        shape=shape,
+        dtype="float32",
+        device=device,
+        mode="fwd",
+        bytes_moved=B * T * 9,
+        warmup=1,
+        repeat=loop_repeat,
+    )
     return recs
 
 
 def _stats_records(B, T, device, warmup, repeat) -> list[Record]:
     r, _, m = _inputs(B, T, device)
     shape = f"({B}, {T})"
-    recs = compare(op="whiten", impl="rlhf_fast", fn=lambda: rlhf_fast.whiten(r, m),
-                   baselines={"eager torch (reference.whiten)": lambda: reference.whiten(r, m)},
-                   shape=shape, dtype="float32", device=device, mode="fwd", bytes_moved=B * T * (4 + 1) * 2 + B * T * 4,
-                   warmup=warmup, repeat=repeat)  # fmt: skip
+    recs = compare(
+        op="whiten",
+        impl="rlhf_fast",
+        fn=lambda: rlhf_fast.whiten(r, m),
+        baselines={"eager torch (reference.whiten)": lambda: reference.whiten(r, m)},
+        shape=shape,
+        dtype="float32",
+        device=device,
+        mode="fwd",
+        bytes_moved=B * T * (4 + 1) * 2 + B * T * 4,
+        warmup=warmup,
+        repeat=repeat,
+    )
     # group advantages over N = 16 * B scores (16 samples per prompt), by size and by shuffled ids
     N = 16 * B
     s = torch.randn(N, device=device)
     ids = torch.randperm(N, device=device) // 16
     for groups, label in ((16, "size 16"), (ids, "shuffled ids")):
-        recs += compare(op="group_adv", impl="rlhf_fast",
-                        fn=lambda g=groups: rlhf_fast.group_advantages(s, g, estimator="grpo"),
-                        baselines={f"eager torch, {label}": lambda g=groups: reference.group_advantages(s, g, estimator="grpo")},
-                        shape=f"N={N}", dtype="float32", device=device, mode="fwd", bytes_moved=N * 8,
-                        warmup=warmup, repeat=repeat)  # fmt: skip
+        recs += compare(
+            op="group_adv",
+            impl="rlhf_fast",
+            fn=lambda g=groups: rlhf_fast.group_advantages(s, g, estimator="grpo"),
+            baselines={f"eager torch, {label}": lambda g=groups: reference.group_advantages(s, g, estimator="grpo")},
+            shape=f"N={N}",
+            dtype="float32",
+            device=device,
+            mode="fwd",
+            bytes_moved=N * 8,
+            warmup=warmup,
+            repeat=repeat,
+        )
     return recs
 
 

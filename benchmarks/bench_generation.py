@@ -5,8 +5,8 @@ median seconds per call; tokens/s = B*R / median (speedup is the tokens/s
 ratio). Issue target on CPU: >= 1.5x. GPU: HF with cache_implementation="static".
 `python -m benchmarks.bench_generation [--full] [--json PATH]`.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -18,9 +18,18 @@ from .harness import Record, bench_main, compare
 
 def _model(device, vocab, hidden, layers):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=max(hidden // 64, 2), num_key_value_heads=max(hidden // 128, 1),
-                      max_position_embeddings=4096, eos_token_id=None, bos_token_id=1, pad_token_id=0)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 2),
+        num_key_value_heads=max(hidden // 128, 1),
+        max_position_embeddings=4096,
+        eos_token_id=None,
+        bos_token_id=1,
+        pad_token_id=0,
+    )
     m = LlamaForCausalLM(cfg).to(device).eval()
     m.generation_config.eos_token_id = None
     return m
@@ -56,11 +65,17 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
 
         assert ours().sequences.shape == hf().shape == hf_static().shape
         records += compare(
-            op="generate", impl="rlhf_fast", shape=f"B={B} P={P} R={R} V={vocab} h={hidden} L={layers}",
-            dtype="float32", device=device, mode="fwd", fn=ours,
+            op="generate",
+            impl="rlhf_fast",
+            shape=f"B={B} P={P} R={R} V={vocab} h={hidden} L={layers}",
+            dtype="float32",
+            device=device,
+            mode="fwd",
+            fn=ours,
             baselines={"HF model.generate (dynamic cache)": hf, "HF model.generate (static cache)": hf_static},
-            warmup=1, repeat=3 if quick else 5,
-        )  # fmt: skip
+            warmup=1,
+            repeat=3 if quick else 5,
+        )
         for r in records:
             r.gb_per_s = None
     return records
@@ -71,7 +86,9 @@ def _tokens_per_s(records) -> str:
     for r in records:
         if r.baseline and r.status == "ok":
             n_tok = int(r.shape.split("B=")[1].split()[0]) * int(r.shape.split("R=")[1].split()[0])
-            lines.append(f"{r.shape}: ours {n_tok / r.median_s:.0f} tok/s, {r.baseline} {n_tok / r.baseline_median_s:.0f} tok/s")
+            lines.append(
+                f"{r.shape}: ours {n_tok / r.median_s:.0f} tok/s, {r.baseline} {n_tok / r.baseline_median_s:.0f} tok/s"
+            )
     return "\n".join(lines)
 
 

@@ -15,8 +15,8 @@ of materialised.
 
     python -m benchmarks.bench_linear_logprobs [--full] [--json PATH]
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -95,9 +95,17 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
             "liger_flce": (lambda: liger(w, h, y)) if liger is not None else liger_skip,
         }
         records += compare(
-            op=OP, impl="rlhf_fast", fn=lambda: ours(h, w), baselines=fwd_base,
-            shape=shape, dtype=dt, device=device, mode="fwd", warmup=warmup, repeat=repeat,
-        )  # fmt: skip
+            op=OP,
+            impl="rlhf_fast",
+            fn=lambda: ours(h, w),
+            baselines=fwd_base,
+            shape=shape,
+            dtype=dt,
+            device=device,
+            mode="fwd",
+            warmup=warmup,
+            repeat=repeat,
+        )
         bwd = {name: _fwd_bwd(f) for name, f in (("ours", ours), ("materialised", mat), ("torch_lce", lce))}
         bwd_base = {
             "materialised": lambda: bwd["materialised"](h, w),
@@ -105,9 +113,17 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
             "liger_flce": (lambda: _fwd_bwd(lambda a, b: liger(b, a, y))(h, w)) if liger is not None else liger_skip,
         }
         records += compare(
-            op=OP, impl="rlhf_fast", fn=lambda: bwd["ours"](h, w), baselines=bwd_base,
-            shape=shape, dtype=dt, device=device, mode="fwd+bwd", warmup=warmup, repeat=repeat,
-        )  # fmt: skip
+            op=OP,
+            impl="rlhf_fast",
+            fn=lambda: bwd["ours"](h, w),
+            baselines=bwd_base,
+            shape=shape,
+            dtype=dt,
+            device=device,
+            mode="fwd+bwd",
+            warmup=warmup,
+            repeat=repeat,
+        )
     return records
 
 

@@ -3,6 +3,7 @@ selective_log_softmax and torch.compile of eager, forward and forward+backward.
 
     python -m benchmarks.bench_logprobs [--quick] [--shape N,V] [--dtype bfloat16] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,21 +91,38 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False, shape
             }
             for name, f in gpu_peers.items():
                 peers[name] = f if isinstance(f, str) else (lambda f=f, x=logits, y=labels: f(x, y))
-            common = dict(op="logprobs", impl=f"rlhf_fast[{_which(device)}]", shape=f"({N}, {V})", dtype=str(dtype).replace("torch.", ""), device=device)
-            records += compare(fn=ours, baselines=peers, mode="fwd", bytes_moved=logits.numel() * logits.element_size(), **common)
-            grads = {k: (v if isinstance(v, str) else _fwd_bwd(_peer_fn(k, trl, compiled, gpu_peers), logits, labels))
-                     for k, v in peers.items()}  # fmt: skip
+            common = dict(
+                op="logprobs",
+                impl=f"rlhf_fast[{_which(device)}]",
+                shape=f"({N}, {V})",
+                dtype=str(dtype).replace("torch.", ""),
+                device=device,
+            )
             records += compare(
-                fn=_fwd_bwd(rlhf_fast.logprobs_from_logits, logits, labels), baselines=grads, mode="fwd+bwd",
-                bytes_moved=3 * logits.numel() * logits.element_size(), **common,
-            )  # fmt: skip
+                fn=ours, baselines=peers, mode="fwd", bytes_moved=logits.numel() * logits.element_size(), **common
+            )
+            grads = {
+                k: (v if isinstance(v, str) else _fwd_bwd(_peer_fn(k, trl, compiled, gpu_peers), logits, labels))
+                for k, v in peers.items()
+            }
+            records += compare(
+                fn=_fwd_bwd(rlhf_fast.logprobs_from_logits, logits, labels),
+                baselines=grads,
+                mode="fwd+bwd",
+                bytes_moved=3 * logits.numel() * logits.element_size(),
+                **common,
+            )
             del logits
     return records
 
 
 def _peer_fn(name, trl, compiled, gpu_peers):
-    return {"torch eager": eager_logprobs, "torch.compile(eager)": compiled, "trl.selective_log_softmax": trl,
-            **gpu_peers}[name]  # fmt: skip
+    return {
+        "torch eager": eager_logprobs,
+        "torch.compile(eager)": compiled,
+        "trl.selective_log_softmax": trl,
+        **gpu_peers,
+    }[name]
 
 
 def _which(device: str) -> str:

@@ -12,6 +12,7 @@ the row pass) against the eager reference chain of the same correction and
 against rlhf_fast.ppo_loss without correction (the cost of correcting).
     python -m benchmarks.bench_ppo_loss [--full] [--device cuda] [--threads N] [--json PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,10 +79,18 @@ def bench(B, T, dtype, device) -> list:
     # fwd: 5 token tensors + mask in, dtok (fp32) out; bwd: dtok (+ mask) in, 2 grads out
     bytes_moved = B * T * (5 * e + 1 + 4 + 4 + 1 + 2 * e)
     return compare(
-        op="ppo_loss", impl="rlhf_fast", fn=_step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref),
-        baselines=baselines, shape=f"({B}, {T})", dtype=str(dtype).replace("torch.", ""), device=device,
-        mode="fwd+bwd", bytes_moved=bytes_moved, warmup=5, repeat=30 if device == "cuda" else 15,
-    )  # fmt: skip
+        op="ppo_loss",
+        impl="rlhf_fast",
+        fn=_step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref),
+        baselines=baselines,
+        shape=f"({B}, {T})",
+        dtype=str(dtype).replace("torch.", ""),
+        device=device,
+        mode="fwd+bwd",
+        bytes_moved=bytes_moved,
+        warmup=5,
+        repeat=30 if device == "cuda" else 15,
+    )
 
 
 CORRECTIONS = {
@@ -92,8 +101,9 @@ CORRECTIONS = {
 
 def _corrected_step(loss_fn, lp, old, adv, mask, ent, ref, roll, spec):
     def fn():
-        loss, _ = loss_fn(lp, old, adv, mask, entropy=ent, ref_logprobs=ref, rollout_logprobs=roll,
-                          rollout_correction=spec, **KW)  # fmt: skip
+        loss, _ = loss_fn(
+            lp, old, adv, mask, entropy=ent, ref_logprobs=ref, rollout_logprobs=roll, rollout_correction=spec, **KW
+        )
         return torch.autograd.grad(loss, (lp, ent))
 
     return fn
@@ -109,18 +119,26 @@ def bench_corrected(B, T, dtype, device) -> list:
     records = []
     for name, spec in CORRECTIONS.items():
         baselines = {
-            "eager reference chain (same correction)": _corrected_step(reference.ppo_loss, lp, old, adv, mask, ent,
-                                                                       ref, roll, spec),
+            "eager reference chain (same correction)": _corrected_step(
+                reference.ppo_loss, lp, old, adv, mask, ent, ref, roll, spec
+            ),
             "rlhf_fast.ppo_loss without correction": _step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref),
-        }  # fmt: skip
+        }
         e = lp.element_size()
         bytes_moved = B * T * (6 * e + 1 + 4 + 4 + 1 + 2 * e)  # + rollout_logprobs read once
         records += compare(
-            op="ppo_loss+rollout_correction", impl=f"rlhf_fast ({name})",
-            fn=_corrected_step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref, roll, spec), baselines=baselines,
-            shape=f"({B}, {T})", dtype=str(dtype).replace("torch.", ""), device=device, mode="fwd+bwd",
-            bytes_moved=bytes_moved, warmup=5, repeat=30 if device == "cuda" else 15,
-        )  # fmt: skip
+            op="ppo_loss+rollout_correction",
+            impl=f"rlhf_fast ({name})",
+            fn=_corrected_step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref, roll, spec),
+            baselines=baselines,
+            shape=f"({B}, {T})",
+            dtype=str(dtype).replace("torch.", ""),
+            device=device,
+            mode="fwd+bwd",
+            bytes_moved=bytes_moved,
+            warmup=5,
+            repeat=30 if device == "cuda" else 15,
+        )
     return records
 
 
@@ -158,8 +176,10 @@ def main():
     bw = copy_bandwidth(args.device)
     for r in records:
         if r.baseline is None and r.gb_per_s:
-            print(f"{r.shape} {r.dtype}: ours {r.median_s * 1e3:.3f} ms, {r.gb_per_s:.0f} GB/s = "
-                  f"{100 * r.gb_per_s / bw:.0f}% of copy bandwidth ({bw:.0f} GB/s)")  # fmt: skip
+            print(
+                f"{r.shape} {r.dtype}: ours {r.median_s * 1e3:.3f} ms, {r.gb_per_s:.0f} GB/s = "
+                f"{100 * r.gb_per_s / bw:.0f}% of copy bandwidth ({bw:.0f} GB/s)"
+            )
     facts = machine_facts(args.device)
     facts["copy_bandwidth_gb_s"] = bw
     print(facts)

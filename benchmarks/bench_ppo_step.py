@@ -24,6 +24,7 @@ up to 10x; with --threads 1 about 0.8-1.2x).
 
     python -m benchmarks.bench_ppo_step [--full] [--json PATH]
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,15 @@ from . import harness
 from .harness import Record, bench_main
 
 PHASES = (
-    "generate", "logprobs_policy", "logprobs_ref", "values", "rewards", "advantages", "loss_backward", "optimizer",
-)  # fmt: skip
+    "generate",
+    "logprobs_policy",
+    "logprobs_ref",
+    "values",
+    "rewards",
+    "advantages",
+    "loss_backward",
+    "optimizer",
+)
 CONTROLS = ("values", "rewards", "optimizer")  # same code in both loops: ratio ~1.0 unless the run is noisy
 BACKENDS = {"rlhf_fast": None, "RLHF_FAST_BACKEND=reference": "reference"}
 
@@ -60,9 +68,18 @@ class Scalar(torch.nn.Module):
 class Models:
     def __init__(self, vocab, hidden, layers, device):
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=max(hidden // 64, 2), num_key_value_heads=max(hidden // 128, 1),
-                          max_position_embeddings=4096, eos_token_id=None, bos_token_id=1, pad_token_id=0)  # fmt: skip
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=max(hidden // 64, 2),
+            num_key_value_heads=max(hidden // 128, 1),
+            max_position_embeddings=4096,
+            eos_token_id=None,
+            bos_token_id=1,
+            pad_token_id=0,
+        )
         self.policy = LlamaForCausalLM(cfg).to(device)
         self.policy.generation_config.eos_token_id = None
         self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False)
@@ -165,9 +182,21 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False, steps
         for phase in PHASES + ("total",):
             o = totals["rlhf_fast"] if phase == "total" else statistics.median(ours[phase])
             r = totals["RLHF_FAST_BACKEND=reference"] if phase == "total" else statistics.median(ref[phase])
-            records.append(Record("ppo_step", "rlhf_fast", "RLHF_FAST_BACKEND=reference", shape, "float32", device,
-                                  phase, median_s=o, baseline_median_s=r, speedup=r / o,
-                                  threads=torch.get_num_threads() if device == "cpu" else None))  # fmt: skip
+            records.append(
+                Record(
+                    "ppo_step",
+                    "rlhf_fast",
+                    "RLHF_FAST_BACKEND=reference",
+                    shape,
+                    "float32",
+                    device,
+                    phase,
+                    median_s=o,
+                    baseline_median_s=r,
+                    speedup=r / o,
+                    threads=torch.get_num_threads() if device == "cpu" else None,
+                )
+            )
     return records
 
 
@@ -177,9 +206,11 @@ def phase_table(records: list[Record]) -> str:
     lines = [f"{'phase':16s} {'ours ms':>9s} {'share':>6s} {'ref ms':>9s} {'share':>6s} {'speedup':>8s}"]
     for r in records:
         t = tot[r.shape]
-        lines.append(f"{r.mode:16s} {r.median_s * 1e3:9.1f} {100 * r.median_s / t.median_s:5.0f}% "
-                     f"{r.baseline_median_s * 1e3:9.1f} {100 * r.baseline_median_s / t.baseline_median_s:5.0f}% "
-                     f"{r.speedup:7.2f}x")  # fmt: skip
+        lines.append(
+            f"{r.mode:16s} {r.median_s * 1e3:9.1f} {100 * r.median_s / t.median_s:5.0f}% "
+            f"{r.baseline_median_s * 1e3:9.1f} {100 * r.baseline_median_s / t.baseline_median_s:5.0f}% "
+            f"{r.speedup:7.2f}x"
+        )
     ctl = [f"{r.mode} {r.speedup:.2f}x" for r in records if r.mode in CONTROLS]
     lines.append(f"noise control (same code in both loops, ideal 1.00x): {', '.join(ctl)}")
     return "\n".join(lines)

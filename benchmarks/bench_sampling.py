@@ -6,8 +6,8 @@ sort path). GPU (when present): (256, 151936) vs the same torch path, and vs
 FlashInfer's top_p_sampling_from_probs if it is installed.
 `python -m benchmarks.bench_sampling [--full] [--json PATH]`.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 
@@ -52,18 +52,34 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
             nbytes = logits.numel() * logits.element_size()
             shape, dt = f"({B}, {V})", str(dtype).replace("torch.", "")
             records += compare(
-                op="sample", impl="rlhf_fast", shape=shape + " top_p", dtype=dt, device=device, mode="fwd",
+                op="sample",
+                impl="rlhf_fast",
+                shape=shape + " top_p",
+                dtype=dt,
+                device=device,
+                mode="fwd",
                 fn=lambda: rlhf_fast.sample(logits, temperature=T, top_p=p),
-                baselines={"HF TopPLogitsWarper (sort)": lambda: _hf_top_p(logits, T, p),
-                           "flashinfer top_p": _flashinfer(logits, T, p)},
-                bytes_moved=nbytes, warmup=2, repeat=7 if quick else 15,
-            )  # fmt: skip
+                baselines={
+                    "HF TopPLogitsWarper (sort)": lambda: _hf_top_p(logits, T, p),
+                    "flashinfer top_p": _flashinfer(logits, T, p),
+                },
+                bytes_moved=nbytes,
+                warmup=2,
+                repeat=7 if quick else 15,
+            )
             records += compare(
-                op="sample", impl="rlhf_fast", shape=shape + " plain", dtype=dt, device=device, mode="fwd",
+                op="sample",
+                impl="rlhf_fast",
+                shape=shape + " plain",
+                dtype=dt,
+                device=device,
+                mode="fwd",
                 fn=lambda: rlhf_fast.sample(logits, temperature=T),
                 baselines={"torch softmax+multinomial": lambda: _torch_plain(logits, T)},
-                bytes_moved=nbytes, warmup=2, repeat=7 if quick else 15,
-            )  # fmt: skip
+                bytes_moved=nbytes,
+                warmup=2,
+                repeat=7 if quick else 15,
+            )
     return records
 
 

@@ -13,6 +13,7 @@ slower rank's median; memory is the profiler's high-water mark of bytes
 allocated during one call on rank 0 (inputs excluded; outputs, gradients and
 collective buffers included). Shapes: (N, V) of the *full* vocabulary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,9 @@ def measure_rank(group, N: int, V: int, dtype=torch.float32, repeat: int = 5, wa
     def ours(bwd):
         def f():
             x = local.detach().requires_grad_(bwd)
-            lp, ent = vocab_parallel_logprobs(x, labels, group=group, vocab_start=lo, vocab_size=V,
-                                              return_entropy=True, validate=False)  # fmt: skip
+            lp, ent = vocab_parallel_logprobs(
+                x, labels, group=group, vocab_start=lo, vocab_size=V, return_entropy=True, validate=False
+            )
             if bwd:
                 (lp + 0.1 * ent).sum().backward()
                 return x.grad
@@ -137,8 +139,12 @@ def measure_rank(group, N: int, V: int, dtype=torch.float32, repeat: int = 5, wa
             mem = peak_memory(fn)
             with _CountBytes() as c:
                 fn()
-            out[f"{mode}/{impl}"] = {"median_s": float(med), "peak_mem_bytes": mem, "bytes_sent": c.sent,
-                                     "bytes_per_token": c.sent / N}  # fmt: skip
+            out[f"{mode}/{impl}"] = {
+                "median_s": float(med),
+                "peak_mem_bytes": mem,
+                "bytes_sent": c.sent,
+                "bytes_per_token": c.sent / N,
+            }
     return out
 
 
@@ -178,11 +184,23 @@ def to_records(results: list[dict]) -> list[Record]:
     for r in results:
         for mode in ("fwd", "fwd+bwd"):
             o, g = r[f"{mode}/ours"], r[f"{mode}/gathered"]
-            records.append(Record(
-                OP, f"rlhf_fast TP={r['world']} gloo", BASELINE, f"({r['N']}, {r['V']})", r["dtype"], "cpu", mode,
-                median_s=o["median_s"], baseline_median_s=g["median_s"], speedup=g["median_s"] / o["median_s"],
-                peak_mem_bytes=o["peak_mem_bytes"], baseline_peak_mem_bytes=g["peak_mem_bytes"], threads=1,
-            ))  # fmt: skip
+            records.append(
+                Record(
+                    OP,
+                    f"rlhf_fast TP={r['world']} gloo",
+                    BASELINE,
+                    f"({r['N']}, {r['V']})",
+                    r["dtype"],
+                    "cpu",
+                    mode,
+                    median_s=o["median_s"],
+                    baseline_median_s=g["median_s"],
+                    speedup=g["median_s"] / o["median_s"],
+                    peak_mem_bytes=o["peak_mem_bytes"],
+                    baseline_peak_mem_bytes=g["peak_mem_bytes"],
+                    threads=1,
+                )
+            )
     return records
 
 
@@ -218,8 +236,11 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else (
-        QUICK_SHAPES if args.quick else FULL_SHAPES)  # fmt: skip
+    shapes = (
+        [tuple(int(v) for v in s.split(",")) for s in args.shape]
+        if args.shape
+        else (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    )
     dtypes = [getattr(torch, d) for d in (args.dtype or ["float32"])]
     results = spawn(shapes, dtypes, repeat=args.repeat)
     records = to_records(results)

@@ -8,6 +8,7 @@ mark of live bytes allocated during one call.
 Peers are imported, never copied; a peer that is not installed yields a
 record with status "skipped" and the install hint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -184,8 +185,17 @@ def machine_facts(device: str = "cpu") -> dict:
         "device": device,
         "git_commit": _git_commit(),
         # settings that change what is measured
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "RLHF_FAST_BACKEND",
-                                            "RLHF_FAST_CPU_ISA", "CUDA_VISIBLE_DEVICES") if k in os.environ},
+        "env": {
+            k: os.environ[k]
+            for k in (
+                "OMP_NUM_THREADS",
+                "OMP_WAIT_POLICY",
+                "RLHF_FAST_BACKEND",
+                "RLHF_FAST_CPU_ISA",
+                "CUDA_VISIBLE_DEVICES",
+            )
+            if k in os.environ
+        },
     }
     # versions of us and of every peer the suite imports (None: not installed)
     for dist in _DISTS:
@@ -202,8 +212,16 @@ def machine_facts(device: str = "cpu") -> dict:
 
 
 _DISTS = (
-    "triton", "rlhf_fast", "transformers", "trl", "torchrl", "liger-kernel", "flashinfer-python", "flash-attn", "verl",
-)  # fmt: skip
+    "triton",
+    "rlhf_fast",
+    "transformers",
+    "trl",
+    "torchrl",
+    "liger-kernel",
+    "flashinfer-python",
+    "flash-attn",
+    "verl",
+)
 
 
 def _git_commit() -> str | None:
@@ -211,8 +229,9 @@ def _git_commit() -> str | None:
     try:
         git = ["git", "-C", root]
         out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() + ("-dirty" if dirty else "")) or None
@@ -257,15 +276,38 @@ def compare(
     gbps = bytes_moved / ours / 1e9 if bytes_moved else None
     threads = torch.get_num_threads() if device == "cpu" else None
     records = [
-        Record(op, impl, None, shape, dtype, device, mode, median_s=ours, peak_mem_bytes=ours_mem, gb_per_s=gbps,
-               threads=threads)
-    ]  # fmt: skip
+        Record(
+            op,
+            impl,
+            None,
+            shape,
+            dtype,
+            device,
+            mode,
+            median_s=ours,
+            peak_mem_bytes=ours_mem,
+            gb_per_s=gbps,
+            threads=threads,
+        )
+    ]
     for name, base in baselines.items():
         if isinstance(base, str):
             records.append(
-                Record(op, impl, name, shape, dtype, device, mode, median_s=ours, peak_mem_bytes=ours_mem,
-                       gb_per_s=gbps, threads=threads, status=f"skipped: {base}")
-            )  # fmt: skip
+                Record(
+                    op,
+                    impl,
+                    name,
+                    shape,
+                    dtype,
+                    device,
+                    mode,
+                    median_s=ours,
+                    peak_mem_bytes=ours_mem,
+                    gb_per_s=gbps,
+                    threads=threads,
+                    status=f"skipped: {base}",
+                )
+            )
             continue
         try:
             t = time_fn(base, device=device, warmup=warmup, repeat=repeat)
@@ -275,16 +317,39 @@ def compare(
                 torch.cuda.empty_cache()
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             records.append(
-                Record(op, impl, name, shape, dtype, device, mode, median_s=ours, peak_mem_bytes=ours_mem,
-                       gb_per_s=gbps, threads=threads, status=f"skipped: peer failed: {reason}")
-            )  # fmt: skip
+                Record(
+                    op,
+                    impl,
+                    name,
+                    shape,
+                    dtype,
+                    device,
+                    mode,
+                    median_s=ours,
+                    peak_mem_bytes=ours_mem,
+                    gb_per_s=gbps,
+                    threads=threads,
+                    status=f"skipped: peer failed: {reason}",
+                )
+            )
             continue
         records.append(
             Record(
-                op, impl, name, shape, dtype, device, mode,
-                median_s=ours, baseline_median_s=t, speedup=t / ours,
-                peak_mem_bytes=ours_mem, baseline_peak_mem_bytes=mem, gb_per_s=gbps, threads=threads,
-            )  # fmt: skip
+                op,
+                impl,
+                name,
+                shape,
+                dtype,
+                device,
+                mode,
+                median_s=ours,
+                baseline_median_s=t,
+                speedup=t / ours,
+                peak_mem_bytes=ours_mem,
+                baseline_peak_mem_bytes=mem,
+                gb_per_s=gbps,
+                threads=threads,
+            )
         )
     return records
 
@@ -323,8 +388,15 @@ def format_table(records: list[Record]) -> str:
             peer = [_ms(r.median_s), "", "", _mb(r.peak_mem_bytes), "", bw, r.status]
         else:
             speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
-            peer = [_ms(r.median_s), _ms(r.baseline_median_s), speed, _mb(r.peak_mem_bytes),
-                    _mb(r.baseline_peak_mem_bytes), bw, ""]  # fmt: skip
+            peer = [
+                _ms(r.median_s),
+                _ms(r.baseline_median_s),
+                speed,
+                _mb(r.peak_mem_bytes),
+                _mb(r.baseline_peak_mem_bytes),
+                bw,
+                "",
+            ]
         rows.append([r.op, r.mode, r.shape, r.dtype, r.baseline or "(ours alone)"] + peer)
     head = ["op", "mode", "shape", "dtype", "vs", "ours ms", "peer ms", "speedup", "ours MB", "peer MB", "GB/s", ""]
     widths = [max([len(h)] + [len(row[k]) for row in rows]) for k, h in enumerate(head)]
@@ -345,8 +417,9 @@ def write_json(path: str, records: list[Record], facts: dict) -> None:
         json.dump({"machine": facts, "records": [r.as_dict() for r in records]}, f, indent=1)
 
 
-def bench_main(run: Callable[..., list], *, quick_by_default: bool, summary: Callable[[list], str] | None = None,
-               argv=None) -> list:
+def bench_main(
+    run: Callable[..., list], *, quick_by_default: bool, summary: Callable[[list], str] | None = None, argv=None
+) -> list:
     """The command line every bench_<op>.py shares: --quick / --full pick the
     shapes (the module's default otherwise), --threads sets torch's threads
     for ours and the peers alike, --json writes records + machine facts."""

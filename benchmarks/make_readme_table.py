@@ -19,6 +19,7 @@ device (the CPU or GPU name in the machine facts) and keeps, for each
 device, with the dates, versions and notes (e.g. "loaded machine") of the
 runs it came from. Nothing here is measured: it only formats data.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,7 @@ def load(results_dir: str) -> dict[str, dict]:
         m = doc.get("machine", {})
         runs.append((m.get("date", ""), os.path.basename(path), m, doc["records"]))
     out: dict[str, dict] = {}
-    for date, name, m, records in sorted(runs, key=lambda r: r[0]):  # oldest first: newer overwrite
+    for _date, name, m, records in sorted(runs, key=lambda r: r[0]):  # oldest first: newer overwrite
         dev = out.setdefault(_device_name(m), {"rows": {}, "runs": {}})
         used = False
         for r in records:
@@ -96,14 +97,24 @@ def _ppo_step_table(rows: dict) -> list[str]:
             continue
         tot = phases["total"]
         thr = f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
-        out += ["", f"One PPO step, {shape} ({tot['device']}{thr}, {tot['dtype']}):", "",
-                "| phase | rlhf_fast | share | reference backend | share | speedup |", "|---|---:|---:|---:|---:|---:|"]
+        out += [
+            "",
+            f"One PPO step, {shape} ({tot['device']}{thr}, {tot['dtype']}):",
+            "",
+            "| phase | rlhf_fast | share | reference backend | share | speedup |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for phase, r in phases.items():
             ours, ref = r["median_s"], r["baseline_median_s"]
-            out.append(f"| {phase} | {_time(ours)} | {100 * ours / tot['median_s']:.0f}% | {_time(ref)} | "
-                       f"{100 * ref / tot['baseline_median_s']:.0f}% | {r['speedup']:.2f}× |")  # fmt: skip
-        out += ["", "`values`, `rewards` and `optimizer` run the same code in both loops: their ratio (ideally 1.00×) "
-                "is this run's noise."]  # fmt: skip
+            out.append(
+                f"| {phase} | {_time(ours)} | {100 * ours / tot['median_s']:.0f}% | {_time(ref)} | "
+                f"{100 * ref / tot['baseline_median_s']:.0f}% | {r['speedup']:.2f}× |"
+            )
+        out += [
+            "",
+            "`values`, `rewards` and `optimizer` run the same code in both loops: their ratio (ideally 1.00×) "
+            "is this run's noise.",
+        ]
     return out
 
 
@@ -156,8 +167,10 @@ def render(results_dir: str) -> str:
             if op == "ppo_step":
                 continue
             if not str(r.get("status", "ok")).startswith("ok"):
-                lines.append(f"| {op} | {mode} | {shape} | {dtype} | {peer} | {_time(r.get('median_s'))} | "
-                             f"{r['status']} | | | | |")  # fmt: skip
+                lines.append(
+                    f"| {op} | {mode} | {shape} | {dtype} | {peer} | {_time(r.get('median_s'))} | "
+                    f"{r['status']} | | | | |"
+                )
                 continue
             bw = "-"
             if r.get("gb_per_s"):
@@ -190,9 +203,15 @@ _FIELDS = {
 
 def _bench_value(devices: dict, spec: str) -> str:
     op, mode, shape, dtype, threads, peer, field = (p.strip() for p in spec.split(";"))
-    hits = [r for data in devices.values() if not data.get("gpu") for (o, m, sh, dt, pe, th), (r, _) in data["rows"].items()
-            if (o, m, sh, dt, str(th)) == (op, mode, shape, dtype, threads) and peer in pe
-            and str(r.get("status", "ok")).startswith("ok")]  # fmt: skip
+    hits = [
+        r
+        for data in devices.values()
+        if not data.get("gpu")
+        for (o, m, sh, dt, pe, th), (r, _) in data["rows"].items()
+        if (o, m, sh, dt, str(th)) == (op, mode, shape, dtype, threads)
+        and peer in pe
+        and str(r.get("status", "ok")).startswith("ok")
+    ]
     if len(hits) != 1:
         raise KeyError(f"bench {spec!r}: {len(hits)} matching records (need exactly 1)")
     return _FIELDS[field](hits[0])
@@ -227,8 +246,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md"))
-    ap.add_argument("--readme", default=os.path.join(os.path.dirname(HERE), "README.md"),
-                    help="README whose section between the benchmark markers is replaced")
+    ap.add_argument(
+        "--readme",
+        default=os.path.join(os.path.dirname(HERE), "README.md"),
+        help="README whose section between the benchmark markers is replaced",
+    )
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 listing the pages that would change")
     args = ap.parse_args(argv)
     text = render(args.results)

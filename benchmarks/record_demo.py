@@ -10,6 +10,7 @@ with `train --threads 1` and with torch's default thread count (pure training
 time summed from metrics.jsonl's time/step, plus the command's wall time).
 Nothing here is asserted: it only records.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ ROOT = os.path.dirname(HERE)
 def _cli(*args: str, env: dict | None = None) -> float:
     """Run `python -m rlhf_fast.cli ARGS` from the repository root; wall seconds."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "rlhf_fast.cli", *args], cwd=ROOT, check=True, env=env,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "rlhf_fast.cli", *args], cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL
+    )
     return round(time.perf_counter() - t0, 1)
 
 
@@ -44,8 +46,19 @@ def _demo(tmp: str, seed: int, quick: bool) -> dict:
 def _train_threads(tmp: str, threads: int | None, steps: int = 10) -> dict:
     out = os.path.join(tmp, f"train-{threads}")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torch's own default when None
-    args = ["train", "ppo", "--config", "examples/ppo_tiny.yaml", "--fresh", "--set", f"steps={steps}",
-            "--set", f"out_dir={out}", "--set", "progress=false"]  # fmt: skip
+    args = [
+        "train",
+        "ppo",
+        "--config",
+        "examples/ppo_tiny.yaml",
+        "--fresh",
+        "--set",
+        f"steps={steps}",
+        "--set",
+        f"out_dir={out}",
+        "--set",
+        "progress=false",
+    ]
     if threads is not None:
         args += ["--threads", str(threads)]
     else:  # torch's default: what `train` did before --threads existed
@@ -55,9 +68,13 @@ def _train_threads(tmp: str, threads: int | None, steps: int = 10) -> dict:
     wall = _cli(*args, env=env)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return {"threads": threads or "torch default", "steps": len(rows), "command_wall_seconds": wall,
-            "train_seconds": round(sum(r["time/step"] for r in rows), 2),
-            "final_reward": rows[-1]["reward"] if rows else None}  # fmt: skip
+    return {
+        "threads": threads or "torch default",
+        "steps": len(rows),
+        "command_wall_seconds": wall,
+        "train_seconds": round(sum(r["time/step"] for r in rows), 2),
+        "final_reward": rows[-1]["reward"] if rows else None,
+    }
 
 
 def main(argv=None) -> None:

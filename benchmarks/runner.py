@@ -4,6 +4,7 @@ in one process, so every ratio is against a peer timed in the same run.
 
 The benchmarks live beside the package, not in it (a wheel ships only
 rlhf_fast/), so they run from a checkout's root: `python -m benchmarks --quick`."""
+
 from __future__ import annotations
 
 import importlib

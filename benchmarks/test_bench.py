@@ -7,6 +7,7 @@ under harness.collecting(), where compare() records every callable it would
 have timed (ours and each installed peer) instead of timing it. Peers that are
 not installed show up in `python -m benchmarks`, not here.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -10,6 +10,7 @@ import took on a 2-core box) and `generate` imports transformers (~1.5 s), so
 neither happens until an op or `generate` is touched, and `rlhf-fast --help`
 stays instant. `import rlhf_fast.ops` registers every op explicitly.
 """
+
 from __future__ import annotations
 
 import importlib

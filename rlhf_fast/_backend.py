@@ -8,6 +8,7 @@ forcing one that is not available for the call raises BackendUnavailable.
 "triton" also runs on CPU tensors under TRITON_INTERPRET=1 (the test suite
 does this), but is never picked there unless forced.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -188,7 +189,9 @@ def choose(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
     forced = forced_backend()
     if forced is not None:
         if forced != "reference" and forced not in implemented:
-            raise BackendUnavailable(f"rlhf_fast.{op} has no {forced!r} implementation (it has {implemented + ('reference',)})")
+            raise BackendUnavailable(
+                f"rlhf_fast.{op} has no {forced!r} implementation (it has {implemented + ('reference',)})"
+            )
         reason = why_unavailable(forced, device)
         if reason is not None:
             raise BackendUnavailable(f"rlhf_fast.{op}: backend {forced!r} forced by {ENV_VAR} is unavailable: {reason}")
@@ -218,7 +221,7 @@ def measured_order(op: str, device: torch.device, implemented: tuple[str, ...]) 
     return implemented
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 

@@ -1,5 +1,6 @@
 """The accumulation dtype: one rule for the reference, the ops' fakes and
 the Triton launchers (the C++ kernels follow the same rule)."""
+
 from __future__ import annotations
 
 import torch

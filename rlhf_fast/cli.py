@@ -4,6 +4,7 @@ Only the standard library is imported at the top: torch, transformers and
 the ops load inside the command that needs them, so `rlhf-fast --help` and
 argument errors answer in ~0.2 s instead of the ~9 s a full import takes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,7 @@ import sys
 
 # Errors a user can fix from the command line or the YAML: printed as one
 # line (`--traceback` shows the full trace). Anything else keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def format_info(report: dict) -> str:
@@ -49,23 +49,43 @@ def main(argv=None) -> int:
     p_demo.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
     p_demo.add_argument("--quick", action="store_true", help="shortened run for CI (~30-90 s)")
     p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--threads", type=_positive_int, default=1,
-                        help="torch intra-op threads (default 1: the ~0.1M-parameter model's matmuls are too small "
-                             "to split, and extra threads only contend on a shared machine)")  # fmt: skip
-    p_train = sub.add_parser("train", help="train from a YAML config (see examples/)",
-                             description="Train from a YAML config; --set KEY=VALUE overrides any key of it.")  # fmt: skip
+    p_demo.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch intra-op threads (default 1: the ~0.1M-parameter model's matmuls are too small "
+        "to split, and extra threads only contend on a shared machine)",
+    )
+    p_train = sub.add_parser(
+        "train",
+        help="train from a YAML config (see examples/)",
+        description="Train from a YAML config; --set KEY=VALUE overrides any key of it.",
+    )
     p_train.add_argument("algo", choices=["ppo", "grpo", "rm", "dpo"])
     p_train.add_argument("--config", required=True, help="YAML file (see examples/*.yaml)")
-    p_train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config key, value read as YAML (repeatable): --set lr=1e-5 --set "
-                              "steps=50; a dotted key sets a nested one: --set lora.r=16")  # fmt: skip
-    p_train.add_argument("--threads", type=_positive_int, default=None,
-                         help="torch intra-op threads. Default: $OMP_NUM_THREADS when set, else 1 for model "
-                              "tiny-demo (its matmuls are too small to split), else torch's default (one per core)")  # fmt: skip
+    p_train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, value read as YAML (repeatable): --set lr=1e-5 --set "
+        "steps=50; a dotted key sets a nested one: --set lora.r=16",
+    )
+    p_train.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch intra-op threads. Default: $OMP_NUM_THREADS when set, else 1 for model "
+        "tiny-demo (its matmuls are too small to split), else torch's default (one per core)",
+    )
     p_train.add_argument("--traceback", action="store_true", help="on an error, print the full traceback")
-    p_train.add_argument("--fresh", action="store_true",
-                         help="start at step 0, deleting out_dir's checkpoint.pt, metrics.jsonl and model.pt "
-                              "(default: resume from out_dir/checkpoint.pt when it exists)")  # fmt: skip
+    p_train.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start at step 0, deleting out_dir's checkpoint.pt, metrics.jsonl and model.pt "
+        "(default: resume from out_dir/checkpoint.pt when it exists)",
+    )
     args = parser.parse_args(argv)
 
     if args.cmd == "info":
@@ -92,8 +112,10 @@ def main(argv=None) -> int:
     if args.cmd == "bench":
         # The benchmarks are not part of the installed package (a wheel has
         # only rlhf_fast/); running them from here meant editing sys.path.
-        print("rlhf-fast bench: the benchmarks run from a source checkout's root: python -m benchmarks --help",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "rlhf-fast bench: the benchmarks run from a source checkout's root: python -m benchmarks --help",
+            file=sys.stderr,
+        )
         return 2
     return 1
 

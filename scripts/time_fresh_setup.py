@@ -14,6 +14,7 @@ the build, the set-up checks and the demo, not downloads (which depend on the
 network: the first `pip install` of torch's CPU wheel and transformers adds
 their download time).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ element within `atol` of the reference. Low-precision outputs are held to the
 error torch eager itself makes in that dtype (assert_no_worse_than_eager), so
 the bound tracks the reference's own error and can still fail.
 """
+
 from __future__ import annotations
 
 import torch
@@ -113,8 +114,15 @@ def _within(out, ref, rtol, atol, name) -> None:
     assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.1e}; worst: {_first_mismatches(out, ref)}"
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, quantity: str, name: str = "output", *,
-                 scale: float = 1.0, dtype: torch.dtype | None = None) -> None:  # fmt: skip
+def assert_close(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    quantity: str,
+    name: str = "output",
+    *,
+    scale: float = 1.0,
+    dtype: torch.dtype | None = None,
+) -> None:
     """`out` matches `ref` within TOL[(dtype, quantity)]: norm-wise relative
     error within rtol, or every element within atol * scale. dtype defaults
     to out's (pass it when out was upcast before the comparison)."""
@@ -133,8 +141,10 @@ def assert_equal(out: torch.Tensor, ref: torch.Tensor, name: str = "output") -> 
     """Bit-for-bit: for guarantees (batch invariance, determinism) and for
     results that are exact by construction."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.equal(out, ref) or (out.isnan() == ref.isnan()).all() and torch.equal(
-        out.nan_to_num(0.0), ref.nan_to_num(0.0)
+    assert (
+        torch.equal(out, ref)
+        or (out.isnan() == ref.isnan()).all()
+        and torch.equal(out.nan_to_num(0.0), ref.nan_to_num(0.0))
     ), f"{name}: not bit-identical; worst: {_first_mismatches(out, ref)}"
 
 
@@ -146,8 +156,9 @@ def logit_scale(logits: torch.Tensor, temperature: float = 1.0) -> float:
     return max(float(z.abs().max()) if z.numel() else 0.0, 1.0)
 
 
-def assert_no_worse_than_eager(out, eager, ref, quantity: str, name="output", factor=LOW_PRECISION_FACTOR,
-                               scale: float = 1.0, floor: float = 1e-6) -> None:  # fmt: skip
+def assert_no_worse_than_eager(
+    out, eager, ref, quantity: str, name="output", factor=LOW_PRECISION_FACTOR, scale: float = 1.0, floor: float = 1e-6
+) -> None:
     """Low-precision inputs: at most `factor` x torch eager's own error in the
     same dtype (floor: eager can be exact on tiny cases), or every element
     within the quantity's fp32 atol * scale (outputs with an absolute floor)."""

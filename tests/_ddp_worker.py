@@ -7,6 +7,7 @@
   resume  2 PPO steps straight, and 1 step + save + load into a fresh trainer + 1 step
 Rank 0 saves {"world", "rows": its metrics per step, "full": the trained model's full parameters (gathered
 when sharded), "ranks": every rank's local parameters (ddp only)}."""
+
 import gc
 import os
 import sys
@@ -15,9 +16,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _tiny_models as T  # noqa: E402
+import _tiny_models as T
 
-from rlhf_fast.trainer.parallel import ModelState, is_sharded  # noqa: E402
+from rlhf_fast.trainer.parallel import ModelState, is_sharded
 
 
 def full_params(model) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ classification reward model (the TRL-style tests), and a 2-process torchrun.
 Import the `one_thread` fixture into a test module to make it autouse there:
 tiny models gain nothing from a second OpenMP thread but sync (and runs that
 depend on the thread count)."""
+
 import copy
 import os
 import random
@@ -27,12 +28,14 @@ from rlhf_fast.trainer import (
     RewardConfig,
     RewardTrainer,
     ScalarHeadModel,
-)  # fmt: skip
+)
 
 TOK = world.make_tokenizer()
 PROMPTS = [f"{d} {n} was" for d in world.DETS for n in world.NOUNS[:4]]  # 12 prompts, for the TRL-style tests
-CHAT = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}<assistant> {% endif %}")  # fmt: skip
+CHAT = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -72,25 +75,65 @@ def max_param_diff(a, b) -> float:
 
 
 def ppo_trainer(tmp=None, seed=0, model_seed=0, **kw):
-    cfg = dict(steps=4, batch_size=6, max_new_tokens=6, lr=1e-3, ppo_epochs=2, minibatch_size=3, grad_accum=2,
-               kl_coef=0.1, seed=seed, progress=False, out_dir=tmp, entropy_coef=0.01, dual_clip=3.0)  # fmt: skip
+    cfg = dict(
+        steps=4,
+        batch_size=6,
+        max_new_tokens=6,
+        lr=1e-3,
+        ppo_epochs=2,
+        minibatch_size=3,
+        grad_accum=2,
+        kl_coef=0.1,
+        seed=seed,
+        progress=False,
+        out_dir=tmp,
+        entropy_coef=0.01,
+        dual_clip=3.0,
+    )
     cfg.update(kw)
     policy = tiny_llama(model_seed)
     ref = copy.deepcopy(policy)
     critic = ScalarHeadModel.from_causal_lm(policy)
     ids, mask = prompt_batch()
-    return PPOTrainer(PPOConfig(**cfg), policy, ref, critic, rule_reward, ids, mask,
-                      eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)  # fmt: skip
+    return PPOTrainer(
+        PPOConfig(**cfg),
+        policy,
+        ref,
+        critic,
+        rule_reward,
+        ids,
+        mask,
+        eos_token_id=TOK.eos_token_id,
+        pad_token_id=TOK.pad_token_id,
+    )
 
 
 def grpo_trainer(seed=0, **kw):
-    cfg = dict(steps=2, batch_size=3, num_samples=4, max_new_tokens=6, lr=1e-3, ppo_epochs=2, minibatch_size=6,
-               kl_coef=0.05, seed=seed, progress=False)  # fmt: skip
+    cfg = dict(
+        steps=2,
+        batch_size=3,
+        num_samples=4,
+        max_new_tokens=6,
+        lr=1e-3,
+        ppo_epochs=2,
+        minibatch_size=6,
+        kl_coef=0.05,
+        seed=seed,
+        progress=False,
+    )
     cfg.update(kw)
     policy = tiny_llama(seed)
     ids, mask = prompt_batch()
-    return GRPOTrainer(GRPOConfig(**cfg), policy, copy.deepcopy(policy), rule_reward, ids, mask,
-                       eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id)  # fmt: skip
+    return GRPOTrainer(
+        GRPOConfig(**cfg),
+        policy,
+        copy.deepcopy(policy),
+        rule_reward,
+        ids,
+        mask,
+        eos_token_id=TOK.eos_token_id,
+        pad_token_id=TOK.pad_token_id,
+    )
 
 
 def separable_pairs(n=96, seed=0):
@@ -141,8 +184,9 @@ def hf_tokenizer():
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     t.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>",
-                                               pad_token="<pad>", unk_token="<unk>")  # fmt: skip
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=t, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     tok.chat_template = CHAT
     return tok
 
@@ -155,9 +199,17 @@ def tiny_reward_model(tok, seed=1):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, num_labels=1,
-                      pad_token_id=None)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        num_labels=1,
+        pad_token_id=None,
+    )
     return LlamaForSequenceClassification(cfg)
 
 
@@ -169,13 +221,14 @@ def run_torchrun(*args):
     here = os.path.dirname(__file__)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(here))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
         os.killpg(proc.pid, 9)  # torchrun and both workers: no orphan left holding a rank
         _, err = proc.communicate()
-        raise AssertionError("torchrun timed out:\n" + err[-3000:])
+        raise AssertionError("torchrun timed out:\n" + err[-3000:]) from exc
     assert proc.returncode == 0, err[-3000:]
     return err

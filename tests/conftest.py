@@ -8,6 +8,7 @@ flakes. RLHF_FAST_TEST_SEED=<n> runs another seed, RLHF_FAST_TEST_SEED=random
 a fresh one (`make fuzz SEEDS=N` loops over N of them and prints a failing seed
 so it can be replayed).
 """
+
 import os
 import random
 import zlib
@@ -16,10 +17,10 @@ import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("RLHF_FAST_TEST_GPU") == "1" else "1")
 
-import torch  # noqa: E402
+import torch
 
-import rlhf_fast  # noqa: E402
-import rlhf_fast.ops  # noqa: E402,F401  (import rlhf_fast is lazy: this registers every op, under the interpreter setting above)
+import rlhf_fast
+import rlhf_fast.ops
 
 DEFAULT_SEED = 20240917
 

@@ -5,18 +5,18 @@ The scans (gae, discounted_returns) have a C++ CPU kernel and a CUDA kernel
 (GPU-only, tests marked gpu); whiten and group_advantages have C++ and Triton
 (the Triton ones run here under TRITON_INTERPRET=1 via the `backend` fixture).
 """
+
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
+from _compare import assert_close, rel_err, tol
 
 import rlhf_fast
 from rlhf_fast import reference as ref
 from rlhf_fast._backend import BackendUnavailable
-
-from _compare import assert_close, rel_err, tol
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
 GAMMA_LAM = [(1.0, 1.0), (0.99, 0.95), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0)]
@@ -207,10 +207,13 @@ def test_gae_right_padded_equals_torchrl(cpp):
     pos = torch.arange(T)
     done = (pos[None, :] >= (lengths - 1).clamp_min(0)[:, None]).unsqueeze(-1)  # last valid token and padding
     next_v = torch.cat([v[:, 1:], torch.zeros(B, 1, dtype=v.dtype)], 1).unsqueeze(-1)
-    want, _ = vec_generalized_advantage_estimate(gamma, lam, v.unsqueeze(-1), next_v, r.unsqueeze(-1), done, done,
-                                                 time_dim=-2)  # fmt: skip
+    want, _ = vec_generalized_advantage_estimate(
+        gamma, lam, v.unsqueeze(-1), next_v, r.unsqueeze(-1), done, done, time_dim=-2
+    )
     got, _ = rlhf_fast.gae(r, v, m, gamma=gamma, lam=lam)
-    assert_close(got[m], want.squeeze(-1)[m].to(got.dtype), "peer", "advantages vs torchrl", dtype=torch.float32)  # torchrl works in fp32
+    assert_close(
+        got[m], want.squeeze(-1)[m].to(got.dtype), "peer", "advantages vs torchrl", dtype=torch.float32
+    )  # torchrl works in fp32
 
 
 def test_gae_ignores_masked_garbage(cpp):
@@ -225,7 +228,8 @@ def test_gae_ignores_masked_garbage(cpp):
 
 
 @pytest.mark.parametrize(
-    "mask_dtype", [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32, torch.float64, torch.bfloat16]
+    "mask_dtype",
+    [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32, torch.float64, torch.bfloat16],
 )
 def test_gae_mask_dtypes(cpp, mask_dtype):
     r, v, m = _rand(5, 70), _rand(5, 70), make_mask("holed", 5, 70)
@@ -378,7 +382,11 @@ def test_group_advantages_large_offset_and_empty(backend):
 
 
 def _opcheck(op, args):
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(
+        op,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
 
 
 def test_opcheck_cpp_ops():
@@ -440,13 +448,21 @@ def test_bad_inputs_raise_naming_the_problem(cpp):
         (lambda: rlhf_fast.gae(r.long(), v, m), TypeError, "rewards must have dtype"),
         (lambda: rlhf_fast.gae(r, v, m, gamma=1.5), ValueError, r"gamma must lie in \[0, 1\]"),
         (lambda: rlhf_fast.gae(r, v, m, lam=-0.1), ValueError, r"lam must lie in \[0, 1\]"),
-        (lambda: rlhf_fast.gae(r, v, m, gamma=torch.tensor([0.5, 2.0, 0.5])), ValueError, r"gamma must lie in \[0, 1\]"),
+        (
+            lambda: rlhf_fast.gae(r, v, m, gamma=torch.tensor([0.5, 2.0, 0.5])),
+            ValueError,
+            r"gamma must lie in \[0, 1\]",
+        ),
         (lambda: rlhf_fast.gae(r, v, m, lam=torch.ones(4)), ValueError, r"lam as a tensor must have shape \(3,\)"),
         (lambda: rlhf_fast.gae(r, v, m, gamma="0.9"), TypeError, "gamma must be a float"),
         (lambda: rlhf_fast.discounted_returns(r, m, gamma=float("nan")), ValueError, r"gamma must lie in \[0, 1\]"),
         (lambda: rlhf_fast.whiten(r, m[:, :3]), ValueError, "mask must have shape"),
         (lambda: rlhf_fast.whiten(r, m, eps=-1.0), ValueError, "eps must be"),
-        (lambda: rlhf_fast.group_advantages(r[0], 3), ValueError, "group size 3 does not divide the number of scores N=8"),
+        (
+            lambda: rlhf_fast.group_advantages(r[0], 3),
+            ValueError,
+            "group size 3 does not divide the number of scores N=8",
+        ),
         (lambda: rlhf_fast.group_advantages(r[0], 0), ValueError, "group size must be > 0"),
         (lambda: rlhf_fast.group_advantages(r[0], 4, estimator="ppo"), ValueError, "unknown estimator 'ppo'"),
         (lambda: rlhf_fast.group_advantages(r[0], torch.zeros(8)), TypeError, "integer group ids"),

@@ -5,6 +5,7 @@ whatever the batch size, the row's position, the chunk size, the number of
 CPU threads and the padding around it; on the C++ kernels and the Triton
 kernels (interpreter). Every comparison is torch.equal: no tolerance.
 (docs/rollout_correction.md states the guarantee and its limits.)"""
+
 import os
 import socket
 
@@ -21,7 +22,7 @@ V = 1003  # not a power of two: a ragged last block
 def _rows(n, dtype=torch.float32, H=None):
     """n distinct rows of logits (or hidden states), with -inf and large entries in some."""
     x = torch.randn(n, H or V, dtype=torch.float64) * 3
-    x[0, :: 7] = -float("inf") if H is None else 0.0
+    x[0, ::7] = -float("inf") if H is None else 0.0
     x[1, 5] = 1e4 if H is None else 30.0
     return x.to(dtype)
 
@@ -59,8 +60,9 @@ def test_logprobs_from_logits(backend, dtype):
     anchors = [[], []]
     for _ in _threads(1):
         for r in range(9):
-            lp, ent = rlhf_fast.logprobs_from_logits(pool[r : r + 1], labels[r : r + 1], temperature=0.7,
-                                                     return_entropy=True)  # fmt: skip
+            lp, ent = rlhf_fast.logprobs_from_logits(
+                pool[r : r + 1], labels[r : r + 1], temperature=0.7, return_entropy=True
+            )
             anchors[0].append(lp[0])
             anchors[1].append(ent[0])
     for threads in _threads(1, 2):
@@ -124,7 +126,9 @@ def test_sample_raw_logprobs(backend):
                     want = rlhf_fast.logprobs_from_logits(pool[r : r + 1], out.tokens[pos : pos + 1], temperature=T)
                     assert torch.equal(out.logprobs[pos], want[0]), f"{backend} {kw} threads={threads} row {r}"
                     with rlhf_fast.use_backend("cpp"):
-                        other = rlhf_fast.logprobs_from_logits(pool[r : r + 1], out.tokens[pos : pos + 1], temperature=T)
+                        other = rlhf_fast.logprobs_from_logits(
+                            pool[r : r + 1], out.tokens[pos : pos + 1], temperature=T
+                        )
                     assert_close(out.logprobs[pos], other[0], "agree", "across families", scale=logit_scale(pool[r], T))
 
 
@@ -148,14 +152,16 @@ def test_vocab_parallel_logprobs(backend):
         pool, labels = _rows(6), torch.randint(V, (6,), generator=rng)
         anchors = [[], []]
         for r in range(6):
-            lp, ent = rlhf_fast.vocab_parallel_logprobs(pool[r : r + 1], labels[r : r + 1], vocab_start=0,
-                                                        vocab_size=V, return_entropy=True)  # fmt: skip
+            lp, ent = rlhf_fast.vocab_parallel_logprobs(
+                pool[r : r + 1], labels[r : r + 1], vocab_start=0, vocab_size=V, return_entropy=True
+            )
             anchors[0].append(lp[0])
             anchors[1].append(ent[0])
         for threads in _threads(1, 2):
             for idx in _compositions(6, rng, count=3):
-                lp, ent = rlhf_fast.vocab_parallel_logprobs(pool[idx], labels[idx], vocab_start=0, vocab_size=V,
-                                                            return_entropy=True)  # fmt: skip
+                lp, ent = rlhf_fast.vocab_parallel_logprobs(
+                    pool[idx], labels[idx], vocab_start=0, vocab_size=V, return_entropy=True
+                )
                 _assert_rows_equal((lp, ent), anchors, idx, f"vocab_parallel {backend} threads={threads}")
                 # and equal to the single-device kernel
                 lp1 = rlhf_fast.logprobs_from_logits(pool[idx], labels[idx])

@@ -1,5 +1,6 @@
 """The benchmark harness itself (benchmarks/harness.py, plot.py,
 make_readme_table.py, the `rlhf-fast bench` runner): fast, no kernel timing."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,18 @@ sys.path.insert(0, ROOT)
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import Record, compare, format_table, peak_memory, time_fn  # noqa: E402
 
-REQUIRED = ("op", "impl", "baseline", "shape", "dtype", "device", "median_s", "baseline_median_s", "speedup",
-            "peak_mem_bytes")  # fmt: skip (the issue's list)
+REQUIRED = (
+    "op",
+    "impl",
+    "baseline",
+    "shape",
+    "dtype",
+    "device",
+    "median_s",
+    "baseline_median_s",
+    "speedup",
+    "peak_mem_bytes",
+)  # (the issue's list)
 
 
 def test_peak_memory_counts_a_known_allocation():
@@ -56,8 +67,19 @@ def test_time_fn_measures_a_sleep_and_bounds_slow_calls():
 def test_compare_records_have_the_issue_fields_and_a_skip():
     x = torch.randn(1000)
     peers = {"peer": lambda: x + x, "absent": "pip install x"}
-    recs = compare(op="toy", impl="ours", fn=lambda: x * 2, baselines=peers, shape="(1000,)", dtype="float32",
-                   device="cpu", mode="fwd", bytes_moved=8000, warmup=1, repeat=3)  # fmt: skip
+    recs = compare(
+        op="toy",
+        impl="ours",
+        fn=lambda: x * 2,
+        baselines=peers,
+        shape="(1000,)",
+        dtype="float32",
+        device="cpu",
+        mode="fwd",
+        bytes_moved=8000,
+        warmup=1,
+        repeat=3,
+    )
     assert [r.baseline for r in recs] == [None, "peer", "absent"]
     for r in recs:
         d = r.as_dict()
@@ -83,10 +105,19 @@ def test_collecting_records_cases_instead_of_timing():
     cases = []
     slow = lambda: time.sleep(10)  # noqa: E731  never called while collecting
     with harness.collecting(cases):
-        recs = compare(op="toy", impl="ours", fn=slow, baselines={"peer": slow, "absent": "why"}, shape="s",
-                       dtype="d", device="cpu", mode="fwd")  # fmt: skip
-        compare(op="toy", impl="ours", fn=slow, baselines={"peer2": slow}, shape="s", dtype="d", device="cpu",
-                mode="fwd")  # fmt: skip
+        recs = compare(
+            op="toy",
+            impl="ours",
+            fn=slow,
+            baselines={"peer": slow, "absent": "why"},
+            shape="s",
+            dtype="d",
+            device="cpu",
+            mode="fwd",
+        )
+        compare(
+            op="toy", impl="ours", fn=slow, baselines={"peer2": slow}, shape="s", dtype="d", device="cpu", mode="fwd"
+        )
     assert [c.id for c in cases] == ["toy-fwd-s-d-ours", "toy-fwd-s-d-peer", "toy-fwd-s-d-peer2"]
     assert {c.group for c in cases} == {"toy-fwd-s-d"} and recs[0].status.startswith("skipped")
     assert harness._collector is None
@@ -112,8 +143,10 @@ def _png_size(data: bytes):
 def test_speedup_chart_is_a_valid_png():
     from benchmarks.plot import speedup_chart
 
-    recs = [Record("toy", "ours", f"peer{k}", "(1,)", "fp32", "cpu", "fwd", median_s=1.0, baseline_median_s=s,
-                   speedup=s) for k, s in enumerate((0.5, 1.0, 3.0, 150.0))]  # fmt: skip
+    recs = [
+        Record("toy", "ours", f"peer{k}", "(1,)", "fp32", "cpu", "fwd", median_s=1.0, baseline_median_s=s, speedup=s)
+        for k, s in enumerate((0.5, 1.0, 3.0, 150.0))
+    ]
     recs.append(Record("toy", "ours", "absent", "(1,)", "fp32", "cpu", "fwd", status="skipped: pip install x"))
     w, h, raw = _png_size(speedup_chart(recs))
     assert w > 500 and h > 5 * 20
@@ -123,13 +156,31 @@ def test_speedup_chart_is_a_valid_png():
 def test_readme_table_from_results(tmp_path):
     from benchmarks.make_readme_table import render
 
-    recs = [Record("toy", "ours", "peer", "(8, 8)", "fp32", "cpu", "fwd", median_s=0.001, baseline_median_s=0.003,
-                   speedup=3.0, peak_mem_bytes=2**20, baseline_peak_mem_bytes=2**21).as_dict(),
-            Record("toy", "ours", "absent", "(8, 8)", "fp32", "cpu", "fwd", status="skipped: pip install x").as_dict()]
-    old = {"machine": {"date": "2026-01-01T00:00:00+00:00", "device": "cpu", "cpu": "Toy CPU", "torch": "2.0"},
-           "records": [dict(recs[0], baseline_median_s=0.009, speedup=9.0)]}  # fmt: skip
-    new = {"machine": {"date": "2026-02-01T00:00:00+00:00", "device": "cpu", "cpu": "Toy CPU", "torch": "2.13"},
-           "records": recs}  # fmt: skip
+    recs = [
+        Record(
+            "toy",
+            "ours",
+            "peer",
+            "(8, 8)",
+            "fp32",
+            "cpu",
+            "fwd",
+            median_s=0.001,
+            baseline_median_s=0.003,
+            speedup=3.0,
+            peak_mem_bytes=2**20,
+            baseline_peak_mem_bytes=2**21,
+        ).as_dict(),
+        Record("toy", "ours", "absent", "(8, 8)", "fp32", "cpu", "fwd", status="skipped: pip install x").as_dict(),
+    ]
+    old = {
+        "machine": {"date": "2026-01-01T00:00:00+00:00", "device": "cpu", "cpu": "Toy CPU", "torch": "2.0"},
+        "records": [dict(recs[0], baseline_median_s=0.009, speedup=9.0)],
+    }
+    new = {
+        "machine": {"date": "2026-02-01T00:00:00+00:00", "device": "cpu", "cpu": "Toy CPU", "torch": "2.13"},
+        "records": recs,
+    }
     for name, doc in (("old.json", old), ("new.json", new)):
         (tmp_path / name).write_text(json.dumps(doc))
     md = render(str(tmp_path))
@@ -183,9 +234,17 @@ def test_a_failing_peer_is_recorded_as_skipped_and_ours_is_kept():
         raise AttributeError("module 'torch.nn.functional' has no attribute 'linear_cross_entropy'")
 
     recs = compare(
-        op="x", impl="ours", fn=lambda: torch.ones(8).sum(), baselines={"broken": broken_peer, "ok": lambda: torch.ones(8)},
-        shape="(8,)", dtype="float32", device="cpu", mode="fwd", warmup=0, repeat=2,
-    )  # fmt: skip
+        op="x",
+        impl="ours",
+        fn=lambda: torch.ones(8).sum(),
+        baselines={"broken": broken_peer, "ok": lambda: torch.ones(8)},
+        shape="(8,)",
+        dtype="float32",
+        device="cpu",
+        mode="fwd",
+        warmup=0,
+        repeat=2,
+    )
     by = {r.baseline: r for r in recs}
     assert by[None].status == "ok" and by[None].median_s > 0
     assert by["broken"].status.startswith("skipped: peer failed: AttributeError") and by["broken"].median_s > 0

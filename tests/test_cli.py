@@ -1,6 +1,7 @@
 """The rlhf-fast command line: one-line errors, --set overrides, --threads,
 the closing summary, a --help that imports nothing heavy, and the demo's
 samples.md / plot.png helpers."""
+
 import dataclasses
 import json
 import os
@@ -42,7 +43,7 @@ def test_lazy_names_resolve():
     exec("from rlhf_fast import *", ns)
     assert set(rlhf_fast.__all__) <= set(ns)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        rlhf_fast.nope
+        _ = rlhf_fast.nope
 
 
 def test_info_reports_no_cuda_backend_without_a_gpu():
@@ -156,8 +157,16 @@ def test_train_end_to_end_prints_a_summary(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     out = tmp_path / "run"
-    cfg = _cfg(tmp_path, model="tiny-demo", reward="rule", steps=5, batch_size=4, minibatch_size=4,
-               max_new_tokens=4, progress=False)  # fmt: skip
+    cfg = _cfg(
+        tmp_path,
+        model="tiny-demo",
+        reward="rule",
+        steps=5,
+        batch_size=4,
+        minibatch_size=4,
+        max_new_tokens=4,
+        progress=False,
+    )
     argv = ["train", "ppo", "--config", cfg, "--set", f"out_dir={out}", "--set", "steps=1", "--threads", "1"]
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
@@ -179,8 +188,13 @@ def test_samples_md_shows_each_score(tmp_path):
     from rlhf_fast.demo.pipeline import write_samples
 
     def ev(texts, true, rm):
-        return {"texts": texts, "true_scores": true, "rm_scores": rm,
-                "true_score": sum(true) / len(true), "rm_score": sum(rm) / len(rm)}  # fmt: skip
+        return {
+            "texts": texts,
+            "true_scores": true,
+            "rm_scores": rm,
+            "true_score": sum(true) / len(true),
+            "rm_score": sum(rm) / len(rm),
+        }
 
     before = ev(["a", "b", "c", "d"], [0.0, 0.5, 1.0, 0.25], [-1.0, 0.0, 1.5, 2.0])
     after = ev(["w", "x", "y", "z"], [1.0, 1.0, 0.5, 0.75], [2.0, 3.0, 1.0, 0.5])
@@ -195,9 +209,15 @@ def test_plot_has_marks_and_axes(tmp_path):
     from rlhf_fast.demo.plot import line_chart
 
     path = tmp_path / "p.png"
-    line_chart(str(path), [1, 2, 3], {"score (0-1)": [0.2, 0.5, 0.9], "kl: nats": [0.0, None, 1.0]},
-               title="t", subtitle="held-out 0.35 -> 0.96", x_label="PPO step",
-               marks={"score (0-1)": [("before 0.35", 0.35), ("after 0.96", 0.96)]})  # fmt: skip
+    line_chart(
+        str(path),
+        [1, 2, 3],
+        {"score (0-1)": [0.2, 0.5, 0.9], "kl: nats": [0.0, None, 1.0]},
+        title="t",
+        subtitle="held-out 0.35 -> 0.96",
+        x_label="PPO step",
+        marks={"score (0-1)": [("before 0.35", 0.35), ("after 0.96", 0.96)]},
+    )
     png = path.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     import struct

@@ -17,6 +17,7 @@ Sums that use `omp simd` reductions follow the vector width and agree only
 to rounding: the value loss itself, the rollout-correction metrics, and the
 sequence / geometric importance weights (a row sum inside an exp).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -77,7 +78,11 @@ def fam_logprobs():
 
     got = _grad_of(f(rlhf_fast.logprobs_from_logits), logits)
     want = _grad_of(f(R.logprobs_from_logits), logits.double())
-    return dict(zip(("logprobs", "entropy", "d_logits"), got)), dict(zip(("logprobs", "entropy", "d_logits"), want)), "all"
+    return (
+        dict(zip(("logprobs", "entropy", "d_logits"), got)),
+        dict(zip(("logprobs", "entropy", "d_logits"), want)),
+        "all",
+    )
 
 
 def fam_sample():
@@ -99,8 +104,20 @@ def _policy(kl_kind, rc):
     def f(impl, old_t, adv_t, ref_t, roll_t):
         def call(a, e):
             extra = {} if rc is None else {"rollout_logprobs": roll_t, "rollout_correction": rc}
-            loss, stats = impl(a, old_t, adv_t, mask, entropy=e, ref_logprobs=ref_t, entropy_coef=0.01, kl_coef=0.1,
-                               kl_kind=kl_kind, dual_clip=3.0, agg="seq-mean-token-mean", **extra)
+            loss, stats = impl(
+                a,
+                old_t,
+                adv_t,
+                mask,
+                entropy=e,
+                ref_logprobs=ref_t,
+                entropy_coef=0.01,
+                kl_coef=0.1,
+                kl_kind=kl_kind,
+                dual_clip=3.0,
+                agg="seq-mean-token-mean",
+                **extra,
+            )
             return loss, torch.stack([stats[k] for k in sorted(stats)])
 
         return call

@@ -2,6 +2,7 @@
 number is regenerated from benchmarks/results/ by make_readme_table and must
 already be what is written, and every relative link points at a file (and,
 for #anchors, a heading) that exists."""
+
 import glob
 import os
 import re

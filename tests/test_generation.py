@@ -1,5 +1,6 @@
 """rlhf_fast.generate against Hugging Face generate, on tiny Llama / Qwen2 /
 GPT-2 models built from configs (no downloads), fp32 on CPU."""
+
 import inspect
 import warnings
 
@@ -16,14 +17,32 @@ V = 97
 def _tiny(kind: str):
     torch.manual_seed(1234)  # fixed weights: the test's randomness is in the prompts
     if kind == "llama":
-        cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+        cfg = LlamaConfig(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         return LlamaForCausalLM(cfg).eval()
     if kind == "qwen2":
-        cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+        cfg = Qwen2Config(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         return Qwen2ForCausalLM(cfg).eval()
     cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
     return GPT2LMHeadModel(cfg).eval()
@@ -81,7 +100,9 @@ def _teacher_forced_logprobs(model, out, prompt_mask, temperature):
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("cfg", [dict(temperature=0.8), dict(temperature=1.2, top_k=20, top_p=0.9, min_p=0.02)], ids=["plain", "truncated"])
+@pytest.mark.parametrize(
+    "cfg", [dict(temperature=0.8), dict(temperature=1.2, top_k=20, top_p=0.9, min_p=0.02)], ids=["plain", "truncated"]
+)
 def test_sampled_logprobs_equal_teacher_forced(kind, cfg):
     model = MODELS[kind]
     ids, mask = _prompts("left")
@@ -121,7 +142,9 @@ def test_early_exit_when_all_rows_done():
     P = ids.shape[1]
     # every row emits its EOS within 3 steps; max_new_tokens=40 must not be used up
     eos = [int(free[0, P + 1]), int(free[1, P + 2])]
-    out = rlhf_fast.generate(model, ids, mask, max_new_tokens=40, temperature=0.0, eos_token_id=eos, pad_token_id=0, sync_every=4)
+    out = rlhf_fast.generate(
+        model, ids, mask, max_new_tokens=40, temperature=0.0, eos_token_id=eos, pad_token_id=0, sync_every=4
+    )
     assert out.sequences.shape[1] <= P + 3
     assert torch.equal(out.sequences, _hf_greedy(model, ids, mask, 40, eos=eos))
 
@@ -170,12 +193,19 @@ class _OldSpelling(torch.nn.Module):
         self.lm, self.config, self.dtype = lm, lm.config, lm.dtype
         self.calls = 0
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
-                logits_to_keep=0):  # fmt: skip
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0
+    ):
         assert past_key_values is not None
         self.calls += 1
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=use_cache, logits_to_keep=logits_to_keep, **{_native(self.lm): past_key_values})
+        return self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **{_native(self.lm): past_key_values},
+        )
 
 
 def _native(lm) -> str:

@@ -2,20 +2,36 @@
 generation_config, num_return_sequences, max_length; refused arguments named;
 the right-padding warning; sliding-window models (Mistral, Gemma 2) exact
 within the window and refused beyond it, before the prefill."""
+
 import warnings
 
 import pytest
 import torch
 from transformers import (
-    Gemma2Config, Gemma2ForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-)  # fmt: skip
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 import rlhf_fast
 
 V = 61
-SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-             pad_token_id=0)  # fmt: skip
+SMALL = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 def _llama():
@@ -39,8 +55,9 @@ def _gen(model, ids, mask, seed=7, **kw):
 def test_do_sample_false_is_greedy_and_matches_hf():
     model, (ids, mask) = _llama(), _left_padded()
     got = _gen(model, ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
-    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6, pad_token_id=0,
-                          eos_token_id=None)  # fmt: skip
+    want = model.generate(
+        ids, attention_mask=mask, do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=None
+    )
     assert torch.equal(got.sequences, want)
     same = _gen(model, ids, mask, max_new_tokens=6, temperature=0.0, eos_token_id=None, pad_token_id=0)
     assert torch.equal(got.sequences, same.sequences)
@@ -48,16 +65,47 @@ def test_do_sample_false_is_greedy_and_matches_hf():
 
 def test_generation_config_fills_what_is_not_given_and_explicit_wins():
     model, (ids, mask) = _llama(), _left_padded()
-    gc = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=0.7, top_k=10, top_p=0.9, min_p=0.05,
-                          num_return_sequences=2, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    gc = GenerationConfig(
+        max_new_tokens=5,
+        do_sample=True,
+        temperature=0.7,
+        top_k=10,
+        top_p=0.9,
+        min_p=0.05,
+        num_return_sequences=2,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     a = _gen(model, ids, mask, generation_config=gc)
-    b = _gen(model, ids, mask, max_new_tokens=5, num_samples=2, temperature=0.7, top_k=10, top_p=0.9, min_p=0.05,
-             eos_token_id=2, pad_token_id=0)  # fmt: skip
+    b = _gen(
+        model,
+        ids,
+        mask,
+        max_new_tokens=5,
+        num_samples=2,
+        temperature=0.7,
+        top_k=10,
+        top_p=0.9,
+        min_p=0.05,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.logprobs, b.logprobs)
     assert a.sequences.shape[0] == 6
     c = _gen(model, ids, mask, generation_config=gc, temperature=1.3, max_new_tokens=3)  # explicit beats the config
-    d = _gen(model, ids, mask, max_new_tokens=3, num_samples=2, temperature=1.3, top_k=10, top_p=0.9, min_p=0.05,
-             eos_token_id=2, pad_token_id=0)  # fmt: skip
+    d = _gen(
+        model,
+        ids,
+        mask,
+        max_new_tokens=3,
+        num_samples=2,
+        temperature=1.3,
+        top_k=10,
+        top_p=0.9,
+        min_p=0.05,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     assert torch.equal(c.sequences, d.sequences)
     greedy = _gen(model, ids, mask, generation_config=GenerationConfig(max_new_tokens=4, do_sample=False))
     assert torch.equal(greedy.sequences, _gen(model, ids, mask, max_new_tokens=4, temperature=0.0).sequences)
@@ -112,8 +160,9 @@ def test_sliding_window_models_exact_within_the_window(kind):
     model, (ids, mask) = _sliding(kind, window=16), _left_padded()
     R = 16 - ids.shape[1]  # P + R == window: the window hides nothing
     got = _gen(model, ids, mask, max_new_tokens=R, temperature=0.0, eos_token_id=None, pad_token_id=0)
-    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=R, pad_token_id=0,
-                          eos_token_id=None)  # fmt: skip
+    want = model.generate(
+        ids, attention_mask=mask, do_sample=False, max_new_tokens=R, pad_token_id=0, eos_token_id=None
+    )
     assert torch.equal(got.sequences, want)
 
 

@@ -1,6 +1,7 @@
 """The GPU dispatcher follows measurements: a backend measured faster on a
 GPU model (rlhf_fast/_gpu_dispatch.py, generated from a compass run) goes
 first for that model only; nothing measured keeps each op's own order."""
+
 import json
 
 import torch
@@ -24,8 +25,9 @@ def test_the_faster_backend_per_op_is_read_from_compass(tmp_path):
         "H200": {"logprobs_from_logits": dict(backend="cuda", total_median_s=dict(cuda=0.0031, triton=0.0042))}
     }
     # a backend that failed on a row never wins
-    failed = COMPASS_ROWS + [dict(op="logprobs fwd+bwd", shape=[1, 1], backend="cuda", ours_median_s=float("nan"),
-                                  error="RuntimeError")]  # fmt: skip
+    failed = COMPASS_ROWS + [
+        dict(op="logprobs fwd+bwd", shape=[1, 1], backend="cuda", ours_median_s=float("nan"), error="RuntimeError")
+    ]
     assert dispatch_table.preferences(failed) == {}
     path = tmp_path / "compass.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in COMPASS_ROWS))

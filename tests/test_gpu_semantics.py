@@ -9,6 +9,7 @@
   on the compiled semantics.
 - Labels out of range never read out of bounds; launches run under the tensors' device.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,9 +38,13 @@ def _offline(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- offline compile
@@ -202,8 +207,8 @@ def test_every_triton_launch_runs_under_the_tensors_device(monkeypatch):
 @pytest.fixture
 def gpu_scalar_args(monkeypatch):
     """Python float kernel arguments arrive as fp32, as in a compiled launch."""
-    from triton.runtime import interpreter as itp
     import triton.language as tl
+    from triton.runtime import interpreter as itp
 
     orig = itp._implicit_cvt
 

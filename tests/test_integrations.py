@@ -5,11 +5,10 @@ OpenRLHF are tested against the installed packages in test_integrations_verl.py
 and test_integrations_openrlhf.py; TRL's fused-lm-head path in
 test_integrations_trl.py.
 """
+
 import importlib
 import inspect
 import logging
-import sys
-import types
 
 import pytest
 import torch
@@ -19,7 +18,11 @@ import rlhf_fast.integrations.trl as rf_trl
 
 # ======================================================================== TRL
 
-TRL_TRAINERS = ("trl.experimental.cpo.cpo_trainer", "trl.experimental.a2po.a2po_trainer", "trl.experimental.tpo.tpo_trainer")
+TRL_TRAINERS = (
+    "trl.experimental.cpo.cpo_trainer",
+    "trl.experimental.a2po.a2po_trainer",
+    "trl.experimental.tpo.tpo_trainer",
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,8 @@ def trl_mods():
     utils = importlib.import_module("trl.trainer.utils")
     trainers = [importlib.import_module(m) for m in TRL_TRAINERS]
     originals = {
-        n: getattr(utils, n) for n in ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy")
+        n: getattr(utils, n)
+        for n in ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy")
     }
     yield utils, trainers, originals
     rf_trl.unpatch()
@@ -44,10 +48,13 @@ def test_trl_patch_lists_trainer_names_and_unpatch_restores(trl_mods):
     utils, (cpo, a2po, tpo), orig = trl_mods
     names = rf_trl.patch()
     try:
-        for n in ("trl.trainer.utils.selective_log_softmax", "trl.trainer.utils.entropy_from_logits",
-                  "trl.experimental.cpo.cpo_trainer.selective_log_softmax",
-                  "trl.experimental.a2po.a2po_trainer.selective_log_softmax",
-                  "trl.experimental.tpo.tpo_trainer.selective_log_softmax_and_entropy"):  # fmt: skip
+        for n in (
+            "trl.trainer.utils.selective_log_softmax",
+            "trl.trainer.utils.entropy_from_logits",
+            "trl.experimental.cpo.cpo_trainer.selective_log_softmax",
+            "trl.experimental.a2po.a2po_trainer.selective_log_softmax",
+            "trl.experimental.tpo.tpo_trainer.selective_log_softmax_and_entropy",
+        ):
             assert n in names, n
         assert cpo.selective_log_softmax is utils.selective_log_softmax is not orig["selective_log_softmax"]
         assert tpo.selective_log_softmax_and_entropy is not orig["selective_log_softmax_and_entropy"]
@@ -100,7 +107,9 @@ def test_trl_selective_log_softmax_matches_original(trl_patched, dtype, temperat
     assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
     if dtype == torch.bfloat16:  # TRL's own bf16 log_softmax rounds; compare both to float64
         (ref,), g_ref, _ = _run(orig["selective_log_softmax"], logits.double(), index, **kw)
-        assert_no_worse_than_eager(ours.detach().double(), theirs.detach().double(), ref.detach(), "logprob", "bf16 logp")
+        assert_no_worse_than_eager(
+            ours.detach().double(), theirs.detach().double(), ref.detach(), "logprob", "bf16 logp"
+        )
         return
     assert_close(ours.detach(), theirs.detach(), "peer", "logp")
 
@@ -139,7 +148,10 @@ def test_trl_logprob_and_entropy(trl_patched, entropy_requires_grad):
     assert ent.requires_grad == ent0.requires_grad == entropy_requires_grad
     assert_close(lp.detach(), lp0.detach(), "peer", "logp")
     assert_close(ent.detach(), ent0.detach(), "peer", "entropy")
-    e1, e0 = utils.entropy_from_logits(logits.to(torch.bfloat16)), orig["entropy_from_logits"](logits.to(torch.bfloat16))
+    e1, e0 = (
+        utils.entropy_from_logits(logits.to(torch.bfloat16)),
+        orig["entropy_from_logits"](logits.to(torch.bfloat16)),
+    )
     assert e1.dtype == e0.dtype == torch.bfloat16
     ref = orig["entropy_from_logits"](logits.double())
     assert_no_worse_than_eager(e1.detach().double(), e0.detach().double(), ref.detach(), "entropy", "bf16 entropy")

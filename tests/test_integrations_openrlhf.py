@@ -9,6 +9,7 @@ OpenRLHF imports flash_attn (models/ring_attn_utils.py) and vllm
 stand-in modules are planted whose functions raise if called (nothing here
 calls them; the log-prob path then takes OpenRLHF's own torch fallback, as
 without flash-attn's Triton cross-entropy)."""
+
 import contextlib
 import importlib
 import importlib.machinery
@@ -25,10 +26,13 @@ pytest.importorskip("openrlhf")
 
 # CUDA-only modules OpenRLHF imports at module level -> the names it takes from them
 _CUDA_ONLY = {
-    "flash_attn": (), "flash_attn.utils": (),
+    "flash_attn": (),
+    "flash_attn.utils": (),
     "flash_attn.bert_padding": ("index_first_axis", "pad_input", "rearrange", "unpad_input"),
     "flash_attn.utils.distributed": ("all_gather",),
-    "vllm": ("LLM", "SamplingParams"), "vllm.inputs": ("TokensPrompt",), "vllm.utils": ("random_uuid",),
+    "vllm": ("LLM", "SamplingParams"),
+    "vllm.inputs": ("TokensPrompt",),
+    "vllm.utils": ("random_uuid",),
 }
 
 
@@ -162,21 +166,26 @@ def test_ray_worker_patched_by_setup_hook(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # the hook module: plant the CPU flash_attn stub, then patch (on a GPU the hook is the patch() alone)
     (tmp_path / "rf_hook.py").write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom test_integrations_openrlhf import _plant_flash_attn\n"
+        f"import sys\nsys.path.insert(0, {os.path.join(root, 'tests')!r})\n"
+        "from test_integrations_openrlhf import _plant_flash_attn\n"
         "def setup():\n    _plant_flash_attn()\n    import rlhf_fast.integrations.openrlhf as ro\n    ro.patch()\n"
-        % os.path.join(root, "tests")
     )
     ray.init(
-        num_cpus=1, include_dashboard=False, log_to_driver=False,
-        runtime_env={"worker_process_setup_hook": "rf_hook.setup",
-                     "env_vars": {"PYTHONPATH": f"{root}:{tmp_path}", "OMP_NUM_THREADS": "1"}},
-    )  # fmt: skip
+        num_cpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={
+            "worker_process_setup_hook": "rf_hook.setup",
+            "env_vars": {"PYTHONPATH": f"{root}:{tmp_path}", "OMP_NUM_THREADS": "1"},
+        },
+    )
     try:
 
         @ray.remote
         def in_worker():
-            import rlhf_fast
             from openrlhf.models import actor
+
+            import rlhf_fast
 
             calls = []
             op = rlhf_fast.logprobs_from_logits

@@ -3,6 +3,7 @@ replacement of `_ChunkedLogProbFunction` against TRL's own (values, entropy,
 gradients for hidden / weight / bias), and a real GRPOTrainer run (tiny model
 built here, CPU) showing rlhf_fast.linear_logprobs is called and the losses
 equal the unpatched run. Skipped when TRL is not installed."""
+
 import pytest
 import torch
 from _compare import assert_close
@@ -68,9 +69,18 @@ def _tiny_grpo(tmp_path, steps, patched):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=1)  # fmt: skip
+    cfg = Qwen2Config(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     model = Qwen2ForCausalLM(cfg)
     model.save_pretrained(tmp_path / "tiny")  # GRPOTrainer builds the KL reference model from the policy's path
     model.config._name_or_path = str(tmp_path / "tiny")
@@ -79,10 +89,22 @@ def _tiny_grpo(tmp_path, steps, patched):
     def reward(completions, **kw):
         return [float(len(c)) % 7 for c in completions]
 
-    args = GRPOConfig(output_dir=str(tmp_path / ("p" if patched else "u")), per_device_train_batch_size=4,
-                      num_generations=4, max_completion_length=8, max_steps=steps, learning_rate=1e-3,
-                      logging_steps=1, report_to=[], seed=0, use_cpu=True, save_strategy="no",
-                      beta=0.04, bf16=False, dataloader_num_workers=0)  # fmt: skip
+    args = GRPOConfig(
+        output_dir=str(tmp_path / ("p" if patched else "u")),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=steps,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        seed=0,
+        use_cpu=True,
+        save_strategy="no",
+        beta=0.04,
+        bf16=False,
+        dataloader_num_workers=0,
+    )
     calls = []
     op = rlhf_fast.linear_logprobs
 
@@ -140,8 +162,18 @@ if __name__ == "__main__":
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         hist, n, dt = _tiny_grpo(pathlib.Path(tempfile.mkdtemp()), steps, patched)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(json.dumps({"patched": patched, "ms_per_step": dt * 1e3, "calls": n, "peak_rss_mib": peak / 1024,
-                          "rss_growth_mib": (peak - base) / 1024, "loss": [h[0] for h in hist]}))
+        print(
+            json.dumps(
+                {
+                    "patched": patched,
+                    "ms_per_step": dt * 1e3,
+                    "calls": n,
+                    "peak_rss_mib": peak / 1024,
+                    "rss_growth_mib": (peak - base) / 1024,
+                    "loss": [h[0] for h in hist],
+                }
+            )
+        )
     else:
         steps = sys.argv[1] if len(sys.argv) > 1 else "5"
         for patched in ("0", "1", "0", "1"):

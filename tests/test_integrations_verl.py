@@ -3,6 +3,7 @@ replacement compared with verl's own function (values, metrics, gradients),
 with the global_batch_info verl's actor loss passes; plus a Ray worker patched
 through the worker-process setup hook. Skipped when verl is not installed
 (scripts/install_integrations.sh installs it)."""
+
 import os
 
 import pytest
@@ -36,7 +37,9 @@ def both(fn_name, *args, **kw):
     orig = getattr(core_algos, fn_name)
     with rv.patched() as names:
         assert any(fn_name in n for n in names)
-        rep = core_algos.POLICY_LOSS_REGISTRY["vanilla"] if fn_name.endswith("vanilla") else getattr(core_algos, fn_name)
+        rep = (
+            core_algos.POLICY_LOSS_REGISTRY["vanilla"] if fn_name.endswith("vanilla") else getattr(core_algos, fn_name)
+        )
         assert rep is not orig
         return orig, rep
 
@@ -47,7 +50,12 @@ AGG = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "
 GBI = [
     {"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None, "loss_scale_factor": None},
     {"dp_size": 2, "batch_num_tokens": 211, "global_batch_size": 32, "loss_scale_factor": None},
-    {"dp_size": 2, "batch_num_tokens": torch.tensor(211), "global_batch_size": torch.tensor(32), "loss_scale_factor": 64},
+    {
+        "dp_size": 2,
+        "batch_num_tokens": torch.tensor(211),
+        "global_batch_size": torch.tensor(32),
+        "loss_scale_factor": 64,
+    },
 ]
 
 
@@ -69,11 +77,25 @@ def test_policy_loss_matches_verl(mode, gi):
             with rv.patched():
                 fn = core_algos.get_policy_loss_fn("vanilla")
                 assert fn is not orig
-                loss, met = fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=m,
-                               loss_agg_mode=mode, config=cfg, rollout_is_weights=None)
+                loss, met = fn(
+                    old_log_prob=old,
+                    log_prob=lp,
+                    advantages=adv,
+                    response_mask=m,
+                    loss_agg_mode=mode,
+                    config=cfg,
+                    rollout_is_weights=None,
+                )
         else:
-            loss, met = orig(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=m,
-                             loss_agg_mode=mode, config=cfg, rollout_is_weights=None)
+            loss, met = orig(
+                old_log_prob=old,
+                log_prob=lp,
+                advantages=adv,
+                response_mask=m,
+                loss_agg_mode=mode,
+                config=cfg,
+                rollout_is_weights=None,
+            )
         loss.backward()
         out.append((loss.detach(), met, lp.grad))
     (l0, m0, g0), (l1, m1, g1) = out
@@ -163,10 +185,14 @@ def test_ray_worker_patched_by_setup_hook():
     ray = pytest.importorskip("ray")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ray.init(
-        num_cpus=1, include_dashboard=False, log_to_driver=False,
-        runtime_env={"worker_process_setup_hook": "rlhf_fast.integrations.verl.patch",
-                     "env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1"}},
-    )  # fmt: skip
+        num_cpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={
+            "worker_process_setup_hook": "rlhf_fast.integrations.verl.patch",
+            "env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1"},
+        },
+    )
     try:
 
         @ray.remote
@@ -177,8 +203,15 @@ def test_ray_worker_patched_by_setup_hook():
             x = -torch.rand(4, 6)
             from omegaconf import OmegaConf  # a module-level class here would make Ray import this test file
 
-            cfg = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": None, "clip_ratio_high": None,
-                                    "clip_ratio_c": 3.0, "global_batch_info": {"dp_size": 1}})
+            cfg = OmegaConf.create(
+                {
+                    "clip_ratio": 0.2,
+                    "clip_ratio_low": None,
+                    "clip_ratio_high": None,
+                    "clip_ratio_c": 3.0,
+                    "global_batch_info": {"dp_size": 1},
+                }
+            )
             calls = []
             import rlhf_fast
 

@@ -4,6 +4,7 @@ Every test with the `backend` fixture runs the C++ (token-chunked) path and
 the Triton kernels under the interpreter; Triton shapes stay tiny
 (N <= 37, H <= 96, V <= 1003), the larger awkward sizes run on cpp only.
 """
+
 import pytest
 import torch
 from _compare import assert_close, assert_no_worse_than_eager
@@ -14,7 +15,13 @@ from rlhf_fast import reference
 
 NEG_INF = float("-inf")
 # what each output of run() is, for the tolerance table
-QUANTITY = {"logprobs": "logprob", "entropy": "entropy", "grad_hidden": "grad", "grad_weight": "grad", "grad_bias": "grad"}
+QUANTITY = {
+    "logprobs": "logprob",
+    "entropy": "entropy",
+    "grad_hidden": "grad",
+    "grad_weight": "grad",
+    "grad_bias": "grad",
+}
 
 
 def make_inputs(N, H, V, dtype, *, bias=True, ignore_frac=0.2, ignore_index=-100, scale=3.0):
@@ -39,7 +46,13 @@ def run(fn, hidden, weight, bias, labels, g_lp, g_h, **kw):
     if ent is not None:
         loss = loss + (ent * g_h.to(ent.device, ent.dtype)).sum()
     loss.backward()
-    return {"logprobs": lp, "entropy": ent, "grad_hidden": h.grad, "grad_weight": w.grad, "grad_bias": b.grad if b is not None else None}
+    return {
+        "logprobs": lp,
+        "entropy": ent,
+        "grad_hidden": h.grad,
+        "grad_weight": w.grad,
+        "grad_bias": b.grad if b is not None else None,
+    }
 
 
 def check_against_reference(hidden, weight, bias, labels, *, entropy=True, chunk_size=None, **kw):
@@ -103,7 +116,13 @@ def test_temperature_and_entropy_flag(backend, temperature, entropy):
 # gather the labelled rows.
 @pytest.mark.parametrize(
     "N,H,V,chunk,ignore_frac",
-    [(2049, 96, 1003, 512, 0.2), (37, 96, 32003, 16, 0.2), (2049, 64, 1003, None, 0.0), (300, 96, 1003, 1, 0.2), (300, 96, 1003, 64, 0.0)],
+    [
+        (2049, 96, 1003, 512, 0.2),
+        (37, 96, 32003, 16, 0.2),
+        (2049, 64, 1003, None, 0.0),
+        (300, 96, 1003, 1, 0.2),
+        (300, 96, 1003, 64, 0.0),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_awkward_sizes_cpp(N, H, V, chunk, ignore_frac, dtype):
@@ -117,7 +136,18 @@ def test_chunk_size_does_not_change_results():
     outs = []
     with rlhf_fast.use_backend("cpp"):
         for chunk in (1, 7, 64, 70, 1000):
-            outs.append(run(rlhf_fast.linear_logprobs, hidden, weight, bias, labels, torch.ones(70), torch.ones(70), chunk_size=chunk))
+            outs.append(
+                run(
+                    rlhf_fast.linear_logprobs,
+                    hidden,
+                    weight,
+                    bias,
+                    labels,
+                    torch.ones(70),
+                    torch.ones(70),
+                    chunk_size=chunk,
+                )
+            )
     for o in outs[1:]:
         # MKL's GEMM rounds differently per row count, and dW / db are sums
         # over chunks: equal to fp32 rounding, not bit-identical.
@@ -180,7 +210,9 @@ def test_masked_vocab_bias_and_large_logits(backend):
 def test_empty_input(backend):
     hidden, weight, bias, _ = make_inputs(1, 16, 33, torch.float32)
     h = hidden[:0].requires_grad_()
-    lp, ent = rlhf_fast.linear_logprobs(h, weight.requires_grad_(), torch.zeros(0, dtype=torch.long), bias=bias, return_entropy=True)
+    lp, ent = rlhf_fast.linear_logprobs(
+        h, weight.requires_grad_(), torch.zeros(0, dtype=torch.long), bias=bias, return_entropy=True
+    )
     assert lp.shape == (0,) and ent.shape == (0,) and lp.dtype == torch.float32
     (lp.sum() + ent.sum()).backward()
     assert h.grad.shape == (0, 16) and torch.all(weight.grad == 0)
@@ -221,9 +253,23 @@ def test_opcheck_cpp():
     hidden, weight, bias, labels = make_inputs(11, 32, 67, torch.float32)
     args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, 0.9, -100, 4)
     torch.library.opcheck(torch.ops.rlhf_fast.linear_logprobs_fwd.default, args)
-    torch.library.opcheck(torch.ops.rlhf_fast.linear_logprobs_fwd.default, (hidden, weight, None, labels, 1.0, -100, 64))
+    torch.library.opcheck(
+        torch.ops.rlhf_fast.linear_logprobs_fwd.default, (hidden, weight, None, labels, 1.0, -100, 64)
+    )
     lp, ent, lse = torch.ops.rlhf_fast.linear_logprobs_fwd(hidden, weight, bias, labels, 0.9, -100, 4)
-    bwd_args = (torch.randn(11), torch.randn(11), hidden.detach(), weight.detach(), bias.detach(), labels, lse.detach(), ent.detach(), 0.9, -100, 4)
+    bwd_args = (
+        torch.randn(11),
+        torch.randn(11),
+        hidden.detach(),
+        weight.detach(),
+        bias.detach(),
+        labels,
+        lse.detach(),
+        ent.detach(),
+        0.9,
+        -100,
+        4,
+    )
     torch.library.opcheck(torch.ops.rlhf_fast.linear_logprobs_bwd.default, bwd_args)
 
 
@@ -231,11 +277,12 @@ def test_opcheck_triton():
     hidden, weight, bias, labels = make_inputs(11, 32, 67, torch.float32)
     args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, 0.9, -100, 4)
     torch.library.opcheck(
-        torch.ops.rlhf_fast.linear_logprobs_fwd_triton.default, args,
+        torch.ops.rlhf_fast.linear_logprobs_fwd_triton.default,
+        args,
         # test_faketensor / aot_dispatch would run the interpreter on fake
         # tensors (no data); they belong to the GPU run.
         test_utils=("test_schema", "test_autograd_registration"),
-    )  # fmt: skip
+    )
 
 
 def test_torch_compile_fullgraph():

@@ -1,14 +1,14 @@
 """rlhf_fast.logprobs_from_logits against the float64 reference, on every CPU
 backend (C++ kernels, Triton kernels under the interpreter)."""
+
 import pytest
 import torch
+from _compare import assert_close, assert_no_worse_than_eager, logit_scale, tol
 
 import rlhf_fast
 from rlhf_fast import _backend
 from rlhf_fast import reference as ref
 from rlhf_fast.ops.logprobs import _as_rows
-
-from _compare import assert_close, assert_no_worse_than_eager, logit_scale, tol
 
 IGNORE = -100
 
@@ -112,7 +112,9 @@ def test_extreme_and_minus_inf_logits(backend):
     dz = 2 * torch.finfo(torch.float32).eps * zf.abs().amax(-1)  # 1/T and the product: two roundings
     bound = 2 * dz * spread + 1e-6
     err = (ent.double() - want_ent).abs()
-    assert (err <= bound).all(), f"entropy error {err.max():.3g} over the fp32 bound in rows {(err > bound).nonzero().flatten().tolist()}"
+    assert (err <= bound).all(), (
+        f"entropy error {err.max():.3g} over the fp32 bound in rows {(err > bound).nonzero().flatten().tolist()}"
+    )
 
 
 def test_nan_stays_in_its_row(backend):
@@ -156,12 +158,20 @@ def test_gradients_match_reference(backend, dtype, which):
     x = logits.clone().requires_grad_()
     lp, ent = rlhf_fast.logprobs_from_logits(x, labels, temperature=temperature, return_entropy=True)
     g_lp, g_ent = torch.randn_like(lp), torch.randn_like(ent)  # per-token upstream gradients
-    loss = {"both": (lp * g_lp).sum() + (ent * g_ent).sum(), "logprobs": (lp * g_lp).sum(), "entropy": (ent * g_ent).sum()}
+    loss = {
+        "both": (lp * g_lp).sum() + (ent * g_ent).sum(),
+        "logprobs": (lp * g_lp).sum(),
+        "entropy": (ent * g_ent).sum(),
+    }
     loss[which].backward()
 
     x64 = logits.double().requires_grad_()
     r_lp, r_ent = ref.logprobs_from_logits(x64, labels, temperature=temperature, return_entropy=True)
-    r_loss = {"both": (r_lp * g_lp).sum() + (r_ent * g_ent).sum(), "logprobs": (r_lp * g_lp).sum(), "entropy": (r_ent * g_ent).sum()}
+    r_loss = {
+        "both": (r_lp * g_lp).sum() + (r_ent * g_ent).sum(),
+        "logprobs": (r_lp * g_lp).sum(),
+        "entropy": (r_ent * g_ent).sum(),
+    }
     r_loss[which].backward()
     assert x.grad.dtype == dtype
     if dtype == torch.float32:
@@ -169,7 +179,11 @@ def test_gradients_match_reference(backend, dtype, which):
     else:
         xe = logits.clone().requires_grad_()
         e_lp, e_ent = eager_same_dtype(xe, labels, temperature)
-        e_loss = {"both": (e_lp * g_lp).sum() + (e_ent * g_ent).sum(), "logprobs": (e_lp * g_lp).sum(), "entropy": (e_ent * g_ent).sum()}
+        e_loss = {
+            "both": (e_lp * g_lp).sum() + (e_ent * g_ent).sum(),
+            "logprobs": (e_lp * g_lp).sum(),
+            "entropy": (e_ent * g_ent).sum(),
+        }
         e_loss[which].backward()
         assert_no_worse_than_eager(x.grad, xe.grad, x64.grad, "grad", "d logits")
 
@@ -192,7 +206,11 @@ def test_sliced_leading_dims_are_read_in_place(backend):
     logits, labels = full[:, :-1], ids[:, 1:]  # the usual shift: a non-contiguous view
     rows = _as_rows(logits)
     assert rows.data_ptr() == full.data_ptr() and rows.shape == (B, T - 1, V)  # a view, not a copy
-    for x, y in [(logits, labels), (full.transpose(0, 1), ids.t()), (full.view(B, 1, T, V)[:, :, 1:], ids[:, None, 1:])]:
+    for x, y in [
+        (logits, labels),
+        (full.transpose(0, 1), ids.t()),
+        (full.view(B, 1, T, V)[:, :, 1:], ids[:, None, 1:]),
+    ]:
         lp, ent = rlhf_fast.logprobs_from_logits(x, y, return_entropy=True)
         want_lp, want_ent = ref.logprobs_from_logits(x.double(), y, return_entropy=True)
         assert lp.shape == y.shape
@@ -200,7 +218,9 @@ def test_sliced_leading_dims_are_read_in_place(backend):
         assert_close(ent, want_ent, "entropy")
     strided_vocab = full[..., ::2]  # vocab stride 2: copied once, still right
     y = torch.randint(0, strided_vocab.shape[-1], (B, T))
-    assert_close(rlhf_fast.logprobs_from_logits(strided_vocab, y), ref.logprobs_from_logits(strided_vocab.double(), y), "logprob")
+    assert_close(
+        rlhf_fast.logprobs_from_logits(strided_vocab, y), ref.logprobs_from_logits(strided_vocab.double(), y), "logprob"
+    )
     x = logits.clone().requires_grad_()
     rlhf_fast.logprobs_from_logits(x, labels).sum().backward()
     assert x.grad.shape == logits.shape
@@ -208,7 +228,9 @@ def test_sliced_leading_dims_are_read_in_place(backend):
 
 def test_empty_and_length_one_inputs(backend):
     for shape in [(0,), (2, 0), (0, 3)]:
-        out, ent = rlhf_fast.logprobs_from_logits(torch.randn(*shape, 11), torch.zeros(shape, dtype=torch.long), return_entropy=True)
+        out, ent = rlhf_fast.logprobs_from_logits(
+            torch.randn(*shape, 11), torch.zeros(shape, dtype=torch.long), return_entropy=True
+        )
         assert out.shape == shape and ent.shape == shape
     x = torch.randn(5, 1, requires_grad=True)  # V = 1: log p = 0, entropy 0
     lp, ent = rlhf_fast.logprobs_from_logits(x, torch.zeros(5, dtype=torch.long), return_entropy=True)

@@ -2,10 +2,10 @@
 transformers (only generation and the trainer need it) and runs every CPU op
 without triton; build-only tools are not runtime dependencies; everything the
 tests import is in the `test` extra."""
+
 import ast
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -54,8 +54,13 @@ def _imported_top_level(path: Path) -> set[str]:
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0])
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("importorskip", "import_module")
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):  # fmt: skip
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", None) in ("importorskip", "import_module")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             names.add(node.args[0].value.split(".")[0])
     return names
 

@@ -1,14 +1,15 @@
 """rlhf_fast.ppo_policy_loss / ppo_value_loss / kl_penalty / ppo_loss against
 the float64 reference (verl's formulas), on every CPU backend (C++, and the
 Triton kernels under the interpreter)."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from _compare import assert_close, assert_no_worse_than_eager
 
 import rlhf_fast
-from _compare import assert_close, assert_no_worse_than_eager
 
 R = rlhf_fast.reference
 AGGS = R.AGG_MODES
@@ -90,7 +91,13 @@ def _check(out, ref, dtype, what):
     for k in stats:
         assert torch.isfinite(stats[k]), f"{what}: stat {k} = {stats[k]}"
     keys = sorted(stats)
-    assert_close(torch.stack([stats[k] for k in keys]), torch.stack([rstats[k] for k in keys]), "stat", f"{what}: stats", dtype=dtype)
+    assert_close(
+        torch.stack([stats[k] for k in keys]),
+        torch.stack([rstats[k] for k in keys]),
+        "stat",
+        f"{what}: stats",
+        dtype=dtype,
+    )
     for i, (g, rg) in enumerate(zip(grads, rgrads)):
         assert g.dtype == rg.dtype, f"{what}: grad {i} dtype {g.dtype} != {rg.dtype}"
         assert_close(g, rg, "grad", f"{what}: grad {i}")
@@ -126,8 +133,11 @@ def test_fused_loss_with_entropy_and_kl(backend, kl_kind, agg):
         return impl(lp_, old_, adv_, mask_, entropy=ent_, ref_logprobs=ref_, **kw)
 
     out = _run(lambda *a: fused(*a, rlhf_fast.ppo_loss), (lp, old, adv, mask, ent, ref_lp), [0, 4])
-    ref = _run(lambda *a: fused(*a, R.ppo_loss), (lp.double(), old.double(), adv.double(), mask, ent.double(),
-                                                  ref_lp.double()), [0, 4])  # fmt: skip
+    ref = _run(
+        lambda *a: fused(*a, R.ppo_loss),
+        (lp.double(), old.double(), adv.double(), mask, ent.double(), ref_lp.double()),
+        [0, 4],
+    )
     ref = (ref[0], ref[1], [g.float() for g in ref[2]])
     _check(out, ref, torch.float32, f"{backend} {kl_kind} {agg}")
     assert out[1]["kl"] != 0 and out[1]["entropy"] > 0
@@ -139,8 +149,11 @@ def test_multi_chunk_rows(backend):
     ent = torch.rand(3, 2500)
     kw = dict(entropy_coef=0.02, dual_clip=3.0, agg="seq-mean-token-mean")
     out = _run(lambda a, b, c, d, e: rlhf_fast.ppo_loss(a, b, c, d, entropy=e, **kw), (lp, old, adv, mask, ent), [0, 4])
-    ref = _run(lambda a, b, c, d, e: R.ppo_loss(a, b, c, d, entropy=e, **kw),
-               (lp.double(), old.double(), adv.double(), mask, ent.double()), [0, 4])  # fmt: skip
+    ref = _run(
+        lambda a, b, c, d, e: R.ppo_loss(a, b, c, d, entropy=e, **kw),
+        (lp.double(), old.double(), adv.double(), mask, ent.double()),
+        [0, 4],
+    )
     _check(out, (ref[0], ref[1], [g.float() for g in ref[2]]), torch.float32, backend)
 
 
@@ -331,8 +344,19 @@ def test_gradcheck(backend):
     ref = lp + 0.1 * torch.randn(3, 7, dtype=torch.float64)
 
     def f(lp_, ent_):
-        return rlhf_fast.ppo_loss(lp_, old, adv, mask, entropy=ent_, ref_logprobs=ref, entropy_coef=0.1, kl_coef=0.2,
-                                  clip_high=0.28, dual_clip=2.5, agg="seq-mean-token-mean")[0]  # fmt: skip
+        return rlhf_fast.ppo_loss(
+            lp_,
+            old,
+            adv,
+            mask,
+            entropy=ent_,
+            ref_logprobs=ref,
+            entropy_coef=0.1,
+            kl_coef=0.2,
+            clip_high=0.28,
+            dual_clip=2.5,
+            agg="seq-mean-token-mean",
+        )[0]
 
     assert torch.autograd.gradcheck(f, (lp.requires_grad_(), ent.requires_grad_()), eps=1e-7)
     v, vo, ret, m = make_value(3, 7, torch.float64)
@@ -345,9 +369,13 @@ def test_gradcheck(backend):
 def _opcheck_ops(backend):
     sfx = "_triton" if backend == "triton" else ""
     ops = torch.ops.rlhf_fast
-    return (getattr(ops, f"ppo_loss_fwd{sfx}"), getattr(ops, f"ppo_loss_bwd{sfx}"),
-            getattr(ops, f"ppo_value_loss_fwd{sfx}"), getattr(ops, f"kl_penalty_fwd{sfx}"),
-            getattr(ops, f"kl_penalty_bwd{sfx}"))  # fmt: skip
+    return (
+        getattr(ops, f"ppo_loss_fwd{sfx}"),
+        getattr(ops, f"ppo_loss_bwd{sfx}"),
+        getattr(ops, f"ppo_value_loss_fwd{sfx}"),
+        getattr(ops, f"kl_penalty_fwd{sfx}"),
+        getattr(ops, f"kl_penalty_bwd{sfx}"),
+    )
 
 
 def _opcheck_all(backend, device="cpu"):
@@ -394,8 +422,18 @@ def test_torch_compile_fullgraph():
     ent, ref = torch.rand(4, 16), lp + 0.1 * torch.randn(4, 16)
 
     def step(lp_, ent_):
-        loss, stats = rlhf_fast.ppo_loss(lp_, old, adv, mask, entropy=ent_, ref_logprobs=ref, entropy_coef=0.01,
-                                         kl_coef=0.1, clip_high=0.28, dual_clip=3.0)  # fmt: skip
+        loss, stats = rlhf_fast.ppo_loss(
+            lp_,
+            old,
+            adv,
+            mask,
+            entropy=ent_,
+            ref_logprobs=ref,
+            entropy_coef=0.01,
+            kl_coef=0.1,
+            clip_high=0.28,
+            dual_clip=3.0,
+        )
         vloss, _ = rlhf_fast.ppo_value_loss(lp_, old, adv, mask)
         return loss + 0.5 * vloss, stats["clipfrac"]
 
@@ -430,10 +468,14 @@ def test_cpp_large_shape():
     ent = torch.rand(64, 4096)
     kw = dict(entropy_coef=0.01, clip_high=0.28, dual_clip=3.0, agg="seq-mean-token-mean")
     with rlhf_fast.use_backend("cpp"):
-        out = _run(lambda a, b, c, d, e: rlhf_fast.ppo_loss(a, b, c, d, entropy=e, **kw), (lp, old, adv, mask, ent),
-                   [0, 4])  # fmt: skip
-    ref = _run(lambda a, b, c, d, e: R.ppo_loss(a, b, c, d, entropy=e, **kw),
-               (lp.double(), old.double(), adv.double(), mask, ent.double()), [0, 4])  # fmt: skip
+        out = _run(
+            lambda a, b, c, d, e: rlhf_fast.ppo_loss(a, b, c, d, entropy=e, **kw), (lp, old, adv, mask, ent), [0, 4]
+        )
+    ref = _run(
+        lambda a, b, c, d, e: R.ppo_loss(a, b, c, d, entropy=e, **kw),
+        (lp.double(), old.double(), adv.double(), mask, ent.double()),
+        [0, 4],
+    )
     _check(out, (ref[0], ref[1], [g.float() for g in ref[2]]), torch.float32, "cpp (64, 4096)")
 
 
@@ -506,5 +548,9 @@ def test_gpu_triton_matches_reference(dtype, agg):
         vout = _run(rlhf_fast.ppo_value_loss, (v.cuda(), vo.cuda(), ret.cuda(), vm.cuda()), [0], agg=agg)
     vref = _run(R.ppo_value_loss, (v.double(), vo.double(), ret.double(), vm), [0], agg=agg)
     assert_close(vout[0].cpu(), vref[0], "loss", "gpu value loss")
-    assert_close(torch.stack([vout[1][k].cpu() for k in sorted(vout[1])]),
-                 torch.stack([vref[1][k].float() for k in sorted(vref[1])]), "stat", "gpu value stats")  # fmt: skip
+    assert_close(
+        torch.stack([vout[1][k].cpu() for k in sorted(vout[1])]),
+        torch.stack([vref[1][k].float() for k in sorted(vref[1])]),
+        "stat",
+        "gpu value stats",
+    )

@@ -1,4 +1,5 @@
 """Backends, dispatch, build facts and the command line."""
+
 import subprocess
 import sys
 
@@ -8,13 +9,23 @@ import torch
 import rlhf_fast
 from rlhf_fast import _backend
 
-
 # Every schema in csrc/ops.cpp (checked against the file below).
 SCHEMAS = (
-    "logprobs_fwd", "logprobs_bwd", "gae", "discounted_returns", "whiten", "group_advantages", "sample_fwd",
-    "linear_logprobs_fwd", "linear_logprobs_bwd", "ppo_loss_fwd", "ppo_loss_bwd", "ppo_value_loss_fwd",
-    "kl_penalty_fwd", "kl_penalty_bwd",
-)  # fmt: skip
+    "logprobs_fwd",
+    "logprobs_bwd",
+    "gae",
+    "discounted_returns",
+    "whiten",
+    "group_advantages",
+    "sample_fwd",
+    "linear_logprobs_fwd",
+    "linear_logprobs_bwd",
+    "ppo_loss_fwd",
+    "ppo_loss_bwd",
+    "ppo_value_loss_fwd",
+    "kl_penalty_fwd",
+    "kl_penalty_bwd",
+)
 
 
 def test_every_schema_is_registered_with_cpu_kernel_and_fake():
@@ -55,7 +66,9 @@ def test_env_var_forces_a_backend(monkeypatch):
 
     calls = []
     real = ops_logprobs.reference.logprobs_from_logits
-    monkeypatch.setattr(ops_logprobs.reference, "logprobs_from_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        ops_logprobs.reference, "logprobs_from_logits", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     rlhf_fast.logprobs_from_logits(torch.randn(3, 9), torch.tensor([1, 2, 3]))
     assert calls == [1]  # the reference ran, not the C++ op
     monkeypatch.delenv(_backend.ENV_VAR)

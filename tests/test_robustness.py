@@ -7,17 +7,17 @@ with backend="aot_eager": it traces what inductor would (dynamo, fake tensors,
 AOTAutograd) without a C++ compile per graph; the Triton interpreter cannot be
 traced at all (the ops refuse it under torch.compile).
 """
+
 from __future__ import annotations
 
 import threading
 
 import pytest
 import torch
+from _compare import assert_close
 
 import rlhf_fast
 from rlhf_fast.ops._common import min_temperature
-
-from _compare import assert_close
 
 INF = float("inf")
 
@@ -49,8 +49,13 @@ def _diff_cases():
     return [
         ("logprobs_from_logits", lp_ent, [x]),
         ("linear_logprobs", lin, [h, w, b]),
-        ("ppo_loss", lambda: rlhf_fast.ppo_loss(lp, old, adv, m, entropy=ent, ref_logprobs=ref, entropy_coef=0.01,
-                                                kl_coef=0.1)[0], [lp, ent]),  # fmt: skip
+        (
+            "ppo_loss",
+            lambda: rlhf_fast.ppo_loss(lp, old, adv, m, entropy=ent, ref_logprobs=ref, entropy_coef=0.01, kl_coef=0.1)[
+                0
+            ],
+            [lp, ent],
+        ),
         ("ppo_policy_loss", lambda: rlhf_fast.ppo_policy_loss(lp, old, adv, m)[0], [lp]),
         ("ppo_value_loss", lambda: rlhf_fast.ppo_value_loss(lp, old, adv, m)[0], [lp]),
         ("kl_penalty", lambda: rlhf_fast.kl_penalty(lp, ref).sum(), [lp]),
@@ -107,19 +112,29 @@ def test_double_backward_reference_is_supported():
 
 def _inputs(B, T, V=11, H=6):
     return dict(
-        x=torch.randn(B, T, V), y=torch.randint(0, V, (B, T)), h=torch.randn(B, T, H), w=torch.randn(V, H),
-        lp=torch.randn(B, T) - 1, old=torch.randn(B, T) - 1, adv=torch.randn(B, T), m=torch.rand(B, T) > 0.2,
-        logits=torch.randn(B, V), scores=torch.randn(B * 4), ids=torch.randint(0, 3, (B * 4,)),
-    )  # fmt: skip
+        x=torch.randn(B, T, V),
+        y=torch.randint(0, V, (B, T)),
+        h=torch.randn(B, T, H),
+        w=torch.randn(V, H),
+        lp=torch.randn(B, T) - 1,
+        old=torch.randn(B, T) - 1,
+        adv=torch.randn(B, T),
+        m=torch.rand(B, T) > 0.2,
+        logits=torch.randn(B, V),
+        scores=torch.randn(B * 4),
+        ids=torch.randint(0, 3, (B * 4,)),
+    )
 
 
 # every public function, each taking a float argument (a SymFloat under dynamic=True)
 PUBLIC = {
-    "logprobs_from_logits": lambda d, t: rlhf_fast.logprobs_from_logits(d["x"], d["y"], temperature=t, ignore_index=3,
-                                                                        return_entropy=True),  # fmt: skip
+    "logprobs_from_logits": lambda d, t: rlhf_fast.logprobs_from_logits(
+        d["x"], d["y"], temperature=t, ignore_index=3, return_entropy=True
+    ),
     "linear_logprobs": lambda d, t: rlhf_fast.linear_logprobs(d["h"], d["w"], d["y"], temperature=t),
-    "ppo_loss": lambda d, t: rlhf_fast.ppo_loss(d["lp"], d["old"], d["adv"], d["m"], ref_logprobs=d["old"],
-                                                kl_coef=t * 0.1, clip_low=t * 0.2),  # fmt: skip
+    "ppo_loss": lambda d, t: rlhf_fast.ppo_loss(
+        d["lp"], d["old"], d["adv"], d["m"], ref_logprobs=d["old"], kl_coef=t * 0.1, clip_low=t * 0.2
+    ),
     "ppo_policy_loss": lambda d, t: rlhf_fast.ppo_policy_loss(d["lp"], d["old"], d["adv"], d["m"], clip_low=t * 0.2),
     "ppo_value_loss": lambda d, t: rlhf_fast.ppo_value_loss(d["lp"], d["old"], d["adv"], d["m"], clip=t * 0.2),
     "kl_penalty": lambda d, t: rlhf_fast.kl_penalty(d["lp"], d["old"], kind="k3"),
@@ -159,8 +174,12 @@ def test_compile_sample_batch_size_changes():
     """Defect 4, the issue's example: torch.compile(lambda t: sample(t).tokens)
     crashed when B changed (torch.randint(..., (B,)) with a symbolic B)."""
     torch._dynamo.reset()
-    f = torch.compile(lambda t, temp: rlhf_fast.sample(t, temperature=temp, top_p=0.9), backend="aot_eager",
-                      dynamic=True, fullgraph=True)  # fmt: skip
+    f = torch.compile(
+        lambda t, temp: rlhf_fast.sample(t, temperature=temp, top_p=0.9),
+        backend="aot_eager",
+        dynamic=True,
+        fullgraph=True,
+    )
     for B, temp in ((3, 1.0), (6, 0.5), (2, 0.8)):
         x = torch.randn(B, 13)
         out = f(x, temp)
@@ -172,8 +191,12 @@ def test_compile_sample_batch_size_changes():
 def test_compile_dynamic_backward():
     """The fused backward under compile, with a changing batch."""
     torch._dynamo.reset()
-    f = torch.compile(lambda x, y, t: rlhf_fast.logprobs_from_logits(x, y, temperature=t).sum(), backend="aot_eager",
-                      dynamic=True, fullgraph=True)  # fmt: skip
+    f = torch.compile(
+        lambda x, y, t: rlhf_fast.logprobs_from_logits(x, y, temperature=t).sum(),
+        backend="aot_eager",
+        dynamic=True,
+        fullgraph=True,
+    )
     for B, t in ((3, 1.0), (7, 0.6)):
         x = torch.randn(B, 9, requires_grad=True)
         y = torch.randint(0, 9, (B,))
@@ -354,9 +377,18 @@ def test_linear_logprobs_h0_is_the_bias(backend):
 def tiny_lm():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(7)
-    cfg = transformers.LlamaConfig(vocab_size=31, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=31,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 

@@ -2,14 +2,13 @@
 mismatch metrics) against the float64 reference written from the definitions,
 on every CPU backend (C++, Triton interpreter), and against verl 0.9.1's own
 rollout_corr_helper + compute_policy_loss_vanilla (it imports on CPU)."""
-import math
 
 import pytest
 import torch
+from _compare import assert_close
 
 import rlhf_fast
 from rlhf_fast import RolloutCorrection as RC
-from _compare import assert_close
 
 R = rlhf_fast.reference
 
@@ -65,7 +64,9 @@ def check(out, ref, what):
     # kl, chi2, log_ppl_diff are differences of O(1) means (log-probs ~ -1.5)
     for k in rstats:
         assert torch.isfinite(stats[k]), f"{what}: {k}"
-        assert_close(stats[k].reshape(1), rstats[k].reshape(1).to(stats[k].dtype), "stat", f"{what}: {k}", dtype=g.dtype)
+        assert_close(
+            stats[k].reshape(1), rstats[k].reshape(1).to(stats[k].dtype), "stat", f"{what}: {k}", dtype=g.dtype
+        )
     assert_close(g, rg.to(g.dtype), "grad", f"{what}: grad")
     if rge is not None:
         assert_close(ge, rge.to(ge.dtype), "grad", f"{what}: entropy grad")
@@ -98,8 +99,14 @@ def test_matches_reference(backend, name, dtype):
     for _ in range(8):
         lp, old, roll, adv, mask = make(32, 45, dtype)
         ent = torch.rand(32, 45, dtype=dtype)
-        kw = dict(entropy=ent, entropy_coef=0.01, ref_logprobs=old + 0.05, kl_coef=0.1, dual_clip=3.0,
-                  agg="seq-mean-token-mean")  # fmt: skip
+        kw = dict(
+            entropy=ent,
+            entropy_coef=0.01,
+            ref_logprobs=old + 0.05,
+            kl_coef=0.1,
+            dual_clip=3.0,
+            agg="seq-mean-token-mean",
+        )
         d = [t.double() for t in (lp, old, roll, adv)]
         kw64 = dict(kw, entropy=ent.double(), ref_logprobs=(old + 0.05).double())
         ref = run(R.ppo_loss, *d, mask, spec, **kw64)
@@ -201,8 +208,19 @@ def test_gradcheck(backend):
     for spec in (RC("token", 1.1, "token_k1", "0.9_1.1"), RC("sequence", "0.5_2.0", "seq_sum_k2", 0.05)):
 
         def f(x, e):
-            return rlhf_fast.ppo_loss(x, old, adv, mask, entropy=e, entropy_coef=0.1, ref_logprobs=old, kl_coef=0.2,
-                                      rollout_logprobs=roll, rollout_correction=spec, agg="seq-mean-token-sum")[0]  # fmt: skip
+            return rlhf_fast.ppo_loss(
+                x,
+                old,
+                adv,
+                mask,
+                entropy=e,
+                entropy_coef=0.1,
+                ref_logprobs=old,
+                kl_coef=0.2,
+                rollout_logprobs=roll,
+                rollout_correction=spec,
+                agg="seq-mean-token-sum",
+            )[0]
 
         assert torch.autograd.gradcheck(f, (lp.clone().requires_grad_(), ent.clone().requires_grad_()), eps=1e-7)
 
@@ -215,8 +233,11 @@ def _opcheck(backend, device="cpu"):
     ent = torch.rand(3, 8, device=device).requires_grad_()
     lp.requires_grad_()
     base = (lp, old, adv, mask, ent, None, 0.01, 0.0, "k3", 0.2, 0.28, 3.0, "seq-mean-token-mean", 8.0, roll)
-    for rc_args in (RC("token", 2.0, "token_k3", 0.01).kernel_args(), RC("geometric", "0.5_2.0").kernel_args(),
-                    RC(None, 2.0, "seq_mean_k1", 1.1).kernel_args()):  # fmt: skip
+    for rc_args in (
+        RC("token", 2.0, "token_k3", 0.01).kernel_args(),
+        RC("geometric", "0.5_2.0").kernel_args(),
+        RC(None, 2.0, "seq_mean_k1", 1.1).kernel_args(),
+    ):
         torch.library.opcheck(fwd, base + rc_args, test_utils=utils)
 
 
@@ -275,24 +296,40 @@ def test_bad_inputs_raise():
         (lambda: RC(None, 2.0, "token_k2", "0.1_0.2"), ValueError, "upper bound only"),
         (lambda: RC("token", True), TypeError, "must be a number"),
         (lambda: RC.from_dict({"rollout_is": "token", "bypass_mode": True}), ValueError, "unknown keys"),
-        (lambda: rlhf_fast.ppo_loss(lp, old, adv, mask, rollout_logprobs=roll[:, :4]), ValueError,
-         "rollout_logprobs must have the shape"),
-        (lambda: rlhf_fast.ppo_loss(lp, old, adv, mask, rollout_correction=RC("token")), ValueError,
-         "needs rollout_logprobs"),
-        (lambda: rlhf_fast.ppo_loss(lp, old, adv, mask, rollout_logprobs=roll, rollout_correction={"rollout_is": "token"}),
-         TypeError, "must be a rlhf_fast.RolloutCorrection"),
-        (lambda: rlhf_fast.ppo_loss(lp, old, adv, mask, rollout_logprobs=roll.long()), TypeError,
-         "rollout_logprobs must have dtype"),
-    ]  # fmt: skip
+        (
+            lambda: rlhf_fast.ppo_loss(lp, old, adv, mask, rollout_logprobs=roll[:, :4]),
+            ValueError,
+            "rollout_logprobs must have the shape",
+        ),
+        (
+            lambda: rlhf_fast.ppo_loss(lp, old, adv, mask, rollout_correction=RC("token")),
+            ValueError,
+            "needs rollout_logprobs",
+        ),
+        (
+            lambda: rlhf_fast.ppo_loss(
+                lp, old, adv, mask, rollout_logprobs=roll, rollout_correction={"rollout_is": "token"}
+            ),
+            TypeError,
+            "must be a rlhf_fast.RolloutCorrection",
+        ),
+        (
+            lambda: rlhf_fast.ppo_loss(lp, old, adv, mask, rollout_logprobs=roll.long()),
+            TypeError,
+            "rollout_logprobs must have dtype",
+        ),
+    ]
     for fn, exc, msg in bad:
         with pytest.raises(exc, match=msg):
             fn()
     with pytest.raises(RuntimeError, match="rollout_is must be none"):  # the op checks too
-        torch.ops.rlhf_fast.ppo_loss_fwd(lp, old, adv, mask, None, None, 0.0, 0.0, "k3", 0.2, 0.2, None,
-                                         "token-mean", 5.0, roll, "seq")  # fmt: skip
+        torch.ops.rlhf_fast.ppo_loss_fwd(
+            lp, old, adv, mask, None, None, 0.0, 0.0, "k3", 0.2, 0.2, None, "token-mean", 5.0, roll, "seq"
+        )
     with pytest.raises(RuntimeError, match="needs rollout_logprobs"):
-        torch.ops.rlhf_fast.ppo_loss_fwd(lp, old, adv, mask, None, None, 0.0, 0.0, "k3", 0.2, 0.2, None,
-                                         "token-mean", 5.0, None, "token")  # fmt: skip
+        torch.ops.rlhf_fast.ppo_loss_fwd(
+            lp, old, adv, mask, None, None, 0.0, 0.0, "k3", 0.2, 0.2, None, "token-mean", 5.0, None, "token"
+        )
 
 
 # ---------------------------------------------------------------- against verl 0.9.1 itself
@@ -320,7 +357,13 @@ def test_against_verl(backend, case):
     lp, old, roll, adv, mask = make(6, 40, gap=0.15)
     mask[1, :3] = True  # verl counts empty rows in its row means: keep every row non-empty here
     w, new_mask, metrics = helper.compute_rollout_correction_and_rejection_mask(
-        old, roll, mask.double(), rollout_is=is_, rollout_is_threshold=is_thr, rollout_rs=rs, rollout_rs_threshold=rs_thr
+        old,
+        roll,
+        mask.double(),
+        rollout_is=is_,
+        rollout_is_threshold=is_thr,
+        rollout_rs=rs,
+        rollout_rs_threshold=rs_thr,
     )
     cfg = type("Cfg", (dict,), {})(clip_ratio_c=3.0)
     cfg.clip_ratio, cfg.clip_ratio_low, cfg.clip_ratio_high = 0.2, None, 0.28

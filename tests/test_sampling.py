@@ -8,6 +8,7 @@ the truncated distribution. They run on the reference and the C++ kernel;
 the Triton kernel (interpreter: ~10 ms per row and bisection) is held to
 token-for-token equality with them on smaller batches.
 """
+
 import math
 
 import pytest
@@ -85,7 +86,9 @@ def test_same_tokens_as_reference(backend, cfg, dtype):
     with rlhf_fast.use_backend("reference"):
         want = _call(logits, seeds, temperature=0.8, **cfg)
     assert out.tokens.dtype == torch.int64 and out.logprobs.dtype == torch.float32
-    assert torch.equal(out.tokens, want.tokens), f"tokens differ at rows {(out.tokens != want.tokens).nonzero().flatten()}"
+    assert torch.equal(out.tokens, want.tokens), (
+        f"tokens differ at rows {(out.tokens != want.tokens).nonzero().flatten()}"
+    )
     assert_close(out.logprobs, want.logprobs, "agree", "logprobs", scale=logit_scale(logits, 0.8))
     assert_close(out.processed_logprobs, want.processed_logprobs, "agree", "processed", scale=logit_scale(logits, 0.8))
     assert bool((out.tokens[0] >= V // 2).all())
@@ -152,11 +155,15 @@ def test_small_and_empty_shapes(backend):
 
 # ------------------------------------------------------------ statistics
 
-STAT_LOGITS = torch.log(torch.tensor([1.0 / (i + 1) ** 1.2 for i in range(20)]))[torch.randperm(20, generator=torch.Generator().manual_seed(0))]
+STAT_LOGITS = torch.log(torch.tensor([1.0 / (i + 1) ** 1.2 for i in range(20)]))[
+    torch.randperm(20, generator=torch.Generator().manual_seed(0))
+]
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpp"])
-@pytest.mark.parametrize("cfg", CONFIGS + [dict(top_k=3, top_p=0.5)], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
+@pytest.mark.parametrize(
+    "cfg", CONFIGS + [dict(top_k=3, top_p=0.5)], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain"
+)
 def test_frequencies_match_truncated_distribution(impl, cfg):
     n = 100_000
     logits = STAT_LOGITS.unsqueeze(0).expand(n, -1).contiguous()
@@ -165,7 +172,9 @@ def test_frequencies_match_truncated_distribution(impl, cfg):
     probs = _expected_probs(STAT_LOGITS, temperature=0.9, **cfg)
     _assert_follows(out.tokens, probs, f"{impl} {cfg}")
     # processed log-prob is the log of the truncated probability
-    assert_close(out.processed_logprobs, probs.log()[out.tokens], "logprob", "processed", scale=logit_scale(STAT_LOGITS, 0.9))
+    assert_close(
+        out.processed_logprobs, probs.log()[out.tokens], "logprob", "processed", scale=logit_scale(STAT_LOGITS, 0.9)
+    )
 
 
 def test_per_row_parameters():
@@ -260,9 +269,13 @@ def test_bad_logits_raise(backend):
 def test_opcheck():
     B, V = 4, 33
     logits = torch.randn(B, V)
-    args = (draw_seeds(B, logits.device, None), torch.rand(B, dtype=torch.float64) + 0.5,
-            torch.tensor([0, 3, 5, 0]), torch.tensor([1.0, 0.5, 0.9, 0.3], dtype=torch.float64),
-            torch.zeros(B, dtype=torch.float64))  # fmt: skip
+    args = (
+        draw_seeds(B, logits.device, None),
+        torch.rand(B, dtype=torch.float64) + 0.5,
+        torch.tensor([0, 3, 5, 0]),
+        torch.tensor([1.0, 0.5, 0.9, 0.3], dtype=torch.float64),
+        torch.zeros(B, dtype=torch.float64),
+    )
     for filtered in (False, True):
         torch.library.opcheck(torch.ops.rlhf_fast.sample_fwd, (logits, *args, filtered))
     # the Triton op's fake kernel (opcheck cannot run the interpreter under

@@ -1,6 +1,7 @@
 """The thin trainer: fused ops vs the reference backend step for step, reward
 model and DPO learning on separable toy data, exact resume, the NaN guard,
 configs, and the quick end-to-end demo."""
+
 import copy
 import json
 import math
@@ -9,14 +10,32 @@ import pytest
 import torch
 from _compare import assert_close
 from _tiny_models import (  # noqa: F401 - one_thread: the autouse fixture
-    TOK, dpo_trainer, flat_params, grpo_trainer, max_param_diff, one_thread, ppo_trainer, prompt_batch, rm_trainer,
-    rule_reward, run_torchrun, separable_pairs, tiny_llama,
-)  # fmt: skip
+    TOK,
+    dpo_trainer,
+    flat_params,
+    grpo_trainer,
+    max_param_diff,
+    one_thread,
+    ppo_trainer,
+    prompt_batch,
+    rm_trainer,
+    rule_reward,
+    run_torchrun,
+    separable_pairs,
+    tiny_llama,
+)
 
 import rlhf_fast
 from rlhf_fast.trainer import (
-    DPOConfig, DPOTrainer, KLController, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, ScalarHeadModel,
-)  # fmt: skip
+    DPOConfig,
+    DPOTrainer,
+    KLController,
+    PPOConfig,
+    PPOTrainer,
+    RewardConfig,
+    RewardTrainer,
+    ScalarHeadModel,
+)
 
 # ---------------------------------------------------------------- fused == reference
 
@@ -43,7 +62,9 @@ def test_ppo_steps_fused_match_reference():
     assert moved > 1e-4, "the policy did not move: the comparison would be vacuous"
     # same sampled tokens (shared counter-based noise), so the only difference is fp32 rounding
     assert max_param_diff(fused.policy, ref.policy) < 1e-3 * moved
-    assert max_param_diff(fused.critic, ref.critic) < 1e-3 * max(max_param_diff(fused.critic, ScalarHeadModel.from_causal_lm(start)), 1e-6)
+    assert max_param_diff(fused.critic, ref.critic) < 1e-3 * max(
+        max_param_diff(fused.critic, ScalarHeadModel.from_causal_lm(start)), 1e-6
+    )
     for a, b in zip(rows_f, rows_r):
         for k in ("reward", "kl", "pg_loss", "value_loss", "clipfrac", "entropy", "response_length"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
@@ -68,10 +89,25 @@ def test_bf16_autocast_grpo_rm_dpo_train():
     cl[:, :4] = 0  # <bos> det noun verb: the prompt
     rl[:, :4] = 0
     policy = tiny_llama(2)
-    dpo = DPOTrainer(DPOConfig(steps=2, batch_size=8, lr=3e-3, progress=False, autocast="bf16"),
-                     policy, copy.deepcopy(policy), ci, cm, cl, ri, rm, rl)  # fmt: skip
-    rm_tr = RewardTrainer(RewardConfig(steps=2, batch_size=8, progress=False, autocast="bf16"),
-                          ScalarHeadModel.from_causal_lm(tiny_llama()), ci, cm, ri, rm)  # fmt: skip
+    dpo = DPOTrainer(
+        DPOConfig(steps=2, batch_size=8, lr=3e-3, progress=False, autocast="bf16"),
+        policy,
+        copy.deepcopy(policy),
+        ci,
+        cm,
+        cl,
+        ri,
+        rm,
+        rl,
+    )
+    rm_tr = RewardTrainer(
+        RewardConfig(steps=2, batch_size=8, progress=False, autocast="bf16"),
+        ScalarHeadModel.from_causal_lm(tiny_llama()),
+        ci,
+        cm,
+        ri,
+        rm,
+    )
     for rows in (dpo.train(), rm_tr.train(), grpo_trainer(autocast="bf16").train(1)):
         for row in rows:
             assert row["skipped"] == 0 and all(math.isfinite(v) for v in row.values() if isinstance(v, float)), row
@@ -103,7 +139,9 @@ def test_reward_model_accuracy_rises():
 def test_reward_model_margin_needs_tensor():
     (ci, cm), (ri, rm) = separable_pairs(8)
     with pytest.raises(ValueError, match="margin"):
-        RewardTrainer(RewardConfig(margin=True, progress=False), ScalarHeadModel.from_causal_lm(tiny_llama()), ci, cm, ri, rm)
+        RewardTrainer(
+            RewardConfig(margin=True, progress=False), ScalarHeadModel.from_causal_lm(tiny_llama()), ci, cm, ri, rm
+        )
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -216,8 +254,20 @@ def test_cli_train_grpo_under_torchrun_fsdp2(tmp_path):
 
     from rlhf_fast.demo.train_source import TinyDemoSource
 
-    cfg = dict(model="tiny-demo", reward="rule", steps=2, batch_size=4, num_samples=2, max_new_tokens=6,
-               minibatch_size=8, lr=1e-3, kl_coef=0.02, seed=3, parallel="fsdp2", out_dir=str(tmp_path / "out"))  # fmt: skip
+    cfg = dict(
+        model="tiny-demo",
+        reward="rule",
+        steps=2,
+        batch_size=4,
+        num_samples=2,
+        max_new_tokens=6,
+        minibatch_size=8,
+        lr=1e-3,
+        kl_coef=0.02,
+        seed=3,
+        parallel="fsdp2",
+        out_dir=str(tmp_path / "out"),
+    )
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
     run_torchrun("-m", "rlhf_fast.cli", "train", "grpo", "--config", str(tmp_path / "g.yaml"))
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -335,8 +385,9 @@ def test_lora_ppo_trains_only_the_adapters():
     lora = apply_lora(policy, r=4, alpha=8)
     ids, mask = prompt_batch()
     cfg = PPOConfig(steps=2, batch_size=6, max_new_tokens=6, lr=1e-2, ppo_epochs=2, minibatch_size=3, progress=False)
-    tr = PPOTrainer(cfg, lora, ref, critic, rule_reward, ids, mask, eos_token_id=TOK.eos_token_id,
-                    pad_token_id=TOK.pad_token_id)  # fmt: skip
+    tr = PPOTrainer(
+        cfg, lora, ref, critic, rule_reward, ids, mask, eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id
+    )
     rows = tr.train()
     assert all(math.isfinite(r["pg_loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
     n_trainable = sum(p.numel() for g in tr.opt.param_groups for p in g["params"])
@@ -378,8 +429,14 @@ def test_train_cli_lora_key(tmp_path):
 
     from rlhf_fast.demo.train_source import train_from_yaml
 
-    cfg = dict(model="tiny-demo", steps=2, batch_size=8, lora={"r": 4, "alpha": 8}, progress=False,
-               out_dir=str(tmp_path / "out"))  # fmt: skip
+    cfg = dict(
+        model="tiny-demo",
+        steps=2,
+        batch_size=8,
+        lora={"r": 4, "alpha": 8},
+        progress=False,
+        out_dir=str(tmp_path / "out"),
+    )
     (tmp_path / "d.yaml").write_text(yaml.safe_dump(cfg))
     tr = train_from_yaml("dpo", str(tmp_path / "d.yaml"))
     assert type(tr.policy).__name__ == "PeftModelForCausalLM"
@@ -401,8 +458,10 @@ def test_trainer_imports_nothing_from_the_demo():
     import subprocess
     import sys
 
-    code = ("import sys, rlhf_fast.trainer, rlhf_fast.trainer.run, rlhf_fast.trainer.parallel\n"
-            "print(sorted(m for m in sys.modules if m.startswith('rlhf_fast.demo')))")  # fmt: skip
+    code = (
+        "import sys, rlhf_fast.trainer, rlhf_fast.trainer.run, rlhf_fast.trainer.parallel\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rlhf_fast.demo')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
 

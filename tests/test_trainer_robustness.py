@@ -1,6 +1,7 @@
 """The trainer under attack: non-finite rewards, bad configs, kill -9 during a
 write, truncated and corrupted checkpoints, and `rlhf-fast train` resumed
 after a crash equal to an uninterrupted run (issue #16)."""
+
 import json
 import math
 import os
@@ -198,18 +199,34 @@ def test_truncated_checkpoint_is_refused(tmp_path, keep):
 # ---------------------------------------------------------------- the CLI: resume, atomic writes, kill -9
 
 _CLI_CFG = {
-    "ppo": dict(steps=4, batch_size=4, max_new_tokens=4, ppo_epochs=1, minibatch_size=4, lr=1e-3,
-                reward_norm=True, kl_target=1.0),
-    "grpo": dict(steps=4, batch_size=2, num_samples=2, max_new_tokens=4, ppo_epochs=1, minibatch_size=4, lr=1e-3,
-                 kl_coef=0.02),
+    "ppo": dict(
+        steps=4,
+        batch_size=4,
+        max_new_tokens=4,
+        ppo_epochs=1,
+        minibatch_size=4,
+        lr=1e-3,
+        reward_norm=True,
+        kl_target=1.0,
+    ),
+    "grpo": dict(
+        steps=4, batch_size=2, num_samples=2, max_new_tokens=4, ppo_epochs=1, minibatch_size=4, lr=1e-3, kl_coef=0.02
+    ),
     "rm": dict(steps=4, batch_size=8, lr=1e-3, eval_fraction=0.2),
     "dpo": dict(steps=4, batch_size=4, lr=1e-3),
-}  # fmt: skip
+}
 
 
 def _write_cfg(tmp_path, algo, out, **kw):
-    cfg = {"model": "tiny-demo", "progress": False, "out_dir": str(out), "checkpoint_every": 2, "seed": 3,
-           **_CLI_CFG[algo], **kw}  # fmt: skip
+    cfg = {
+        "model": "tiny-demo",
+        "progress": False,
+        "out_dir": str(out),
+        "checkpoint_every": 2,
+        "seed": 3,
+        **_CLI_CFG[algo],
+        **kw,
+    }
     p = tmp_path / f"{algo}_{os.path.basename(str(out))}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return str(p)

@@ -1,6 +1,7 @@
 """PPO / GRPO trainers: the sampler's log-probs are recorded at generate time,
 the rollout/trainer mismatch metrics are always logged, and the
 `rollout_correction:` config block applies verl's correction in ppo_loss."""
+
 import math
 
 import pytest
@@ -8,8 +9,14 @@ from _tiny_models import grpo_trainer, max_param_diff, one_thread, ppo_trainer, 
 
 from rlhf_fast.trainer import GRPOConfig, PPOConfig
 
-MISMATCH = ("rollout_corr/kl", "rollout_corr/k3_kl", "rollout_corr/chi2_token", "rollout_corr/chi2_seq",
-            "rollout_corr/log_ppl_diff", "rollout_corr/ppl_ratio")  # fmt: skip
+MISMATCH = (
+    "rollout_corr/kl",
+    "rollout_corr/k3_kl",
+    "rollout_corr/chi2_token",
+    "rollout_corr/chi2_seq",
+    "rollout_corr/log_ppl_diff",
+    "rollout_corr/ppl_ratio",
+)
 
 
 @pytest.mark.parametrize("make", [ppo_trainer, grpo_trainer])
@@ -32,8 +39,14 @@ def test_mismatch_metrics_logged_by_default(make):
 
 @pytest.mark.parametrize("make", [ppo_trainer, grpo_trainer])
 def test_correction_applied_and_logged(make):
-    trainer = make(rollout_correction={"rollout_is": "token", "rollout_is_threshold": 2.0,
-                                       "rollout_rs": "token_k1", "rollout_rs_threshold": "0.5_2.0"})  # fmt: skip
+    trainer = make(
+        rollout_correction={
+            "rollout_is": "token",
+            "rollout_is_threshold": 2.0,
+            "rollout_rs": "token_k1",
+            "rollout_rs_threshold": "0.5_2.0",
+        }
+    )
     rows = trainer.train(1)
     row = rows[0]
     # mismatch ~0, so the weights are ~1 and nothing is rejected
@@ -45,7 +58,9 @@ def test_correction_applied_and_logged(make):
 def test_rejecting_every_token_stops_learning():
     """token_k1 keeps ratios in [1.5, 2] only: with a ~0 gap every token is rejected,
     so the loss and every gradient are 0 and the policy does not move."""
-    trainer = grpo_trainer(rollout_correction={"rollout_rs": "token_k1", "rollout_rs_threshold": "1.5_2.0"}, weight_decay=0.0)
+    trainer = grpo_trainer(
+        rollout_correction={"rollout_rs": "token_k1", "rollout_rs_threshold": "1.5_2.0"}, weight_decay=0.0
+    )
     rows = trainer.train(1)
     assert rows[0]["rollout_corr/rollout_rs_masked_fraction"] == 1.0
     assert max_param_diff(trainer.policy, tiny_llama(0)) == 0.0
@@ -55,8 +70,12 @@ def test_rejecting_every_token_stops_learning():
 
 
 def test_config_block_validated():
-    for bad, msg in (({"rollout_is": "tokens"}, "rollout_is must be"), ({"rollout_is": "token", "foo": 1}, "unknown"),
-                     ({"rollout_is": "token", "rollout_is_threshold": -1.0}, "must be > 0"), ("token", "mapping")):
+    for bad, msg in (
+        ({"rollout_is": "tokens"}, "rollout_is must be"),
+        ({"rollout_is": "token", "foo": 1}, "unknown"),
+        ({"rollout_is": "token", "rollout_is_threshold": -1.0}, "must be > 0"),
+        ("token", "mapping"),
+    ):
         with pytest.raises(ValueError, match=msg):
             PPOConfig(rollout_correction=bad)
     assert GRPOConfig(rollout_correction=None).rollout_correction is None

@@ -4,12 +4,18 @@ compared, GRPOConfig's mapping of TRL's arguments, the errors raised before
 the first rollout, resume, torchrun and PEFT. Everything is built in code: a
 word-level HF tokenizer, a tiny Llama policy and a tiny
 LlamaForSequenceClassification reward model (reused by test_trl_inputs.py)."""
+
 import pytest
 import torch
 from _compare import assert_close
 from _tiny_models import (  # noqa: F401 - one_thread: the autouse fixture
-    PROMPTS, hf_tokenizer, one_thread, run_torchrun, tiny_policy, tiny_reward_model,
-)  # fmt: skip
+    PROMPTS,
+    hf_tokenizer,
+    one_thread,
+    run_torchrun,
+    tiny_policy,
+    tiny_reward_model,
+)
 
 from rlhf_fast.demo import world
 
@@ -44,20 +50,41 @@ def trl_style_script(GRPOConfig, GRPOTrainer, tok, dataset, out_dir, calls):
         return out
 
     def names_the_noun(prompts, completions, completion_ids, noun, **kwargs):  # a dataset column as a kwarg
-        calls.append(("names_the_noun", dict(prompts=prompts, completions=completions, completion_ids=completion_ids,
-                                             noun=noun, **kwargs)))  # fmt: skip
+        calls.append(
+            (
+                "names_the_noun",
+                dict(prompts=prompts, completions=completions, completion_ids=completion_ids, noun=noun, **kwargs),
+            )
+        )
         return [float(n in _text(c).split()) for c, n in zip(completions, noun)]
 
     reward_model = tiny_reward_model(tok)
     model_dir = f"{out_dir}/init"  # a path, as most scripts give it (TRL also rebuilds its reference from it)
     tiny_policy(tok).save_pretrained(model_dir)
-    args = GRPOConfig(output_dir=out_dir, learning_rate=1e-3, per_device_train_batch_size=8, num_generations=4,
-                      max_completion_length=6, max_steps=3, beta=0.04, reward_weights=[1.0, 0.5, 0.1],
-                      logging_steps=1, seed=0, bf16=False, use_cpu=True, report_to="none",
-                      save_strategy="no")  # fmt: skip
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=[positive_share, names_the_noun, reward_model],
-                          args=args, train_dataset=dataset, processing_class=tok,
-                          reward_processing_classes=[None, None, tok])  # fmt: skip
+    args = GRPOConfig(
+        output_dir=out_dir,
+        learning_rate=1e-3,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=3,
+        beta=0.04,
+        reward_weights=[1.0, 0.5, 0.1],
+        logging_steps=1,
+        seed=0,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+    )
+    trainer = GRPOTrainer(
+        model=model_dir,
+        reward_funcs=[positive_share, names_the_noun, reward_model],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        reward_processing_classes=[None, None, tok],
+    )
     trainer.train()
     return trainer
 
@@ -74,8 +101,9 @@ def test_trl_style_grpo_script_runs_with_rlhf_fast_imports(tmp_path, source, con
     c = trainer.config  # TRL's names mapped: 8 completions per step = 2 prompts x 4
     assert (c.batch_size, c.num_samples, c.minibatch_size, c.max_new_tokens, c.kl_coef) == (2, 4, 8, 6, 0.04)
     rows = trainer.state.log_history
-    assert len(rows) == 3 and all("rewards/positive_share/mean" in r and "rewards/names_the_noun/mean" in r
-                                  for r in rows)  # fmt: skip
+    assert len(rows) == 3 and all(
+        "rewards/positive_share/mean" in r and "rewards/names_the_noun/mean" in r for r in rows
+    )
     assert all(r["applied"] >= 1 for r in rows)
     fn_calls = [kw for name, kw in calls if name == "names_the_noun"]
     assert len(fn_calls) == 3
@@ -119,8 +147,14 @@ def test_same_script_runs_under_trl_and_rewards_agree(tmp_path):
         completions = [[{"role": "assistant", "content": d}] for d in decoded] if conversational else decoded
         want = trainer._calculate_rewards(inputs, prompts, completions, ids)  # (4, 3) per function
         want = (want * trainer.reward_weights).nansum(-1)
-        ours = TextRewards(trainer.reward_funcs, tok, rows, 2, reward_weights=[1.0, 0.5, 0.1],
-                           reward_processing_classes=trainer.reward_processing_classes)  # fmt: skip
+        ours = TextRewards(
+            trainer.reward_funcs,
+            tok,
+            rows,
+            2,
+            reward_weights=[1.0, 0.5, 0.1],
+            reward_processing_classes=trainer.reward_processing_classes,
+        )
         ours.set_batch([0, 1])
         P = 8  # any prompt width: the rows name their prompts, the tokens only carry the completions
         seqs = torch.zeros((4, P + 6), dtype=torch.long)
@@ -138,18 +172,32 @@ def _trainer(reward_funcs, tmp_path=None, **cfg):
     from rlhf_fast.trl import GRPOConfig, GRPOTrainer
 
     tok = hf_tokenizer()
-    args = GRPOConfig(output_dir=None, per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
-                      max_steps=1, bf16=False, **cfg)  # fmt: skip
-    return GRPOTrainer(model=tiny_policy(tok), reward_funcs=reward_funcs, args=args,
-                       train_dataset=prompt_dataset(source="list"), processing_class=tok)  # fmt: skip
+    args = GRPOConfig(
+        output_dir=None,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=1,
+        bf16=False,
+        **cfg,
+    )
+    return GRPOTrainer(
+        model=tiny_policy(tok),
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=prompt_dataset(source="list"),
+        processing_class=tok,
+    )
 
 
 def test_wrong_reward_signature_is_reported_before_rollout(monkeypatch):
     import rlhf_fast.trainer.rollout as rollout_mod
 
     monkeypatch.setattr(rollout_mod, "generate", lambda *a, **k: pytest.fail("generated before the check"))
-    want = (r"requires texts, which are never passed; it does not accept prompts, completions.*\(add \*\*kwargs\). "
-            r"Expected fn\(prompts, completions, \*\*kwargs\)")
+    want = (
+        r"requires texts, which are never passed; it does not accept prompts, completions.*\(add \*\*kwargs\). "
+        r"Expected fn\(prompts, completions, \*\*kwargs\)"
+    )
     with pytest.raises(TypeError, match=want):
         _trainer([lambda texts: [0.0] * len(texts)])
     with pytest.raises(TypeError, match="rlhf_fast's token-level reward"):
@@ -199,16 +247,37 @@ def test_config_rejects_unsupported_trl_arguments_by_name():
 def test_trl_config_mapping():
     from rlhf_fast.trl import GRPOConfig
 
-    c = GRPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4, max_steps=10,
-                   num_iterations=2, loss_type="dr_grpo", scale_rewards="none", epsilon_high=0.28, warmup_steps=4,
-                   bf16=False).to_rlhf_fast(num_prompts=100)  # fmt: skip
+    c = GRPOConfig(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_generations=4,
+        max_steps=10,
+        num_iterations=2,
+        loss_type="dr_grpo",
+        scale_rewards="none",
+        epsilon_high=0.28,
+        warmup_steps=4,
+        bf16=False,
+    ).to_rlhf_fast(num_prompts=100)
     # generation batch = 4 x 2 = 8 completions = 2 prompts x 4; 2 iterations x 1 optimizer step each per rollout
     assert (c.batch_size, c.num_samples, c.minibatch_size, c.grad_accum, c.ppo_epochs) == (2, 4, 8, 2, 2)
-    assert (c.steps, c.warmup_steps, c.loss_agg, c.estimator, c.clip_high) == (5, 2, "seq-mean-token-sum-norm",
-                                                                              "dr_grpo", 0.28)  # fmt: skip
+    assert (c.steps, c.warmup_steps, c.loss_agg, c.estimator, c.clip_high) == (
+        5,
+        2,
+        "seq-mean-token-sum-norm",
+        "dr_grpo",
+        0.28,
+    )
     d = GRPOConfig(bf16=False).to_rlhf_fast(num_prompts=10)  # TRL's defaults: 3 epochs over 10 prompts, 1 per step
     assert (d.steps, d.batch_size, d.lr, d.seed, d.max_new_tokens, d.loss_agg, d.kl_coef) == (
-        30, 1, 1e-6, 42, 512, "token-mean", 0.0)  # fmt: skip
+        30,
+        1,
+        1e-6,
+        42,
+        512,
+        "token-mean",
+        0.0,
+    )
 
 
 def test_resume_from_checkpoint_continues_the_run(tmp_path):
@@ -217,11 +286,25 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
     tok = hf_tokenizer()
 
     def run(max_steps, resume=None, seed_model=0):
-        args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                          max_completion_length=4, max_steps=max_steps, save_steps=1, learning_rate=1e-3,
-                          lr_scheduler_type="constant", bf16=False, disable_tqdm=True)  # fmt: skip
-        t = GRPOTrainer(model=tiny_policy(tok, seed_model), reward_funcs=lambda completions, **kw: [
-            float(len(c)) for c in completions], args=args, train_dataset=PROMPTS, processing_class=tok)  # fmt: skip
+        args = GRPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=4,
+            max_steps=max_steps,
+            save_steps=1,
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+            bf16=False,
+            disable_tqdm=True,
+        )
+        t = GRPOTrainer(
+            model=tiny_policy(tok, seed_model),
+            reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+            args=args,
+            train_dataset=PROMPTS,
+            processing_class=tok,
+        )
         t.train(resume_from_checkpoint=resume)
         return t
 
@@ -255,13 +338,27 @@ def test_peft_config_trains_only_the_adapters_and_async_rewards_run():
     async def length_reward(completions, **kwargs):  # TRL also accepts async reward functions
         return [float(len(c)) for c in completions]
 
-    args = GRPOConfig(per_device_train_batch_size=4, num_generations=4, max_completion_length=4, max_steps=1,
-                      learning_rate=1e-2, beta=0.1, bf16=False, disable_tqdm=True)  # fmt: skip
+    args = GRPOConfig(
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=1,
+        learning_rate=1e-2,
+        beta=0.1,
+        bf16=False,
+        disable_tqdm=True,
+    )
     model = tiny_policy(tok)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    t = GRPOTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=PROMPTS, processing_class=tok,
-                    peft_config=lora)  # fmt: skip
+    t = GRPOTrainer(
+        model=model,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=PROMPTS,
+        processing_class=tok,
+        peft_config=lora,
+    )
     t.train()
     assert t.state.log_history[0]["applied"] == 1 and "kl" in t.state.log_history[0]  # beta > 0: a reference ran
     named = dict(t.model.named_parameters())

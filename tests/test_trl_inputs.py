@@ -3,14 +3,19 @@ forward, prompt sources (JSONL, lists, duck-typed datasets), save_pretrained
 exports, the CLI's TRL-style prompts_file / reward values, and the core
 trainers' reward check. The whole-script tests are in test_trl_compat.py,
 whose in-code tokenizer and tiny models these reuse."""
+
 import json
 
 import pytest
 import torch
 from _compare import assert_close, assert_equal
 from _tiny_models import (  # noqa: F401 - one_thread: the autouse fixture, one torch thread
-    PROMPTS, hf_tokenizer, one_thread, tiny_policy, tiny_reward_model,
-)  # fmt: skip
+    PROMPTS,
+    hf_tokenizer,
+    one_thread,
+    tiny_policy,
+    tiny_reward_model,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,8 +28,14 @@ def test_text_rewards_weighting_none_and_model_scores_match_hf():
     rows = [{"prompt": "my movie was", "k": 1}, {"prompt": "the trip is", "k": 2}]
     f1 = lambda completions, **kw: [1.0, None, 3.0, None]  # noqa: E731
     f2 = lambda prompts, completions, k, **kw: [None, None, float(k[2]), 4.0]  # noqa: E731
-    r = TextRewards([f1, f2, rm], tok, rows, num_samples=2, reward_weights=[2.0, 1.0, 0.5],
-                    reward_processing_classes=[None, None, tok])
+    r = TextRewards(
+        [f1, f2, rm],
+        tok,
+        rows,
+        num_samples=2,
+        reward_weights=[2.0, 1.0, 0.5],
+        reward_processing_classes=[None, None, tok],
+    )
     r.set_batch([0, 1])
     texts = ["great .", "dull and odd .", "fun .", "bad ."]
     prompt_ids = torch.tensor([tok("my movie was")["input_ids"], tok("the trip is")["input_ids"]])
@@ -58,11 +69,14 @@ def test_prompt_sources_jsonl_list_and_errors(tmp_path):
     assert rows == [{"prompt": p, "id": i} for i, p in enumerate(PROMPTS[:3])]
     assert load_prompt_rows(PROMPTS[:3]) == [{"prompt": p} for p in PROMPTS[:3]]
     ids, mask = tokenize_prompts([{"prompt": "my movie was"}, {"prompt": "the trip"}], tok)
-    assert ids.tolist() == [[1] + tok("my movie was", add_special_tokens=False)["input_ids"],
-                            [0, 1] + tok("the trip", add_special_tokens=False)["input_ids"]]  # left-padded, BOS
+    assert ids.tolist() == [
+        [1] + tok("my movie was", add_special_tokens=False)["input_ids"],
+        [0, 1] + tok("the trip", add_special_tokens=False)["input_ids"],
+    ]  # left-padded, BOS
     assert mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
     chat, _ = tokenize_prompts([{"prompt": [{"role": "user", "content": "my movie was"}]}], tok)
     assert tok.decode(chat[0]) == "<user> my movie was <assistant>"
+
     class Columns:  # anything with column_names, len() and ds[i] passes for a datasets.Dataset
         column_names = ["query"]
 
@@ -121,7 +135,9 @@ def test_cli_train_writes_save_pretrained_folders_beside_model_pt(tmp_path, algo
         back = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "reward_model"))
         ids = torch.tensor([[1, 5, 9, 12, 2]])
         want = trainer.model.score(ids, torch.ones_like(ids))
-        assert_close(back(input_ids=ids).logits[:, 0] + back.config.rlhf_fast_score_bias, want, "model", "exported reward model")
+        assert_close(
+            back(input_ids=ids).logits[:, 0] + back.config.rlhf_fast_score_bias, want, "model", "exported reward model"
+        )
         return
     policy = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))
     for k, v in policy.state_dict().items():
@@ -147,11 +163,20 @@ def test_cli_train_with_jsonl_prompts_text_reward_and_hf_reward_model(tmp_path, 
     tok = hf_tokenizer()
     tiny_reward_model(tok).save_pretrained(str(tmp_path / "rm"))
     tok.save_pretrained(str(tmp_path / "rm"))
-    cfg = dict(model="tiny-demo", steps=2, seed=0, progress=False, out_dir=str(tmp_path / "out"), batch_size=3,
-               max_new_tokens=4, minibatch_size=6, ppo_epochs=1, **({"num_samples": 2} if algo == "grpo" else {}),
-               prompts_file=str(tmp_path / "prompts.jsonl"),
-               reward={"funcs": [f"{tmp_path}/my_rewards.py:names_the_noun", str(tmp_path / "rm")],
-                       "weights": [1.0, 0.5]})  # fmt: skip
+    cfg = dict(
+        model="tiny-demo",
+        steps=2,
+        seed=0,
+        progress=False,
+        out_dir=str(tmp_path / "out"),
+        batch_size=3,
+        max_new_tokens=4,
+        minibatch_size=6,
+        ppo_epochs=1,
+        **({"num_samples": 2} if algo == "grpo" else {}),
+        prompts_file=str(tmp_path / "prompts.jsonl"),
+        reward={"funcs": [f"{tmp_path}/my_rewards.py:names_the_noun", str(tmp_path / "rm")], "weights": [1.0, 0.5]},
+    )
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     trainer = train_from_yaml(algo, str(tmp_path / "c.yaml"))
     lines = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
@@ -175,8 +200,10 @@ def test_core_trainer_checks_its_reward_before_the_first_rollout():
 
     with pytest.raises(TypeError, match="LlamaForSequenceClassification; expected a ScalarHeadModel.*TextRewards"):
         build(tiny_reward_model(tok))
-    with pytest.raises(TypeError, match="cannot be called as reward\\(sequences, response_mask, prompt_length\\).*TRL "
-                                        "reward function on text"):  # fmt: skip
+    with pytest.raises(
+        TypeError,
+        match="cannot be called as reward\\(sequences, response_mask, prompt_length\\).*TRL reward function on text",
+    ):
         build(lambda prompts, completions, **kw: [0.0])
     with pytest.raises(TypeError, match="reward is a str"):
         build("rule")

@@ -8,13 +8,13 @@ own data), and groups of size 1. A case that fails is recorded and the others
 still run (a rank that raised mid-case would leave the others waiting in a
 collective); the test then reports every failure.
 """
+
 from __future__ import annotations
 
 import datetime
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -28,7 +28,7 @@ import rlhf_fast
 from rlhf_fast.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_logprobs
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _compare import assert_close, assert_no_worse_than_eager, logit_scale  # noqa: E402
+from _compare import assert_close, assert_no_worse_than_eager, logit_scale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEG_INF = float("-inf")
@@ -103,7 +103,7 @@ class Cases:
         t0 = time.perf_counter()
         try:
             fn(*args)
-        except Exception:  # noqa: BLE001
+        except Exception:
             self.failures.append(f"rank {self.rank} {name}:\n{traceback.format_exc()}")
         self.times.append((name, time.perf_counter() - t0))
 
@@ -121,8 +121,9 @@ def _logits_case(group, shard, n_shards, sizes, V, dtype, T, lead, view, seed, s
         assert local.stride(-1) == 1 and not local.is_contiguous()
     else:
         local = leaf = x[..., sl].clone().requires_grad_()
-    lp, H = vocab_parallel_logprobs(local, y, group=group, vocab_start=start, vocab_size=V, temperature=T,
-                                    ignore_index=-100, return_entropy=True)  # fmt: skip
+    lp, H = vocab_parallel_logprobs(
+        local, y, group=group, vocab_start=start, vocab_size=V, temperature=T, ignore_index=-100, return_entropy=True
+    )
     (lp * wl + H * wh).sum().backward()
     grad = leaf.grad[:, :-1, sl] if view else leaf.grad
     lp0, H0, g0 = _unsharded(x, y, wl, wh, T)
@@ -158,8 +159,9 @@ def _linear_case(group, shard, n_shards, sizes, V, dtype, T, bias, seed, lead=(1
         h, y, wl, wh, hh = h[:, :-1], y[:, :-1], wl[:, :-1], wh[:, :-1], leaf[:, :-1]
     Ws = W[sl].clone().requires_grad_()
     bs = b[sl].clone().requires_grad_() if bias else None
-    lp, H = vocab_parallel_linear_logprobs(hh, Ws, y, bias=bs, group=group, temperature=T, return_entropy=True,
-                                           chunk_size=5)  # fmt: skip
+    lp, H = vocab_parallel_linear_logprobs(
+        hh, Ws, y, bias=bs, group=group, temperature=T, return_entropy=True, chunk_size=5
+    )
     (lp * wl + H * wh).sum().backward()
 
     def unsharded(h_, W_, b_):
@@ -185,8 +187,14 @@ def _bytes_case(group, shard, n, rank):
     of N fp32 + one SUM of 3N fp32) whatever V is; the validation adds a
     constant."""
     sent = []
-    names = ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
-             "all_to_all_single"]  # fmt: skip
+    names = [
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "reduce_scatter_tensor",
+        "broadcast",
+        "all_to_all_single",
+    ]
     orig = {k: getattr(dist, k) for k in names}
 
     def counting(k):
@@ -208,8 +216,9 @@ def _bytes_case(group, shard, n, rank):
             y = torch.randint(0, V, (N,), generator=_gen(V))
             for validate in (False, True):
                 sent.clear()
-                lp, H = vocab_parallel_logprobs(x, y, group=group, vocab_start=lo, vocab_size=V, return_entropy=True,
-                                                validate=validate)  # fmt: skip
+                lp, H = vocab_parallel_logprobs(
+                    x, y, group=group, vocab_start=lo, vocab_size=V, return_entropy=True, validate=validate
+                )
                 fwd = sum(b for _, b in sent)
                 sent.clear()
                 (lp + H).sum().backward()
@@ -244,8 +253,9 @@ def _bad_inputs(group, shard, n, rank, world):
     raises("do not tile", vocab_start=lo + (1 if shard == n - 1 else 0))  # a gap before the last shard
     raises("do not tile", vocab_start=0)  # every shard at 0: overlap
     raises("but vocab_size is", vocab_size=V + 1)
-    raises("different shapes", logits=torch.randn(7 + shard, sizes[shard]),
-           labels=torch.zeros(7 + shard, dtype=torch.long))  # fmt: skip
+    raises(
+        "different shapes", logits=torch.randn(7 + shard, sizes[shard]), labels=torch.zeros(7 + shard, dtype=torch.long)
+    )
     raises("differ across", labels=y + (shard == 0), check_labels=True)
     raises("some ranks passed vocab_start", vocab_start=lo if shard else None)
     raises("outside", labels=torch.full((7,), V))
@@ -394,8 +404,13 @@ def _bench_quick(group, rank):
 def _worker(rank, world, port, out):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     cases = Cases(rank)
     try:
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # TP = 2 inside DP = 2
@@ -408,19 +423,58 @@ def _worker(rank, world, port, out):
                 for dtype in (torch.float32, torch.bfloat16):
                     for T in (1.0, 0.7):
                         lead, view = ((4, 6), False) if V == 32003 else ((3, 5), True) if T == 0.7 else ((17,), False)
-                        cases.run(f"{gname} logits V={V} {dtype} T={T}", _logits_case, group, shard, n, sizes, V,
-                                  dtype, T, lead, view, seed_off + V + int(10 * T))  # fmt: skip
+                        cases.run(
+                            f"{gname} logits V={V} {dtype} T={T}",
+                            _logits_case,
+                            group,
+                            shard,
+                            n,
+                            sizes,
+                            V,
+                            dtype,
+                            T,
+                            lead,
+                            view,
+                            seed_off + V + int(10 * T),
+                        )
             # shards not in rank order (rank r holds shard n-1-r): each rank passes its vocab_start
             V = 1003
             by_shard = _split(V, n)
             mine = n - 1 - shard
             cases.run(f"{gname} reversed shards", _reversed_case, group, shard, n, by_shard, mine, V, seed_off + 3)
-            for V, dtype, T, bias in ((7, torch.float32, 1.0, True), (1003, torch.float32, 0.7, False),
-                                      (1003, torch.bfloat16, 1.0, True)):  # fmt: skip
-                cases.run(f"{gname} linear V={V} {dtype}", _linear_case, group, shard, n, _split(V, n), V, dtype, T,
-                          bias, seed_off + V)  # fmt: skip
-            cases.run(f"{gname} linear 3-D view", _linear_case, group, shard, n, _split(1003, n), 1003, torch.float32,
-                      0.7, True, seed_off + 5, (3, 6), True)  # fmt: skip
+            for V, dtype, T, bias in (
+                (7, torch.float32, 1.0, True),
+                (1003, torch.float32, 0.7, False),
+                (1003, torch.bfloat16, 1.0, True),
+            ):
+                cases.run(
+                    f"{gname} linear V={V} {dtype}",
+                    _linear_case,
+                    group,
+                    shard,
+                    n,
+                    _split(V, n),
+                    V,
+                    dtype,
+                    T,
+                    bias,
+                    seed_off + V,
+                )
+            cases.run(
+                f"{gname} linear 3-D view",
+                _linear_case,
+                group,
+                shard,
+                n,
+                _split(1003, n),
+                1003,
+                torch.float32,
+                0.7,
+                True,
+                seed_off + 5,
+                (3, 6),
+                True,
+            )
             cases.run(f"{gname} bytes", _bytes_case, group, shard, n, rank)
             cases.run(f"{gname} bad inputs", _bad_inputs, group, shard, n, rank, world)
             cases.run(f"{gname} backends", _backend_cases, group, shard, n)
@@ -465,8 +519,12 @@ VERL_SIGNATURES = {
     "vocab_parallel_log_probs_from_logits": ["logits", "labels"],
     "vocab_parallel_entropy": ["vocab_parallel_logits"],
     "vocab_parallel_entropy_with_chunking": ["vocab_parallel_logits", "chunk_size"],
-    "vocab_parallel_log_probs_from_logits_response_rmpad": ["input_ids", "attention_mask", "logits_rmpad",
-                                                            "response_length"],
+    "vocab_parallel_log_probs_from_logits_response_rmpad": [
+        "input_ids",
+        "attention_mask",
+        "logits_rmpad",
+        "response_length",
+    ],
 }
 
 

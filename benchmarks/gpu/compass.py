@@ -9,6 +9,7 @@ the bytes the op must move and that as a share of the device-to-device copy
 bandwidth measured in the same run, and the eager peer's median. No
 torch.compile peers: compiling them would eat the lease.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,9 @@ import time
 
 os.environ["TRITON_INTERPRET"] = "0"
 
-import torch  # noqa: E402
+import torch
 
-import rlhf_fast  # noqa: E402
-from rlhf_fast import reference  # noqa: E402
+import rlhf_fast
 
 DEV = "cuda"
 
@@ -82,15 +82,30 @@ def logprobs(w):
     for N, V in ((16384, 151936), (4096, 32000)):
         x = torch.randn(N, V, device=DEV, dtype=torch.bfloat16)
         y = torch.randint(0, V, (N,), device=DEV)
-        peer = timed(lambda: _eager_logprobs(x, y), repeat=5) if N * V < 2**31 else None
+        peer = timed(lambda x=x: _eager_logprobs(x, y), repeat=5) if N * V < 2**31 else None
         for be in ("triton", "cuda"):
             try:
                 with rlhf_fast.use_backend(be):
-                    ours = timed(lambda: rlhf_fast.logprobs_from_logits(x, y, return_entropy=True))
-                w("logprobs fwd+entropy", (N, V), "bf16", ours, peer, "eager log_softmax+gather", nbytes=N * V * 2,
-                  backend=be)  # fmt: skip
+                    ours = timed(lambda x=x: rlhf_fast.logprobs_from_logits(x, y, return_entropy=True))
+                w(
+                    "logprobs fwd+entropy",
+                    (N, V),
+                    "bf16",
+                    ours,
+                    peer,
+                    "eager log_softmax+gather",
+                    nbytes=N * V * 2,
+                    backend=be,
+                )
             except Exception as exc:
-                w("logprobs fwd+entropy", (N, V), "bf16", dict(median_s=float("nan")), backend=be, error=repr(exc)[:300])
+                w(
+                    "logprobs fwd+entropy",
+                    (N, V),
+                    "bf16",
+                    dict(median_s=float("nan")),
+                    backend=be,
+                    error=repr(exc)[:300],
+                )
         if N == 4096:
             xg = x.detach().requires_grad_()
 
@@ -109,7 +124,14 @@ def logprobs(w):
                     # fwd reads N*V, bwd reads N*V and writes N*V
                     w("logprobs fwd+bwd", (N, V), "bf16", ours, peer_fb, "eager", nbytes=3 * N * V * 2, backend=be)
                 except Exception as exc:
-                    w("logprobs fwd+bwd", (N, V), "bf16", dict(median_s=float("nan")), backend=be, error=repr(exc)[:300])
+                    w(
+                        "logprobs fwd+bwd",
+                        (N, V),
+                        "bf16",
+                        dict(median_s=float("nan")),
+                        backend=be,
+                        error=repr(exc)[:300],
+                    )
         del x
         torch.cuda.empty_cache()
 
@@ -124,8 +146,15 @@ def linear(w):
     base = torch.cuda.memory_allocated()
     ours = timed(lambda: rlhf_fast.linear_logprobs(h, wt, y), repeat=10)
     extra = torch.cuda.max_memory_allocated() - base
-    w("linear_logprobs fwd", (N, H, V), "bf16", ours, peer, "F.linear (cuBLAS)",
-      extra_mem_frac_of_logits=extra / (N * V * 2))  # fmt: skip
+    w(
+        "linear_logprobs fwd",
+        (N, H, V),
+        "bf16",
+        ours,
+        peer,
+        "F.linear (cuBLAS)",
+        extra_mem_frac_of_logits=extra / (N * V * 2),
+    )
 
 
 def gae(w):

@@ -4,6 +4,7 @@ smaller total median time over the op's rows (the same shapes for each).
 
     python -m benchmarks.gpu.dispatch_table benchmarks/results/<run>/compass.jsonl [--write]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -10,6 +10,7 @@ benchmarks included). `KERNELS` lists every @triton.jit kernel that is
 launched from the host; tests/test_offline_compile.py proves that list
 complete against the package and that the cases below reach all of it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -74,16 +75,35 @@ KERNELS = {
 HOT = [
     ("logprobs fwd + entropy, bf16", "_logprobs_fwd_kernel", "logprobs fwd torch.bfloat16 V=151936", 2, 12, 1),
     ("logprobs fwd, bf16", "_logprobs_fwd_kernel", "logprobs fwd torch.bfloat16 V=151936 no entropy", 2, 9, 1),
-    ("logprobs bwd + entropy grad, bf16", "_logprobs_bwd_kernel",
-     "logprobs bwd torch.bfloat16 V=151936 grad_entropy=True", 4, 10, 1),
+    (
+        "logprobs bwd + entropy grad, bf16",
+        "_logprobs_bwd_kernel",
+        "logprobs bwd torch.bfloat16 V=151936 grad_entropy=True",
+        4,
+        10,
+        1,
+    ),
     ("logprobs bwd, bf16", "_logprobs_bwd_kernel", "logprobs bwd torch.bfloat16 V=151936 grad_entropy=False", 4, 10, 1),
     ("sample (plain), bf16", "_sample_fwd_kernel", "sample torch.bfloat16 V=131072 filtered=False", 2, None, None),
-    ("sample (top-k/p/min-p), bf16", "_sample_fwd_kernel", "sample torch.bfloat16 V=131072 filtered=True", 2, None, None),
-    ("ppo_loss fwd, fp32", "_ppo_loss_fwd_kernel",
-     "ppo_loss fwd torch.float32 (256,8192) ent=True kl=k3 dual=3.0 token-mean", 25, None, None),
+    (
+        "sample (top-k/p/min-p), bf16",
+        "_sample_fwd_kernel",
+        "sample torch.bfloat16 V=131072 filtered=True",
+        2,
+        None,
+        None,
+    ),
+    (
+        "ppo_loss fwd, fp32",
+        "_ppo_loss_fwd_kernel",
+        "ppo_loss fwd torch.float32 (256,8192) ent=True kl=k3 dual=3.0 token-mean",
+        25,
+        None,
+        None,
+    ),
     ("ppo_loss bwd, fp32", "_ppo_loss_bwd_kernel", "ppo_loss bwd torch.float32 (256,8192) ent=True", 13, None, None),
     ("whiten apply, fp32", "_whiten_apply_kernel", "whiten torch.float32 shift=True", 9, None, None),
-]  # fmt: skip
+]
 
 
 # meta tensors by default; tests use fake CUDA tensors on cuda:1 (FakeTensorMode)
@@ -141,9 +161,13 @@ def _sampling_cases(ops):
     for dt, V in [(dt, 131072) for dt in FLOATS] + [(torch.bfloat16, 1003)]:
         B = 128
         args = (
-            _m((B, V), dt), _m((B,), torch.int64), _m((B,), torch.float64), _m((B,), torch.int64),
-            _m((B,), torch.float64), _m((B,), torch.float64),
-        )  # fmt: skip
+            _m((B, V), dt),
+            _m((B,), torch.int64),
+            _m((B,), torch.float64),
+            _m((B,), torch.int64),
+            _m((B,), torch.float64),
+            _m((B,), torch.float64),
+        )
         for filtered in (False, True):
             out.append((f"sample {dt} V={V} filtered={filtered}", lambda a=args, f=filtered: fwd(*a, f)))
     return out
@@ -155,7 +179,22 @@ def _ppo_cases(ops):
 
     def policy(dt, B, T, ent, kl, dual, agg):
         t, mask = _m((B, T), dt), _m((B, T), torch.bool)
-        args = (t, t, t, mask, t if ent else None, t if kl else None, 0.01, 0.1, kl or "k1", 0.2, 0.28, dual, agg, float(T))
+        args = (
+            t,
+            t,
+            t,
+            mask,
+            t if ent else None,
+            t if kl else None,
+            0.01,
+            0.1,
+            kl or "k1",
+            0.2,
+            0.28,
+            dual,
+            agg,
+            float(T),
+        )
         tag = f"{dt} ({B},{T}) ent={ent} kl={kl} dual={dual} {agg}"
         out.append((f"ppo_loss fwd {tag}", lambda: m.ppo_loss_fwd_triton._init_fn(*args)))
 
@@ -174,8 +213,12 @@ def _ppo_cases(ops):
     from rlhf_fast import RolloutCorrection as RC
 
     for dt in FLOATS:
-        for spec in (RC("token", 2.0, "token_k1", "0.5_2.0"), RC("sequence", "0.5_2.0", "seq_mean_k1", 1.01),
-                     RC("geometric", 2.0, "seq_max_k3", 0.1), RC(None, 2.0)):  # fmt: skip
+        for spec in (
+            RC("token", 2.0, "token_k1", "0.5_2.0"),
+            RC("sequence", "0.5_2.0", "seq_mean_k1", 1.01),
+            RC("geometric", 2.0, "seq_max_k3", 0.1),
+            RC(None, 2.0),
+        ):
             t, mask = _m((256, 8192), dt), _m((256, 8192), torch.bool)
             args = (t, t, t, mask, t, t, 0.01, 0.1, "k3", 0.2, 0.28, 3.0, "token-mean", 8192.0, t, *spec.kernel_args())
             tag = f"{dt} (256,8192) {spec.rollout_is} {spec.rollout_rs}"
@@ -186,14 +229,26 @@ def _ppo_cases(ops):
         mask = _m((B, T), torch.bool)
         for has_ent in (False, True):
             args = (_m((), acc), _m((B, T), acc), _m((B,), acc), mask, 0.01, has_ent, dt, dt)
-            out.append((f"ppo_loss bwd {dt} ({B},{T}) ent={has_ent}", lambda a=args: m.ppo_loss_bwd_triton._init_fn(*a)))
+            out.append(
+                (f"ppo_loss bwd {dt} ({B},{T}) ent={has_ent}", lambda a=args: m.ppo_loss_bwd_triton._init_fn(*a))
+            )
         t = _m((B, T), dt)
         for clip, agg in ((None, "token-mean"), (0.2, "seq-mean-token-mean")):
             args = (t, t, t, mask, clip, agg, float(T))
-            out.append((f"value_loss {dt} ({B},{T}) clip={clip} {agg}", lambda a=args: m.ppo_value_loss_fwd_triton._init_fn(*a)))
+            out.append(
+                (
+                    f"value_loss {dt} ({B},{T}) clip={clip} {agg}",
+                    lambda a=args: m.ppo_value_loss_fwd_triton._init_fn(*a),
+                )
+            )
         for kind in ("k1", "k2", "k3", "abs") if dt == torch.float32 else ("k3",):
             out.append((f"kl fwd {dt} {kind}", lambda t=t, k=kind: m.kl_penalty_fwd_triton._init_fn(t, t, k)))
-            out.append((f"kl bwd {dt} {kind}", lambda t=t, k=kind, a=acc: m.kl_penalty_bwd_triton._init_fn(_m(t.shape, a), t, t, k)))
+            out.append(
+                (
+                    f"kl bwd {dt} {kind}",
+                    lambda t=t, k=kind, a=acc: m.kl_penalty_bwd_triton._init_fn(_m(t.shape, a), t, t, k),
+                )
+            )
     return out
 
 
@@ -207,9 +262,16 @@ def _advantages_cases(ops):
             out.append((f"whiten {dt} shift={shift}", lambda a=args: m.whiten_triton._init_fn(*a)))
         s = _m((4096,), dt)
         for est in m.ESTIMATORS if dt == torch.float32 else ("grpo",):
-            out.append((f"group {dt} n=4096 g=16 {est}", lambda s=s, e=est: m.group_advantages_triton._init_fn(s, None, 16, e, 1e-6)))
+            out.append(
+                (
+                    f"group {dt} n=4096 g=16 {est}",
+                    lambda s=s, e=est: m.group_advantages_triton._init_fn(s, None, 16, e, 1e-6),
+                )
+            )
     s = _m((64,), torch.float32)
-    out.append(("group fp32 by id", lambda: m.group_advantages_triton._init_fn(s, _m((64,), torch.int64), 0, "grpo", 1e-6)))
+    out.append(
+        ("group fp32 by id", lambda: m.group_advantages_triton._init_fn(s, _m((64,), torch.int64), 0, "grpo", 1e-6))
+    )
     return out
 
 

@@ -27,6 +27,7 @@ data-dependent loops (the sampler's bisection). Instructions per element is
 the hot loop's static length over the elements one thread handles per trip;
 it is a ceiling on speed, never a measurement of it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,17 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("RLHF_FAST_CACHE", Path.home() / ".cache" / "rlhf_fast"))
 TARGETS = {90: dict(arch="sm_90a", smem=232448), 80: dict(arch="sm_80", smem=166912)}
 TORCH_TO_TRITON = {
-    "torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float64": "fp64",
-    "torch.int64": "i64", "torch.int32": "i32", "torch.int16": "i16", "torch.int8": "i8", "torch.uint8": "u8",
+    "torch.float32": "fp32",
+    "torch.bfloat16": "bf16",
+    "torch.float16": "fp16",
+    "torch.float64": "fp64",
+    "torch.int64": "i64",
+    "torch.int32": "i32",
+    "torch.int16": "i16",
+    "torch.int8": "i8",
+    "torch.uint8": "u8",
     "torch.bool": "i1",
-}  # fmt: skip
+}
 
 
 # ------------------------------------------------------------------ capture
@@ -132,10 +140,16 @@ def describe_launch(kernel, args, kwargs, grid, case: str) -> dict:
                 constexprs[p.name] = None
             spec[p.name] = sp
     return dict(
-        module=kernel.fn.__module__, kernel=kernel.fn.__name__, signature=signature, constexprs=constexprs,
-        spec=spec, num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3),
-        grid=[int(g) for g in grid] if isinstance(grid, tuple) else str(grid), case=case,
-    )  # fmt: skip
+        module=kernel.fn.__module__,
+        kernel=kernel.fn.__name__,
+        signature=signature,
+        constexprs=constexprs,
+        spec=spec,
+        num_warps=options.get("num_warps", 4),
+        num_stages=options.get("num_stages", 3),
+        grid=[int(g) for g in grid] if isinstance(grid, tuple) else str(grid),
+        case=case,
+    )
 
 
 def _constexpr_repr(v):
@@ -207,9 +221,10 @@ def compile_one(launch: dict, capability: int, use_cache: bool = True) -> dict:
     try:
         src = ASTSource(kernel, dict(launch["signature"]), constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(
-            src, target=GPUTarget("cuda", capability, 64),
+            src,
+            target=GPUTarget("cuda", capability, 64),
             options=dict(num_warps=launch["num_warps"], num_stages=launch["num_stages"]),
-        )  # fmt: skip
+        )
     except Exception as exc:  # the point of the check: record, report, fail later
         msg = f"{type(exc).__name__}: {exc}"
         return dict(base, ok=False, error=msg[-2000:], compile_s=round(time.perf_counter() - t0, 2))
@@ -236,8 +251,9 @@ def _ptxas_stats(ptx: str, capability: int) -> dict:
         src.write_text(ptx)
         proc = subprocess.run(
             [_tools(capability)["ptxas"], f"-arch={arch}", "-v", str(src), "-o", str(Path(d) / "k.cubin")],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+        )
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         return dict(ptxas_error=log[-2000:])
@@ -359,8 +375,9 @@ def jit_functions() -> tuple[set[str], set[str]]:
     import importlib
     import pkgutil
 
-    import rlhf_fast.triton as pkg
     from triton.runtime.jit import JITFunction
+
+    import rlhf_fast.triton as pkg
 
     found = {}
     for info in pkgutil.iter_modules(pkg.__path__):
@@ -378,8 +395,14 @@ def coverage_problems(launches: list[dict]) -> list[str]:
     from . import launch_cases
 
     kernels, _ = jit_functions()
-    out = [f"{k}: a @triton.jit kernel missing from launch_cases.KERNELS" for k in sorted(kernels - set(launch_cases.KERNELS))]
-    out += [f"{k}: in launch_cases.KERNELS but not a kernel of rlhf_fast.triton" for k in sorted(set(launch_cases.KERNELS) - kernels)]
+    out = [
+        f"{k}: a @triton.jit kernel missing from launch_cases.KERNELS"
+        for k in sorted(kernels - set(launch_cases.KERNELS))
+    ]
+    out += [
+        f"{k}: in launch_cases.KERNELS but not a kernel of rlhf_fast.triton"
+        for k in sorted(set(launch_cases.KERNELS) - kernels)
+    ]
     out += [f"{k}: no launch case reaches this kernel" for k in missing_kernels(launches)]
     flags: dict[tuple[str, str], set] = {}
     for launch in launches:
@@ -389,7 +412,9 @@ def coverage_problems(launches: list[dict]) -> list[str]:
     for (kernel, name), seen in sorted(flags.items()):
         want = {ONE_WAY_FLAGS[name]} if name in ONE_WAY_FLAGS else {False, True}
         if seen != want:
-            out.append(f"{kernel}: constexpr {name} compiled only as {sorted(seen)}; add a case for {sorted(want - seen)}")
+            out.append(
+                f"{kernel}: constexpr {name} compiled only as {sorted(seen)}; add a case for {sorted(want - seen)}"
+            )
     return out
 
 
@@ -413,8 +438,10 @@ def run(capabilities=(90, 80), jobs=None, use_cache=True, cases=None, only=None,
     t0 = time.perf_counter()
     launches = capture_launches(cases)
     todo = [lw for lw in distinct(launches) if not only or lw["kernel"] in only]
-    log(f"offline compile: {len(launches)} launches from the launchers -> {len(todo)} specialisations "
-        f"x {len(capabilities)} targets")  # fmt: skip
+    log(
+        f"offline compile: {len(launches)} launches from the launchers -> {len(todo)} specialisations "
+        f"x {len(capabilities)} targets"
+    )
     work = [(launch, cap) for launch in todo for cap in capabilities]
     jobs = jobs or os.cpu_count() or 1
     results = []
@@ -456,8 +483,21 @@ def summary_table(results: list[dict]) -> list[dict]:
         key = (r["kernel"], r["target"])
         if key not in rows or rank(r) > rank(rows[key]):
             rows[key] = r
-    keep = ("kernel", "target", "triton", "constexprs", "num_warps", "num_stages", "registers", "spill_stores",
-            "spill_loads", "shared", "sass_instructions", "insts_per_element", "mufu_per_element")  # fmt: skip
+    keep = (
+        "kernel",
+        "target",
+        "triton",
+        "constexprs",
+        "num_warps",
+        "num_stages",
+        "registers",
+        "spill_stores",
+        "spill_loads",
+        "shared",
+        "sass_instructions",
+        "insts_per_element",
+        "mufu_per_element",
+    )
     return [{k: rows[key].get(k) for k in keep} for key in sorted(rows)]
 
 
@@ -495,15 +535,28 @@ def hot_table(results: list[dict]) -> list[dict]:
 
     rows = []
     for label, kernel, case, nbytes, goal_insts, goal_mufu in launch_cases.HOT:
-        found = [r for r in results if r["ok"] and r["kernel"] == kernel and r["target"] == "sm_90" and case in r["cases"]]
+        found = [
+            r for r in results if r["ok"] and r["kernel"] == kernel and r["target"] == "sm_90" and case in r["cases"]
+        ]
         if not found:
             continue
         r = found[0]
         ipe, mpe = r.get("insts_per_element"), r.get("mufu_per_element")
-        row = dict(label=label, kernel=kernel, case=case, triton=r["triton"], num_warps=r["num_warps"],
-                   registers=r["registers"], spill=(r["spill_stores"] or 0) + (r["spill_loads"] or 0),
-                   occupancy=occupancy(r["registers"], r["num_warps"], r["shared"]), insts_per_element=ipe,
-                   mufu_per_element=mpe, bytes_per_element=nbytes, goal_insts=goal_insts, goal_mufu=goal_mufu)  # fmt: skip
+        row = dict(
+            label=label,
+            kernel=kernel,
+            case=case,
+            triton=r["triton"],
+            num_warps=r["num_warps"],
+            registers=r["registers"],
+            spill=(r["spill_stores"] or 0) + (r["spill_loads"] or 0),
+            occupancy=occupancy(r["registers"], r["num_warps"], r["shared"]),
+            insts_per_element=ipe,
+            mufu_per_element=mpe,
+            bytes_per_element=nbytes,
+            goal_insts=goal_insts,
+            goal_mufu=goal_mufu,
+        )
         for gpu in COPY_BYTES_PER_S:
             row[f"predicted_{gpu}"] = round(predicted_fraction(ipe, mpe, nbytes, gpu), 3) if ipe is not None else None
         rows.append(row)
@@ -522,8 +575,15 @@ def linear_waves() -> list[dict]:
         cfg = tile_config(N, V, H, False, 2)
         splits = num_splits(N, V, cfg["BLOCK_N"], cfg["BLOCK_V"], 2 * 132, cfg["GROUP"])
         rows, cols = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
-        out.append(dict(shape=(N, H, V), splits=splits, programs=rows * splits,
-                        waves=triton.cdiv(rows * splits, 132), efficiency=round(wave_efficiency(rows, cols, splits, 132), 3)))  # fmt: skip
+        out.append(
+            dict(
+                shape=(N, H, V),
+                splits=splits,
+                programs=rows * splits,
+                waves=triton.cdiv(rows * splits, 132),
+                efficiency=round(wave_efficiency(rows, cols, splits, 132), 3),
+            )
+        )
     return out
 
 
@@ -583,7 +643,9 @@ def markdown(results: list[dict], version: str) -> str:
         if r["target"] != "sm_90":
             continue
         ipe = r["insts_per_element"]
-        verdict = {k: ("-" if ipe is None else ("bandwidth" if ipe <= b else "issue-bound")) for k, b in ISSUE_BUDGET.items()}
+        verdict = {
+            k: ("-" if ipe is None else ("bandwidth" if ipe <= b else "issue-bound")) for k, b in ISSUE_BUDGET.items()
+        }
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.startswith("BLOCK") or k == "ACC")
         spill = (r["spill_stores"] or 0) + (r["spill_loads"] or 0)
         lines.append(
@@ -602,7 +664,7 @@ def _ensure_triton(version: str) -> Path:
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), f"triton=={version}"],
             check=True,
-        )  # fmt: skip
+        )
     return target
 
 
@@ -626,7 +688,9 @@ def main(argv=None) -> int:
                 env = dict(os.environ, _RLHF_FAST_TRITON_PATH=str(path))
                 env["PYTHONPATH"] = os.pathsep.join([str(path), str(REPO), env.get("PYTHONPATH", "")])
                 rest = [a for a in (argv if argv is not None else sys.argv[1:])]
-                return subprocess.call([sys.executable, "-m", "benchmarks.gpu.offline_compile", *rest], env=env, cwd=REPO)
+                return subprocess.call(
+                    [sys.executable, "-m", "benchmarks.gpu.offline_compile", *rest], env=env, cwd=REPO
+                )
     import triton
 
     if args.triton and triton.__version__ != args.triton:
@@ -636,16 +700,21 @@ def main(argv=None) -> int:
     results, errs = run(caps, args.jobs, not args.no_cache, only=args.only)
     if args.json:
         doc = dict(
-            triton=triton.__version__, targets=[f"sm_{c}" for c in caps],
-            generated=time.strftime("%Y-%m-%d"), command="python -m benchmarks.gpu.offline_compile " + " ".join(
-                argv if argv is not None else sys.argv[1:]),
+            triton=triton.__version__,
+            targets=[f"sm_{c}" for c in caps],
+            generated=time.strftime("%Y-%m-%d"),
+            command="python -m benchmarks.gpu.offline_compile " + " ".join(argv if argv is not None else sys.argv[1:]),
             note=__doc__.split("What the counts cannot tell: ")[1].split("\n\n")[0].replace("\n", " "),
-            summary=summary_table(results), hot=hot_table(results), linear_waves=linear_waves(),
+            summary=summary_table(results),
+            hot=hot_table(results),
+            linear_waves=linear_waves(),
             specialisations=results,
-        )  # fmt: skip
+        )
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text("# Triton kernels as compiled for Hopper\n\n" + markdown(results, triton.__version__))
+        Path(args.markdown).write_text(
+            "# Triton kernels as compiled for Hopper\n\n" + markdown(results, triton.__version__)
+        )
     for line in summary_table(results):
         if line["target"] == "sm_90":
             print(
@@ -655,10 +724,14 @@ def main(argv=None) -> int:
             )
     for r in hot_table(results):
         if r["goal_insts"] and r["insts_per_element"] > r["goal_insts"]:
-            errs.append(f"{r['kernel']} ({r['label']}): {r['insts_per_element']} SASS instructions per element, "
-                        f"over its goal of {r['goal_insts']}")
-        print(f"  hot: {r['label']:36s} insts/elem {r['insts_per_element']!s:>6} mufu/elem {r['mufu_per_element']!s:>5} "
-              f"occupancy {r['occupancy']:.0%} predicted H100 {r['predicted_H100']:.0%} H200 {r['predicted_H200']:.0%}")
+            errs.append(
+                f"{r['kernel']} ({r['label']}): {r['insts_per_element']} SASS instructions per element, "
+                f"over its goal of {r['goal_insts']}"
+            )
+        print(
+            f"  hot: {r['label']:36s} insts/elem {r['insts_per_element']!s:>6} mufu/elem {r['mufu_per_element']!s:>5} "
+            f"occupancy {r['occupancy']:.0%} predicted H100 {r['predicted_H100']:.0%} H200 {r['predicted_H200']:.0%}"
+        )
     for e in errs:
         print("FAIL", e)
     return 1 if errs else 0

@@ -7,6 +7,7 @@ there (registers, spills, shared memory). Needs no rlhf_fast._C.
 Each check is independent: one failure is recorded and the others still run.
 Exit status 1 if any check failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,10 @@ import traceback
 
 os.environ["TRITON_INTERPRET"] = "0"
 
-import torch  # noqa: E402
+import torch
 
-import rlhf_fast  # noqa: E402
-from rlhf_fast import reference  # noqa: E402
+import rlhf_fast
+from rlhf_fast import reference
 
 DEV = "cuda"
 
@@ -48,7 +49,9 @@ def check_logprobs_huge():
     tail = logits[-8:].float().log_softmax(-1)
     want_lp = tail.gather(-1, labels[-8:, None])[:, 0]
     want_h = -(tail.exp() * tail).sum(-1)
-    return dict(lp_err=_close("logprobs tail", lp[-8:], want_lp, 1e-3), h_err=_close("entropy tail", h[-8:], want_h, 1e-3))
+    return dict(
+        lp_err=_close("logprobs tail", lp[-8:], want_lp, 1e-3), h_err=_close("entropy tail", h[-8:], want_h, 1e-3)
+    )
 
 
 def check_logprobs_grad():
@@ -109,12 +112,15 @@ def check_ppo():
     loss.backward()
     with rlhf_fast.use_backend("reference"):
         lr = lp.detach().double().requires_grad_()
-        o = rlhf_fast.ppo_loss(lr, old.double(), adv.double(), mask, ref_logprobs=old.double(), kl_coef=0.1,
-                               kl_kind="k3", dual_clip=3.0)  # fmt: skip
+        o = rlhf_fast.ppo_loss(
+            lr, old.double(), adv.double(), mask, ref_logprobs=old.double(), kl_coef=0.1, kl_kind="k3", dual_clip=3.0
+        )
         ref_loss = o[0] if isinstance(o, tuple) else o.loss
         ref_loss.backward()
-    return dict(loss_err=_close("ppo loss", loss.detach(), ref_loss.detach(), 1e-6, 1e-5),
-                grad_err=_close("ppo grad", lp.grad, lr.grad, 1e-9, 1e-4))  # fmt: skip
+    return dict(
+        loss_err=_close("ppo loss", loss.detach(), ref_loss.detach(), 1e-6, 1e-5),
+        grad_err=_close("ppo grad", lp.grad, lr.grad, 1e-9, 1e-4),
+    )
 
 
 def check_advantages():
@@ -128,9 +134,10 @@ def check_advantages():
     kl = rlhf_fast.kl_penalty(x, x * 0.9, kind="k3")
     klr = reference.kl_penalty(x.double(), x.double() * 0.9, kind="k3")
     return dict(
-        whiten_err=_close("whiten", got, want, 1e-5, 1e-5), group_err=_close("group", ga, gw, 1e-5, 1e-5),
+        whiten_err=_close("whiten", got, want, 1e-5, 1e-5),
+        group_err=_close("group", ga, gw, 1e-5, 1e-5),
         kl_err=_close("kl", kl, klr, 1e-5, 1e-5),
-    )  # fmt: skip
+    )
 
 
 def compiled_kernels() -> list[dict]:
@@ -138,8 +145,9 @@ def compiled_kernels() -> list[dict]:
     import importlib
     import pkgutil
 
-    import rlhf_fast.triton as pkg
     from triton.runtime.jit import JITFunction
+
+    import rlhf_fast.triton as pkg
 
     rows = []
     for info in pkgutil.iter_modules(pkg.__path__):
@@ -151,10 +159,15 @@ def compiled_kernels() -> list[dict]:
                 cache = entry[0] if isinstance(entry, tuple) else entry
                 for k in getattr(cache, "values", lambda: [])():
                     md = getattr(k, "metadata", None)
-                    rows.append(dict(
-                        kernel=name, registers=getattr(k, "n_regs", None), spills=getattr(k, "n_spills", None),
-                        shared=getattr(md, "shared", None), num_warps=getattr(md, "num_warps", None),
-                    ))  # fmt: skip
+                    rows.append(
+                        dict(
+                            kernel=name,
+                            registers=getattr(k, "n_regs", None),
+                            spills=getattr(k, "n_spills", None),
+                            shared=getattr(md, "shared", None),
+                            num_warps=getattr(md, "num_warps", None),
+                        )
+                    )
     return rows
 
 
@@ -174,9 +187,13 @@ def main() -> int:
                 results[check.__name__] = dict(ok=True, **info)
             except Exception as exc:
                 failed += 1
-                results[check.__name__] = dict(ok=False, error=f"{type(exc).__name__}: {exc}", tb=traceback.format_exc()[-3000:])
+                results[check.__name__] = dict(
+                    ok=False, error=f"{type(exc).__name__}: {exc}", tb=traceback.format_exc()[-3000:]
+                )
             results[check.__name__]["seconds"] = round(time.perf_counter() - t0, 2)
-            print(check.__name__, json.dumps({k: v for k, v in results[check.__name__].items() if k != "tb"}), flush=True)
+            print(
+                check.__name__, json.dumps({k: v for k, v in results[check.__name__].items() if k != "tb"}), flush=True
+            )
             torch.cuda.empty_cache()
             if args.json:  # results land as soon as they exist
                 with open(args.json, "w") as f:
@@ -186,8 +203,11 @@ def main() -> int:
         print("compiled", json.dumps(row))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(checks=results, compiled=kernels, torch=torch.__version__,
-                           device=torch.cuda.get_device_name()), f, indent=1)  # fmt: skip
+            json.dump(
+                dict(checks=results, compiled=kernels, torch=torch.__version__, device=torch.cuda.get_device_name()),
+                f,
+                indent=1,
+            )
     return 1 if failed else 0
 
 

@@ -7,6 +7,7 @@
 4. PPO against the learned reward model with a KL penalty to the SFT reference;
 5. write metrics.jsonl, summary.json, samples.md and plot.png.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,10 +57,18 @@ def sample(model, tok, prompts, n: int, seed: int, temperature: float = 1.0):
     """n sampled completions per prompt -> (sequences, prompt_length, texts)."""
     ids, mask = world.encode_batch(tok, prompts, pad_left=True)
     model.eval()
-    out = generate(model, ids, mask, max_new_tokens=8, num_samples=n, temperature=temperature,
-                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                   generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    texts = [tok.decode(r[out.prompt_length:]) for r in out.sequences.tolist()]
+    out = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=8,
+        num_samples=n,
+        temperature=temperature,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    texts = [tok.decode(r[out.prompt_length :]) for r in out.sequences.tolist()]
     return out, texts
 
 
@@ -84,13 +93,19 @@ def collect_pairs(model, tok, prompts, n: int, seed: int):
 
 def evaluate(model, rm, tok, prompts, seed: int, n: int = 8):
     out, texts = sample(model, tok, prompts, n, seed)
-    attn = torch.cat([torch.ones(out.sequences.shape[0], out.prompt_length, dtype=torch.long),
-                      out.response_mask.long()], 1)  # fmt: skip
+    attn = torch.cat(
+        [torch.ones(out.sequences.shape[0], out.prompt_length, dtype=torch.long), out.response_mask.long()], 1
+    )
     true = torch.tensor([world.hidden_score_text(t) for t in texts])
     rm_scores = rm.score(out.sequences, attn).float()
-    return {"true_score": float(true.mean()), "rm_score": float(rm_scores.mean()),
-            "length": float(out.lengths.float().mean()), "texts": texts,
-            "true_scores": true.tolist(), "rm_scores": rm_scores.tolist()}  # fmt: skip
+    return {
+        "true_score": float(true.mean()),
+        "rm_score": float(rm_scores.mean()),
+        "length": float(out.lengths.float().mean()),
+        "texts": texts,
+        "true_scores": true.tolist(),
+        "rm_scores": rm_scores.tolist(),
+    }
 
 
 def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, threads: int = 1, **overrides) -> dict:
@@ -129,8 +144,17 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, thre
     # 3. reward model (trunk copied from the SFT model, as InstructGPT)
     t0 = time.perf_counter()
     rm = ScalarHeadModel.from_causal_lm(sft_model, init_std=0.02).requires_grad_(True)
-    rcfg = RewardConfig(steps=sizes["rm_steps"], batch_size=32, lr=1e-3, warmup_steps=10, lr_schedule="cosine",
-                        eval_fraction=0.2, seed=seed, out_dir=out_dir, log_every=25)  # fmt: skip
+    rcfg = RewardConfig(
+        steps=sizes["rm_steps"],
+        batch_size=32,
+        lr=1e-3,
+        warmup_steps=10,
+        lr_schedule="cosine",
+        eval_fraction=0.2,
+        seed=seed,
+        out_dir=out_dir,
+        log_every=25,
+    )
     rt = RewardTrainer(rcfg, rm, ids[0][:M], ids[1][:M], ids[0][M:], ids[1][M:])
     rt.train()
     rm_eval = rt.evaluate()
@@ -153,53 +177,92 @@ def run_demo(out_dir: str = "out/demo", quick: bool = False, seed: int = 0, thre
 
     # lr 2e-4: at 3e-4 seed 2 dropped EOS for 3 steps at step 46 (KL 29 nats) before recovering;
     # at 2e-4 seeds 0-2 keep KL <= 3.6 nats per sequence in both sizes.
-    pcfg = PPOConfig(steps=sizes["ppo_steps"], batch_size=sizes["ppo_batch"], max_new_tokens=8, lr=2e-4,
-                     critic_lr=1e-3, ppo_epochs=4, minibatch_size=16, kl_coef=0.05, kl_kind="k1",
-                     kl_target=2.0, kl_horizon=1000,  # adaptive: without it one seed spiked to 12.7 nats
-                     reward_norm=True, reward_clip=5.0, missing_eos_penalty=1.0, seed=seed, out_dir=out_dir)  # fmt: skip
+    pcfg = PPOConfig(
+        steps=sizes["ppo_steps"],
+        batch_size=sizes["ppo_batch"],
+        max_new_tokens=8,
+        lr=2e-4,
+        critic_lr=1e-3,
+        ppo_epochs=4,
+        minibatch_size=16,
+        kl_coef=0.05,
+        kl_kind="k1",
+        kl_target=2.0,
+        kl_horizon=1000,  # adaptive: without it one seed spiked to 12.7 nats
+        reward_norm=True,
+        reward_clip=5.0,
+        missing_eos_penalty=1.0,
+        seed=seed,
+        out_dir=out_dir,
+    )
     pcfg = dataclasses.replace(pcfg, **ppo_overrides)
-    ppo = PPOTrainer(pcfg, policy, ref, critic, reward_fn, pids, pmask,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    ppo = PPOTrainer(
+        pcfg, policy, ref, critic, reward_fn, pids, pmask, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     ppo.callbacks.append(lambda trainer, metrics: {"true_score": true_log[-1]})
     ppo.logger.keys = ("reward", "true_score", "kl")
     rows = ppo.train()
     timings["ppo"] = time.perf_counter() - t0
     # the sampler's log-probs against the trainer's recomputed old log-probs (docs/rollout_correction.md)
     gap = {k: max(abs(r[f"rollout_corr/{k}"]) for r in rows) for k in ("kl", "chi2_token", "log_ppl_abs_diff")}
-    print(f"rollout/trainer mismatch over {len(rows)} PPO steps (max per step): |kl| {gap['kl']:.1e}, "
-          f"|chi2_token| {gap['chi2_token']:.1e}, log_ppl_abs_diff {gap['log_ppl_abs_diff']:.1e}")
+    print(
+        f"rollout/trainer mismatch over {len(rows)} PPO steps (max per step): |kl| {gap['kl']:.1e}, "
+        f"|chi2_token| {gap['chi2_token']:.1e}, log_ppl_abs_diff {gap['log_ppl_abs_diff']:.1e}"
+    )
 
     # 5. held-out evaluation, files
     after = evaluate(policy, rm, tok, eval_prompts, seed + 20)
     kl_tail = [r["kl"] for r in rows[-5:]]
     summary = {
         "command": f"rlhf-fast demo --out {out_dir}" + (" --quick" if quick else ""),
-        "true_score_before": round(before["true_score"], 4), "true_score_after": round(after["true_score"], 4),
+        "true_score_before": round(before["true_score"], 4),
+        "true_score_after": round(after["true_score"], 4),
         "true_score_gain": round(after["true_score"] - before["true_score"], 4),
-        "rm_score_before": round(before["rm_score"], 4), "rm_score_after": round(after["rm_score"], 4),
+        "rm_score_before": round(before["rm_score"], 4),
+        "rm_score_after": round(after["rm_score"], 4),
         "eval_prompts": len(eval_prompts),
-        "rm_accuracy": round(rm_eval["eval_accuracy"], 4), "rm_eval_pairs": int(rt.eval_idx.numel()),
-        "rm_train_pairs": int(rt.train_idx.numel()), "kl_final": round(sum(kl_tail) / len(kl_tail), 4),
-        "kl_max": round(max(r["kl"] for r in rows), 4), "ppo_steps": len(rows), "skipped_steps": ppo.skipped_steps,
-        "response_length_after": round(after["length"], 3), "wall_seconds": round(time.perf_counter() - t_start, 1),
-        "phase_seconds": {k: round(v, 1) for k, v in timings.items()}, "quick": quick, "seed": seed,
-        "torch_threads": torch.get_num_threads(), "true_score_rose": after["true_score"] > before["true_score"],
+        "rm_accuracy": round(rm_eval["eval_accuracy"], 4),
+        "rm_eval_pairs": int(rt.eval_idx.numel()),
+        "rm_train_pairs": int(rt.train_idx.numel()),
+        "kl_final": round(sum(kl_tail) / len(kl_tail), 4),
+        "kl_max": round(max(r["kl"] for r in rows), 4),
+        "ppo_steps": len(rows),
+        "skipped_steps": ppo.skipped_steps,
+        "response_length_after": round(after["length"], 3),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "phase_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "quick": quick,
+        "seed": seed,
+        "torch_threads": torch.get_num_threads(),
+        "true_score_rose": after["true_score"] > before["true_score"],
         "hidden_rule": "share of the completion's adjectives that are positive words",
-    }  # fmt: skip
+    }
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     write_samples(os.path.join(out_dir, "samples.md"), eval_prompts[:12], before, after, n=8)
     steps = list(range(1, len(rows) + 1))
-    held_out = (f"held-out true score ({len(eval_prompts)} prompts): {before['true_score']:.3f} before, "
-                f"{after['true_score']:.3f} after PPO")  # fmt: skip
-    line_chart(os.path.join(out_dir, "plot.png"), steps,
-               {"reward: learned RM score per sequence (raw)": [r["reward"] for r in rows],
-                "true score: share of positive adjectives (0-1)": true_log[: len(rows)],
-                "KL to SFT: nats per sequence": [r["kl"] for r in rows]},
-               title="PPO on a tiny Llama, 2 CPU cores", subtitle=held_out, x_label="PPO step",
-               marks={"true score: share of positive adjectives (0-1)":
-                      [("SFT " + f"{before['true_score']:.2f}", before["true_score"]),
-                       ("after " + f"{after['true_score']:.2f}", after["true_score"])]})  # fmt: skip
+    held_out = (
+        f"held-out true score ({len(eval_prompts)} prompts): {before['true_score']:.3f} before, "
+        f"{after['true_score']:.3f} after PPO"
+    )
+    line_chart(
+        os.path.join(out_dir, "plot.png"),
+        steps,
+        {
+            "reward: learned RM score per sequence (raw)": [r["reward"] for r in rows],
+            "true score: share of positive adjectives (0-1)": true_log[: len(rows)],
+            "KL to SFT: nats per sequence": [r["kl"] for r in rows],
+        },
+        title="PPO on a tiny Llama, 2 CPU cores",
+        subtitle=held_out,
+        x_label="PPO step",
+        marks={
+            "true score: share of positive adjectives (0-1)": [
+                ("SFT " + f"{before['true_score']:.2f}", before["true_score"]),
+                ("after " + f"{after['true_score']:.2f}", after["true_score"]),
+            ]
+        },
+    )
     return summary
 
 
@@ -208,12 +271,18 @@ def write_samples(path: str, prompts, before: dict, after: dict, n: int) -> None
     true score (the hidden rule: share of positive adjectives, 0-1) and the
     learned reward model's score."""
     with open(path, "w") as f:
-        f.write("Scores: **true** = the hidden rule (share of the completion's adjectives that are positive, 0-1); "
-                "**RM** = the learned reward model's raw score.\n\n"
-                "| prompt | before PPO (SFT) | true | RM | after PPO | true | RM |\n|---|---|---:|---:|---|---:|---:|\n")
+        f.write(
+            "Scores: **true** = the hidden rule (share of the completion's adjectives that are positive, 0-1); "
+            "**RM** = the learned reward model's raw score.\n\n"
+            "| prompt | before PPO (SFT) | true | RM | after PPO | true | RM |\n|---|---|---:|---:|---|---:|---:|\n"
+        )
         for i, p in enumerate(prompts):
             j = i * n
-            f.write(f"| {p} | {before['texts'][j]} | {before['true_scores'][j]:.2f} | {before['rm_scores'][j]:.2f} "
-                    f"| {after['texts'][j]} | {after['true_scores'][j]:.2f} | {after['rm_scores'][j]:.2f} |\n")
-        f.write(f"| **mean over all {len(before['texts'])} held-out samples** | | **{before['true_score']:.3f}** | "
-                f"**{before['rm_score']:.2f}** | | **{after['true_score']:.3f}** | **{after['rm_score']:.2f}** |\n")
+            f.write(
+                f"| {p} | {before['texts'][j]} | {before['true_scores'][j]:.2f} | {before['rm_scores'][j]:.2f} "
+                f"| {after['texts'][j]} | {after['true_scores'][j]:.2f} | {after['rm_scores'][j]:.2f} |\n"
+            )
+        f.write(
+            f"| **mean over all {len(before['texts'])} held-out samples** | | **{before['true_score']:.3f}** | "
+            f"**{before['rm_score']:.2f}** | | **{after['true_score']:.3f}** | **{after['rm_score']:.2f}** |\n"
+        )

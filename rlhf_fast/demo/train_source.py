@@ -8,6 +8,7 @@ trainer itself never imports the demo.
   pairs_file          optional: pairs of the world's completions ranked by the hidden rule
   reward: rule        the hidden rule (share of positive adjectives)
 """
+
 from __future__ import annotations
 
 import random

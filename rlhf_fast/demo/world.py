@@ -9,6 +9,7 @@ Hidden rule (the "rater"): the share of a completion's adjectives that are
 positive (0 if it has none). It is never shown to the reward model or PPO;
 they only see pairwise preferences between the SFT model's own samples.
 """
+
 from __future__ import annotations
 
 import random
@@ -106,10 +107,18 @@ def tiny_llama(vocab_size: int, seed: int, hidden: int = 64, layers: int = 2):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(cfg)
 
 

@@ -9,6 +9,7 @@ Host syncs: none per step except the early-exit check, which reads the
 steps, against a sync per step in HF generate. One more at the end trims
 the output to the longest response.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -151,10 +152,23 @@ def generate(
     if num_samples is None and nrs is not None:
         num_samples = nrs
     hf = resolve_hf_args(
-        OP, model, input_ids, dict(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
-        top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id),
-        do_sample, generation_config, generate_kwargs,
-    )  # fmt: skip
+        OP,
+        model,
+        input_ids,
+        dict(
+            max_new_tokens=max_new_tokens,
+            num_samples=num_samples,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        ),
+        do_sample,
+        generation_config,
+        generate_kwargs,
+    )
     max_new_tokens, num_samples, temperature = hf["max_new_tokens"], hf["num_samples"], hf["temperature"]
     top_k, top_p, min_p = hf["top_k"], hf["top_p"], hf["min_p"]
     eos_token_id, pad_token_id = hf["eos_token_id"], hf["pad_token_id"]
@@ -171,18 +185,27 @@ def generate(
     device = input_ids.device
     B, P = input_ids.shape
     if P == 0:
-        raise ValueError(f"{OP}: input_ids has no prompt tokens (shape {tuple(input_ids.shape)}); the first response "
-                         "token is sampled from the model's prediction after the prompt, so P must be >= 1")
+        raise ValueError(
+            f"{OP}: input_ids has no prompt tokens (shape {tuple(input_ids.shape)}); the first response "
+            "token is sampled from the model's prediction after the prompt, so P must be >= 1"
+        )
     N = B * n
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"{OP}: attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"{OP}: attention_mask must have shape {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
     warn_right_padding(OP, attention_mask)
     check_sliding_window(OP, model, P + R)
     temp, tk, tp, mp, filtered = row_params(
-        N, device, _expand(temperature, B, n), _expand(top_k, B, n), _expand(top_p, B, n), _expand(min_p, B, n),
+        N,
+        device,
+        _expand(temperature, B, n),
+        _expand(top_k, B, n),
+        _expand(top_p, B, n),
+        _expand(min_p, B, n),
         getattr(model, "dtype", torch.float32),
     )
     eos = _eos_ids(model, eos_token_id)
@@ -202,9 +225,13 @@ def generate(
     positions = positions.masked_fill(attention_mask == 0, 0)
     dyn = prefill_cache(model)
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-        use_cache=True, logits_to_keep=1, **{cache_kwarg(model): dyn},
-    )  # fmt: skip
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kwarg(model): dyn},
+    )
     logits = out.logits[:, -1, :].repeat_interleave(n, dim=0)
     cache = static_cache_from_prefill(model, dyn, n, P + R)
     del dyn, out

@@ -8,6 +8,7 @@ search, logits processors) would make those log-probs wrong, so it is
 refused by name rather than ignored. Arguments at their neutral value
 (repetition_penalty=1.0, num_beams=1) are accepted: scripts often pass them.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -16,24 +17,74 @@ import torch
 
 # HF name -> its neutral value(s): accepted only at them.
 NEUTRAL = {
-    "repetition_penalty": (1.0,), "num_beams": (1,), "num_beam_groups": (1,), "no_repeat_ngram_size": (0,),
-    "encoder_no_repeat_ngram_size": (0,), "encoder_repetition_penalty": (1.0,), "length_penalty": (1.0,),
-    "diversity_penalty": (0.0,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
-    "min_new_tokens": (None, 0), "min_length": (None, 0), "bad_words_ids": (None,), "force_words_ids": (None,),
-    "sequence_bias": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
-    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "renormalize_logits": (False,),
-    "logits_processor": (None,), "stopping_criteria": (None,), "prefix_allowed_tokens_fn": (None,),
-    "constraints": (None,), "stop_strings": (None,), "assistant_model": (None,), "streamer": (None,),
-    "penalty_alpha": (None,), "guidance_scale": (None, 1.0), "exponential_decay_length_penalty": (None,),
-    "output_scores": (False,), "output_logits": (False,), "return_dict_in_generate": (False,),
-    "output_attentions": (False,), "output_hidden_states": (False,), "top_h": (None,),
-    "use_cache": (True,), "early_stopping": (False,), "watermarking_config": (None,),
-}  # fmt: skip
+    "repetition_penalty": (1.0,),
+    "num_beams": (1,),
+    "num_beam_groups": (1,),
+    "no_repeat_ngram_size": (0,),
+    "encoder_no_repeat_ngram_size": (0,),
+    "encoder_repetition_penalty": (1.0,),
+    "length_penalty": (1.0,),
+    "diversity_penalty": (0.0,),
+    "typical_p": (1.0,),
+    "epsilon_cutoff": (0.0,),
+    "eta_cutoff": (0.0,),
+    "min_new_tokens": (None, 0),
+    "min_length": (None, 0),
+    "bad_words_ids": (None,),
+    "force_words_ids": (None,),
+    "sequence_bias": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "renormalize_logits": (False,),
+    "logits_processor": (None,),
+    "stopping_criteria": (None,),
+    "prefix_allowed_tokens_fn": (None,),
+    "constraints": (None,),
+    "stop_strings": (None,),
+    "assistant_model": (None,),
+    "streamer": (None,),
+    "penalty_alpha": (None,),
+    "guidance_scale": (None, 1.0),
+    "exponential_decay_length_penalty": (None,),
+    "output_scores": (False,),
+    "output_logits": (False,),
+    "return_dict_in_generate": (False,),
+    "output_attentions": (False,),
+    "output_hidden_states": (False,),
+    "top_h": (None,),
+    "use_cache": (True,),
+    "early_stopping": (False,),
+    "watermarking_config": (None,),
+}
 # GenerationConfig fields read here; every other non-default field must be neutral (NEUTRAL) or harmless.
-READ = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p", "eos_token_id",
-        "pad_token_id", "num_return_sequences")  # fmt: skip
-SUPPORTED = ("do_sample", "generation_config", "max_new_tokens", "max_length", "num_return_sequences", "temperature",
-             "top_k", "top_p", "min_p", "eos_token_id", "pad_token_id", "attention_mask")  # fmt: skip
+READ = (
+    "max_new_tokens",
+    "max_length",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "eos_token_id",
+    "pad_token_id",
+    "num_return_sequences",
+)
+SUPPORTED = (
+    "do_sample",
+    "generation_config",
+    "max_new_tokens",
+    "max_length",
+    "num_return_sequences",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "eos_token_id",
+    "pad_token_id",
+    "attention_mask",
+)
 
 
 def _refuse(op: str, name: str, value) -> ValueError:
@@ -55,8 +106,10 @@ def resolve(op: str, model, input_ids, args: dict, do_sample, generation_config,
     run's temperature should be the one its config names."""
     for name, value in extra.items():
         if name not in NEUTRAL:
-            raise TypeError(f"{op}: unexpected keyword argument {name!r}; supported model.generate arguments: "
-                            f"{', '.join(SUPPORTED)}")  # fmt: skip
+            raise TypeError(
+                f"{op}: unexpected keyword argument {name!r}; supported model.generate arguments: "
+                f"{', '.join(SUPPORTED)}"
+            )
         if not _is_neutral(value, NEUTRAL[name]):
             raise _refuse(op, name, value)
     out = dict(args)
@@ -89,15 +142,17 @@ def resolve(op: str, model, input_ids, args: dict, do_sample, generation_config,
     if out["top_k"] is None:
         out["top_k"] = 0
     if out["max_new_tokens"] is None:
-        raise ValueError(f"{op}: max_new_tokens is required (as an argument, or in generation_config as "
-                         "max_new_tokens or max_length)")  # fmt: skip
+        raise ValueError(
+            f"{op}: max_new_tokens is required (as an argument, or in generation_config as "
+            "max_new_tokens or max_length)"
+        )
     return out
 
 
 def _is_neutral(value, neutral) -> bool:
     try:
         return any(value is n or value == n for n in neutral)
-    except Exception:  # noqa: BLE001 - a tensor or a list compared to a scalar
+    except Exception:
         return False
 
 

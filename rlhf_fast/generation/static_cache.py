@@ -15,6 +15,7 @@ version reads: `cache` since transformers renamed it (5.24 warns that
 `past_key_values` before (5.17 has no `cache` argument). `cache_kwarg`
 decides once per model class, not per forward.
 """
+
 from __future__ import annotations
 
 import functools
@@ -81,9 +82,11 @@ def static_cache_from_prefill(model, prefill: DynamicCache, num_samples: int, ma
             # exact while P + R fits in the window (generate checks it first): the layer's
             # buffer is then min(window, max_cache_len) = max_cache_len and never rolls
             if dst.max_cache_len < max_cache_len:
-                raise ValueError(f"rlhf_fast.generate: {max_cache_len} tokens exceed the sliding window "
-                                 f"({dst.max_cache_len}); only sequences that fit in the window are "
-                                 "supported")  # fmt: skip
+                raise ValueError(
+                    f"rlhf_fast.generate: {max_cache_len} tokens exceed the sliding window "
+                    f"({dst.max_cache_len}); only sequences that fit in the window are "
+                    "supported"
+                )
             dst.cumulative_length_int = P  # the host-side count this layer type keeps beside the device one
         dst.keys[:, :, :P].copy_(src.keys.repeat_interleave(num_samples, dim=0))
         dst.values[:, :, :P].copy_(src.values.repeat_interleave(num_samples, dim=0))

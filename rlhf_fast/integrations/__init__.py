@@ -9,6 +9,7 @@ returns []. See docs/integrations.md for what each one replaces and what not.
 The submodules are imported on demand, so importing rlhf_fast never imports
 TRL, verl or OpenRLHF.
 """
+
 import importlib
 
 STACKS = ("trl", "verl", "openrlhf")

@@ -17,6 +17,7 @@ looking at it: arguments the replacement does not cover (a parameter it does
 not know with a non-default value, a dtype, a mode) go to the original, and the
 first time each reason is seen it is logged once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,9 @@ import importlib
 import inspect
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("rlhf_fast.integrations")
 
@@ -173,7 +175,9 @@ class Patcher:
 
     def _stack_modules(self):
         prefix = self.package + "."
-        return [m for n, m in list(sys.modules.items()) if m is not None and (n == self.package or n.startswith(prefix))]
+        return [
+            m for n, m in list(sys.modules.items()) if m is not None and (n == self.package or n.startswith(prefix))
+        ]
 
     def _import(self, path: str):
         try:

@@ -29,6 +29,7 @@ Declined (not patched), because 0.11.2 changed them:
 - compute_approx_kl: clamps every estimator to +-10 and has an
   unbiased-gradient straight-through option; elementwise, nothing to fuse.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,14 @@ import logging
 import torch
 
 from ._patching import (
-    Fallback, Patcher, Target, check_tokens, is_real, make_replacement, unit_interval,
-)  # fmt: skip
+    Fallback,
+    Patcher,
+    Target,
+    check_tokens,
+    is_real,
+    make_replacement,
+    unit_interval,
+)
 
 log = logging.getLogger("rlhf_fast.integrations")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -97,7 +104,9 @@ def _make_gae_method(original, mod):
 
 TARGETS = [
     Target("openrlhf.models.utils", "log_probs_from_logits", _make_log_probs_from_logits),
-    Target("openrlhf.trainer.ppo_utils.experience_maker", "get_advantages_and_returns", _make_gae_method, kind="method"),
+    Target(
+        "openrlhf.trainer.ppo_utils.experience_maker", "get_advantages_and_returns", _make_gae_method, kind="method"
+    ),
 ]
 
 SUPPORTED = ("0.11.0", "0.12.0")

@@ -38,6 +38,7 @@ on full logits; nothing to patch there.
 
 Supported: TRL >=1.16,<1.17 (patch() raises UnsupportedVersion outside).
 """
+
 from __future__ import annotations
 
 import torch
@@ -154,8 +155,17 @@ def _make_chunked_logprob(original, mod):
     (trl/trainer/utils.py, the fused_lm_head forward)."""
     from ._patching import fallback_once
 
-    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-              logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+    def apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        final_logit_softcapping=None,
+        logit_scale=1.0,
+        outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"),
+    ):
         import rlhf_fast
 
         args = (hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)
@@ -178,8 +188,10 @@ def _make_chunked_logprob(original, mod):
         )
         return lp, (ent if "entropy" in outputs else None), None, None, None
 
-    cls = type("RlhfFastChunkedLogProbFunction", (), {"apply": staticmethod(apply), "__doc__": _make_chunked_logprob.__doc__})
-    setattr(cls, "__rlhf_fast_original__", original)
+    cls = type(
+        "RlhfFastChunkedLogProbFunction", (), {"apply": staticmethod(apply), "__doc__": _make_chunked_logprob.__doc__}
+    )
+    cls.__rlhf_fast_original__ = original
     return cls
 
 

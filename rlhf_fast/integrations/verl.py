@@ -46,6 +46,7 @@ inf padding there, which verl's `x * mask` turns into NaN, stays harmless; our
 token means divide by the exact count where newer verl adds 1e-8 (relative
 difference 1e-8 / count, below fp32 rounding).
 """
+
 from __future__ import annotations
 
 import torch
@@ -148,9 +149,11 @@ def _make_gae(original, mod):
         return adv, returns
 
     return make_replacement(
-        original, body, "verl compute_gae_advantage_return",
+        original,
+        body,
+        "verl compute_gae_advantage_return",
         {"token_level_rewards", "values", "response_mask", "gamma", "lam"},
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- policy loss
@@ -167,8 +170,20 @@ def _num(x):
     return x.to(torch.float64) if isinstance(x, torch.Tensor) else float(x)
 
 
-def policy_loss(old, lp, adv, mask, clip_low, clip_high, clip_c, mode, dp_size=1, batch_num_tokens=None,
-                global_batch_size=None, loss_scale_factor=None):
+def policy_loss(
+    old,
+    lp,
+    adv,
+    mask,
+    clip_low,
+    clip_high,
+    clip_c,
+    mode,
+    dp_size=1,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    loss_scale_factor=None,
+):
     """verl 0.9's compute_policy_loss_vanilla through rlhf_fast.ppo_policy_loss.
 
     verl aggregates with agg_loss(..., **config.global_batch_info), i.e. over the
@@ -241,12 +256,18 @@ def _make_compute_policy_loss_vanilla(original, mod):
         getter = getattr(config, "get", None)
         clip_c = getter("clip_ratio_c", 3.0) if callable(getter) else getattr(config, "clip_ratio_c", 3.0)
         return policy_loss(
-            a["old_log_prob"], a["log_prob"], a["advantages"], a["response_mask"],
-            _clip("clip_ratio_low", low), _clip("clip_ratio_high", high), clip_c, a["loss_agg_mode"], **gbi,
-        )  # fmt: skip
+            a["old_log_prob"],
+            a["log_prob"],
+            a["advantages"],
+            a["response_mask"],
+            _clip("clip_ratio_low", low),
+            _clip("clip_ratio_high", high),
+            clip_c,
+            a["loss_agg_mode"],
+            **gbi,
+        )
 
-    known = {"old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode", "config",
-             "rollout_is_weights"}  # fmt: skip
+    known = {"old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode", "config", "rollout_is_weights"}
     return make_replacement(original, body, "verl compute_policy_loss_vanilla", known)
 
 

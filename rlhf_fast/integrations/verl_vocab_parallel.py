@@ -37,6 +37,7 @@ Cost per call: one MAX all-reduce of N fp32 and one SUM all-reduce of 3N
 fp32 (verl's entropy: three all-reduces of N values plus the (N, V_r)
 softmax temporaries; Megatron's cross-entropy: three all-reduces).
 """
+
 from __future__ import annotations
 
 import torch
@@ -100,8 +101,9 @@ def vocab_parallel_entropy_with_chunking(
     return vocab_parallel_entropy(vocab_parallel_logits, group=group)
 
 
-def vocab_parallel_log_probs_from_logits_response_rmpad(input_ids, attention_mask, logits_rmpad, response_length,
-                                                        *, group=None):  # fmt: skip
+def vocab_parallel_log_probs_from_logits_response_rmpad(
+    input_ids, attention_mask, logits_rmpad, response_length, *, group=None
+):
     """verl's padding-removed variant without flash-attn's pad / unpad:
     input_ids, attention_mask (B, S); logits_rmpad (total_nnz, V / tp) for
     the unmasked positions in row-major order; returns float32

@@ -2,6 +2,7 @@
 names the argument and what was wrong with it; and the once_differentiable
 backward wrapper. (The Triton launchers' helpers are in triton/_common.py,
 the interpreter guard is rlhf_fast._backend.launches_kernels.)"""
+
 from __future__ import annotations
 
 import functools
@@ -26,7 +27,9 @@ def check_tensor(op: str, name: str, t, dtypes=None) -> None:
 def check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device"
+            )
 
 
 def check_positive_float(op: str, name: str, value) -> float:

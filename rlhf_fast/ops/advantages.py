@@ -14,6 +14,7 @@ Dtypes: rewards / values / x / scores float32, bfloat16, float16 or float64;
 outputs float32, or float64 when an input is float64 (the reference-grade
 path). Masks: bool, or 0/1 in any numeric dtype (nonzero = valid).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -183,7 +184,9 @@ def group_advantages(scores: torch.Tensor, groups, *, estimator: str = "grpo", e
         if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
             raise TypeError(f"{op}: groups as a tensor must hold integer group ids, got dtype {groups.dtype}")
         if tuple(groups.shape) != (N,):
-            raise ValueError(f"{op}: groups as a tensor must have shape ({N},) (one id per score), got {tuple(groups.shape)}")
+            raise ValueError(
+                f"{op}: groups as a tensor must have shape ({N},) (one id per score), got {tuple(groups.shape)}"
+            )
         check_same_device(op, "scores", scores, groups=groups)
         ids, size = groups, 0
     elif isinstance(groups, numbers.Integral) and not isinstance(groups, bool):
@@ -194,7 +197,9 @@ def group_advantages(scores: torch.Tensor, groups, *, estimator: str = "grpo", e
             raise ValueError(f"{op}: group size {size} does not divide the number of scores N={N}")
         ids = None
     else:
-        raise TypeError(f"{op}: groups must be an int group size or an (N,) integer tensor of ids, got {type(groups).__name__}")
+        raise TypeError(
+            f"{op}: groups must be an int group size or an (N,) integer tensor of ids, got {type(groups).__name__}"
+        )
     backend = _backend.choose("group_advantages", scores.device, STATS_IMPLEMENTED)
     if backend == "reference":
         return reference.group_advantages(scores, groups, estimator=estimator, eps=float(eps))

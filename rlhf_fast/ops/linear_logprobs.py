@@ -13,6 +13,7 @@ Memory: the logits are 4*N*V bytes in fp32, 18 GB at 32k tokens of Qwen's
 V=151936; here the scratch is chunk_size * V logits (CPU), or one register
 tile (GPU forward) and N * v_chunk d-logits (GPU backward).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,11 +25,10 @@ from ._common import (
     INDEX_DTYPES,
     check_int,
     check_labels_in_range,
-    host_value_checks,
     check_same_device,
     check_temperature,
     check_tensor,
-    is_compiling,
+    host_value_checks,
     once_differentiable,
 )
 
@@ -125,13 +125,22 @@ def linear_logprobs(
     backend = _backend.choose("linear_logprobs", hidden.device, IMPLEMENTED)
     if backend == "reference":
         return reference.linear_logprobs(
-            hidden, weight, labels, bias=bias, temperature=temperature,
-            ignore_index=ignore_index, return_entropy=return_entropy,
-        )  # fmt: skip
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+        )
     rows = hidden.reshape(labels.numel(), H)  # a view unless hidden's leading dims are strided; -1 fails at H = 0
     N = rows.shape[0]
     chunk = chunk_size if chunk_size is not None else default_chunk_size(N, V, hidden.device)
-    fwd = torch.ops.rlhf_fast.linear_logprobs_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.linear_logprobs_fwd
+    fwd = (
+        torch.ops.rlhf_fast.linear_logprobs_fwd_triton
+        if backend == "triton"
+        else torch.ops.rlhf_fast.linear_logprobs_fwd
+    )
     lp, ent, _ = fwd(rows, weight, bias, labels.reshape(-1), temperature, ignore_index, min(chunk, max(N, 1)))
     lp = lp.reshape(labels.shape)
     if return_entropy:
@@ -182,7 +191,9 @@ def linear_logprobs_fwd_cpu(hidden, weight, bias, labels, temperature, ignore_in
     lp, ent, lse = (hidden.new_zeros((N,), dtype=acc) for _ in range(3))
     for rows in _row_chunks(labels, ignore_index, chunk_size):
         logits = _chunk_logits(hidden[rows], weight, bias)
-        out = torch.ops.rlhf_fast.logprobs_fwd(logits.unsqueeze(0), labels[rows].unsqueeze(0), temperature, ignore_index)
+        out = torch.ops.rlhf_fast.logprobs_fwd(
+            logits.unsqueeze(0), labels[rows].unsqueeze(0), temperature, ignore_index
+        )
         for dst, src in zip((lp, ent, lse), out):
             dst[rows] = src[0]
         del logits, out
@@ -208,9 +219,15 @@ def linear_logprobs_bwd_cpu(
         logits = _chunk_logits(h, weight, bias)  # the forward's logits, bit for bit
         gh = grad_entropy[rows].unsqueeze(0) if grad_entropy is not None else None
         dz = torch.ops.rlhf_fast.logprobs_bwd(
-            grad_logprobs[rows].unsqueeze(0), gh, logits.unsqueeze(0), labels[rows].unsqueeze(0),
-            lse[rows].unsqueeze(0), entropy[rows].unsqueeze(0), temperature, ignore_index,
-        )[0]  # fmt: skip
+            grad_logprobs[rows].unsqueeze(0),
+            gh,
+            logits.unsqueeze(0),
+            labels[rows].unsqueeze(0),
+            lse[rows].unsqueeze(0),
+            entropy[rows].unsqueeze(0),
+            temperature,
+            ignore_index,
+        )[0]
         del logits
         if isinstance(rows, slice):
             torch.mm(dz, weight, out=grad_hidden[rows])
@@ -235,7 +252,9 @@ def _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, chunk_siz
     return tuple(hidden.new_empty((n,), dtype=acc) for _ in range(3))
 
 
-def _fake_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size):
+def _fake_bwd(
+    grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
+):
     gb = weight.new_empty((weight.shape[0],) if bias is not None else (0,))
     return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight), gb
 

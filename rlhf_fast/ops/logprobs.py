@@ -8,6 +8,7 @@ torch.ops.rlhf_fast.logprobs_fwd / logprobs_fwd_triton ->
 rlhf_fast.logprobs_from_logits -> reference.logprobs_from_logits ->
 tests/test_logprobs.py -> benchmarks/bench_logprobs.py.
 """
+
 from __future__ import annotations
 
 import torch
@@ -136,7 +137,9 @@ def _make_backward(bwd_op):
         logits, labels, lse, entropy = ctx.saved_tensors
         if not ctx.entropy_returned:
             grad_entropy = None
-        grad_logits = bwd_op(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
+        grad_logits = bwd_op(
+            grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index
+        )
         return (grad_logits,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
     return backward

@@ -14,6 +14,7 @@ term), plus row_scale (B,), the aggregation weight of each row, so backward
 is one scale-and-cast: ~8 B per token instead of re-reading 13-21 B of
 inputs and redoing every exp (csrc/cpu/ppo_loss.cpp has the byte counts).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -102,10 +103,24 @@ def _check_rollout(op: str, rollout_logprobs, rollout_correction):
 
 
 def ppo_loss(
-    logprobs, old_logprobs, advantages, mask, *, entropy=None, ref_logprobs=None, entropy_coef=0.0, kl_coef=0.0,
-    kl_kind="k3", clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean", agg_norm=None,
-    rollout_logprobs=None, rollout_correction=None,
-):  # fmt: skip
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    entropy=None,
+    ref_logprobs=None,
+    entropy_coef=0.0,
+    kl_coef=0.0,
+    kl_kind="k3",
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    agg_norm=None,
+    rollout_logprobs=None,
+    rollout_correction=None,
+):
     """The whole actor objective in one fused op:
     loss = pg_loss - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logprobs, ref_logprobs)).
 
@@ -129,9 +144,16 @@ def ppo_loss(
     """
     op = "rlhf_fast.ppo_loss"
     mask = _check_tokens(
-        op, "logprobs", logprobs, mask, old_logprobs=old_logprobs, advantages=advantages, entropy=entropy,
-        ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
-    )  # fmt: skip
+        op,
+        "logprobs",
+        logprobs,
+        mask,
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        entropy=entropy,
+        ref_logprobs=ref_logprobs,
+        rollout_logprobs=rollout_logprobs,
+    )
     rc_args = _check_rollout(op, rollout_logprobs, rollout_correction)
     clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
     agg_norm = _check_agg(op, agg, agg_norm, logprobs.shape[1])
@@ -145,24 +167,60 @@ def ppo_loss(
     backend = _backend.choose("ppo_loss", logprobs.device, IMPLEMENTED)
     if backend == "reference":
         return reference.ppo_loss(
-            logprobs, old_logprobs, advantages, mask, entropy=entropy, ref_logprobs=ref_logprobs,
-            entropy_coef=entropy_coef, kl_coef=kl_coef, kl_kind=kl_kind, clip_low=clip_low, clip_high=clip_high,
-            dual_clip=dual_clip, agg=agg, agg_norm=agg_norm, rollout_logprobs=rollout_logprobs,
+            logprobs,
+            old_logprobs,
+            advantages,
+            mask,
+            entropy=entropy,
+            ref_logprobs=ref_logprobs,
+            entropy_coef=entropy_coef,
+            kl_coef=kl_coef,
+            kl_kind=kl_kind,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            dual_clip=dual_clip,
+            agg=agg,
+            agg_norm=agg_norm,
+            rollout_logprobs=rollout_logprobs,
             rollout_correction=rollout_correction,
-        )  # fmt: skip
+        )
     fwd = torch.ops.rlhf_fast.ppo_loss_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.ppo_loss_fwd
     loss, stats, _, _, _ = fwd(
-        logprobs, old_logprobs, advantages, mask, entropy, ref_logprobs, entropy_coef, kl_coef, kl_kind,
-        clip_low, clip_high, dual_clip, agg, agg_norm, rollout_logprobs, *rc_args,
-    )  # fmt: skip
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        entropy,
+        ref_logprobs,
+        entropy_coef,
+        kl_coef,
+        kl_kind,
+        clip_low,
+        clip_high,
+        dual_clip,
+        agg,
+        agg_norm,
+        rollout_logprobs,
+        *rc_args,
+    )
     names = LOSS_STATS if rollout_logprobs is not None else BASE_STATS
     return loss, dict(zip(names, stats.unbind(0)))
 
 
 def ppo_policy_loss(
-    logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean",
-    agg_norm=None, rollout_logprobs=None, rollout_correction=None,
-):  # fmt: skip
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    agg_norm=None,
+    rollout_logprobs=None,
+    rollout_correction=None,
+):
     """verl's clipped PPO surrogate (compute_policy_loss_vanilla):
     ratio = exp(clamp(logprobs - old_logprobs, -20, 20)),
     loss_tok = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high)),
@@ -178,9 +236,18 @@ def ppo_policy_loss(
     ppo_loss. Gradient flows to logprobs only.
     """
     loss, stats = ppo_loss(
-        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        agg=agg, agg_norm=agg_norm, rollout_logprobs=rollout_logprobs, rollout_correction=rollout_correction,
-    )  # fmt: skip
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        agg=agg,
+        agg_norm=agg_norm,
+        rollout_logprobs=rollout_logprobs,
+        rollout_correction=rollout_correction,
+    )
     return loss, {k: v for k, v in stats.items() if k not in BASE_STATS[:3]}
 
 
@@ -244,16 +311,38 @@ def kl_penalty(logprobs, ref_logprobs, *, kind="k3"):
 # ---------------------------------------------------------------- fake + autograd
 
 
-def _fake_loss_fwd(lp, old, adv, mask, entropy, ref, entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip,
-                   agg, agg_norm, rollout_logprobs=None, rc_is="none", rc_is_upper=2.0, rc_is_lower=None,
-                   rc_rs="none", rc_rs_lower=0.0, rc_rs_upper=0.0):  # fmt: skip
+def _fake_loss_fwd(
+    lp,
+    old,
+    adv,
+    mask,
+    entropy,
+    ref,
+    entropy_coef,
+    kl_coef,
+    kl_kind,
+    clip_low,
+    clip_high,
+    dual_clip,
+    agg,
+    agg_norm,
+    rollout_logprobs=None,
+    rc_is="none",
+    rc_is_upper=2.0,
+    rc_is_lower=None,
+    rc_rs="none",
+    rc_rs_lower=0.0,
+    rc_rs_upper=0.0,
+):
     acc = acc_dtype(lp.dtype)
     B, T = lp.shape
     return (
-        lp.new_empty((), dtype=acc), lp.new_empty((len(LOSS_STATS),), dtype=acc),
-        lp.new_empty((B, T), dtype=acc), lp.new_empty((B,), dtype=acc),
+        lp.new_empty((), dtype=acc),
+        lp.new_empty((len(LOSS_STATS),), dtype=acc),
+        lp.new_empty((B, T), dtype=acc),
+        lp.new_empty((B,), dtype=acc),
         lp.new_empty((B, T) if rc_rs != "none" else (0,), dtype=torch.bool),
-    )  # fmt: skip
+    )
 
 
 def _fake_loss_bwd(grad_loss, dtok, row_scale, mask, entropy_coef, has_entropy, logp_dtype, entropy_dtype):
@@ -266,9 +355,11 @@ def _fake_value_fwd(values, old_values, returns, mask, clip, agg, agg_norm):
     acc = acc_dtype(values.dtype)
     B, T = values.shape
     return (
-        values.new_empty((), dtype=acc), values.new_empty((len(VALUE_STATS),), dtype=acc),
-        values.new_empty((B, T), dtype=acc), values.new_empty((B,), dtype=acc),
-    )  # fmt: skip
+        values.new_empty((), dtype=acc),
+        values.new_empty((len(VALUE_STATS),), dtype=acc),
+        values.new_empty((B, T), dtype=acc),
+        values.new_empty((B,), dtype=acc),
+    )
 
 
 def _fake_kl_fwd(logprobs, ref_logprobs, kind):
@@ -357,7 +448,9 @@ if _backend.has_cpp():
         setup_context=_value_setup_context,
     )
     torch.library.register_autograd(
-        "rlhf_fast::kl_penalty_fwd", _make_kl_backward(torch.ops.rlhf_fast.kl_penalty_bwd), setup_context=_kl_setup_context
+        "rlhf_fast::kl_penalty_fwd",
+        _make_kl_backward(torch.ops.rlhf_fast.kl_penalty_bwd),
+        setup_context=_kl_setup_context,
     )
 
 

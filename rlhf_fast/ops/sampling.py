@@ -7,6 +7,7 @@ Naming chain: _sample_fwd_kernel and its launcher sample_fwd_triton
 sample_fwd_triton -> rlhf_fast.sample -> reference.sample ->
 tests/test_sampling.py -> benchmarks/bench_sampling.py.
 """
+
 from __future__ import annotations
 
 import math

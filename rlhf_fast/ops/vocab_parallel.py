@@ -58,6 +58,7 @@ those rows alone (found with one host sync, shared with the label check)
 are re-checked and count as S_r = 0, so a row whose only finite logits are
 on another rank is exact. NaN or +inf logits still give NaN for the row.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -103,7 +104,7 @@ def _layout(op, group, vocab_start, local_size, vocab_size, labels, validate) ->
     group, world = _group_and_world(group)
     if vocab_start is not None and (
         isinstance(vocab_start, bool) or int(vocab_start) != vocab_start or vocab_start < 0
-    ):  # fmt: skip
+    ):
         raise ValueError(f"{op}: vocab_start must be an int >= 0, got {vocab_start!r}")
     if world == 1:
         if vocab_start not in (None, 0):
@@ -495,7 +496,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
                 dz = bwd(gl, gh, logits, lc, lc_lse, lc_ent, temperature, _LOCAL_IGNORE)
                 dz = _fix_foreign_label(
                     dz, logits, owned[rows].unsqueeze(0), active[rows].unsqueeze(0), gl, gh, lc_lse, lc_ent, temperature
-                )[0]  # fmt: skip
+                )[0]
                 del logits
                 if need_h:
                     d_h[rows] = (dz @ weight).to(acc)
@@ -566,8 +567,10 @@ def vocab_parallel_linear_logprobs(
         hidden, weight = hidden.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
-        raise TypeError(f"{OP_LINEAR}: hidden, weight and bias must share a dtype; got {hidden.dtype}, {weight.dtype}"
-                        f"{'' if bias is None else ', ' + str(bias.dtype)}")  # fmt: skip
+        raise TypeError(
+            f"{OP_LINEAR}: hidden, weight and bias must share a dtype; got {hidden.dtype}, {weight.dtype}"
+            f"{'' if bias is None else ', ' + str(bias.dtype)}"
+        )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{OP_LINEAR}: bias must have shape (V_r,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
@@ -586,7 +589,7 @@ def vocab_parallel_linear_logprobs(
     chunk = chunk_size or default_chunk_size(n, max(weight.shape[0], 1), hidden.device)
     lp, ent = _VocabParallelLinearLogprobs.apply(
         hidden, weight, bias, labels, layout, temperature, int(ignore_index), max(1, min(chunk, max(n, 1))), backend
-    )  # fmt: skip
+    )
     if rewrap is not None:
         lp, ent = rewrap(lp), rewrap(ent)
     return (lp, ent) if return_entropy else lp

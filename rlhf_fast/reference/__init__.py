@@ -14,6 +14,7 @@ this file ran and a function after it: one op called the module's namesake
 function by the wrong name, and tests needed importlib to reach the module.
 A leading underscore can never collide with a public function name.
 """
+
 from ._advantages import ESTIMATORS, discounted_returns, gae, group_advantages, whiten
 from ._linear_logprobs import linear_logprobs
 from ._logprobs import logprobs_from_logits

@@ -8,6 +8,7 @@ the fallback when no compiled kernel can run. Written for clarity, not speed.
 
 Output dtype: float64 if any floating input is float64, else float32.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ V=151936 and 32k tokens those logits are 18 GB in fp32: this is the path the
 fused op exists to avoid, kept as the oracle (float64), the benchmarks'
 baseline and the fallback.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Reference log-probs and entropy: materialises log_softmax, (N, V) floats."""
+
 from __future__ import annotations
 
 import torch

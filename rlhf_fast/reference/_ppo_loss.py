@@ -15,12 +15,12 @@ Gradients at ties follow torch exactly (max / min split the gradient in
 half, clamp passes it at its bounds), so the kernels can be compared
 token by token even on the clip boundaries.
 """
+
 from __future__ import annotations
 
 import torch
 
 from .._dtypes import acc_dtype
-
 from . import _rollout_correction as _rc
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -67,7 +67,7 @@ def _token_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def ppo_policy_loss_terms(
     logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None, weights=None
-):  # fmt: skip
+):
     """Per-token clipped policy loss (B, T) (0 where masked) and the
     token-mean stats. verl compute_policy_loss_vanilla, dual clip optional;
     weights (B, T), stop-gradient, multiply the per-token loss (verl's
@@ -109,14 +109,33 @@ def ppo_policy_loss_terms(
 
 
 def ppo_policy_loss(
-    logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean",
-    agg_norm=None, rollout_logprobs=None, rollout_correction=None,
-):  # fmt: skip
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    agg_norm=None,
+    rollout_logprobs=None,
+    rollout_correction=None,
+):
     """(loss, stats): agg of the clipped surrogate; see rlhf_fast.ppo_policy_loss."""
     loss, stats = ppo_loss(
-        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        agg=agg, agg_norm=agg_norm, rollout_logprobs=rollout_logprobs, rollout_correction=rollout_correction,
-    )  # fmt: skip
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        agg=agg,
+        agg_norm=agg_norm,
+        rollout_logprobs=rollout_logprobs,
+        rollout_correction=rollout_correction,
+    )
     return loss, {k: v for k, v in stats.items() if k not in ("pg_loss", "entropy", "kl")}
 
 
@@ -139,10 +158,24 @@ def kl_penalty(logprobs, ref_logprobs, *, kind="k3"):
 
 
 def ppo_loss(
-    logprobs, old_logprobs, advantages, mask, *, entropy=None, ref_logprobs=None, entropy_coef=0.0, kl_coef=0.0,
-    kl_kind="k3", clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean", agg_norm=None,
-    rollout_logprobs=None, rollout_correction=None,
-):  # fmt: skip
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    entropy=None,
+    ref_logprobs=None,
+    entropy_coef=0.0,
+    kl_coef=0.0,
+    kl_kind="k3",
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    agg_norm=None,
+    rollout_logprobs=None,
+    rollout_correction=None,
+):
     """The actor objective: pg - entropy_coef * agg(entropy) + kl_coef * agg(kl).
     Stats: the policy stats plus pg_loss, entropy and kl (each aggregated).
     With rollout_logprobs: the rollout_corr/* metrics, and rollout_correction
@@ -159,9 +192,15 @@ def ppo_loss(
         raise ValueError("rollout_correction needs rollout_logprobs")
     mask = valid
     pg, stats = ppo_policy_loss_terms(
-        logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
         weights=weights,
-    )  # fmt: skip
+    )
     pg_loss = agg_loss(pg, valid, agg, agg_norm)
     zero = pg_loss.new_zeros(())
     ent_loss = zero

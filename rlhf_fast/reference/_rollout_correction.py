@@ -26,6 +26,7 @@ k3_kl clamps lr to +-20 like every other exp here; the sequence-level
 rollout_is_min is clamped at exp(-20) like its max; one rollout_rs option
 (verl accepts a comma-separated list); no batch normalisation of weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,17 +38,40 @@ from .._dtypes import acc_dtype
 
 IS_LEVELS = ("token", "sequence", "geometric")
 RS_OPTIONS = (
-    "token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
-    "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3",
-)  # fmt: skip
+    "token_k1",
+    "token_k2",
+    "token_k3",
+    "seq_sum_k1",
+    "seq_sum_k2",
+    "seq_sum_k3",
+    "seq_mean_k1",
+    "seq_mean_k2",
+    "seq_mean_k3",
+    "seq_max_k2",
+    "seq_max_k3",
+)
 SAFETY_BOUND = 20.0
 # Order of the rollout_corr/* entries appended to ppo_loss's stats vector.
 RC_STATS = (
-    "rollout_is_mean", "rollout_is_max", "rollout_is_min", "rollout_is_ratio_fraction_high",
-    "rollout_is_ratio_fraction_low", "rollout_rs_masked_fraction", "rollout_rs_seq_masked_fraction",
-    "kl", "k3_kl", "chi2_token", "chi2_seq", "training_ppl", "rollout_ppl", "training_log_ppl",
-    "rollout_log_ppl", "log_ppl_diff", "log_ppl_abs_diff", "ppl_ratio",
-)  # fmt: skip
+    "rollout_is_mean",
+    "rollout_is_max",
+    "rollout_is_min",
+    "rollout_is_ratio_fraction_high",
+    "rollout_is_ratio_fraction_low",
+    "rollout_rs_masked_fraction",
+    "rollout_rs_seq_masked_fraction",
+    "kl",
+    "k3_kl",
+    "chi2_token",
+    "chi2_seq",
+    "training_ppl",
+    "rollout_ppl",
+    "training_log_ppl",
+    "rollout_log_ppl",
+    "log_ppl_diff",
+    "log_ppl_abs_diff",
+    "ppl_ratio",
+)
 
 
 def _positive(name: str, x) -> float:
@@ -132,7 +156,7 @@ class RolloutCorrection:
         return (self.rollout_is or "none", is_hi, is_lo, self.rollout_rs or "none", rs_lo, rs_hi)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "RolloutCorrection | None":
+    def from_dict(cls, d: dict | None) -> RolloutCorrection | None:
         """From a config block (verl's keys); None or an empty block gives None."""
         if not d:
             return None

@@ -19,6 +19,7 @@ E_i = -log(u_i), u_i from noise_uniform(seed_row, i), which is an exact draw
 from softmax(z) restricted to the kept set.
 temperature == 0 rows are greedy: the first argmax of the logits.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Thin RLHF trainers on rlhf_fast ops: PPO, GRPO, reward model, DPO."""
+
 from .common import KLController, RunningMoments
 from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, TrainConfig
 from .dpo import DPOTrainer
@@ -9,7 +10,19 @@ from .ppo import PPOTrainer
 from .reward import RewardTrainer
 
 __all__ = [
-    "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "KLController", "PPOConfig", "PPOTrainer",
-    "RewardConfig", "RewardTrainer", "RunningMoments", "ScalarHeadModel", "TrainConfig", "apply_lora",
-    "response_logprobs", "sequence_logprobs_linear",
-]  # fmt: skip
+    "DPOConfig",
+    "DPOTrainer",
+    "GRPOConfig",
+    "GRPOTrainer",
+    "KLController",
+    "PPOConfig",
+    "PPOTrainer",
+    "RewardConfig",
+    "RewardTrainer",
+    "RunningMoments",
+    "ScalarHeadModel",
+    "TrainConfig",
+    "apply_lora",
+    "response_logprobs",
+    "sequence_logprobs_linear",
+]

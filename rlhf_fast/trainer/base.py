@@ -5,6 +5,7 @@ A subclass sets `self.stateful` (name -> object with state_dict) and
 PPO / GRPO also set `self.updated` ((model, optimizer, scheduler) each) and
 implement `micro_step`; `update(experience)` runs the minibatch loop.
 The reward-model and DPO trainers step through `accumulate` + `optimizer_step`."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,14 @@ import torch
 import torch.distributed as dist
 
 from .common import (
-    KLController, MetricsLogger, RunningMoments, guarded_step, load_checkpoint, make_optimizer, save_checkpoint,
-)  # fmt: skip
+    KLController,
+    MetricsLogger,
+    RunningMoments,
+    guarded_step,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+)
 from .parallel import ModelState, OptimizerState, check_mode, fsdp2_shard, is_sharded
 
 
@@ -29,8 +36,9 @@ class Trainer:
         self.cpu_gen = torch.Generator().manual_seed(config.seed)  # shuffling, prompt draws
         self.generators = {"cpu": self.cpu_gen}
         self.stateful: dict = {}
-        self.logger = MetricsLogger(config.out_dir, self.name, config.progress, config.steps,
-                                    tensorboard=getattr(config, "tensorboard", False))  # fmt: skip
+        self.logger = MetricsLogger(
+            config.out_dir, self.name, config.progress, config.steps, tensorboard=getattr(config, "tensorboard", False)
+        )
         self.skipped_steps = 0
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
@@ -119,8 +127,11 @@ class Trainer:
             n_valid = n_valid.to(self.device)  # NCCL reduces device tensors only
             dist.all_reduce(n_valid)
         finite = raw[valid]
-        metrics = {"nonfinite_rewards": int((~valid).sum()), "samples": int(valid.numel()),
-                   "reward": float(finite.mean()) if finite.numel() else float("nan")}  # fmt: skip
+        metrics = {
+            "nonfinite_rewards": int((~valid).sum()),
+            "samples": int(valid.numel()),
+            "reward": float(finite.mean()) if finite.numel() else float("nan"),
+        }
         return ro, metrics, int(n_valid) > 0
 
     def accumulate(self, pick: torch.Tensor, loss_fn) -> tuple[torch.Tensor, dict]:
@@ -146,8 +157,13 @@ class Trainer:
         the step's metrics as floats, read from the device in one transfer."""
         norm, skip = guarded_step([self.opt], [self.sched], self.config.max_grad_norm, loss)
         values = torch.stack([loss.float(), *stats.values()]).tolist()
-        return {**dict(zip(["loss", *stats], values)), "grad_norm": norm, "skipped": int(skip),
-                "applied": int(not skip), "lr": self.sched.get_last_lr()[0]}  # fmt: skip
+        return {
+            **dict(zip(["loss", *stats], values)),
+            "grad_norm": norm,
+            "skipped": int(skip),
+            "applied": int(not skip),
+            "lr": self.sched.get_last_lr()[0],
+        }
 
     def micro_step(self, mb, scale: float) -> tuple[torch.Tensor, dict]:
         """PPO / GRPO: the backward(s) of one micro-batch `mb` (an
@@ -197,9 +213,16 @@ class Trainer:
             sch.step()
         n_tok = int(exp.rollout.response_mask.sum())
         dt = time.perf_counter() - t0
-        out.update({"grad_norm": sum(norms) / max(len(norms), 1), "skipped": skipped,
-                    "applied": len(norms) - skipped, "time/update": dt,
-                    "tokens_per_s/update": c.ppo_epochs * n_tok / max(dt, 1e-9), "lr": scheds[0].get_last_lr()[0]})  # fmt: skip
+        out.update(
+            {
+                "grad_norm": sum(norms) / max(len(norms), 1),
+                "skipped": skipped,
+                "applied": len(norms) - skipped,
+                "time/update": dt,
+                "tokens_per_s/update": c.ppo_epochs * n_tok / max(dt, 1e-9),
+                "lr": scheds[0].get_last_lr()[0],
+            }
+        )
         return out
 
     def autocast(self):
@@ -264,12 +287,16 @@ def _dead_message(trainer, n: int, m: dict) -> str:
     if total and bad == total:
         cause = f"every reward was NaN/inf ({bad} of {total} non-finite rewards in step {trainer.step_count})"
     else:
-        cause = (f"the loss or the gradient norm was NaN/inf in every update of step {trainer.step_count} "
-                 f"({bad} of {total} non-finite rewards; check lr, max_grad_norm, the inputs)")  # fmt: skip
+        cause = (
+            f"the loss or the gradient norm was NaN/inf in every update of step {trainer.step_count} "
+            f"({bad} of {total} non-finite rewards; check lr, max_grad_norm, the inputs)"
+        )
         cause = cause if total else cause.replace(f"({bad} of {total} non-finite rewards; ", "(")
-    return (f"{trainer.name}: {n} consecutive steps skipped without an optimizer step: {cause}. Stopped "
-            f"(max_skipped_steps={trainer.config.max_skipped_steps}; 0 disables this check); "
-            "this step was not checkpointed.")
+    return (
+        f"{trainer.name}: {n} consecutive steps skipped without an optimizer step: {cause}. Stopped "
+        f"(max_skipped_steps={trainer.config.max_skipped_steps}; 0 disables this check); "
+        "this step was not checkpointed."
+    )
 
 
 class _Scalar:

@@ -11,6 +11,7 @@
 The text rewards are called as TRL calls them (trainer/rewards.py); the
 JSONL's other columns reach them as keyword arguments.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -41,7 +42,7 @@ def is_text_reward(spec) -> bool:
 
 
 def load_function(spec: str):
-    """"file.py:name" or "package.module:name" -> the callable."""
+    """ "file.py:name" or "package.module:name" -> the callable."""
     where, _, name = spec.rpartition(":")
     if not where or not name:
         raise ValueError(f"{OP}: reward {spec!r} must be <file.py>:<function> or <module>:<function>")
@@ -73,8 +74,9 @@ def text_rewards(spec, tokenizer, rows: list[dict], num_samples: int, device=Non
     funcs = []
     for s in specs:
         if not isinstance(s, str):
-            raise ValueError(f"{OP}: each reward must be a string (<file.py>:<fn>, <module>:<fn> or a model folder), "
-                             f"got {s!r}")  # fmt: skip
+            raise ValueError(
+                f"{OP}: each reward must be a string (<file.py>:<fn>, <module>:<fn> or a model folder), got {s!r}"
+            )
         funcs.append(s if os.path.isdir(s) else load_function(s))  # folders: loaded by TextRewards
     reward = TextRewards(funcs, tokenizer, rows, num_samples, reward_weights=weights)
     for f in reward.funcs:

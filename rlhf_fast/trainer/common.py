@@ -1,5 +1,6 @@
 """What every trainer shares: KL control, reward normalisation, optimizer and
 LR schedule, the NaN/inf guard, JSONL metrics and checkpoint/resume."""
+
 from __future__ import annotations
 
 import json
@@ -142,8 +143,15 @@ class MetricsLogger:
     """One JSON object per step in out_dir/metrics.jsonl, a console line, and
     optionally TensorBoard scalars in out_dir/tensorboard (phase/metric tags)."""
 
-    def __init__(self, out_dir: str | None, name: str, progress: bool = True, total: int | None = None,
-                 keys=("reward", "kl", "loss"), tensorboard: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        out_dir: str | None,
+        name: str,
+        progress: bool = True,
+        total: int | None = None,
+        keys=("reward", "kl", "loss"),
+        tensorboard: bool = False,
+    ):
         self.path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
         if self.path:
             os.makedirs(out_dir, exist_ok=True)
@@ -178,7 +186,6 @@ class MetricsLogger:
             tot = f"/{self.total}" if self.total else ""
             skip = "  SKIPPED (non-finite)" if row.get("skipped") else ""
             print(f"[{self.name} {step}{tot} {time.perf_counter() - self.t0:6.1f}s] {shown}{skip}", file=sys.stderr)
-
 
     def close(self) -> None:
         if self.tb is not None:
@@ -363,7 +370,9 @@ def read_checkpoint(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} is unreadable: not a trainer checkpoint")
     want = blob.pop("checksums", None)
     if want is None:
-        warnings.warn(f"checkpoint {path} has no checksums (written before they existed); loading unverified")
+        warnings.warn(
+            f"checkpoint {path} has no checksums (written before they existed); loading unverified", stacklevel=2
+        )
         return blob
     got = checksums(blob)
     w, g = want["tensors"], got["tensors"]

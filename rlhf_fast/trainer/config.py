@@ -7,6 +7,7 @@ type and range is checked at construction, in one table (RULES below), with an
 error naming the field, the value and what is allowed: `batch_size: -3` or
 `gamma: 2.0` fail before a model is built, not after the first rollout.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,12 +50,12 @@ class TrainConfig:
         validate(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         check_keys(data, cls)
         return cls(**data)
 
     @classmethod
-    def from_yaml(cls, path: str) -> "TrainConfig":
+    def from_yaml(cls, path: str) -> TrainConfig:
         data = load_yaml(path)
         if not isinstance(data, dict):
             raise ValueError(f"{cls.__name__}.from_yaml: {path} must hold a mapping, got {type(data).__name__}")
@@ -136,31 +137,63 @@ class DPOConfig(TrainConfig):
 # notation ("[0, 1)", "> 0", ">= 1") or None. Fields of every config class.
 RULES: dict[str, tuple] = {
     # TrainConfig
-    "seed": ("int", ">= 0"), "steps": ("int", ">= 0"), "lr": ("float", "> 0"), "weight_decay": ("float", ">= 0"),
-    "lr_schedule": (("constant", "linear", "cosine"), None), "warmup_steps": ("int", ">= 0"),
-    "max_grad_norm": ("float?", ">= 0"), "grad_accum": ("int", ">= 1"), "log_every": ("int", ">= 1"),
-    "out_dir": ("str?", None), "checkpoint_every": ("int", ">= 0"), "progress": ("bool", None),
-    "tensorboard": ("bool", None), "autocast": (("bf16",) + (None,), None), "parallel": (("ddp", "fsdp2"), None),
+    "seed": ("int", ">= 0"),
+    "steps": ("int", ">= 0"),
+    "lr": ("float", "> 0"),
+    "weight_decay": ("float", ">= 0"),
+    "lr_schedule": (("constant", "linear", "cosine"), None),
+    "warmup_steps": ("int", ">= 0"),
+    "max_grad_norm": ("float?", ">= 0"),
+    "grad_accum": ("int", ">= 1"),
+    "log_every": ("int", ">= 1"),
+    "out_dir": ("str?", None),
+    "checkpoint_every": ("int", ">= 0"),
+    "progress": ("bool", None),
+    "tensorboard": ("bool", None),
+    "autocast": (("bf16",) + (None,), None),
+    "parallel": (("ddp", "fsdp2"), None),
     "max_skipped_steps": ("int", ">= 0"),
     # RolloutConfig
-    "batch_size": ("int", ">= 1"), "max_new_tokens": ("int", ">= 1"), "temperature": ("float", "> 0"),
-    "top_k": ("int", ">= 0"), "top_p": ("float", "(0, 1]"), "ppo_epochs": ("int", ">= 1"),
-    "minibatch_size": ("int", ">= 1"), "clip_low": ("float", ">= 0"), "clip_high": ("float?", ">= 0"),
-    "dual_clip": ("float?", "> 1"), "entropy_coef": ("float", None), "loss_agg": (AGG_MODES, None),
-    "kl_coef": ("float", ">= 0"), "kl_kind": (KL_KINDS, None), "kl_target": ("float?", "> 0"),
-    "kl_horizon": ("int", ">= 1"), "reward_clip": ("float?", "> 0"), "reward_norm": ("bool", None),
-    "missing_eos_penalty": ("float?", None), "rollout_correction": ("rollout_correction?", None),
+    "batch_size": ("int", ">= 1"),
+    "max_new_tokens": ("int", ">= 1"),
+    "temperature": ("float", "> 0"),
+    "top_k": ("int", ">= 0"),
+    "top_p": ("float", "(0, 1]"),
+    "ppo_epochs": ("int", ">= 1"),
+    "minibatch_size": ("int", ">= 1"),
+    "clip_low": ("float", ">= 0"),
+    "clip_high": ("float?", ">= 0"),
+    "dual_clip": ("float?", "> 1"),
+    "entropy_coef": ("float", None),
+    "loss_agg": (AGG_MODES, None),
+    "kl_coef": ("float", ">= 0"),
+    "kl_kind": (KL_KINDS, None),
+    "kl_target": ("float?", "> 0"),
+    "kl_horizon": ("int", ">= 1"),
+    "reward_clip": ("float?", "> 0"),
+    "reward_norm": ("bool", None),
+    "missing_eos_penalty": ("float?", None),
+    "rollout_correction": ("rollout_correction?", None),
     # PPOConfig
-    "critic_lr": ("float?", "> 0"), "vf_coef": ("float", ">= 0"), "value_clip": ("float?", "> 0"),
-    "gamma": ("float", "[0, 1]"), "lam": ("float", "[0, 1]"), "whiten_advantages": ("bool", None),
+    "critic_lr": ("float?", "> 0"),
+    "vf_coef": ("float", ">= 0"),
+    "value_clip": ("float?", "> 0"),
+    "gamma": ("float", "[0, 1]"),
+    "lam": ("float", "[0, 1]"),
+    "whiten_advantages": ("bool", None),
     "kl_in_reward": ("bool", None),
     # GRPOConfig
-    "num_samples": ("int", ">= 1"), "estimator": (ESTIMATORS, None),
+    "num_samples": ("int", ">= 1"),
+    "estimator": (ESTIMATORS, None),
     # RewardConfig, DPOConfig
-    "epochs": ("int", ">= 1"), "margin": ("bool", None), "eval_fraction": ("float", "[0, 1)"),
-    "center_rewards_coef": ("float", ">= 0"), "beta": ("float", "> 0"), "loss_type": (("sigmoid", "ipo"), None),
+    "epochs": ("int", ">= 1"),
+    "margin": ("bool", None),
+    "eval_fraction": ("float", "[0, 1)"),
+    "center_rewards_coef": ("float", ">= 0"),
+    "beta": ("float", "> 0"),
+    "loss_type": (("sigmoid", "ipo"), None),
     "label_smoothing": ("float", "[0, 0.5)"),
-}  # fmt: skip
+}
 
 
 def _in_range(x: float, rule: str) -> bool:
@@ -267,8 +300,10 @@ def check_keys(data: dict, cls, extra=(), name: str | None = None) -> None:
     for key in unknown:
         close = difflib.get_close_matches(str(key), accepted, n=1, cutoff=0.6)
         parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise ConfigError(f"{name or cls.__name__}: unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(parts)}; "
-                      f"accepted keys: {', '.join(accepted)}")  # fmt: skip
+    raise ConfigError(
+        f"{name or cls.__name__}: unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(parts)}; "
+        f"accepted keys: {', '.join(accepted)}"
+    )
 
 
 def apply_overrides(data: dict, overrides) -> dict:

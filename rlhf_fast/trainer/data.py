@@ -11,6 +11,7 @@ add_generation_prompt=True, as TRL's GRPOTrainer does. Every other column
 (e.g. "answer") is kept and handed to reward functions as a keyword argument.
 `datasets` is not imported here: it is duck-typed, so it stays optional.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ OP = "rlhf_fast.trainer.data"
 
 def is_conversational(prompt) -> bool:
     """TRL's test: a list of dicts with "role" and "content" (a chat)."""
-    return isinstance(prompt, list) and len(prompt) > 0 and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in prompt
+    return (
+        isinstance(prompt, list)
+        and len(prompt) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
     )
 
 
@@ -42,27 +45,31 @@ def load_prompt_rows(data) -> list[dict]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{OP}: {data}:{i} is not JSON ({e.msg})") from None
                 if not isinstance(row, dict):
-                    raise ValueError(f"{OP}: {data}:{i} must be a JSON object with a \"prompt\" key, got {row!r:.80}")
+                    raise ValueError(f'{OP}: {data}:{i} must be a JSON object with a "prompt" key, got {row!r:.80}')
                 rows.append(row)
         where = str(data)
     elif hasattr(data, "column_names") and hasattr(data, "__len__"):  # datasets.Dataset, duck-typed
         if "prompt" not in data.column_names:
-            raise ValueError(f"{OP}: the dataset has no \"prompt\" column (columns: {list(data.column_names)})")
+            raise ValueError(f'{OP}: the dataset has no "prompt" column (columns: {list(data.column_names)})')
         rows = [dict(data[i]) for i in range(len(data))]
         where = "the dataset"
     elif isinstance(data, (list, tuple)):
         rows = [r if isinstance(r, dict) else {"prompt": r} for r in data]  # a bare list of prompts is fine too
         where = "the list"
     else:
-        raise TypeError(f"{OP}: expected a datasets.Dataset with a \"prompt\" column, a list of dicts, or a JSONL "
-                        f"path; got {type(data).__name__}")  # fmt: skip
+        raise TypeError(
+            f'{OP}: expected a datasets.Dataset with a "prompt" column, a list of dicts, or a JSONL '
+            f"path; got {type(data).__name__}"
+        )
     if not rows:
         raise ValueError(f"{OP}: {where} holds no prompts")
     for i, r in enumerate(rows):
         p = r.get("prompt")
         if not (isinstance(p, str) and p) and not is_conversational(p):
-            raise ValueError(f"{OP}: row {i} of {where}: \"prompt\" must be a non-empty string or a list of "
-                             f"{{\"role\", \"content\"}} messages, got {p!r:.80}")  # fmt: skip
+            raise ValueError(
+                f'{OP}: row {i} of {where}: "prompt" must be a non-empty string or a list of '
+                f'{{"role", "content"}} messages, got {p!r:.80}'
+            )
     kinds = {is_conversational(r["prompt"]) for r in rows}
     if len(kinds) > 1:
         raise ValueError(f"{OP}: {where} mixes plain-text and conversational prompts; use one kind")
@@ -77,8 +84,10 @@ def tokenize_prompts(rows: list[dict], tokenizer, *, chat_template_kwargs: dict 
     prompts = [r["prompt"] for r in rows]
     if is_conversational(prompts[0]):
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"{OP}: the prompts are conversational (lists of messages) but the tokenizer has no "
-                             "chat_template; set tokenizer.chat_template or give plain-text prompts")  # fmt: skip
+            raise ValueError(
+                f"{OP}: the prompts are conversational (lists of messages) but the tokenizer has no "
+                "chat_template; set tokenizer.chat_template or give plain-text prompts"
+            )
         kw = dict(chat_template_kwargs or {})
         seqs = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, **kw) for p in prompts]
         seqs = [s["input_ids"] if isinstance(s, dict) or hasattr(s, "keys") else s for s in seqs]

@@ -8,6 +8,7 @@ a plain forward would hold for the backward.
   ipo:     (h / (n tokens average) - 1 / (2 beta))^2 on length-normalised log-probs
   h = (pi_c - ref_c) - (pi_r - ref_r)
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,20 @@ class DPOTrainer(Trainer):
 
     name = "dpo"
 
-    def __init__(self, config: DPOConfig, policy, ref_policy, chosen_ids, chosen_mask, chosen_loss_mask,
-                 rejected_ids, rejected_mask, rejected_loss_mask, *, device=None):  # fmt: skip
+    def __init__(
+        self,
+        config: DPOConfig,
+        policy,
+        ref_policy,
+        chosen_ids,
+        chosen_mask,
+        chosen_loss_mask,
+        rejected_ids,
+        rejected_mask,
+        rejected_loss_mask,
+        *,
+        device=None,
+    ):
         super().__init__(config, device or chosen_ids.device)
         if config.loss_type not in ("sigmoid", "ipo"):
             raise ValueError(f"DPOTrainer: loss_type must be 'sigmoid' or 'ipo', got {config.loss_type!r}")
@@ -42,8 +55,11 @@ class DPOTrainer(Trainer):
             register_fused_logprobs(self.wrap(ref_policy, trainable=False))
         self.data = (chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids, rejected_mask, rejected_loss_mask)
         self.opt, self.sched = make_optimizer(policy.parameters(), config)
-        self.stateful = {"policy": self.model_state(policy), "opt": self.optimizer_state(policy, self.opt),
-                         "sched": self.sched}  # fmt: skip
+        self.stateful = {
+            "policy": self.model_state(policy),
+            "opt": self.optimizer_state(policy, self.opt),
+            "sched": self.sched,
+        }
 
     def _logps(self, model, idx):
         cid, cm, cl, rid, rm, rl = (t[idx] for t in self.data)
@@ -65,8 +81,10 @@ class DPOTrainer(Trainer):
             eps = c.label_smoothing
             losses = -(1 - eps) * F.logsigmoid(c.beta * h) - eps * F.logsigmoid(-c.beta * h)
         reward_c, reward_r = c.beta * (pc - rc).detach(), c.beta * (pr - rr).detach()
-        return losses.mean(), {"reward_margin": (reward_c - reward_r).mean(),
-                               "reward_accuracy": (reward_c > reward_r).float().mean()}  # fmt: skip
+        return losses.mean(), {
+            "reward_margin": (reward_c - reward_r).mean(),
+            "reward_accuracy": (reward_c > reward_r).float().mean(),
+        }
 
     def step(self) -> dict:
         self.policy.train()

@@ -13,6 +13,7 @@
   change Bradley-Terry preferences or GRPO's group-normalised advantages; it
   does change PPO's raw rewards, hence the stored bias.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,10 @@ OP = "rlhf_fast.trainer.export"
 def save_policy(model, out_dir: str, tokenizer=None) -> str:
     """model.save_pretrained(out_dir) (+ tokenizer.save_pretrained when it has one)."""
     if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"{OP}.save_policy: {type(model).__name__} has no save_pretrained; expected a transformers "
-                        "model (or a PEFT model)")  # fmt: skip
+        raise TypeError(
+            f"{OP}.save_policy: {type(model).__name__} has no save_pretrained; expected a transformers "
+            "model (or a PEFT model)"
+        )
     model.save_pretrained(out_dir)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out_dir)
@@ -49,16 +52,21 @@ def to_sequence_classification(head_model: ScalarHeadModel, pad_token_id: int | 
     try:
         seq = AutoModelForSequenceClassification.from_config(cfg)
     except ValueError as e:
-        raise TypeError(f"{OP}: transformers has no sequence-classification class for {type(trunk).__name__} "
-                        f"({e})") from None  # fmt: skip
+        raise TypeError(
+            f"{OP}: transformers has no sequence-classification class for {type(trunk).__name__} ({e})"
+        ) from None
     score = getattr(seq, "score", None)
     if not isinstance(score, torch.nn.Linear) or score.weight.shape != head_model.head.weight.shape:
-        raise TypeError(f"{OP}: {type(seq).__name__} has no `score` linear layer of shape "
-                        f"{tuple(head_model.head.weight.shape)} to hold the head")  # fmt: skip
+        raise TypeError(
+            f"{OP}: {type(seq).__name__} has no `score` linear layer of shape "
+            f"{tuple(head_model.head.weight.shape)} to hold the head"
+        )
     missing, unexpected = seq.base_model.load_state_dict(trunk.state_dict(), strict=False)
     if unexpected or [k for k in missing if "rotary" not in k]:
-        raise TypeError(f"{OP}: the trunk's weights do not fit {type(seq).__name__}.{seq.base_model_prefix} "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")  # fmt: skip
+        raise TypeError(
+            f"{OP}: the trunk's weights do not fit {type(seq).__name__}.{seq.base_model_prefix} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     with torch.no_grad():
         score.weight.copy_(head_model.head.weight)
     return seq.to(dtype=next(trunk.parameters()).dtype)

@@ -5,6 +5,7 @@ score -> group_advantages (GRPO / Dr.GRPO / RLOO / REINFORCE++ baseline) ->
 broadcast over the response tokens -> ppo_epochs x minibatches x grad_accum
 of ppo_loss, with KL to the reference as a loss term (k3 by default) or none.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,19 @@ class GRPOTrainer(Trainer):
 
     name = "grpo"
 
-    def __init__(self, config: GRPOConfig, policy, ref_policy, reward, prompt_ids, prompt_mask=None, *,
-                 eos_token_id=None, pad_token_id=None, device=None):  # fmt: skip
+    def __init__(
+        self,
+        config: GRPOConfig,
+        policy,
+        ref_policy,
+        reward,
+        prompt_ids,
+        prompt_mask=None,
+        *,
+        eos_token_id=None,
+        pad_token_id=None,
+        device=None,
+    ):
         super().__init__(config, device or prompt_ids.device)
         if config.kl_coef > 0 and ref_policy is None:
             raise ValueError("GRPOTrainer: kl_coef > 0 needs ref_policy")
@@ -37,8 +49,13 @@ class GRPOTrainer(Trainer):
             self.wrap(ref_policy, trainable=False)
         self.setup_rollout(policy, reward, prompt_ids, prompt_mask, eos_token_id, pad_token_id)
         self.rollout_correction = RolloutCorrection.from_dict(config.rollout_correction)  # None: off
-        self.stateful = {"policy": self.model_state(policy), "opt": self.optimizer_state(policy, self.opt),
-                         "sched": self.sched, "kl_ctl": self.kl_ctl, "moments": self.moments}  # fmt: skip
+        self.stateful = {
+            "policy": self.model_state(policy),
+            "opt": self.optimizer_state(policy, self.opt),
+            "sched": self.sched,
+            "kl_ctl": self.kl_ctl,
+            "moments": self.moments,
+        }
         self.updated = [(policy, self.opt, self.sched)]
 
     @torch.no_grad()
@@ -46,8 +63,17 @@ class GRPOTrainer(Trainer):
         c = self.config
         ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
         ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
-        ro = rollout(self.policy, ids, mask, c, self.sample_gen, num_samples=c.num_samples,
-                     eos_token_id=self.eos, pad_token_id=self.pad, sync_group=self.sync_group)  # fmt: skip
+        ro = rollout(
+            self.policy,
+            ids,
+            mask,
+            c,
+            self.sample_gen,
+            num_samples=c.num_samples,
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+            sync_group=self.sync_group,
+        )
         t0 = time.perf_counter()
         raw = score(self.reward, ro)
         scores, valid = process_scores(raw, c, self.moments, ro.truncated(self.eos))
@@ -62,10 +88,14 @@ class GRPOTrainer(Trainer):
         old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
         ref_lp = response_logprobs(self.ref, *args, temperature=c.temperature)[0] if self.ref is not None else None
         t2 = time.perf_counter()
-        metrics = {**reward_metrics,
-                   "reward_std_in_group": float(raw_filled.view(-1, c.num_samples).std(-1).mean()),
-                   "response_length": float(ro.lengths.float().mean()), "time/score": t1 - t0,
-                   "time/logprobs": t2 - t1, **ro.timings}  # fmt: skip
+        metrics = {
+            **reward_metrics,
+            "reward_std_in_group": float(raw_filled.view(-1, c.num_samples).std(-1).mean()),
+            "response_length": float(ro.lengths.float().mean()),
+            "time/score": t1 - t0,
+            "time/logprobs": t2 - t1,
+            **ro.timings,
+        }
         metrics.update(mismatch_metrics(old_lp, ro))  # always: the user sees the rollout/trainer gap
         if ref_lp is not None:
             metrics["kl"] = float((kl_penalty(old_lp, ref_lp, kind=c.kl_kind) * ro.response_mask).sum(-1).mean())
@@ -74,19 +104,36 @@ class GRPOTrainer(Trainer):
     def micro_step(self, mb: Experience, scale: float):
         c = self.config
         ro = mb.rollout
-        logp, ent = response_logprobs(self.policy_ddp, ro.sequences, ro.attention_mask, ro.response_mask,
-                                      ro.prompt_length, temperature=c.temperature, return_entropy=True)  # fmt: skip
+        logp, ent = response_logprobs(
+            self.policy_ddp,
+            ro.sequences,
+            ro.attention_mask,
+            ro.response_mask,
+            ro.prompt_length,
+            temperature=c.temperature,
+            return_entropy=True,
+        )
         use_kl = mb.ref_logprobs is not None and self.kl_ctl.value > 0
         loss, st = ppo_loss(
-            logp, mb.old_logprobs, mb.advantages, ro.response_mask, entropy=ent,
-            ref_logprobs=mb.ref_logprobs if use_kl else None, entropy_coef=c.entropy_coef,
-            kl_coef=self.kl_ctl.value if use_kl else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
-            clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
+            logp,
+            mb.old_logprobs,
+            mb.advantages,
+            ro.response_mask,
+            entropy=ent,
+            ref_logprobs=mb.ref_logprobs if use_kl else None,
+            entropy_coef=c.entropy_coef,
+            kl_coef=self.kl_ctl.value if use_kl else 0.0,
+            kl_kind=c.kl_kind,
+            clip_low=c.clip_low,
+            clip_high=c.clip_high,
+            dual_clip=c.dual_clip,
+            agg=c.loss_agg,
             **correction_args(self.rollout_correction, ro),
-        )  # fmt: skip
+        )
         (loss * scale).backward()
-        return loss.detach(), {k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl") + CORRECTION_STATS
-                               if k in st}  # fmt: skip
+        return loss.detach(), {
+            k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl") + CORRECTION_STATS if k in st
+        }
 
     def step(self) -> dict:
         exp = self.make_experience()

@@ -7,13 +7,15 @@ reference and the critic from the model *before* applying LoRA: they are
 separate copies here (TRL can instead reuse the policy with its adapters
 disabled as the reference; not done here).
 """
+
 from __future__ import annotations
 
 from torch import nn
 
 
-def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               target_modules="all-linear", **kwargs) -> nn.Module:  # fmt: skip
+def apply_lora(
+    model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, target_modules="all-linear", **kwargs
+) -> nn.Module:
     """PEFT's get_peft_model with a causal-LM LoraConfig. target_modules
     "all-linear" adapts every linear layer except the output head."""
     try:
@@ -23,8 +25,9 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     if int(r) < 1:
         raise ValueError(f"apply_lora: r must be >= 1, got {r}")
     _check_lora_keys(kwargs, LoraConfig)
-    cfg = LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                     task_type="CAUSAL_LM", **kwargs)  # fmt: skip
+    cfg = LoraConfig(
+        r=int(r), lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM", **kwargs
+    )
     return get_peft_model(model, cfg)
 
 

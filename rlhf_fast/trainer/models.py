@@ -6,6 +6,7 @@ then response (right-padded, R tokens); `attention_mask (B, P+R)`;
 `response_mask (B, R)`. The logit at position P-1+t predicts response token t,
 so only the last R+1 positions go through the lm_head (`logits_to_keep`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,7 +49,7 @@ class ScalarHeadModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_causal_lm(cls, lm: nn.Module, init_std: float = 0.0) -> "ScalarHeadModel":
+    def from_causal_lm(cls, lm: nn.Module, init_std: float = 0.0) -> ScalarHeadModel:
         return cls(copy.deepcopy(trunk_of(lm)), lm.config.hidden_size, init_std)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -79,9 +80,12 @@ def response_logprobs(
     through rlhf_fast.logprobs_from_logits on the (B, R, V) logit slice read in place."""
     R = sequences.shape[1] - prompt_length
     out = model(
-        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-        logits_to_keep=R + 1, use_cache=False,
-    )  # fmt: skip
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        logits_to_keep=R + 1,
+        use_cache=False,
+    )
     logits = out.logits[:, :-1]  # (B, R, V): position P-1+t predicts token t
     labels = sequences[:, prompt_length:].masked_fill(~response_mask, -100)
     res = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy)

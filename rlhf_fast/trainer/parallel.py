@@ -20,6 +20,7 @@ What FSDP2 asks of the loop, and where it is handled:
   torch.distributed.checkpoint.state_dict, so a checkpoint written by N ranks
   loads into 1 process or into M ranks alike.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ One step (torchtune's PPO recipe, InstructGPT's objective):
   KL-shaped token rewards (kl_penalty) -> gae -> whiten ->
   ppo_epochs x minibatches x grad_accum of ppo_loss + vf_coef * ppo_value_loss.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,9 +19,17 @@ from .common import make_optimizer, process_scores
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values
 from .rollout import (
-    CORRECTION_STATS, Experience, advantages, correction_args, masked_mean, mismatch_metrics, rollout, sample_prompts,
-    score, shaped_rewards,
-)  # fmt: skip
+    CORRECTION_STATS,
+    Experience,
+    advantages,
+    correction_args,
+    masked_mean,
+    mismatch_metrics,
+    rollout,
+    sample_prompts,
+    score,
+    shaped_rewards,
+)
 
 
 class PPOTrainer(Trainer):
@@ -32,8 +41,20 @@ class PPOTrainer(Trainer):
 
     name = "ppo"
 
-    def __init__(self, config: PPOConfig, policy, ref_policy, critic: ScalarHeadModel, reward, prompt_ids,
-                 prompt_mask=None, *, eos_token_id=None, pad_token_id=None, device=None):  # fmt: skip
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy,
+        ref_policy,
+        critic: ScalarHeadModel,
+        reward,
+        prompt_ids,
+        prompt_mask=None,
+        *,
+        eos_token_id=None,
+        pad_token_id=None,
+        device=None,
+    ):
         super().__init__(config, device or prompt_ids.device)
         self.policy, self.ref, self.critic, self.reward = policy, ref_policy, critic, reward
         self.ref.eval().requires_grad_(False)
@@ -43,11 +64,15 @@ class PPOTrainer(Trainer):
         self.critic_ddp = self.wrap(critic)  # before its optimizer: FSDP2 swaps the parameters
         self.copt, self.csched = make_optimizer(critic.parameters(), config, lr=config.critic_lr)
         self.stateful = {
-            "policy": self.model_state(policy), "critic": self.model_state(critic),
-            "opt": self.optimizer_state(policy, self.opt), "sched": self.sched,
-            "critic_opt": self.optimizer_state(critic, self.copt), "critic_sched": self.csched,
-            "kl_ctl": self.kl_ctl, "moments": self.moments,
-        }  # fmt: skip
+            "policy": self.model_state(policy),
+            "critic": self.model_state(critic),
+            "opt": self.optimizer_state(policy, self.opt),
+            "sched": self.sched,
+            "critic_opt": self.optimizer_state(critic, self.copt),
+            "critic_sched": self.csched,
+            "kl_ctl": self.kl_ctl,
+            "moments": self.moments,
+        }
         self.updated = [(policy, self.opt, self.sched), (critic, self.copt, self.csched)]
 
     # ------------------------------------------------------------ experience
@@ -56,8 +81,16 @@ class PPOTrainer(Trainer):
         c = self.config
         ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
         ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
-        ro = rollout(self.policy, ids, mask, c, self.sample_gen, eos_token_id=self.eos, pad_token_id=self.pad,
-                     sync_group=self.sync_group)  # fmt: skip
+        ro = rollout(
+            self.policy,
+            ids,
+            mask,
+            c,
+            self.sample_gen,
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+            sync_group=self.sync_group,
+        )
         t0 = time.perf_counter()
         raw = score(self.reward, ro)
         scores, valid = process_scores(raw, c, self.moments, ro.truncated(self.eos))
@@ -70,17 +103,24 @@ class PPOTrainer(Trainer):
         t2 = time.perf_counter()
         beta = self.kl_ctl.value if c.kl_in_reward else 0.0
         rewards, kl = shaped_rewards(scores, old_lp, ref_lp, ro.response_mask, beta, c.kl_kind)
-        adv, ret = advantages(rewards, values, ro.response_mask, gamma=c.gamma, lam=c.lam,
-                              whiten_advantages=c.whiten_advantages)  # fmt: skip
+        adv, ret = advantages(
+            rewards, values, ro.response_mask, gamma=c.gamma, lam=c.lam, whiten_advantages=c.whiten_advantages
+        )
         n_tok = int(ro.response_mask.sum())
         seq_kl = float((kl.sum(-1)).mean())
         metrics = {
             **mismatch_metrics(old_lp, ro),  # always: the user sees the rollout/trainer gap
-            **reward_metrics, "reward_processed": float(scores[valid].mean()) if any_valid else 0.0, "kl": seq_kl,
-            "kl_token": masked_mean(kl, ro.response_mask), "kl_coef": self.kl_ctl.value,
-            "response_length": float(ro.lengths.float().mean()), "time/score": t1 - t0, "time/logprobs": t2 - t1,
-            "tokens_per_s/logprobs": 3 * n_tok / max(t2 - t1, 1e-9), **ro.timings,
-        }  # fmt: skip
+            **reward_metrics,
+            "reward_processed": float(scores[valid].mean()) if any_valid else 0.0,
+            "kl": seq_kl,
+            "kl_token": masked_mean(kl, ro.response_mask),
+            "kl_coef": self.kl_ctl.value,
+            "response_length": float(ro.lengths.float().mean()),
+            "time/score": t1 - t0,
+            "time/logprobs": t2 - t1,
+            "tokens_per_s/logprobs": 3 * n_tok / max(t2 - t1, 1e-9),
+            **ro.timings,
+        }
         return Experience(ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp, values=values, returns=ret)
 
     # ------------------------------------------------------------ update
@@ -88,21 +128,44 @@ class PPOTrainer(Trainer):
         c = self.config
         ro = mb.rollout
         m = ro.response_mask
-        logp, ent = response_logprobs(self.policy_ddp, ro.sequences, ro.attention_mask, m, ro.prompt_length,
-                                      temperature=c.temperature, return_entropy=True)  # fmt: skip
+        logp, ent = response_logprobs(
+            self.policy_ddp,
+            ro.sequences,
+            ro.attention_mask,
+            m,
+            ro.prompt_length,
+            temperature=c.temperature,
+            return_entropy=True,
+        )
         kl_loss = not c.kl_in_reward and self.kl_ctl.value > 0
         ploss, pst = ppo_loss(
-            logp, mb.old_logprobs, mb.advantages, m, entropy=ent, ref_logprobs=mb.ref_logprobs if kl_loss else None,
-            entropy_coef=c.entropy_coef, kl_coef=self.kl_ctl.value if kl_loss else 0.0, kl_kind=c.kl_kind, clip_low=c.clip_low,
-            clip_high=c.clip_high, dual_clip=c.dual_clip, agg=c.loss_agg,
+            logp,
+            mb.old_logprobs,
+            mb.advantages,
+            m,
+            entropy=ent,
+            ref_logprobs=mb.ref_logprobs if kl_loss else None,
+            entropy_coef=c.entropy_coef,
+            kl_coef=self.kl_ctl.value if kl_loss else 0.0,
+            kl_kind=c.kl_kind,
+            clip_low=c.clip_low,
+            clip_high=c.clip_high,
+            dual_clip=c.dual_clip,
+            agg=c.loss_agg,
             **correction_args(self.rollout_correction, ro),
-        )  # fmt: skip
+        )
         v = response_values(self.critic_ddp, ro.sequences, ro.attention_mask, ro.prompt_length)
         vloss, vst = ppo_value_loss(v, mb.values, mb.returns, m, clip=c.value_clip, agg=c.loss_agg)
-        stats = {"pg_loss": pst["pg_loss"], "entropy": pst["entropy"], "clipfrac": pst["clipfrac"],
-                 "approx_kl": pst["approx_kl"], "value_loss": vloss, "vf_clipfrac": vst["clipfrac"],
-                 "explained_variance": vst["explained_variance"],
-                 **{k: pst[k] for k in CORRECTION_STATS if k in pst}}  # fmt: skip
+        stats = {
+            "pg_loss": pst["pg_loss"],
+            "entropy": pst["entropy"],
+            "clipfrac": pst["clipfrac"],
+            "approx_kl": pst["approx_kl"],
+            "value_loss": vloss,
+            "vf_clipfrac": vst["clipfrac"],
+            "explained_variance": vst["explained_variance"],
+            **{k: pst[k] for k in CORRECTION_STATS if k in pst},
+        }
         vloss = c.vf_coef * vloss
         # two backwards, not one: under DDP the policy's and the critic's gradient
         # all-reduces must reach the process group in the same order on every rank

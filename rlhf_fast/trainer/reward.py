@@ -5,6 +5,7 @@ preference-strength offset, optional), plus TRL's optional
 center_rewards_coef * (r_c + r_r)^2 to keep rewards near zero.
 Accuracy and mean reward margin are reported on a held-out split.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,18 @@ class RewardTrainer(Trainer):
 
     name = "rm"
 
-    def __init__(self, config: RewardConfig, model: ScalarHeadModel, chosen_ids, chosen_mask, rejected_ids,
-                 rejected_mask, margin=None, *, device=None):  # fmt: skip
+    def __init__(
+        self,
+        config: RewardConfig,
+        model: ScalarHeadModel,
+        chosen_ids,
+        chosen_mask,
+        rejected_ids,
+        rejected_mask,
+        margin=None,
+        *,
+        device=None,
+    ):
         super().__init__(config, device or chosen_ids.device)
         M = chosen_ids.shape[0]
         if rejected_ids.shape[0] != M:
@@ -34,14 +45,22 @@ class RewardTrainer(Trainer):
             raise ValueError("RewardTrainer: config.margin is set but no margin tensor was given")
         self.model = model
         self.model_ddp = self.wrap(model)  # before the optimizer: FSDP2 swaps the parameters
-        self.data = (chosen_ids, chosen_mask, rejected_ids, rejected_mask,
-                     margin if margin is not None else torch.zeros(M, device=chosen_ids.device))  # fmt: skip
+        self.data = (
+            chosen_ids,
+            chosen_mask,
+            rejected_ids,
+            rejected_mask,
+            margin if margin is not None else torch.zeros(M, device=chosen_ids.device),
+        )
         perm = torch.randperm(M, generator=self.cpu_gen).to(chosen_ids.device)
         n_eval = int(round(M * config.eval_fraction))
         self.eval_idx, self.train_idx = perm[:n_eval], perm[n_eval:]
         self.opt, self.sched = make_optimizer(model.parameters(), config)
-        self.stateful = {"model": self.model_state(model), "opt": self.optimizer_state(model, self.opt),
-                         "sched": self.sched}  # fmt: skip
+        self.stateful = {
+            "model": self.model_state(model),
+            "opt": self.optimizer_state(model, self.opt),
+            "sched": self.sched,
+        }
 
     def _rewards(self, idx, model=None):
         cid, cm, rid, rm, margin = (t[idx] for t in self.data)
@@ -79,5 +98,8 @@ class RewardTrainer(Trainer):
             rcs.append(rc)
             rrs.append(rr)
         rc, rr = torch.cat(rcs), torch.cat(rrs)
-        return {"eval_accuracy": float((rc > rr).float().mean()), "eval_margin": float((rc - rr).mean()),
-                "eval_loss": float(-F.logsigmoid(rc - rr).mean())}  # fmt: skip
+        return {
+            "eval_accuracy": float((rc > rr).float().mean()),
+            "eval_margin": float((rc - rr).mean()),
+            "eval_loss": float(-F.logsigmoid(rc - rr).mean()),
+        }

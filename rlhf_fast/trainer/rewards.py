@@ -25,6 +25,7 @@ Everything that can be checked is checked at construction, before the
 first rollout: a function's signature against the keywords it will get, a
 model's type, the weights' count.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -75,17 +76,28 @@ def _check_signature(fn, i: int, keywords: list[str]) -> None:
         params = list(sig.parameters)
         P = inspect.Parameter
         kinds = {n: p.kind for n, p in sig.parameters.items()}
-        never = [n for n, p in sig.parameters.items() if p.default is P.empty and n not in keywords
-                 and p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]  # fmt: skip
+        never = [
+            n
+            for n, p in sig.parameters.items()
+            if p.default is P.empty and n not in keywords and p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)
+        ]
         takes_any = P.VAR_KEYWORD in kinds.values()
         refused = [] if takes_any else [k for k in keywords if k not in kinds or kinds[k] == P.POSITIONAL_ONLY]
-        why = "; ".join(x for x in (f"it requires {', '.join(never)}, which are never passed" if never else "",
-                                    f"it does not accept {', '.join(refused)} (add **kwargs)" if refused else "") if x)
+        why = "; ".join(
+            x
+            for x in (
+                f"it requires {', '.join(never)}, which are never passed" if never else "",
+                f"it does not accept {', '.join(refused)} (add **kwargs)" if refused else "",
+            )
+            if x
+        )
         why = why or str(e)
         hint = ""
         if params[:3] == list(_TOKEN_REWARD_ARGS):
-            hint = (" It looks like rlhf_fast's token-level reward fn(sequences, response_mask, prompt_length): "
-                    "give that one to rlhf_fast.trainer.GRPOTrainer directly.")  # fmt: skip
+            hint = (
+                " It looks like rlhf_fast's token-level reward fn(sequences, response_mask, prompt_length): "
+                "give that one to rlhf_fast.trainer.GRPOTrainer directly."
+            )
         raise TypeError(
             f"{OP}: reward function {_name(fn)!r}{sig} cannot be called TRL's way: {why}. Expected {EXPECTED_FN}; "
             f"it is called with the keyword arguments {', '.join(keywords)}.{hint}"
@@ -107,12 +119,22 @@ class TextRewards:
     Call set_batch(prompt_index) before each scoring with the dataset row of
     each prompt in the batch; the trainer in rlhf_fast.trl does this."""
 
-    def __init__(self, reward_funcs, tokenizer, rows: list[dict], num_samples: int, *, reward_weights=None,
-                 reward_processing_classes=None, chat_template_kwargs: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        reward_funcs,
+        tokenizer,
+        rows: list[dict],
+        num_samples: int,
+        *,
+        reward_weights=None,
+        reward_processing_classes=None,
+        chat_template_kwargs: dict | None = None,
+    ):
         funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
-            raise ValueError(f"{OP}: no reward functions given; expected at least one {EXPECTED_FN} or "
-                             f"{EXPECTED_MODEL}")  # fmt: skip
+            raise ValueError(
+                f"{OP}: no reward functions given; expected at least one {EXPECTED_FN} or {EXPECTED_MODEL}"
+            )
         procs = reward_processing_classes
         procs = list(procs) if isinstance(procs, (list, tuple)) else [procs] * len(funcs)
         if len(procs) != len(funcs):
@@ -137,8 +159,9 @@ class TextRewards:
         self.names = [_name(f) for f in self.funcs]
         w = [1.0] * len(self.funcs) if reward_weights is None else [float(x) for x in reward_weights]
         if len(w) != len(self.funcs):
-            raise ValueError(f"{OP}: {len(w)} reward_weights for {len(self.funcs)} reward functions; give one per "
-                             "reward")  # fmt: skip
+            raise ValueError(
+                f"{OP}: {len(w)} reward_weights for {len(self.funcs)} reward functions; give one per reward"
+            )
         if not all(math.isfinite(x) for x in w):
             raise ValueError(f"{OP}: reward_weights must be finite, got {w}")
         self.weights = torch.tensor(w, dtype=torch.float32)
@@ -166,13 +189,17 @@ class TextRewards:
     @torch.no_grad()
     def __call__(self, sequences: torch.Tensor, response_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
         if self.prompt_index is None or len(self.prompt_index) * self.n != sequences.shape[0]:
-            raise RuntimeError(f"{OP}: set_batch(prompt_index) must name the dataset row of each of the "
-                               f"{sequences.shape[0] // max(self.n, 1)} prompts before scoring")  # fmt: skip
+            raise RuntimeError(
+                f"{OP}: set_batch(prompt_index) must name the dataset row of each of the "
+                f"{sequences.shape[0] // max(self.n, 1)} prompts before scoring"
+            )
         if self.expected is not None:
             got = sequences[:: self.n, :prompt_length]
             if got.shape != self.expected.shape or not torch.equal(got, self.expected.to(got.device)):
-                raise RuntimeError(f"{OP}: the scored prompts are not the ones set_batch named; the trainer's prompt "
-                                   "draw and its replay disagree")  # fmt: skip
+                raise RuntimeError(
+                    f"{OP}: the scored prompts are not the ones set_batch named; the trainer's prompt "
+                    "draw and its replay disagree"
+                )
         rows = [self.rows[self.prompt_index[r // self.n]] for r in range(sequences.shape[0])]
         prompts = [r["prompt"] for r in rows]
         resp, m = sequences[:, prompt_length:].cpu(), response_mask.cpu()
@@ -207,11 +234,15 @@ class TextRewards:
         try:
             out = list(out)
         except TypeError:
-            raise TypeError(f"{OP}: reward function {self.names[j]!r} returned a {type(out).__name__}; expected "
-                            f"a list of {len(prompts)} floats (or None), one per completion") from None  # fmt: skip
+            raise TypeError(
+                f"{OP}: reward function {self.names[j]!r} returned a {type(out).__name__}; expected "
+                f"a list of {len(prompts)} floats (or None), one per completion"
+            ) from None
         if len(out) != len(prompts):
-            raise ValueError(f"{OP}: reward function {self.names[j]!r} returned {len(out)} rewards for "
-                             f"{len(prompts)} completions; expected one per completion")  # fmt: skip
+            raise ValueError(
+                f"{OP}: reward function {self.names[j]!r} returned {len(out)} rewards for "
+                f"{len(prompts)} completions; expected one per completion"
+            )
         vals = []
         for i, v in enumerate(out):
             if v is None:
@@ -220,14 +251,17 @@ class TextRewards:
             try:
                 vals.append(float(v))
             except (TypeError, ValueError):
-                raise TypeError(f"{OP}: reward function {self.names[j]!r} returned {v!r} for completion {i}; "
-                                "expected a float or None") from None  # fmt: skip
+                raise TypeError(
+                    f"{OP}: reward function {self.names[j]!r} returned {v!r} for completion {i}; "
+                    "expected a float or None"
+                ) from None
         return torch.tensor(vals, dtype=torch.float32)
 
     def _model_scores(self, model, tok, prompts, completions, chat) -> torch.Tensor:
         if chat:
-            texts = [tok.apply_chat_template(p + c, tokenize=False, **self.chat_kw)
-                     for p, c in zip(prompts, completions)]  # fmt: skip
+            texts = [
+                tok.apply_chat_template(p + c, tokenize=False, **self.chat_kw) for p, c in zip(prompts, completions)
+            ]
         else:
             texts = [p + c for p, c in zip(prompts, completions)]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -264,9 +298,11 @@ def _load_reward_model(path: str, proc, i: int):
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-    except Exception as e:  # noqa: BLE001 - re-raised with what was expected
-        raise ValueError(f"{OP}: reward_funcs[{i}] = {path!r} could not be loaded as {EXPECTED_MODEL}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None  # fmt: skip
+    except Exception as e:
+        raise ValueError(
+            f"{OP}: reward_funcs[{i}] = {path!r} could not be loaded as {EXPECTED_MODEL}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     return model, proc
 
 
@@ -276,9 +312,11 @@ def _load_tokenizer(model, i: int):
     path = getattr(model.config, "_name_or_path", "")
     try:
         return AutoTokenizer.from_pretrained(path)
-    except Exception:  # noqa: BLE001
-        raise ValueError(f"{OP}: reward_funcs[{i}] ({type(model).__name__}) has no tokenizer at {path!r}; pass its "
-                         "tokenizer in reward_processing_classes") from None  # fmt: skip
+    except Exception:
+        raise ValueError(
+            f"{OP}: reward_funcs[{i}] ({type(model).__name__}) has no tokenizer at {path!r}; pass its "
+            "tokenizer in reward_processing_classes"
+        ) from None
 
 
 class PromptRowsMixin:
@@ -318,16 +356,20 @@ def check_token_reward(reward) -> None:
     prompt_length) -> (N,). Raises TypeError naming what was expected."""
     from .models import ScalarHeadModel
 
-    expected = ("a ScalarHeadModel, fn(sequences, response_mask, prompt_length) -> (N,) scores, or a "
-                "rlhf_fast.trainer.rewards.TextRewards")  # fmt: skip
+    expected = (
+        "a ScalarHeadModel, fn(sequences, response_mask, prompt_length) -> (N,) scores, or a "
+        "rlhf_fast.trainer.rewards.TextRewards"
+    )
     if isinstance(reward, (ScalarHeadModel, TextRewards)):
         return
     cls = type(reward).__name__
     if isinstance(reward, nn.Module) and cls.endswith(("ForSequenceClassification", "ForCausalLM")):
         hint = ""
         if cls.endswith("ForSequenceClassification"):
-            hint = ("; a Hugging Face reward model scores text: wrap it in TextRewards([model], tokenizer, rows, n) "
-                    "or use rlhf_fast.trl.GRPOTrainer")  # fmt: skip
+            hint = (
+                "; a Hugging Face reward model scores text: wrap it in TextRewards([model], tokenizer, rows, n) "
+                "or use rlhf_fast.trl.GRPOTrainer"
+            )
         raise TypeError(f"reward is a {cls}; expected {expected}{hint}")
     if not callable(reward):
         raise TypeError(f"reward is a {type(reward).__name__}; expected {expected}")
@@ -340,7 +382,11 @@ def check_token_reward(reward) -> None:
     except TypeError:
         hint = ""
         if {"prompts", "completions"} & set(sig.parameters):
-            hint = ("; it looks like a TRL reward function on text: wrap it in TextRewards([fn], tokenizer, rows, n) "
-                    "or use rlhf_fast.trl.GRPOTrainer")  # fmt: skip
-        raise TypeError(f"reward function {_name(reward)!r}{sig} cannot be called as reward(sequences, "
-                        f"response_mask, prompt_length); expected {expected}{hint}") from None  # fmt: skip
+            hint = (
+                "; it looks like a TRL reward function on text: wrap it in TextRewards([fn], tokenizer, rows, n) "
+                "or use rlhf_fast.trl.GRPOTrainer"
+            )
+        raise TypeError(
+            f"reward function {_name(reward)!r}{sig} cannot be called as reward(sequences, "
+            f"response_mask, prompt_length); expected {expected}{hint}"
+        ) from None

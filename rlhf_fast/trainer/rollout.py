@@ -1,5 +1,6 @@
 """Rollouts and experience: generate -> score -> KL-shaped token rewards ->
 GAE -> whitening. Pure wiring; every piece of math is an rlhf_fast op."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,9 @@ class Rollout:
 
     def index(self, idx: torch.Tensor) -> Rollout:
         lp = self.logprobs[idx] if self.logprobs is not None else None
-        return Rollout(self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_length, {},
-                       lp)  # fmt: skip
+        return Rollout(
+            self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_length, {}, lp
+        )
 
 
 @dataclasses.dataclass
@@ -63,12 +65,30 @@ class Experience:
         def pick(t):
             return None if t is None else t[idx]
 
-        return Experience(self.rollout.index(idx), self.old_logprobs[idx], self.advantages[idx], {}, self.any_valid,
-                          pick(self.ref_logprobs), pick(self.values), pick(self.returns))  # fmt: skip
+        return Experience(
+            self.rollout.index(idx),
+            self.old_logprobs[idx],
+            self.advantages[idx],
+            {},
+            self.any_valid,
+            pick(self.ref_logprobs),
+            pick(self.values),
+            pick(self.returns),
+        )
 
 
-def rollout(policy, prompt_ids, prompt_mask, config, generator, *, num_samples=1, eos_token_id=None, pad_token_id=None,
-            sync_group=None):  # fmt: skip
+def rollout(
+    policy,
+    prompt_ids,
+    prompt_mask,
+    config,
+    generator,
+    *,
+    num_samples=1,
+    eos_token_id=None,
+    pad_token_id=None,
+    sync_group=None,
+):
     """Sample num_samples responses per prompt with rlhf_fast.generate (prompt-major rows).
     sync_group: the ranks of a sharded (FSDP2) policy, which must stop decoding together."""
     t0 = time.perf_counter()
@@ -78,16 +98,31 @@ def rollout(policy, prompt_ids, prompt_mask, config, generator, *, num_samples=1
     # allocated in it, so bf16 autocast (config.autocast) stops here.
     with torch.autocast(prompt_ids.device.type, enabled=False):
         out = generate(
-            policy, prompt_ids, prompt_mask, max_new_tokens=config.max_new_tokens, num_samples=num_samples,
-            temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, generator=generator, sync_group=sync_group,
-        )  # fmt: skip
+            policy,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=config.max_new_tokens,
+            num_samples=num_samples,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            generator=generator,
+            sync_group=sync_group,
+        )
     policy.train(was_training)
     attn = torch.cat([prompt_mask.long().repeat_interleave(num_samples, 0), out.response_mask.long()], dim=1)
     dt = time.perf_counter() - t0
     n_tok = int(out.lengths.sum())
-    return Rollout(out.sequences, attn, out.response_mask, out.prompt_length,
-                   {"time/generate": dt, "tokens_per_s/generate": n_tok / max(dt, 1e-9)}, out.logprobs)  # fmt: skip
+    return Rollout(
+        out.sequences,
+        attn,
+        out.response_mask,
+        out.prompt_length,
+        {"time/generate": dt, "tokens_per_s/generate": n_tok / max(dt, 1e-9)},
+        out.logprobs,
+    )
 
 
 # what a corrected update logs per minibatch (besides the mismatch metrics of the experience)

@@ -29,6 +29,7 @@ Under torchrun (WORLD_SIZE > 1) the process group is set up here (NCCL on
 GPUs, one per local rank; gloo on CPU) and the config's `parallel` (ddp |
 fsdp2) decides how the models are spread; model.pt then holds full weights.
 """
+
 from __future__ import annotations
 
 import copy
@@ -114,8 +115,11 @@ def _prepare_out_dir(trainer, out_dir: str, fresh: bool) -> None:
     trainer.load(ckpt)
     if trainer.rank == 0:
         dropped = truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), trainer.step_count)
-        print(f"train: resuming from {ckpt} at step {trainer.step_count} ({dropped} later metrics rows dropped; "
-              "--fresh starts over)", file=sys.stderr)  # fmt: skip
+        print(
+            f"train: resuming from {ckpt} at step {trainer.step_count} ({dropped} later metrics rows dropped; "
+            "--fresh starts over)",
+            file=sys.stderr,
+        )
 
 
 def check_paths(extra: dict, sources: dict | None = None) -> None:
@@ -127,8 +131,15 @@ def check_paths(extra: dict, sources: dict | None = None) -> None:
     check_model_spec(extra.get("model"), sources)
 
 
-def run_from_yaml(algo: str, path: str, fresh: bool = False, overrides=None, *, sources: dict | None = None,
-                  default_model: str | None = None):  # fmt: skip
+def run_from_yaml(
+    algo: str,
+    path: str,
+    fresh: bool = False,
+    overrides=None,
+    *,
+    sources: dict | None = None,
+    default_model: str | None = None,
+):
     """overrides: "key=value" strings applied on top of the file (config.apply_overrides).
     sources: model-source name -> factory (trainer/sources.py), for `model:`
     values that are not checkpoint folders; default_model: the model when the

@@ -10,6 +10,7 @@ name (`sources={"tiny-demo": factory}`): the demo's tiny Llama world is one
 A source answers what run_from_yaml asks; the base class raises, naming the
 YAML key that must then be given, for the data it does not have.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,9 @@ class ModelSource:
 
     def rule_reward(self):
         """reward(sequences, response_mask, prompt_length) -> (N,), for `reward: rule`."""
-        raise ValueError(f"{OP}: model {self.name!r} has no reward 'rule'; give a reward model path or a "
-                         "reward function")  # fmt: skip
+        raise ValueError(
+            f"{OP}: model {self.name!r} has no reward 'rule'; give a reward model path or a reward function"
+        )
 
 
 class CheckpointSource(ModelSource):
@@ -101,10 +103,13 @@ def check_model_spec(spec, sources: dict | None) -> None:
     a Hub repo id and fail ~75 lines later with a download error."""
     if spec is None:
         names = ", ".join(sorted(sources or {})) or "none registered"
-        raise ValueError(f"{OP}: the config has no model key; give a local checkpoint folder (or a registered "
-                         f"source: {names})")  # fmt: skip
+        raise ValueError(
+            f"{OP}: the config has no model key; give a local checkpoint folder (or a registered source: {names})"
+        )
     if spec in (sources or {}) or os.path.isdir(str(spec)):
         return
     names = " or ".join(repr(n) for n in sorted(sources or {}))
-    raise FileNotFoundError(f"model: {spec!r} is neither {names + ' nor ' if names else ''}an existing local "
-                            "checkpoint folder (nothing is downloaded: give the folder holding config.json)")  # fmt: skip
+    raise FileNotFoundError(
+        f"model: {spec!r} is neither {names + ' nor ' if names else ''}an existing local "
+        "checkpoint folder (nothing is downloaded: give the folder holding config.json)"
+    )

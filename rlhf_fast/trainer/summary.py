@@ -1,6 +1,7 @@
 """The closing summary `rlhf-fast train` prints: where the run was saved, the
 final step's metrics, and a few completions of the trained policy with their
 rewards, so a run ends with something to look at rather than a bare prompt."""
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,11 @@ def sample_completions(trainer, n: int = 3) -> list[tuple[str, str, float | None
 def train_summary(trainer, algo: str, n_samples: int = 3) -> str:
     lines = [f"train {algo}: done, {trainer.step_count} steps"]
     lines += _saved(trainer.config.out_dir)
-    final = {k: v for k, v in (getattr(trainer, "final_metrics", None) or {}).items()
-             if not k.startswith(("time/", "tokens_per_s/"))}  # fmt: skip
+    final = {
+        k: v
+        for k, v in (getattr(trainer, "final_metrics", None) or {}).items()
+        if not k.startswith(("time/", "tokens_per_s/"))
+    }
     if final:
         shown = list(final.items())[:MAX_METRICS]
         lines.append("  final step: " + ", ".join(f"{k} {_fmt(v)}" for k, v in shown))

@@ -8,6 +8,7 @@ so a kernel reads only the tl.constexpr globals below (NEG_INF, POS_INF,
 LOG2E, LN2); kernels use them rather than literals, so every module spells a
 constant one way.
 """
+
 from __future__ import annotations
 
 import functools

@@ -15,6 +15,7 @@ sweeps over the group (mean, M2, write); groups given by id are first sorted
 The launchers at the end are the triton_ops rlhf_fast::whiten_triton and
 rlhf_fast::group_advantages_triton; their fakes are in rlhf_fast/ops/advantages.py.
 """
+
 from __future__ import annotations
 
 import torch

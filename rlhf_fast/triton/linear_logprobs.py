@@ -23,6 +23,7 @@ recomputation of every logits tile per H tile (H/BLOCK_H = 32x the matmul).
 The launchers at the end are the triton_ops rlhf_fast::linear_logprobs_fwd_triton
 / _bwd_triton; their fakes and autograd are in rlhf_fast/ops/linear_logprobs.py.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,6 +33,7 @@ import triton.language as tl
 from .. import _backend
 from .._dtypes import acc_dtype
 from ._common import NEG_INF, cast_out, kernel_scalars, launch_on_tensor_device, num_warps, scalar_arg, tl_acc
+
 
 @triton.jit
 def _grouped_tile(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
@@ -48,10 +50,25 @@ def _grouped_tile(pid, n_row_tiles, n_col_tiles, GROUP: tl.constexpr):
 
 @triton.jit
 def _logits_tile(
-    hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_mask, v_mask,
-    H, s_hn, s_hk, s_wv, s_wk,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    offs_n,
+    offs_v,
+    row_mask,
+    v_mask,
+    H,
+    s_hn,
+    s_hk,
+    s_wv,
+    s_wk,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """(BLOCK_N, BLOCK_V) tile of hidden @ weight.T + bias in ACC precision."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], ACC)
@@ -61,12 +78,14 @@ def _logits_tile(
         k_mask = offs_k < H
         a = tl.load(
             hidden_ptr + offs_n[:, None].to(tl.int64) * s_hn + offs_k[None, :] * s_hk,
-            mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
         )
         b = tl.load(
             # int64: V * H passes 2^31 at (256000, 8448)
             weight_ptr + offs_v[None, :].to(tl.int64) * s_wv + offs_k[:, None] * s_wk,
-            mask=v_mask[None, :] & k_mask[:, None], other=0.0,
+            mask=v_mask[None, :] & k_mask[:, None],
+            other=0.0,
         )
         if UPCAST:  # interpreter: its bf16 tl.dot multiplies the raw uint16 bits
             a = a.to(ACC)
@@ -79,16 +98,35 @@ def _logits_tile(
 
 @triton.jit
 def _linear_logprobs_fwd_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, labels_ptr,
-    m_ptr, s_ptr, w_ptr, zy_ptr,  # partial state, each (SPLITS, N)
-    N, V, H, V_SPLIT, SPLITS,
-    s_hn, s_hk, s_wv, s_wk,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    labels_ptr,
+    m_ptr,
+    s_ptr,
+    w_ptr,
+    zy_ptr,  # partial state, each (SPLITS, N)
+    N,
+    V,
+    H,
+    V_SPLIT,
+    SPLITS,
+    s_hn,
+    s_hk,
+    s_wv,
+    s_wk,
     inv_temp,  # fp32 (a Python float); fp64 inputs read the exact double from scalars_ptr
     scalars_ptr,
     ignore_index,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
     SCALARS_FROM_PTR: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     inv_temp = scalar_arg(inv_temp, scalars_ptr, 0, SCALARS_FROM_PTR)
     pid_n, split = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), SPLITS, GROUP)
@@ -107,9 +145,26 @@ def _linear_logprobs_fwd_kernel(
         offs_v = v0 + cols
         v_mask = offs_v < v_hi
         logits = _logits_tile(
-            hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_mask, v_mask,
-            H, s_hn, s_hk, s_wv, s_wk, HAS_BIAS, ACC, DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K,
-        )  # fmt: skip
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            offs_n,
+            offs_v,
+            row_mask,
+            v_mask,
+            H,
+            s_hn,
+            s_hk,
+            s_wv,
+            s_wk,
+            HAS_BIAS,
+            ACC,
+            DOT_PREC,
+            UPCAST,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+        )
         # vocab tail masked to -inf (V % BLOCK_V != 0 must not add exp(0) terms)
         z = tl.where(v_mask[None, :], logits * inv_temp, NEG_INF)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -134,15 +189,37 @@ def _linear_logprobs_fwd_kernel(
 
 @triton.jit
 def _linear_logprobs_dlogits_kernel(
-    hidden_ptr, weight_ptr, bias_ptr, labels_ptr,
-    glp_ptr, gh_ptr, lse_ptr, ent_ptr, dl_ptr,  # dl: (N, v_hi - v_lo) contiguous
-    N, H, v_lo, v_hi,
-    s_hn, s_hk, s_wv, s_wk,
-    inv_temp, scalars_ptr, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCALARS_FROM_PTR: tl.constexpr,
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    labels_ptr,
+    glp_ptr,
+    gh_ptr,
+    lse_ptr,
+    ent_ptr,
+    dl_ptr,  # dl: (N, v_hi - v_lo) contiguous
+    N,
+    H,
+    v_lo,
+    v_hi,
+    s_hn,
+    s_hk,
+    s_wv,
+    s_wk,
+    inv_temp,
+    scalars_ptr,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SCALARS_FROM_PTR: tl.constexpr,
     ROUND_BY_HAND: tl.constexpr,  # the interpreter's bf16 cast truncates (see rounded)
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     """dz = (g_lp * (onehot - p) - g_H * p * (z - E_p[z])) / T on one tile,
     p = exp(z - lse) from recomputed logits; E_p[z] = lse - entropy."""
@@ -163,9 +240,26 @@ def _linear_logprobs_dlogits_kernel(
         g_h = tl.zeros([BLOCK_N], ACC)
 
     logits = _logits_tile(
-        hidden_ptr, weight_ptr, bias_ptr, offs_n, offs_v, row_mask, v_mask,
-        H, s_hn, s_hk, s_wv, s_wk, HAS_BIAS, ACC, DOT_PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K,
-    )  # fmt: skip
+        hidden_ptr,
+        weight_ptr,
+        bias_ptr,
+        offs_n,
+        offs_v,
+        row_mask,
+        v_mask,
+        H,
+        s_hn,
+        s_hk,
+        s_wv,
+        s_wk,
+        HAS_BIAS,
+        ACC,
+        DOT_PREC,
+        UPCAST,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_K,
+    )
     z = logits * inv_temp
     p = tl.exp(z - lse[:, None])
     t = tl.where(p > 0, p * (z - mu[:, None]), 0.0)
@@ -178,10 +272,24 @@ def _linear_logprobs_dlogits_kernel(
 
 @triton.jit
 def _matmul_acc_kernel(
-    a_ptr, b_ptr, c_ptr, M, K, N,
-    s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    K,
+    N,
+    s_am,
+    s_ak,
+    s_bk,
+    s_bn,
+    s_cm,
+    s_cn,
+    ACC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """C (M, N, fp32) += A (M, K) @ B (K, N): the dH accumulation over vocab
     chunks, in fp32 even for bf16 A and B (torch.mm would round to bf16)."""
@@ -196,8 +304,16 @@ def _matmul_acc_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + ks
         k_mask = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * s_am + offs_k[None, :] * s_ak, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None].to(tl.int64) * s_bk + offs_n[None, :] * s_bn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + offs_m[:, None].to(tl.int64) * s_am + offs_k[None, :] * s_ak,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_k[:, None].to(tl.int64) * s_bk + offs_n[None, :] * s_bn,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
         if UPCAST:
             a = a.to(ACC)
             b = b.to(ACC)
@@ -264,6 +380,7 @@ def _programs_wanted(device: torch.device) -> int:
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
+
 def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, V: int):
     """(4, SPLITS, N) partial m, s, w, z_label -> logprobs, entropy, lse (N,)."""
     m, s, w, zy = part.unbind(0)
@@ -284,6 +401,7 @@ def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, V
     # no column: NaN, never a silent -lse
     lp = torch.where(active & ((labels < 0) | (labels >= V)), torch.full_like(lp, float("nan")), lp)
     return lp, ent, lse
+
 
 @torch.library.triton_op("rlhf_fast::linear_logprobs_fwd_triton", mutates_args=())
 @launch_on_tensor_device
@@ -318,6 +436,7 @@ def linear_logprobs_fwd_triton(
     )  # fmt: skip
     return _merge_splits(part, labels, ignore_index, V)
 
+
 @torch.library.triton_op("rlhf_fast::linear_logprobs_bwd_triton", mutates_args=())
 @launch_on_tensor_device
 def linear_logprobs_bwd_triton(
@@ -337,9 +456,19 @@ def linear_logprobs_bwd_triton(
     # re-cast by an enclosing torch.autocast
     with torch.autocast(hidden.device.type, enabled=False):
         return _linear_logprobs_bwd_triton_impl(
-            grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index,
+            grad_logprobs,
+            grad_entropy,
+            hidden,
+            weight,
+            bias,
+            labels,
+            lse,
+            entropy,
+            temperature,
+            ignore_index,
             chunk_size,
-        )  # fmt: skip
+        )
+
 
 def _linear_logprobs_bwd_triton_impl(
     grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
@@ -398,4 +527,3 @@ def _linear_logprobs_bwd_triton_impl(
         if bias is not None:
             grad_bias[v_lo:v_hi] = dz.sum(0, dtype=acc)
     return grad_hidden.to(hidden.dtype), grad_weight, grad_bias.to(weight.dtype)
-

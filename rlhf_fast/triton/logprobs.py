@@ -15,6 +15,7 @@ sweep.
 The launchers at the end are the triton_ops rlhf_fast::logprobs_fwd_triton /
 _bwd_triton; their fakes and autograd are in rlhf_fast/ops/logprobs.py.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,17 @@ import triton.language as tl
 
 from .. import _backend
 from .._dtypes import acc_dtype
-from ._common import LN2, LOG2E, NEG_INF, cast_out, kernel_scalars, launch_on_tensor_device, num_warps, scalar_arg, tl_acc
+from ._common import (
+    LN2,
+    LOG2E,
+    NEG_INF,
+    cast_out,
+    kernel_scalars,
+    launch_on_tensor_device,
+    num_warps,
+    scalar_arg,
+    tl_acc,
+)
 
 STRIP = 16
 
@@ -76,8 +87,15 @@ def row_lse(m_row, s_row, inv_temp):
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, lp_ptr, ent_ptr, lse_ptr,
-    B, V, stride_a, stride_b,
+    logits_ptr,
+    labels_ptr,
+    lp_ptr,
+    ent_ptr,
+    lse_ptr,
+    B,
+    V,
+    stride_a,
+    stride_b,
     inv_temp,  # fp32 (a Python float); fp64 logits read the exact double from scalars_ptr
     scalars_ptr,
     ignore_index,
@@ -127,9 +145,20 @@ def _logprobs_fwd_kernel(
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits_ptr, labels_ptr, glp_ptr, gh_ptr, lse_ptr, ent_ptr, dx_ptr,
-    B, V, stride_a, stride_b,
-    inv_temp, scalars_ptr, ignore_index,
+    logits_ptr,
+    labels_ptr,
+    glp_ptr,
+    gh_ptr,
+    lse_ptr,
+    ent_ptr,
+    dx_ptr,
+    B,
+    V,
+    stride_a,
+    stride_b,
+    inv_temp,
+    scalars_ptr,
+    ignore_index,
     HAS_GRAD_ENTROPY: tl.constexpr,
     ACC: tl.constexpr,
     SCALARS_FROM_PTR: tl.constexpr,

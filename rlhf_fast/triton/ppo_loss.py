@@ -15,6 +15,7 @@ The launchers at the end are the torch.library triton_ops
 rlhf_fast::ppo_loss_fwd_triton, ..., with the schemas of the C++ ops; their
 fakes and autograd are registered in rlhf_fast/ops/ppo_loss.py.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,9 +28,9 @@ from . import rollout_correction as rc
 from ._common import (
     cast_out,
     clamp_nan,
-    load_f64,
     kernel_scalars,
     launch_on_tensor_device,
+    load_f64,
     max_nan,
     max_reduce_nan,
     min_nan,
@@ -114,9 +115,23 @@ def _ppo_loss_fwd_kernel(
         )
         roll = tl.load(roll_ptr + p, mask=inb, other=0.0).to(ACC)
         w, keep = _rc_token_terms(
-            old, roll, valid, b, rowp_ptr, out + 9, n_chunks, is_hi, is_lo, rs_lo, rs_hi, IS, ICEPOP, RS_LVL, RS_K,
+            old,
+            roll,
+            valid,
+            b,
+            rowp_ptr,
+            out + 9,
+            n_chunks,
+            is_hi,
+            is_lo,
+            rs_lo,
+            rs_hi,
+            IS,
+            ICEPOP,
+            RS_LVL,
+            RS_K,
             ACC,
-        )  # fmt: skip
+        )
         if RS_LVL >= 0:
             # rejected tokens leave every term, count and the aggregation
             valid = keep
@@ -491,7 +506,7 @@ def ppo_loss_fwd_triton(
     rc_vals = (rc_is_upper, is_lo, rc_rs_lower, rc_rs_upper)
     params, from_ptr = kernel_scalars(
         acc, dev, lo, hi, dual, kl_coef, entropy_coef, kl_coef, agg_norm, agg_norm, *rc_vals
-    )  # fmt: skip
+    )
     lp = logprobs.contiguous()
     old = old_logprobs.contiguous()
     ent = entropy.contiguous() if entropy is not None else lp

@@ -12,6 +12,7 @@ rollout (8 B / token in fp32) for those modes only.
 _rollout_corr_finish_kernel folds the 12 per-chunk metric partials into the
 18 rollout_corr/* stats after the loss epilogue.
 """
+
 from __future__ import annotations
 
 import torch

@@ -15,6 +15,7 @@ of rlhf_fast/reference/_sampling.py.
 The launcher at the end is the triton_op rlhf_fast::sample_fwd_triton; its
 fake is in rlhf_fast/ops/sampling.py.
 """
+
 from __future__ import annotations
 
 import torch
