@@ -4,7 +4,7 @@
 //   3. only if the row truncates: thresholds by bisection on the fp32 order
 //      key (32 count / mass sweeps each for top-k and top-p; no sort)
 //   4. exponential race over the kept tokens: argmax z + Gumbel(seed, token)
-// Semantics and noise are those of rlhf_fast/reference/sampling.py.
+// Semantics and noise are those of rlhf_fast/reference/_sampling.py.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>

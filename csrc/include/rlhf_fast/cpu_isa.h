@@ -1,5 +1,5 @@
 // Which vector ISA the CPU kernels use: the widest the CPU supports, unless
-// RLHF_FAST_CPU_ISA (avx512 | avx2 | baseline) or rlhf_fast._C.set_cpu_isa()
+// RLHF_FAST_CPU_ISA (avx512 | avx2 | baseline) or rlhf_fast._backend.set_cpu_isa()
 // asks for a narrower one, so tests can run every copy on one machine.
 #pragma once
 

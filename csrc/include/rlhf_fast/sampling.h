@@ -1,5 +1,5 @@
 // Torch-free pieces of the sampler shared by the CPU kernel (and mirrored,
-// bit for bit, by rlhf_fast/reference/sampling.py and the Triton kernel):
+// bit for bit, by rlhf_fast/reference/_sampling.py and the Triton kernel):
 // the counter-based noise and an ordered integer key for fp32 bisection.
 #pragma once
 
