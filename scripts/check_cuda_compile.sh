@@ -3,7 +3,11 @@
 # needed: every csrc/cuda/*.cu, and every csrc/include/rlhf_fast/*.cuh in a
 # translation unit of its own (which catches a header that leans on an
 # include it does not make). sm_80 and sm_90, as setup.py builds by default.
-# The *_ops.cpp glue needs a CUDA build of torch and is not compiled here.
+# The *_ops.cpp glue (torch-side: checks, guards, streams) is syntax-checked
+# with the host compiler against the CPU wheel's ATen/cuda headers, nvcc's
+# CUDA runtime headers and scripts/cuda_glue_stubs (the math libraries'
+# handle types): it cannot link without a CUDA torch, but a typo or a wrong
+# type in it fails here instead of on the GPU machine.
 #
 # Prints "ok FILE" per file; on an error prints nvcc's output, checks the
 # remaining files, and exits 1. Without nvcc it says so and exits 0.
@@ -92,6 +96,38 @@ for h in "${headers[@]}"; do
   printf '#include "rlhf_fast/%s"\n' "$(basename "$h")" >"$tu"
   compile "$h" "$tu"
 done
+
+# The glue: g++ -fsyntax-only, C++20 as setup.py builds it.
+glue=(csrc/cuda/*_ops.cpp)
+cuda_include="$("$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
+# -I flags for torch's headers and Python's; empty when torch or its
+# ATen/cuda headers are missing (then the glue is skipped, and says so).
+torch_flags="$(python3 - 2>/dev/null <<'PY' || true
+import os, sysconfig
+import torch.utils.cpp_extension as c
+paths = c.include_paths()
+assert any(os.path.exists(os.path.join(p, "ATen/cuda/CUDAContext.h")) for p in paths)
+print(" ".join("-I" + p for p in paths + [sysconfig.get_paths()["include"]]))
+PY
+)"
+if (( ${#glue[@]} )); then
+  if [[ -z "$torch_flags" ]]; then
+    echo "skipped the *_ops.cpp glue: torch or its ATen/cuda headers not found"
+  else
+    for f in "${glue[@]}"; do
+      # shellcheck disable=SC2086  # torch_flags is a list of -I flags
+      if "${CXX:-g++}" -std=c++20 -fsyntax-only $torch_flags -I scripts/cuda_glue_stubs \
+           -I "$cuda_include/targets/x86_64-linux/include" -I "$cuda_include/include" -I csrc/include -I csrc \
+           "$f" >"$tmp/log" 2>&1; then
+        echo "ok $f (host syntax check)"
+      else
+        echo "FAIL $f (host syntax check)"
+        cat "$tmp/log"
+        failed=1
+      fi
+    done
+  fi
+fi
 
 if (( failed )); then
   echo "check_cuda_compile: FAILED ($("$nvcc" --version | tail -n 1))"
