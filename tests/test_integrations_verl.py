@@ -73,29 +73,22 @@ def test_policy_loss_matches_verl(mode, gi):
     out = []
     for patched in (False, True):
         lp = lp0.clone().requires_grad_(True)
+        kw = dict(
+            old_log_prob=old,
+            log_prob=lp,
+            advantages=adv,
+            response_mask=m,
+            loss_agg_mode=mode,
+            config=cfg,
+            rollout_is_weights=None,
+        )
         if patched:
             with rv.patched():
                 fn = core_algos.get_policy_loss_fn("vanilla")
                 assert fn is not orig
-                loss, met = fn(
-                    old_log_prob=old,
-                    log_prob=lp,
-                    advantages=adv,
-                    response_mask=m,
-                    loss_agg_mode=mode,
-                    config=cfg,
-                    rollout_is_weights=None,
-                )
+                loss, met = fn(**kw)
         else:
-            loss, met = orig(
-                old_log_prob=old,
-                log_prob=lp,
-                advantages=adv,
-                response_mask=m,
-                loss_agg_mode=mode,
-                config=cfg,
-                rollout_is_weights=None,
-            )
+            loss, met = orig(**kw)
         loss.backward()
         out.append((loss.detach(), met, lp.grad))
     (l0, m0, g0), (l1, m1, g1) = out
