@@ -18,16 +18,12 @@ holed masks; the loop reference is the semantic match.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-
 import torch
 
 import rlhf_fast
 from rlhf_fast import reference
 
-from .harness import Record, attach_bandwidth, compare, copy_bandwidth, format_table, machine_facts, write_json
+from .harness import Record, bench_main, compare
 
 GAMMA, LAM = 0.99, 0.95
 
@@ -49,6 +45,11 @@ def _inputs(B: int, T: int, device: str):
     return r.to(device), v.to(device), m.to(device)
 
 
+def _compare(device, **case) -> list[Record]:
+    """compare() of ours (fp32, forward) on device: what every case here shares."""
+    return compare(impl="rlhf_fast", dtype="float32", device=device, mode="fwd", **case)
+
+
 def _gae_records(B, T, device, warmup, repeat, loop_repeat) -> list[Record]:
     r, v, m = _inputs(B, T, device)
     shape = f"({B}, {T})"
@@ -56,15 +57,12 @@ def _gae_records(B, T, device, warmup, repeat, loop_repeat) -> list[Record]:
     recs = []
     ours = lambda: rlhf_fast.gae(r, v, m, gamma=GAMMA, lam=LAM)  # noqa: E731
     loop = lambda: reference.gae(r, v, m, gamma=GAMMA, lam=LAM)  # noqa: E731
-    recs += compare(
+    recs += _compare(
+        device,
         op="gae",
-        impl="rlhf_fast",
         fn=ours,
         baselines={"verl-style loop (reference.gae)": loop},
         shape=shape,
-        dtype="float32",
-        device=device,
-        mode="fwd",
         bytes_moved=nbytes,
         warmup=1,
         repeat=loop_repeat,
@@ -78,30 +76,24 @@ def _gae_records(B, T, device, warmup, repeat, loop_repeat) -> list[Record]:
         trl_fn = lambda: trl(GAMMA, LAM, vv, nv, rr, done, done, time_dim=-2)  # noqa: E731
     else:
         trl_fn = trl
-    recs += compare(
+    recs += _compare(
+        device,
         op="gae",
-        impl="rlhf_fast",
         fn=ours,
         baselines={"torchrl vec_generalized_advantage_estimate": trl_fn},
         shape=shape,
-        dtype="float32",
-        device=device,
-        mode="fwd",
         bytes_moved=nbytes,
         warmup=warmup,
         repeat=repeat,
     )[1:]
     dr = lambda: rlhf_fast.discounted_returns(r, m, gamma=GAMMA)  # noqa: E731
     dr_loop = lambda: reference.discounted_returns(r, m, gamma=GAMMA)  # noqa: E731
-    recs += compare(
+    recs += _compare(
+        device,
         op="discounted_returns",
-        impl="rlhf_fast",
         fn=dr,
         baselines={"loop (reference)": dr_loop},
         shape=shape,
-        dtype="float32",
-        device=device,
-        mode="fwd",
         bytes_moved=B * T * 9,
         warmup=1,
         repeat=loop_repeat,
@@ -112,15 +104,12 @@ def _gae_records(B, T, device, warmup, repeat, loop_repeat) -> list[Record]:
 def _stats_records(B, T, device, warmup, repeat) -> list[Record]:
     r, _, m = _inputs(B, T, device)
     shape = f"({B}, {T})"
-    recs = compare(
+    recs = _compare(
+        device,
         op="whiten",
-        impl="rlhf_fast",
         fn=lambda: rlhf_fast.whiten(r, m),
         baselines={"eager torch (reference.whiten)": lambda: reference.whiten(r, m)},
         shape=shape,
-        dtype="float32",
-        device=device,
-        mode="fwd",
         bytes_moved=B * T * (4 + 1) * 2 + B * T * 4,
         warmup=warmup,
         repeat=repeat,
@@ -130,15 +119,12 @@ def _stats_records(B, T, device, warmup, repeat) -> list[Record]:
     s = torch.randn(N, device=device)
     ids = torch.randperm(N, device=device) // 16
     for groups, label in ((16, "size 16"), (ids, "shuffled ids")):
-        recs += compare(
+        recs += _compare(
+            device,
             op="group_adv",
-            impl="rlhf_fast",
             fn=lambda g=groups: rlhf_fast.group_advantages(s, g, estimator="grpo"),
             baselines={f"eager torch, {label}": lambda g=groups: reference.group_advantages(s, g, estimator="grpo")},
             shape=f"N={N}",
-            dtype="float32",
-            device=device,
-            mode="fwd",
             bytes_moved=N * 8,
             warmup=warmup,
             repeat=repeat,
@@ -164,25 +150,5 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
     return recs
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", default=None, help="write records + machine facts here")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (ours and the baselines alike)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    recs = run(quick=args.quick)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    attach_bandwidth([r for r in recs if r.device == "cpu"], copy_bandwidth("cpu"))
-    if device == "cuda":
-        attach_bandwidth([r for r in recs if r.device == "cuda"], copy_bandwidth("cuda"))
-    print(json.dumps(machine_facts(device)))
-    print(format_table(recs))
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        write_json(args.json, recs, machine_facts(device))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, quick_by_default=False, bandwidth=True)

@@ -9,30 +9,16 @@ ratio). Issue target on CPU: >= 1.5x. GPU: HF with cache_implementation="static"
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import rlhf_fast
 
 from .harness import Record, bench_main, compare
+from .llama import causal_lm, llama_config
 
 
 def _model(device, vocab, hidden, layers):
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=max(hidden // 64, 2),
-        num_key_value_heads=max(hidden // 128, 1),
-        max_position_embeddings=4096,
-        eos_token_id=None,
-        bos_token_id=1,
-        pad_token_id=0,
-    )
-    m = LlamaForCausalLM(cfg).to(device).eval()
-    m.generation_config.eos_token_id = None
-    return m
+    return causal_lm(llama_config(vocab, hidden, layers), device).eval()
 
 
 def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> list[Record]:

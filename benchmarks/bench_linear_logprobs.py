@@ -94,36 +94,15 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
             "logits_matmul": lambda: F.linear(h, w),
             "liger_flce": (lambda: liger(w, h, y)) if liger is not None else liger_skip,
         }
-        records += compare(
-            op=OP,
-            impl="rlhf_fast",
-            fn=lambda: ours(h, w),
-            baselines=fwd_base,
-            shape=shape,
-            dtype=dt,
-            device=device,
-            mode="fwd",
-            warmup=warmup,
-            repeat=repeat,
-        )
+        common = dict(op=OP, impl="rlhf_fast", shape=shape, dtype=dt, device=device, warmup=warmup, repeat=repeat)
+        records += compare(fn=lambda: ours(h, w), baselines=fwd_base, mode="fwd", **common)
         bwd = {name: _fwd_bwd(f) for name, f in (("ours", ours), ("materialised", mat), ("torch_lce", lce))}
         bwd_base = {
             "materialised": lambda: bwd["materialised"](h, w),
             "torch_lce": (lambda: bwd["torch_lce"](h, w)) if HAVE_TORCH_LCE else TORCH_LCE_SKIP,
             "liger_flce": (lambda: _fwd_bwd(lambda a, b: liger(b, a, y))(h, w)) if liger is not None else liger_skip,
         }
-        records += compare(
-            op=OP,
-            impl="rlhf_fast",
-            fn=lambda: bwd["ours"](h, w),
-            baselines=bwd_base,
-            shape=shape,
-            dtype=dt,
-            device=device,
-            mode="fwd+bwd",
-            warmup=warmup,
-            repeat=repeat,
-        )
+        records += compare(fn=lambda: bwd["ours"](h, w), baselines=bwd_base, mode="fwd+bwd", **common)
     return records
 
 

@@ -29,27 +29,38 @@ def _trl():
         return f"TRL unavailable ({type(exc).__name__}); pip install trl"
 
 
+def _gpu_peer(device: str, name: str, install: str, load):
+    """load() -> the peer's per-token log-prob function on CUDA; otherwise
+    (or when its import fails) the reason it is skipped."""
+    if device != "cuda":
+        return f"{name} is GPU-only (Triton on CUDA)"
+    try:
+        return load()
+    except Exception as exc:  # not installed, or its import failed (a CUDA / torch mismatch)
+        return f"{name} not installed ({type(exc).__name__}); {install}"
+
+
 def _flash_attn_ce(device: str):
     """flash-attn's Triton cross-entropy (what verl/OpenRLHF call): logp = -loss."""
-    if device != "cuda":
-        return "flash-attn cross-entropy is GPU-only (Triton on CUDA)"
-    try:
+
+    def load():
         from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
-    except Exception as exc:
-        return f"flash-attn not installed ({type(exc).__name__}); pip install flash-attn --no-build-isolation"
-    return lambda logits, labels: -cross_entropy_loss(logits, labels)[0]
+
+        return lambda logits, labels: -cross_entropy_loss(logits, labels)[0]
+
+    return _gpu_peer(device, "flash-attn cross-entropy", "pip install flash-attn --no-build-isolation", load)
 
 
 def _liger_ce(device: str):
     """Liger-Kernel's fused cross-entropy, per token: logp = -loss."""
-    if device != "cuda":
-        return "Liger-Kernel is GPU-only (Triton on CUDA)"
-    try:
+
+    def load():
         from liger_kernel.transformers import LigerCrossEntropyLoss
-    except Exception as exc:
-        return f"Liger-Kernel not installed ({type(exc).__name__}); pip install liger-kernel"
-    loss = LigerCrossEntropyLoss(reduction="none")
-    return lambda logits, labels: -loss(logits, labels)
+
+        loss = LigerCrossEntropyLoss(reduction="none")
+        return lambda logits, labels: -loss(logits, labels)
+
+    return _gpu_peer(device, "Liger-Kernel", "pip install liger-kernel", load)
 
 
 def _fwd_bwd(fn, logits, labels):

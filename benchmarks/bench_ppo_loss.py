@@ -15,17 +15,14 @@ against rlhf_fast.ppo_loss without correction (the cost of correcting).
 
 from __future__ import annotations
 
-import argparse
-import importlib
-
 import torch
 
 import rlhf_fast
 
 try:
-    from .harness import compare, copy_bandwidth, format_table, machine_facts, write_json
+    from .harness import bench_main, compare
 except ImportError:  # run as a script
-    from harness import compare, copy_bandwidth, format_table, machine_facts, write_json
+    from harness import bench_main, compare
 
 reference = rlhf_fast.reference
 KW = dict(entropy_coef=0.01, kl_coef=0.05, kl_kind="k3", clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="token-mean")
@@ -45,11 +42,12 @@ def _inputs(B, T, dtype, device):
     return to(lp), to(old), to(adv), mask.to(device), to(ent), to(ref)
 
 
-def _step(loss_fn, lp, old, adv, mask, ent, ref):
-    """One forward + backward; gradients w.r.t. logprobs and entropy."""
+def _step(loss_fn, lp, old, adv, mask, ent, ref, **correction):
+    """One forward + backward; gradients w.r.t. logprobs and entropy.
+    correction: rollout_logprobs= and rollout_correction=, or nothing."""
 
     def fn():
-        loss, _ = loss_fn(lp, old, adv, mask, entropy=ent, ref_logprobs=ref, **KW)
+        loss, _ = loss_fn(lp, old, adv, mask, entropy=ent, ref_logprobs=ref, **correction, **KW)
         return torch.autograd.grad(loss, (lp, ent))
 
     return fn
@@ -57,10 +55,23 @@ def _step(loss_fn, lp, old, adv, mask, ent, ref):
 
 def _verl_skip() -> str | None:
     try:
-        importlib.import_module("verl.trainer.ppo.core_algos")
-        return None
+        from verl.trainer.ppo import core_algos  # noqa: F401
     except Exception:
         return "verl not installed (pip install verl); its chain is the same as the eager reference"
+    return None
+
+
+def _compare(B, T, dtype, device, **case) -> list:
+    """compare() of one fwd+bwd case at (B, T): the settings every case shares."""
+    return compare(
+        shape=f"({B}, {T})",
+        dtype=str(dtype).replace("torch.", ""),
+        device=device,
+        mode="fwd+bwd",
+        warmup=5,
+        repeat=30 if device == "cuda" else 15,
+        **case,
+    )
 
 
 def bench(B, T, dtype, device) -> list:
@@ -78,18 +89,16 @@ def bench(B, T, dtype, device) -> list:
     e = lp.element_size()
     # fwd: 5 token tensors + mask in, dtok (fp32) out; bwd: dtok (+ mask) in, 2 grads out
     bytes_moved = B * T * (5 * e + 1 + 4 + 4 + 1 + 2 * e)
-    return compare(
+    return _compare(
+        B,
+        T,
+        dtype,
+        device,
         op="ppo_loss",
         impl="rlhf_fast",
         fn=_step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref),
         baselines=baselines,
-        shape=f"({B}, {T})",
-        dtype=str(dtype).replace("torch.", ""),
-        device=device,
-        mode="fwd+bwd",
         bytes_moved=bytes_moved,
-        warmup=5,
-        repeat=30 if device == "cuda" else 15,
     )
 
 
@@ -97,16 +106,6 @@ CORRECTIONS = {
     "token TIS": rlhf_fast.RolloutCorrection("token", 2.0),
     "seq TIS + seq_sum_k1": rlhf_fast.RolloutCorrection("sequence", 2.0, "seq_sum_k1", "0.5_2.0"),
 }
-
-
-def _corrected_step(loss_fn, lp, old, adv, mask, ent, ref, roll, spec):
-    def fn():
-        loss, _ = loss_fn(
-            lp, old, adv, mask, entropy=ent, ref_logprobs=ref, rollout_logprobs=roll, rollout_correction=spec, **KW
-        )
-        return torch.autograd.grad(loss, (lp, ent))
-
-    return fn
 
 
 def bench_corrected(B, T, dtype, device) -> list:
@@ -119,25 +118,23 @@ def bench_corrected(B, T, dtype, device) -> list:
     records = []
     for name, spec in CORRECTIONS.items():
         baselines = {
-            "eager reference chain (same correction)": _corrected_step(
-                reference.ppo_loss, lp, old, adv, mask, ent, ref, roll, spec
+            "eager reference chain (same correction)": _step(
+                reference.ppo_loss, lp, old, adv, mask, ent, ref, rollout_logprobs=roll, rollout_correction=spec
             ),
             "rlhf_fast.ppo_loss without correction": _step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref),
         }
         e = lp.element_size()
         bytes_moved = B * T * (6 * e + 1 + 4 + 4 + 1 + 2 * e)  # + rollout_logprobs read once
-        records += compare(
+        records += _compare(
+            B,
+            T,
+            dtype,
+            device,
             op="ppo_loss+rollout_correction",
             impl=f"rlhf_fast ({name})",
-            fn=_corrected_step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref, roll, spec),
+            fn=_step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref, rollout_logprobs=roll, rollout_correction=spec),
             baselines=baselines,
-            shape=f"({B}, {T})",
-            dtype=str(dtype).replace("torch.", ""),
-            device=device,
-            mode="fwd+bwd",
             bytes_moved=bytes_moved,
-            warmup=5,
-            repeat=30 if device == "cuda" else 15,
         )
     return records
 
@@ -160,32 +157,5 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
     return records
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--full", action="store_true", help="the issue's shapes instead of the quick ones")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json", default=None, help="write records + machine facts here")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every implementation")
-    args = ap.parse_args()
-    if args.threads:
-        # On a shared 2-core box a parallel region waits for a time slice
-        # (~16 ms) whenever the other core is busy: 1 thread measures the work.
-        torch.set_num_threads(args.threads)
-    records = run(quick=not args.full, device=args.device)
-    print(format_table(records))
-    bw = copy_bandwidth(args.device)
-    for r in records:
-        if r.baseline is None and r.gb_per_s:
-            print(
-                f"{r.shape} {r.dtype}: ours {r.median_s * 1e3:.3f} ms, {r.gb_per_s:.0f} GB/s = "
-                f"{100 * r.gb_per_s / bw:.0f}% of copy bandwidth ({bw:.0f} GB/s)"
-            )
-    facts = machine_facts(args.device)
-    facts["copy_bandwidth_gb_s"] = bw
-    print(facts)
-    if args.json:
-        write_json(args.json, records, facts)
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, quick_by_default=True, default_device="cpu", bandwidth=True)

@@ -32,12 +32,13 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers import LlamaModel
 
 import rlhf_fast
 
 from . import harness
 from .harness import Record, bench_main
+from .llama import causal_lm, llama_config
 
 PHASES = (
     "generate",
@@ -68,20 +69,8 @@ class Scalar(torch.nn.Module):
 class Models:
     def __init__(self, vocab, hidden, layers, device):
         torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=max(hidden // 64, 2),
-            num_key_value_heads=max(hidden // 128, 1),
-            max_position_embeddings=4096,
-            eos_token_id=None,
-            bos_token_id=1,
-            pad_token_id=0,
-        )
-        self.policy = LlamaForCausalLM(cfg).to(device)
-        self.policy.generation_config.eos_token_id = None
+        cfg = llama_config(vocab, hidden, layers)
+        self.policy = causal_lm(cfg, device)
         self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.critic = Scalar(cfg).to(device)
         self.reward = Scalar(cfg).to(device).eval().requires_grad_(False)

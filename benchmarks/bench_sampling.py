@@ -50,35 +50,31 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
         for dtype in (torch.float32, torch.bfloat16):
             logits = (torch.randn(B, V, device=device) * 3).to(dtype)
             nbytes = logits.numel() * logits.element_size()
-            shape, dt = f"({B}, {V})", str(dtype).replace("torch.", "")
-            records += compare(
+            shape = f"({B}, {V})"
+            common = dict(
                 op="sample",
                 impl="rlhf_fast",
-                shape=shape + " top_p",
-                dtype=dt,
+                dtype=str(dtype).replace("torch.", ""),
                 device=device,
                 mode="fwd",
-                fn=lambda: rlhf_fast.sample(logits, temperature=T, top_p=p),
-                baselines={
-                    "HF TopPLogitsWarper (sort)": lambda: _hf_top_p(logits, T, p),
-                    "flashinfer top_p": _flashinfer(logits, T, p),
-                },
                 bytes_moved=nbytes,
                 warmup=2,
                 repeat=7 if quick else 15,
             )
             records += compare(
-                op="sample",
-                impl="rlhf_fast",
+                shape=shape + " top_p",
+                fn=lambda: rlhf_fast.sample(logits, temperature=T, top_p=p),
+                baselines={
+                    "HF TopPLogitsWarper (sort)": lambda: _hf_top_p(logits, T, p),
+                    "flashinfer top_p": _flashinfer(logits, T, p),
+                },
+                **common,
+            )
+            records += compare(
                 shape=shape + " plain",
-                dtype=dt,
-                device=device,
-                mode="fwd",
                 fn=lambda: rlhf_fast.sample(logits, temperature=T),
                 baselines={"torch softmax+multinomial": lambda: _torch_plain(logits, T)},
-                bytes_moved=nbytes,
-                warmup=2,
-                repeat=7 if quick else 15,
+                **common,
             )
     return records
 

@@ -101,21 +101,28 @@ def time_fn(
         fn()
     _sync(device)
     repeat = max(3, min(repeat, int(budget_s / max(first, 1e-9))))
-    times = []
     if device.startswith("cuda"):
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        return statistics.median(cuda_event_times(fn, repeat))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def cuda_event_times(fn: Callable[[], object], repeat: int) -> list[float]:
+    """Seconds of each of `repeat` fn() calls between two CUDA events, each
+    waited for: the GPU's time per call, not the host's launch time."""
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
 
 
 def peak_memory(fn: Callable[[], object], *, device: str = "cpu") -> int:
@@ -275,39 +282,15 @@ def compare(
     ours_mem = peak_memory(fn, device=device)
     gbps = bytes_moved / ours / 1e9 if bytes_moved else None
     threads = torch.get_num_threads() if device == "cpu" else None
-    records = [
-        Record(
-            op,
-            impl,
-            None,
-            shape,
-            dtype,
-            device,
-            mode,
-            median_s=ours,
-            peak_mem_bytes=ours_mem,
-            gb_per_s=gbps,
-            threads=threads,
-        )
-    ]
+    ours_fields = {"median_s": ours, "peak_mem_bytes": ours_mem, "gb_per_s": gbps, "threads": threads}
+
+    def record(baseline: str | None, **peer) -> Record:  # every record carries our numbers
+        return Record(op, impl, baseline, shape, dtype, device, mode, **ours_fields, **peer)
+
+    records = [record(None)]
     for name, base in baselines.items():
         if isinstance(base, str):
-            records.append(
-                Record(
-                    op,
-                    impl,
-                    name,
-                    shape,
-                    dtype,
-                    device,
-                    mode,
-                    median_s=ours,
-                    peak_mem_bytes=ours_mem,
-                    gb_per_s=gbps,
-                    threads=threads,
-                    status=f"skipped: {base}",
-                )
-            )
+            records.append(record(name, status=f"skipped: {base}"))
             continue
         try:
             t = time_fn(base, device=device, warmup=warmup, repeat=repeat)
@@ -316,41 +299,9 @@ def compare(
             if device == "cuda":
                 torch.cuda.empty_cache()
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            records.append(
-                Record(
-                    op,
-                    impl,
-                    name,
-                    shape,
-                    dtype,
-                    device,
-                    mode,
-                    median_s=ours,
-                    peak_mem_bytes=ours_mem,
-                    gb_per_s=gbps,
-                    threads=threads,
-                    status=f"skipped: peer failed: {reason}",
-                )
-            )
+            records.append(record(name, status=f"skipped: peer failed: {reason}"))
             continue
-        records.append(
-            Record(
-                op,
-                impl,
-                name,
-                shape,
-                dtype,
-                device,
-                mode,
-                median_s=ours,
-                baseline_median_s=t,
-                speedup=t / ours,
-                peak_mem_bytes=ours_mem,
-                baseline_peak_mem_bytes=mem,
-                gb_per_s=gbps,
-                threads=threads,
-            )
-        )
+        records.append(record(name, baseline_median_s=t, speedup=t / ours, baseline_peak_mem_bytes=mem))
     return records
 
 
@@ -418,26 +369,45 @@ def write_json(path: str, records: list[Record], facts: dict) -> None:
 
 
 def bench_main(
-    run: Callable[..., list], *, quick_by_default: bool, summary: Callable[[list], str] | None = None, argv=None
+    run: Callable[..., list],
+    *,
+    quick_by_default: bool,
+    summary: Callable[[list], str] | None = None,
+    argv=None,
+    default_device: str | None = None,
+    bandwidth: bool = False,
 ) -> list:
     """The command line every bench_<op>.py shares: --quick / --full pick the
-    shapes (the module's default otherwise), --threads sets torch's threads
-    for ours and the peers alike, --json writes records + machine facts."""
+    shapes (the module's default otherwise), --device (default_device; None:
+    run's own, CUDA when visible), --threads sets torch's threads for ours and
+    the peers alike, --json writes records + machine facts. bandwidth: stamp
+    each device's measured copy bandwidth on the records (the table's % of
+    copy)."""
     import argparse
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small shapes")
     ap.add_argument("--full", action="store_true", help="the issue's shapes")
+    ap.add_argument("--device", default=default_device, help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every implementation")
     ap.add_argument("--json", default=None, help="write records + machine facts here")
     args = ap.parse_args(argv)
     if args.threads:
+        # On a shared 2-core box a parallel region waits for a time slice
+        # (~16 ms) whenever the other core is busy: 1 thread measures the work.
         torch.set_num_threads(args.threads)
     quick = args.quick or (quick_by_default and not args.full)
-    records = run(quick=quick)
+    records = run(quick=quick, device=args.device)
+    devices = sorted({r.device for r in records}) or [args.device or "cpu"]
+    facts = machine_facts(next((d for d in devices if d.startswith("cuda")), devices[0]))
+    if bandwidth:
+        facts["copy_gb_per_s"] = {}
+        for dev in devices:
+            bw = facts["copy_gb_per_s"][dev] = copy_bandwidth(dev)
+            attach_bandwidth([r for r in records if r.device == dev], bw)
     print(format_table(records))
     if summary is not None:
         print(summary(records))
     if args.json:
-        write_json(args.json, records, machine_facts(records[0].device if records else "cpu"))
+        write_json(args.json, records, facts)
     return records

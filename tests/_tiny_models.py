@@ -2,7 +2,8 @@
 (nothing downloaded): the demo's word tokenizer and a 1-layer, 32-wide Llama,
 the hidden-rule reward, PPO / GRPO / reward-model / DPO trainers on them, a
 word-level Hugging Face tokenizer with a chat template and a tiny sequence-
-classification reward model (the TRL-style tests), and a 2-process torchrun.
+classification reward model (the TRL-style tests), the config of a tiny
+Llama-family decoder (the generation tests), and a 2-process torchrun.
 
 Import the `one_thread` fixture into a test module to make it autouse there:
 tiny models gain nothing from a second OpenMP thread but sync (and runs that
@@ -94,18 +95,7 @@ def ppo_trainer(tmp=None, seed=0, model_seed=0, **kw):
     policy = tiny_llama(model_seed)
     ref = copy.deepcopy(policy)
     critic = ScalarHeadModel.from_causal_lm(policy)
-    ids, mask = prompt_batch()
-    return PPOTrainer(
-        PPOConfig(**cfg),
-        policy,
-        ref,
-        critic,
-        rule_reward,
-        ids,
-        mask,
-        eos_token_id=TOK.eos_token_id,
-        pad_token_id=TOK.pad_token_id,
-    )
+    return _on_demo_prompts(PPOTrainer, PPOConfig(**cfg), policy, ref, critic)
 
 
 def grpo_trainer(seed=0, **kw):
@@ -123,16 +113,14 @@ def grpo_trainer(seed=0, **kw):
     )
     cfg.update(kw)
     policy = tiny_llama(seed)
+    return _on_demo_prompts(GRPOTrainer, GRPOConfig(**cfg), policy, copy.deepcopy(policy))
+
+
+def _on_demo_prompts(trainer_cls, config, *models):
+    """A PPO / GRPO trainer over `models` on 12 of the demo's prompts, scored by its hidden rule."""
     ids, mask = prompt_batch()
-    return GRPOTrainer(
-        GRPOConfig(**cfg),
-        policy,
-        copy.deepcopy(policy),
-        rule_reward,
-        ids,
-        mask,
-        eos_token_id=TOK.eos_token_id,
-        pad_token_id=TOK.pad_token_id,
+    return trainer_cls(
+        config, *models, rule_reward, ids, mask, eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id
     )
 
 
@@ -170,7 +158,29 @@ def dpo_trainer(loss_type="sigmoid", steps=25, n_pairs=48, policy_fn=None, **kw)
     return DPOTrainer(cfg, policy, ref, ci, cm, cl, ri, rm, rl)
 
 
-# ---------------------------------------------------------------- Hugging Face pieces (TRL-style tests)
+# ---------------------------------------------------------------- Hugging Face pieces (generation and TRL-style tests)
+
+
+def decoder_config(vocab_size: int, **overrides) -> dict:
+    """Keyword arguments for a tiny Llama-family config (LlamaConfig,
+    Qwen2Config, MistralConfig, Gemma2Config take the same names): 2 layers,
+    32 wide, 4 query heads over 2 KV heads (grouped-query attention), 128
+    positions, <pad> 0 / <bos> 1 / <eos> 2; `overrides` replace any of them."""
+    return (
+        dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        | overrides
+    )
 
 
 def hf_tokenizer():

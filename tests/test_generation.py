@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from _compare import assert_close
+from _tiny_models import decoder_config
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import rlhf_fast
@@ -17,33 +18,9 @@ V = 97
 def _tiny(kind: str):
     torch.manual_seed(1234)  # fixed weights: the test's randomness is in the prompts
     if kind == "llama":
-        cfg = LlamaConfig(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        return LlamaForCausalLM(cfg).eval()
+        return LlamaForCausalLM(LlamaConfig(**decoder_config(V))).eval()
     if kind == "qwen2":
-        cfg = Qwen2Config(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        return Qwen2ForCausalLM(cfg).eval()
+        return Qwen2ForCausalLM(Qwen2Config(**decoder_config(V))).eval()
     cfg = GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
     return GPT2LMHeadModel(cfg).eval()
 

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from _tiny_models import decoder_config
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -20,18 +21,7 @@ from transformers import (
 import rlhf_fast
 
 V = 61
-SMALL = dict(
-    vocab_size=V,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+SMALL = decoder_config(V)
 
 
 def _llama():

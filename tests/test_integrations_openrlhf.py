@@ -96,10 +96,7 @@ def test_log_probs_match_openrlhf(dtype, temperature):
     for patched in (False, True):
         leaf = z0.clone().requires_grad_(True)
         z = leaf * 1  # non-leaf: the in-place division needs one
-        if patched:
-            with ro.patched():
-                lp = ou.log_probs_from_logits(z, y, temperature)
-        else:
+        with ro.patched() if patched else contextlib.nullcontext():
             lp = ou.log_probs_from_logits(z, y, temperature)
         lp.float().sum().backward()
         res.append((lp.detach().float(), z.detach().float(), leaf.grad.float(), lp.dtype))

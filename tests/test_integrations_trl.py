@@ -7,6 +7,7 @@ equal the unpatched run. Skipped when TRL is not installed."""
 import pytest
 import torch
 from _compare import assert_close
+from _tiny_models import decoder_config
 
 trl_utils = pytest.importorskip("trl.trainer.utils")
 rf_trl = pytest.importorskip("rlhf_fast.integrations.trl")
@@ -69,18 +70,7 @@ def _tiny_grpo(tmp_path, steps, patched):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
     torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
-    )
+    cfg = Qwen2Config(**decoder_config(256, max_position_embeddings=64, eos_token_id=1, bos_token_id=1))
     model = Qwen2ForCausalLM(cfg)
     model.save_pretrained(tmp_path / "tiny")  # GRPOTrainer builds the KL reference model from the policy's path
     model.config._name_or_path = str(tmp_path / "tiny")

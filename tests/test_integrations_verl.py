@@ -4,6 +4,7 @@ with the global_batch_info verl's actor loss passes; plus a Ray worker patched
 through the worker-process setup hook. Skipped when verl is not installed
 (scripts/install_integrations.sh installs it)."""
 
+import contextlib
 import os
 
 import pytest
@@ -73,29 +74,22 @@ def test_policy_loss_matches_verl(mode, gi):
     out = []
     for patched in (False, True):
         lp = lp0.clone().requires_grad_(True)
+        kw = dict(
+            old_log_prob=old,
+            log_prob=lp,
+            advantages=adv,
+            response_mask=m,
+            loss_agg_mode=mode,
+            config=cfg,
+            rollout_is_weights=None,
+        )
         if patched:
             with rv.patched():
                 fn = core_algos.get_policy_loss_fn("vanilla")
                 assert fn is not orig
-                loss, met = fn(
-                    old_log_prob=old,
-                    log_prob=lp,
-                    advantages=adv,
-                    response_mask=m,
-                    loss_agg_mode=mode,
-                    config=cfg,
-                    rollout_is_weights=None,
-                )
+                loss, met = fn(**kw)
         else:
-            loss, met = orig(
-                old_log_prob=old,
-                log_prob=lp,
-                advantages=adv,
-                response_mask=m,
-                loss_agg_mode=mode,
-                config=cfg,
-                rollout_is_weights=None,
-            )
+            loss, met = orig(**kw)
         loss.backward()
         out.append((loss.detach(), met, lp.grad))
     (l0, m0, g0), (l1, m1, g1) = out
@@ -140,21 +134,13 @@ def test_logprobs_entropy_match_verl(dtype):
     res = []
     for patched in (False, True):
         z = z0.clone().requires_grad_(True)
-        with rv.patched() if patched else _null():
+        with rv.patched() if patched else contextlib.nullcontext():
             lp = verl_F.logprobs_from_logits(z, y)
             ent = verl_F.entropy_from_logits(z)
         (lp.float().sum() + 0.3 * ent.float().sum()).backward()
         res.append((lp.detach().float(), ent.detach().float(), z.grad.float()))
     for a, b in zip(res[1], res[0]):
         assert_close(a, b, "peer", dtype=dtype)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def test_kl_penalty_left_to_verl():

@@ -13,6 +13,7 @@ torch.compile peers: compiling them would eat the lease.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -25,6 +26,8 @@ import torch
 
 import rlhf_fast
 
+from ..harness import cuda_event_times
+
 DEV = "cuda"
 
 
@@ -32,14 +35,7 @@ def timed(fn, repeat=20, warmup=3) -> dict:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
+    times = cuda_event_times(fn, repeat)
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     for _ in range(repeat):
@@ -73,6 +69,18 @@ class Writer:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    def each_backend(self, name, shape, dtype, measure, *peer, **extra):
+        """One record per GPU backend of ours: measure() -> timed(...) under
+        it; a backend that fails writes its error instead of a time."""
+        for be in ("triton", "cuda"):
+            try:
+                with rlhf_fast.use_backend(be):
+                    ours = measure()
+            except Exception as exc:
+                self(name, shape, dtype, dict(median_s=float("nan")), backend=be, error=repr(exc)[:300])
+                continue
+            self(name, shape, dtype, ours, *peer, backend=be, **extra)
+
 
 def _eager_logprobs(x, y):
     return x.float().log_softmax(-1).gather(-1, y[:, None])[:, 0]
@@ -83,29 +91,16 @@ def logprobs(w):
         x = torch.randn(N, V, device=DEV, dtype=torch.bfloat16)
         y = torch.randint(0, V, (N,), device=DEV)
         peer = timed(lambda x=x: _eager_logprobs(x, y), repeat=5) if N * V < 2**31 else None
-        for be in ("triton", "cuda"):
-            try:
-                with rlhf_fast.use_backend(be):
-                    ours = timed(lambda x=x: rlhf_fast.logprobs_from_logits(x, y, return_entropy=True))
-                w(
-                    "logprobs fwd+entropy",
-                    (N, V),
-                    "bf16",
-                    ours,
-                    peer,
-                    "eager log_softmax+gather",
-                    nbytes=N * V * 2,
-                    backend=be,
-                )
-            except Exception as exc:
-                w(
-                    "logprobs fwd+entropy",
-                    (N, V),
-                    "bf16",
-                    dict(median_s=float("nan")),
-                    backend=be,
-                    error=repr(exc)[:300],
-                )
+        fwd = functools.partial(rlhf_fast.logprobs_from_logits, x, y, return_entropy=True)
+        w.each_backend(
+            "logprobs fwd+entropy",
+            (N, V),
+            "bf16",
+            lambda f=fwd: timed(f),
+            peer,
+            "eager log_softmax+gather",
+            nbytes=N * V * 2,
+        )
         if N == 4096:
             xg = x.detach().requires_grad_()
 
@@ -117,22 +112,11 @@ def logprobs(w):
                 return torch.autograd.grad(_eager_logprobs(xg, y).sum(), xg)
 
             peer_fb = timed(eager_fb, repeat=5)
-            for be in ("triton", "cuda"):
-                try:
-                    with rlhf_fast.use_backend(be):
-                        ours = timed(ours_fb)
-                    # fwd reads N*V, bwd reads N*V and writes N*V
-                    w("logprobs fwd+bwd", (N, V), "bf16", ours, peer_fb, "eager", nbytes=3 * N * V * 2, backend=be)
-                except Exception as exc:
-                    w(
-                        "logprobs fwd+bwd",
-                        (N, V),
-                        "bf16",
-                        dict(median_s=float("nan")),
-                        backend=be,
-                        error=repr(exc)[:300],
-                    )
-        del x
+            # fwd reads N*V, bwd reads N*V and writes N*V
+            w.each_backend(
+                "logprobs fwd+bwd", (N, V), "bf16", lambda: timed(ours_fb), peer_fb, "eager", nbytes=3 * N * V * 2
+            )
+        del x, fwd  # 4.6 GiB of logits at N=16384
         torch.cuda.empty_cache()
 
 

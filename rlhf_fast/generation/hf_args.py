@@ -60,20 +60,7 @@ NEUTRAL = {
 }
 # GenerationConfig fields read here; every other non-default field must be neutral (NEUTRAL) or harmless.
 READ = (
-    "max_new_tokens",
-    "max_length",
     "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "eos_token_id",
-    "pad_token_id",
-    "num_return_sequences",
-)
-SUPPORTED = (
-    "do_sample",
-    "generation_config",
     "max_new_tokens",
     "max_length",
     "num_return_sequences",
@@ -83,8 +70,9 @@ SUPPORTED = (
     "min_p",
     "eos_token_id",
     "pad_token_id",
-    "attention_mask",
 )
+# model.generate arguments accepted: those fields, the config that carries them, the prompts' mask
+SUPPORTED = ("generation_config", *READ, "attention_mask")
 
 
 def _refuse(op: str, name: str, value) -> ValueError:

@@ -192,6 +192,11 @@ class Patcher:
 
     # -------------------------------------------------------------- API
 
+    def module_api(self) -> tuple:
+        """(register, patch, unpatch, patched, replaced): what each adapter
+        module (trl.py, verl.py, openrlhf.py) exports at its top level."""
+        return self.register, self.patch, self.unpatch, self.patched, self.replaced
+
     @property
     def active(self) -> bool:
         return bool(self._applied)

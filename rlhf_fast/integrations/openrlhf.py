@@ -111,10 +111,6 @@ TARGETS = [
 
 SUPPORTED = ("0.11.0", "0.12.0")
 _patcher = Patcher("openrlhf", TARGETS, SUPPORTED)
-register = _patcher.register
-patch = _patcher.patch
-unpatch = _patcher.unpatch
-patched = _patcher.patched
-replaced = _patcher.replaced
+register, patch, unpatch, patched, replaced = _patcher.module_api()
 
 __all__ = ["patch", "unpatch", "patched", "replaced", "register", "TARGETS", "SUPPORTED"]

@@ -93,17 +93,28 @@ def _temperature(t) -> float:
     return t
 
 
+def _logprobs_pass(mod, a, return_entropy: bool):
+    """What selective_log_softmax and its _and_entropy variant share: the
+    checks (Fallback to TRL's own otherwise), masked rows given a skipped
+    label, the temperature folded into one rlhf_fast.logprobs_from_logits
+    pass. Returns (its output, the dtype TRL would have returned)."""
+    import rlhf_fast
+
+    logits, row_mask = a["logits"], a["row_mask"]
+    _check_logits(logits)
+    labels = _labels(logits, a["index"], row_mask)
+    t = _temperature(a["temperature"])
+    dtype = torch.float32 if _trl_kernel_path(mod, logits, a["index"], row_mask) else logits.dtype
+    out = rlhf_fast.logprobs_from_logits(
+        logits, labels, temperature=t, ignore_index=NO_LABEL, return_entropy=return_entropy
+    )
+    return out, dtype
+
+
 def _make_selective_log_softmax(original, mod):
     def body(a, original):
-        import rlhf_fast
-
-        logits, row_mask = a["logits"], a["row_mask"]
-        _check_logits(logits)
-        labels = _labels(logits, a["index"], row_mask)
-        t = _temperature(a["temperature"])
-        fp32 = _trl_kernel_path(mod, logits, a["index"], row_mask)
-        lp = rlhf_fast.logprobs_from_logits(logits, labels, temperature=t, ignore_index=NO_LABEL)
-        return lp.to(torch.float32 if fp32 else logits.dtype)
+        lp, dtype = _logprobs_pass(mod, a, return_entropy=False)
+        return lp.to(dtype)
 
     return make_replacement(original, body, "trl selective_log_softmax")
 
@@ -129,16 +140,7 @@ def _make_entropy_from_logits(original, mod):
 
 def _make_selective_log_softmax_and_entropy(original, mod):
     def body(a, original):
-        import rlhf_fast
-
-        logits, row_mask = a["logits"], a["row_mask"]
-        _check_logits(logits)
-        labels = _labels(logits, a["index"], row_mask)
-        t = _temperature(a["temperature"])
-        dtype = torch.float32 if _trl_kernel_path(mod, logits, a["index"], row_mask) else logits.dtype
-        lp, ent = rlhf_fast.logprobs_from_logits(
-            logits, labels, temperature=t, ignore_index=NO_LABEL, return_entropy=True
-        )
+        (lp, ent), dtype = _logprobs_pass(mod, a, return_entropy=True)
         ent = ent.to(dtype)
         return lp.to(dtype), ent if a["entropy_requires_grad"] else ent.detach()
 
@@ -204,10 +206,6 @@ TARGETS = [
 
 SUPPORTED = ("1.16.0", "1.17.0")
 _patcher = Patcher("trl", TARGETS, SUPPORTED)
-register = _patcher.register
-patch = _patcher.patch
-unpatch = _patcher.unpatch
-patched = _patcher.patched
-replaced = _patcher.replaced
+register, patch, unpatch, patched, replaced = _patcher.module_api()
 
 __all__ = ["patch", "unpatch", "patched", "replaced", "register", "TARGETS", "SUPPORTED"]

@@ -291,10 +291,6 @@ TARGETS = [
 SUPPORTED = ("0.6.0", "0.10.0")
 _patcher = Patcher("verl", TARGETS, SUPPORTED)
 # Extra replacements (e.g. verl_vocab_parallel's) go in with register(Target(...)) before patch().
-register = _patcher.register
-patch = _patcher.patch
-unpatch = _patcher.unpatch
-patched = _patcher.patched
-replaced = _patcher.replaced
+register, patch, unpatch, patched, replaced = _patcher.module_api()
 
 __all__ = ["patch", "unpatch", "patched", "replaced", "register", "TARGETS", "SUPPORTED"]

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.vocab_parallel import vocab_parallel_logprobs
+from .. import vocab_parallel_logprobs  # package level: the ops modules' names are private
 
 __all__ = [
     "REPLACEMENTS",

@@ -1,10 +1,12 @@
 """The outer loop shared by the trainers: steps, logging, checkpoints.
 
 A subclass sets `self.stateful` (name -> object with state_dict) and
-`self.generators`, and implements `step() -> dict of metrics`.
-PPO / GRPO also set `self.updated` ((model, optimizer, scheduler) each) and
-implement `micro_step`; `update(experience)` runs the minibatch loop.
-The reward-model and DPO trainers step through `accumulate` + `optimizer_step`."""
+`self.generators`. PPO / GRPO also set `self.updated` ((model, optimizer,
+scheduler) each) and implement `make_experience` (starting from
+`rollout_and_score`) and `micro_step` (around `policy_loss`); `step` then
+runs `update(experience)`, the minibatch loop. The reward-model and DPO
+trainers implement `step() -> dict of metrics` through `accumulate` +
+`optimizer_step`."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..ops import ppo_loss
 from .common import (
     KLController,
     MetricsLogger,
@@ -21,9 +24,12 @@ from .common import (
     guarded_step,
     load_checkpoint,
     make_optimizer,
+    process_scores,
     save_checkpoint,
 )
+from .models import response_logprobs
 from .parallel import ModelState, OptimizerState, check_mode, fsdp2_shard, is_sharded
+from .rollout import ScoredRollout, correction_args, rollout, sample_prompts, score
 
 
 class Trainer:
@@ -134,6 +140,65 @@ class Trainer:
         }
         return ro, metrics, int(n_valid) > 0
 
+    def rollout_and_score(self, num_samples: int = 1) -> ScoredRollout:
+        """What PPO and GRPO share at the start of an experience: draw
+        batch_size prompts (this rank's share under torchrun), sample
+        num_samples responses each, score them, process the scores and
+        zero-weight the non-finite ones (drop_nonfinite). The caller ends
+        "time/score" (it may add its own advantage math to it)."""
+        c = self.config
+        ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
+        ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
+        ro = rollout(
+            self.policy,
+            ids,
+            mask,
+            c,
+            self.sample_gen,
+            num_samples=num_samples,
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+            sync_group=self.sync_group,
+        )
+        t0 = time.perf_counter()
+        raw = score(self.reward, ro)
+        scores, valid = process_scores(raw, c, self.moments, ro.truncated(self.eos))
+        ro, reward_metrics, any_valid = self.drop_nonfinite(ro, raw, valid)
+        return ScoredRollout(ro, raw, scores, valid, reward_metrics, any_valid, t0)
+
+    def policy_loss(self, mb, use_kl: bool):
+        """What PPO and GRPO share in a micro-batch: the policy's log-probs and
+        entropy of mb's responses (through the DDP / FSDP2 wrapper) and
+        ppo_loss on them, with the KL to mb.ref_logprobs as a loss term when
+        use_kl. Returns ppo_loss's (loss, stats)."""
+        c = self.config
+        ro = mb.rollout
+        logp, ent = response_logprobs(
+            self.policy_ddp,
+            ro.sequences,
+            ro.attention_mask,
+            ro.response_mask,
+            ro.prompt_length,
+            temperature=c.temperature,
+            return_entropy=True,
+        )
+        return ppo_loss(
+            logp,
+            mb.old_logprobs,
+            mb.advantages,
+            ro.response_mask,
+            entropy=ent,
+            ref_logprobs=mb.ref_logprobs if use_kl else None,
+            entropy_coef=c.entropy_coef,
+            kl_coef=self.kl_ctl.value if use_kl else 0.0,
+            kl_kind=c.kl_kind,
+            clip_low=c.clip_low,
+            clip_high=c.clip_high,
+            dual_clip=c.dual_clip,
+            agg=c.loss_agg,
+            **correction_args(self.rollout_correction, ro),
+        )
+
     def accumulate(self, pick: torch.Tensor, loss_fn) -> tuple[torch.Tensor, dict]:
         """What the reward-model and DPO trainers share: the rows `pick` in
         grad_accum micro-batches; loss_fn(idx) -> (loss, stats of 0-d tensors,
@@ -232,8 +297,19 @@ class Trainer:
             raise ValueError(f"autocast must be None or 'bf16', got {mode!r}")
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=mode == "bf16")
 
-    def step(self) -> dict:  # one rollout + update (PPO/GRPO) or one batch (RM/DPO)
+    def make_experience(self):  # PPO / GRPO: -> rollout.Experience
         raise NotImplementedError
+
+    def step(self) -> dict:
+        """PPO / GRPO: one rollout + update, then the adaptive KL controller
+        sees the measured KL (GRPO without a reference measures none). The
+        reward-model and DPO trainers override it with one batch."""
+        exp = self.make_experience()
+        metrics = exp.metrics
+        metrics.update(self.update(exp))
+        if "kl" in metrics:
+            self.kl_ctl.update(metrics["kl"], self.config.batch_size)
+        return metrics
 
     def train(self, steps: int | None = None) -> list[dict]:
         """Run until `steps` total steps (default config.steps), logging every

@@ -12,13 +12,12 @@ import time
 
 import torch
 
-from ..ops import group_advantages, kl_penalty, ppo_loss
+from ..ops import group_advantages, kl_penalty
 from ..reference import RolloutCorrection
 from .base import Trainer
-from .common import process_scores
 from .config import GRPOConfig
 from .models import response_logprobs
-from .rollout import CORRECTION_STATS, Experience, correction_args, mismatch_metrics, rollout, sample_prompts, score
+from .rollout import CORRECTION_STATS, Experience, mismatch_metrics
 
 
 class GRPOTrainer(Trainer):
@@ -61,23 +60,7 @@ class GRPOTrainer(Trainer):
     @torch.no_grad()
     def make_experience(self) -> Experience:
         c = self.config
-        ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
-        ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
-        ro = rollout(
-            self.policy,
-            ids,
-            mask,
-            c,
-            self.sample_gen,
-            num_samples=c.num_samples,
-            eos_token_id=self.eos,
-            pad_token_id=self.pad,
-            sync_group=self.sync_group,
-        )
-        t0 = time.perf_counter()
-        raw = score(self.reward, ro)
-        scores, valid = process_scores(raw, c, self.moments, ro.truncated(self.eos))
-        ro, reward_metrics, any_valid = self.drop_nonfinite(ro, raw, valid)
+        ro, raw, scores, valid, reward_metrics, any_valid, t0 = self.rollout_and_score(c.num_samples)
         # a NaN/inf sample takes its group's mean of valid scores, so it moves
         # neither the group's baseline; its advantage is then masked out
         scores, raw_filled = _fill_group_mean(scores, valid, c.num_samples), _fill_group_mean(raw, valid, c.num_samples)
@@ -102,46 +85,12 @@ class GRPOTrainer(Trainer):
         return Experience(ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp)
 
     def micro_step(self, mb: Experience, scale: float):
-        c = self.config
-        ro = mb.rollout
-        logp, ent = response_logprobs(
-            self.policy_ddp,
-            ro.sequences,
-            ro.attention_mask,
-            ro.response_mask,
-            ro.prompt_length,
-            temperature=c.temperature,
-            return_entropy=True,
-        )
         use_kl = mb.ref_logprobs is not None and self.kl_ctl.value > 0
-        loss, st = ppo_loss(
-            logp,
-            mb.old_logprobs,
-            mb.advantages,
-            ro.response_mask,
-            entropy=ent,
-            ref_logprobs=mb.ref_logprobs if use_kl else None,
-            entropy_coef=c.entropy_coef,
-            kl_coef=self.kl_ctl.value if use_kl else 0.0,
-            kl_kind=c.kl_kind,
-            clip_low=c.clip_low,
-            clip_high=c.clip_high,
-            dual_clip=c.dual_clip,
-            agg=c.loss_agg,
-            **correction_args(self.rollout_correction, ro),
-        )
+        loss, st = self.policy_loss(mb, use_kl)
         (loss * scale).backward()
         return loss.detach(), {
             k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl") + CORRECTION_STATS if k in st
         }
-
-    def step(self) -> dict:
-        exp = self.make_experience()
-        metrics = exp.metrics
-        metrics.update(self.update(exp))
-        if "kl" in metrics:
-            self.kl_ctl.update(metrics["kl"], self.config.batch_size)
-        return metrics
 
 
 def _fill_group_mean(x: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:

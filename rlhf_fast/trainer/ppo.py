@@ -12,22 +12,18 @@ import time
 
 import torch
 
-from ..ops import ppo_loss, ppo_value_loss
+from ..ops import ppo_value_loss
 from ..reference import RolloutCorrection
 from .base import Trainer
-from .common import make_optimizer, process_scores
+from .common import make_optimizer
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values
 from .rollout import (
     CORRECTION_STATS,
     Experience,
     advantages,
-    correction_args,
     masked_mean,
     mismatch_metrics,
-    rollout,
-    sample_prompts,
-    score,
     shaped_rewards,
 )
 
@@ -79,22 +75,7 @@ class PPOTrainer(Trainer):
     @torch.no_grad()
     def make_experience(self) -> Experience:
         c = self.config
-        ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
-        ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
-        ro = rollout(
-            self.policy,
-            ids,
-            mask,
-            c,
-            self.sample_gen,
-            eos_token_id=self.eos,
-            pad_token_id=self.pad,
-            sync_group=self.sync_group,
-        )
-        t0 = time.perf_counter()
-        raw = score(self.reward, ro)
-        scores, valid = process_scores(raw, c, self.moments, ro.truncated(self.eos))
-        ro, reward_metrics, any_valid = self.drop_nonfinite(ro, raw, valid)
+        ro, _, scores, valid, reward_metrics, any_valid, t0 = self.rollout_and_score()
         t1 = time.perf_counter()
         args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
         old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
@@ -127,35 +108,9 @@ class PPOTrainer(Trainer):
     def micro_step(self, mb: Experience, scale: float):
         c = self.config
         ro = mb.rollout
-        m = ro.response_mask
-        logp, ent = response_logprobs(
-            self.policy_ddp,
-            ro.sequences,
-            ro.attention_mask,
-            m,
-            ro.prompt_length,
-            temperature=c.temperature,
-            return_entropy=True,
-        )
-        kl_loss = not c.kl_in_reward and self.kl_ctl.value > 0
-        ploss, pst = ppo_loss(
-            logp,
-            mb.old_logprobs,
-            mb.advantages,
-            m,
-            entropy=ent,
-            ref_logprobs=mb.ref_logprobs if kl_loss else None,
-            entropy_coef=c.entropy_coef,
-            kl_coef=self.kl_ctl.value if kl_loss else 0.0,
-            kl_kind=c.kl_kind,
-            clip_low=c.clip_low,
-            clip_high=c.clip_high,
-            dual_clip=c.dual_clip,
-            agg=c.loss_agg,
-            **correction_args(self.rollout_correction, ro),
-        )
+        ploss, pst = self.policy_loss(mb, use_kl=not c.kl_in_reward and self.kl_ctl.value > 0)
         v = response_values(self.critic_ddp, ro.sequences, ro.attention_mask, ro.prompt_length)
-        vloss, vst = ppo_value_loss(v, mb.values, mb.returns, m, clip=c.value_clip, agg=c.loss_agg)
+        vloss, vst = ppo_value_loss(v, mb.values, mb.returns, ro.response_mask, clip=c.value_clip, agg=c.loss_agg)
         stats = {
             "pg_loss": pst["pg_loss"],
             "entropy": pst["entropy"],
@@ -172,10 +127,3 @@ class PPOTrainer(Trainer):
         (ploss * scale).backward()
         (vloss * scale).backward()
         return ploss.detach() + vloss.detach(), stats
-
-    def step(self) -> dict:
-        exp = self.make_experience()
-        metrics = exp.metrics
-        metrics.update(self.update(exp))
-        self.kl_ctl.update(metrics["kl"], self.config.batch_size)
-        return metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +43,18 @@ class Rollout:
         return Rollout(
             self.sequences[idx], self.attention_mask[idx], self.response_mask[idx], self.prompt_length, {}, lp
         )
+
+
+class ScoredRollout(NamedTuple):
+    """Trainer.rollout_and_score's result, (N,) per sample unless said."""
+
+    rollout: Rollout  # response_mask already cleared on the non-finite samples
+    raw: torch.Tensor  # the reward's scores as returned, NaN/inf included
+    scores: torch.Tensor  # processed (common.process_scores): clipped, normalised, penalised
+    valid: torch.Tensor  # bool: the raw score was finite
+    metrics: dict  # Trainer.drop_nonfinite's reward metrics
+    any_valid: bool  # False when no rank has a valid sample: the update is skipped
+    t_score: float  # time.perf_counter() when scoring began
 
 
 @dataclasses.dataclass
