@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 
 namespace rlhf_fast {
 
@@ -33,6 +34,23 @@ inline void check_logprobs_inputs(const at::Tensor& logits, const at::Tensor& la
 
 // fp32 results for fp32 / bf16 / fp16 logits, fp64 for fp64.
 inline at::ScalarType logprobs_acc_dtype(const at::Tensor& logits) { return acc_dtype(logits.scalar_type()); }
+
+// The forward's (A, B) outputs (log-probs, entropy, lse) in the acc dtype,
+// allocated the same way by the CPU and CUDA glue.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_outputs(const at::Tensor& logits) {
+  const auto opts = logits.options().dtype(logprobs_acc_dtype(logits));
+  const auto shape = logits.sizes().slice(0, 2);
+  return {at::empty(shape, opts), at::empty(shape, opts), at::empty(shape, opts)};
+}
+
+// The backward's grad_logits: contiguous (A, B, V) in the logits dtype,
+// whatever the logits' strides (the kernels write rows of V back to back).
+inline at::Tensor logprobs_grad_logits(const at::Tensor& logits) {
+  return at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// Labels as contiguous int64: int32 labels are widened once, here.
+inline at::Tensor logprobs_labels(const at::Tensor& labels) { return labels.to(at::kLong).contiguous(); }
 
 // The backward's (A, B) per-row inputs as contiguous acc_t tensors (an
 // expanded grad from .sum(), stride 0, becomes a real copy of A*B values).

@@ -227,12 +227,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, double temperature,
     int64_t ignore_index) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_fwd");
-  const auto opts = logits.options().dtype(logprobs_acc_dtype(logits));
-  const auto shape = logits.sizes().slice(0, 2);
-  at::Tensor lp = at::empty(shape, opts), ent = at::empty(shape, opts),
-             lse = at::empty(shape, opts);
+  at::Tensor lp, ent, lse;
+  std::tie(lp, ent, lse) = logprobs_fwd_outputs(logits);
   if (lp.numel() == 0) return {lp, ent, lse};
-  const at::Tensor y = labels.to(at::kLong).contiguous();
+  const at::Tensor y = logprobs_labels(labels);
   const int64_t* yp = y.const_data_ptr<int64_t>();
   if (logits.scalar_type() == at::kDouble) {
     fwd_rows<double, double>(logits, yp, 1.0 / temperature, ignore_index,
@@ -259,10 +257,9 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logprobs,
       logprobs_bwd_rows(grad_logprobs, grad_entropy, logits, lse, entropy);
   const at::Tensor &glp = in.grad_logprobs, &gh = in.grad_entropy,
                    &lse_c = in.lse, &ent_c = in.entropy;
-  at::Tensor dx = at::empty(logits.sizes(), logits.options().memory_format(
-                                                at::MemoryFormat::Contiguous));
+  at::Tensor dx = logprobs_grad_logits(logits);
   if (dx.numel() == 0) return dx;
-  const at::Tensor y = labels.to(at::kLong).contiguous();
+  const at::Tensor y = logprobs_labels(labels);
   const int64_t* yp = y.const_data_ptr<int64_t>();
   if (logits.scalar_type() == at::kDouble) {
     bwd_rows<double, double>(

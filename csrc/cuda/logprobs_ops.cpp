@@ -37,7 +37,6 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels,
 // gives a NaN log-prob), so this glue adds no second sync, and the op stays
 // capturable in CUDA graphs.
 
-
 // Calls f with a null T* naming the kernel's element type: at::BFloat16 and
 // at::Half are bit-identical to __nv_bfloat16 and __half (2-byte IEEE-style
 // storage), so data pointers are reinterpret_cast across.
@@ -60,13 +59,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
     int64_t ignore_index) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_fwd");
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto opts = logits.options().dtype(logprobs_acc_dtype(logits));
-  const auto shape = logits.sizes().slice(0, 2);
-  at::Tensor lp = at::empty(shape, opts), ent = at::empty(shape, opts),
-             lse = at::empty(shape, opts);
+  at::Tensor lp, ent, lse;
+  std::tie(lp, ent, lse) = logprobs_fwd_outputs(logits);
   if (lp.numel() == 0) return {lp, ent, lse};
   const int64_t A = logits.size(0), B = logits.size(1), V = logits.size(2);
-  const at::Tensor y = labels.to(at::kLong).contiguous();
+  const at::Tensor y = logprobs_labels(labels);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_logits(logits.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -91,11 +88,10 @@ at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logprobs,
       logprobs_bwd_rows(grad_logprobs, grad_entropy, logits, lse, entropy);
   const at::Tensor &glp = in.grad_logprobs, &gh = in.grad_entropy,
                    &lse_c = in.lse, &ent_c = in.entropy;
-  at::Tensor dx = at::empty(logits.sizes(), logits.options().memory_format(
-                                                at::MemoryFormat::Contiguous));
+  at::Tensor dx = logprobs_grad_logits(logits);
   if (dx.numel() == 0) return dx;
   const int64_t A = logits.size(0), B = logits.size(1), V = logits.size(2);
-  const at::Tensor y = labels.to(at::kLong).contiguous();
+  const at::Tensor y = logprobs_labels(labels);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_logits(logits.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
