@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import rlhf_fast
-from rlhf_fast.ops.vocab_parallel import vocab_parallel_logprobs
+from rlhf_fast.ops import vocab_parallel_logprobs
 
 from .harness import Record, format_table, machine_facts, peak_memory
 

@@ -133,7 +133,7 @@ def _logprobs_cases(ops):
 
 
 def _linear_cases(ops):
-    from rlhf_fast.ops.linear_logprobs import default_chunk_size
+    from rlhf_fast.ops._linear_logprobs import default_chunk_size
 
     mod = ops.linear_logprobs
     fwd, bwd = mod.linear_logprobs_fwd_triton._init_fn, mod.linear_logprobs_bwd_triton._init_fn

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.vocab_parallel import vocab_parallel_logprobs
+from ..ops import vocab_parallel_logprobs
 
 __all__ = [
     "REPLACEMENTS",

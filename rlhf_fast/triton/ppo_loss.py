@@ -13,7 +13,7 @@ per token; g is read from device memory, so nothing syncs with the host.
 
 The launchers at the end are the torch.library triton_ops
 rlhf_fast::ppo_loss_fwd_triton, ..., with the schemas of the C++ ops; their
-fakes and autograd are registered in rlhf_fast/ops/ppo_loss.py.
+fakes and autograd are registered in rlhf_fast/ops/_ppo_loss.py.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ AGG_CODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2,
 N_POLICY_PARTIALS = 9  # pg, entropy, kl, n, clip, clip_lower, approx_kl, ratio_sum, ratio_max
 # + N_RC_PARTIALS with a rollout correction (triton/rollout_correction.py)
 N_VALUE_PARTIALS = 7  # loss, n, clip, mean_r, m2_r, mean_e, m2_e
-N_BASE_STATS = 8  # ops/ppo_loss.py BASE_STATS, then rc.N_RC_STATS rollout_corr/* stats
+N_BASE_STATS = 8  # ops/_ppo_loss.py BASE_STATS, then rc.N_RC_STATS rollout_corr/* stats
 N_LOSS_STATS = N_BASE_STATS + rc.N_RC_STATS
 N_VALUE_STATS = 2  # clipfrac, explained_variance
 KL_BLOCK = 2048  # elements per kl_penalty program

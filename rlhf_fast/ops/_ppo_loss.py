@@ -2,7 +2,7 @@
 validation, backend dispatch, autograd and fake registration.
 
 Naming chain: _ppo_loss_fwd_kernel and its launcher ppo_loss_fwd_triton
-(triton/ppo_loss.py), ppo_loss_fwd_cpu (csrc/cpu/ppo_loss.cpp) ->
+(triton/ppo_loss.py), ppo_loss_fwd_cpu (csrc/cpu/ppo_policy_loss.cpp) ->
 torch.ops.rlhf_fast.ppo_loss_fwd / _bwd (and ppo_loss_fwd_triton /
 _bwd_triton) -> rlhf_fast.ppo_loss, ppo_policy_loss
 -> reference.ppo_loss -> tests/test_ppo_loss.py -> benchmarks/bench_ppo_loss.py;
@@ -12,7 +12,7 @@ Design: forward computes the per-token gradient d loss_tok / d logprobs in
 the same pass as the loss (it needs the same ratio, clip decisions and KL
 term), plus row_scale (B,), the aggregation weight of each row, so backward
 is one scale-and-cast: ~8 B per token instead of re-reading 13-21 B of
-inputs and redoing every exp (csrc/cpu/ppo_loss.cpp has the byte counts).
+inputs and redoing every exp (csrc/cpu/ppo_policy_loss.cpp has the byte counts).
 """
 
 from __future__ import annotations

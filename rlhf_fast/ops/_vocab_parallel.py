@@ -69,8 +69,8 @@ import torch.distributed as dist
 from .. import _backend
 from .._dtypes import acc_dtype
 from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_positive_float, check_same_device, check_tensor
-from .linear_logprobs import _row_chunks, default_chunk_size
-from .logprobs import _as_rows
+from ._linear_logprobs import _row_chunks, default_chunk_size
+from ._logprobs import _as_rows
 
 OP = "rlhf_fast.vocab_parallel_logprobs"
 OP_LINEAR = "rlhf_fast.vocab_parallel_linear_logprobs"
