@@ -132,7 +132,7 @@ FAMILIES = {
     "linear_logprobs": ("linear_logprobs",),
     "advantages": ("advantages",),
     "sampling": ("sampling",),
-    "ppo_loss": ("ppo_loss",),
+    "ppo_loss": ("ppo_policy_loss", "ppo_value_loss", "kl_penalty"),
 }
 
 
