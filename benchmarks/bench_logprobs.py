@@ -139,7 +139,7 @@ def _peer_fn(name, trl, compiled, gpu_peers):
 def _which(device: str) -> str:
     from rlhf_fast import _backend
 
-    return _backend.choose("logprobs_from_logits", torch.device(device), rlhf_fast.ops.logprobs.IMPLEMENTED)
+    return _backend.choose("logprobs_from_logits", torch.device(device), rlhf_fast.ops._logprobs.IMPLEMENTED)
 
 
 def main(argv=None):

@@ -36,8 +36,8 @@ _LAZY = {
     "ppo_value_loss": ".ops",
     "sample": ".ops",
     "whiten": ".ops",
-    "vocab_parallel_logprobs": ".ops.vocab_parallel",
-    "vocab_parallel_linear_logprobs": ".ops.vocab_parallel",
+    "vocab_parallel_logprobs": ".ops",
+    "vocab_parallel_linear_logprobs": ".ops",
     "RolloutCorrection": ".reference",
 }
 _SUBMODULES = {"reference", "ops", "generation", "trainer", "integrations", "demo", "cli", "bench", "triton"}

@@ -99,7 +99,7 @@ def fam_logprobs():
 
 
 def fam_sample():
-    from rlhf_fast.ops.sampling import row_params, sample_with_seeds
+    from rlhf_fast.ops._sampling import row_params, sample_with_seeds
 
     logits = torch.randn(64, 1003) * 3
     seeds = torch.arange(64, dtype=torch.int64) * 7919 + 11

@@ -8,7 +8,7 @@ from _compare import assert_close, assert_no_worse_than_eager, logit_scale, tol
 import rlhf_fast
 from rlhf_fast import _backend
 from rlhf_fast import reference as ref
-from rlhf_fast.ops.logprobs import _as_rows
+from rlhf_fast.ops._logprobs import _as_rows
 
 IGNORE = -100
 

@@ -62,7 +62,7 @@ def test_automatic_choice_on_cpu_is_cpp():
 def test_env_var_forces_a_backend(monkeypatch):
     monkeypatch.setenv(_backend.ENV_VAR, "reference")
     assert _backend.choose("x", torch.device("cpu"), ("cpp",)) == "reference"
-    from rlhf_fast.ops import logprobs as ops_logprobs
+    from rlhf_fast.ops import _logprobs as ops_logprobs
 
     calls = []
     real = ops_logprobs.reference.logprobs_from_logits
@@ -126,28 +126,97 @@ def test_import_without_extension_falls_back():
     assert "compiled extension not loaded" in out.stderr
 
 
-FAMILIES = ("logprobs", "linear_logprobs", "advantages", "sampling", "ppo_loss")
+# ops family (rlhf_fast/ops/_<family>.py) -> its Triton modules (rlhf_fast/triton/<name>.py)
+FAMILIES = {
+    "logprobs": ("logprobs",),
+    "linear_logprobs": ("linear_logprobs",),
+    "advantages": ("advantages",),
+    "sampling": ("sampling",),
+    "ppo_loss": ("ppo_policy_loss", "ppo_value_loss", "kl_penalty"),
+}
 
 
 @pytest.mark.skipif(not _backend.HAVE_TRITON, reason="triton is not importable")
 def test_every_family_is_wired_the_same_way():
-    """rlhf_fast/triton/<family>.py holds the kernels and their triton_op
-    launchers, rlhf_fast/ops/<family>.py the checks, dispatch, fakes and
+    """rlhf_fast/triton/<name>.py holds the kernels and their triton_op
+    launchers, rlhf_fast/ops/_<family>.py the checks, dispatch, fakes and
     autograd (no launcher), for every family alike."""
-    import importlib
-
     from torch._library.custom_ops import CustomOpDef
+
+    import rlhf_fast.ops as ops_pkg
+    import rlhf_fast.triton as triton_pkg
 
     def launchers(mod):
         return sorted(n for n, v in vars(mod).items() if isinstance(v, CustomOpDef))
 
-    for family in FAMILIES:
-        kernels = importlib.import_module(f"rlhf_fast.triton.{family}")
-        ops = importlib.import_module(f"rlhf_fast.ops.{family}")
-        assert launchers(kernels), f"triton/{family}.py defines no triton_op"
-        assert all(n.endswith("_triton") for n in launchers(kernels)), launchers(kernels)
-        assert launchers(ops) == [], f"ops/{family}.py defines launchers {launchers(ops)}"
-        assert "Naming chain" in ops.__doc__, f"ops/{family}.py lost its naming chain"
+    for family, kernel_modules in FAMILIES.items():
+        ops = getattr(ops_pkg, f"_{family}")
+        assert launchers(ops) == [], f"ops/_{family}.py defines launchers {launchers(ops)}"
+        assert "Naming chain" in ops.__doc__, f"ops/_{family}.py lost its naming chain"
+        for name in kernel_modules:
+            kernels = getattr(triton_pkg, name)
+            assert launchers(kernels), f"triton/{name}.py defines no triton_op"
+            assert all(n.endswith("_triton") for n in launchers(kernels)), launchers(kernels)
+
+
+def test_ops_names_are_never_modules():
+    """rlhf_fast.ops.<name> is a function or a class: the family modules are
+    private (_<family>.py), as in rlhf_fast.reference."""
+    import types
+
+    import rlhf_fast.ops as ops_pkg
+
+    public = [n for n in dir(ops_pkg) if not n.startswith("_")]
+    assert [n for n in public if isinstance(getattr(ops_pkg, n), types.ModuleType)] == []
+    assert set(ops_pkg.__all__) <= set(public)
+    assert callable(ops_pkg.ppo_loss) and callable(ops_pkg.linear_logprobs) and callable(ops_pkg.sample)
+
+
+def _naming_chain(doc: str) -> str:
+    start = doc.index("Naming chain")
+    return doc[start:].split("\n\n")[0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES) + ["vocab_parallel"])
+def test_naming_chains_are_true(family):
+    """Every file, kernel, launcher, op and function a family's "Naming
+    chain" docstring names exists, so the chain cannot go stale when a file
+    is split or renamed."""
+    import importlib
+    import os
+    import re
+
+    import rlhf_fast.reference as reference
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    ops = importlib.import_module(f"rlhf_fast.ops._{family}")
+    chain = " ".join(_naming_chain(ops.__doc__).split())
+    csrc = "".join(
+        open(os.path.join(d, f)).read()
+        for d, _, files in os.walk(os.path.join(root, "csrc"))
+        for f in files
+        if f.endswith((".cpp", ".cu", ".h", ".cuh"))
+    )
+    paths = re.findall(r"[\w/]+\.(?:py|cpp|cu)\b", chain)
+    assert paths, chain
+    for path in paths:
+        assert "/" in path, f"ops/_{family}.py: name {path} by its path from the repository root"
+        full = os.path.join(root, "rlhf_fast", path) if path.startswith("triton/") else os.path.join(root, path)
+        assert os.path.isfile(full), f"ops/_{family}.py names {path}, which does not exist"
+    for name in re.findall(r"\b(\w+_(?:cpu|cuda))\b", chain):
+        assert name in csrc or name in open(ops.__file__).read(), f"ops/_{family}.py names {name}: not found"
+    for name in re.findall(r"torch\.ops\.rlhf_fast\.(\w+)", chain):
+        assert hasattr(torch.ops.rlhf_fast, name), f"ops/_{family}.py names torch.ops.rlhf_fast.{name}"
+    for name in re.findall(r"(?<![\w.])rlhf_fast\.(\w+)", chain):
+        assert hasattr(rlhf_fast, name), f"ops/_{family}.py names rlhf_fast.{name}"
+    for name in re.findall(r"(?<![\w.])reference\.(\w+)", chain):
+        assert hasattr(reference, name), f"ops/_{family}.py names reference.{name}"
+    if _backend.HAVE_TRITON:
+        triton_modules = [importlib.import_module(f"rlhf_fast.triton.{m}") for m in FAMILIES.get(family, ())]
+        for name in re.findall(r"\b(_\w+_kernel)\b", chain):
+            assert any(hasattr(m, name) for m in triton_modules), f"ops/_{family}.py names {name}: not a kernel"
+        for name in re.findall(r"\b([a-z]\w+_triton)\b", chain):  # "_bwd_triton" abbreviates the one before
+            assert hasattr(torch.ops.rlhf_fast, name), f"ops/_{family}.py names {name}: no such triton_op"
 
 
 def test_reference_names_are_never_modules():

@@ -244,7 +244,7 @@ def test_temperature_at_dtype_limit_is_correct(dtype):
 def test_cpp_sampler_names_tiny_temperature():
     """Defect 5: the raw cpp op (what runs under torch.compile, where the
     Python per-row checks are skipped) said 'logits contain NaN'."""
-    from rlhf_fast.ops.sampling import draw_seeds
+    from rlhf_fast.ops._sampling import draw_seeds
 
     x = torch.randn(3, 5)
     temp = torch.tensor([1.0, 1e-39, 1.0], dtype=torch.float64)
@@ -329,7 +329,7 @@ def test_sample_overflowing_row_is_named():
 def test_sample_graph_path_bad_row_gives_nan_logprobs():
     """The sync-free path (Triton kernel, as on GPU) cannot raise: as documented,
     the bad row's log-probs are NaN, the other rows are untouched."""
-    from rlhf_fast.ops.sampling import draw_seeds, row_params
+    from rlhf_fast.ops._sampling import draw_seeds, row_params
 
     if not rlhf_fast._backend.HAVE_TRITON:
         pytest.skip("triton not importable")

@@ -16,7 +16,7 @@ import torch
 from _compare import assert_close, logit_scale
 
 import rlhf_fast
-from rlhf_fast.ops.sampling import draw_seeds, row_params, sample_with_seeds
+from rlhf_fast.ops._sampling import draw_seeds, row_params, sample_with_seeds
 from rlhf_fast.reference import noise_bits
 
 CONFIGS = [
@@ -280,7 +280,7 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.rlhf_fast.sample_fwd, (logits, *args, filtered))
     # the Triton op's fake kernel (opcheck cannot run the interpreter under
     # fake tensors): the shapes and dtypes of a real call
-    from rlhf_fast.ops.sampling import _fake_fwd
+    from rlhf_fast.ops._sampling import _fake_fwd
 
     with rlhf_fast.use_backend("triton"):
         real = torch.ops.rlhf_fast.sample_fwd_triton(logits, *args, True)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import rlhf_fast
-from rlhf_fast.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_logprobs
+from rlhf_fast.ops import vocab_parallel_linear_logprobs, vocab_parallel_logprobs
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _compare import assert_close, assert_no_worse_than_eager, logit_scale

@@ -133,7 +133,7 @@ def _logprobs_cases(ops):
 
 
 def _linear_cases(ops):
-    from rlhf_fast.ops.linear_logprobs import default_chunk_size
+    from rlhf_fast.ops._linear_logprobs import default_chunk_size
 
     mod = ops.linear_logprobs
     fwd, bwd = mod.linear_logprobs_fwd_triton._init_fn, mod.linear_logprobs_bwd_triton._init_fn
@@ -174,7 +174,7 @@ def _sampling_cases(ops):
 
 
 def _ppo_cases(ops):
-    m = ops.ppo_loss
+    m, value, kl_mod = ops.ppo_policy_loss, ops.ppo_value_loss, ops.kl_penalty
     out = []
 
     def policy(dt, B, T, ent, kl, dual, agg):
@@ -238,15 +238,15 @@ def _ppo_cases(ops):
             out.append(
                 (
                     f"value_loss {dt} ({B},{T}) clip={clip} {agg}",
-                    lambda a=args: m.ppo_value_loss_fwd_triton._init_fn(*a),
+                    lambda a=args: value.ppo_value_loss_fwd_triton._init_fn(*a),
                 )
             )
         for kind in ("k1", "k2", "k3", "abs") if dt == torch.float32 else ("k3",):
-            out.append((f"kl fwd {dt} {kind}", lambda t=t, k=kind: m.kl_penalty_fwd_triton._init_fn(t, t, k)))
+            out.append((f"kl fwd {dt} {kind}", lambda t=t, k=kind: kl_mod.kl_penalty_fwd_triton._init_fn(t, t, k)))
             out.append(
                 (
                     f"kl bwd {dt} {kind}",
-                    lambda t=t, k=kind, a=acc: m.kl_penalty_bwd_triton._init_fn(_m(t.shape, a), t, t, k),
+                    lambda t=t, k=kind, a=acc: kl_mod.kl_penalty_bwd_triton._init_fn(_m(t.shape, a), t, t, k),
                 )
             )
     return out
@@ -279,9 +279,23 @@ def all_cases():
     """[(description, thunk)]: each thunk calls one launcher on meta tensors."""
     import types
 
-    from rlhf_fast.triton import advantages, linear_logprobs, logprobs, ppo_loss, sampling
+    from rlhf_fast.triton import (
+        advantages,
+        kl_penalty,
+        linear_logprobs,
+        logprobs,
+        ppo_policy_loss,
+        ppo_value_loss,
+        sampling,
+    )
 
     ops = types.SimpleNamespace(
-        logprobs=logprobs, linear_logprobs=linear_logprobs, sampling=sampling, ppo_loss=ppo_loss, advantages=advantages
+        logprobs=logprobs,
+        linear_logprobs=linear_logprobs,
+        sampling=sampling,
+        ppo_policy_loss=ppo_policy_loss,
+        ppo_value_loss=ppo_value_loss,
+        kl_penalty=kl_penalty,
+        advantages=advantages,
     )
     return _logprobs_cases(ops) + _linear_cases(ops) + _sampling_cases(ops) + _ppo_cases(ops) + _advantages_cases(ops)

@@ -17,7 +17,7 @@ import dataclasses
 import torch
 
 from ..ops._common import check_int
-from ..ops.sampling import draw_seeds, row_params, sample_with_seeds
+from ..ops._sampling import draw_seeds, row_params, sample_with_seeds
 from .hf_args import check_sliding_window, warn_right_padding
 from .hf_args import resolve as resolve_hf_args
 from .static_cache import cache_kwarg, prefill_cache, static_cache_from_prefill

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import vocab_parallel_logprobs  # package level: the ops modules' names are private
+from ..ops import vocab_parallel_logprobs
 
 __all__ = [
     "REPLACEMENTS",

@@ -10,8 +10,7 @@ from typing import NamedTuple
 import torch
 
 from ..generation import generate
-from ..ops import gae, kl_penalty, whiten
-from ..ops.ppo_loss import rollout_mismatch
+from ..ops import gae, kl_penalty, rollout_mismatch, whiten
 from .models import ScalarHeadModel
 
 

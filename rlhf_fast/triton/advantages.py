@@ -13,7 +13,7 @@ sweeps over the group (mean, M2, write); groups given by id are first sorted
 (stable) by the launcher so each group is a contiguous run of a permutation.
 
 The launchers at the end are the triton_ops rlhf_fast::whiten_triton and
-rlhf_fast::group_advantages_triton; their fakes are in rlhf_fast/ops/advantages.py.
+rlhf_fast::group_advantages_triton; their fakes are in rlhf_fast/ops/_advantages.py.
 """
 
 from __future__ import annotations

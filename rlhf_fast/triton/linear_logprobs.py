@@ -21,7 +21,7 @@ kernels need either fp32 atomics ((N/BLOCK_N) * V * H of them for dW) or a
 recomputation of every logits tile per H tile (H/BLOCK_H = 32x the matmul).
 
 The launchers at the end are the triton_ops rlhf_fast::linear_logprobs_fwd_triton
-/ _bwd_triton; their fakes and autograd are in rlhf_fast/ops/linear_logprobs.py.
+/ _bwd_triton; their fakes and autograd are in rlhf_fast/ops/_linear_logprobs.py.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Backward recomputes p from the saved lse and writes d logits in one more
 sweep.
 
 The launchers at the end are the triton_ops rlhf_fast::logprobs_fwd_triton /
-_bwd_triton; their fakes and autograd are in rlhf_fast/ops/logprobs.py.
+_bwd_triton; their fakes and autograd are in rlhf_fast/ops/_logprobs.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Triton rollout correction for the fused PPO loss (triton/ppo_loss.py);
+"""Triton rollout correction for the fused PPO loss (triton/ppo_policy_loss.py);
 definitions in rlhf_fast/reference/_rollout_correction.py, C++ twin in
 csrc/include/rlhf_fast/rollout_correction.h.
 
@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NEG_INF, POS_INF, clamp_nan, load_f64, num_warps, tl_acc
+from ._common import NEG_INF, POS_INF, clamp_nan, max_nan, min_nan, num_warps, tl_acc
+from ._ppo_common import FOLD_MAX, FOLD_MIN, FOLD_SUM, fold_chunks, load_params, token_block
 
 IS_CODES = {"none": 0, "token": 1, "sequence": 2, "geometric": 3}
 RS_LEVELS = {"token": 0, "seq_sum": 1, "seq_mean": 2, "seq_max": 3}
@@ -42,12 +43,7 @@ def needs_row_pass(is_code: int, rs_level: int) -> bool:
 
 @triton.jit
 def _rollout_row_kernel(old_ptr, roll_ptr, mask_ptr, rowp_ptr, T, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    offs = c * BLOCK_T + tl.arange(0, BLOCK_T)
-    inb = offs < T
-    p = b * T + offs
-    valid = (tl.load(mask_ptr + p, mask=inb, other=0) != 0) & inb
+    b, c, p, inb, valid = token_block(mask_ptr, T, BLOCK_T)
     o = tl.load(old_ptr + p, mask=inb, other=0.0).to(ACC)
     r = tl.load(roll_ptr + p, mask=inb, other=0.0).to(ACC)
     d = tl.where(valid, o - r, 0.0)
@@ -147,12 +143,9 @@ def _rollout_corr_finish_kernel(
     PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     """One program: the rollout_corr/* stats (RC_STATS order) at stats[8:]."""
-    if PARAMS_FROM_PTR:
-        is_hi = tl.load(params_ptr + 8)
-        is_lo = tl.load(params_ptr + 9)
-    else:
-        is_hi = tl.zeros([], tl.float64) + is_hi_arg
-        is_lo = tl.zeros([], tl.float64) + is_lo_arg
+    is_hi, is_lo, _u1, _u2 = load_params(
+        params_ptr + 8, is_hi_arg, is_lo_arg, is_hi_arg, is_lo_arg, tl.float64, PARAMS_FROM_PTR
+    )
     rows = tl.arange(0, BLOCK_B)
     z = tl.zeros([BLOCK_B], tl.float64)
     N = z
@@ -182,25 +175,19 @@ def _rollout_corr_finish_kernel(
     for b0 in range(0, B, BLOCK_B):
         bb = (b0 + rows).to(tl.int64)
         live = bb < B
-        n0 = tl.zeros([BLOCK_B], tl.float64)
-        so = n0
-        sr = n0
-        lr = n0
-        rej = n0
-        for c in range(0, n_chunks):
-            q = part_ptr + (bb * n_chunks + c) * NP + OFF
-            n0 += load_f64(q + 0, live)
-            so += load_f64(q + 1, live)
-            sr += load_f64(q + 2, live)
-            lr += load_f64(q + 3, live)
-            sk3 += load_f64(q + 4, live)
-            srho2 += load_f64(q + 5, live)
-            sw += load_f64(q + 6, live)
-            mxw = tl.maximum(mxw, tl.load(q + 7, mask=live, other=NEG_INF).to(tl.float64))
-            mnw = tl.minimum(mnw, tl.load(q + 8, mask=live, other=POS_INF).to(tl.float64))
-            nh += load_f64(q + 9, live)
-            nl += load_f64(q + 10, live)
-            rej += load_f64(q + 11, live)
+        # the columns _rc_token_terms stored (from OFF on)
+        n0 = fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 0, FOLD_SUM, BLOCK_B)
+        so = fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 1, FOLD_SUM, BLOCK_B)
+        sr = fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 2, FOLD_SUM, BLOCK_B)
+        lr = fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 3, FOLD_SUM, BLOCK_B)
+        sk3 += fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 4, FOLD_SUM, BLOCK_B)
+        srho2 += fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 5, FOLD_SUM, BLOCK_B)
+        sw += fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 6, FOLD_SUM, BLOCK_B)
+        mxw = max_nan(mxw, fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 7, FOLD_MAX, BLOCK_B))
+        mnw = min_nan(mnw, fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 8, FOLD_MIN, BLOCK_B))
+        nh += fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 9, FOLD_SUM, BLOCK_B)
+        nl += fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 10, FOLD_SUM, BLOCK_B)
+        rej = fold_chunks(part_ptr, bb, live, n_chunks, NP, OFF + 11, FOLD_SUM, BLOCK_B)
         N += n0
         nrej += rej
         slr += lr

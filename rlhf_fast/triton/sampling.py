@@ -13,7 +13,7 @@ the race over the kept tokens and their mass. Noise and semantics are those
 of rlhf_fast/reference/_sampling.py.
 
 The launcher at the end is the triton_op rlhf_fast::sample_fwd_triton; its
-fake is in rlhf_fast/ops/sampling.py.
+fake is in rlhf_fast/ops/_sampling.py.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def sample_fwd_triton(
     min_p: torch.Tensor,
     filtered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (B, V); per-row parameters (B,) (ops/sampling.py row_params).
+    """logits (B, V); per-row parameters (B,) (ops/_sampling.py row_params).
     Returns tokens (B,) int64, raw and processed log-probs (B,) fp32."""
     B, V = logits.shape
     tokens = logits.new_empty((B,), dtype=torch.int64)

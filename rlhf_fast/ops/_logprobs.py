@@ -57,6 +57,23 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.reshape(sizes[0], sizes[1], V)
 
 
+# ---------------------------------------------------------------- validation
+
+
+def check_logits_labels(op: str, logits, labels, v_name: str = "V") -> None:
+    """logits (..., V) float and labels (...) int on one device; v_name
+    names the vocabulary dim in messages (V_r for a vocabulary shard)."""
+    check_tensor(op, "logits", logits, FLOAT_DTYPES)
+    check_tensor(op, "labels", labels, INDEX_DTYPES)
+    check_same_device(op, "logits", logits, labels=labels)
+    if logits.dim() < 1:
+        raise ValueError(f"{op}: logits must have a vocabulary dim (..., {v_name}), got a 0-dim tensor")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{op}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -80,15 +97,7 @@ def logprobs_from_logits(
     give 0 for both and receive no gradient; their logits are never read.
     A row containing NaN, or only -inf, gives NaN for that row alone.
     """
-    check_tensor(OP, "logits", logits, FLOAT_DTYPES)
-    check_tensor(OP, "labels", labels, INDEX_DTYPES)
-    check_same_device(OP, "logits", logits, labels=labels)
-    if logits.dim() < 1:
-        raise ValueError(f"{OP}: logits must have a vocabulary dim (..., V), got a 0-dim tensor")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
-        )
+    check_logits_labels(OP, logits, labels)
     temperature = check_temperature(OP, temperature, logits.dtype)
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     V = logits.shape[-1]

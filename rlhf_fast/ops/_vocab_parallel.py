@@ -68,9 +68,9 @@ import torch.distributed as dist
 
 from .. import _backend
 from .._dtypes import acc_dtype
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_positive_float, check_same_device, check_tensor
-from .linear_logprobs import _row_chunks, default_chunk_size
-from .logprobs import _as_rows
+from ._common import check_positive_float
+from ._linear_logprobs import _row_chunks, check_linear_inputs, default_chunk_size
+from ._logprobs import _as_rows, check_logits_labels
 
 OP = "rlhf_fast.vocab_parallel_logprobs"
 OP_LINEAR = "rlhf_fast.vocab_parallel_linear_logprobs"
@@ -413,15 +413,7 @@ def vocab_parallel_logprobs(
             raise ValueError(f"{OP}: group and vocab_start come from the DTensor; do not pass them")
         logits, labels, group, vocab_start, v_dt, rewrap = _unwrap_dtensor(OP, logits, labels, "logits")
         vocab_size = v_dt if vocab_size is None else vocab_size
-    check_tensor(OP, "logits", logits, FLOAT_DTYPES)
-    check_tensor(OP, "labels", labels, INDEX_DTYPES)
-    check_same_device(OP, "logits", logits, labels=labels)
-    if logits.dim() < 1:
-        raise ValueError(f"{OP}: logits must have a vocabulary dim (..., V_r), got a 0-dim tensor")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"{OP}: labels must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
-        )
+    check_logits_labels(OP, logits, labels, v_name="V_r")
     temperature = check_positive_float(OP, "temperature", temperature)
     layout = _layout(OP, group, vocab_start, logits.shape[-1], vocab_size, labels, validate)
     if check_labels:
@@ -551,36 +543,8 @@ def vocab_parallel_linear_logprobs(
         unwrapped = _unwrap_linear_dtensors(hidden, weight, bias, labels)
         hidden, weight, bias, labels, group, vocab_start, v_dt, rewrap = unwrapped
         vocab_size = v_dt if vocab_size is None else vocab_size
-    check_tensor(OP_LINEAR, "hidden", hidden, FLOAT_DTYPES)
-    check_tensor(OP_LINEAR, "weight", weight, FLOAT_DTYPES)
-    check_tensor(OP_LINEAR, "labels", labels, INDEX_DTYPES)
-    if bias is not None:
-        check_tensor(OP_LINEAR, "bias", bias, FLOAT_DTYPES)
-    check_same_device(OP_LINEAR, "hidden", hidden, weight=weight, labels=labels, bias=bias)
-    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"{OP_LINEAR}: need hidden (..., H) and weight (V_r, H); "
-            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
-    if torch.is_autocast_enabled(hidden.device.type):  # a matmul under autocast, as F.linear
-        dt = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
-        raise TypeError(
-            f"{OP_LINEAR}: hidden, weight and bias must share a dtype; got {hidden.dtype}, {weight.dtype}"
-            f"{'' if bias is None else ', ' + str(bias.dtype)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{OP_LINEAR}: bias must have shape (V_r,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"{OP_LINEAR}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
-            f"got {tuple(labels.shape)}"
-        )
+    hidden, weight, bias = check_linear_inputs(OP_LINEAR, hidden, weight, bias, labels, chunk_size, v_name="V_r")
     temperature = check_positive_float(OP_LINEAR, "temperature", temperature)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{OP_LINEAR}: chunk_size must be a positive int or None, got {chunk_size!r}")
     layout = _layout(OP_LINEAR, group, vocab_start, weight.shape[0], vocab_size, labels, validate)
     if check_labels:
         _check_labels_identical(OP_LINEAR, labels, layout)

@@ -2,17 +2,23 @@
 validation, backend dispatch, autograd and fake registration.
 
 Naming chain: _ppo_loss_fwd_kernel and its launcher ppo_loss_fwd_triton
-(triton/ppo_loss.py), ppo_loss_fwd_cpu (csrc/cpu/ppo_loss.cpp) ->
-torch.ops.rlhf_fast.ppo_loss_fwd / _bwd (and ppo_loss_fwd_triton /
-_bwd_triton) -> rlhf_fast.ppo_loss, ppo_policy_loss
+(triton/ppo_policy_loss.py, its rollout correction in
+triton/rollout_correction.py), ppo_loss_fwd_cpu (csrc/cpu/ppo_policy_loss.cpp)
+-> torch.ops.rlhf_fast.ppo_loss_fwd / _bwd (and ppo_loss_fwd_triton /
+ppo_loss_bwd_triton) -> rlhf_fast.ppo_loss, ppo_policy_loss
 -> reference.ppo_loss -> tests/test_ppo_loss.py -> benchmarks/bench_ppo_loss.py;
-likewise ppo_value_loss_fwd and kl_penalty_fwd / _bwd.
+likewise _ppo_value_loss_fwd_kernel / ppo_value_loss_fwd_triton
+(triton/ppo_value_loss.py), ppo_value_loss_fwd_cpu
+(csrc/cpu/ppo_value_loss.cpp) -> rlhf_fast.ppo_value_loss ->
+reference.ppo_value_loss, and _kl_penalty_fwd_kernel / kl_penalty_fwd_triton
+(triton/kl_penalty.py), kl_penalty_fwd_cpu (csrc/cpu/kl_penalty.cpp) ->
+rlhf_fast.kl_penalty -> reference.kl_penalty.
 
 Design: forward computes the per-token gradient d loss_tok / d logprobs in
 the same pass as the loss (it needs the same ratio, clip decisions and KL
 term), plus row_scale (B,), the aggregation weight of each row, so backward
 is one scale-and-cast: ~8 B per token instead of re-reading 13-21 B of
-inputs and redoing every exp (csrc/cpu/ppo_loss.cpp has the byte counts).
+inputs and redoing every exp (csrc/cpu/ppo_policy_loss.cpp has the byte counts).
 """
 
 from __future__ import annotations
@@ -455,15 +461,18 @@ if _backend.has_cpp():
 
 
 if _backend.HAVE_TRITON:
-    from ..triton import ppo_loss as kernels  # registers the *_triton ops
+    # importing registers the *_triton ops
+    from ..triton import kl_penalty as kl_kernels
+    from ..triton import ppo_policy_loss as policy_kernels
+    from ..triton import ppo_value_loss as value_kernels
 
-    assert (kernels.N_LOSS_STATS, kernels.N_VALUE_STATS) == (len(LOSS_STATS), len(VALUE_STATS))
-    kernels.ppo_loss_fwd_triton.register_autograd(
-        _make_loss_backward(kernels.ppo_loss_bwd_triton), setup_context=_loss_setup_context
+    assert (policy_kernels.N_LOSS_STATS, value_kernels.N_VALUE_STATS) == (len(LOSS_STATS), len(VALUE_STATS))
+    policy_kernels.ppo_loss_fwd_triton.register_autograd(
+        _make_loss_backward(policy_kernels.ppo_loss_bwd_triton), setup_context=_loss_setup_context
     )
-    kernels.ppo_value_loss_fwd_triton.register_autograd(
-        _make_value_backward(kernels.ppo_loss_bwd_triton), setup_context=_value_setup_context
+    value_kernels.ppo_value_loss_fwd_triton.register_autograd(
+        _make_value_backward(policy_kernels.ppo_loss_bwd_triton), setup_context=_value_setup_context
     )
-    kernels.kl_penalty_fwd_triton.register_autograd(
-        _make_kl_backward(kernels.kl_penalty_bwd_triton), setup_context=_kl_setup_context
+    kl_kernels.kl_penalty_fwd_triton.register_autograd(
+        _make_kl_backward(kl_kernels.kl_penalty_bwd_triton), setup_context=_kl_setup_context
     )

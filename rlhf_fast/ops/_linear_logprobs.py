@@ -53,6 +53,48 @@ def default_chunk_size(N: int, V: int, device: torch.device) -> int:
     return max(1, min(rows, N))
 
 
+# ---------------------------------------------------------------- validation
+
+
+def check_linear_inputs(op: str, hidden, weight, bias, labels, chunk_size, v_name: str = "V"):
+    """hidden (..., H), weight (v_name, H), bias (v_name,) or None of one
+    float dtype, labels (...) int, all on one device; chunk_size None or > 0.
+    Returns (hidden, weight, bias), under torch.autocast cast to its dtype:
+    the op is then a matmul and runs as F.linear would (the casts are
+    autograd-tracked). v_name names the vocabulary dim (V_r for a shard)."""
+    check_tensor(op, "hidden", hidden, FLOAT_DTYPES)
+    check_tensor(op, "weight", weight, FLOAT_DTYPES)
+    check_tensor(op, "labels", labels, INDEX_DTYPES)
+    if bias is not None:
+        check_tensor(op, "bias", bias, FLOAT_DTYPES)
+    check_same_device(op, "hidden", hidden, weight=weight, labels=labels, bias=bias)
+    if hidden.dim() < 1:
+        raise ValueError(f"{op}: hidden must have a feature dim (..., H), got a 0-dim tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D ({v_name}, H), got shape {tuple(weight.shape)}")
+    H, V = hidden.shape[-1], weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"{op}: weight has H={weight.shape[1]} columns but hidden has H={H} features")
+    if torch.is_autocast_enabled(hidden.device.type):
+        dt = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; cast one")
+    if bias is not None:
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"{op}: bias must have shape ({v_name},) = ({V},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{op}: bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}; cast one")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{op}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    return hidden, weight, bias
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -82,41 +124,10 @@ def linear_logprobs(
     budget (24 MiB of logits per chunk on CPU, 256 MiB on GPU).
     H = 0 is allowed: the logits are then the bias (0 without one).
     """
-    check_tensor(OP, "hidden", hidden, FLOAT_DTYPES)
-    check_tensor(OP, "weight", weight, FLOAT_DTYPES)
-    check_tensor(OP, "labels", labels, INDEX_DTYPES)
-    if bias is not None:
-        check_tensor(OP, "bias", bias, FLOAT_DTYPES)
-    check_same_device(OP, "hidden", hidden, weight=weight, labels=labels, bias=bias)
-    if hidden.dim() < 1:
-        raise ValueError(f"{OP}: hidden must have a feature dim (..., H), got a 0-dim tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"{OP}: weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
-    H = hidden.shape[-1]
-    V = weight.shape[0]
-    if weight.shape[1] != H:
-        raise ValueError(f"{OP}: weight has H={weight.shape[1]} columns but hidden has H={H} features")
-    if torch.is_autocast_enabled(hidden.device.type):
-        # Under torch.autocast this op is a matmul: run it in the autocast
-        # dtype, as F.linear would (the casts are autograd-tracked).
-        dt = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{OP}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}; cast one")
-    if bias is not None:
-        if tuple(bias.shape) != (V,):
-            raise ValueError(f"{OP}: bias must have shape (V,) = ({V},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"{OP}: bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}; cast one")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"{OP}: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
-        )
+    hidden, weight, bias = check_linear_inputs(OP, hidden, weight, bias, labels, chunk_size)
+    H, V = hidden.shape[-1], weight.shape[0]
     temperature = check_temperature(OP, temperature, hidden.dtype)
     ignore_index = check_int(OP, "ignore_index", ignore_index)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{OP}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if V == 0 and labels.numel() > 0:
         raise ValueError(f"{OP}: weight has an empty vocabulary dim (V=0)")
     if host_value_checks(hidden.device):

@@ -2,13 +2,15 @@
 backend dispatch and fake (meta) registration. No autograd: advantages are
 constants in PPO, so the ops have no backward.
 
-Naming chain: gae_cpu (csrc/cpu/advantages.cpp), gae_cuda
-(csrc/cuda/advantages_ops.cpp -> advantages.cu) -> torch.ops.rlhf_fast.gae ->
-rlhf_fast.gae -> reference.gae -> tests/test_advantages.py ->
-benchmarks/bench_advantages.py; likewise discounted_returns, whiten
-(+ _whiten_*_kernel, rlhf_fast::whiten_triton) and group_advantages
-(+ _group_advantages_fwd_kernel, rlhf_fast::group_advantages_triton), their
-kernels and launchers in triton/advantages.py.
+Naming chain: gae_cpu (csrc/cpu/advantages_gae.cpp), gae_cuda
+(csrc/cuda/advantages_ops.cpp -> csrc/cuda/advantages.cu) ->
+torch.ops.rlhf_fast.gae -> rlhf_fast.gae -> reference.gae ->
+tests/test_advantages.py -> benchmarks/bench_advantages.py; likewise
+discounted_returns (discounted_returns_cpu beside gae_cpu), whiten
+(whiten_cpu in csrc/cpu/advantages_norm.cpp, _whiten_stats_kernel /
+_whiten_merge_kernel / _whiten_apply_kernel and their launcher whiten_triton)
+and group_advantages (group_advantages_cpu, _group_advantages_fwd_kernel,
+group_advantages_triton), kernels and launchers in triton/advantages.py.
 
 Dtypes: rewards / values / x / scores float32, bfloat16, float16 or float64;
 outputs float32, or float64 when an input is float64 (the reference-grade

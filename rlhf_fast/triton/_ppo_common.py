@@ -1,0 +1,125 @@
+"""What the Triton PPO-loss modules share (ppo_policy_loss.py,
+ppo_value_loss.py, rollout_correction.py; the C++ twin is
+csrc/cpu/ppo_glue.h): the (B, T) token block a forward program owns, the
+fp64 scalars, the per-chunk partials the epilogues fold, the aggregation's
+per-row scale, block sizes and the forward's outputs.
+
+Layout of a forward: grid (B, cdiv(T, BLOCK_T)); program (b, c) writes one
+row of NP partial sums at part[b, c, :], no atomics; a one-program epilogue
+folds them in chunk order, in fp64, so every run gives the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dtypes import acc_dtype
+from ._common import NEG_INF, POS_INF, load_f64, max_nan, min_nan
+
+AGG_CODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum-norm": 3}
+# fold_chunks reductions
+FOLD_SUM: tl.constexpr = tl.constexpr(0)
+FOLD_MAX: tl.constexpr = tl.constexpr(1)
+FOLD_MIN: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def token_block(mask_ptr, T, BLOCK_T: tl.constexpr):
+    """Program (b, c)'s slice of a (B, T) row: (b, c, flat offsets p, in
+    bounds, valid = in bounds and mask != 0)."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = offs < T
+    p = b * T + offs
+    valid = (tl.load(mask_ptr + p, mask=inb, other=0) != 0) & inb
+    return b, c, p, inb, valid
+
+
+@triton.jit
+def load_params(params_ptr, a0, a1, a2, a3, ACC: tl.constexpr, FROM_PTR: tl.constexpr):
+    # Python floats reach a kernel as fp32; float64 math (tests, gradcheck)
+    # needs the exact fp64 bounds, so it passes them in a tensor instead.
+    if FROM_PTR:
+        return tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2), tl.load(params_ptr + 3)
+    else:
+        z = tl.zeros([], ACC)  # (a Python float under the interpreter, a fp32 scalar compiled)
+        return z + a0, z + a1, z + a2, z + a3
+
+
+@triton.jit
+def fold_chunks(
+    part_ptr, bb, live, n_chunks,
+    NP: tl.constexpr, COL: tl.constexpr, OP: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """Column COL of the (B, n_chunks, NP) partials folded over each row's
+    chunks in chunk order, in fp64, for the BLOCK_B rows bb: the sum
+    (FOLD_SUM; 0 past B), or the NaN-keeping max / min (FOLD_MAX / FOLD_MIN;
+    -inf / +inf past B)."""
+    if OP == 0:
+        t = tl.zeros([BLOCK_B], tl.float64)
+    elif OP == 1:
+        t = tl.full([BLOCK_B], NEG_INF, tl.float64)
+    else:
+        t = tl.full([BLOCK_B], POS_INF, tl.float64)
+    for c in range(0, n_chunks):
+        q = part_ptr + (bb * n_chunks + c) * NP + COL
+        if OP == 0:
+            t += load_f64(q, live)
+        elif OP == 1:
+            t = max_nan(t, tl.load(q, mask=live, other=NEG_INF).to(tl.float64))
+        else:
+            t = min_nan(t, tl.load(q, mask=live, other=POS_INF).to(tl.float64))
+    return t
+
+
+@triton.jit
+def row_counts(part_ptr, B, n_chunks, NP: tl.constexpr, COL: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(valid tokens, non-empty rows) of the batch, from column COL (the count)
+    of the (B, n_chunks, NP) partials: the first pass of both epilogues, which
+    need the totals before any row's aggregation weight."""
+    rows = tl.arange(0, BLOCK_B)
+    N = tl.zeros([BLOCK_B], tl.float64)
+    S = tl.zeros([BLOCK_B], tl.float64)
+    for b0 in range(0, B, BLOCK_B):
+        bb = (b0 + rows).to(tl.int64)
+        n_b = fold_chunks(part_ptr, bb, bb < B, n_chunks, NP, COL, FOLD_SUM, BLOCK_B)
+        N += n_b
+        S += (n_b > 0).to(tl.float64)
+    return tl.sum(N, axis=0), tl.sum(S, axis=0)
+
+
+@triton.jit
+def agg_row_scale(agg: tl.constexpr, n_b, N, S, norm):
+    """Each row's aggregation weight (AGG_CODES), from its valid tokens n_b
+    and the batch's N tokens and S non-empty rows."""
+    if agg == 0:
+        s = tl.where(n_b >= 0, tl.where(N > 0, 1.0 / tl.maximum(N, 1.0), 0.0), 0.0)
+    elif agg == 1:
+        s = tl.where(n_b > 0, 1.0 / tl.maximum(S, 1.0), 0.0)
+    elif agg == 2:
+        s = tl.where(n_b > 0, 1.0 / (tl.maximum(S, 1.0) * tl.maximum(n_b, 1.0)), 0.0)
+    else:
+        s = tl.where(n_b >= 0, 1.0 / norm, 0.0)
+    return s
+
+
+def block_t(T: int) -> int:
+    # 2048 tokens x 5 fp32 inputs = 40 KB per program in flight: enough
+    # bytes to stream at full bandwidth, few enough registers at 8 warps.
+    return max(16, min(2048, triton.next_power_of_2(max(T, 1))))
+
+
+def block_b(B: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(max(B, 1))))
+
+
+def loss_outputs(x: torch.Tensor, n_stats: int):
+    """(loss, stats, dtok, row_scale) of a (B, T) loss forward, in the
+    accumulation dtype: loss and stats zeroed (an empty batch returns them)."""
+    (B, T), acc = x.shape, acc_dtype(x.dtype)
+    loss = torch.zeros((), dtype=acc, device=x.device)
+    stats = torch.zeros((n_stats,), dtype=acc, device=x.device)
+    return loss, stats, x.new_empty((B, T), dtype=acc), x.new_empty((B,), dtype=acc)
