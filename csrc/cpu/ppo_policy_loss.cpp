@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -63,7 +64,8 @@ struct PolicyTok {
   V dtok, loss, kl, n, clip, low, akl, r;
 };
 
-// w_t: the rollout-correction weight (stop-gradient) of the clipped term;
+// w_t: the rollout-correction weight (stop-gradient) of the clipped term
+// (1 when no importance weighting is asked for: an exact multiply);
 // it scales the token's policy loss and its gradient, not the KL term.
 template <typename V, int KL, bool DUAL, bool HAS_W, typename acc_t>
 RLHF_FAST_INLINE PolicyTok<V> policy_tok(mask_of<V> valid, V lp_t, V old_t, V adv_t, V ref_t, V w_t,
@@ -105,73 +107,173 @@ RLHF_FAST_INLINE PolicyTok<V> policy_tok(mask_of<V> valid, V lp_t, V old_t, V ad
 
 constexpr int64_t kBlock = 256;  // tokens per acc_t partial sum, then fp64
 
-// One row: dtok and the row sums (the masked entropy's too, when given).
-template <typename acc_t, int KL, bool DUAL, bool HAS_W>
+// One row's inputs (acc_t rows; ref / ent / roll may be null) and outputs.
+template <typename acc_t>
+struct RowIO {
+  const acc_t *lp, *old, *adv, *ref, *ent, *roll;
+  const uint8_t* mk;
+  acc_t* dtok;
+  uint8_t* keep;  // the mask after rejection (backward's entropy gradient), or null
+  PolicyRow* out;
+  rc::Row* rc_out;
+};
+
+constexpr int kRcSums = 10;  // n0, s_old, s_roll, s_lr, s_k3, s_rho2, s_w, n_high, n_low, n_rej
+
+// v's lanes added to the kPolicyLanes accumulator in token order: a 16-lane
+// vector (the AVX-512 copy) adds its low then its high half, exactly what
+// two 8-lane steps add, so every copy sums in the same order.
+using vf8 = PV::f;
+template <typename V>
+RLHF_FAST_INLINE void add8(vf8& s, V v) {
+  if constexpr (sizeof(V) == sizeof(vf8)) {
+    s += v;
+  } else {
+    s += __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    s += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+}
+template <bool MAX, typename V>
+RLHF_FAST_INLINE void ext8(vf8& m, V v) {  // running max (MAX) / min, NaN ignored
+  if constexpr (sizeof(V) == sizeof(vf8)) {
+    m = MAX ? (v > m ? v : m) : (v < m ? v : m);
+  } else {
+    ext8<MAX>(m, vf8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)));
+    ext8<MAX>(m, vf8(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
+  }
+}
+
+// One row: dtok and the row sums (the masked entropy's too, when given);
+// with RC the rollout correction in the same token loop (rc::token): its
+// weight scales the clipped term, rejected tokens leave the loss, and the
+// rollout_corr/* row sums come out of the same pass.
+template <typename acc_t, int KL, bool DUAL, bool RC>
 struct PolicyRowKernel {
-  template <int W>  // ignored: kPolicyLanes for every copy
-  static RLHF_FAST_INLINE void run(const acc_t* lp, const acc_t* old, const acc_t* adv, const acc_t* ref,
-                                   const acc_t* wt, const acc_t* ent, const uint8_t* mk, int64_t T,
-                                   PolicyCfg<acc_t> c, acc_t* dtok, PolicyRow* out) {
+  template <int W>  // the fp32 copy computes max(W, 8) lanes at once and sums in kPolicyLanes
+  static RLHF_FAST_INLINE void run(const RowIO<acc_t>* io, int64_t T, PolicyCfg<acc_t> c,
+                                   const rc::RowCfg<acc_t>* rcc) {
+    const acc_t *lp = io->lp, *old = io->old, *adv = io->adv, *ref = io->ref, *ent = io->ent, *roll = io->roll;
+    const uint8_t* mk = io->mk;
+    acc_t* dtok = io->dtok;
+    uint8_t* keep = io->keep;
     // acc[7]: the masked entropy sum, in the same lanes and order, so it too
     // is the same in every copy
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, rmax = 0;  // ratios are > 0: 0 is the max identity
+    double racc[kRcSums] = {}, rmx = -INFINITY, rmn = INFINITY;
     int64_t t = 0;
     if constexpr (std::is_same_v<acc_t, float>) {
-      using vf = PV::f;
-      constexpr int kL = kPolicyLanes, kBytes = kL * sizeof(float);
-      while (t + kL <= T) {
-        vf s[8] = {}, m = {};
-        for (int64_t t_end = std::min(T, t + kBlock); t + kL <= t_end; t += kL) {
-          vf lpv, oldv, advv, refv = {}, wv = {};
-          PV::b mv;
-          std::memcpy(&lpv, lp + t, kBytes), std::memcpy(&oldv, old + t, kBytes);
-          std::memcpy(&advv, adv + t, kBytes);
-          if (KL != kNone) std::memcpy(&refv, ref + t, kBytes);
-          if (HAS_W) std::memcpy(&wv, wt + t, kBytes);
-          std::memcpy(&mv, mk + t, kL);
-          const PV::i valid = __builtin_convertvector(mv, PV::i) != 0;
-          const auto k = policy_tok<vf, KL, DUAL, HAS_W>(valid, lpv, oldv, advv, refv, wv, c);
-          std::memcpy(dtok + t, &k.dtok, kBytes);
-          s[0] += k.loss, s[1] += k.kl, s[2] += k.n, s[3] += k.clip, s[4] += k.low, s[5] += k.akl, s[6] += k.r;
-          m = k.r > m ? k.r : m;
-          if (ent) {
-            vf ev;
-            std::memcpy(&ev, ent + t, kBytes);
-            s[7] += sel<vf>(valid, ev, vf{});
+      constexpr int kL = kPolicyLanes;
+      vf8 s[8], m, q[kRcSums], qmx, qmn;
+      // One lane group of N tokens at t.
+      auto step = [&](auto n_tag) RLHF_FAST_INLINE_LAMBDA {
+        constexpr int N = decltype(n_tag)::value;
+        using VV = Vec<N>;
+        using vf = typename VV::f;
+        constexpr int kBytes = N * sizeof(float);
+        vf lpv, oldv, advv, refv = {}, wv = {};
+        typename VV::b mv;
+        std::memcpy(&lpv, lp + t, kBytes), std::memcpy(&oldv, old + t, kBytes);
+        std::memcpy(&advv, adv + t, kBytes);
+        if (KL != kNone) std::memcpy(&refv, ref + t, kBytes);
+        std::memcpy(&mv, mk + t, N);
+        mask_of<vf> valid = __builtin_convertvector(mv, typename VV::i) != 0;
+        if constexpr (RC) {
+          vf rv;
+          std::memcpy(&rv, roll + t, kBytes);
+          const auto r = rc::token<vf>(valid, oldv, rv, *rcc);
+          valid = r.keep, wv = r.w;  // rejected tokens leave the loss, its counts and the aggregation
+          add8(q[0], r.n0), add8(q[1], r.o), add8(q[2], r.r), add8(q[3], r.d), add8(q[4], r.k3);
+          add8(q[5], r.rho2), add8(q[6], r.wsum), add8(q[7], r.high), add8(q[8], r.low), add8(q[9], r.rej);
+          ext8<true>(qmx, r.wmax), ext8<false>(qmn, r.wmin);
+          if (keep) {
+            const typename VV::b kb = __builtin_convertvector(valid & 1, typename VV::b);
+            std::memcpy(keep + t, &kb, N);
           }
         }
+        const auto k = policy_tok<vf, KL, DUAL, RC>(valid, lpv, oldv, advv, refv, wv, c);
+        std::memcpy(dtok + t, &k.dtok, kBytes);
+        add8(s[0], k.loss), add8(s[1], k.kl), add8(s[2], k.n), add8(s[3], k.clip), add8(s[4], k.low);
+        add8(s[5], k.akl), add8(s[6], k.r);
+        ext8<true>(m, k.r);
+        if (ent) {
+          vf ev;
+          std::memcpy(&ev, ent + t, kBytes);
+          add8(s[7], sel<vf>(valid, ev, vf{}));
+        }
+        t += N;
+      };
+      // 8 lanes on AVX-512 too: at 16, GCC 12 scalarised the nested selects
+      // of policy_tok (a test-and-branch per lane; 28 vs 11 ns / token).
+      constexpr int kWide = kL;
+      const vf8 inf = bcast<vf8>(INFINITY);
+      while (t + kL <= T) {
+        for (auto& v : s) v = vf8{};
+        for (auto& v : q) v = vf8{};
+        m = vf8{}, qmx = -inf, qmn = inf;
+        const int64_t t_end = std::min(T, t + kBlock);
+        while (t + kWide <= t_end) step(std::integral_constant<int, kWide>{});
+        if (kWide != kL && t + kL <= t_end) step(std::integral_constant<int, kL>{});
         for (int j = 0; j < 8; ++j) {
           float sum = 0;
           for (int l = 0; l < kL; ++l) sum += s[j][l];
           acc[j] += sum;
         }
         for (int l = 0; l < kL; ++l) rmax = m[l] > rmax ? m[l] : rmax;
+        if constexpr (RC) {
+          for (int j = 0; j < kRcSums; ++j) {
+            float sum = 0;
+            for (int l = 0; l < kL; ++l) sum += q[j][l];
+            racc[j] += sum;
+          }
+          for (int l = 0; l < kL; ++l) {
+            rmx = qmx[l] > rmx ? qmx[l] : rmx;
+            rmn = qmn[l] < rmn ? qmn[l] : rmn;
+          }
+        }
       }
     }
     for (; t < T; ++t) {  // tail (and the whole fp64 row)
-      const auto k = policy_tok<acc_t, KL, DUAL, HAS_W>(mk[t] != 0, lp[t], old[t], adv[t],
-                                                        KL != kNone ? ref[t] : acc_t(0), HAS_W ? wt[t] : acc_t(1), c);
+      bool valid = mk[t] != 0;
+      acc_t w = 1;
+      if constexpr (RC) {
+        const auto r = rc::token<acc_t>(valid, old[t], roll[t], *rcc);
+        valid = r.keep, w = r.w;
+        const acc_t terms[kRcSums] = {r.n0, r.o, r.r, r.d, r.k3, r.rho2, r.wsum, r.high, r.low, r.rej};
+        for (int j = 0; j < kRcSums; ++j) racc[j] += double(terms[j]);
+        rmx = double(r.wmax) > rmx ? double(r.wmax) : rmx;
+        rmn = double(r.wmin) < rmn ? double(r.wmin) : rmn;
+        if (keep) keep[t] = valid;
+      }
+      const auto k = policy_tok<acc_t, KL, DUAL, RC>(valid, lp[t], old[t], adv[t],
+                                                     KL != kNone ? ref[t] : acc_t(0), w, c);
       dtok[t] = k.dtok;
       acc[0] += double(k.loss), acc[1] += double(k.kl), acc[2] += double(k.n), acc[3] += double(k.clip);
       acc[4] += double(k.low), acc[5] += double(k.akl), acc[6] += double(k.r);
       rmax = double(k.r) > rmax ? double(k.r) : rmax;
-      if (ent && mk[t] != 0) acc[7] += double(ent[t]);
+      if (ent && valid) acc[7] += double(ent[t]);
     }
+    PolicyRow* out = io->out;
     out->pg = acc[0], out->kl = acc[1], out->n = acc[2], out->clip = acc[3], out->lower = acc[4];
     out->akl = acc[5], out->rsum = acc[6], out->rmax = rmax, out->ent = acc[7];
+    if constexpr (RC) {
+      rc::Row& o = *io->rc_out;
+      o.n0 = racc[0], o.s_old = racc[1], o.s_roll = racc[2], o.s_lr = racc[3], o.s_k3 = racc[4];
+      o.s_rho2 = racc[5], o.s_w = racc[6], o.n_high = racc[7], o.n_low = racc[8], o.n_rej = racc[9];
+      o.max_w = rmx, o.min_w = rmn;
+    }
   }
 };
 
-// The compile-time variants of the row kernel: KL kind x dual clip x rollout weights.
+// The compile-time variants of the row kernel: KL kind x dual clip x rollout correction.
 template <typename acc_t, typename... A>
-void policy_row(int kl, bool dual, bool has_w, A&&... args) {
-  auto with_w = [&](auto K, auto D) {
-    if (has_w) isa_call<PolicyRowKernel<acc_t, decltype(K)::value, decltype(D)::value, true>>(args...);
+void policy_row(int kl, bool dual, bool has_rc, A&&... args) {
+  auto with_rc = [&](auto K, auto D) {
+    if (has_rc) isa_call<PolicyRowKernel<acc_t, decltype(K)::value, decltype(D)::value, true>>(args...);
     else isa_call<PolicyRowKernel<acc_t, decltype(K)::value, decltype(D)::value, false>>(args...);
   };
   auto with_dual = [&](auto K) {
-    if (dual) with_w(K, std::true_type{});
-    else with_w(K, std::false_type{});
+    if (dual) with_rc(K, std::true_type{});
+    else with_rc(K, std::false_type{});
   };
   switch (kl) {
     case kK1: return with_dual(std::integral_constant<int, kK1>{});
@@ -182,21 +284,63 @@ void policy_row(int kl, bool dual, bool has_w, A&&... args) {
   }
 }
 
-// Rollout correction of one row. The row pass reads old / rollout once
-// more (row in L1/L2: 2 x 16 KB at T = 4096 fp32) before the weights pass.
-template <typename acc_t>
-struct RcRowKernel {
-  template <int W>
-  static RLHF_FAST_INLINE void run(const acc_t* old, const acc_t* roll, const uint8_t* mk, int64_t T,
-                                   const rc::Cfg* c, acc_t* w, uint8_t* keep, rc::Row* out) {
-    acc_t row_raw = 1;
-    bool row_pass = true;
-    if (c->needs_row_pass()) {
-      const rc::RowStats s = rc::row_stats(old, roll, mk, T);
-      row_raw = acc_t(rc::row_raw_weight(*c, s));
-      row_pass = rc::row_passes(*c, s);
+// The row pass of the sequence / geometric levels and the sequence
+// rejection options: one read of old / rollout / mask (16 KB each at
+// T = 4096 fp32, so the token loop then finds them in L1/L2), no exp unless
+// a k3 statistic is asked for. fp32 on kPolicyLanes explicit lanes (the
+// omp simd loop of rc::row_stats cost ~4 ns / token, 1 ms at (64, 4096));
+// fp64 rows take rc::row_stats.
+template <bool K3>
+RLHF_FAST_INLINE rc::RowStats row_stats8(const float* old, const float* roll, const uint8_t* mk, int64_t T) {
+  constexpr int kL = kPolicyLanes;
+  rc::RowStats out;
+  int64_t t = 0;
+  const vf8 zero = vf8{}, one = bcast<vf8>(1), lo20 = bcast<vf8>(-20), hi20 = bcast<vf8>(20);
+  while (t + kL <= T) {
+    vf8 n{}, lr{}, k1{}, k2{}, k3{}, m2{}, m3{};  // k2, k3 >= 0: 0 is their max identity
+    for (const int64_t t_end = std::min(T, t + kBlock); t + kL <= t_end; t += kL) {
+      vf8 o, r;
+      PV::b mv;
+      std::memcpy(&o, old + t, sizeof(o)), std::memcpy(&r, roll + t, sizeof(r)), std::memcpy(&mv, mk + t, kL);
+      const PV::i valid = __builtin_convertvector(mv, PV::i) != 0;
+      const vf8 d = sel<vf8>(valid, o - r, zero), c = clampv(d, lo20, hi20);
+      const vf8 q2 = bcast<vf8>(0.5) * c * c;
+      n += sel<vf8>(valid, one, zero), lr += d, k1 -= c, k2 += q2;
+      m2 = q2 > m2 ? q2 : m2;
+      if constexpr (K3) {
+        const vf8 q3 = exp_pm20(c) - one - c;
+        k3 += q3, m3 = q3 > m3 ? q3 : m3;
+      }
     }
-    rc::weights_row(old, roll, mk, T, *c, row_raw, row_pass, w, keep, *out);
+    float sn = 0, slr = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int l = 0; l < kL; ++l) {
+      sn += n[l], slr += lr[l], s1 += k1[l], s2 += k2[l], s3 += k3[l];
+      out.mx[2] = double(m2[l]) > out.mx[2] ? double(m2[l]) : out.mx[2];
+      out.mx[3] = double(m3[l]) > out.mx[3] ? double(m3[l]) : out.mx[3];
+    }
+    out.n += sn, out.lr += slr, out.k[1] += s1, out.k[2] += s2, out.k[3] += s3;
+  }
+  for (; t < T; ++t) {
+    if (mk[t] == 0) continue;
+    const double d = double(old[t] - roll[t]);
+    const float c = clampv(old[t] - roll[t], -20.f, 20.f);
+    const float q2 = 0.5f * c * c, q3 = K3 ? exp_pm20(c) - 1.f - c : 0.f;
+    out.n += 1, out.lr += d, out.k[1] -= c, out.k[2] += q2, out.k[3] += q3;
+    out.mx[2] = double(q2) > out.mx[2] ? double(q2) : out.mx[2];
+    out.mx[3] = double(q3) > out.mx[3] ? double(q3) : out.mx[3];
+  }
+  return out;
+}
+
+template <typename acc_t>
+struct RcRowPass {
+  template <int W>
+  static RLHF_FAST_INLINE rc::RowStats run(const acc_t* old, const acc_t* roll, const uint8_t* mk, int64_t T,
+                                           bool k3) {
+    if constexpr (std::is_same_v<acc_t, float>)
+      return k3 ? row_stats8<true>(old, roll, mk, T) : row_stats8<false>(old, roll, mk, T);
+    else
+      return k3 ? rc::row_stats<true>(old, roll, mk, T) : rc::row_stats<false>(old, roll, mk, T);
   }
 };
 
@@ -208,23 +352,24 @@ void policy_rows(const at::Tensor& lp, const at::Tensor& old, const at::Tensor& 
   const int64_t B = lp.size(0), T = lp.size(1);
   const auto s_lp = src_of<acc_t>(lp), s_old = src_of<acc_t>(old), s_adv = src_of<acc_t>(adv),
              s_ent = src_of<acc_t>(ent), s_ref = src_of<acc_t>(ref), s_roll = src_of<acc_t>(roll);
-  const bool has_rc = roll.defined(), has_w = has_rc && rcc.is != rc::kIsNone;
+  const bool has_rc = roll.defined();
   at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(7 * T);
-    std::vector<uint8_t> keep_scratch(has_rc && !keep ? T : 0);
+    // scratch rows for inputs that are not already acc_t (bf16 / fp16 / mixed)
+    std::vector<acc_t> buf(6 * T);
     for (int64_t b = begin; b < end; ++b) {
-      const uint8_t* m = mk + b * T;
-      const acc_t* o = s_old.row(b, buf.data() + T);
-      acc_t* w = has_w ? buf.data() + 6 * T : nullptr;
-      if (has_rc) {
-        uint8_t* kp = keep ? keep + b * T : keep_scratch.data();
-        isa_call<RcRowKernel<acc_t>>(o, s_roll.row(b, buf.data() + 5 * T), m, T, &rcc, buf.data() + 6 * T, kp,
-                                     &rc_rows[b]);
-        if (keep) m = kp;  // rejected tokens leave the loss, its counts and the aggregation
+      RowIO<acc_t> io{s_lp.row(b, buf.data()), s_old.row(b, buf.data() + T), s_adv.row(b, buf.data() + 2 * T),
+                      s_ref.row(b, buf.data() + 3 * T), s_ent.row(b, buf.data() + 4 * T),
+                      s_roll.row(b, buf.data() + 5 * T), mk + b * T, dtok + b * T,
+                      keep ? keep + b * T : nullptr, &rows[b], has_rc ? &rc_rows[b] : nullptr};
+      double row_raw = 1.0;
+      bool row_pass = true;
+      if (has_rc && rcc.needs_row_pass()) {
+        const rc::RowStats st = isa_call<RcRowPass<acc_t>>(io.old, io.roll, io.mk, T, rcc.row_pass_needs_k3());
+        row_raw = rc::row_raw_weight(rcc, st);
+        row_pass = rc::row_passes(rcc, st);
       }
-      policy_row<acc_t>(kl, dual, w != nullptr, s_lp.row(b, buf.data()), o, s_adv.row(b, buf.data() + 2 * T),
-                        s_ref.row(b, buf.data() + 3 * T), static_cast<const acc_t*>(w),
-                        s_ent.row(b, buf.data() + 4 * T), m, T, c, dtok + b * T, &rows[b]);
+      const rc::RowCfg<acc_t> rrc = rc::row_cfg<acc_t>(rcc, row_raw, row_pass);
+      policy_row<acc_t>(kl, dual, has_rc, &io, T, c, &rrc);
     }
   });
 }

@@ -7,6 +7,8 @@
 #include <type_traits>
 
 #define RLHF_FAST_INLINE inline __attribute__((always_inline))
+// the same for a lambda: `[&](auto x) RLHF_FAST_INLINE_LAMBDA { ... }`
+#define RLHF_FAST_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace rlhf_fast {
 namespace cpu {

@@ -34,6 +34,7 @@ struct Cfg {
   int rs_k = 0;  // 1, 2, 3: k1, k2, k3
   double rs_lo = 0.0, rs_hi = 0.0;
   bool needs_row_pass() const { return is == kIsSeq || is == kIsGeo || (rs != kRsNone && rs != kRsToken); }
+  bool row_pass_needs_k3() const { return rs_k == 3 && rs != kRsNone && rs != kRsToken; }
 };
 
 // Row statistics needed before any token can be weighted (only for the
@@ -57,7 +58,8 @@ RLHF_FAST_INLINE acc_t clamp20(acc_t x) {
 
 constexpr int64_t kRcBlock = 256;  // tokens per acc_t partial sum, then fp64
 
-template <typename acc_t>
+// K3: also the k3 sum / max (one exp per token); the other options need none.
+template <bool K3, typename acc_t>
 RLHF_FAST_INLINE RowStats row_stats(const acc_t* old, const acc_t* roll, const uint8_t* mk, int64_t T) {
   RowStats out;
   for (int64_t t0 = 0; t0 < T; t0 += kRcBlock) {
@@ -69,7 +71,7 @@ RLHF_FAST_INLINE RowStats row_stats(const acc_t* old, const acc_t* roll, const u
       const bool v = mk[t] != 0;
       const acc_t d = v ? old[t] - roll[t] : acc_t(0);
       const acc_t c = clamp20(d);
-      const acc_t q2 = acc_t(0.5) * c * c, q3 = cpu::exp_pm20(c) - acc_t(1) - c;
+      const acc_t q2 = acc_t(0.5) * c * c, q3 = K3 ? cpu::exp_pm20(c) - acc_t(1) - c : acc_t(0);
       n += v ? acc_t(1) : acc_t(0);
       lr += d, k1 -= c, k2 += q2, k3 += q3;
       m2 = q2 > m2 ? q2 : m2;
@@ -97,50 +99,70 @@ inline double row_raw_weight(const Cfg& c, const RowStats& s) {
   return 1.0;
 }
 
-// Per-token weight w and kept mask keep (both written; callers pass scratch
-// for what they do not need), plus the row's metric sums. row_raw / row_pass come from the
-// row pass (ignored at the token level). Uniform runtime flags become
-// selects, so the loop stays one vectorisable body for every mode.
+// The row's correction as the token loop sees it: the options, and what
+// the row pass decided (row_raw: the sequence / geometric raw weight, 1 at
+// the token level; row_pass: the sequence rejection's verdict).
 template <typename acc_t>
-RLHF_FAST_INLINE void weights_row(const acc_t* old, const acc_t* roll, const uint8_t* mk, int64_t T, const Cfg& c,
-                                  acc_t row_raw, bool row_pass, acc_t* w, uint8_t* keep, Row& out) {
-  const bool tok_is = c.is == kIsToken, tok_rs = c.rs == kRsToken, icepop = c.icepop;
-  const int rs_k = c.rs_k;
-  const acc_t hi = acc_t(c.is_hi), lo = acc_t(c.is_lo), rs_hi = acc_t(c.rs_hi), rs_lo = acc_t(c.rs_lo);
-  const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  for (int64_t t0 = 0; t0 < T; t0 += kRcBlock) {
-    const int64_t len = T - t0 < kRcBlock ? T - t0 : kRcBlock;
-    acc_t n0 = 0, so = 0, sr = 0, slr = 0, sk3 = 0, srho2 = 0, sw = 0, nh = 0, nl = 0, nrej = 0;
-    acc_t mxw = -inf, mnw = inf;
-#pragma omp simd reduction(+ : n0, so, sr, slr, sk3, srho2, sw, nh, nl, nrej) reduction(max : mxw) \
-    reduction(min : mnw)
-    for (int64_t i = 0; i < len; ++i) {
-      const int64_t t = t0 + i;
-      const bool v = mk[t] != 0;
-      const acc_t fv = v ? acc_t(1) : acc_t(0);
-      const acc_t o = v ? old[t] : acc_t(0), r = v ? roll[t] : acc_t(0);
-      const acc_t d = o - r, cl = clamp20(d), e = cpu::exp_pm20(cl);
-      const acc_t k3 = e - acc_t(1) - cl;
-      const acc_t st = rs_k == 1 ? -cl : (rs_k == 2 ? acc_t(0.5) * cl * cl : k3);
-      const bool pass = tok_rs ? (st <= rs_hi) & ((rs_k != 1) | (st >= rs_lo)) : row_pass;
-      const acc_t raw = tok_is ? e : row_raw;
-      const acc_t wt = icepop ? ((raw >= lo) & (raw <= hi) ? raw : acc_t(0)) : (raw > hi ? hi : raw);
-      w[t] = wt;  // unconditional stores: a store under `if (w)` kept GCC from vectorising the loop
-      keep[t] = v & pass;
-      n0 += fv, so += o, sr += r, slr += d, sk3 += fv * k3, srho2 += fv * e * e;
-      // counts as selects of fv, not of (v & cond): the bool logic cost 2-5x in this loop
-      // (13 vs 37-77 ns / token, standalone, fp32, AVX2)
-      sw += fv * wt, nh += raw > hi ? fv : acc_t(0), nl += raw < lo ? fv : acc_t(0);
-      nrej += pass ? acc_t(0) : fv;
-      const acc_t wmx = v ? wt : -inf, wmn = v ? wt : inf;
-      mxw = wmx > mxw ? wmx : mxw;
-      mnw = wmn < mnw ? wmn : mnw;
-    }
-    out.n0 += n0, out.s_old += so, out.s_roll += sr, out.s_lr += slr, out.s_k3 += sk3, out.s_rho2 += srho2;
-    out.s_w += sw, out.n_high += nh, out.n_low += nl, out.n_rej += nrej;
-    out.max_w = double(mxw) > out.max_w ? double(mxw) : out.max_w;
-    out.min_w = double(mnw) < out.min_w ? double(mnw) : out.min_w;
+struct RowCfg {
+  bool tok_is, tok_rs, icepop, apply_w, row_pass;
+  int rs_k;
+  acc_t hi, lo, rs_hi, rs_lo, row_raw;
+};
+
+template <typename acc_t>
+RowCfg<acc_t> row_cfg(const Cfg& c, double row_raw, bool row_pass) {
+  return {c.is == kIsToken, c.rs == kRsToken, c.icepop, c.is != kIsNone, row_pass, c.rs_k,
+          acc_t(c.is_hi), acc_t(c.is_lo), acc_t(c.rs_hi), acc_t(c.rs_lo), acc_t(row_raw)};
+}
+
+// One token (V: scalar or vector) of the correction: the stop-gradient
+// weight w of the clipped term (1 without an IS option), the kept mask, and
+// the terms of the row's metric sums (each 0 outside the caller's mask v).
+// Uniform options are branches on scalars, so the vector body stays one
+// straight line: folded into the policy loss's token loop it costs one
+// more load, one exp and ~30 vector ops per lane group instead of a
+// separate weights pass with a (B, T) weight and keep buffer.
+template <typename V>
+struct Tok {
+  cpu::mask_of<V> keep;
+  V w, n0, o, r, d, k3, rho2, wsum, high, low, rej, wmax, wmin;
+};
+
+template <typename V, typename acc_t>
+RLHF_FAST_INLINE Tok<V> token(cpu::mask_of<V> v, V old_t, V roll_t, const RowCfg<acc_t>& c) {
+  using cpu::bcast;
+  using cpu::sel;
+  const V zero = bcast<V>(0), one = bcast<V>(1);
+  const V fv = sel<V>(v, one, zero);
+  const V o = sel<V>(v, old_t, zero), r = sel<V>(v, roll_t, zero);
+  const V d = o - r, cl = cpu::clampv(d, bcast<V>(-20), bcast<V>(20)), e = cpu::exp_pm20(cl);
+  const V k3 = e - one - cl;
+  cpu::mask_of<V> pass = zero == zero;  // all true
+  if (c.tok_rs) {
+    const V st = c.rs_k == 1 ? -cl : (c.rs_k == 2 ? bcast<V>(0.5) * cl * cl : k3);
+    pass = st <= bcast<V>(c.rs_hi);
+    if (c.rs_k == 1) pass = pass & (st >= bcast<V>(c.rs_lo));
+  } else if (!c.row_pass) {
+    pass = zero != zero;
   }
+  const V hi = bcast<V>(c.hi), lo = bcast<V>(c.lo);
+  const V raw = c.tok_is ? e : bcast<V>(c.row_raw);
+  const V wt = c.icepop ? sel<V>((raw >= lo) & (raw <= hi), raw, zero) : sel<V>(raw > hi, hi, raw);
+  const V inf = bcast<V>(std::numeric_limits<double>::infinity());
+  return {static_cast<cpu::mask_of<V>>(v & pass),
+          c.apply_w ? wt : one,
+          fv,
+          o,
+          r,
+          d,
+          fv * k3,
+          fv * e * e,
+          fv * wt,
+          sel<V>(raw > hi, fv, zero),
+          sel<V>(raw < lo, fv, zero),
+          sel<V>(pass, zero, fv),
+          sel<V>(v, wt, -inf),
+          sel<V>(v, wt, inf)};
 }
 
 }  // namespace rc
