@@ -14,7 +14,7 @@
 #endif
 
 TORCH_LIBRARY(rlhf_fast, m) {
-  // ---- log-probs and entropy from logits (rlhf_fast/ops/logprobs.py) ----
+  // ---- log-probs and entropy from logits (rlhf_fast/ops/_logprobs.py) ----
   // logits: (A, B, V), any strides on A and B, stride 1 on V; labels: (A, B).
   // Returns fp32 (fp64 for fp64 logits) log p(label), entropy and the per-row
   // log-sum-exp of logits / temperature, which backward reuses. Rows whose
@@ -29,7 +29,7 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "Tensor labels, Tensor lse, Tensor entropy, float temperature, "
       "int ignore_index) -> Tensor");
 
-  // ---- advantage estimators (rlhf_fast/ops/advantages.py) ----
+  // ---- advantage estimators (rlhf_fast/ops/_advantages.py) ----
   // No backward: advantages are constants in PPO. Outputs fp32 (fp64 when an
   // input is fp64). Masks: bool or 0/1 of any dtype; masked positions are
   // skipped by the carries and give 0.
@@ -48,7 +48,7 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "group_advantages(Tensor scores, Tensor? group_ids, int group_size, "
       "str estimator, float eps) -> Tensor");
 
-  // ---- sampling (rlhf_fast/ops/sampling.py) ----
+  // ---- sampling (rlhf_fast/ops/_sampling.py) ----
   // logits: (B, V), stride 1 on V; seeds: (B,) int64, one counter-based
   // noise stream per row; temperature / top_p / min_p: (B,) float64; top_k:
   // (B,) int64. filtered=false skips top-k/top-p/min-p entirely. Returns the
@@ -58,13 +58,13 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "sample_fwd(Tensor logits, Tensor seeds, Tensor temperature, Tensor top_k, "
       "Tensor top_p, Tensor min_p, bool filtered) -> (Tensor tokens, "
       "Tensor logprobs, Tensor processed_logprobs)");
-  // ---- fused linear log-probs (rlhf_fast/ops/linear_logprobs.py) ----
+  // ---- fused linear log-probs (rlhf_fast/ops/_linear_logprobs.py) ----
   // hidden: (N, H), weight: (V, H), bias: (V,) or None, labels: (N,).
   // Same outputs as logprobs_fwd(hidden @ weight.T + bias, ...) without the
   // (N, V) logits: CPU runs chunk_size tokens at a time (matmul + the fused
   // row pass), so the scratch is chunk_size * V floats. The CPU kernels are
   // Python compositions of logprobs_fwd / logprobs_bwd and at::mm, registered
-  // from rlhf_fast/ops/linear_logprobs.py.
+  // from rlhf_fast/ops/_linear_logprobs.py.
   m.def(
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor labels, float temperature, int ignore_index, int chunk_size) "
@@ -76,10 +76,10 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
       "Tensor entropy, float temperature, int ignore_index, int chunk_size) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
-  // ---- PPO losses (rlhf_fast/ops/ppo_loss.py) ----
+  // ---- PPO losses (rlhf_fast/ops/_ppo_loss.py) ----
   // Token tensors (B, T), any float dtype, math in fp32 (fp64 for fp64
   // logprobs / values); mask (B, T) bool or uint8, valid where != 0.
-  // Forward returns the loss (0-dim), the stats (1-D, see ops/ppo_loss.py),
+  // Forward returns the loss (0-dim), the stats (1-D, see ops/_ppo_loss.py),
   // dtok = d loss_tok / d logprobs (B, T) in the accumulation dtype, 0 where
   // masked, and row_scale (B,): the aggregation weight of each row, so that
   // d loss / d logprobs = row_scale[:, None] * dtok.

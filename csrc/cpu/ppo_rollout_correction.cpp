@@ -41,7 +41,7 @@ rc::Cfg parse_rc(c10::string_view is_s, double is_hi, std::optional<double> is_l
   return c;
 }
 
-// The rollout_corr/* metrics (order: RC_STATS in rlhf_fast/ops/ppo_loss.py),
+// The rollout_corr/* metrics (order: RC_STATS in rlhf_fast/ops/_ppo_loss.py),
 // from the row sums in row order. Token means over the caller's mask, row
 // means over its non-empty rows; a mean over nothing is 0.
 std::vector<double> rc_metrics(const rc::Cfg& c, const std::vector<rc::Row>& rows) {

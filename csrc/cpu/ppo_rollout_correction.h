@@ -13,7 +13,7 @@
 namespace rlhf_fast {
 namespace cpu {
 
-constexpr int64_t kRcStats = 18;  // RC_STATS in rlhf_fast/ops/ppo_loss.py
+constexpr int64_t kRcStats = 18;  // RC_STATS in rlhf_fast/ops/_ppo_loss.py
 
 rc::Cfg parse_rc(c10::string_view is_s, double is_hi, std::optional<double> is_lo, c10::string_view rs_s,
                  double rs_lo, double rs_hi, const char* op);

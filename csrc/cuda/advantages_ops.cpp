@@ -1,7 +1,7 @@
 // Torch glue for the CUDA advantage scans (csrc/cuda/advantages.cu): checks,
 // dtype choice, device guard, current stream. Compiled only where a CUDA
 // build of torch and nvcc exist (setup.py). whiten / group_advantages on CUDA
-// tensors run as Triton ops (rlhf_fast/ops/advantages.py), not here.
+// tensors run as Triton ops (rlhf_fast/ops/_advantages.py), not here.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -51,7 +51,7 @@ void check_2d(const at::Tensor& t, const at::Tensor& like, const char* op, const
 }
 
 // (B,) per-row values in the accumulation dtype, or an undefined tensor. Their
-// range was checked by rlhf_fast/ops/advantages.py (a check here would cost a
+// range was checked by rlhf_fast/ops/_advantages.py (a check here would cost a
 // device sync per call).
 at::Tensor per_row(const std::optional<at::Tensor>& rows, int64_t B, at::ScalarType acc,
                    const at::Tensor& like, const char* op, const char* name) {
