@@ -20,6 +20,7 @@ import torch
 
 from .. import _backend, reference
 from .._dtypes import acc_dtype
+from ._autograd import register_autograd
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -294,8 +295,8 @@ if _backend.has_cpp():
     torch.library.impl("rlhf_fast::linear_logprobs_bwd", "CPU")(linear_logprobs_bwd_cpu)
     torch.library.register_fake("rlhf_fast::linear_logprobs_fwd")(_fake_fwd)
     torch.library.register_fake("rlhf_fast::linear_logprobs_bwd")(_fake_bwd)
-    torch.library.register_autograd(
-        "rlhf_fast::linear_logprobs_fwd",
+    register_autograd(
+        "linear_logprobs_fwd",
         _make_backward(torch.ops.rlhf_fast.linear_logprobs_bwd),
         setup_context=_setup_context,
     )

@@ -15,6 +15,7 @@ import torch
 
 from .. import _backend, reference
 from .._dtypes import acc_dtype
+from ._autograd import register_autograd
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -167,9 +168,7 @@ def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy, tempera
 if _backend.has_cpp():
     torch.library.register_fake("rlhf_fast::logprobs_fwd")(_fake_fwd)
     torch.library.register_fake("rlhf_fast::logprobs_bwd")(_fake_bwd)
-    torch.library.register_autograd(
-        "rlhf_fast::logprobs_fwd", _make_backward(torch.ops.rlhf_fast.logprobs_bwd), setup_context=_setup_context
-    )
+    register_autograd("logprobs_fwd", _make_backward(torch.ops.rlhf_fast.logprobs_bwd), setup_context=_setup_context)
 
 
 if _backend.HAVE_TRITON:

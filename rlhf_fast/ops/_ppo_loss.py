@@ -30,6 +30,7 @@ import torch
 from .. import _backend, reference
 from .._dtypes import acc_dtype
 from ..reference import AGG_MODES, KL_KINDS, RC_STATS, RolloutCorrection
+from ._autograd import register_autograd
 from ._common import FLOAT_DTYPES, check_positive_float, check_same_device, check_tensor, once_differentiable
 
 IMPLEMENTED = ("triton", "cpp")
@@ -448,18 +449,18 @@ if _backend.has_cpp():
     torch.library.register_fake("rlhf_fast::ppo_value_loss_fwd")(_fake_value_fwd)
     torch.library.register_fake("rlhf_fast::kl_penalty_fwd")(_fake_kl_fwd)
     torch.library.register_fake("rlhf_fast::kl_penalty_bwd")(_fake_kl_bwd)
-    torch.library.register_autograd(
-        "rlhf_fast::ppo_loss_fwd",
+    register_autograd(
+        "ppo_loss_fwd",
         _make_loss_backward(torch.ops.rlhf_fast.ppo_loss_bwd),
         setup_context=_loss_setup_context,
     )
-    torch.library.register_autograd(
-        "rlhf_fast::ppo_value_loss_fwd",
+    register_autograd(
+        "ppo_value_loss_fwd",
         _make_value_backward(torch.ops.rlhf_fast.ppo_loss_bwd),
         setup_context=_value_setup_context,
     )
-    torch.library.register_autograd(
-        "rlhf_fast::kl_penalty_fwd",
+    register_autograd(
+        "kl_penalty_fwd",
         _make_kl_backward(torch.ops.rlhf_fast.kl_penalty_bwd),
         setup_context=_kl_setup_context,
     )
