@@ -37,6 +37,7 @@ from ._common import (
     max_reduce_nan,
     min_nan,
     num_warps,
+    scalar_arg,
     tl_acc,
     u8_mask,
 )
@@ -212,23 +213,25 @@ def _ppo_loss_finish_kernel(
 
 @triton.jit
 def _ppo_loss_bwd_kernel(
-    g_ptr, dtok_ptr, row_scale_ptr, ent_scale_ptr, mask_ptr, glp_ptr, gent_ptr,
-    T,
-    HAS_ENT: tl.constexpr, ACC: tl.constexpr, ROUND_BY_HAND: tl.constexpr, BLOCK_T: tl.constexpr,
+    g_ptr, dtok_ptr, row_scale_ptr, mask_ptr, glp_ptr, gent_ptr, params_ptr,
+    T, neg_entropy_coef_arg,
+    HAS_ENT: tl.constexpr, ACC: tl.constexpr, ROUND_BY_HAND: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     inb = offs < T
     p = b * T + offs
     g = tl.load(g_ptr).to(ACC)
-    s = g * tl.load(row_scale_ptr + b).to(ACC)
+    rs = tl.load(row_scale_ptr + b).to(ACC)
     d = tl.load(dtok_ptr + p, mask=inb, other=0.0).to(ACC)
-    tl.store(glp_ptr + p, cast_out(s * d, glp_ptr.dtype.element_ty, ROUND_BY_HAND), mask=inb)
+    tl.store(glp_ptr + p, cast_out((g * rs) * d, glp_ptr.dtype.element_ty, ROUND_BY_HAND), mask=inb)
     if HAS_ENT:
         valid = tl.load(mask_ptr + p, mask=inb, other=0) != 0
-        # ent_scale = -entropy_coef * row_scale, made by the launcher in the
-        # accumulation dtype (a Python float argument would be fp32)
-        ge = tl.where(valid, g * tl.load(ent_scale_ptr + b).to(ACC), 0.0)
+        # -entropy_coef in the accumulation dtype (fp64: the exact double
+        # from params_ptr; a Python float argument reaches the kernel as fp32)
+        neg_coef = tl.zeros([], ACC) + scalar_arg(neg_entropy_coef_arg, params_ptr, 0, PARAMS_FROM_PTR)
+        ge = tl.where(valid, g * (rs * neg_coef), 0.0)
         tl.store(gent_ptr + p, cast_out(ge, gent_ptr.dtype.element_ty, ROUND_BY_HAND), mask=inb)
 
 
@@ -331,13 +334,14 @@ def ppo_loss_bwd_triton(
     gent = torch.empty((B, T) if has_entropy else (0,), dtype=entropy_dtype, device=dtok.device)
     if B * T == 0 or not _backend.launches_kernels(dtok):
         return glp, gent
-    # -entropy_coef * row_scale in the accumulation dtype (exact for fp64)
-    ent_scale = row_scale * (-entropy_coef) if has_entropy else row_scale
+    # one launch: -entropy_coef * row_scale is formed in the kernel (fp64 reads the exact coefficient from params)
+    params, from_ptr = kernel_scalars(acc, dtok.device, -entropy_coef) if has_entropy else (None, False)
     bt = block_t(T)
     torch.library.wrap_triton(_ppo_loss_bwd_kernel)[(B, triton.cdiv(T, bt))](
-        grad_loss.to(acc).reshape(1), dtok.contiguous(), row_scale.contiguous(), ent_scale, u8_mask(mask),
-        glp, gent if has_entropy else glp,
-        T, HAS_ENT=has_entropy, ACC=tl_acc(acc), ROUND_BY_HAND=_backend.triton_interpret(), BLOCK_T=bt,
-        num_warps=num_warps(bt),
+        grad_loss.to(acc).reshape(1), dtok.contiguous(), row_scale.contiguous(), u8_mask(mask),
+        glp, gent if has_entropy else glp, params if from_ptr else row_scale,
+        T, -entropy_coef,
+        HAS_ENT=has_entropy, ACC=tl_acc(acc), ROUND_BY_HAND=_backend.triton_interpret(), PARAMS_FROM_PTR=from_ptr,
+        BLOCK_T=bt, num_warps=num_warps(bt),
     )  # fmt: skip
     return glp, gent
