@@ -488,6 +488,39 @@ def test_empty_inputs(backend, shape):
     assert rlhf_fast.kl_penalty(z, z).shape == shape
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (4, 37)])
+def test_forward_writes_every_output_element(backend, shape):
+    """The Triton launchers allocate loss and stats uninitialised (no
+    zero-fill launch): the finish kernels must write every element, the
+    rollout_corr/* slots included when there is no correction, and an
+    early return must zero them. torch.empty gives NaN here (deterministic
+    mode fills uninitialised memory), so a missed element shows."""
+    g = torch.Generator().manual_seed(3)
+    lp = -torch.rand(shape, generator=g)
+    old, adv = lp + 0.1 * torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    mask = torch.rand(shape, generator=g) > 0.3
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        loss, stats, *_ = torch.ops.rlhf_fast.ppo_loss_fwd(
+            lp, old, adv, mask, None, None, 0.0, 0.0, "k3", 0.2, 0.2, None, "token-mean", 1.0
+        )
+        if backend == "triton":
+            loss_t, stats_t, *_ = torch.ops.rlhf_fast.ppo_loss_fwd_triton(
+                lp, old, adv, mask, None, None, 0.0, 0.0, "k3", 0.2, 0.2, None, "token-mean", 1.0
+            )
+            assert torch.isfinite(loss_t) and torch.isfinite(stats_t).all(), stats_t
+            assert_close(stats_t, stats, "stat", f"triton stats {shape}")
+            v_loss, v_stats, *_ = torch.ops.rlhf_fast.ppo_value_loss_fwd_triton(
+                lp, old, adv, mask, 0.2, "token-mean", 1.0
+            )
+            assert torch.isfinite(v_loss) and torch.isfinite(v_stats).all(), v_stats
+        assert torch.isfinite(loss) and torch.isfinite(stats).all(), stats
+        assert (stats[8:] == 0).all()  # no rollout correction: its metrics read 0
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -161,8 +161,12 @@ def _ppo_loss_finish_kernel(
     part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr,
     B, n_chunks, entropy_coef_arg, kl_coef_arg, agg_norm_arg,
     AGG: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr = 9,
+    ZERO_RC_STATS: tl.constexpr = False, N_RC: tl.constexpr = 18,
 ):  # fmt: skip
-    """One program; rows in blocks of BLOCK_B, chunks in order, fp64."""
+    """One program; rows in blocks of BLOCK_B, chunks in order, fp64.
+    ZERO_RC_STATS (no rollout correction): also writes 0 to the N_RC
+    rollout_corr/* slots after the 8 loss stats, so the launcher's outputs
+    need no zero-fill launch."""
     entropy_coef, kl_coef, agg_norm, _u = load_params(
         params_ptr + 4, entropy_coef_arg, kl_coef_arg, agg_norm_arg, agg_norm_arg, tl.float64, PARAMS_FROM_PTR
     )
@@ -209,6 +213,9 @@ def _ppo_loss_finish_kernel(
     tl.store(stats_ptr + 5, (tl.sum(sums_akl, axis=0) * inv_n).to(ty))
     tl.store(stats_ptr + 6, (tl.sum(sums_r, axis=0) * inv_n).to(ty))
     tl.store(stats_ptr + 7, max_reduce_nan(rmax, 0).to(ty))
+    if ZERO_RC_STATS:
+        k = tl.arange(0, 32)
+        tl.store(stats_ptr + 8 + k, tl.zeros([32], tl.float64).to(ty), mask=k < N_RC)
 
 
 @triton.jit
@@ -272,7 +279,7 @@ def ppo_loss_fwd_triton(
     if (is_code or rs_lvl >= 0) and not has_rc:
         raise ValueError("rlhf_fast::ppo_loss_fwd_triton: a rollout correction needs rollout_logprobs")
     if B == 0 or not _backend.launches_kernels(logprobs):
-        return loss, stats, dtok, row_scale, keep
+        return loss.zero_(), stats.zero_(), dtok, row_scale, keep  # the kernels write them otherwise
     bt = block_t(T)
     if has_rc and acc == torch.float64:
         # fp64 (the tests' dtype) with the correction's extra state: at 8
@@ -309,7 +316,8 @@ def ppo_loss_fwd_triton(
     torch.library.wrap_triton(_ppo_loss_finish_kernel)[(1,)](
         part, row_scale, loss, stats, params if from_ptr else part,
         B, n_chunks, entropy_coef, kl_coef, agg_norm,
-        AGG=AGG_CODES[agg], PARAMS_FROM_PTR=from_ptr, BLOCK_B=block_b(B), NP=n_part, num_warps=num_warps(block_b(B)),
+        AGG=AGG_CODES[agg], PARAMS_FROM_PTR=from_ptr, BLOCK_B=block_b(B), NP=n_part,
+        ZERO_RC_STATS=not has_rc, N_RC=rc.N_RC_STATS, num_warps=num_warps(block_b(B)),
     )  # fmt: skip
     if has_rc:
         rc.launch_finish(part, stats, params, from_ptr, is_code, rs_lvl, rc_is_upper, is_lo, off=N_POLICY_PARTIALS)

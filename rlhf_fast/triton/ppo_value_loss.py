@@ -161,7 +161,7 @@ def ppo_value_loss_fwd_triton(
     acc, dev = acc_dtype(values.dtype), values.device
     loss, stats, dtok, row_scale = loss_outputs(values, N_VALUE_STATS)
     if B == 0 or not _backend.launches_kernels(values):
-        return loss, stats, dtok, row_scale
+        return loss.zero_(), stats.zero_(), dtok, row_scale  # the finish kernel writes them otherwise
     bt = block_t(T)
     n_chunks = max(1, triton.cdiv(T, bt))
     part = torch.empty((B, n_chunks, N_VALUE_PARTIALS), dtype=acc, device=dev)
