@@ -64,19 +64,36 @@ struct PolicyTok {
   V dtok, loss, kl, n, clip, low, akl, r;
 };
 
+// The token's exps, unmasked (masked lanes select 1 in their place):
+// ratio = exp(clamp(lp - old)), kl = exp(clamp(ref - lp)) (k3 only), rc =
+// exp(clamp(old - rollout)) (with a correction only).
+template <typename V>
+struct TokExps {
+  V ratio, kl, rc;
+};
+
+template <int KL, bool RC, typename V>
+RLHF_FAST_INLINE TokExps<V> tok_exps(V lp, V old, V ref, V roll) {
+  const V lo20 = bcast<V>(-20), hi20 = bcast<V>(20);
+  TokExps<V> e{exp_pm20(clampv(lp - old, lo20, hi20)), V{}, V{}};
+  if constexpr (KL == kK3) e.kl = exp_pm20(clampv(-(lp - ref), lo20, hi20));
+  if constexpr (RC) e.rc = exp_pm20(clampv(old - roll, lo20, hi20));
+  return e;
+}
+
 // w_t: the rollout-correction weight (stop-gradient) of the clipped term
 // (1 when no importance weighting is asked for: an exact multiply);
 // it scales the token's policy loss and its gradient, not the KL term.
 template <typename V, int KL, bool DUAL, bool HAS_W, typename acc_t>
 RLHF_FAST_INLINE PolicyTok<V> policy_tok(mask_of<V> valid, V lp_t, V old_t, V adv_t, V ref_t, V w_t,
-                                         PolicyCfg<acc_t> c) {
+                                         TokExps<V> e, PolicyCfg<acc_t> c) {
   const V zero = bcast<V>(0), one = bcast<V>(1), half = bcast<V>(0.5);
   const V fv = sel<V>(valid, one, zero);
   const V lpt = sel<V>(valid, lp_t, zero);
   const V x = lpt - sel<V>(valid, old_t, zero);
   const V lo20 = bcast<V>(-20), hi20 = bcast<V>(20);
   const V xc = clampv(x, lo20, hi20);
-  const V r = exp_pm20(xc);
+  const V r = sel<V>(valid, e.ratio, one);  // exp(0) = 1 where masked, as before
   const V a = sel<V>(valid, adv_t, zero);
   const V clo = bcast<V>(c.lo), chi = bcast<V>(c.hi);
   const V l1 = -a * r;  // also d l1 / d x
@@ -100,7 +117,8 @@ RLHF_FAST_INLINE PolicyTok<V> policy_tok(mask_of<V> valid, V lp_t, V old_t, V ad
     dl = dl * w, loss = loss * w;
   }
   V kv = zero, dk = zero;
-  if constexpr (KL != kNone) kl_term<KL>(lpt, sel<V>(valid, ref_t, zero), kv, dk);
+  if constexpr (KL == kK3) kl_k3_from_exp(lpt - sel<V>(valid, ref_t, zero), sel<V>(valid, e.kl, one), kv, dk);
+  else if constexpr (KL != kNone) kl_term<KL>(lpt, sel<V>(valid, ref_t, zero), kv, dk);
   return {(dl + bcast<V>(c.kl_coef) * dk) * fv, loss * fv, kv * fv, fv,
           sel<V>(l2 > l1, one, zero) * fv, low * fv, -xc * fv, r * fv};
 }
@@ -120,36 +138,21 @@ struct RowIO {
 
 constexpr int kRcSums = 10;  // n0, s_old, s_roll, s_lr, s_k3, s_rho2, s_w, n_high, n_low, n_rej
 
-// v's lanes added to the kPolicyLanes accumulator in token order: a 16-lane
-// vector (the AVX-512 copy) adds its low then its high half, exactly what
-// two 8-lane steps add, so every copy sums in the same order.
+// Lane-wise sums and extremes on kPolicyLanes lanes.
 using vf8 = PV::f;
-template <typename V>
-RLHF_FAST_INLINE void add8(vf8& s, V v) {
-  if constexpr (sizeof(V) == sizeof(vf8)) {
-    s += v;
-  } else {
-    s += __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-    s += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  }
-}
-template <bool MAX, typename V>
-RLHF_FAST_INLINE void ext8(vf8& m, V v) {  // running max (MAX) / min, NaN ignored
-  if constexpr (sizeof(V) == sizeof(vf8)) {
-    m = MAX ? (v > m ? v : m) : (v < m ? v : m);
-  } else {
-    ext8<MAX>(m, vf8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)));
-    ext8<MAX>(m, vf8(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
-  }
+RLHF_FAST_INLINE void add8(vf8& s, vf8 v) { s += v; }
+template <bool MAX>
+RLHF_FAST_INLINE void ext8(vf8& m, vf8 v) {  // running max (MAX) / min, NaN ignored
+  m = MAX ? (v > m ? v : m) : (v < m ? v : m);
 }
 
 // One row: dtok and the row sums (the masked entropy's too, when given);
-// with RC the rollout correction in the same token loop (rc::token): its
-// weight scales the clipped term, rejected tokens leave the loss, and the
-// rollout_corr/* row sums come out of the same pass.
+// with RC the rollout correction in the same sweep (rc::token, block by
+// block): its weight scales the clipped term, rejected tokens leave the
+// loss, and the rollout_corr/* row sums come out of the same sweep.
 template <typename acc_t, int KL, bool DUAL, bool RC>
 struct PolicyRowKernel {
-  template <int W>  // the fp32 copy computes max(W, 8) lanes at once and sums in kPolicyLanes
+  template <int W>  // the fp32 copy's exps take max(W, 8) lanes at once; all else 8
   static RLHF_FAST_INLINE void run(const RowIO<acc_t>* io, int64_t T, PolicyCfg<acc_t> c,
                                    const rc::RowCfg<acc_t>* rcc) {
     const acc_t *lp = io->lp, *old = io->old, *adv = io->adv, *ref = io->ref, *ent = io->ent, *roll = io->roll;
@@ -162,64 +165,61 @@ struct PolicyRowKernel {
     double racc[kRcSums] = {}, rmx = -INFINITY, rmn = INFINITY;
     int64_t t = 0;
     if constexpr (std::is_same_v<acc_t, float>) {
+      // Each block of kBlock tokens in three passes, its data staying in L1:
+      //  1. the exps (policy ratio, k3 KL, rollout weight), W lanes at a time
+      //     (16 on AVX-512; each exp is its own element, so no bit depends on W);
+      //  2. with a correction, rc::token on 8 lanes: the kept mask and the
+      //     weight (over the rollout exp in ex_rc), and the metric sums;
+      //  3. policy_tok on 8 lanes, reading both.
+      // As one fused loop, each 8-token group was a ~200-instruction chain
+      // with two or three ~15-deep exp polynomials on its critical path, and
+      // the core ran ~0.9 instructions per clock; split, each loop's
+      // iterations are short and independent (bare forward at (64, 4096):
+      // about a third less time, docs/rollout_correction.md).
       constexpr int kL = kPolicyLanes;
+      constexpr int kExp = W > kL ? W : kL;
+      alignas(64) float ex_ratio[kBlock], ex_kl[KL == kK3 ? kBlock : 1], ex_rc[RC ? kBlock : 1];
+      alignas(64) int32_t rc_keep[RC ? kBlock : 1];
       vf8 s[8], m, q[kRcSums], qmx, qmn;
-      // One lane group of N tokens at t.
-      auto step = [&](auto n_tag) RLHF_FAST_INLINE_LAMBDA {
-        constexpr int N = decltype(n_tag)::value;
-        using VV = Vec<N>;
-        using vf = typename VV::f;
-        constexpr int kBytes = N * sizeof(float);
-        vf lpv, oldv, advv, refv = {}, wv = {};
-        typename VV::b mv;
-        std::memcpy(&lpv, lp + t, kBytes), std::memcpy(&oldv, old + t, kBytes);
-        std::memcpy(&advv, adv + t, kBytes);
-        if (KL != kNone) std::memcpy(&refv, ref + t, kBytes);
-        std::memcpy(&mv, mk + t, N);
-        mask_of<vf> valid = __builtin_convertvector(mv, typename VV::i) != 0;
-        if constexpr (RC) {
-          vf rv;
-          std::memcpy(&rv, roll + t, kBytes);
-          const auto r = rc::token<vf>(valid, oldv, rv, *rcc);
-          valid = r.keep, wv = r.w;  // rejected tokens leave the loss, its counts and the aggregation
-          add8(q[0], r.n0), add8(q[1], r.o), add8(q[2], r.r), add8(q[3], r.d), add8(q[4], r.k3);
-          add8(q[5], r.rho2), add8(q[6], r.wsum), add8(q[7], r.high), add8(q[8], r.low), add8(q[9], r.rej);
-          ext8<true>(qmx, r.wmax), ext8<false>(qmn, r.wmin);
-          if (keep) {
-            const typename VV::b kb = __builtin_convertvector(valid & 1, typename VV::b);
-            std::memcpy(keep + t, &kb, N);
-          }
-        }
-        const auto k = policy_tok<vf, KL, DUAL, RC>(valid, lpv, oldv, advv, refv, wv, c);
-        std::memcpy(dtok + t, &k.dtok, kBytes);
-        add8(s[0], k.loss), add8(s[1], k.kl), add8(s[2], k.n), add8(s[3], k.clip), add8(s[4], k.low);
-        add8(s[5], k.akl), add8(s[6], k.r);
-        ext8<true>(m, k.r);
-        if (ent) {
-          vf ev;
-          std::memcpy(&ev, ent + t, kBytes);
-          add8(s[7], sel<vf>(valid, ev, vf{}));
-        }
-        t += N;
-      };
-      // 8 lanes on AVX-512 too: at 16, GCC 12 scalarised the nested selects
-      // of policy_tok (a test-and-branch per lane; 28 vs 11 ns / token).
-      constexpr int kWide = kL;
       const vf8 inf = bcast<vf8>(INFINITY);
       while (t + kL <= T) {
-        for (auto& v : s) v = vf8{};
-        for (auto& v : q) v = vf8{};
-        m = vf8{}, qmx = -inf, qmn = inf;
-        const int64_t t_end = std::min(T, t + kBlock);
-        while (t + kWide <= t_end) step(std::integral_constant<int, kWide>{});
-        if (kWide != kL && t + kL <= t_end) step(std::integral_constant<int, kL>{});
-        for (int j = 0; j < 8; ++j) {
-          float sum = 0;
-          for (int l = 0; l < kL; ++l) sum += s[j][l];
-          acc[j] += sum;
-        }
-        for (int l = 0; l < kL; ++l) rmax = m[l] > rmax ? m[l] : rmax;
+        const int64_t t0 = t, t_end = std::min(T, t + kBlock);
+        auto exps = [&](int64_t u, auto n_tag) RLHF_FAST_INLINE_LAMBDA {
+          using vf = typename Vec<decltype(n_tag)::value>::f;
+          vf lpv, oldv, refv = {}, rv = {};
+          std::memcpy(&lpv, lp + u, sizeof(vf)), std::memcpy(&oldv, old + u, sizeof(vf));
+          if constexpr (KL == kK3) std::memcpy(&refv, ref + u, sizeof(vf));
+          if constexpr (RC) std::memcpy(&rv, roll + u, sizeof(vf));
+          const TokExps<vf> e = tok_exps<KL, RC>(lpv, oldv, refv, rv);
+          std::memcpy(ex_ratio + (u - t0), &e.ratio, sizeof(vf));
+          if constexpr (KL == kK3) std::memcpy(ex_kl + (u - t0), &e.kl, sizeof(vf));
+          if constexpr (RC) std::memcpy(ex_rc + (u - t0), &e.rc, sizeof(vf));
+        };
+        int64_t u = t0;
+        for (; u + kExp <= t_end; u += kExp) exps(u, std::integral_constant<int, kExp>{});
+        for (; u + kL <= t_end; u += kL) exps(u, std::integral_constant<int, kL>{});
+
         if constexpr (RC) {
+          for (auto& v : q) v = vf8{};
+          qmx = -inf, qmn = inf;
+          for (u = t0; u + kL <= t_end; u += kL) {
+            vf8 oldv, rv, ev;
+            PV::b mv;
+            std::memcpy(&oldv, old + u, sizeof(vf8)), std::memcpy(&rv, roll + u, sizeof(vf8));
+            std::memcpy(&ev, ex_rc + (u - t0), sizeof(vf8));
+            std::memcpy(&mv, mk + u, kL);
+            const auto r = rc::token<vf8>(__builtin_convertvector(mv, PV::i) != 0, oldv, rv, ev, *rcc);
+            add8(q[0], r.n0), add8(q[1], r.o), add8(q[2], r.r), add8(q[3], r.d), add8(q[4], r.k3);
+            add8(q[5], r.rho2), add8(q[6], r.wsum), add8(q[7], r.high), add8(q[8], r.low), add8(q[9], r.rej);
+            ext8<true>(qmx, r.wmax), ext8<false>(qmn, r.wmin);
+            // rejected tokens leave the loss, its counts and the aggregation
+            std::memcpy(rc_keep + (u - t0), &r.keep, sizeof(vf8));
+            std::memcpy(ex_rc + (u - t0), &r.w, sizeof(vf8));
+            if (keep) {
+              const PV::b kb = __builtin_convertvector(r.keep & 1, PV::b);
+              std::memcpy(keep + u, &kb, kL);
+            }
+          }
           for (int j = 0; j < kRcSums; ++j) {
             float sum = 0;
             for (int l = 0; l < kL; ++l) sum += q[j][l];
@@ -230,13 +230,49 @@ struct PolicyRowKernel {
             rmn = qmn[l] < rmn ? qmn[l] : rmn;
           }
         }
+
+        // 8 lanes on AVX-512 too: at 16, GCC 12 scalarised the nested selects
+        // of policy_tok (a test-and-branch per lane; 28 vs 11 ns / token).
+        for (auto& v : s) v = vf8{};
+        m = vf8{};
+        for (; t + kL <= t_end; t += kL) {
+          const int64_t i = t - t0;
+          vf8 lpv, oldv, advv, refv = {}, wv = {};
+          PV::b mv;
+          std::memcpy(&lpv, lp + t, sizeof(vf8)), std::memcpy(&oldv, old + t, sizeof(vf8));
+          std::memcpy(&advv, adv + t, sizeof(vf8));
+          if (KL != kNone) std::memcpy(&refv, ref + t, sizeof(vf8));
+          std::memcpy(&mv, mk + t, kL);
+          PV::i valid = __builtin_convertvector(mv, PV::i) != 0;
+          TokExps<vf8> e;
+          std::memcpy(&e.ratio, ex_ratio + i, sizeof(vf8));
+          if constexpr (KL == kK3) std::memcpy(&e.kl, ex_kl + i, sizeof(vf8));
+          if constexpr (RC) std::memcpy(&valid, rc_keep + i, sizeof(vf8)), std::memcpy(&wv, ex_rc + i, sizeof(vf8));
+          const auto k = policy_tok<vf8, KL, DUAL, RC>(valid, lpv, oldv, advv, refv, wv, e, c);
+          std::memcpy(dtok + t, &k.dtok, sizeof(vf8));
+          add8(s[0], k.loss), add8(s[1], k.kl), add8(s[2], k.n), add8(s[3], k.clip), add8(s[4], k.low);
+          add8(s[5], k.akl), add8(s[6], k.r);
+          ext8<true>(m, k.r);
+          if (ent) {
+            vf8 ev;
+            std::memcpy(&ev, ent + t, sizeof(vf8));
+            add8(s[7], sel<vf8>(valid, ev, vf8{}));
+          }
+        }
+        for (int j = 0; j < 8; ++j) {
+          float sum = 0;
+          for (int l = 0; l < kL; ++l) sum += s[j][l];
+          acc[j] += sum;
+        }
+        for (int l = 0; l < kL; ++l) rmax = m[l] > rmax ? m[l] : rmax;
       }
     }
     for (; t < T; ++t) {  // tail (and the whole fp64 row)
       bool valid = mk[t] != 0;
       acc_t w = 1;
+      const auto e = tok_exps<KL, RC>(lp[t], old[t], KL == kK3 ? ref[t] : acc_t(0), RC ? roll[t] : acc_t(0));
       if constexpr (RC) {
-        const auto r = rc::token<acc_t>(valid, old[t], roll[t], *rcc);
+        const auto r = rc::token<acc_t>(valid, old[t], roll[t], e.rc, *rcc);
         valid = r.keep, w = r.w;
         const acc_t terms[kRcSums] = {r.n0, r.o, r.r, r.d, r.k3, r.rho2, r.wsum, r.high, r.low, r.rej};
         for (int j = 0; j < kRcSums; ++j) racc[j] += double(terms[j]);
@@ -245,7 +281,7 @@ struct PolicyRowKernel {
         if (keep) keep[t] = valid;
       }
       const auto k = policy_tok<acc_t, KL, DUAL, RC>(valid, lp[t], old[t], adv[t],
-                                                     KL != kNone ? ref[t] : acc_t(0), w, c);
+                                                     KL != kNone ? ref[t] : acc_t(0), w, e, c);
       dtok[t] = k.dtok;
       acc[0] += double(k.loss), acc[1] += double(k.kl), acc[2] += double(k.n), acc[3] += double(k.clip);
       acc[4] += double(k.low), acc[5] += double(k.akl), acc[6] += double(k.r);

@@ -14,6 +14,18 @@ namespace cpu {
 
 enum Kl : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3, kNone = 4 };
 
+// k3 and its derivative given d = lp - ref and e = exp(clamp(-d, -20, 20)):
+// the fused policy loss computes e ahead, in its exp pass.
+template <typename V>
+RLHF_FAST_INLINE void kl_k3_from_exp(V d, V e, V& val, V& dval) {
+  const V zero = bcast<V>(0), one = bcast<V>(1);
+  const V k = clampv(-d, bcast<V>(-20), bcast<V>(20));
+  const V kld = e - k - one;
+  val = clampv(kld, bcast<V>(-10), bcast<V>(10));
+  const auto pass = (-d >= bcast<V>(-20)) & (-d <= bcast<V>(20)) & (kld >= bcast<V>(-10)) & (kld <= bcast<V>(10));
+  dval = sel<V>(pass, one - e, zero);
+}
+
 template <int KIND, typename V>
 RLHF_FAST_INLINE void kl_term(V lp, V ref, V& val, V& dval) {
   const V zero = bcast<V>(0), one = bcast<V>(1), d = lp - ref;
@@ -25,12 +37,7 @@ RLHF_FAST_INLINE void kl_term(V lp, V ref, V& val, V& dval) {
     val = sel<V>(d < zero, -d, d);
     dval = sel<V>(d > zero, one, sel<V>(d < zero, -one, zero));
   } else if constexpr (KIND == kK3) {
-    const V k = clampv(-d, bcast<V>(-20), bcast<V>(20));
-    const V e = exp_pm20(k);
-    const V kld = e - k - one;
-    val = clampv(kld, bcast<V>(-10), bcast<V>(10));
-    const auto pass = (-d >= bcast<V>(-20)) & (-d <= bcast<V>(20)) & (kld >= bcast<V>(-10)) & (kld <= bcast<V>(10));
-    dval = sel<V>(pass, one - e, zero);
+    kl_k3_from_exp(d, exp_pm20(clampv(-d, bcast<V>(-20), bcast<V>(20))), val, dval);
   } else {
     val = dval = zero;
   }

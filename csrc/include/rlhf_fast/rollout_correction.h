@@ -115,13 +115,14 @@ RowCfg<acc_t> row_cfg(const Cfg& c, double row_raw, bool row_pass) {
           acc_t(c.is_hi), acc_t(c.is_lo), acc_t(c.rs_hi), acc_t(c.rs_lo), acc_t(row_raw)};
 }
 
-// One token (V: scalar or vector) of the correction: the stop-gradient
+// One token (V: scalar or vector) of the correction, given e_t =
+// exp_pm20(clamp20(old_t - roll_t)) (the caller's exp pass): the stop-gradient
 // weight w of the clipped term (1 without an IS option), the kept mask, and
 // the terms of the row's metric sums (each 0 outside the caller's mask v).
 // Uniform options are branches on scalars, so the vector body stays one
-// straight line: folded into the policy loss's token loop it costs one
-// more load, one exp and ~30 vector ops per lane group instead of a
-// separate weights pass with a (B, T) weight and keep buffer.
+// straight line: in the policy loss's sweep it costs one more load, one exp
+// and ~30 vector ops per lane group, over a block of the row held in L1,
+// instead of a separate weights pass with a (B, T) weight and keep buffer.
 template <typename V>
 struct Tok {
   cpu::mask_of<V> keep;
@@ -129,13 +130,13 @@ struct Tok {
 };
 
 template <typename V, typename acc_t>
-RLHF_FAST_INLINE Tok<V> token(cpu::mask_of<V> v, V old_t, V roll_t, const RowCfg<acc_t>& c) {
+RLHF_FAST_INLINE Tok<V> token(cpu::mask_of<V> v, V old_t, V roll_t, V e_t, const RowCfg<acc_t>& c) {
   using cpu::bcast;
   using cpu::sel;
   const V zero = bcast<V>(0), one = bcast<V>(1);
   const V fv = sel<V>(v, one, zero);
   const V o = sel<V>(v, old_t, zero), r = sel<V>(v, roll_t, zero);
-  const V d = o - r, cl = cpu::clampv(d, bcast<V>(-20), bcast<V>(20)), e = cpu::exp_pm20(cl);
+  const V d = o - r, cl = cpu::clampv(d, bcast<V>(-20), bcast<V>(20)), e = sel<V>(v, e_t, one);
   const V k3 = e - one - cl;
   cpu::mask_of<V> pass = zero == zero;  // all true
   if (c.tok_rs) {
