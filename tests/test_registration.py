@@ -42,15 +42,20 @@ def test_every_schema_is_registered_with_cpu_kernel_and_fake():
         assert op.has_kernel_for_dispatch_key("Meta"), f"{name} has no register_fake"
 
 
-def test_cpp_autograd_skips_torch_librarys_per_call_schema_walk(monkeypatch):
-    """The C++ ops' autograd (rlhf_fast/ops/_autograd.py) fills defaulted
-    arguments from a tuple read once: torch.library's fill_defaults, which
-    walks the schema on every call (0.6 ms per ppo_loss call here), must not
-    run, and setup_context must still see every argument with its default."""
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_autograd_skips_torch_librarys_per_call_schema_walk(monkeypatch, backend):
+    """The ops' autograd (rlhf_fast/ops/_autograd.py; the Triton ops'
+    overrides triton_op's own) fills defaulted arguments from a tuple read
+    once: torch.library's fill_defaults, which walks the schema on every
+    call (0.6 ms per ppo_loss call here), must not run, and setup_context
+    must still see every argument with its default."""
+    reason = _backend.why_unavailable(backend, torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
     import torch._library.utils as library_utils
 
     def walk(*_):
-        raise AssertionError("torch.library's fill_defaults ran on an rlhf_fast C++ op call")
+        raise AssertionError(f"torch.library's fill_defaults ran on an rlhf_fast {backend} op call")
 
     monkeypatch.setattr(library_utils, "fill_defaults", walk)
     g = torch.Generator().manual_seed(0)
@@ -59,7 +64,7 @@ def test_cpp_autograd_skips_torch_librarys_per_call_schema_walk(monkeypatch):
     adv, mask = torch.randn(3, 7, generator=g), torch.rand(3, 7, generator=g) > 0.3
     logits = torch.randn(5, 11, generator=g, requires_grad=True)
     labels = torch.randint(0, 11, (5,), generator=g)
-    with rlhf_fast.use_backend("cpp"):
+    with rlhf_fast.use_backend(backend):
         loss, _ = rlhf_fast.ppo_loss(lp, old, adv, mask)  # rollout arguments left to their defaults
         (g_lp,) = torch.autograd.grad(loss, lp)
         want = rlhf_fast.reference.ppo_loss(lp, old, adv, mask)[0]

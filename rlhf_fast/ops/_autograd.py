@@ -11,12 +11,18 @@ cProfile: 0.120 s of 0.233 s over 200 tiny calls). `register_autograd`
 below installs the same thing torch.library does (an autograd.Function
 around a redispatch below the Autograd key), with the defaults read once.
 
-The Triton ops (torch.library.triton_op) keep torch's registration: their
-Autograd kernel is installed when they are defined.
+The Triton ops (torch.library.triton_op) get the same kernel: theirs was
+installed when they were defined (CustomOpDef registers one at once), so
+`register_autograd(..., triton_op=op)` registers the formula with torch's
+API first, then overrides that kernel (torch keeps it where the override
+is refused). ppo_loss_fwd_triton
+has the same 21 arguments, and on a GPU the whole eager call is otherwise
+launch-bound: the schema walk would be most of it.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -24,12 +30,16 @@ import torch
 _LIB = torch.library.Library("rlhf_fast", "IMPL")
 
 
-def register_autograd(name: str, backward: Callable, *, setup_context: Callable) -> None:
+def register_autograd(name: str, backward: Callable, *, setup_context: Callable, triton_op=None) -> None:
     """torch.library.register_autograd("rlhf_fast::<name>", backward,
-    setup_context=setup_context) for a C++ op with no keyword-only
+    setup_context=setup_context) for an op with no keyword-only
     arguments: setup_context(ctx, inputs, output) sees every argument, the
     defaulted ones filled in; backward(ctx, *grads) returns one gradient
-    per argument (trailing Nones beyond those passed are allowed)."""
+    per argument (trailing Nones beyond those passed are allowed).
+    triton_op: the op's CustomOpDef, for an op defined with
+    torch.library.triton_op, whose Autograd kernel this one overrides."""
+    if triton_op is not None:
+        triton_op.register_autograd(backward, setup_context=setup_context)
     op = getattr(torch.ops.rlhf_fast, name).default
     arguments = op._schema.arguments  # one read
     if any(a.kwarg_only for a in arguments):
@@ -66,4 +76,13 @@ def register_autograd(name: str, backward: Callable, *, setup_context: Callable)
             return Generated.apply(keyset, *args)
         return redispatch(keyset, args)
 
-    _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    if triton_op is None:
+        _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+        return
+    with warnings.catch_warnings():
+        # the dispatcher warns that it overrides the triton_op's kernel: intended
+        warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
+        try:
+            _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True, allow_override=True)
+        except (TypeError, RuntimeError):  # a torch without allow_override: torch's kernel stays
+            pass

@@ -308,6 +308,9 @@ if _backend.has_cpp():
 if _backend.HAVE_TRITON:
     from ..triton import linear_logprobs as kernels  # registers the *_triton ops
 
-    kernels.linear_logprobs_fwd_triton.register_autograd(
-        _make_backward(kernels.linear_logprobs_bwd_triton), setup_context=_setup_context
+    register_autograd(
+        "linear_logprobs_fwd_triton",
+        _make_backward(kernels.linear_logprobs_bwd_triton),
+        setup_context=_setup_context,
+        triton_op=kernels.linear_logprobs_fwd_triton,
     )

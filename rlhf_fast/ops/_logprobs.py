@@ -174,6 +174,9 @@ if _backend.has_cpp():
 if _backend.HAVE_TRITON:
     from ..triton import logprobs as kernels  # registers the *_triton ops
 
-    kernels.logprobs_fwd_triton.register_autograd(
-        _make_backward(kernels.logprobs_bwd_triton), setup_context=_setup_context
+    register_autograd(
+        "logprobs_fwd_triton",
+        _make_backward(kernels.logprobs_bwd_triton),
+        setup_context=_setup_context,
+        triton_op=kernels.logprobs_fwd_triton,
     )

@@ -473,12 +473,21 @@ if _backend.HAVE_TRITON:
     from ..triton import ppo_value_loss as value_kernels
 
     assert (policy_kernels.N_LOSS_STATS, value_kernels.N_VALUE_STATS) == (len(LOSS_STATS), len(VALUE_STATS))
-    policy_kernels.ppo_loss_fwd_triton.register_autograd(
-        _make_loss_backward(policy_kernels.ppo_loss_bwd_triton), setup_context=_loss_setup_context
+    register_autograd(
+        "ppo_loss_fwd_triton",
+        _make_loss_backward(policy_kernels.ppo_loss_bwd_triton),
+        setup_context=_loss_setup_context,
+        triton_op=policy_kernels.ppo_loss_fwd_triton,
     )
-    value_kernels.ppo_value_loss_fwd_triton.register_autograd(
-        _make_value_backward(policy_kernels.ppo_loss_bwd_triton), setup_context=_value_setup_context
+    register_autograd(
+        "ppo_value_loss_fwd_triton",
+        _make_value_backward(policy_kernels.ppo_loss_bwd_triton),
+        setup_context=_value_setup_context,
+        triton_op=value_kernels.ppo_value_loss_fwd_triton,
     )
-    kl_kernels.kl_penalty_fwd_triton.register_autograd(
-        _make_kl_backward(kl_kernels.kl_penalty_bwd_triton), setup_context=_kl_setup_context
+    register_autograd(
+        "kl_penalty_fwd_triton",
+        _make_kl_backward(kl_kernels.kl_penalty_bwd_triton),
+        setup_context=_kl_setup_context,
+        triton_op=kl_kernels.kl_penalty_fwd_triton,
     )
