@@ -111,6 +111,23 @@ def time_fn(
     return statistics.median(times)
 
 
+def time_interleaved(fns: list[Callable[[], object]], *, warmup: int = 3, repeat: int = 15) -> list[float]:
+    """Median seconds of each fn() (CPU), timed in alternating rounds (one
+    call of each per round): a ratio between them then survives the slow
+    drifts of a shared machine, which moved back-to-back medians of the same
+    function 20-30% apart here."""
+    for f in fns:
+        for _ in range(warmup):
+            f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for f, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
 def cuda_event_times(fn: Callable[[], object], repeat: int) -> list[float]:
     """Seconds of each of `repeat` fn() calls between two CUDA events, each
     waited for: the GPU's time per call, not the host's launch time."""
@@ -268,9 +285,12 @@ def compare(
     bytes_moved: int | None = None,
     warmup: int = 3,
     repeat: int = 15,
+    interleave: bool = False,
 ) -> list[Record]:
     """Time `fn` and each baseline in the same run; one Record per baseline.
-    A baseline given as a string instead of a callable is a skip reason."""
+    A baseline given as a string instead of a callable is a skip reason.
+    interleave (CPU): time fn and the callable baselines in alternating
+    rounds (time_interleaved), for peers that cannot fail."""
     if _collector is not None:
         key = f"{op}-{mode}-{shape}-{dtype}"
         seen = {c.id for c in _collector}  # a family may compare ours against two peer sets
@@ -278,7 +298,14 @@ def compare(
             if f"{key}-{name}" not in seen:
                 _collector.append(Case(f"{key}-{name}", f, device, key))
         return [Record(op, impl, None, shape, dtype, device, mode, status="skipped: collecting cases")]
-    ours = time_fn(fn, device=device, warmup=warmup, repeat=repeat)
+    interleaved = {}
+    if interleave and device == "cpu":
+        timed = [n for n, b in baselines.items() if not isinstance(b, str)]
+        medians = time_interleaved([fn] + [baselines[n] for n in timed], warmup=warmup, repeat=repeat)
+        interleaved = dict(zip(timed, medians[1:]))
+        ours = medians[0]
+    else:
+        ours = time_fn(fn, device=device, warmup=warmup, repeat=repeat)
     ours_mem = peak_memory(fn, device=device)
     gbps = bytes_moved / ours / 1e9 if bytes_moved else None
     threads = torch.get_num_threads() if device == "cpu" else None
@@ -293,7 +320,7 @@ def compare(
             records.append(record(name, status=f"skipped: {base}"))
             continue
         try:
-            t = time_fn(base, device=device, warmup=warmup, repeat=repeat)
+            t = interleaved[name] if name in interleaved else time_fn(base, device=device, warmup=warmup, repeat=repeat)
             mem = peak_memory(base, device=device)
         except Exception as exc:  # a peer that breaks (missing API, OOM) must not lose our records
             if device == "cuda":

@@ -64,6 +64,33 @@ def test_time_fn_measures_a_sleep_and_bounds_slow_calls():
     assert len(calls) <= 1 + 4  # one first call, no warm-up, max(3, 0.2 / 0.05) timed
 
 
+def test_time_interleaved_alternates_calls_and_gives_each_its_median():
+    order = []
+
+    def sleeper(name, s):
+        return lambda: (order.append(name), time.sleep(s))
+
+    fast, slow = harness.time_interleaved([sleeper("a", 0.002), sleeper("b", 0.01)], warmup=1, repeat=4)
+    assert 0.0015 <= fast < 0.009 <= slow < 0.05, (fast, slow)
+    assert order == ["a", "b"] + ["a", "b"] * 4  # warm-up, then one call of each per round
+    # compare(interleave=True) takes its medians from the same rounds; a skip stays a skip
+    recs = compare(
+        op="toy",
+        impl="ours",
+        fn=sleeper("ours", 0.002),
+        baselines={"peer": sleeper("peer", 0.01), "absent": "pip install x"},
+        shape="(1,)",
+        dtype="float32",
+        device="cpu",
+        mode="fwd",
+        warmup=1,
+        repeat=3,
+        interleave=True,
+    )
+    assert [r.baseline for r in recs] == [None, "peer", "absent"]
+    assert recs[1].speedup > 2 and recs[2].status == "skipped: pip install x"
+
+
 def test_compare_records_have_the_issue_fields_and_a_skip():
     x = torch.randn(1000)
     peers = {"peer": lambda: x + x, "absent": "pip install x"}
