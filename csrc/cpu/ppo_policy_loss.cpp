@@ -204,11 +204,9 @@ struct PolicyRowKernel {
           qmx = -inf, qmn = inf;
           for (u = t0; u + kL <= t_end; u += kL) {
             vf8 oldv, rv, ev;
-            PV::b mv;
             std::memcpy(&oldv, old + u, sizeof(vf8)), std::memcpy(&rv, roll + u, sizeof(vf8));
             std::memcpy(&ev, ex_rc + (u - t0), sizeof(vf8));
-            std::memcpy(&mv, mk + u, kL);
-            const auto r = rc::token<vf8>(__builtin_convertvector(mv, PV::i) != 0, oldv, rv, ev, *rcc);
+            const auto r = rc::token<vf8>(mask8(mk + u), oldv, rv, ev, *rcc);
             add8(q[0], r.n0), add8(q[1], r.o), add8(q[2], r.r), add8(q[3], r.d), add8(q[4], r.k3);
             add8(q[5], r.rho2), add8(q[6], r.wsum), add8(q[7], r.high), add8(q[8], r.low), add8(q[9], r.rej);
             ext8<true>(qmx, r.wmax), ext8<false>(qmn, r.wmin);
@@ -238,12 +236,10 @@ struct PolicyRowKernel {
         for (; t + kL <= t_end; t += kL) {
           const int64_t i = t - t0;
           vf8 lpv, oldv, advv, refv = {}, wv = {};
-          PV::b mv;
           std::memcpy(&lpv, lp + t, sizeof(vf8)), std::memcpy(&oldv, old + t, sizeof(vf8));
           std::memcpy(&advv, adv + t, sizeof(vf8));
           if (KL != kNone) std::memcpy(&refv, ref + t, sizeof(vf8));
-          std::memcpy(&mv, mk + t, kL);
-          PV::i valid = __builtin_convertvector(mv, PV::i) != 0;
+          PV::i valid = mask8(mk + t);
           TokExps<vf8> e;
           std::memcpy(&e.ratio, ex_ratio + i, sizeof(vf8));
           if constexpr (KL == kK3) std::memcpy(&e.kl, ex_kl + i, sizeof(vf8));
@@ -336,9 +332,8 @@ RLHF_FAST_INLINE rc::RowStats row_stats8(const float* old, const float* roll, co
     vf8 n{}, lr{}, k1{}, k2{}, k3{}, m2{}, m3{};  // k2, k3 >= 0: 0 is their max identity
     for (const int64_t t_end = std::min(T, t + kBlock); t + kL <= t_end; t += kL) {
       vf8 o, r;
-      PV::b mv;
-      std::memcpy(&o, old + t, sizeof(o)), std::memcpy(&r, roll + t, sizeof(r)), std::memcpy(&mv, mk + t, kL);
-      const PV::i valid = __builtin_convertvector(mv, PV::i) != 0;
+      std::memcpy(&o, old + t, sizeof(o)), std::memcpy(&r, roll + t, sizeof(r));
+      const PV::i valid = mask8(mk + t);
       const vf8 d = sel<vf8>(valid, o - r, zero), c = clampv(d, lo20, hi20);
       const vf8 q2 = bcast<vf8>(0.5) * c * c;
       n += sel<vf8>(valid, one, zero), lr += d, k1 -= c, k2 += q2;
