@@ -138,7 +138,7 @@ def bench_corrected(B, T, dtype, device) -> list:
             bytes_moved=bytes_moved,
             # the ratio against the uncorrected step is 1.15x: measured
             # in alternating rounds, so machine drift does not enter it
-            interleave=True,
+            interleave=("rlhf_fast.ppo_loss without correction",),
         )
     return records
 

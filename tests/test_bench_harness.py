@@ -73,22 +73,25 @@ def test_time_interleaved_alternates_calls_and_gives_each_its_median():
     fast, slow = harness.time_interleaved([sleeper("a", 0.002), sleeper("b", 0.01)], warmup=1, repeat=4)
     assert 0.0015 <= fast < 0.009 <= slow < 0.05, (fast, slow)
     assert order == ["a", "b"] + ["a", "b"] * 4  # warm-up, then one call of each per round
-    # compare(interleave=True) takes its medians from the same rounds; a skip stays a skip
+    # compare(interleave=names) times those peers in the same rounds as ours,
+    # the others on their own; a skip stays a skip
+    order.clear()
     recs = compare(
         op="toy",
         impl="ours",
         fn=sleeper("ours", 0.002),
-        baselines={"peer": sleeper("peer", 0.01), "absent": "pip install x"},
+        baselines={"peer": sleeper("peer", 0.01), "alone": sleeper("alone", 0.004), "absent": "pip install x"},
         shape="(1,)",
         dtype="float32",
         device="cpu",
         mode="fwd",
         warmup=1,
         repeat=3,
-        interleave=True,
+        interleave=("peer",),
     )
-    assert [r.baseline for r in recs] == [None, "peer", "absent"]
-    assert recs[1].speedup > 2 and recs[2].status == "skipped: pip install x"
+    assert [r.baseline for r in recs] == [None, "peer", "alone", "absent"]
+    assert recs[1].speedup > 2 and recs[2].speedup > 1.2 and recs[3].status == "skipped: pip install x"
+    assert order[:8] == ["ours", "peer"] * 4  # warm-up and 3 rounds, before "alone" is timed
 
 
 def test_compare_records_have_the_issue_fields_and_a_skip():
