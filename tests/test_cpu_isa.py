@@ -158,6 +158,27 @@ def fam_policy_seq_is():
     return _policy("k2", RolloutCorrection("sequence", 1.2, "seq_mean_k3", 0.01))
 
 
+
+# Every compile-time mode of the rollout-correction token pass (the weight:
+# per row / truncated / IcePop; token rejection: none / k1 / k2 / k3), so
+# that the AVX-512 block written with mask registers is held to the generic
+# copies bit for bit. Thresholds sit inside the spread of old - rollout
+# (0.05), so tokens fall on both sides of each bound.
+def fam_policy_icepop_token_k1():
+    return _policy("k3", RolloutCorrection("token", "0.95_1.05", "token_k1", "0.97_1.03"))
+
+
+def fam_policy_token_is_k2():
+    return _policy("k1", RolloutCorrection("token", 1.04, "token_k2", 0.0005))
+
+
+def fam_policy_geo_is_k3():
+    return _policy("k2", RolloutCorrection("geometric", 1.01, "token_k3", 0.0005))
+
+
+def fam_policy_seq_rs_only():
+    return _policy("k3", RolloutCorrection(None, 2.0, "seq_sum_k1", "0.5_2"))
+
 def fam_value_loss():
     v, vo, ret, _, _, _, mask = _tokens()
     kw = {"clip": 0.2, "agg": "token-mean"}

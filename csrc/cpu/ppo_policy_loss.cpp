@@ -24,6 +24,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include "../acc_dtype.h"
 #include "parallel.h"
 #include "ppo_glue.h"
@@ -136,14 +140,149 @@ struct RowIO {
   rc::Row* rc_out;
 };
 
-constexpr int kRcSums = 10;  // n0, s_old, s_roll, s_lr, s_k3, s_rho2, s_w, n_high, n_low, n_rej
-
 // Lane-wise sums and extremes on kPolicyLanes lanes.
 using vf8 = PV::f;
 RLHF_FAST_INLINE void add8(vf8& s, vf8 v) { s += v; }
 template <bool MAX>
 RLHF_FAST_INLINE void ext8(vf8& m, vf8 v) {  // running max (MAX) / min, NaN ignored
   m = MAX ? (v > m ? v : m) : (v < m ? v : m);
+}
+
+// The rollout correction's metric sums of one row, fp64, in token order:
+// n0, s_old, s_roll, s_lr, s_k3, s_rho2, then (per-token weights only)
+// s_w, n_high, n_low, and the weight's max and min.
+struct RcAcc {
+  double s[9] = {};
+  double mx = -INFINITY, mn = INFINITY;
+  template <typename V>
+  void add(const rc::TokSums<V>& q) {
+    const V terms[9] = {q.n0, q.o, q.r, q.d, q.k3, q.rho2, q.w, q.high, q.low};
+    for (int j = 0; j < 9; ++j) {
+      if constexpr (std::is_floating_point_v<V>) {
+        s[j] += double(terms[j]);
+      } else {
+        float sum = 0;
+        for (int l = 0; l < kPolicyLanes; ++l) sum += terms[j][l];
+        s[j] += sum;
+      }
+    }
+    if constexpr (std::is_floating_point_v<V>) {
+      mx = double(q.mx) > mx ? double(q.mx) : mx, mn = double(q.mn) < mn ? double(q.mn) : mn;
+    } else {
+      for (int l = 0; l < kPolicyLanes; ++l) {
+        mx = q.mx[l] > mx ? q.mx[l] : mx;
+        mn = q.mn[l] < mn ? q.mn[l] : mn;
+      }
+    }
+  }
+};
+
+// Pass 2 of a block (fp32, 8 lanes): rc::token over n tokens (a multiple of
+// 8) with the options TW / RSK fixed at compile time. ex holds the rollout
+// exps in and the weights out; keep32 gets the kept mask, keep8 (when not
+// null) its bytes. One small function per option set, called per block:
+// with the options as run-time flags, the loop carried their branches and
+// every metric's vector work (~75 instructions per 8 tokens for token TIS);
+// fixed, token TIS takes ~35 and the row-level options ~25.
+template <int TW, int RSK>
+struct RcBlockKernel {
+  template <int W>
+  static RLHF_FAST_INLINE void run(const float* old, const float* roll, const uint8_t* mk, int64_t n, float* ex,
+                                   int32_t* keep32, uint8_t* keep8, RcAcc* acc, rc::RowCfg<float> c) {
+    constexpr int kL = kPolicyLanes;
+    rc::TokSums<vf8> q;
+    for (int64_t u = 0; u < n; u += kL) {
+      vf8 oldv, rv, ev, wv;
+      std::memcpy(&oldv, old + u, sizeof(vf8)), std::memcpy(&rv, roll + u, sizeof(vf8));
+      std::memcpy(&ev, ex + u, sizeof(vf8));
+      const PV::i kp = rc::token<TW, RSK>(q, mask8<W>(mk + u), oldv, rv, ev, c, wv);
+      std::memcpy(keep32 + u, &kp, sizeof(vf8)), std::memcpy(ex + u, &wv, sizeof(vf8));
+      if (keep8) {
+        const PV::b kb = __builtin_convertvector(kp & 1, PV::b);
+        std::memcpy(keep8 + u, &kb, kL);
+      }
+    }
+    acc->add(q);
+  }
+};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// RcBlockKernel's loop for the AVX-512 copy, with the masks in mask
+// registers. GCC keeps the generic body's int-vector masks in vector
+// registers there: every select becomes a VEX vblendvps (registers 0-15
+// only, so ~15 extra moves per 8 tokens) and the extremes went through the
+// stack, ~67 instructions per 8 tokens for token TIS against ~30 here.
+// Every operation is the generic body's, one for one (sel(m, a, 0) a
+// zero-masked load, clampv a min then a max with the operand order that
+// keeps NaN, sel(v, s + x, s) a masked add), so the sums are the same bits;
+// tests/test_cpu_isa.py holds the copies to that.
+template <int TW, int RSK>
+__attribute__((target("arch=x86-64-v4"), noinline)) void rc_block_avx512(
+    const float* old, const float* roll, const uint8_t* mk, int64_t n, float* ex, int32_t* keep32, uint8_t* keep8,
+    RcAcc* acc, rc::RowCfg<float> c) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
+  const __m256 lo20 = _mm256_set1_ps(-20.f), hi20 = _mm256_set1_ps(20.f), sign = _mm256_set1_ps(-0.f);
+  const __m256 hi = _mm256_set1_ps(c.hi), lo = _mm256_set1_ps(c.lo);
+  const __m256 rs_hi = _mm256_set1_ps(c.rs_hi), rs_lo = _mm256_set1_ps(c.rs_lo), w_row = _mm256_set1_ps(c.w_row);
+  const __mmask8 row = c.row_pass ? 0xff : 0;
+  __m256 n0 = zero, so = zero, sr = zero, sd = zero, sk3 = zero, srho2 = zero, sw = zero, sh = zero, sl = zero;
+  __m256 mx = _mm256_set1_ps(-INFINITY), mn = _mm256_set1_ps(INFINITY);
+  for (int64_t u = 0; u < n; u += kPolicyLanes) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mk + u));
+    const __mmask8 v = static_cast<__mmask8>(_mm_test_epi8_mask(bytes, bytes));
+    const __m256 o = _mm256_maskz_loadu_ps(v, old + u), r = _mm256_maskz_loadu_ps(v, roll + u);
+    const __m256 d = _mm256_sub_ps(o, r);
+    const __m256 cl = _mm256_max_ps(lo20, _mm256_min_ps(hi20, d));
+    const __m256 e = _mm256_mask_loadu_ps(one, v, ex + u);
+    const __m256 k3 = _mm256_sub_ps(_mm256_sub_ps(e, one), cl);
+    n0 = _mm256_mask_add_ps(n0, v, n0, one);
+    so = _mm256_add_ps(so, o), sr = _mm256_add_ps(sr, r), sd = _mm256_add_ps(sd, d), sk3 = _mm256_add_ps(sk3, k3);
+    srho2 = _mm256_mask_add_ps(srho2, v, srho2, _mm256_mul_ps(e, e));
+    __mmask8 keep;
+    if constexpr (RSK == 0) {
+      keep = v & row;
+    } else {
+      const __m256 st = RSK == 1 ? _mm256_xor_ps(cl, sign)
+                                 : (RSK == 2 ? _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), cl), cl) : k3);
+      __mmask8 pass = _mm256_cmp_ps_mask(st, rs_hi, _CMP_LE_OQ);
+      if constexpr (RSK == 1) pass &= _mm256_cmp_ps_mask(st, rs_lo, _CMP_GE_OQ);
+      keep = v & pass;
+    }
+    __m256 w = w_row;
+    if constexpr (TW != rc::kWRow) {
+      w = TW == rc::kWIcePop
+              ? _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(e, lo, _CMP_GE_OQ) & _mm256_cmp_ps_mask(e, hi, _CMP_LE_OQ), e)
+              : _mm256_min_ps(hi, e);
+      sw = _mm256_mask_add_ps(sw, v, sw, w);
+      sh = _mm256_mask_add_ps(sh, v & _mm256_cmp_ps_mask(e, hi, _CMP_GT_OQ), sh, one);
+      sl = _mm256_mask_add_ps(sl, v & _mm256_cmp_ps_mask(e, lo, _CMP_LT_OQ), sl, one);
+      mx = _mm256_mask_max_ps(mx, v, w, mx);
+      mn = _mm256_mask_min_ps(mn, v, w, mn);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep32 + u), _mm256_movm_epi32(keep));
+    _mm256_storeu_ps(ex + u, w);
+    if (keep8) _mm_storel_epi64(reinterpret_cast<__m128i*>(keep8 + u), _mm_maskz_set1_epi8(keep, 1));
+  }
+  rc::TokSums<vf8> q;
+  q.n0 = (vf8)n0, q.o = (vf8)so, q.r = (vf8)sr, q.d = (vf8)sd, q.k3 = (vf8)sk3, q.rho2 = (vf8)srho2;
+  q.w = (vf8)sw, q.high = (vf8)sh, q.low = (vf8)sl, q.mx = (vf8)mx, q.mn = (vf8)mn;
+  acc->add(q);
+}
+#endif
+
+// RcBlockKernel on the ISA copy of lane count W (the caller's).
+template <int W, typename... A>
+RLHF_FAST_INLINE void rc_block(const rc::RowCfg<float>& c, A&&... a) {
+  rc::with_token_mode(c, [&](auto TW, auto RSK) {
+    using K = RcBlockKernel<decltype(TW)::value, decltype(RSK)::value>;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (W == 16) rc_block_avx512<decltype(TW)::value, decltype(RSK)::value>(a..., c);
+#else
+    if constexpr (W == 16) isa_copy_avx512<K>(a..., c);
+#endif
+    else if constexpr (W == 8) isa_copy_avx2<K>(a..., c);
+    else isa_copy_baseline<K>(a..., c);
+  });
 }
 
 // One row: dtok and the row sums (the masked entropy's too, when given);
@@ -162,7 +301,7 @@ struct PolicyRowKernel {
     // acc[7]: the masked entropy sum, in the same lanes and order, so it too
     // is the same in every copy
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, rmax = 0;  // ratios are > 0: 0 is the max identity
-    double racc[kRcSums] = {}, rmx = -INFINITY, rmn = INFINITY;
+    RcAcc racc;
     int64_t t = 0;
     if constexpr (std::is_same_v<acc_t, float>) {
       // Each block of kBlock tokens in three passes, its data staying in L1:
@@ -180,8 +319,7 @@ struct PolicyRowKernel {
       constexpr int kExp = W > kL ? W : kL;
       alignas(64) float ex_ratio[kBlock], ex_kl[KL == kK3 ? kBlock : 1], ex_rc[RC ? kBlock : 1];
       alignas(64) int32_t rc_keep[RC ? kBlock : 1];
-      vf8 s[8], m, q[kRcSums], qmx, qmn;
-      const vf8 inf = bcast<vf8>(INFINITY);
+      vf8 s[8], m;
       while (t + kL <= T) {
         const int64_t t0 = t, t_end = std::min(T, t + kBlock);
         auto exps = [&](int64_t u, auto n_tag) RLHF_FAST_INLINE_LAMBDA {
@@ -199,35 +337,9 @@ struct PolicyRowKernel {
         for (; u + kExp <= t_end; u += kExp) exps(u, std::integral_constant<int, kExp>{});
         for (; u + kL <= t_end; u += kL) exps(u, std::integral_constant<int, kL>{});
 
-        if constexpr (RC) {
-          for (auto& v : q) v = vf8{};
-          qmx = -inf, qmn = inf;
-          for (u = t0; u + kL <= t_end; u += kL) {
-            vf8 oldv, rv, ev;
-            std::memcpy(&oldv, old + u, sizeof(vf8)), std::memcpy(&rv, roll + u, sizeof(vf8));
-            std::memcpy(&ev, ex_rc + (u - t0), sizeof(vf8));
-            const auto r = rc::token<vf8>(mask8(mk + u), oldv, rv, ev, *rcc);
-            add8(q[0], r.n0), add8(q[1], r.o), add8(q[2], r.r), add8(q[3], r.d), add8(q[4], r.k3);
-            add8(q[5], r.rho2), add8(q[6], r.wsum), add8(q[7], r.high), add8(q[8], r.low), add8(q[9], r.rej);
-            ext8<true>(qmx, r.wmax), ext8<false>(qmn, r.wmin);
-            // rejected tokens leave the loss, its counts and the aggregation
-            std::memcpy(rc_keep + (u - t0), &r.keep, sizeof(vf8));
-            std::memcpy(ex_rc + (u - t0), &r.w, sizeof(vf8));
-            if (keep) {
-              const PV::b kb = __builtin_convertvector(r.keep & 1, PV::b);
-              std::memcpy(keep + u, &kb, kL);
-            }
-          }
-          for (int j = 0; j < kRcSums; ++j) {
-            float sum = 0;
-            for (int l = 0; l < kL; ++l) sum += q[j][l];
-            racc[j] += sum;
-          }
-          for (int l = 0; l < kL; ++l) {
-            rmx = qmx[l] > rmx ? qmx[l] : rmx;
-            rmn = qmn[l] < rmn ? qmn[l] : rmn;
-          }
-        }
+        if constexpr (RC)
+          rc_block<W>(*rcc, old + t0, roll + t0, mk + t0, (t_end - t0) / kL * kL, ex_rc, rc_keep,
+                      keep ? keep + t0 : nullptr, &racc);
 
         // 8 lanes on AVX-512 too: at 16, GCC 12 scalarised the nested selects
         // of policy_tok (a test-and-branch per lane; 28 vs 11 ns / token).
@@ -239,7 +351,7 @@ struct PolicyRowKernel {
           std::memcpy(&lpv, lp + t, sizeof(vf8)), std::memcpy(&oldv, old + t, sizeof(vf8));
           std::memcpy(&advv, adv + t, sizeof(vf8));
           if (KL != kNone) std::memcpy(&refv, ref + t, sizeof(vf8));
-          PV::i valid = mask8(mk + t);
+          PV::i valid = mask8<W>(mk + t);
           TokExps<vf8> e;
           std::memcpy(&e.ratio, ex_ratio + i, sizeof(vf8));
           if constexpr (KL == kK3) std::memcpy(&e.kl, ex_kl + i, sizeof(vf8));
@@ -268,12 +380,11 @@ struct PolicyRowKernel {
       acc_t w = 1;
       const auto e = tok_exps<KL, RC>(lp[t], old[t], KL == kK3 ? ref[t] : acc_t(0), RC ? roll[t] : acc_t(0));
       if constexpr (RC) {
-        const auto r = rc::token<acc_t>(valid, old[t], roll[t], e.rc, *rcc);
-        valid = r.keep, w = r.w;
-        const acc_t terms[kRcSums] = {r.n0, r.o, r.r, r.d, r.k3, r.rho2, r.wsum, r.high, r.low, r.rej};
-        for (int j = 0; j < kRcSums; ++j) racc[j] += double(terms[j]);
-        rmx = double(r.wmax) > rmx ? double(r.wmax) : rmx;
-        rmn = double(r.wmin) < rmn ? double(r.wmin) : rmn;
+        rc::TokSums<acc_t> q;
+        valid = rc::with_token_mode(*rcc, [&](auto TW, auto RSK) RLHF_FAST_INLINE_LAMBDA {
+          return rc::token<decltype(TW)::value, decltype(RSK)::value>(q, valid, old[t], roll[t], e.rc, *rcc, w);
+        });
+        racc.add(q);
         if (keep) keep[t] = valid;
       }
       const auto k = policy_tok<acc_t, KL, DUAL, RC>(valid, lp[t], old[t], adv[t],
@@ -289,9 +400,16 @@ struct PolicyRowKernel {
     out->akl = acc[5], out->rsum = acc[6], out->rmax = rmax, out->ent = acc[7];
     if constexpr (RC) {
       rc::Row& o = *io->rc_out;
-      o.n0 = racc[0], o.s_old = racc[1], o.s_roll = racc[2], o.s_lr = racc[3], o.s_k3 = racc[4];
-      o.s_rho2 = racc[5], o.s_w = racc[6], o.n_high = racc[7], o.n_low = racc[8], o.n_rej = racc[9];
-      o.max_w = rmx, o.min_w = rmn;
+      const double* q = racc.s;
+      o.n0 = q[0], o.s_old = q[1], o.s_roll = q[2], o.s_lr = q[3], o.s_k3 = q[4], o.s_rho2 = q[5];
+      o.n_rej = q[0] - acc[2];  // the valid tokens less those the policy pass kept
+      if (rcc->tok_w == rc::kWRow) {  // one weight for the row
+        const double w = rcc->w_row;
+        o.s_w = q[0] * w, o.n_high = rcc->high_row ? q[0] : 0.0, o.n_low = rcc->low_row ? q[0] : 0.0;
+        o.max_w = q[0] > 0 ? w : -INFINITY, o.min_w = q[0] > 0 ? w : INFINITY;
+      } else {
+        o.s_w = q[6], o.n_high = q[7], o.n_low = q[8], o.max_w = racc.mx, o.min_w = racc.mn;
+      }
     }
   }
 };
@@ -322,7 +440,7 @@ void policy_row(int kl, bool dual, bool has_rc, A&&... args) {
 // a k3 statistic is asked for. fp32 on kPolicyLanes explicit lanes (the
 // omp simd loop of rc::row_stats cost ~4 ns / token, 1 ms at (64, 4096));
 // fp64 rows take rc::row_stats.
-template <bool K3>
+template <bool K3, int W>
 RLHF_FAST_INLINE rc::RowStats row_stats8(const float* old, const float* roll, const uint8_t* mk, int64_t T) {
   constexpr int kL = kPolicyLanes;
   rc::RowStats out;
@@ -333,7 +451,7 @@ RLHF_FAST_INLINE rc::RowStats row_stats8(const float* old, const float* roll, co
     for (const int64_t t_end = std::min(T, t + kBlock); t + kL <= t_end; t += kL) {
       vf8 o, r;
       std::memcpy(&o, old + t, sizeof(o)), std::memcpy(&r, roll + t, sizeof(r));
-      const PV::i valid = mask8(mk + t);
+      const PV::i valid = mask8<W>(mk + t);
       const vf8 d = sel<vf8>(valid, o - r, zero), c = clampv(d, lo20, hi20);
       const vf8 q2 = bcast<vf8>(0.5) * c * c;
       n += sel<vf8>(valid, one, zero), lr += d, k1 -= c, k2 += q2;
@@ -369,7 +487,7 @@ struct RcRowPass {
   static RLHF_FAST_INLINE rc::RowStats run(const acc_t* old, const acc_t* roll, const uint8_t* mk, int64_t T,
                                            bool k3) {
     if constexpr (std::is_same_v<acc_t, float>)
-      return k3 ? row_stats8<true>(old, roll, mk, T) : row_stats8<false>(old, roll, mk, T);
+      return k3 ? row_stats8<true, W>(old, roll, mk, T) : row_stats8<false, W>(old, roll, mk, T);
     else
       return k3 ? rc::row_stats<true>(old, roll, mk, T) : rc::row_stats<false>(old, roll, mk, T);
   }

@@ -160,13 +160,28 @@ RLHF_FAST_INLINE typename Vec<W>::f exp_nonpos(typename Vec<W>::f x) {
   return x < lo ? splat<W>(0.f) : out;
 }
 
-// The 8 mask bytes at p as an 8-lane int mask (-1 where nonzero), written
-// as two broadcasts and a bit test: GCC 12 compiles __builtin_convertvector
-// from 8 bytes to 8 int32 lanes to ~30 scalar shifts and inserts on
-// x86-64-v4, and this to 6 vector instructions (vpbroadcastd x2,
-// vinserti128, vpand, vpcmpeqd, vpandn). (A shuffle of one 8-byte vector
-// went through the stack, and its store-forwarding stall made it slower.)
+// The 8 mask bytes at p as an 8-lane int mask (-1 where nonzero), for an
+// ISA copy of W fp32 lanes. With AVX2 (W >= 8): one vpmovzxbd from memory
+// and a compare. It is inline asm because the kernel bodies are compiled
+// without a target of their own until inlined into an ISA copy, so GCC
+// refuses the AVX2 intrinsic there; and the portable forms compile badly:
+// GCC 12 turns __builtin_convertvector from 8 bytes to 8 int32 lanes into
+// ~30 scalar shifts and inserts, and the two-broadcast form below was
+// sometimes built through the stack (four 8-byte stores, one 32-byte load:
+// a store-forwarding stall per 8 tokens, which made the rollout
+// correction's row pass cost a third of the policy-loss sweep).
+template <int W>
 RLHF_FAST_INLINE Vec<8>::i mask8(const uint8_t* p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (W >= 8) {
+    struct Bytes8 {
+      uint8_t b[8];
+    };
+    Vec<8>::i x;
+    asm("vpmovzxbd %1, %0" : "=v"(x) : "m"(*reinterpret_cast<const Bytes8*>(p)));
+    return x != 0;
+  }
+#endif
   uint32_t lo, hi;  // x86 is little-endian: byte l of lo is lane l
   std::memcpy(&lo, p, 4), std::memcpy(&hi, p + 4, 4);
   const Vec<8>::u v = {lo, lo, lo, lo, hi, hi, hi, hi};

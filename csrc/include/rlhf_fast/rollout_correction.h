@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "rlhf_fast/cpu_math.h"
 
@@ -99,71 +100,103 @@ inline double row_raw_weight(const Cfg& c, const RowStats& s) {
   return 1.0;
 }
 
-// The row's correction as the token loop sees it: the options, and what
-// the row pass decided (row_raw: the sequence / geometric raw weight, 1 at
-// the token level; row_pass: the sequence rejection's verdict).
+// How the weight of the clipped term varies within a row: one weight for
+// the whole row (no IS option, or the sequence / geometric level), or per
+// token (token TIS, token IcePop). Compile-time in the token pass, so each
+// option set runs only the vector work it needs.
+enum TokW : int { kWRow = 0, kWTrunc = 1, kWIcePop = 2 };
+
+// The row's correction as the token pass sees it: the options, and what the
+// row pass decided. tok_rs_k: the k of token-level rejection, 0 without
+// one; row_pass: the sequence rejection's verdict (true without one);
+// w_row: the row's weight under kWRow (1 without an IS option), with
+// high_row / low_row its raw weight's side of the thresholds.
 template <typename acc_t>
 struct RowCfg {
-  bool tok_is, tok_rs, icepop, apply_w, row_pass;
-  int rs_k;
-  acc_t hi, lo, rs_hi, rs_lo, row_raw;
+  int tok_w, tok_rs_k;
+  bool row_pass, high_row, low_row;
+  acc_t hi, lo, rs_hi, rs_lo, w_row;
 };
 
 template <typename acc_t>
 RowCfg<acc_t> row_cfg(const Cfg& c, double row_raw, bool row_pass) {
-  return {c.is == kIsToken, c.rs == kRsToken, c.icepop, c.is != kIsNone, row_pass, c.rs_k,
-          acc_t(c.is_hi), acc_t(c.is_lo), acc_t(c.rs_hi), acc_t(c.rs_lo), acc_t(row_raw)};
+  const int tok_w = c.is != kIsToken ? kWRow : c.icepop ? kWIcePop : kWTrunc;
+  // the row weight in acc_t, as the token weight is made
+  const acc_t raw = acc_t(row_raw), hi = acc_t(c.is_hi), lo = acc_t(c.is_lo);
+  const acc_t wt = c.icepop ? (raw >= lo && raw <= hi ? raw : acc_t(0)) : (raw > hi ? hi : raw);
+  return {tok_w,   c.rs == kRsToken ? c.rs_k : 0, row_pass, raw > hi, raw < lo, hi, lo, acc_t(c.rs_hi),
+          acc_t(c.rs_lo), c.is != kIsNone ? wt : acc_t(1)};
 }
 
-// One token (V: scalar or vector) of the correction, given e_t =
-// exp_pm20(clamp20(old_t - roll_t)) (the caller's exp pass): the stop-gradient
-// weight w of the clipped term (1 without an IS option), the kept mask, and
-// the terms of the row's metric sums (each 0 outside the caller's mask v).
-// Uniform options are branches on scalars, so the vector body stays one
-// straight line: in the policy loss's sweep it costs one more load, one exp
-// and ~30 vector ops per lane group, over a block of the row held in L1,
-// instead of a separate weights pass with a (B, T) weight and keep buffer.
+// Calls f(integral_constant<int, tok_w>, integral_constant<int, tok_rs_k>).
+template <typename acc_t, typename F>
+RLHF_FAST_INLINE auto with_token_mode(const RowCfg<acc_t>& c, F&& f) {
+  auto with_w = [&](auto K) {
+    switch (c.tok_w) {
+      case kWTrunc: return f(std::integral_constant<int, kWTrunc>{}, K);
+      case kWIcePop: return f(std::integral_constant<int, kWIcePop>{}, K);
+      default: return f(std::integral_constant<int, kWRow>{}, K);
+    }
+  };
+  switch (c.tok_rs_k) {
+    case 1: return with_w(std::integral_constant<int, 1>{});
+    case 2: return with_w(std::integral_constant<int, 2>{});
+    case 3: return with_w(std::integral_constant<int, 3>{});
+    default: return with_w(std::integral_constant<int, 0>{});
+  }
+}
+
+// A row's running metric sums in one lane group (V: scalar or vector), in
+// token order. n0, o, r, d, k3, rho2 always; w, high, low, mx, mn only with
+// a per-token weight (kWRow rows get them from n0 and w_row at the end, and
+// every row's rejected count is n0 minus the policy pass's kept count).
 template <typename V>
-struct Tok {
-  cpu::mask_of<V> keep;
-  V w, n0, o, r, d, k3, rho2, wsum, high, low, rej, wmax, wmin;
+struct TokSums {
+  V n0{}, o{}, r{}, d{}, k3{}, rho2{}, w{}, high{}, low{};
+  V mx = cpu::bcast<V>(-std::numeric_limits<double>::infinity());
+  V mn = cpu::bcast<V>(std::numeric_limits<double>::infinity());
 };
 
-template <typename V, typename acc_t>
-RLHF_FAST_INLINE Tok<V> token(cpu::mask_of<V> v, V old_t, V roll_t, V e_t, const RowCfg<acc_t>& c) {
+// One token (V: scalar or vector) of the correction, given e_t =
+// exp_pm20(clamp20(old_t - roll_t)) (the caller's exp pass): adds the
+// token's terms to s (nothing outside the caller's mask v), sets w_t to the
+// stop-gradient weight of the clipped term under TW, and returns the kept
+// mask. Masked lanes add exact zeros or are left by the selects, so the sums
+// are those of the masked tokens alone.
+template <int TW, int RSK, typename V, typename acc_t>
+RLHF_FAST_INLINE cpu::mask_of<V> token(TokSums<V>& s, cpu::mask_of<V> v, V old_t, V roll_t, V e_t,
+                                       const RowCfg<acc_t>& c, V& w_t) {
   using cpu::bcast;
   using cpu::sel;
   const V zero = bcast<V>(0), one = bcast<V>(1);
-  const V fv = sel<V>(v, one, zero);
   const V o = sel<V>(v, old_t, zero), r = sel<V>(v, roll_t, zero);
   const V d = o - r, cl = cpu::clampv(d, bcast<V>(-20), bcast<V>(20)), e = sel<V>(v, e_t, one);
-  const V k3 = e - one - cl;
-  cpu::mask_of<V> pass = zero == zero;  // all true
-  if (c.tok_rs) {
-    const V st = c.rs_k == 1 ? -cl : (c.rs_k == 2 ? bcast<V>(0.5) * cl * cl : k3);
-    pass = st <= bcast<V>(c.rs_hi);
-    if (c.rs_k == 1) pass = pass & (st >= bcast<V>(c.rs_lo));
-  } else if (!c.row_pass) {
-    pass = zero != zero;
+  const V k3 = e - one - cl;  // 0 where masked (e = 1, cl = 0)
+  s.n0 = sel<V>(v, s.n0 + one, s.n0);
+  s.o += o, s.r += r, s.d += d, s.k3 += k3;
+  s.rho2 = sel<V>(v, s.rho2 + e * e, s.rho2);
+  cpu::mask_of<V> keep;
+  if constexpr (RSK == 0) {
+    keep = c.row_pass ? v : (zero != zero);
+  } else {
+    const V st = RSK == 1 ? -cl : (RSK == 2 ? bcast<V>(0.5) * cl * cl : k3);
+    cpu::mask_of<V> pass = st <= bcast<V>(c.rs_hi);
+    if constexpr (RSK == 1) pass = pass & (st >= bcast<V>(c.rs_lo));
+    keep = v & pass;
   }
-  const V hi = bcast<V>(c.hi), lo = bcast<V>(c.lo);
-  const V raw = c.tok_is ? e : bcast<V>(c.row_raw);
-  const V wt = c.icepop ? sel<V>((raw >= lo) & (raw <= hi), raw, zero) : sel<V>(raw > hi, hi, raw);
-  const V inf = bcast<V>(std::numeric_limits<double>::infinity());
-  return {static_cast<cpu::mask_of<V>>(v & pass),
-          c.apply_w ? wt : one,
-          fv,
-          o,
-          r,
-          d,
-          fv * k3,
-          fv * e * e,
-          fv * wt,
-          sel<V>(raw > hi, fv, zero),
-          sel<V>(raw < lo, fv, zero),
-          sel<V>(pass, zero, fv),
-          sel<V>(v, wt, -inf),
-          sel<V>(v, wt, inf)};
+  if constexpr (TW == kWRow) {
+    w_t = bcast<V>(c.w_row);
+  } else {
+    const V hi = bcast<V>(c.hi), lo = bcast<V>(c.lo);
+    const V wt = TW == kWIcePop ? sel<V>((e >= lo) & (e <= hi), e, zero) : sel<V>(e > hi, hi, e);
+    s.w = sel<V>(v, s.w + wt, s.w);
+    s.high = sel<V>(v & (e > hi), s.high + one, s.high);
+    s.low = sel<V>(v & (e < lo), s.low + one, s.low);
+    s.mx = sel<V>(v & (wt > s.mx), wt, s.mx);
+    s.mn = sel<V>(v & (wt < s.mn), wt, s.mn);
+    w_t = wt;
+  }
+  return keep;
 }
 
 }  // namespace rc
