@@ -158,7 +158,6 @@ def fam_policy_seq_is():
     return _policy("k2", RolloutCorrection("sequence", 1.2, "seq_mean_k3", 0.01))
 
 
-
 # Every compile-time mode of the rollout-correction token pass (the weight:
 # per row / truncated / IcePop; token rejection: none / k1 / k2 / k3), so
 # that the AVX-512 block written with mask registers is held to the generic
@@ -178,6 +177,7 @@ def fam_policy_geo_is_k3():
 
 def fam_policy_seq_rs_only():
     return _policy("k3", RolloutCorrection(None, 2.0, "seq_sum_k1", "0.5_2"))
+
 
 def fam_value_loss():
     v, vo, ret, _, _, _, mask = _tokens()
