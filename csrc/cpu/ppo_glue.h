@@ -71,6 +71,12 @@ struct RowSrc {
   at::ScalarType dt = at::kFloat;
   int64_t T = 0;
 
+  // row b in place when it is already acc_t (no conversion), else null
+  const acc_t* direct_row(int64_t b) const {
+    return data != nullptr && dt == c10::CppTypeToScalarType<acc_t>::value ? static_cast<const acc_t*>(data) + b * T
+                                                                           : nullptr;
+  }
+
   const acc_t* row(int64_t b, acc_t* scratch) const {
     if (data == nullptr) return nullptr;
     const int64_t off = b * T;

@@ -138,6 +138,10 @@ struct RowIO {
   uint8_t* keep;  // the mask after rejection (backward's entropy gradient), or null
   PolicyRow* out;
   rc::Row* rc_out;
+  // the next row's old / rollout / mask, prefetched during this row's exp
+  // pass when its row pass will read them (null: nothing to prefetch)
+  const acc_t *next_old = nullptr, *next_roll = nullptr;
+  const uint8_t* next_mk = nullptr;
 };
 
 // Lane-wise sums and extremes on kPolicyLanes lanes.
@@ -331,7 +335,13 @@ struct PolicyRowKernel {
           const TokExps<vf> e = tok_exps<KL, RC>(lpv, oldv, refv, rv);
           std::memcpy(ex_ratio + (u - t0), &e.ratio, sizeof(vf));
           if constexpr (KL == kK3) std::memcpy(ex_kl + (u - t0), &e.kl, sizeof(vf));
-          if constexpr (RC) std::memcpy(ex_rc + (u - t0), &e.rc, sizeof(vf));
+          if constexpr (RC) {
+            std::memcpy(ex_rc + (u - t0), &e.rc, sizeof(vf));
+            if (io->next_old) {  // one 64-byte line of each per 16 tokens
+              __builtin_prefetch(io->next_old + u), __builtin_prefetch(io->next_roll + u);
+              if ((u & 63) == 0) __builtin_prefetch(io->next_mk + u);
+            }
+          }
         };
         int64_t u = t0;
         for (; u + kExp <= t_end; u += kExp) exps(u, std::integral_constant<int, kExp>{});
@@ -513,6 +523,16 @@ void policy_rows(const at::Tensor& lp, const at::Tensor& old, const at::Tensor& 
       double row_raw = 1.0;
       bool row_pass = true;
       if (has_rc && rcc.needs_row_pass()) {
+        // The row pass is the first to read a row's old / rollout / mask:
+        // 9 bytes per token from L3 or DRAM for ~2.5 instructions, so it
+        // waits on memory. Prefetched during the previous row's exp pass
+        // (two lines per 16 tokens), they are in cache: the sequence-level
+        // sweep at (64, 4096) fp32 2-6% faster (same-binary A/B, min and
+        // median of 30 calls, 7 runs).
+        if (b + 1 < end && s_old.direct_row(b + 1) && s_roll.direct_row(b + 1)) {
+          io.next_old = s_old.direct_row(b + 1), io.next_roll = s_roll.direct_row(b + 1);
+          io.next_mk = mk + (b + 1) * T;
+        }
         const rc::RowStats st = isa_call<RcRowPass<acc_t>>(io.old, io.roll, io.mk, T, rcc.row_pass_needs_k3());
         row_raw = rc::row_raw_weight(rcc, st);
         row_pass = rc::row_passes(rcc, st);
