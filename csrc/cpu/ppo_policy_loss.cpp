@@ -186,8 +186,9 @@ struct RcAcc {
 // exps in and the weights out; keep32 gets the kept mask, keep8 (when not
 // null) its bytes. One small function per option set, called per block:
 // with the options as run-time flags, the loop carried their branches and
-// every metric's vector work (~75 instructions per 8 tokens for token TIS);
-// fixed, token TIS takes ~35 and the row-level options ~25.
+// every metric's vector work (~75 instructions per 8 tokens for token TIS,
+// ~67 with them fixed, as GCC compiles this body for AVX-512). The AVX2 and
+// baseline copies run this body; the AVX-512 copy runs rc_block_avx512.
 template <int TW, int RSK>
 struct RcBlockKernel {
   template <int W>
