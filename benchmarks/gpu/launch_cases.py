@@ -20,6 +20,9 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # kernel -> how to read its static counts.
 #   block: the constexpr whose elements one program streams per iteration of
 #          its hot loop (None: no per-element figure, e.g. a GEMM tile);
+#   last_program_epilogue: straight-line streaming code, then an epilogue that
+#          only the grid's last program runs (its loops are cold): the
+#          per-element figure counts what precedes the ticket atomic;
 #   spill_budget: spill bytes (stores + loads) allowed, per target. Zero for
 #          the streaming kernels on sm_90: a spill is a local-memory round trip
 #          per element, dearer than the HBM read itself. The exceptions:
@@ -36,10 +39,9 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #            the sampler 32 B (its filtered path at the 128-register cap of
 #            8 warps, Triton 3.9) and the log-prob backward 16 B (its fp64
 #            specialisation, the tests' dtype, under Triton 3.9);
-#          - ppo_loss fwd: 48 B, its fp64 specialisation with a rollout
-#            correction (the tests' dtype; 36 B under Triton 3.6, where a
-#            thread is held to 128 registers even at 4 warps); fp32 and bf16
-#            spill nothing;
+#          - ppo_loss fwd: 16 B. With the launcher's register cap
+#            (ppo_policy_loss.fwd_maxnreg) the sm_80 fp32 specialisations with
+#            a token-level correction spill 8 B; all else spills nothing;
 #          - ppo_value_loss fwd: 16 B, its fp64 specialisation under Triton 3.9
 #            (64 registers at 8 warps); fp32 and bf16 spill nothing.
 _Z, _E, _G = {90: 0, 80: 0}, {90: 64, 80: 64}, {90: 0, 80: 512}
@@ -50,11 +52,9 @@ KERNELS = {
     "_linear_logprobs_dlogits_kernel": dict(block=None, spill_budget=_G),
     "_matmul_acc_kernel": dict(block=None, spill_budget={90: 64, 80: 512}),
     "_sample_fwd_kernel": dict(block="BLOCK_V", spill_budget={90: 0, 80: 32}),
-    "_ppo_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget={90: 48, 80: 48}),
-    "_ppo_loss_finish_kernel": dict(block=None, spill_budget=_E),
+    "_ppo_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget={90: 16, 80: 16}, last_program_epilogue=True),
     "_ppo_loss_bwd_kernel": dict(block="BLOCK_T", spill_budget=_Z),
     "_rollout_row_kernel": dict(block="BLOCK_T", spill_budget=_Z),
-    "_rollout_corr_finish_kernel": dict(block=None, spill_budget=_E),
     "_ppo_value_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget={90: 16, 80: 16}),
     "_ppo_value_loss_finish_kernel": dict(block=None, spill_budget=_E),
     "_kl_penalty_fwd_kernel": dict(block="BLOCK", spill_budget=_Z),

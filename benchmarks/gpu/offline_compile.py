@@ -121,7 +121,7 @@ def _arg_type(value) -> tuple[str, str]:
 
 def describe_launch(kernel, args, kwargs, grid, case: str) -> dict:
     kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}
     params = kernel.params
     values = dict(zip([p.name for p in params], args))
     values.update(kwargs)
@@ -147,6 +147,7 @@ def describe_launch(kernel, args, kwargs, grid, case: str) -> dict:
         spec=spec,
         num_warps=options.get("num_warps", 4),
         num_stages=options.get("num_stages", 3),
+        **({"maxnreg": options["maxnreg"]} if "maxnreg" in options else {}),
         grid=[int(g) for g in grid] if isinstance(grid, tuple) else str(grid),
         case=case,
     )
@@ -176,7 +177,8 @@ def distinct(launches: list[dict]) -> list[dict]:
 
 
 def _launch_key(launch: dict) -> str:
-    parts = [launch[k] for k in ("module", "kernel", "signature", "constexprs", "spec", "num_warps", "num_stages")]
+    keys = ("module", "kernel", "signature", "constexprs", "spec", "num_warps", "num_stages")
+    parts = [launch[k] for k in keys] + ([launch["maxnreg"]] if "maxnreg" in launch else [])
     return json.dumps(parts, sort_keys=True)
 
 
@@ -205,6 +207,8 @@ def compile_one(launch: dict, capability: int, use_cache: bool = True) -> dict:
     kernel = getattr(importlib.import_module(launch["module"]), launch["kernel"])
     base = dict(kernel=launch["kernel"], target=f"sm_{capability}", triton=triton.__version__)
     base.update({k: launch[k] for k in ("signature", "constexprs", "num_warps", "num_stages", "cases")})
+    if "maxnreg" in launch:
+        base["maxnreg"] = launch["maxnreg"]
     key = hashlib.sha256(
         json.dumps([triton.__version__, kernel.cache_key, _launch_key(launch), capability]).encode()
     ).hexdigest()
@@ -223,7 +227,11 @@ def compile_one(launch: dict, capability: int, use_cache: bool = True) -> dict:
         compiled = triton.compile(
             src,
             target=GPUTarget("cuda", capability, 64),
-            options=dict(num_warps=launch["num_warps"], num_stages=launch["num_stages"]),
+            options=dict(
+                num_warps=launch["num_warps"],
+                num_stages=launch["num_stages"],
+                **({"maxnreg": launch["maxnreg"]} if "maxnreg" in launch else {}),
+            ),
         )
     except Exception as exc:  # the point of the check: record, report, fail later
         msg = f"{type(exc).__name__}: {exc}"
@@ -314,6 +322,31 @@ def hot_loops(insts: list[tuple[int, str]]) -> list[dict]:
     return out
 
 
+def _opcode(inst: str) -> str:
+    """SASS opcode of one instruction, its predicate (@P0, @!P1) left off."""
+    words = inst.split()
+    return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+
+
+def _ticket_ordered(insts: list, ticket: int) -> bool:
+    """The last-program pattern as compiled: a CTA barrier, then a GPU-scope
+    memory barrier (the ticket's release: every thread's partial stores before
+    it), the ticket atomic at GPU scope, then an L1 invalidation before the
+    barrier that hands the ticket to the other threads (its acquire: the last
+    program's loads of the other programs' partials miss any stale line).
+    Triton 3.6 and 3.9 compile tl.atomic_add(sem="acq_rel", scope="gpu") to
+    MEMBAR.ALL.GPU, ATOMG.E.ADD.STRONG.GPU, CCTL.IVALL on sm_90 and sm_80."""
+    ops = [_opcode(i) for _, i in insts]
+    if ticket >= len(ops) or "GPU" not in insts[ticket][1]:
+        return False
+    bar = max((k for k in range(ticket) if ops[k].startswith("BAR.SYNC")), default=-1)
+    fence = any(ops[k].startswith("MEMBAR") and "GPU" in insts[k][1] for k in range(bar + 1, ticket))
+    # before the barrier that hands the ticket to the other threads
+    nxt = next((k for k in range(ticket + 1, len(ops)) if ops[k].startswith("BAR.SYNC")), len(ops))
+    acquire = any(ops[k].startswith("CCTL.IVALL") for k in range(ticket + 1, nxt))
+    return bar >= 0 and fence and acquire
+
+
 def _sass_stats(cubin: bytes, launch: dict, capability: int) -> dict:
     from . import launch_cases
 
@@ -327,10 +360,18 @@ def _sass_stats(cubin: bytes, launch: dict, capability: int) -> dict:
     body = [i for _, i in insts if not i.startswith("NOP")]
     loops = hot_loops(insts)
     out = dict(sass_instructions=len(body), sass_mufu=sum("MUFU" in i for i in body), loops=loops)
-    block = launch_cases.KERNELS.get(launch["kernel"], {}).get("block")
+    spec = launch_cases.KERNELS.get(launch["kernel"], {})
+    block = spec.get("block")
     if block and block in launch["constexprs"]:
         per_thread = launch["constexprs"][block] / (32 * launch["num_warps"])
-        if loops:  # the longest innermost loop: the sweep that dominates
+        if spec.get("last_program_epilogue"):
+            # straight-line streaming code, then the last program's epilogue
+            # (cold, run once): every program runs what precedes the ticket atomic
+            ticket = next((k for k, (_, i) in enumerate(insts) if _opcode(i).startswith("ATOM")), len(insts))
+            streamed = [i for _, i in insts[:ticket] if not i.startswith("NOP")]
+            insts_hot, mufu_hot = len(streamed), sum("MUFU" in i for i in streamed)
+            out["ticket_ordered"] = _ticket_ordered(insts, ticket)
+        elif loops:  # the longest innermost loop: the sweep that dominates
             hot = max(loops, key=lambda lp: lp["instructions"])
             insts_hot, mufu_hot = hot["instructions"], hot["mufu"]
         else:  # straight-line kernel: everything it executes, per element
@@ -361,6 +402,8 @@ def problems(result: dict) -> list[str]:
     budget = launch_cases.KERNELS.get(result["kernel"], {}).get("spill_budget", {}).get(int(result["target"][3:]), 0)
     if spills > budget:
         out.append(f"{where}: spills {spills} B (budget {budget} B) at {result.get('registers')} registers")
+    if result.get("ticket_ordered") is False:
+        out.append(f"{where}: the last-program ticket lacks its barrier, GPU-scope fence or L1 invalidation")
     return out
 
 

@@ -5,11 +5,17 @@ fp64 scalars, the per-chunk partials the epilogues fold, the aggregation's
 per-row scale, block sizes and the forward's outputs.
 
 Layout of a forward: grid (B, cdiv(T, BLOCK_T)); program (b, c) writes one
-row of NP partial sums at part[b, c, :], no atomics; a one-program epilogue
-folds them in chunk order, in fp64, so every run gives the same bits.
+row of NP partial sums at part[b, c, :]; the program that finishes last
+(last_program: one atomic ticket per program) then folds them in chunk
+order, in fp64, so every run gives the same bits whichever program that is.
+One launch per forward: the epilogue needs no kernel of its own, and the
+ticket counter is reset by the program that read it last, so no zero-fill
+launch either.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import triton
@@ -36,6 +42,25 @@ def token_block(mask_ptr, T, BLOCK_T: tl.constexpr):
     p = b * T + offs
     valid = (tl.load(mask_ptr + p, mask=inb, other=0) != 0) & inb
     return b, c, p, inb, valid
+
+
+@triton.jit
+def last_program(counter_ptr):
+    """True in the last program of the grid to get here, which then owns the
+    epilogue and must reset the counter (reset_counter). The barrier puts
+    every thread's partial stores before the ticket; the ticket's acq_rel
+    (GPU scope) publishes them and, in the last program, orders its loads of
+    the other programs' partials after all of theirs (the threadfence
+    reduction pattern of the CUDA samples, with the fence in the atomic)."""
+    tl.debug_barrier()
+    n = tl.num_programs(0) * tl.num_programs(1)
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    return ticket == n - 1
+
+
+@triton.jit
+def reset_counter(counter_ptr):
+    tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -112,13 +137,45 @@ def block_t(T: int) -> int:
     return max(16, min(2048, triton.next_power_of_2(max(T, 1))))
 
 
-def block_b(B: int) -> int:
-    return max(16, min(1024, triton.next_power_of_2(max(B, 1))))
+def block_b(B: int, warps: int = 32) -> int:
+    # the epilogue's rows per step; in a forward's last program at most one
+    # fp64 row per thread (its ~11 row accumulators then cost ~22 registers)
+    return max(16, min(1024, 32 * warps, triton.next_power_of_2(max(B, 1))))
+
+
+_COUNTERS: dict = {}
+_COUNTERS_LOCK = threading.Lock()
+
+
+def grid_counter(like: torch.Tensor) -> torch.Tensor:
+    """The int32 ticket counter of last_program, on like's device: 0 between
+    launches (the last program resets it), so it is made once per device and
+    stream (per thread on CPU, the interpreter's) and reused, never zeroed
+    per call. Two launches on one stream run in order, so they never share
+    it at once. Meta, fake and traced tensors (offline compile, torch.compile)
+    get a fresh one: a traced graph owns its allocations. A CUDA graph
+    captured after a first eager call replays with the counter's address and
+    leaves it 0, as it found it."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    dev = like.device
+    if dev.type == "meta" or is_fake(like) or isinstance(like, FunctionalTensor):
+        return torch.zeros(1, dtype=torch.int32, device=dev)
+    if dev.type == "cuda":
+        key = (dev.type, dev.index, torch.cuda.current_stream(dev).stream_id)
+    else:
+        key = (dev.type, dev.index, threading.get_ident())
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        with _COUNTERS_LOCK:
+            counter = _COUNTERS.setdefault(key, torch.zeros(1, dtype=torch.int32, device=dev))
+    return counter
 
 
 def loss_outputs(x: torch.Tensor, n_stats: int):
     """(loss, stats, dtok, row_scale) of a (B, T) loss forward, in the
-    accumulation dtype, uninitialised: the finish kernels write every element
+    accumulation dtype, uninitialised: the kernels' epilogues write every element
     (a zero-fill would be two more launches per call); a launcher that
     returns early (empty batch) zeroes loss and stats itself."""
     (B, T), acc = x.shape, acc_dtype(x.dtype)

@@ -5,8 +5,12 @@ csrc/cpu/ppo_policy_loss.cpp).
 Forward grid (B, cdiv(T, BLOCK_T)): every program reads its slice of
 logprobs, old_logprobs, advantages, mask (and entropy, ref_logprobs),
 writes dtok = d loss_tok / d logprobs (0 where masked) and one row of
-partial sums; no atomics. A one-program epilogue folds the partials in a
-fixed order, in fp64, into the loss, the stats and row_scale (B,). At
+partial sums. The program that finishes last (one atomic ticket each,
+_ppo_common.last_program) then folds the partials in a fixed order, in fp64,
+into the loss, the stats and row_scale (B,): one launch, where a separate
+one-program epilogue kernel cost a second launch and its one-SM tail (a few
+microseconds, not measured, against ~15 us of token traffic at (256, 8192)
+at H100 copy bandwidth). At
 (256, 8192) the partials are 256 x 4 x 9 floats, 37 KB against 17-25 B per
 token (36-52 MB) of token traffic. The rollout correction's terms and stats
 are in rollout_correction.py, the KL term in kl_penalty.py.
@@ -49,13 +53,16 @@ from ._ppo_common import (
     block_b,
     block_t,
     fold_chunks,
+    grid_counter,
+    last_program,
     load_params,
     loss_outputs,
+    reset_counter,
     row_counts,
     token_block,
 )
 from .kl_penalty import KL_CODES, _kl_term
-from .rollout_correction import _rc_token_terms
+from .rollout_correction import _rc_token_terms, rc_epilogue
 
 KL_NONE = 4  # no KL term (csrc/include/rlhf_fast/kl_estimators.h kNone)
 N_POLICY_PARTIALS = 9  # pg, entropy, kl, n, clip, clip_lower, approx_kl, ratio_sum, ratio_max
@@ -67,12 +74,14 @@ N_LOSS_STATS = N_BASE_STATS + rc.N_RC_STATS
 @triton.jit
 def _ppo_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, ref_ptr, dtok_ptr, part_ptr, params_ptr,
-    roll_ptr, rowp_ptr, keep_ptr,
-    T, lo_arg, hi_arg, dual_arg, kl_coef_arg, is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg,
+    roll_ptr, rowp_ptr, keep_ptr, counter_ptr, row_scale_ptr, loss_ptr, stats_ptr,
+    B, T, lo_arg, hi_arg, dual_arg, kl_coef_arg, is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg,
+    entropy_coef_arg, agg_norm_arg,
     HAS_ENT: tl.constexpr, KL: tl.constexpr, DUAL: tl.constexpr,
-    ACC: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr,
-    RC: tl.constexpr = False, IS: tl.constexpr = 0, ICEPOP: tl.constexpr = False, RS_LVL: tl.constexpr = -1,
-    RS_K: tl.constexpr = 0, NP: tl.constexpr = 9,
+    ACC: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr, AGG: tl.constexpr,
+    BLOCK_B: tl.constexpr, RC: tl.constexpr = False, IS: tl.constexpr = 0, ICEPOP: tl.constexpr = False,
+    RS_LVL: tl.constexpr = -1, RS_K: tl.constexpr = 0, NP: tl.constexpr = 9, BLOCK_B_RC: tl.constexpr = 16,
+    N_RC: tl.constexpr = 18, RC_OFF: tl.constexpr = 9,
 ):  # fmt: skip
     b, c, p, inb, valid = token_block(mask_ptr, T, BLOCK_T)
     n_chunks = tl.num_programs(1)
@@ -155,18 +164,30 @@ def _ppo_loss_fwd_kernel(
     tl.store(out + 7, tl.sum(tl.where(valid, r, 0.0), axis=0))
     tl.store(out + 8, max_reduce_nan(tl.where(valid, r, 0.0), 0))
 
+    if last_program(counter_ptr):
+        _ppo_loss_epilogue(
+            part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr, B, n_chunks, entropy_coef_arg,
+            kl_coef_arg, agg_norm_arg, AGG, PARAMS_FROM_PTR, BLOCK_B, NP, not RC, N_RC,
+        )  # fmt: skip
+        if RC:
+            rc_epilogue(
+                part_ptr, stats_ptr, params_ptr, B, n_chunks, is_hi_arg, is_lo_arg,
+                NP, RC_OFF, IS, RS_LVL >= 0, PARAMS_FROM_PTR, BLOCK_B_RC,
+            )  # fmt: skip
+        reset_counter(counter_ptr)
+
 
 @triton.jit
-def _ppo_loss_finish_kernel(
+def _ppo_loss_epilogue(
     part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr,
     B, n_chunks, entropy_coef_arg, kl_coef_arg, agg_norm_arg,
-    AGG: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr = 9,
-    ZERO_RC_STATS: tl.constexpr = False, N_RC: tl.constexpr = 18,
+    AGG: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr,
+    ZERO_RC_STATS: tl.constexpr, N_RC: tl.constexpr,
 ):  # fmt: skip
-    """One program; rows in blocks of BLOCK_B, chunks in order, fp64.
-    ZERO_RC_STATS (no rollout correction): also writes 0 to the N_RC
-    rollout_corr/* slots after the 8 loss stats, so the launcher's outputs
-    need no zero-fill launch."""
+    """The forward's last program: rows in blocks of BLOCK_B, chunks in
+    order, fp64, into the loss, the stats and row_scale. ZERO_RC_STATS (no
+    rollout correction): also writes 0 to the N_RC rollout_corr/* slots after
+    the 8 loss stats, so the launcher's outputs need no zero-fill launch."""
     entropy_coef, kl_coef, agg_norm, _u = load_params(
         params_ptr + 4, entropy_coef_arg, kl_coef_arg, agg_norm_arg, agg_norm_arg, tl.float64, PARAMS_FROM_PTR
     )
@@ -245,6 +266,26 @@ def _ppo_loss_bwd_kernel(
 # ---------------------------------------------------------------- launchers (triton_ops)
 
 
+def fwd_maxnreg(x: torch.Tensor, acc: torch.dtype, has_rc: bool) -> dict:
+    """The forward's register cap, as a launch option. Left to itself, ptxas
+    holds a kernel to a register target of its own (64, 80 or 128 here) and,
+    with the last program's epilogue in the kernel (cold code, run once),
+    spilled in the streaming code to stay there: 12-128 B per thread without
+    a correction, 48-472 B with one (Triton 3.6 / 3.9, sm_90 / sm_80), where
+    the forward alone spilled none. An explicit cap keeps them in registers:
+    128 without a correction (122 used, 2 programs per SM, as the forward
+    alone had at 107), 168 with one (1 per SM, as at its former 152), 255 for
+    fp64 (the tests' dtype: 1388 B spilled at 128). Not passed while
+    torch.compile traces the op: torch's kernel wrapper passes num_warps /
+    num_stages on as launch options, not maxnreg."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if is_fake(x) or isinstance(x, FunctionalTensor):
+        return {}
+    return {"maxnreg": 255 if acc == torch.float64 else (168 if has_rc else 128)}
+
+
 @torch.library.triton_op("rlhf_fast::ppo_loss_fwd_triton", mutates_args=())
 @launch_on_tensor_device
 def ppo_loss_fwd_triton(
@@ -303,24 +344,19 @@ def ppo_loss_fwd_triton(
     ref = ref_logprobs.contiguous() if ref_logprobs is not None else lp
     roll = rollout_logprobs.contiguous() if has_rc else lp
     m8 = u8_mask(mask)
-    rowp = rc.launch_row_pass(old, roll, m8, part, is_code, rs_lvl, bt, num_warps(bt)) if has_rc else part
+    warps = num_warps(bt)
+    rowp = rc.launch_row_pass(old, roll, m8, part, is_code, rs_lvl, bt, warps) if has_rc else part
     torch.library.wrap_triton(_ppo_loss_fwd_kernel)[(B, n_chunks)](
         lp, old, advantages.contiguous(), m8, ent, ref, dtok, part,
         params if from_ptr else lp, roll, rowp, keep.view(torch.uint8) if keep.numel() else m8,
-        T, lo, hi, dual, kl_coef, *rc_vals,
+        grid_counter(lp), row_scale, loss, stats,
+        B, T, lo, hi, dual, kl_coef, *rc_vals, entropy_coef, agg_norm,
         HAS_ENT=entropy is not None, KL=KL_CODES[kl_kind] if ref_logprobs is not None else KL_NONE,
         DUAL=dual_clip is not None, ACC=tl_acc(acc), PARAMS_FROM_PTR=from_ptr, BLOCK_T=bt,
-        RC=has_rc, IS=is_code, ICEPOP=rc_is_lower is not None, RS_LVL=rs_lvl, RS_K=rs_k, NP=n_part,
-        num_warps=num_warps(bt),
+        AGG=AGG_CODES[agg], BLOCK_B=block_b(B, warps), RC=has_rc, IS=is_code, ICEPOP=rc_is_lower is not None,
+        RS_LVL=rs_lvl, RS_K=rs_k, NP=n_part, BLOCK_B_RC=rc.block_b_rc(B, warps),
+        N_RC=rc.N_RC_STATS, RC_OFF=N_POLICY_PARTIALS, num_warps=warps, **fwd_maxnreg(lp, acc, has_rc),
     )  # fmt: skip
-    torch.library.wrap_triton(_ppo_loss_finish_kernel)[(1,)](
-        part, row_scale, loss, stats, params if from_ptr else part,
-        B, n_chunks, entropy_coef, kl_coef, agg_norm,
-        AGG=AGG_CODES[agg], PARAMS_FROM_PTR=from_ptr, BLOCK_B=block_b(B), NP=n_part,
-        ZERO_RC_STATS=not has_rc, N_RC=rc.N_RC_STATS, num_warps=num_warps(block_b(B)),
-    )  # fmt: skip
-    if has_rc:
-        rc.launch_finish(part, stats, params, from_ptr, is_code, rs_lvl, rc_is_upper, is_lo, off=N_POLICY_PARTIALS)
     return loss, stats, dtok, row_scale, keep
 
 

@@ -9,8 +9,8 @@ cdiv(T, BLOCK_T) programs, so _rollout_row_kernel writes per-chunk row
 partials (7 floats) that every chunk of the row then folds in the same
 order: the same row weight in every chunk, no atomics. That re-reads old and
 rollout (8 B / token in fp32) for those modes only.
-_rollout_corr_finish_kernel folds the 12 per-chunk metric partials into the
-18 rollout_corr/* stats after the loss epilogue.
+rc_epilogue folds the 12 per-chunk metric partials into the 18
+rollout_corr/* stats, in the forward's last program after the loss epilogue.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NEG_INF, POS_INF, clamp_nan, max_nan, min_nan, num_warps, tl_acc
+from ._common import NEG_INF, POS_INF, clamp_nan, max_nan, min_nan, tl_acc
 from ._ppo_common import FOLD_MAX, FOLD_MIN, FOLD_SUM, fold_chunks, load_params, token_block
 
 IS_CODES = {"none": 0, "token": 1, "sequence": 2, "geometric": 3}
@@ -137,12 +137,13 @@ def _rc_token_terms(
 
 
 @triton.jit
-def _rollout_corr_finish_kernel(
+def rc_epilogue(
     part_ptr, stats_ptr, params_ptr, B, n_chunks, is_hi_arg, is_lo_arg,
     NP: tl.constexpr, OFF: tl.constexpr, IS: tl.constexpr, HAS_RS: tl.constexpr,
     PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
-    """One program: the rollout_corr/* stats (RC_STATS order) at stats[8:]."""
+    """The rollout_corr/* stats (RC_STATS order) at stats[8:], run by the
+    forward's last program (ppo_policy_loss.py)."""
     is_hi, is_lo, _u1, _u2 = load_params(
         params_ptr + 8, is_hi_arg, is_lo_arg, is_hi_arg, is_lo_arg, tl.float64, PARAMS_FROM_PTR
     )
@@ -251,9 +252,10 @@ def _rollout_corr_finish_kernel(
     tl.store(out + 17, (tl.sum(pr, axis=0) * iS).to(ty))
 
 
-def block_b_rc(B: int) -> int:
-    # 24 fp64 row accumulators: 128 rows x 24 x 8 B = 24 KB of registers at 4 warps
-    return max(16, min(128, triton.next_power_of_2(max(B, 1))))
+def block_b_rc(B: int, warps: int) -> int:
+    # 24 fp64 row accumulators, at most one row per thread of the forward's
+    # program (128 rows x 24 x 8 B = 24 KB of registers at 4 warps)
+    return max(16, min(128, 32 * warps, triton.next_power_of_2(max(B, 1))))
 
 
 # ---------------------------------------------------------------- launch steps of rlhf_fast::ppo_loss_fwd_triton
@@ -270,13 +272,3 @@ def launch_row_pass(old, roll, m8, part, is_code: int, rs_lvl: int, block_t: int
         old, roll, m8, rowp, old.shape[1], ACC=tl_acc(part.dtype), BLOCK_T=block_t, num_warps=warps
     )
     return rowp
-
-
-def launch_finish(part, stats, params, from_ptr: bool, is_code: int, rs_lvl: int, is_hi: float, is_lo: float, off: int):
-    """The rollout_corr/* stats from the forward's per-chunk partials (columns off: of part)."""
-    B, n_chunks, n_part = part.shape
-    torch.library.wrap_triton(_rollout_corr_finish_kernel)[(1,)](
-        part, stats, params if from_ptr else part, B, n_chunks, is_hi, is_lo,
-        NP=n_part, OFF=off, IS=is_code, HAS_RS=rs_lvl >= 0, PARAMS_FROM_PTR=from_ptr,
-        BLOCK_B=block_b_rc(B), num_warps=num_warps(block_b_rc(B)),
-    )  # fmt: skip
