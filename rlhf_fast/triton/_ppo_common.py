@@ -143,6 +143,15 @@ def block_b(B: int, warps: int = 32) -> int:
     return max(16, min(1024, 32 * warps, triton.next_power_of_2(max(B, 1))))
 
 
+def traced(t: torch.Tensor) -> bool:
+    """A fake or functional tensor: the launcher is being traced
+    (torch.compile, opcheck), not run."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return is_fake(t) or isinstance(t, FunctionalTensor)
+
+
 _COUNTERS: dict = {}
 _COUNTERS_LOCK = threading.Lock()
 
@@ -156,11 +165,8 @@ def grid_counter(like: torch.Tensor) -> torch.Tensor:
     get a fresh one: a traced graph owns its allocations. A CUDA graph
     captured after a first eager call replays with the counter's address and
     leaves it 0, as it found it."""
-    from torch._subclasses.fake_tensor import is_fake
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
     dev = like.device
-    if dev.type == "meta" or is_fake(like) or isinstance(like, FunctionalTensor):
+    if dev.type == "meta" or traced(like):
         return torch.zeros(1, dtype=torch.int32, device=dev)
     if dev.type == "cuda":
         key = (dev.type, dev.index, torch.cuda.current_stream(dev).stream_id)

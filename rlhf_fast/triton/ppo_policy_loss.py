@@ -60,6 +60,7 @@ from ._ppo_common import (
     reset_counter,
     row_counts,
     token_block,
+    traced,
 )
 from .kl_penalty import KL_CODES, _kl_term
 from .rollout_correction import _rc_token_terms, rc_epilogue
@@ -278,10 +279,7 @@ def fwd_maxnreg(x: torch.Tensor, acc: torch.dtype, has_rc: bool) -> dict:
     fp64 (the tests' dtype: 1388 B spilled at 128). Not passed while
     torch.compile traces the op: torch's kernel wrapper passes num_warps /
     num_stages on as launch options, not maxnreg."""
-    from torch._subclasses.fake_tensor import is_fake
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    if is_fake(x) or isinstance(x, FunctionalTensor):
+    if traced(x):
         return {}
     return {"maxnreg": 255 if acc == torch.float64 else (168 if has_rc else 128)}
 
