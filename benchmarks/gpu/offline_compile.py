@@ -23,7 +23,7 @@ machine without a GPU, and fail on what a real GPU would reject.
 
 What the counts cannot tell: issue efficiency (dual issue, stalls on
 memory or MUFU), achieved occupancy, cache behaviour, and the trip counts of
-data-dependent loops (the sampler's bisection). Instructions per element is
+data-dependent loops (the sampler's threshold searches). Instructions per element is
 the hot loop's static length over the elements one thread handles per trip;
 it is a ceiling on speed, never a measurement of it.
 """

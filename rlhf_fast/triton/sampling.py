@@ -5,12 +5,25 @@ log-prob kernel and the exponential race (argmax z + Gumbel(seed, token))
 in the same pass, so the logits are read once: B*V*2 bytes for bf16, 78 MB
 at (256, 151936).
 With top-k / top-p / min-p (FILTERED=True) the thresholds are found without
-sorting, by bisection on the fp32 order key of z (int32, monotone in z): the
-largest key whose count (top-k) or mass (top-p) of tokens above it still
-meets the target. Each halving is one sweep over the row; at most 32 per
-filter, and a row whose filter is off runs none. Then one more sweep does
-the race over the kept tokens and their mass. Noise and semantics are those
-of rlhf_fast/reference/_sampling.py.
+sorting, on an order key: the logit's own 16 bits for bf16 / fp16 logits
+(z = x / T is monotone in x, so the k-th largest z is that of the k-th
+largest x, and a top-p threshold is a token's z either way), else the 32
+bits of the fp32 z.
+  top-k: radix select, one byte per sweep (tl.histogram of that byte over
+         the tokens that share the bytes chosen so far): 2 sweeps for a
+         16-bit key, 4 for a 32-bit one. The last also sums the mass above
+         tau_k, which top-p renormalises by.
+  top-p: a 4-way search on the key without its low byte, three mass sums
+         per sweep (4 sweeps for a 16-bit key, 12 for a 32-bit one), then
+         one histogram sweep over the chosen byte, whose 256 keys are single
+         values, so a key's mass is its count times its exp.
+Then one more sweep does the race over the kept tokens and their mass.
+Sweeps over a bf16 / fp16 row, worst case: plain 1, min-p 2, top-k 4, top-p
+7, all three 9 (it was 67 with a 32-step bisection for each of top-k and
+top-p); fp32 rows: top-k 6, top-p 15, all 19. tests/test_sampling.py counts
+them under the interpreter. Triton's histogram counts and cannot sum masses,
+so top-p's high byte takes a search, not one histogram sweep.
+Noise and semantics are those of rlhf_fast/reference/_sampling.py.
 
 The launcher at the end is the triton_op rlhf_fast::sample_fwd_triton; its
 fake is in rlhf_fast/ops/_sampling.py.
@@ -46,38 +59,150 @@ def _gumbel(seed_lo, seed_hi, offs):
 
 
 @triton.jit
-def _float_key(x):
-    b = x.to(tl.int32, bitcast=True)
-    return tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+def _order_key(x, KEY16: tl.constexpr):
+    """Key monotone in the value, -0 sharing +0's key (they compare equal):
+    in [0, 2^16) as int32 from a bf16 / fp16 x, in [0, 2^32) as int64 from
+    an fp32 x. NaN sorts above +inf (a NaN row's log-probs are NaN anyway).
+    Distinct bf16 / fp16 x have distinct z = x * (1 / T) unless the product
+    overflows to inf or lands among fp32 subnormals; only there could a
+    top-p boundary keep a tie group of z that the reference splits."""
+    if KEY16:
+        b = x.to(tl.int16, bitcast=True).to(tl.int32)
+        k = tl.where(b >= 0, b + 32768, ~b)
+        return tl.where(k == 32767, 32768, k)
+    else:
+        b = x.to(tl.int32, bitcast=True).to(tl.int64)
+        k = tl.where(b >= 0, b + 2147483648, ~b)
+        return tl.where(k == 2147483647, 2147483648, k)
 
 
 @triton.jit
-def _key_float(k):
-    k = k.to(tl.int32)
-    b = tl.where(k >= 0, k, k ^ 0x7FFFFFFF)
-    return b.to(tl.float32, bitcast=True)
+def _key_z(k, inv_t, row_ptr, KEY16: tl.constexpr):
+    """The z = x / T of a key (inverse of _order_key, then the kernel's own
+    product), so a key's threshold and a token's z compare bit for bit."""
+    if KEY16:
+        b = tl.where(k >= 32768, k - 32768, ~k).to(tl.int16)
+        return b.to(row_ptr.dtype.element_ty, bitcast=True).to(tl.float32) * inv_t
+    else:
+        b = tl.where(k >= 2147483648, k - 2147483648, ~k).to(tl.int32)
+        return b.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _count_ge(row_ptr, V, inv_t, thr, BLOCK_V: tl.constexpr):
+def _load_key(row_ptr, offs, V, inv_t, KEY16: tl.constexpr):
+    """(z, key, in-row mask) of one 1-D tile; padding is z = -inf, masked out."""
+    valid = offs < V
+    x = tl.load(row_ptr + offs, mask=valid, other=NEG_INF)
+    z = x.to(tl.float32) * inv_t
+    if KEY16:
+        key = _order_key(x, True)
+    else:
+        key = _order_key(z, False)
+    return z, key, valid
+
+
+@triton.jit
+def _radix_pick(hist, need):
+    """The byte value d whose bin holds the need-th largest key, and what is
+    still needed inside it."""
+    bins = tl.arange(0, 256)
+    at_or_above = tl.cumsum(hist, 0, reverse=True)
+    d = tl.max(tl.where(at_or_above >= need, bins, -1), 0)
+    return d, need - tl.sum(tl.where(bins > d, hist, 0), 0)
+
+
+@triton.jit
+def _top_k_key(row_ptr, V, inv_t, mz, k, KEY16: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Radix select: the key of the k-th largest z (1 <= k < V), one byte per
+    sweep, and the mass sum(exp(z - mz)) of the tokens at or above it."""
+    KEY_BITS: tl.constexpr = 16 if KEY16 else 32
     cols = tl.arange(0, BLOCK_V)
-    acc = tl.zeros([BLOCK_V], tl.int32)
+    bins = tl.arange(0, 256)
+    need = k.to(tl.int32)
+    prefix = tl.zeros([], tl.int32) if KEY16 else tl.zeros([], tl.int64)
+    mass_above = tl.zeros([BLOCK_V], tl.float32)
+    for level in tl.static_range(KEY_BITS // 8):
+        shift = KEY_BITS - 8 * (level + 1)
+        hist = tl.zeros([256], tl.int32)
+        for start in range(0, V, BLOCK_V):
+            z, key, valid = _load_key(row_ptr, start + cols, V, inv_t, KEY16)
+            if level > 0:
+                valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            if shift == 0:
+                # tokens in a byte above the one being resolved: all at or above tau_k
+                mass_above += tl.where((key >> 8) > (prefix >> 8), tl.exp(z - mz), 0.0)
+            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=valid)
+        d, need = _radix_pick(hist, need)
+        prefix = prefix | (d.to(prefix.dtype) << shift)
+    # hist and d are the last byte's: its keys are single values, so a key's
+    # mass is its count times its exp (keys with no token, some of them NaN
+    # patterns, add nothing rather than 0 * NaN)
+    e = tl.exp(_key_z((prefix >> 8 << 8) | bins, inv_t, row_ptr, KEY16) - mz)
+    mass = tl.sum(mass_above, 0) + tl.sum(tl.where((bins >= d) & (hist > 0), hist.to(tl.float32) * e, 0.0), 0)
+    return prefix, mass
+
+
+@triton.jit
+def _mass_ge3(row_ptr, V, inv_t, mz, t1, t2, t3, BLOCK_V: tl.constexpr):
+    """sum(exp(z - mz)) over z >= t for three thresholds in one sweep. Each
+    sum adds a subset of the terms of the one below it in the same order, so
+    t1 <= t2 <= t3 gives m1 >= m2 >= m3 in floating point too."""
+    cols = tl.arange(0, BLOCK_V)
+    m1 = tl.zeros([BLOCK_V], tl.float32)
+    m2 = tl.zeros([BLOCK_V], tl.float32)
+    m3 = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
-        acc += (z >= thr).to(tl.int32)
-    return tl.sum(acc, axis=0)
+        e = tl.exp(z - mz)
+        m1 += tl.where(z >= t1, e, 0.0)
+        m2 += tl.where(z >= t2, e, 0.0)
+        m3 += tl.where(z >= t3, e, 0.0)
+    return tl.sum(m1, axis=0), tl.sum(m2, axis=0), tl.sum(m3, axis=0)
 
 
 @triton.jit
-def _mass_ge(row_ptr, V, inv_t, mz, thr, BLOCK_V: tl.constexpr):
+def _top_p_key(
+    row_ptr, V, inv_t, mz, lo_key, top_key, target,
+    KEY16: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """The largest key K in [lo_key, top_key] whose mass sum(exp(z - mz) over
+    z >= z(K)) reaches target. First K >> 8 by a 4-way search, three mass
+    sums per sweep (256 candidates -> 64 -> 16 -> 4 -> 1: 4 sweeps for a
+    16-bit key, 12 for a 32-bit one), then one histogram sweep over the
+    chosen byte's 256 keys, which are single values: mass = count * exp."""
+    lo = lo_key >> 8  # its mass reaches target (p < 1 of the survivors)
+    hi = top_key >> 8
+    mass_hi = tl.zeros([], tl.float32)  # mass at or above (hi + 1) << 8: nothing above the row max
+    while lo < hi:
+        n = hi - lo + 1
+        p1 = lo + (n + 3) // 4
+        p2 = tl.minimum(lo + (2 * n + 3) // 4, hi)
+        p3 = tl.minimum(lo + (3 * n + 3) // 4, hi)
+        m1, m2, m3 = _mass_ge3(
+            row_ptr, V, inv_t, mz, _key_z(p1 << 8, inv_t, row_ptr, KEY16), _key_z(p2 << 8, inv_t, row_ptr, KEY16),
+            _key_z(p3 << 8, inv_t, row_ptr, KEY16), BLOCK_V,
+        )  # fmt: skip
+        ok1, ok2, ok3 = m1 >= target, m2 >= target, m3 >= target
+        hi = tl.where(ok3, hi, tl.where(ok2, p3 - 1, tl.where(ok1, p2 - 1, p1 - 1)))
+        mass_hi = tl.where(ok3, mass_hi, tl.where(ok2, m3, tl.where(ok1, m2, m1)))
+        lo = tl.where(ok3, p3, tl.where(ok2, p2, tl.where(ok1, p1, lo)))
     cols = tl.arange(0, BLOCK_V)
-    acc = tl.zeros([BLOCK_V], tl.float32)
+    bins = tl.arange(0, 256)
+    hist = tl.zeros([256], tl.int32)
     for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
-        acc += tl.where(z >= thr, tl.exp(z - mz), 0.0)
-    return tl.sum(acc, axis=0)
+        z, key, valid = _load_key(row_ptr, start + cols, V, inv_t, KEY16)
+        hist += tl.histogram((key & 255).to(tl.int32), 256, mask=valid & ((key >> 8) == lo))
+    keys = (lo << 8) | bins
+    e = tl.exp(_key_z(keys, inv_t, row_ptr, KEY16) - mz)
+    # keys with no token (some are NaN patterns) add nothing, not count * NaN
+    reach = mass_hi + tl.cumsum(tl.where(hist > 0, hist.to(tl.float32) * e, 0.0), 0, reverse=True)
+    allowed = keys >= lo_key
+    best = tl.max(tl.where(allowed & (reach >= target), keys, -1), 0)
+    # rounding can leave the byte's total a hair under what the search
+    # measured for it: keep the whole byte (from its lowest allowed token)
+    lowest = tl.min(tl.where(allowed & (hist > 0), keys, top_key), 0)
+    return tl.where(best >= 0, best, lowest)
 
 
 @triton.jit
@@ -86,7 +211,9 @@ def _sample_fwd_kernel(
     tok_ptr, lp_ptr, plp_ptr,
     V, stride_row,
     FILTERED: tl.constexpr,
+    KEY16: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SEARCH_BLOCK: tl.constexpr,
     STRIP: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -104,8 +231,9 @@ def _sample_fwd_kernel(
     offs2 = tl.arange(0, BLOCK_V // STRIP)[:, None] * STRIP + tl.arange(0, STRIP)[None, :]
     m = tl.full([BLOCK_V // STRIP], NEG_INF, tl.float32)
     s = tl.zeros([BLOCK_V // STRIP], tl.float32)
-    best = tl.full([BLOCK_V // STRIP, STRIP], NEG_INF, tl.float32)
-    best_j = tl.full([BLOCK_V // STRIP, STRIP], 0, tl.int32)
+    if not FILTERED:
+        best = tl.full([BLOCK_V // STRIP, STRIP], NEG_INF, tl.float32)
+        best_j = tl.full([BLOCK_V // STRIP, STRIP], 0, tl.int32)
     c = inv_t * LOG2E
     for start in range(0, V, BLOCK_V):
         offs = start + offs2
@@ -126,32 +254,29 @@ def _sample_fwd_kernel(
         k = tl.load(topk_ptr + row)
         p = tl.load(topp_ptr + row).to(tl.float32)
         mp = tl.load(minp_ptr + row).to(tl.float32)
-        top = _float_key(mz).to(tl.int64)
-        # top-k: largest key with count(z >= key) >= k
-        lo = tl.full([], -2139095041, tl.int64)  # _float_key(-inf): 0xFF800000 ^ 0x7FFFFFFF as int32
-        hi = tl.where((k > 0) & (k < V) & stochastic, top, lo)
-        while lo < hi:
-            mid = lo + (hi - lo + 1) // 2
-            ok = _count_ge(row_ptr, V, inv_t, _key_float(mid), BLOCK_V) >= k
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        k_on = (k > 0) & (k < V)
-        tau_k = tl.where(k_on, _key_float(lo), NEG_INF)
-        mass_k = tl.where(k_on, _mass_ge(row_ptr, V, inv_t, mz, tau_k, BLOCK_V), s_row)
-        # top-p: largest key >= tau_k whose mass reaches top_p * mass_k
-        target = p * mass_k
-        lo = _float_key(tau_k).to(tl.int64)
-        hi = tl.where((p < 1.0) & stochastic, top, lo)
-        while lo < hi:
-            mid = lo + (hi - lo + 1) // 2
-            ok = _mass_ge(row_ptr, V, inv_t, mz, _key_float(mid), BLOCK_V) >= target
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        tau_p = tl.where(p < 1.0, _key_float(lo), NEG_INF)
+        # top-k, and the mass of its survivors (top-p renormalises by it)
+        key_k = tl.zeros([], tl.int32) if KEY16 else tl.zeros([], tl.int64)  # below every token
+        tau_k = NEG_INF
+        mass_k = s_row
+        if (k > 0) & (k < V) & stochastic:
+            key_k, mass_k = _top_k_key(row_ptr, V, inv_t, mz, k, KEY16, SEARCH_BLOCK)
+            tau_k = _key_z(key_k, inv_t, row_ptr, KEY16)
+        # top-p among those: the largest key whose mass reaches p * mass_k
+        tau_p = NEG_INF
+        if (p < 1.0) & stochastic:
+            if KEY16:
+                top = _order_key(m_raw.to(row_ptr.dtype.element_ty), True)
+            else:
+                top = _order_key(mz, False)
+            key_p = _top_p_key(row_ptr, V, inv_t, mz, key_k, top, p * mass_k, KEY16, SEARCH_BLOCK)
+            tau_p = _key_z(key_p, inv_t, row_ptr, KEY16)
         tau_min = tl.where(mp > 0.0, mz + tl.log(tl.where(mp > 0.0, mp, 1.0)), NEG_INF)
         thr = tl.minimum(tl.maximum(tl.maximum(tau_k, tau_p), tau_min), mz)
         thr = tl.where(greedy, NEG_INF, thr)
-        # sweep: race over the kept tokens and their mass
+        # sweep: race over the kept tokens and their mass (the race state is
+        # made here, not live through the searches: 2 registers per logit held)
+        best = tl.full([BLOCK_V // STRIP, STRIP], NEG_INF, tl.float32)
+        best_j = tl.full([BLOCK_V // STRIP, STRIP], 0, tl.int32)
         acc = tl.zeros([BLOCK_V // STRIP, STRIP], tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + offs2
@@ -170,14 +295,21 @@ def _sample_fwd_kernel(
     tok = tl.where(tok < V, tok, 0)
     z_tok = tl.load(row_ptr + tok).to(tl.float32) * inv_t
     tl.store(tok_ptr + row, tok.to(tl.int64))
-    tl.store(lp_ptr + row, z_tok - lse)
-    tl.store(plp_ptr + row, tl.where(greedy, 0.0, z_tok - (mz + tl.log(kept_mass))))
+    lp = z_tok - lse
+    plp = tl.where(greedy, 0.0, z_tok - (mz + tl.log(kept_mass)))
+    tl.store(lp_ptr + row, lp)
+    # a row with NaN, +inf or no finite logit has a NaN lse; the kept mass
+    # can still be finite, so carry the NaN over (the documented GPU contract)
+    tl.store(plp_ptr + row, tl.where(lp != lp, lp, plp))
 
 
 def row_config(V: int) -> dict:
     # The log-prob kernel's tile width and warps (fp32 states), so both reduce
     # the row in the same lane order and their log-sum-exp agree bit for bit.
-    return dict(_logprobs_row_config(V), STRIP=STRIP)
+    # The threshold searches hold three mass sums (top-p) or int64 keys (fp32
+    # rows) per logit: half-width tiles keep them under 128 registers.
+    cfg = _logprobs_row_config(V)
+    return dict(cfg, STRIP=STRIP, SEARCH_BLOCK=max(cfg["BLOCK_V"] // 2, 16))
 
 
 # ---------------------------------------------------------------- launcher (triton_op)
@@ -206,6 +338,6 @@ def sample_fwd_triton(
             logits, seeds.contiguous(), temperature.contiguous(), top_k.contiguous(),
             top_p.contiguous(), min_p.contiguous(), tokens, lp, plp,
             V, logits.stride(0),
-            FILTERED=filtered, **row_config(V),
+            FILTERED=filtered, KEY16=logits.dtype in (torch.bfloat16, torch.float16), **row_config(V),
         )  # fmt: skip
     return tokens, lp, plp
