@@ -108,6 +108,30 @@ def test_linear_logprobs(backend, dtype):
         assert torch.equal(lp[1::2], torch.stack(anchors[0])) and torch.equal(ent[1::2], torch.stack(anchors[1]))
 
 
+def test_linear_logprobs_triton_any_split_count(monkeypatch):
+    """On a GPU the Triton forward picks its vocabulary split count from N (to
+    fill the SMs). A token's bits must not follow: the kernel reduces fixed
+    vocabulary units (V / 128 wide) and merges them in one tree, whatever the
+    splits. Here the split count is forced through the programs wanted."""
+    from rlhf_fast.triton import linear_logprobs as lin
+
+    H, n = 64, 7
+    rng = torch.Generator().manual_seed(4)
+    hidden = _rows(n, torch.float32, H=H)
+    W = (torch.randn(V, H, dtype=torch.float64, generator=rng) / 8).float()
+    labels = torch.randint(V, (n,), generator=rng)
+    cfg = lin.tile_config(n, V, H, True, 4)
+    runs = []
+    with rlhf_fast.use_backend("triton"):
+        for wanted in (1, 4, 64):
+            monkeypatch.setattr(lin, "_programs_wanted", lambda device, w=wanted: w)
+            splits = lin.num_splits(n, V, cfg["BLOCK_N"], cfg["BLOCK_V"], wanted, cfg["GROUP"])
+            runs.append((splits, *rlhf_fast.linear_logprobs(hidden, W, labels, return_entropy=True)))
+    assert len({r[0] for r in runs}) == 3, [r[0] for r in runs]
+    for splits, lp, ent in runs[1:]:
+        assert torch.equal(lp, runs[0][1]) and torch.equal(ent, runs[0][2]), (runs[0][0], splits)
+
+
 def test_sample_raw_logprobs(backend):
     """sample's raw log-prob of the drawn token is the single-row logprobs_from_logits
     of that token, bit for bit, whatever the batch and the truncation settings."""

@@ -617,14 +617,14 @@ def linear_waves() -> list[dict]:
     for N, H, V in ((8192, 4096, 131072), (1937, 3584, 152064)):
         cfg = tile_config(N, V, H, False, 2)
         splits = num_splits(N, V, cfg["BLOCK_N"], cfg["BLOCK_V"], 2 * 132, cfg["GROUP"])
-        rows, cols = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_V"])
+        rows = triton.cdiv(N, cfg["BLOCK_N"])
         out.append(
             dict(
                 shape=(N, H, V),
                 splits=splits,
                 programs=rows * splits,
                 waves=triton.cdiv(rows * splits, 132),
-                efficiency=round(wave_efficiency(rows, cols, splits, 132), 3),
+                efficiency=round(wave_efficiency(rows, V, cfg["BLOCK_V"], splits, 132), 3),
             )
         )
     return out

@@ -5,9 +5,12 @@ splits the vocabulary into SPLITS ranges; each program walks its range in
 BLOCK_V tiles, forms hidden_tile @ weight_tile.T with tl.dot over H in
 BLOCK_K steps (fp32 accumulator), and folds the tile into per-row online
 state m (max), s = sum exp(z - m), w = sum (z - m) exp(z - m) and z_label.
-The SPLITS partial states per row are merged on the host side (5 floats per
-row per split: 1.3 MB at N=8192, SPLITS=8), so the (N, V) logits
-(2 GiB in bf16 at (8192, 131072)) never exist.
+The state is written once per vocabulary unit (about V / 128 wide, a whole
+number of tiles; a split is a whole number of units) and the units' states
+are merged in one fixed tree (4 floats per row per unit: 16 MB at N=8192,
+V=131072), so the (N, V) logits (2 GiB in bf16) never exist. Units depend
+on V alone, so a token's log-prob is the same bits whatever N, and so
+whatever split count the grid picks for N.
 
 Backward: per vocabulary chunk [v_lo, v_hi), `_linear_logprobs_dlogits_kernel`
 recomputes the logits tiles and writes d logits (N, v_hi - v_lo) in the
@@ -112,12 +115,13 @@ def _linear_logprobs_fwd_kernel(
     m_ptr,
     s_ptr,
     w_ptr,
-    zy_ptr,  # partial state, each (SPLITS, N)
+    zy_ptr,  # partial state, each (units, N)
     N,
     V,
     H,
-    V_SPLIT,
+    V_SPLIT,  # a whole number of units
     SPLITS,
+    UNIT_V,  # a whole number of BLOCK_V tiles
     s_hn,
     s_hk,
     s_wv,
@@ -143,7 +147,6 @@ def _linear_logprobs_fwd_kernel(
     v_lo = split * V_SPLIT
     v_hi = tl.minimum(V, v_lo + V_SPLIT)
     cols = tl.arange(0, BLOCK_V)
-
     m = tl.full([BLOCK_N], NEG_INF, ACC)
     s = tl.zeros([BLOCK_N], ACC)
     w = tl.zeros([BLOCK_N], ACC)
@@ -186,12 +189,19 @@ def _linear_logprobs_fwd_kernel(
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
         zy += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
-
-    out = split * N + offs_n
-    tl.store(m_ptr + out, m, mask=row_mask)
-    tl.store(s_ptr + out, s, mask=row_mask)
-    tl.store(w_ptr + out, w, mask=row_mask)
-    tl.store(zy_ptr + out, zy, mask=row_mask)
+        # the last tile of a vocabulary unit: store the unit's state and start
+        # the next unit from scratch (a branch in the one tile loop: a nested
+        # unit loop, or masked stores on every tile, made ptxas spill 60-580 B)
+        if ((v0 + BLOCK_V) % UNIT_V == 0) | (v0 + BLOCK_V >= v_hi):
+            out = (v0 // UNIT_V) * N + offs_n
+            tl.store(m_ptr + out, m, mask=row_mask)
+            tl.store(s_ptr + out, s, mask=row_mask)
+            tl.store(w_ptr + out, w, mask=row_mask)
+            tl.store(zy_ptr + out, zy, mask=row_mask)
+            m = tl.full([BLOCK_N], NEG_INF, ACC)
+            s = tl.zeros([BLOCK_N], ACC)
+            w = tl.zeros([BLOCK_N], ACC)
+            zy = tl.zeros([BLOCK_N], ACC)
 
 
 @triton.jit
@@ -334,8 +344,9 @@ def tile_config(N: int, V: int, H: int, interpret: bool, itemsize: int = 2) -> d
     """Block sizes by input width (offline sm_90 compile, launch_cases.py).
     bf16 / fp16: 128 x 128 logits tiles (64 KiB fp32 accumulator over 8
     warps), K steps of 64 (32 KiB of operands per stage, 3 stages: 96 KiB).
-    fp32 (ieee dot, no tensor cores): 64 x 64 x 32 over 4 warps; the 128 x
-    128 x 64 tile spilled 35 KB and 64 x 128 x 32 still 12 B. fp64: 32 x 64 x
+    fp32 (ieee dot, no tensor cores): 64 x 64 x 16 over 4 warps; the 128 x
+    128 x 64 tile spilled 35 KB and 64 x 128 x 32 still 12 B, and with the
+    vocabulary-unit stores 64 x 64 x 32 spilled 60-290 B under Triton 3.9. fp64: 32 x 64 x
     32, 2 stages; the bf16 tile needed 256 KiB of shared memory (over sm_90's
     227 KiB) and 64 x 64 x 32 spilled 1.6 KB.
     Interpreter: the smallest tiles tl.dot accepts that still cover the test
@@ -345,37 +356,54 @@ def tile_config(N: int, V: int, H: int, interpret: bool, itemsize: int = 2) -> d
     elif itemsize == 8:
         cfg = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_K=32, GROUP=16, num_stages=2)
     elif itemsize == 4:
-        cfg = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, GROUP=16, num_stages=3)
+        cfg = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=16, GROUP=16, num_stages=3)
     else:
         cfg = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_K=64, GROUP=16, num_stages=3)
     # 64 fp32 accumulators per thread: 128 x 128 over 8 warps, the others 4
     return dict(cfg, num_warps=num_warps(cfg["BLOCK_N"] * cfg["BLOCK_V"], per_thread=64))
 
 
-def num_splits(N: int, V: int, block_n: int, block_v: int, n_programs_wanted: int, group: int) -> int:
-    """Vocabulary splits (each cdiv(V tiles, splits) tiles wide, the last one
-    shorter). At least enough for two waves (64 token tiles at N=8192 would
-    leave half of an H100's 132 SMs idle) and for one group of `group` token
-    tiles x all splits to cover the resident programs; then, up to 4x that,
-    the count whose last wave is fullest. One 128 x 128 bf16 program is
-    resident per SM (255 registers x 256 threads), so n_programs_wanted / 2
-    run at once. The minimum alone, 17 splits, left a third wave of 8
-    programs at (1937, 3584, 152064): 69% wave efficiency; 33 fill 4 waves."""
-    row_tiles = triton.cdiv(max(N, 1), block_n)
+VOCAB_UNITS = 128  # about this many units per row: V / 128 wide, whole tiles
+
+
+def vocab_unit(V: int, block_v: int) -> tuple[int, int]:
+    """(unit width in columns, unit count): a whole number of tiles, from V
+    and the tile width alone (never N), so a row's reduction order is fixed."""
     v_tiles = triton.cdiv(max(V, 1), block_v)
+    unit_tiles = triton.cdiv(v_tiles, VOCAB_UNITS)
+    return unit_tiles * block_v, triton.cdiv(v_tiles, unit_tiles)
+
+
+def num_splits(N: int, V: int, block_n: int, block_v: int, n_programs_wanted: int, group: int) -> int:
+    """Vocabulary splits, each a whole number of units (the last one shorter).
+    At least enough for two waves (64 token tiles at N=8192 would leave half
+    of an H100's 132 SMs idle) and for one group of `group` token tiles x all
+    splits to cover the resident programs; then, up to 4x that, the count
+    whose last wave is fullest. One 128 x 128 bf16 program is resident per SM
+    (255 registers x 256 threads), so n_programs_wanted / 2 run at once. The
+    minimum alone left a third wave of 8 programs at (1937, 3584, 152064)."""
+    row_tiles = triton.cdiv(max(N, 1), block_n)
+    _, units = vocab_unit(V, block_v)
     want = max(triton.cdiv(n_programs_wanted, row_tiles), triton.cdiv(n_programs_wanted, min(group, row_tiles)))
     resident = max(1, n_programs_wanted // 2)
-    lo = max(1, min(v_tiles, want))
-    # the count a split width really gives (no empty split)
-    counts = sorted({triton.cdiv(v_tiles, triton.cdiv(v_tiles, s)) for s in range(lo, min(v_tiles, 4 * lo) + 1)})
-    return max(counts, key=lambda s: (wave_efficiency(row_tiles, v_tiles, s, resident), -s))
+    lo = max(1, min(units, want))
+    # the counts whole units per split give (no empty split)
+    counts = sorted({triton.cdiv(units, triton.cdiv(units, s)) for s in range(lo, min(units, 4 * lo) + 1)})
+    return max(counts, key=lambda s: (wave_efficiency(row_tiles, V, block_v, s, resident), -s))
 
 
-def wave_efficiency(row_tiles: int, v_tiles: int, splits: int, resident: int) -> float:
+def split_width(V: int, block_v: int, splits: int) -> int:
+    """Columns per split: whole units, as few as cover V in `splits`."""
+    unit_v, units = vocab_unit(V, block_v)
+    return triton.cdiv(units, splits) * unit_v
+
+
+def wave_efficiency(row_tiles: int, V: int, block_v: int, splits: int, resident: int) -> float:
     """Useful tile-steps over the tile-steps the waves take: every program in
-    a wave waits for the longest split (ceil(v_tiles / splits) tiles)."""
+    a wave waits for the widest split."""
     waves = triton.cdiv(row_tiles * splits, resident)
-    return row_tiles * v_tiles / (waves * resident * triton.cdiv(v_tiles, splits))
+    widest = split_width(V, block_v, splits) // block_v
+    return row_tiles * triton.cdiv(V, block_v) / (waves * resident * widest)
 
 
 # ---------------------------------------------------------------- launchers (triton_ops)
@@ -388,11 +416,11 @@ def _programs_wanted(device: torch.device) -> int:
     return 4
 
 
-def _sum_splits(x: torch.Tensor) -> torch.Tensor:
+def _sum_units(x: torch.Tensor) -> torch.Tensor:
     """Sum over dim 0 in one fixed order for every column: a balanced tree of
-    elementwise adds over the splits, zero-padded to a power of two (x + 0 is
+    elementwise adds over the units, zero-padded to a power of two (x + 0 is
     exact), so a token's merge does not depend on N. torch's own dim-0 sum
-    groups the terms by N: the same column of S = 3..41 splits summed to other
+    groups the terms by N: the same column of 3..41 terms summed to other
     bits at N = 2..33 than at N = 1 in 994 of 3500 draws (torch 2.13, CPU)."""
     n = x.shape[0]
     width = 1 << max(n - 1, 0).bit_length()
@@ -404,7 +432,7 @@ def _sum_splits(x: torch.Tensor) -> torch.Tensor:
 
 
 def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, V: int):
-    """(4, SPLITS, N) partial m, s, w, z_label -> logprobs, entropy, lse (N,)."""
+    """(4, units, N) partial m, s, w, z_label -> logprobs, entropy, lse (N,)."""
     m, s, w, zy = part.unbind(0)
     m_row = m.amax(0)
     ref = torch.where(m_row == float("-inf"), torch.zeros_like(m_row), m_row)
@@ -412,13 +440,13 @@ def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, V
     delta = torch.where(seen, m - ref, torch.zeros_like(m))
     scale = torch.where(seen, torch.exp(delta), torch.zeros_like(m))
     active = labels != ignore_index
-    s_row = torch.where(active, _sum_splits(s * scale), torch.ones_like(m_row))
-    w_row = torch.where(active, _sum_splits((w + delta * s) * scale), torch.zeros_like(m_row))
+    s_row = torch.where(active, _sum_units(s * scale), torch.ones_like(m_row))
+    w_row = torch.where(active, _sum_units((w + delta * s) * scale), torch.zeros_like(m_row))
     log_s = torch.log(s_row)
     zero = torch.zeros_like(m_row)
     lse = torch.where(active, ref + log_s, zero)
     ent = torch.where(active, log_s - w_row / s_row, zero)
-    lp = torch.where(active, _sum_splits(zy) - lse, zero)
+    lp = torch.where(active, _sum_units(zy) - lse, zero)
     # a label outside [0, V) (torch.compile skips the host check) matched
     # no column: NaN, never a silent -lse
     lp = torch.where(active & ((labels < 0) | (labels >= V)), torch.full_like(lp, float("nan")), lp)
@@ -443,14 +471,14 @@ def linear_logprobs_fwd_triton(
     cfg = tile_config(N, V, H, _backend.triton_interpret(), hidden.element_size())
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     splits = num_splits(N, V, bn, bv, _programs_wanted(hidden.device), cfg["GROUP"])
-    v_split = triton.cdiv(triton.cdiv(V, bv), splits) * bv  # num_splits leaves no split empty
-    part = hidden.new_empty((4, splits, N), dtype=acc_dtype(hidden.dtype))
+    unit_v, units = vocab_unit(V, bv)
+    part = hidden.new_empty((4, units, N), dtype=acc_dtype(hidden.dtype))
     labels = labels.contiguous()
     scalars, from_ptr = kernel_scalars(hidden.dtype, hidden.device, 1.0 / temperature)
     torch.library.wrap_triton(_linear_logprobs_fwd_kernel)[(triton.cdiv(N, bn) * splits,)](
         hidden, weight, bias if bias is not None else hidden, labels,
         part[0], part[1], part[2], part[3],
-        N, V, H, v_split, splits,
+        N, V, H, split_width(V, bv, splits), splits, unit_v,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         1.0 / temperature, scalars if from_ptr else part, ignore_index,
         HAS_BIAS=bias is not None, ACC=tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
