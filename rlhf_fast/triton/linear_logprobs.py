@@ -427,7 +427,8 @@ def _sum_units(x: torch.Tensor) -> torch.Tensor:
     if width > n:
         x = torch.cat([x, x.new_zeros((width - n, *x.shape[1:]))])
     while x.shape[0] > 1:
-        x = x[0::2] + x[1::2]
+        even, odd = x.view(x.shape[0] // 2, 2, *x.shape[1:]).unbind(1)  # rows 0, 2, .. and 1, 3, ..
+        x = even + odd
     return x[0]
 
 
