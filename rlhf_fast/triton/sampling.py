@@ -10,19 +10,23 @@ sorting, on an order key: the logit's own 16 bits for bf16 / fp16 logits
 largest x, and a top-p threshold is a token's z either way), else the 32
 bits of the fp32 z.
   top-k: radix select, one byte per sweep (tl.histogram of that byte over
-         the tokens that share the bytes chosen so far): 2 sweeps for a
-         16-bit key, 4 for a 32-bit one. The last also sums the mass above
+         the tokens that share the bytes chosen so far). The first byte's
+         histogram is taken in the log-sum-exp sweep, so a 16-bit key needs
+         1 more sweep, a 32-bit one 3. The last also sums the mass above
          tau_k, which top-p renormalises by.
   top-p: a 4-way search on the key without its low byte, three mass sums
          per sweep (4 sweeps for a 16-bit key, 12 for a 32-bit one), then
          one histogram sweep over the chosen byte, whose 256 keys are single
          values, so a key's mass is its count times its exp.
 Then one more sweep does the race over the kept tokens and their mass.
-Sweeps over a bf16 / fp16 row, worst case: plain 1, min-p 2, top-k 4, top-p
-7, all three 9 (it was 67 with a 32-step bisection for each of top-k and
-top-p); fp32 rows: top-k 6, top-p 15, all 19. tests/test_sampling.py counts
+Sweeps over a bf16 / fp16 row, worst case: plain 1, min-p 2, top-k 3, top-p
+7, all three 8 (it was 67 with a 32-step bisection for each of top-k and
+top-p); fp32 rows: top-k 5, top-p 15, all 18. tests/test_sampling.py counts
 them under the interpreter. Triton's histogram counts and cannot sum masses,
 so top-p's high byte takes a search, not one histogram sweep.
+The histogram in the log-sum-exp sweep leaves that sweep's layout as it was
+(the same blocked layout for every reduce in the TTGIR, Triton 3.6 and 3.9),
+so the row's lse keeps the log-prob kernel's sum order.
 Noise and semantics are those of rlhf_fast/reference/_sampling.py.
 
 The launcher at the end is the triton_op rlhf_fast::sample_fwd_triton; its
@@ -112,22 +116,22 @@ def _radix_pick(hist, need):
 
 
 @triton.jit
-def _top_k_key(row_ptr, V, inv_t, mz, k, KEY16: tl.constexpr, BLOCK_V: tl.constexpr):
+def _top_k_key(row_ptr, V, inv_t, mz, k, hist0, KEY16: tl.constexpr, BLOCK_V: tl.constexpr):
     """Radix select: the key of the k-th largest z (1 <= k < V), one byte per
-    sweep, and the mass sum(exp(z - mz)) of the tokens at or above it."""
+    sweep after the first (hist0, taken in the log-sum-exp sweep), and the
+    mass sum(exp(z - mz)) of the tokens at or above it."""
     KEY_BITS: tl.constexpr = 16 if KEY16 else 32
     cols = tl.arange(0, BLOCK_V)
     bins = tl.arange(0, 256)
-    need = k.to(tl.int32)
-    prefix = tl.zeros([], tl.int32) if KEY16 else tl.zeros([], tl.int64)
+    d, need = _radix_pick(hist0, k.to(tl.int32))
+    prefix = d.to(tl.int32 if KEY16 else tl.int64) << (KEY_BITS - 8)
     mass_above = tl.zeros([BLOCK_V], tl.float32)
-    for level in tl.static_range(KEY_BITS // 8):
+    for level in tl.static_range(1, KEY_BITS // 8):
         shift = KEY_BITS - 8 * (level + 1)
         hist = tl.zeros([256], tl.int32)
         for start in range(0, V, BLOCK_V):
             z, key, valid = _load_key(row_ptr, start + cols, V, inv_t, KEY16)
-            if level > 0:
-                valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
             if shift == 0:
                 # tokens in a byte above the one being resolved: all at or above tau_k
                 mass_above += tl.where((key >> 8) > (prefix >> 8), tl.exp(z - mz), 0.0)
@@ -235,10 +239,21 @@ def _sample_fwd_kernel(
         best = tl.full([BLOCK_V // STRIP, STRIP], NEG_INF, tl.float32)
         best_j = tl.full([BLOCK_V // STRIP, STRIP], 0, tl.int32)
     c = inv_t * LOG2E
+    if FILTERED:
+        k = tl.load(topk_ptr + row)
+        k_on = (k > 0) & (k < V) & stochastic
+        hist0 = tl.zeros([256], tl.int32)  # top-k's first byte, taken in this sweep
     for start in range(0, V, BLOCK_V):
         offs = start + offs2
-        x = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32)
+        xr = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF)
+        x = xr.to(tl.float32)
         m, s, _ = row_lse_step(x, m, s, s, c, False)
+        if FILTERED:
+            if k_on:
+                # padding (-inf) lands in bin 0 and is taken out below
+                key = _order_key(xr, True) if KEY16 else _order_key(x * inv_t, False)
+                top_byte = (key >> (8 if KEY16 else 24)).to(tl.int32)
+                hist0 += tl.histogram(tl.reshape(top_byte, [BLOCK_V]), 256)
         if not FILTERED:
             z = x * inv_t
             key = tl.where(greedy, z, z + _gumbel(seed_lo, seed_hi, offs))
@@ -251,15 +266,15 @@ def _sample_fwd_kernel(
     kept_mass = s_row
 
     if FILTERED:
-        k = tl.load(topk_ptr + row)
         p = tl.load(topp_ptr + row).to(tl.float32)
         mp = tl.load(minp_ptr + row).to(tl.float32)
         # top-k, and the mass of its survivors (top-p renormalises by it)
         key_k = tl.zeros([], tl.int32) if KEY16 else tl.zeros([], tl.int64)  # below every token
         tau_k = NEG_INF
         mass_k = s_row
-        if (k > 0) & (k < V) & stochastic:
-            key_k, mass_k = _top_k_key(row_ptr, V, inv_t, mz, k, KEY16, SEARCH_BLOCK)
+        if k_on:
+            hist0 -= tl.where(tl.arange(0, 256) == 0, tl.cdiv(V, BLOCK_V) * BLOCK_V - V, 0)
+            key_k, mass_k = _top_k_key(row_ptr, V, inv_t, mz, k, hist0, KEY16, SEARCH_BLOCK)
             tau_k = _key_z(key_k, inv_t, row_ptr, KEY16)
         # top-p among those: the largest key whose mass reaches p * mass_k
         tau_p = NEG_INF
