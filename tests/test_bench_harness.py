@@ -291,3 +291,39 @@ def test_linear_bench_runs_without_torch_linear_cross_entropy(monkeypatch):
     ours = [r for r in recs if r.baseline in (None, "materialised") and r.status == "ok"]
     lce = [r for r in recs if r.baseline == "torch_lce"]
     assert ours and lce and all(r.status.startswith("skipped: torch.nn.functional.linear_cross_entropy") for r in lce)
+
+
+def test_gpu_compass_rollout_correction_rows_on_cpu(tmp_path, monkeypatch):
+    """The device script's rollout-correction family (benchmarks/gpu/compass.py
+    ppo_rc) runs end to end, here on CPU with host timers in place of CUDA
+    events, and writes one row per correction with the fields its goals need:
+    a lent GPU is too rare to find a typo there."""
+    from benchmarks.bench_ppo_loss import CORRECTIONS
+    from benchmarks.gpu import compass
+
+    def host_times(fn, repeat):
+        out = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def host_timed(fn, repeat=20, warmup=3):
+        for _ in range(warmup):
+            fn()
+        times = host_times(fn, repeat)
+        return dict(median_s=sorted(times)[len(times) // 2], back_to_back_s=sum(times) / len(times))
+
+    monkeypatch.setattr(compass, "DEV", "cpu")
+    monkeypatch.setattr(compass, "cuda_event_times", host_times)
+    monkeypatch.setattr(compass, "timed", host_timed)
+    out = tmp_path / "compass.jsonl"
+    compass.ppo_rc(compass.Writer(str(out), copy_bw=1e10), B=4, T=64)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["op"] for r in rows] == [f"ppo_loss+rollout_correction fwd+bwd ({n})" for n in CORRECTIONS]
+    for r in rows:
+        assert r["shape"] == [4, 64] and r["peer"] == "eager reference chain (same correction)"
+        assert r["ours_median_s"] > 0 and r["uncorrected_median_s"] > 0 and r["peer_median_s"] > 0
+        assert r["slowdown_vs_uncorrected"] == pytest.approx(r["ours_median_s"] / r["uncorrected_median_s"])
+        assert r["speedup"] == pytest.approx(r["peer_median_s"] / r["ours_median_s"])

@@ -25,6 +25,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 import torch
 
 import rlhf_fast
+from rlhf_fast import reference
 
 from ..harness import cuda_event_times
 
@@ -169,6 +170,52 @@ def ppo(w):
     w("ppo_loss fwd+bwd", (B, T), "fp32", ours, peer, "reference (eager)", nbytes=B * T * (4 * 3 + 1 + 4))
 
 
+def ppo_rc(w, B=256, T=8192):
+    """The rollout-correction goals at (256, 8192) fp32: the fused step (the
+    CPU benchmark's: entropy, k3 KL, dual clip) with each correction of
+    benchmarks/bench_ppo_loss.py against the same step without one, timed in
+    alternating rounds, and against the eager reference chain of the same
+    correction. Goals: <= 1.15x the uncorrected step, >= 10x the chain."""
+    from ..bench_ppo_loss import CORRECTIONS, KW, _inputs
+
+    lp, old, adv, mask, ent, ref = _inputs(B, T, torch.float32, DEV)
+    roll = old + 0.01 * torch.randn(B, T, device=DEV)
+    lp.requires_grad_()
+    ent.requires_grad_()
+
+    def step(loss_fn, **correction):
+        def fn():
+            loss, _ = loss_fn(lp, old, adv, mask, entropy=ent, ref_logprobs=ref, **correction, **KW)
+            return torch.autograd.grad(loss, (lp, ent))
+
+        return fn
+
+    plain = step(rlhf_fast.ppo_loss)
+    for name, spec in CORRECTIONS.items():
+        correction = dict(rollout_logprobs=roll, rollout_correction=spec)
+        ours_fn = step(rlhf_fast.ppo_loss, **correction)
+        timed(ours_fn, repeat=3)  # warm both (Triton compiles)
+        timed(plain, repeat=3)
+        t_ours, t_plain = [], []
+        for _ in range(5):  # alternating rounds: drift of clocks or neighbours hits both
+            t_ours += cuda_event_times(ours_fn, 8)
+            t_plain += cuda_event_times(plain, 8)
+        ours, uncorrected = statistics.median(t_ours), statistics.median(t_plain)
+        peer = timed(step(reference.ppo_loss, **correction), repeat=5)
+        w(
+            f"ppo_loss+rollout_correction fwd+bwd ({name})",
+            (B, T),
+            "fp32",
+            dict(median_s=ours),
+            peer,
+            "eager reference chain (same correction)",
+            # the uncorrected step's bytes plus rollout_logprobs read once
+            nbytes=B * T * (6 * 4 + 1 + 4 + 4 + 1 + 2 * 4),
+            uncorrected_median_s=uncorrected,
+            slowdown_vs_uncorrected=ours / uncorrected,
+        )
+
+
 def sampler(w):
     B, V = 128, 131072
     x = torch.randn(B, V, device=DEV, dtype=torch.bfloat16) * 3
@@ -185,7 +232,9 @@ def sampler(w):
     w("sample top-p", (B, V), "bf16", ours, peer, "sort-based top-p", nbytes=B * V * 2)
 
 
-FAMILIES = dict(logprobs=logprobs, linear=linear, gae=gae, ppo=ppo, sampler=sampler)
+# ppo_rc last: its Triton specialisations compile cold, and a compass step cut
+# short by its timeout still keeps every row written before
+FAMILIES = dict(logprobs=logprobs, linear=linear, gae=gae, ppo=ppo, sampler=sampler, ppo_rc=ppo_rc)
 
 
 def main() -> int:
