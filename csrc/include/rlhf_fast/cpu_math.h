@@ -18,26 +18,31 @@ namespace cpu {
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// exp(x) for x <= 88 (most callers pass z - max <= 0). Cephes' degree-6
-// polynomial on the reduced argument, about 1 ulp for x > -87.3. Below
-// ln(FLT_MIN) the result is exactly 0 so -inf logits carry no weight; NaN
-// stays NaN.
-RLHF_FAST_INLINE float exp_nonpos(float x) {
-  constexpr float kLo = -87.33654475f;  // ln(FLT_MIN): 2^n stays normal
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
+// The core of exp_nonpos and exp_pm20, for a float or a float vector V:
+// n = round(x / ln 2) and y = exp(x - n ln 2) (Cody-Waite reduction, then
+// Cephes' degree-6 polynomial), so exp(x) = y * 2^n.
+template <typename V>
+RLHF_FAST_INLINE V exp_reduced(V x, V& n) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: round to nearest int
-  const float xc = x < kLo ? kLo : x;
-  const float n = (xc * kLog2e + kRound) - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
+  n = (x * 1.44269504088896341f + kRound) - kRound;
+  const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln 2 = hi + lo
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+// exp(x) for x <= 88 (most callers pass z - max <= 0), about 1 ulp for
+// x > -87.3. Below ln(FLT_MIN) the result is exactly 0 so -inf logits carry
+// no weight; NaN stays NaN.
+RLHF_FAST_INLINE float exp_nonpos(float x) {
+  constexpr float kLo = -87.33654475f;  // ln(FLT_MIN): 2^n stays normal
+  const float xc = x < kLo ? kLo : x;
+  float n;
+  const float y = exp_reduced(xc, n);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -146,15 +151,8 @@ RLHF_FAST_INLINE typename Vec<W>::f exp_nonpos(typename Vec<W>::f x) {
   using vi = typename Vec<W>::i;
   const vf lo = splat<W>(-87.33654475f);
   const vf xc = x < lo ? lo : x;
-  const vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const vf r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  vf p = splat<W>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vf y = p * r * r + r + 1.0f;
+  vf n;
+  const vf y = exp_reduced(xc, n);
   const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   const vf out = y * (vf)bits;  // same-size vector cast: reinterprets bits
   return x < lo ? splat<W>(0.f) : out;
@@ -279,8 +277,8 @@ RLHF_FAST_INLINE V clampv(V x, V lo, V hi) {
 }
 
 // exp(x) for |x| <= 20 (callers clamp first, as verl does); fp64 takes libm.
-// exp_nonpos's arithmetic without its underflow guard (a compare and two
-// selects, never taken here), and 2^n applied by adding n to the exponent
+// exp_nonpos without its underflow guard (a compare and two selects, never
+// taken here), and 2^n applied by adding n to the exponent
 // bits instead of a multiply: y * 2^n is exact while the result is normal
 // (|n| <= 29 here), so the bits are exp_nonpos's for every float in
 // [-20, 20] (all 2.2e9 checked) and NaN stays NaN. In the policy loss's exp
@@ -293,15 +291,8 @@ RLHF_FAST_INLINE V exp_pm20(V x) {
     return __builtin_exp(x);
   } else {
     using I = std::conditional_t<std::is_same_v<V, float>, int32_t, typename Vec<sizeof(V) / sizeof(float)>::i>;
-    const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-    V p = bcast<V>(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const V y = p * r * r + r + 1.0f;
+    V n;
+    const V y = exp_reduced(x, n);
     I yb, nb;
     if constexpr (std::is_same_v<V, float>) nb = static_cast<int32_t>(n) << 23;
     else nb = __builtin_convertvector(n, I) << 23;
