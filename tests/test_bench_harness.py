@@ -299,7 +299,12 @@ def test_gpu_compass_rollout_correction_rows_on_cpu(tmp_path, monkeypatch):
     events, and writes one row per correction with the fields its goals need:
     a lent GPU is too rare to find a typo there."""
     from benchmarks.bench_ppo_loss import CORRECTIONS
+
+    interpret = os.environ.get("TRITON_INTERPRET")
     from benchmarks.gpu import compass
+
+    # importing it must not switch the interpreter off for the tests after this one
+    assert os.environ.get("TRITON_INTERPRET") == interpret
 
     def host_times(fn, repeat):
         out = []
