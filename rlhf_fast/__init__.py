@@ -39,6 +39,10 @@ _LAZY = {
     "vocab_parallel_logprobs": ".ops",
     "vocab_parallel_linear_logprobs": ".ops",
     "RolloutCorrection": ".reference",
+    "pack": ".ops",
+    "unpack": ".ops",
+    "expand_to_tokens": ".ops",
+    "segment_ids": ".ops",
 }
 _SUBMODULES = {"reference", "ops", "generation", "trainer", "integrations", "demo", "cli", "bench", "triton"}
 
@@ -98,4 +102,8 @@ __all__ = [
     "group_advantages",
     "vocab_parallel_logprobs",
     "vocab_parallel_linear_logprobs",
+    "pack",
+    "unpack",
+    "expand_to_tokens",
+    "segment_ids",
 ]

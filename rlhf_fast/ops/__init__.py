@@ -11,6 +11,7 @@ With public modules named after their families, `ops.ppo_loss` and
 from ._advantages import discounted_returns, gae, group_advantages, whiten
 from ._linear_logprobs import linear_logprobs
 from ._logprobs import logprobs_from_logits
+from ._packing import expand_to_tokens, pack, segment_ids, unpack
 from ._ppo_loss import kl_penalty, ppo_loss, ppo_policy_loss, ppo_value_loss, rollout_mismatch
 from ._sampling import SampleOutput, sample
 from ._vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_logprobs
@@ -31,4 +32,8 @@ __all__ = [
     "rollout_mismatch",
     "vocab_parallel_logprobs",
     "vocab_parallel_linear_logprobs",
+    "pack",
+    "unpack",
+    "expand_to_tokens",
+    "segment_ids",
 ]

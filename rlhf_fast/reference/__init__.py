@@ -18,6 +18,7 @@ A leading underscore can never collide with a public function name.
 from ._advantages import ESTIMATORS, discounted_returns, gae, group_advantages, whiten
 from ._linear_logprobs import linear_logprobs
 from ._logprobs import logprobs_from_logits
+from ._packing import expand_to_tokens, pack, segment_ids, unpack
 from ._ppo_loss import AGG_MODES, KL_KINDS, kl_penalty, ppo_loss, ppo_policy_loss, ppo_value_loss
 from ._rollout_correction import IS_LEVELS, RC_STATS, RS_OPTIONS, RolloutCorrection
 from ._sampling import noise_bits, sample
@@ -35,6 +36,10 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "RolloutCorrection",
+    "pack",
+    "unpack",
+    "expand_to_tokens",
+    "segment_ids",
     # constants: the accepted values of the ops' string arguments, and stats names
     "AGG_MODES",
     "KL_KINDS",
