@@ -17,7 +17,7 @@ CSRC := $(shell find csrc -type f)
 # the library itself is missing.
 EXT_SO := $(wildcard rlhf_fast/_C*.so)
 
-.PHONY: setup setup-test demo test fuzz lint bench cuda-check gpu-compile-check kernels-table integrations clean FORCE
+.PHONY: setup setup-test demo test test-fast wheel-check fuzz lint bench cuda-check gpu-compile-check kernels-table integrations clean FORCE
 
 setup: $(STAMPS)/deps-core $(STAMPS)/ext
 setup-test: $(STAMPS)/deps-test $(STAMPS)/ext
@@ -63,8 +63,18 @@ integrations:
 # Deterministic: a fixed seed (printed at the end); two pytest-xdist workers,
 # each with half the cores' threads.
 TEST_JOBS ?= 2
-test: setup-test lint cuda-check gpu-compile-check integrations
+test: setup-test lint cuda-check gpu-compile-check integrations wheel-check
 	$(PY) -m pytest tests -q -n $(TEST_JOBS)
+
+# The fast tier: lint and every test not marked slow (no torchrun, Ray,
+# multi-rank gloo or demo runs); `make test` runs everything.
+test-fast: setup-test lint
+	$(PY) -m pytest tests -q -n $(TEST_JOBS) -m "not slow"
+
+# The binary wheel installs into a fresh venv and runs its compiled ops with
+# no compiler on PATH (reuses build/'s objects: no recompile).
+wheel-check: setup
+	PY=$(PY) bash scripts/check_wheel.sh
 
 # The kernel tests over SEEDS fresh random seeds; prints any failing seed.
 SEEDS ?= 5
