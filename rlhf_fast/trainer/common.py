@@ -394,8 +394,15 @@ def load_checkpoint(path: str, stateful: dict, generators: dict) -> int:
     0's (the sampled streams then differ from the original run's)."""
     _, rank, world = _dist()
     blob = read_checkpoint(path)
+    missing = [k for k, v in stateful.items() if k not in blob and not getattr(v, "optional", False)]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} has no {', '.join(map(repr, missing))} state: it was written by another trainer "
+            "(or another kind of run). Start over (rlhf-fast train --fresh) or give the matching checkpoint."
+        )
     for k, v in stateful.items():
-        v.load_state_dict(blob[k])
+        if k in blob:
+            v.load_state_dict(blob[k])
     ranks = blob.get("rng_ranks", [blob["rng"]])
     set_rng_state(ranks[rank] if len(ranks) == world else blob["rng"], generators)
     return int(blob["step"])

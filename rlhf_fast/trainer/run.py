@@ -21,7 +21,9 @@ AutoModelForSequenceClassification folder).
 Resume: when out_dir holds a checkpoint.pt (written every checkpoint_every
 steps and at the end), the run continues from it: metrics.jsonl is cut back
 to the checkpoint's step, so no step appears twice, and stale temp files of
-a killed write are removed. `fresh=True` (`--fresh`) deletes the checkpoint,
+a killed write are removed. Without a checkpoint (a run killed before its
+first one, or whose first write failed) the run starts at step 0 and the
+earlier rows are dropped. `fresh=True` (`--fresh`) deletes the checkpoint,
 metrics and model.pt and starts at step 0. Every file is written atomically
 (temp file, fsync, rename).
 
@@ -95,7 +97,9 @@ def _init_distributed() -> torch.device:
 
 def _prepare_out_dir(trainer, out_dir: str, fresh: bool) -> None:
     """--fresh: remove the previous run's artefacts; otherwise resume from its
-    checkpoint. Every rank loads; rank 0 edits the files."""
+    checkpoint, or start at step 0 without the metrics of a run killed before
+    its first one. Either way metrics.jsonl keeps one row per step. Every rank
+    loads; rank 0 edits the files."""
     import sys
 
     import torch.distributed as dist
@@ -108,6 +112,16 @@ def _prepare_out_dir(trainer, out_dir: str, fresh: bool) -> None:
             for name in ARTEFACTS:
                 if os.path.exists(os.path.join(out_dir, name)):
                     os.remove(os.path.join(out_dir, name))
+        if not fresh and not os.path.exists(ckpt):
+            # killed (or out of disk) before its first checkpoint: the run starts at step 0 again, and the
+            # rows it logged would otherwise stay in front of the new ones (steps 1..k, then 1..N)
+            dropped = truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), 0)
+            if dropped:
+                print(
+                    f"train: no checkpoint in {out_dir}: starting at step 0 ({dropped} metrics rows of the "
+                    "interrupted run dropped)",
+                    file=sys.stderr,
+                )
     if trainer.world_size > 1:
         dist.barrier()  # no rank looks for the checkpoint while rank 0 may be deleting it
     if fresh or not os.path.exists(ckpt):
