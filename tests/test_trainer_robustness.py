@@ -115,7 +115,11 @@ def test_running_moments_ignore_nonfinite():
         (PPOConfig, "kl_kind", "k9", "k1"),
         (PPOConfig, "loss_agg", "mean", "token-mean"),
         (GRPOConfig, "estimator", "ppo", "grpo"),
-        (GRPOConfig, "num_samples", 0, ">= 1"),
+        (GRPOConfig, "num_samples", 1, ">= 2 (every estimator subtracts the group's own mean"),
+        (GRPOConfig, "num_samples", 0, ">= 2"),
+        (PPOConfig, "seed", 2**64, "[0, 9223372036854775807]"),
+        (RewardConfig, "seed", 2**63, "[0, 9223372036854775807]"),
+        (DPOConfig, "seed", -1, "[0, 9223372036854775807]"),
         (DPOConfig, "beta", 0.0, "> 0"),
         (DPOConfig, "label_smoothing", 0.5, "[0, 0.5)"),
         (DPOConfig, "loss_type", "hinge", "sigmoid"),
@@ -130,6 +134,13 @@ def test_config_rejects_bad_values_naming_field_value_range(cls, field, value, a
         cls(**{field: value})
     msg = str(e.value)
     assert field in msg and repr(value) in msg and allowed in msg, msg
+
+
+def test_the_largest_seed_trains():
+    """2**63 - 1 passes validation and every generator built from it (PPO's
+    sampling stream adds an offset per rank)."""
+    tr = ppo_trainer(steps=1, seed=2**63 - 1, batch_size=2, max_new_tokens=2, minibatch_size=2)
+    assert tr.train()[0]["applied"] == 2  # two epochs of one minibatch
 
 
 def test_yaml_scientific_notation_is_a_number(tmp_path):

@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..generation.hf_args import check_prompt_rows
 from ..ops import ppo_loss
 from .common import (
     KLController,
@@ -70,6 +71,8 @@ class Trainer:
             self.wrap(reward, trainable=False)
         self.prompt_ids = prompt_ids
         self.prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
+        # an empty prompt, or the longest + max_new_tokens past the policy's positions: fail here, not at step 1
+        check_prompt_rows(self.name, policy, self.prompt_mask, config.max_new_tokens)
         self.eos, self.pad = eos_token_id, pad_token_id
         self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 1000003 * self.rank)
         self.generators["sample"] = self.sample_gen
