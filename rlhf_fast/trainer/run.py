@@ -41,7 +41,7 @@ import os
 import torch
 
 from . import cli_inputs
-from .common import ARTEFACTS, atomic_save, clean_stale_tmp, truncate_metrics
+from .common import ARTEFACTS, atomic_save, check_writable, clean_stale_tmp, truncate_metrics
 from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, apply_overrides, check_keys, load_yaml
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
@@ -68,17 +68,46 @@ def _reward(extra, source: ModelSource, lm):
 
 def _prompt_texts(extra, source: ModelSource) -> list[str]:
     if extra.get("prompts_file"):
-        with open(extra["prompts_file"]) as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
+        path = extra["prompts_file"]
+        with open(path) as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+        if not texts:
+            raise ValueError(f"train: prompts_file {path} holds no prompts (one a line; it is empty)")
+        return texts
     return source.prompts()
 
 
+_PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
 def _pairs(extra, source: ModelSource, seed: int):
-    if extra.get("pairs_file"):
-        with open(extra["pairs_file"]) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        return [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows]
-    return source.pairs(seed)
+    if not extra.get("pairs_file"):
+        return source.pairs(seed)
+    path, rows = extra["pairs_file"], []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"train: pairs_file {path}:{i} is not JSON ({e.msg})") from None
+            missing = [k for k in _PAIR_KEYS if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise ValueError(
+                    f"train: pairs_file {path}:{i} has no {', '.join(map(repr, missing))}; each line must be a "
+                    f'JSON object {{"prompt": ..., "chosen": ..., "rejected": ...}} of strings'
+                )
+            bad = [k for k in _PAIR_KEYS if not isinstance(row[k], str)]
+            if bad:
+                raise ValueError(
+                    f"train: pairs_file {path}:{i}: {', '.join(map(repr, bad))} must be strings, got "
+                    + ", ".join(f"{type(row[k]).__name__}" for k in bad)
+                )
+            rows.append(row)
+    if not rows:
+        raise ValueError(f'train: pairs_file {path} holds no pairs (one {{"prompt", "chosen", "rejected"}} a line)')
+    return tuple([r[k] for r in rows] for k in _PAIR_KEYS)
 
 
 def _init_distributed() -> torch.device:
@@ -167,6 +196,8 @@ def run_from_yaml(
     extra.setdefault("model", default_model)
     check_paths(extra, sources)
     cfg = _CONFIGS[algo].from_dict(data)
+    if cfg.out_dir:
+        check_writable(cfg.out_dir)  # before any model is built
     device = _init_distributed()
     source = open_source(extra["model"], sources)
     lm = source.load_lm(cfg.seed)
