@@ -158,19 +158,22 @@ def test_max_new_tokens_past_the_context_is_one_line(tmp_path, capsys):
 
 def test_read_only_out_dir_fails_before_any_model_is_built(tmp_path, capsys, monkeypatch):
     from rlhf_fast.demo.train_source import TinyDemoSource
-    from rlhf_fast.trainer.common import WriteError
 
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     if os.access(ro, os.W_OK):  # root writes anywhere it may chmod: /sys is read-only to root as well
         ro = "/sys"
-    built = []
-    monkeypatch.setattr(TinyDemoSource, "load_lm", lambda self, seed: built.append(1))
+
+    def load_lm(self, seed):
+        raise AssertionError("the model was built before out_dir was checked")
+
+    monkeypatch.setattr(TinyDemoSource, "load_lm", load_lm)
     err = _err(capsys, ["train", "rm", "--config", _cfg(tmp_path, out_dir=str(ro), **_SMALL_RM)])
     assert f"out_dir {ro} is not writable" in err and "(EACCES)" in err, err
-    assert built == []
     from _tiny_models import rm_trainer  # the API too: when the trainer is built, not at its first log
+
+    from rlhf_fast.trainer.common import WriteError
 
     with pytest.raises(WriteError, match="is not writable"):
         rm_trainer(out_dir=str(ro))

@@ -440,3 +440,34 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_
             k: v for k, v in rb.items() if not k.startswith("time/")
         }
     _same_model(straight / "model.pt", broken / "model.pt")
+
+
+def test_checkpoint_of_another_trainer_is_refused_by_name(tmp_path):
+    from rlhf_fast.trainer.common import CheckpointError
+
+    path = str(tmp_path / "grpo.pt")
+    grpo_trainer(steps=1).save(path)
+    with pytest.raises(CheckpointError, match=r"grpo\.pt has no 'critic', 'critic_opt', 'critic_sched' state"):
+        ppo_trainer(steps=1).load(path)
+
+
+def test_checkpoint_from_before_the_counters_and_split_still_loads(tmp_path):
+    """An older checkpoint has no consecutive-skip counter and no RM split:
+    they stay as built (what that run resumed with), everything else loads."""
+    from rlhf_fast.trainer.common import checksums
+
+    tr = rm_trainer(steps=2)
+    tr.train()
+    path = str(tmp_path / "old.pt")
+    tr.save(path)
+    blob = torch.load(path, weights_only=False)
+    del blob["checksums"], blob["split"]
+    blob["skipped"] = {"v": 1}
+    blob["checksums"] = checksums(blob)
+    torch.save(blob, path)
+    fresh = rm_trainer(steps=2)
+    fresh.dead_steps = 0
+    fresh.load(path)
+    assert (fresh.step_count, fresh.skipped_steps, fresh.dead_steps) == (2, 1, 0)
+    assert torch.equal(fresh.train_idx, tr.train_idx)  # the same seed: the split as built is the run's
+    assert torch.equal(flat_params(fresh.model), flat_params(tr.model))
