@@ -194,7 +194,8 @@ def choose(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
             )
         reason = why_unavailable(forced, device)
         if reason is not None:
-            raise BackendUnavailable(f"rlhf_fast.{op}: backend {forced!r} forced by {ENV_VAR} is unavailable: {reason}")
+            how = f"rlhf_fast.use_backend({forced!r})" if getattr(_local, "forced", None) else f"{ENV_VAR}={forced}"
+            raise BackendUnavailable(f"rlhf_fast.{op}: backend {forced!r} forced by {how} is unavailable: {reason}")
         return forced
     if device.type == "cuda":
         implemented = measured_order(op, device, implemented)

@@ -13,8 +13,11 @@ import os
 import sys
 
 # Errors a user can fix from the command line or the YAML: printed as one
-# line (`--traceback` shows the full trace). Anything else keeps its traceback.
+# line (`--traceback` / `--debug` shows the full trace). Anything else keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# The same for what a run meets on the way, defined with the trainer (imported once it is): a checkpoint that
+# cannot be trusted, a file that cannot be written (disk full, read-only), a reward function that raised.
+RUN_ERRORS = ("CheckpointError", "WriteError", "RewardError")
 
 
 def format_info(report: dict) -> str:
@@ -79,7 +82,9 @@ def main(argv=None) -> int:
         help="torch intra-op threads. Default: $OMP_NUM_THREADS when set, else 1 for model "
         "tiny-demo (its matmuls are too small to split), else torch's default (one per core)",
     )
-    p_train.add_argument("--traceback", action="store_true", help="on an error, print the full traceback")
+    p_train.add_argument(
+        "--traceback", "--debug", dest="traceback", action="store_true", help="on an error, print the full traceback"
+    )
     p_train.add_argument(
         "--fresh",
         action="store_true",
@@ -104,10 +109,11 @@ def main(argv=None) -> int:
     if args.cmd == "train":
         try:
             return _train(args)
-        except USER_ERRORS as e:
-            if args.traceback:
+        except Exception as e:
+            if args.traceback or not is_user_error(e):
                 raise
-            print(f"rlhf-fast train: error: {_one_line(e)}", file=sys.stderr)
+            hint = "" if isinstance(e, USER_ERRORS) else " (--debug shows the traceback)"
+            print(f"rlhf-fast train: error: {_one_line(e)}{hint}", file=sys.stderr)
             return 2
     if args.cmd == "bench":
         # The benchmarks are not part of the installed package (a wheel has
@@ -118,6 +124,17 @@ def main(argv=None) -> int:
         )
         return 2
     return 1
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether `rlhf-fast train` reports e as one line: USER_ERRORS, and
+    RUN_ERRORS (looked up in the trainer's modules: a run that never imported
+    them cannot have raised them)."""
+    if isinstance(e, USER_ERRORS):
+        return True
+    mods = [sys.modules.get(f"rlhf_fast.trainer.{m}") for m in ("common", "rewards")]
+    kinds = tuple(getattr(m, n) for m in mods if m is not None for n in RUN_ERRORS if hasattr(m, n))
+    return isinstance(e, kinds)
 
 
 def _positive_int(text: str) -> int:

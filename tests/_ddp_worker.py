@@ -5,6 +5,8 @@
   ppo     2 PPO steps
   dpo     DPO steps on a batch doubled across ranks
   resume  2 PPO steps straight, and 1 step + save + load into a fresh trainer + 1 step
+  fields  tests/_resume_cases.py for PPO, GRPO, RM and DPO: {"diffs": {algo: [what differs, on either rank]},
+          "stops": {algo: how the uninterrupted run stopped}} (no model entries)
 Rank 0 saves {"world", "rows": its metrics per step, "full": the trained model's full parameters (gathered
 when sharded), "ranks": every rank's local parameters (ddp only)}."""
 
@@ -74,11 +76,24 @@ def run(task: str, parallel: str, out: str) -> dict:
     return result
 
 
+def resume_fields(out: str) -> dict:
+    import _resume_cases
+
+    diffs, stops = {}, {}
+    for algo in _resume_cases.MAKERS:
+        mine, stops[algo] = _resume_cases.compare(algo, os.path.dirname(out))
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        diffs[algo] = [f"rank {r}: {d}" for r, ds in enumerate(every) for d in ds]
+        gc.collect()  # the DDP reducers of this algorithm's trainers go before the next one's
+    return {"diffs": diffs, "stops": stops}
+
+
 def main(mode: str, out: str) -> None:
     task, _, parallel = mode.partition(":")
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    result = run(task, parallel or "ddp", out)
+    result = resume_fields(out) if task == "fields" else run(task, parallel or "ddp", out)
     if dist.get_rank() == 0:
         torch.save({"world": dist.get_world_size(), **result}, out)
     dist.barrier()

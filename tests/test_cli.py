@@ -113,6 +113,153 @@ def test_traceback_flag_reraises(tmp_path):
         cli.main(["train", "ppo", "--config", _cfg(tmp_path, lrr=1), "--traceback"])
 
 
+# ---------------------------------------------------------------- errors met during a run, as one line
+
+
+_SMALL_RM = dict(steps=2, batch_size=8, eval_fraction=0.2, progress=False)
+
+
+def test_empty_data_files_are_named(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "empty.jsonl").write_text("")
+    err = _err(capsys, ["train", "ppo", "--config", _cfg(tmp_path, prompts_file=str(tmp_path / "empty.txt"))])
+    assert f"prompts_file {tmp_path / 'empty.txt'} holds no prompts" in err, err
+    err = _err(capsys, ["train", "rm", "--config", _cfg(tmp_path, pairs_file=str(tmp_path / "empty.jsonl"))])
+    assert f"pairs_file {tmp_path / 'empty.jsonl'} holds no pairs" in err, err
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('{"prompt": "the movie was", "chosen": "great ."}', "pairs.jsonl:2 has no 'rejected'"),
+        ('{"prompt": "the movie was", "chosen": "great ."', "pairs.jsonl:2 is not JSON"),
+        ('["the movie was", "great .", "bad ."]', "pairs.jsonl:2 has no 'prompt', 'chosen', 'rejected'"),
+        ('{"prompt": "the movie was", "chosen": "great .", "rejected": 3}', "'rejected' must be strings, got int"),
+    ],
+    ids=["no_rejected", "not_json", "not_an_object", "not_a_string"],
+)
+def test_bad_pairs_row_names_the_line_and_the_key(tmp_path, capsys, line, expected):
+    good = '{"prompt": "the movie was", "chosen": "great .", "rejected": "bad ."}'
+    (tmp_path / "pairs.jsonl").write_text(f"{good}\n{line}\n")
+    err = _err(capsys, ["train", "dpo", "--config", _cfg(tmp_path, pairs_file=str(tmp_path / "pairs.jsonl"))])
+    assert expected in err, err
+
+
+def test_unknown_word_in_a_tiny_demo_prompt_is_named(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("the movie was\nthe film was splendid\n")
+    err = _err(capsys, ["train", "ppo", "--config", _cfg(tmp_path, prompts_file=str(tmp_path / "p.txt"))])
+    assert "word(s) outside its vocabulary: 'film', 'splendid'" in err and "movie" in err, err
+
+
+def test_max_new_tokens_past_the_context_is_one_line(tmp_path, capsys):
+    err = _err(capsys, ["train", "ppo", "--config", _cfg(tmp_path, steps=1, max_new_tokens=200)])
+    assert "max_new_tokens (200)" in err and "config.max_position_embeddings = 32" in err, err
+
+
+def test_read_only_out_dir_fails_before_any_model_is_built(tmp_path, capsys, monkeypatch):
+    from rlhf_fast.demo.train_source import TinyDemoSource
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root writes anywhere it may chmod: /sys is read-only to root as well
+        ro = "/sys"
+
+    def load_lm(self, seed):
+        raise AssertionError("the model was built before out_dir was checked")
+
+    monkeypatch.setattr(TinyDemoSource, "load_lm", load_lm)
+    err = _err(capsys, ["train", "rm", "--config", _cfg(tmp_path, out_dir=str(ro), **_SMALL_RM)])
+    assert f"out_dir {ro} is not writable" in err and "(EACCES)" in err, err
+    from _tiny_models import rm_trainer  # the API too: when the trainer is built, not at its first log
+
+    from rlhf_fast.trainer.common import WriteError
+
+    with pytest.raises(WriteError, match="is not writable"):
+        rm_trainer(out_dir=str(ro))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fill a disk")
+def test_disk_full_names_the_file_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """The second checkpoint goes to /dev/full (every write: ENOSPC): one line
+    naming the file and ENOSPC, no temp file left, the first checkpoint whole."""
+    from rlhf_fast.trainer import common
+
+    writes, real_enter = [], common._atomic_open.__enter__
+
+    def enter(self):
+        if self.path.endswith("checkpoint.pt"):
+            writes.append(self.path)
+            if len(writes) == 2:
+                os.symlink("/dev/full", self.tmp)
+        return real_enter(self)
+
+    monkeypatch.setattr(common._atomic_open, "__enter__", enter)
+    out = tmp_path / "out"
+    err = _err(capsys, ["train", "rm", "--config", _cfg(tmp_path, out_dir=str(out), checkpoint_every=1, **_SMALL_RM)])
+    assert f"cannot write {out / 'checkpoint.pt'}: No space left on device (ENOSPC)" in err, err
+    assert "inline_container" not in err and len(writes) == 2
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.jsonl"]  # no checkpoint.pt.tmp left
+    assert common.read_checkpoint(str(out / "checkpoint.pt"))["step"] == 1
+
+
+def test_corrupted_checkpoint_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    from rlhf_fast.trainer.common import CheckpointError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    cfg = _cfg(tmp_path, out_dir=str(out), **_SMALL_RM)
+    err = _err(capsys, ["train", "rm", "--config", cfg])
+    assert f"checkpoint {out / 'checkpoint.pt'} is unreadable" in err and "--debug shows the traceback" in err, err
+    with pytest.raises(CheckpointError):
+        cli.main(["train", "rm", "--config", cfg, "--debug"])
+
+
+def test_raising_reward_function_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "my_rewards.py").write_text(
+        "def accuracy(prompts, completions, **kw):\n    return [1 / 0 for _ in completions]\n"
+    )
+    cfg = _cfg(
+        tmp_path,
+        reward=f"{tmp_path / 'my_rewards.py'}:accuracy",
+        steps=1,
+        batch_size=2,
+        num_samples=2,
+        max_new_tokens=2,
+        minibatch_size=4,
+    )
+    err = _err(capsys, ["train", "grpo", "--config", cfg])
+    assert "reward function 'accuracy' raised ZeroDivisionError: division by zero" in err, err
+    # a token-level reward function given to a trainer: the same error, naming it, the original chained
+    from _tiny_models import ppo_trainer
+
+    from rlhf_fast.trainer.rewards import RewardError
+
+    def my_reward(sequences, response_mask, prompt_length):
+        raise KeyError("answer")
+
+    tr = ppo_trainer(steps=1, batch_size=2, max_new_tokens=2, minibatch_size=2)
+    tr.reward = my_reward
+    with pytest.raises(RewardError, match=r"reward function 'my_reward' raised KeyError: 'answer'") as e:
+        tr.train()
+    assert isinstance(e.value.__cause__, KeyError)
+
+
+def test_use_backend_error_names_use_backend_not_the_variable(monkeypatch):
+    import rlhf_fast
+    from rlhf_fast._backend import BackendUnavailable
+
+    x, y = torch.randn(2, 5), torch.tensor([1, 3])
+    monkeypatch.delenv("RLHF_FAST_BACKEND", raising=False)
+    with pytest.raises(BackendUnavailable) as e, rlhf_fast.use_backend("cuda"):
+        rlhf_fast.logprobs_from_logits(x, y)
+    assert "forced by rlhf_fast.use_backend('cuda')" in str(e.value) and "RLHF_FAST_BACKEND" not in str(e.value)
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailable, match="forced by RLHF_FAST_BACKEND=cuda"):
+        rlhf_fast.logprobs_from_logits(x, y)
+
+
 # ---------------------------------------------------------------- overrides
 
 

@@ -520,3 +520,18 @@ def test_micro_batches_accumulate_on_device(make, monkeypatch):
     assert loss.dim() == 0 and float(stats[key]) == pytest.approx(float(whole), abs=1e-6)
     row = tr.optimizer_step(loss, stats)
     assert row["loss"] == pytest.approx(float(loss)) and row["applied"] == 1
+
+
+@pytest.mark.slow
+def test_ddp_killed_and_resumed_equals_uninterrupted_field_by_field(tmp_path):
+    """tests/_resume_cases.py on 2 gloo ranks, for PPO, GRPO, RM and DPO: every
+    rank's stop, metrics, attributes and checkpoint (which holds both ranks'
+    RNG streams) equal the uninterrupted run's."""
+    from _resume_cases import STOP
+
+    got = _torchrun("fields", tmp_path / "fields.pt")
+    assert got["world"] == 2
+    for algo, diffs in got["diffs"].items():
+        assert got["stops"][algo] is not None and got["stops"][algo][0] == STOP, (algo, got["stops"][algo])
+        assert diffs == [], f"{algo}:\n" + "\n".join(diffs[:20])
+    assert set(got["diffs"]) == {"ppo", "grpo", "rm", "dpo"}

@@ -115,7 +115,11 @@ def test_running_moments_ignore_nonfinite():
         (PPOConfig, "kl_kind", "k9", "k1"),
         (PPOConfig, "loss_agg", "mean", "token-mean"),
         (GRPOConfig, "estimator", "ppo", "grpo"),
-        (GRPOConfig, "num_samples", 0, ">= 1"),
+        (GRPOConfig, "num_samples", 1, ">= 2 (every estimator subtracts the group's own mean"),
+        (GRPOConfig, "num_samples", 0, ">= 2"),
+        (PPOConfig, "seed", 2**64, "[0, 9223372036854775807]"),
+        (RewardConfig, "seed", 2**63, "[0, 9223372036854775807]"),
+        (DPOConfig, "seed", -1, "[0, 9223372036854775807]"),
         (DPOConfig, "beta", 0.0, "> 0"),
         (DPOConfig, "label_smoothing", 0.5, "[0, 0.5)"),
         (DPOConfig, "loss_type", "hinge", "sigmoid"),
@@ -130,6 +134,13 @@ def test_config_rejects_bad_values_naming_field_value_range(cls, field, value, a
         cls(**{field: value})
     msg = str(e.value)
     assert field in msg and repr(value) in msg and allowed in msg, msg
+
+
+def test_the_largest_seed_trains():
+    """2**63 - 1 passes validation and every generator built from it (PPO's
+    sampling stream adds an offset per rank)."""
+    tr = ppo_trainer(steps=1, seed=2**63 - 1, batch_size=2, max_new_tokens=2, minibatch_size=2)
+    assert tr.train()[0]["applied"] == 2  # two epochs of one minibatch
 
 
 def test_yaml_scientific_notation_is_a_number(tmp_path):
@@ -365,3 +376,98 @@ def test_kill_9_during_a_write_leaves_the_previous_file_whole(tmp_path, target):
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
     assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
     torch.load(out / "model.pt", weights_only=True)
+
+
+# ---------------------------------------------------------------- resume equivalence, field by field
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rm", "dpo"])
+def test_killed_and_resumed_equals_uninterrupted_field_by_field(tmp_path, algo):
+    """Killed after step 2 and inside a run of dead steps (after step 5): the
+    resumed trainer stops at the same step with the same message, logs the
+    same metrics and ends in the same state, checkpoint leaf by leaf (every
+    counter, RNG stream, controller and the data split) as the uninterrupted
+    one."""
+    from _resume_cases import STOP, compare
+
+    diffs, stop = compare(algo, str(tmp_path))
+    assert stop is not None and stop[0] == STOP, stop  # the guard tripped where the scenario says
+    assert diffs == [], "\n".join(diffs[:20])
+
+
+@pytest.mark.parametrize("how", ["killed", "first_checkpoint_disk_full"])
+def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path, monkeypatch, how):
+    """No checkpoint.pt yet (checkpoint_every: 0, as in the shipped examples,
+    or a first checkpoint whose write failed): the rerun starts at step 0 and
+    metrics.jsonl ends with one row per step, the uninterrupted run's."""
+    import errno
+
+    from rlhf_fast.cli import main
+    from rlhf_fast.trainer import RewardTrainer, common
+
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    every = 0 if how == "killed" else 2
+    assert main(["train", "rm", "--config", _write_cfg(tmp_path, "rm", straight, checkpoint_every=every)]) == 0
+    cfg = _write_cfg(tmp_path, "rm", broken, checkpoint_every=every)
+    with monkeypatch.context() as mp:
+        if how == "killed":
+            real_step = RewardTrainer.step
+
+            def crash_at_4(self):
+                if self.step_count == 3:
+                    raise KeyboardInterrupt  # steps 1-3 logged, nothing checkpointed
+                return real_step(self)
+
+            mp.setattr(RewardTrainer, "step", crash_at_4)
+            expected = KeyboardInterrupt
+        else:
+
+            def disk_full(obj, path):
+                open(path + ".tmp", "wb").write(b"torn")
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            mp.setattr(common, "atomic_save", disk_full)
+            expected = OSError
+        with pytest.raises(expected):
+            main(["train", "rm", "--config", cfg])
+    assert [r["step"] for r in _rows(broken)] == ([1, 2, 3] if how == "killed" else [1, 2])
+    assert not os.path.exists(broken / "checkpoint.pt")
+    assert main(["train", "rm", "--config", cfg]) == 0
+    a, b = _rows(straight), _rows(broken)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if not k.startswith("time/")} == {
+            k: v for k, v in rb.items() if not k.startswith("time/")
+        }
+    _same_model(straight / "model.pt", broken / "model.pt")
+
+
+def test_checkpoint_of_another_trainer_is_refused_by_name(tmp_path):
+    from rlhf_fast.trainer.common import CheckpointError
+
+    path = str(tmp_path / "grpo.pt")
+    grpo_trainer(steps=1).save(path)
+    with pytest.raises(CheckpointError, match=r"grpo\.pt has no 'critic', 'critic_opt', 'critic_sched' state"):
+        ppo_trainer(steps=1).load(path)
+
+
+def test_checkpoint_from_before_the_counters_and_split_still_loads(tmp_path):
+    """An older checkpoint has no consecutive-skip counter and no RM split:
+    they stay as built (what that run resumed with), everything else loads."""
+    from rlhf_fast.trainer.common import checksums
+
+    tr = rm_trainer(steps=2)
+    tr.train()
+    path = str(tmp_path / "old.pt")
+    tr.save(path)
+    blob = torch.load(path, weights_only=False)
+    del blob["checksums"], blob["split"]
+    blob["skipped"] = {"v": 1}
+    blob["checksums"] = checksums(blob)
+    torch.save(blob, path)
+    fresh = rm_trainer(steps=2)
+    fresh.dead_steps = 0
+    fresh.load(path)
+    assert (fresh.step_count, fresh.skipped_steps, fresh.dead_steps) == (2, 1, 0)
+    assert torch.equal(fresh.train_idx, tr.train_idx)  # the same seed: the split as built is the run's
+    assert torch.equal(flat_params(fresh.model), flat_params(tr.model))

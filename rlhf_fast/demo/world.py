@@ -39,6 +39,13 @@ class WordTokenizer:
         return len(self.vocab)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        unknown = [w for w in text.split() if w not in self.ids]
+        if unknown:
+            words = ", ".join(w for w in self.vocab if w not in SPECIALS)
+            raise ValueError(
+                f"tiny-demo tokenizer: {text!r} has word(s) outside its vocabulary: {', '.join(map(repr, unknown))}; "
+                f"it knows only these {len(self.vocab) - len(SPECIALS)}: {words}"
+            )
         out = [self.bos_token_id] if bos else []
         out += [self.ids[w] for w in text.split()]
         return out + ([self.eos_token_id] if eos else [])

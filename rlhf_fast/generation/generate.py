@@ -18,7 +18,7 @@ import torch
 
 from ..ops._common import check_int
 from ..ops._sampling import draw_seeds, row_params, sample_with_seeds
-from .hf_args import check_sliding_window, warn_right_padding
+from .hf_args import check_prompt_rows, check_sliding_window, warn_right_padding
 from .hf_args import resolve as resolve_hf_args
 from .static_cache import cache_kwarg, prefill_cache, static_cache_from_prefill
 
@@ -144,6 +144,10 @@ def generate(
     Right-padded prompts warn (their log-probs differ from the trainer's).
     Sliding-window models (Mistral, Gemma 2) are exact while prompt +
     max_new_tokens fit in the window and raise before the prefill otherwise.
+    The longest prompt + max_new_tokens must fit in the model's positions
+    (config.max_position_embeddings, or n_positions for GPT-2), and every
+    row of attention_mask must hold a prompt token: ValueError before the
+    prefill otherwise.
     """
     nrs = generate_kwargs.pop("num_return_sequences", None)
     max_length = generate_kwargs.pop("max_length", None)
@@ -211,6 +215,8 @@ def generate(
     eos = _eos_ids(model, eos_token_id)
     pad = int(pad_token_id) if pad_token_id is not None else (eos[0] if eos else 0)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    if B > 0:
+        check_prompt_rows(OP, model, attention_mask, R)
     if B == 0:  # no prompts: an empty rollout, without calling the model
         return GenerateOutput(
             sequences=input_ids.new_empty((0, P), dtype=torch.long),

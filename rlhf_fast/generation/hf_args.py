@@ -176,3 +176,43 @@ def check_sliding_window(op: str, model, total_len: int) -> None:
             "sliding-window models only when the whole sequence fits in the window. Shorten the prompts or "
             "max_new_tokens, or use model.generate."
         )
+
+
+# where Hugging Face configs keep the number of positions: GPT-2 / GPT-J / BLOOM-style first (GPT2Config maps
+# max_position_embeddings onto n_positions, so the error then names the attribute the user set)
+CONTEXT_ATTRS = ("n_positions", "max_position_embeddings")
+
+
+def context_length(model) -> tuple[str, int] | None:
+    """(config attribute, value) of the model's number of positions, or None when its config names none."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in CONTEXT_ATTRS:
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return name, v
+    return None
+
+
+def check_prompt_rows(op: str, model, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
+    """attention_mask (B, P), B >= 1. Refuses a row with no prompt token (its
+    first response token would be sampled from nothing: a pad's logits), and
+    a longest prompt + max_new_tokens past the model's positions: learned
+    position embeddings (GPT-2) fail with an IndexError inside the forward,
+    RoPE models (Llama) extrapolate silently past what they were trained on.
+    One host sync, before the prefill."""
+    lo, hi = torch.stack(torch.aminmax(attention_mask.sum(-1))).tolist()
+    if lo == 0:
+        rows = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:8])) + (f" and {len(rows) - 8} more" if len(rows) > 8 else "")
+        raise ValueError(
+            f"{op}: attention_mask row(s) {shown} are all zeros: such a prompt has no token to condition on. "
+            "Drop the empty prompts (or give each at least one token, e.g. a BOS)."
+        )
+    ctx = context_length(model)
+    if ctx is not None and hi + max_new_tokens > ctx[1]:
+        raise ValueError(
+            f"{op}: the longest prompt ({hi} tokens) + max_new_tokens ({max_new_tokens}) = {hi + max_new_tokens} "
+            f"positions exceed the model's context, config.{ctx[0]} = {ctx[1]}. Shorten the prompts or lower "
+            "max_new_tokens."
+        )

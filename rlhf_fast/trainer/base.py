@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..generation.hf_args import check_prompt_rows
 from ..ops import ppo_loss
 from .common import (
     KLController,
@@ -45,7 +46,8 @@ class Trainer:
         self.logger = MetricsLogger(
             config.out_dir, self.name, config.progress, config.steps, tensorboard=getattr(config, "tensorboard", False)
         )
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # steps with any update skipped, over the run
+        self.dead_steps = 0  # consecutive steps without an optimizer step (max_skipped_steps), checkpointed
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
@@ -69,6 +71,8 @@ class Trainer:
             self.wrap(reward, trainable=False)
         self.prompt_ids = prompt_ids
         self.prompt_mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask
+        # an empty prompt, or the longest + max_new_tokens past the policy's positions: fail here, not at step 1
+        check_prompt_rows(self.name, policy, self.prompt_mask, config.max_new_tokens)
         self.eos, self.pad = eos_token_id, pad_token_id
         self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 1000003 * self.rank)
         self.generators["sample"] = self.sample_gen
@@ -315,7 +319,7 @@ class Trainer:
         """Run until `steps` total steps (default config.steps), logging every
         log_every and checkpointing every checkpoint_every steps."""
         end = self.config.steps if steps is None else steps
-        rows, dead = [], 0
+        rows = []
         while self.step_count < end:
             t0 = time.perf_counter()
             with self.autocast():
@@ -329,10 +333,11 @@ class Trainer:
             if self.step_count % max(self.config.log_every, 1) == 0:
                 self.logger.log(self.step_count, metrics)
             # a step that took no optimizer step at all ("applied" 0): every update non-finite, or every reward
-            dead = dead + 1 if metrics.get("skipped", 0) > 0 and metrics.get("applied", 1) == 0 else 0
+            dead = metrics.get("skipped", 0) > 0 and metrics.get("applied", 1) == 0
+            self.dead_steps = self.dead_steps + 1 if dead else 0
             limit = self.config.max_skipped_steps
-            if limit and dead >= limit:  # before the checkpoint: never save the state that got here
-                raise RuntimeError(_dead_message(self, dead, metrics))
+            if limit and self.dead_steps >= limit:  # before the checkpoint: never save the state that got here
+                raise RuntimeError(_dead_message(self, self.dead_steps, metrics))
             every = self.config.checkpoint_every
             if every and self.config.out_dir and self.step_count % every == 0:  # every rank: a collective
                 self.save(os.path.join(self.config.out_dir, "checkpoint.pt"))
@@ -346,16 +351,19 @@ class Trainer:
         return OptimizerState(model, optimizer) if is_sharded(model) else optimizer
 
     def save(self, path: str) -> None:
-        """Models, optimizers, schedulers, controllers, every rank's RNGs, the
-        step. Under torchrun every rank must call it (sharded weights are
-        gathered); rank 0 writes the file."""
-        extra = {"skipped": _Scalar(self, "skipped_steps")}
-        save_checkpoint(path, self.step_count, {**self.stateful, **extra}, self.generators)
+        """Everything that decides the rest of the run: models, optimizers,
+        schedulers, controllers, every rank's RNGs, the step and the skip
+        counters (max_skipped_steps counts across a resume). Under torchrun
+        every rank must call it (sharded weights are gathered); rank 0 writes
+        the file."""
+        save_checkpoint(path, self.step_count, {**self.stateful, **self._counters()}, self.generators)
 
     def load(self, path: str) -> None:
         """Every rank reads the file; each takes its own RNG streams."""
-        extra = {"skipped": _Scalar(self, "skipped_steps")}
-        self.step_count = load_checkpoint(path, {**self.stateful, **extra}, self.generators)
+        self.step_count = load_checkpoint(path, {**self.stateful, **self._counters()}, self.generators)
+
+    def _counters(self) -> dict:
+        return {"skipped": Attrs(self, v="skipped_steps", consecutive="dead_steps")}
 
 
 def _dead_message(trainer, n: int, m: dict) -> str:
@@ -375,14 +383,23 @@ def _dead_message(trainer, n: int, m: dict) -> str:
     )
 
 
-class _Scalar:
-    """state_dict adaptor for one int attribute."""
+class Attrs:
+    """state_dict adaptor for plain attributes of obj (ints, floats,
+    tensors), saved under the given keys: Attrs(trainer, v="skipped_steps").
+    A key or the whole entry missing from an older checkpoint leaves the
+    attribute as built (what that checkpoint's run resumed with); a tensor
+    goes back to its device."""
 
-    def __init__(self, obj, attr):
-        self.obj, self.attr = obj, attr
+    optional = True  # load_checkpoint: an older checkpoint may lack the entry
+
+    def __init__(self, obj, **keys):
+        self.obj, self.keys = obj, keys
 
     def state_dict(self):
-        return {"v": getattr(self.obj, self.attr)}
+        return {k: getattr(self.obj, a) for k, a in self.keys.items()}
 
     def load_state_dict(self, s):
-        setattr(self.obj, self.attr, s["v"])
+        for k, a in self.keys.items():
+            if k in s:
+                old = getattr(self.obj, a)
+                setattr(self.obj, a, s[k].to(old.device) if isinstance(old, torch.Tensor) else s[k])

@@ -3,6 +3,7 @@ LR schedule, the NaN/inf guard, JSONL metrics and checkpoint/resume."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -154,7 +155,7 @@ class MetricsLogger:
     ):
         self.path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
         if self.path:
-            os.makedirs(out_dir, exist_ok=True)
+            check_writable(out_dir)  # now, not at the end of the first step
         self.tb = None
         if tensorboard:
             if not out_dir:
@@ -174,8 +175,11 @@ class MetricsLogger:
         row.update({k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()})
         self.history.append(row)
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                raise write_error(self.path, e) from e
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, float) and k != "step":
@@ -225,6 +229,62 @@ class CheckpointError(RuntimeError):
     checkpoint) or failing its checksum (corrupted after it was written)."""
 
 
+class WriteError(OSError):
+    """A file of the run could not be written (disk full, read-only or not
+    permitted): the message names the file, the cause and what to do; the
+    OSError it came from is chained."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The first OSError with an errno in exc's chain: torch.save reports a
+    failed write as RuntimeError("[enforce fail at inline_container.cc]")
+    with the OSError (ENOSPC) only as its __context__."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_error(path: str, exc: BaseException) -> WriteError | None:
+    """A WriteError naming path and the OSError behind exc; None when exc holds none."""
+    if isinstance(exc, WriteError):
+        return exc
+    os_err = _os_error(exc)
+    if os_err is None:
+        return None
+    code = os_err.errno
+    where = os.path.dirname(os.path.abspath(path))
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        hint = f"free space on the device of {where} (or its quota), or set out_dir elsewhere"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = f"{where} is not writable: fix its permissions or set out_dir elsewhere"
+    else:
+        hint = "check the device and the path"
+    name = errno.errorcode.get(code, str(code))
+    return WriteError(code, f"cannot write {path}: {os.strerror(code)} ({name}); {hint}", path)
+
+
+def check_writable(out_dir: str) -> None:
+    """Create out_dir and a temporary file in it (removed at once), so a
+    read-only or unwritable out_dir fails before the first step."""
+    import tempfile
+
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        code = e.errno if e.errno is not None else errno.EIO
+        msg = f"out_dir {out_dir} is not writable: {os.strerror(code)} ({errno.errorcode.get(code, code)})"
+        raise WriteError(code, f"{msg}; fix its permissions or set out_dir elsewhere", out_dir) from e
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to path + ".tmp", fsync, rename over path, fsync the
     directory: a crash or kill -9 at any point leaves either the previous
@@ -250,19 +310,36 @@ class _atomic_open:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            self.f.close()
-            os.remove(self.tmp)
+            self._discard()
+            err = write_error(self.path, exc)
+            if err is not None:
+                raise err from exc
             return False
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self._discard()
+            raise write_error(self.path, e) from e
         fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
         try:
             os.fsync(fd)  # the rename itself reaches the disk
         finally:
             os.close(fd)
         return False
+
+    def _discard(self) -> None:
+        """Close and remove the temp file; the old file at path stays whole."""
+        try:
+            self.f.close()
+        except OSError:
+            pass  # the buffered rest cannot be written either (the same full disk)
+        try:
+            os.remove(self.tmp)
+        except FileNotFoundError:
+            pass
 
 
 ARTEFACTS = ("checkpoint.pt", "model.pt", "metrics.jsonl")  # what a run writes into out_dir
@@ -394,8 +471,15 @@ def load_checkpoint(path: str, stateful: dict, generators: dict) -> int:
     0's (the sampled streams then differ from the original run's)."""
     _, rank, world = _dist()
     blob = read_checkpoint(path)
+    missing = [k for k, v in stateful.items() if k not in blob and not getattr(v, "optional", False)]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} has no {', '.join(map(repr, missing))} state: it was written by another trainer "
+            "(or another kind of run). Start over (rlhf-fast train --fresh) or give the matching checkpoint."
+        )
     for k, v in stateful.items():
-        v.load_state_dict(blob[k])
+        if k in blob:
+            v.load_state_dict(blob[k])
     ranks = blob.get("rng_ranks", [blob["rng"]])
     set_rng_state(ranks[rank] if len(ranks) == world else blob["rng"], generators)
     return int(blob["step"])

@@ -132,12 +132,14 @@ class DPOConfig(TrainConfig):
 
 # ---------------------------------------------------------------- validation
 
-# field -> (type, rule). type: "int" | "float" | "bool" | "str" | a tuple of
-# allowed strings; a trailing "?" allows None. rule: a range in interval
-# notation ("[0, 1)", "> 0", ">= 1") or None. Fields of every config class.
+# field -> (type, rule[, why]). type: "int" | "float" | "bool" | "str" | a
+# tuple of allowed strings; a trailing "?" allows None. rule: a range in
+# interval notation ("[0, 1)", "> 0", ">= 1") or None. why: said in the error
+# when the reason is not obvious. Fields of every config class.
 RULES: dict[str, tuple] = {
     # TrainConfig
-    "seed": ("int", ">= 0"),
+    # torch generators take seeds in [0, 2**64); each rank's sampling stream adds 1 + 1000003 * rank
+    "seed": ("int", "[0, 9223372036854775807]", "0 to 2**63 - 1"),
     "steps": ("int", ">= 0"),
     "lr": ("float", "> 0"),
     "weight_decay": ("float", ">= 0"),
@@ -183,7 +185,12 @@ RULES: dict[str, tuple] = {
     "whiten_advantages": ("bool", None),
     "kl_in_reward": ("bool", None),
     # GRPOConfig
-    "num_samples": ("int", ">= 1"),
+    "num_samples": (
+        "int",
+        ">= 2",
+        "every estimator subtracts the group's own mean, so one sample per prompt makes every advantage 0 "
+        "and trains nothing; for one sample per prompt use PPO, whose critic is the baseline",
+    ),
     "estimator": (ESTIMATORS, None),
     # RewardConfig, DPOConfig
     "epochs": ("int", ">= 1"),
@@ -196,12 +203,17 @@ RULES: dict[str, tuple] = {
 }
 
 
+def _bound(text: str) -> int | float:
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else float(text)  # ints exactly: 2**63 - 1 has no float
+
+
 def _in_range(x: float, rule: str) -> bool:
     if rule.startswith((">", "<")):
         op, bound = rule.split()
-        b = float(bound)
+        b = _bound(bound)
         return {">": x > b, ">=": x >= b, "<": x < b, "<=": x <= b}[op]
-    lo, hi = (float(v) for v in rule[1:-1].split(","))
+    lo, hi = (_bound(v) for v in rule[1:-1].split(","))
     return (x >= lo if rule[0] == "[" else x > lo) and (x <= hi if rule[-1] == "]" else x < hi)
 
 
@@ -213,11 +225,12 @@ def validate(config) -> None:
     for f in dataclasses.fields(config):
         if f.name not in RULES:
             raise TypeError(f"{name}.{f.name}: no validation rule (add it to config.RULES)")
-        kind, rule = RULES[f.name]
+        kind, rule, *why = RULES[f.name]
         v = getattr(config, f.name)
 
         def bad(allowed):
-            return ValueError(f"{name}: {f.name} = {v!r} is invalid; allowed: {allowed}")
+            because = f" ({why[0]})" if why else ""
+            return ValueError(f"{name}: {f.name} = {v!r} is invalid; allowed: {allowed}{because}")
 
         if isinstance(kind, tuple):
             if v not in kind:

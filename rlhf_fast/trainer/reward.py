@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Trainer
+from .base import Attrs, Trainer
 from .common import make_optimizer
 from .config import RewardConfig
 from .data import cat_right_padded
@@ -60,6 +60,8 @@ class RewardTrainer(Trainer):
             "model": self.model_state(model),
             "opt": self.optimizer_state(model, self.opt),
             "sched": self.sched,
+            # the held-out split decides every later batch: a rerun with another seed keeps the run's own
+            "split": Attrs(self, eval_idx="eval_idx", train_idx="train_idx"),
         }
 
     def _rewards(self, idx, model=None):

@@ -44,6 +44,19 @@ EXPECTED_MODEL = "a transformers AutoModelForSequenceClassification (num_labels=
 _TOKEN_REWARD_ARGS = ("sequences", "response_mask", "prompt_length")  # rlhf_fast's own reward fn
 
 
+class RewardError(RuntimeError):
+    """A reward function raised: the message names the function and its
+    error in one line; the original exception (and its traceback) is chained."""
+
+
+def reward_error(fn, e: Exception) -> RewardError:
+    """The RewardError for fn having raised e (raise it `from e`)."""
+    if isinstance(e, RewardError):
+        return e
+    text = " ".join(str(e).split())
+    return RewardError(f"reward function {_name(fn)!r} raised {type(e).__name__}" + (f": {text}" if text else ""))
+
+
 def _name(r) -> str:
     if isinstance(r, nn.Module):
         return (getattr(getattr(r, "config", None), "_name_or_path", "") or type(r).__name__).split("/")[-1]
@@ -228,9 +241,12 @@ class TextRewards:
         return total.masked_fill(unscorable, float("nan"))
 
     def _fn_scores(self, j, f, prompts, completions, completion_ids, kwargs) -> torch.Tensor:
-        out = f(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
-        if inspect.isawaitable(out):
-            out = asyncio.run(_await(out))
+        try:
+            out = f(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+            if inspect.isawaitable(out):
+                out = asyncio.run(_await(out))
+        except Exception as e:
+            raise reward_error(f, e) from e
         try:
             out = list(out)
         except TypeError:

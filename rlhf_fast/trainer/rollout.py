@@ -12,6 +12,7 @@ import torch
 from ..generation import generate
 from ..ops import gae, kl_penalty, rollout_mismatch, whiten
 from .models import ScalarHeadModel
+from .rewards import TextRewards, reward_error
 
 
 @dataclasses.dataclass
@@ -162,14 +163,21 @@ def mismatch_metrics(old_logprobs, ro: Rollout) -> dict:
 @torch.no_grad()
 def score(reward, ro: Rollout) -> torch.Tensor:
     """(N,) fp32 scores from a ScalarHeadModel (learned RM) or a callable
-    reward_fn(sequences, response_mask, prompt_length) -> (N,)."""
+    reward_fn(sequences, response_mask, prompt_length) -> (N,). What a
+    function raises comes back as a RewardError naming it (one line)."""
     if isinstance(reward, ScalarHeadModel):
         was = reward.training
         reward.eval()
         s = reward.score(ro.sequences, ro.attention_mask)
         reward.train(was)
         return s.float()
-    return torch.as_tensor(reward(ro.sequences, ro.response_mask, ro.prompt_length), dtype=torch.float32)
+    if isinstance(reward, TextRewards):  # names the failing function itself, and checks what each returns
+        return torch.as_tensor(reward(ro.sequences, ro.response_mask, ro.prompt_length), dtype=torch.float32)
+    try:
+        out = reward(ro.sequences, ro.response_mask, ro.prompt_length)
+    except Exception as e:
+        raise reward_error(reward, e) from e
+    return torch.as_tensor(out, dtype=torch.float32)
 
 
 def shaped_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef: float, kl_kind: str = "k1"):

@@ -21,7 +21,9 @@ AutoModelForSequenceClassification folder).
 Resume: when out_dir holds a checkpoint.pt (written every checkpoint_every
 steps and at the end), the run continues from it: metrics.jsonl is cut back
 to the checkpoint's step, so no step appears twice, and stale temp files of
-a killed write are removed. `fresh=True` (`--fresh`) deletes the checkpoint,
+a killed write are removed. Without a checkpoint (a run killed before its
+first one, or whose first write failed) the run starts at step 0 and the
+earlier rows are dropped. `fresh=True` (`--fresh`) deletes the checkpoint,
 metrics and model.pt and starts at step 0. Every file is written atomically
 (temp file, fsync, rename).
 
@@ -39,7 +41,7 @@ import os
 import torch
 
 from . import cli_inputs
-from .common import ARTEFACTS, atomic_save, clean_stale_tmp, truncate_metrics
+from .common import ARTEFACTS, atomic_save, check_writable, clean_stale_tmp, truncate_metrics
 from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, apply_overrides, check_keys, load_yaml
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
@@ -66,17 +68,46 @@ def _reward(extra, source: ModelSource, lm):
 
 def _prompt_texts(extra, source: ModelSource) -> list[str]:
     if extra.get("prompts_file"):
-        with open(extra["prompts_file"]) as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
+        path = extra["prompts_file"]
+        with open(path) as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+        if not texts:
+            raise ValueError(f"train: prompts_file {path} holds no prompts (one a line; it is empty)")
+        return texts
     return source.prompts()
 
 
+_PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
 def _pairs(extra, source: ModelSource, seed: int):
-    if extra.get("pairs_file"):
-        with open(extra["pairs_file"]) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        return [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows]
-    return source.pairs(seed)
+    if not extra.get("pairs_file"):
+        return source.pairs(seed)
+    path, rows = extra["pairs_file"], []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"train: pairs_file {path}:{i} is not JSON ({e.msg})") from None
+            missing = [k for k in _PAIR_KEYS if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise ValueError(
+                    f"train: pairs_file {path}:{i} has no {', '.join(map(repr, missing))}; each line must be a "
+                    f'JSON object {{"prompt": ..., "chosen": ..., "rejected": ...}} of strings'
+                )
+            bad = [k for k in _PAIR_KEYS if not isinstance(row[k], str)]
+            if bad:
+                raise ValueError(
+                    f"train: pairs_file {path}:{i}: {', '.join(map(repr, bad))} must be strings, got "
+                    + ", ".join(f"{type(row[k]).__name__}" for k in bad)
+                )
+            rows.append(row)
+    if not rows:
+        raise ValueError(f'train: pairs_file {path} holds no pairs (one {{"prompt", "chosen", "rejected"}} a line)')
+    return tuple([r[k] for r in rows] for k in _PAIR_KEYS)
 
 
 def _init_distributed() -> torch.device:
@@ -95,7 +126,9 @@ def _init_distributed() -> torch.device:
 
 def _prepare_out_dir(trainer, out_dir: str, fresh: bool) -> None:
     """--fresh: remove the previous run's artefacts; otherwise resume from its
-    checkpoint. Every rank loads; rank 0 edits the files."""
+    checkpoint, or start at step 0 without the metrics of a run killed before
+    its first one. Either way metrics.jsonl keeps one row per step. Every rank
+    loads; rank 0 edits the files."""
     import sys
 
     import torch.distributed as dist
@@ -108,6 +141,16 @@ def _prepare_out_dir(trainer, out_dir: str, fresh: bool) -> None:
             for name in ARTEFACTS:
                 if os.path.exists(os.path.join(out_dir, name)):
                     os.remove(os.path.join(out_dir, name))
+        if not fresh and not os.path.exists(ckpt):
+            # killed (or out of disk) before its first checkpoint: the run starts at step 0 again, and the
+            # rows it logged would otherwise stay in front of the new ones (steps 1..k, then 1..N)
+            dropped = truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), 0)
+            if dropped:
+                print(
+                    f"train: no checkpoint in {out_dir}: starting at step 0 ({dropped} metrics rows of the "
+                    "interrupted run dropped)",
+                    file=sys.stderr,
+                )
     if trainer.world_size > 1:
         dist.barrier()  # no rank looks for the checkpoint while rank 0 may be deleting it
     if fresh or not os.path.exists(ckpt):
@@ -153,6 +196,8 @@ def run_from_yaml(
     extra.setdefault("model", default_model)
     check_paths(extra, sources)
     cfg = _CONFIGS[algo].from_dict(data)
+    if cfg.out_dir:
+        check_writable(cfg.out_dir)  # before any model is built
     device = _init_distributed()
     source = open_source(extra["model"], sources)
     lm = source.load_lm(cfg.seed)
