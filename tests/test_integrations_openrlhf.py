@@ -197,3 +197,72 @@ def test_ray_worker_patched_by_setup_hook(tmp_path):
         assert n == 1 and shape == (2, 3) and pid != os.getpid()
     finally:
         ray.shutdown()
+
+
+# ---------------------------------------------------------------- packed samples
+
+
+def _bert_padding(monkeypatch):
+    """flash_attn.bert_padding's four helpers in plain torch (the packing path
+    uses only these from flash-attn), bound where OpenRLHF imported them."""
+    import einops
+    from openrlhf.models import ring_attn_utils as rau
+
+    def unpad_input(x, attention_mask):
+        lens = attention_mask.sum(-1, dtype=torch.int32)
+        idx = attention_mask.flatten().nonzero().flatten()
+        cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+        return x.flatten(0, 1)[idx], idx, cu, int(lens.max()), lens
+
+    def pad_input(x, indices, batch, seqlen):
+        out = x.new_zeros((batch * seqlen, *x.shape[1:]))
+        out[indices] = x
+        return out.view(batch, seqlen, *x.shape[1:])
+
+    for name, fn in {
+        "unpad_input": unpad_input,
+        "pad_input": pad_input,
+        "index_first_axis": lambda x, idx: x[idx],
+        "rearrange": einops.rearrange,
+    }.items():
+        monkeypatch.setattr(rau, name, fn)
+
+
+def test_packed_samples_actor_runs_our_op_on_the_packed_stream(monkeypatch):
+    """OpenRLHF 0.11's packed-samples path (packing_samples=True) unpads the
+    batch inside Actor.forward, runs the model on (1, total) tokens with
+    position_ids restarting per sample, calls log_probs_from_logits on the
+    packed (1, total, V) logits and pads the log-probs back before GAE and the
+    loss. The patch must serve that call, and the packed run must give the
+    padded run's log-probs."""
+    from _tiny_models import tiny_llama
+
+    _bert_padding(monkeypatch)
+    model = tiny_llama(seed=3, vocab_size=61).eval()
+    # as Actor.__init__ sets for a model it loads: transformers detects packed
+    # rows from position_ids only when no KV cache is built
+    model.config.use_cache = False
+    actor = actor_mod.Actor(model)
+    g = torch.Generator().manual_seed(5)
+    B, T = 4, 24
+    seqs = torch.randint(3, 61, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, (lo, hi) in enumerate([(0, 24), (5, 19), (9, 24), (2, 7)]):  # left pad, right pad, both
+        mask[b, lo:hi] = 1
+    action_mask = mask[:, -12:].bool()
+
+    import rlhf_fast
+
+    seen = []
+    op = rlhf_fast.logprobs_from_logits
+    monkeypatch.setattr(rlhf_fast, "logprobs_from_logits", lambda z, *a, **k: seen.append(z.shape) or op(z, *a, **k))
+    out = {}
+    with torch.no_grad():
+        for packing, patched in ((False, False), (True, False), (True, True)):
+            actor.packing_samples = packing
+            with ro.patched() if patched else contextlib.nullcontext():
+                out[packing, patched] = actor(seqs, action_mask, mask)
+    assert seen == [torch.Size([1, int(mask.sum()), 61])]  # one call, on the packed stream
+    assert_close(out[True, True], out[True, False], "peer")
+    valid = action_mask & mask[:, -12:].bool()
+    assert_close(out[True, True][valid], out[False, False][valid], "peer")  # packed == padded where it counts

@@ -17,8 +17,16 @@ Semantics kept (read from 0.11.2's models/utils.py and experience_maker.py):
 - GAE: OpenRLHF multiplies values and rewards by the mask and then runs the
   plain recursion over every position (masked positions still decay the carry).
   We run our GAE kernel on exactly those masked tensors with an all-valid mask,
-  so holes inside a mask give OpenRLHF's numbers, not verl's. Packed samples
-  (lists) go to the original.
+  so holes inside a mask give OpenRLHF's numbers, not verl's.
+
+Packed samples (`packing_samples=True`): OpenRLHF 0.11 unpads the batch inside
+Actor.forward / CriticModel.forward, runs the model on (1, total) tokens with
+position_ids restarting per sample, and pads back (gather_and_pad_tensor)
+before GAE and the losses. The one replaced function that sees the packed
+stream is log_probs_from_logits, called on the packed (1, total, V) logits with
+the labels rolled per sample before unpadding: the patch serves that call as
+any other (tests/test_integrations_openrlhf.py runs the real packed
+Actor.forward against the padded one).
 
 Declined (not patched), because 0.11.2 changed them:
 - PolicyLoss.forward returns 5 values and folds rollout correction (IS ratios,
@@ -84,8 +92,6 @@ def _make_gae_method(original, mod):
         import rlhf_fast
 
         v, r, m = a["values"], a["rewards"], a["action_mask"]
-        if isinstance(v, list) or isinstance(r, list):
-            raise Fallback("packed samples (lists; the original calls this method per sample)")
         check_tokens("values and rewards", v, r)
         gamma, lam = unit_interval("gamma", a["gamma"]), unit_interval("lambd", a["lambd"])
         with torch.no_grad():
