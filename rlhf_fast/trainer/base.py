@@ -29,6 +29,7 @@ from .common import (
     save_checkpoint,
 )
 from .models import response_logprobs
+from .packing import packed_logprobs, packed_loss_args
 from .parallel import ModelState, OptimizerState, check_mode, fsdp2_shard, is_sharded
 from .rollout import ScoredRollout, correction_args, rollout, sample_prompts, score
 
@@ -176,21 +177,28 @@ class Trainer:
         ppo_loss on them, with the KL to mb.ref_logprobs as a loss term when
         use_kl. Returns ppo_loss's (loss, stats)."""
         c = self.config
-        ro = mb.rollout
-        logp, ent = response_logprobs(
-            self.policy_ddp,
-            ro.sequences,
-            ro.attention_mask,
-            ro.response_mask,
-            ro.prompt_length,
-            temperature=c.temperature,
-            return_entropy=True,
-        )
+        ro, pk = mb.rollout, mb.packed
+        if pk is None:
+            logp, ent = response_logprobs(
+                self.policy_ddp,
+                ro.sequences,
+                ro.attention_mask,
+                ro.response_mask,
+                ro.prompt_length,
+                temperature=c.temperature,
+                return_entropy=True,
+            )
+            mask, layout = ro.response_mask, correction_args(self.rollout_correction, ro)
+        else:
+            logp, ent = packed_logprobs(self.policy_ddp, pk, temperature=c.temperature, return_entropy=True)
+            mask, layout = pk.mask, packed_loss_args(pk, c.loss_agg, ro.response_mask.shape[1])
+            if self.rollout_correction is not None and pk.sampler_logprobs is not None:
+                layout.update(rollout_logprobs=pk.sampler_logprobs, rollout_correction=self.rollout_correction)
         return ppo_loss(
             logp,
             mb.old_logprobs,
             mb.advantages,
-            ro.response_mask,
+            mask,
             entropy=ent,
             ref_logprobs=mb.ref_logprobs if use_kl else None,
             entropy_coef=c.entropy_coef,
@@ -200,7 +208,7 @@ class Trainer:
             clip_high=c.clip_high,
             dual_clip=c.dual_clip,
             agg=c.loss_agg,
-            **correction_args(self.rollout_correction, ro),
+            **layout,
         )
 
     def accumulate(self, pick: torch.Tensor, loss_fn) -> tuple[torch.Tensor, dict]:

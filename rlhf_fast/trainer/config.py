@@ -91,6 +91,10 @@ class RolloutConfig(TrainConfig):
     #  rollout_rs: e.g. seq_mean_k1, rollout_rs_threshold: "0.999_1.001"}. None: off.
     # The rollout/trainer mismatch metrics (rollout_corr/*) are logged either way.
     rollout_correction: dict | None = None
+    # Packed sequences (docs/packing.md): the training forwards run on one packed row of the
+    # samples' tokens (position_ids restarting per sample) and the experience, advantages and
+    # losses stay packed; the same metrics as padded, to rounding, without the padding's work.
+    packing: bool = False
 
 
 @dataclass
@@ -176,6 +180,7 @@ RULES: dict[str, tuple] = {
     "reward_norm": ("bool", None),
     "missing_eos_penalty": ("float?", None),
     "rollout_correction": ("rollout_correction?", None),
+    "packing": ("bool", None),
     # PPOConfig
     "critic_lr": ("float?", "> 0"),
     "vf_coef": ("float", ">= 0"),

@@ -12,11 +12,13 @@ import time
 
 import torch
 
-from ..ops import group_advantages, kl_penalty
+from ..ops import expand_to_tokens, group_advantages, kl_penalty
 from ..reference import RolloutCorrection
+from . import packing
 from .base import Trainer
 from .config import GRPOConfig
 from .models import response_logprobs
+from .packing import PackedRollout, packed_logprobs
 from .rollout import CORRECTION_STATS, Experience, mismatch_metrics
 
 
@@ -65,11 +67,19 @@ class GRPOTrainer(Trainer):
         # neither the group's baseline; its advantage is then masked out
         scores, raw_filled = _fill_group_mean(scores, valid, c.num_samples), _fill_group_mean(raw, valid, c.num_samples)
         adv_seq = group_advantages(scores, c.num_samples, estimator=c.estimator)  # rows are prompt-major
-        adv = adv_seq[:, None].expand_as(ro.response_mask).float() * ro.response_mask
         t1 = time.perf_counter()
-        args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
-        old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
-        ref_lp = response_logprobs(self.ref, *args, temperature=c.temperature)[0] if self.ref is not None else None
+        pk = PackedRollout.from_rollout(ro) if c.packing else None
+        if pk is None:
+            adv = adv_seq[:, None].expand_as(ro.response_mask).float() * ro.response_mask
+            args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
+            old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
+            ref_lp = response_logprobs(self.ref, *args, temperature=c.temperature)[0] if self.ref is not None else None
+            mask, seq_sum, mismatch = ro.response_mask, (lambda x: x.sum(-1)), mismatch_metrics(old_lp, ro)
+        else:
+            adv = expand_to_tokens(adv_seq.float(), pk.cu_seqlens) * pk.mask
+            old_lp, _ = packed_logprobs(self.policy, pk, temperature=c.temperature)
+            ref_lp = packed_logprobs(self.ref, pk, temperature=c.temperature)[0] if self.ref is not None else None
+            mask, seq_sum, mismatch = pk.mask, pk.segment_sum, packing.mismatch_metrics(pk, old_lp)
         t2 = time.perf_counter()
         metrics = {
             **reward_metrics,
@@ -79,10 +89,10 @@ class GRPOTrainer(Trainer):
             "time/logprobs": t2 - t1,
             **ro.timings,
         }
-        metrics.update(mismatch_metrics(old_lp, ro))  # always: the user sees the rollout/trainer gap
+        metrics.update(mismatch)  # always: the user sees the rollout/trainer gap
         if ref_lp is not None:
-            metrics["kl"] = float((kl_penalty(old_lp, ref_lp, kind=c.kl_kind) * ro.response_mask).sum(-1).mean())
-        return Experience(ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp)
+            metrics["kl"] = float(seq_sum(kl_penalty(old_lp, ref_lp, kind=c.kl_kind) * mask).mean())
+        return Experience(ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp, packed=pk)
 
     def micro_step(self, mb: Experience, scale: float):
         use_kl = mb.ref_logprobs is not None and self.kl_ctl.value > 0

@@ -21,7 +21,7 @@ from .parallel import is_sharded
 FUSED_SEQUENCE_LOGPROBS = "rlhf_fast_sequence_logprobs"  # attribute name of the registered method
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+def _left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """HF's positions for left padding: cumsum(mask) - 1, 0 on padding."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp_min(0)
@@ -52,15 +52,22 @@ class ScalarHeadModel(nn.Module):
     def from_causal_lm(cls, lm: nn.Module, init_std: float = 0.0) -> ScalarHeadModel:
         return cls(copy.deepcopy(trunk_of(lm)), lm.config.hidden_size, init_std)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, last_only: bool = False, position_ids=None
+    ) -> torch.Tensor:
         """input_ids, attention_mask: (B, T) -> (B, T) fp32 scalars, or (B,)
-        at each row's last attended token when last_only (through forward, so DDP sees it)."""
+        at each row's last attended token when last_only (through forward, so DDP sees it).
+        Packed rows (trainer/packing.py): attention_mask None, position_ids restarting per sample."""
+        if attention_mask is not None:
+            position_ids = _left_padded_positions(attention_mask)
+        # no KV cache: transformers reads packed rows from position_ids only without one
         h = self.trunk(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         out = self.head(h).squeeze(-1).float()
         if not last_only:
             return out
+        assert attention_mask is not None, "last_only needs the attention mask"
         T = attention_mask.shape[1]
         last = (attention_mask.long() * torch.arange(T, device=attention_mask.device)).argmax(-1)
         return out.gather(1, last[:, None]).squeeze(1)
@@ -82,7 +89,7 @@ def response_logprobs(
     out = model(
         input_ids=sequences,
         attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
+        position_ids=_left_padded_positions(attention_mask),
         logits_to_keep=R + 1,
         use_cache=False,
     )
@@ -131,7 +138,7 @@ def register_fused_logprobs(lm) -> None:
 
 def _sequence_logprobs_linear(lm, input_ids, attention_mask, loss_mask):
     h = trunk_of(lm)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=_left_padded_positions(attention_mask)
     ).last_hidden_state
     head = lm.get_output_embeddings()
     labels = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), -100)

@@ -14,10 +14,12 @@ import torch
 
 from ..ops import ppo_value_loss
 from ..reference import RolloutCorrection
+from . import packing
 from .base import Trainer
 from .common import make_optimizer
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values
+from .packing import PackedRollout, packed_logprobs, packed_loss_args, packed_values
 from .rollout import (
     CORRECTION_STATS,
     Experience,
@@ -77,24 +79,33 @@ class PPOTrainer(Trainer):
         c = self.config
         ro, _, scores, valid, reward_metrics, any_valid, t0 = self.rollout_and_score()
         t1 = time.perf_counter()
-        args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
-        old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
-        ref_lp, _ = response_logprobs(self.ref, *args, temperature=c.temperature)
-        values = response_values(self.critic, ro.sequences, ro.attention_mask, ro.prompt_length)
-        t2 = time.perf_counter()
         beta = self.kl_ctl.value if c.kl_in_reward else 0.0
-        rewards, kl = shaped_rewards(scores, old_lp, ref_lp, ro.response_mask, beta, c.kl_kind)
-        adv, ret = advantages(
-            rewards, values, ro.response_mask, gamma=c.gamma, lam=c.lam, whiten_advantages=c.whiten_advantages
-        )
+        adv_args = {"gamma": c.gamma, "lam": c.lam, "whiten_advantages": c.whiten_advantages}
+        pk = PackedRollout.from_rollout(ro) if c.packing else None
+        if pk is None:
+            args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
+            old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
+            ref_lp, _ = response_logprobs(self.ref, *args, temperature=c.temperature)
+            values = response_values(self.critic, ro.sequences, ro.attention_mask, ro.prompt_length)
+            t2 = time.perf_counter()
+            rewards, kl = shaped_rewards(scores, old_lp, ref_lp, ro.response_mask, beta, c.kl_kind)
+            adv, ret = advantages(rewards, values, ro.response_mask, **adv_args)
+            seq_kl, mask, mismatch = kl.sum(-1), ro.response_mask, mismatch_metrics(old_lp, ro)
+        else:
+            old_lp, _ = packed_logprobs(self.policy, pk, temperature=c.temperature)
+            ref_lp, _ = packed_logprobs(self.ref, pk, temperature=c.temperature)
+            values = packed_values(self.critic, pk)
+            t2 = time.perf_counter()
+            rewards, kl = packing.shaped_rewards(pk, scores, old_lp, ref_lp, beta, c.kl_kind)
+            adv, ret = packing.advantages(pk, rewards, values, **adv_args)
+            seq_kl, mask, mismatch = pk.segment_sum(kl), pk.mask, packing.mismatch_metrics(pk, old_lp)
         n_tok = int(ro.response_mask.sum())
-        seq_kl = float((kl.sum(-1)).mean())
         metrics = {
-            **mismatch_metrics(old_lp, ro),  # always: the user sees the rollout/trainer gap
+            **mismatch,  # always: the user sees the rollout/trainer gap
             **reward_metrics,
             "reward_processed": float(scores[valid].mean()) if any_valid else 0.0,
-            "kl": seq_kl,
-            "kl_token": masked_mean(kl, ro.response_mask),
+            "kl": float(seq_kl.mean()),
+            "kl_token": masked_mean(kl, mask),
             "kl_coef": self.kl_ctl.value,
             "response_length": float(ro.lengths.float().mean()),
             "time/score": t1 - t0,
@@ -102,15 +113,25 @@ class PPOTrainer(Trainer):
             "tokens_per_s/logprobs": 3 * n_tok / max(t2 - t1, 1e-9),
             **ro.timings,
         }
-        return Experience(ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp, values=values, returns=ret)
+        return Experience(
+            ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp, values=values, returns=ret, packed=pk
+        )
 
     # ------------------------------------------------------------ update
     def micro_step(self, mb: Experience, scale: float):
         c = self.config
-        ro = mb.rollout
+        ro, pk = mb.rollout, mb.packed
         ploss, pst = self.policy_loss(mb, use_kl=not c.kl_in_reward and self.kl_ctl.value > 0)
-        v = response_values(self.critic_ddp, ro.sequences, ro.attention_mask, ro.prompt_length)
-        vloss, vst = ppo_value_loss(v, mb.values, mb.returns, ro.response_mask, clip=c.value_clip, agg=c.loss_agg)
+        if pk is None:
+            v, mask, layout = (
+                response_values(self.critic_ddp, ro.sequences, ro.attention_mask, ro.prompt_length),
+                ro.response_mask,
+                {},
+            )
+        else:
+            v, mask = packed_values(self.critic_ddp, pk), pk.mask
+            layout = packed_loss_args(pk, c.loss_agg, ro.response_mask.shape[1])
+        vloss, vst = ppo_value_loss(v, mb.values, mb.returns, mask, clip=c.value_clip, agg=c.loss_agg, **layout)
         stats = {
             "pg_loss": pst["pg_loss"],
             "entropy": pst["entropy"],

@@ -12,6 +12,7 @@ import torch
 from ..generation import generate
 from ..ops import gae, kl_penalty, rollout_mismatch, whiten
 from .models import ScalarHeadModel
+from .packing import PackedRollout
 from .rewards import TextRewards, reward_error
 
 
@@ -71,22 +72,28 @@ class Experience:
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    # packed mode (config.packing): the rollout's tokens packed; the per-token
+    # tensors above are then (n_resp,) on its response stream
+    packed: PackedRollout | None = None
 
     def minibatch(self, idx: torch.Tensor) -> Experience:
-        """The rows `idx` of every tensor (metrics are not copied)."""
+        """The rows (samples) `idx` of every tensor (metrics are not copied)."""
 
         def pick(t):
-            return None if t is None else t[idx]
+            if t is None:
+                return None
+            return t[idx] if self.packed is None else self.packed.pick(t, idx)
 
         return Experience(
             self.rollout.index(idx),
-            self.old_logprobs[idx],
-            self.advantages[idx],
+            pick(self.old_logprobs),
+            pick(self.advantages),
             {},
             self.any_valid,
             pick(self.ref_logprobs),
             pick(self.values),
             pick(self.returns),
+            None if self.packed is None else self.packed.select(idx),
         )
 
 
