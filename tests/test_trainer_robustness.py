@@ -1,6 +1,6 @@
 """The trainer under attack: non-finite rewards, bad configs, kill -9 during a
 write, truncated and corrupted checkpoints, and `rlhf-fast train` resumed
-after a crash equal to an uninterrupted run (issue #16)."""
+after a crash equal to an uninterrupted run."""
 
 import json
 import math
@@ -171,7 +171,7 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
     tr.save(path)
     data = bytearray(open(path, "rb").read())
     mid = len(data) // 2
-    for i in range(mid, mid + 4096):  # 4 KB XOR'd in the middle: the issue's reproduction
+    for i in range(mid, mid + 4096):  # 4 KB XOR'd in the middle: past any header check
         data[i] ^= 0x5A
     open(path, "wb").write(bytes(data))
     fresh = ppo_trainer(steps=1)

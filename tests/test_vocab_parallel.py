@@ -387,7 +387,7 @@ def _verl_case(group, shard, n, seed):
 
 def _bench_quick(group, rank):
     """benchmarks/bench_vocab_parallel.py's measurement at its --quick shape,
-    on this TP = 2 group: the issue's goals hold (bytes per token <= 32, peak
+    on this TP = 2 group: the documented goals hold (bytes per token <= 32, peak
     memory per rank <= 1/TP of the gathered path's + 5%)."""
     sys.path.insert(0, ROOT)
     from benchmarks.bench_vocab_parallel import QUICK_SHAPES, measure_rank
