@@ -313,6 +313,11 @@ def _dtensor_cases(world, rank):
     assert_close(dW.grad.full_tensor(), lv[1].grad, "agree", "DTensor dW")
     assert_close(db.grad.full_tensor(), lv[2].grad, "agree", "DTensor db")
     assert_close(hh.grad, lv[0].grad, "agree", "DTensor dH")
+    # a DTensor sharded on any dim but the vocabulary's is refused, naming the placement it needs
+    with pytest.raises(ValueError, match=r"DTensor logits needs Shard\(-1\) on exactly one mesh dim"):
+        vocab_parallel_logprobs(distribute_tensor(x, mesh, [Shard(1)]), y)
+    with pytest.raises(ValueError, match=r"DTensor weight needs Shard\(0\) on exactly one mesh dim"):
+        vocab_parallel_linear_logprobs(h, distribute_tensor(W, mesh, [Shard(1)]), y)
 
 
 def _backend_cases(group, shard, n):
