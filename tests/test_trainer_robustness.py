@@ -443,7 +443,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_
 
 
 def test_checkpoint_of_another_trainer_is_refused_by_name(tmp_path):
-    from rlhf_fast.trainer.common import CheckpointError
+    from rlhf_fast.trainer.checkpoint import CheckpointError
 
     path = str(tmp_path / "grpo.pt")
     grpo_trainer(steps=1).save(path)
@@ -454,7 +454,7 @@ def test_checkpoint_of_another_trainer_is_refused_by_name(tmp_path):
 def test_checkpoint_from_before_the_counters_and_split_still_loads(tmp_path):
     """An older checkpoint has no consecutive-skip counter and no RM split:
     they stay as built (what that run resumed with), everything else loads."""
-    from rlhf_fast.trainer.common import checksums
+    from rlhf_fast.trainer.checkpoint import checksums
 
     tr = rm_trainer(steps=2)
     tr.train()

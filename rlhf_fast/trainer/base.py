@@ -18,18 +18,13 @@ import torch.distributed as dist
 
 from ..generation.hf_args import check_prompt_rows
 from ..ops import ppo_loss
-from .common import (
-    KLController,
-    MetricsLogger,
-    RunningMoments,
-    guarded_step,
-    load_checkpoint,
-    make_optimizer,
-    process_scores,
-    save_checkpoint,
-)
+from .checkpoint import load_checkpoint, save_checkpoint
+from .kl_controller import KLController
+from .metrics_logger import MetricsLogger
 from .models import response_logprobs
+from .optimizer import guarded_step, make_optimizer
 from .parallel import ModelState, OptimizerState, check_mode, fsdp2_shard, is_sharded
+from .reward_scaling import RunningMoments, process_scores
 from .rollout import ScoredRollout, correction_args, rollout, sample_prompts, score
 
 

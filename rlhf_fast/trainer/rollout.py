@@ -50,7 +50,7 @@ class ScoredRollout(NamedTuple):
 
     rollout: Rollout  # response_mask already cleared on the non-finite samples
     raw: torch.Tensor  # the reward's scores as returned, NaN/inf included
-    scores: torch.Tensor  # processed (common.process_scores): clipped, normalised, penalised
+    scores: torch.Tensor  # processed (reward_scaling.process_scores): clipped, normalised, penalised
     valid: torch.Tensor  # bool: the raw score was finite
     metrics: dict  # Trainer.drop_nonfinite's reward metrics
     any_valid: bool  # False when no rank has a valid sample: the update is skipped

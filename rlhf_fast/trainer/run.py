@@ -41,15 +41,16 @@ import os
 import torch
 
 from . import cli_inputs
-from .common import ARTEFACTS, atomic_save, check_writable, clean_stale_tmp, truncate_metrics
+from .atomic_io import ARTEFACTS, atomic_save, check_writable, clean_stale_tmp
 from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, apply_overrides, check_keys, load_yaml
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .lora import apply_lora
+from .metrics_logger import truncate_metrics
 from .models import ScalarHeadModel
 from .parallel import ModelState
 from .ppo import PPOTrainer
-from .reward import RewardTrainer
+from .reward_model import RewardTrainer
 from .rewards import with_prompt_rows
 from .sources import ModelSource, check_model_spec, open_source
 
