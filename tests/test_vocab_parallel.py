@@ -501,6 +501,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_vocab_parallel_gloo(tmp_path):
     world = 4
     out = str(tmp_path / "result")
