@@ -403,7 +403,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_
     import errno
 
     from rlhf_fast.cli import main
-    from rlhf_fast.trainer import RewardTrainer, common
+    from rlhf_fast.trainer import RewardTrainer, checkpoint
 
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     every = 0 if how == "killed" else 2
@@ -426,7 +426,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_
                 open(path + ".tmp", "wb").write(b"torn")
                 raise OSError(errno.ENOSPC, "No space left on device")
 
-            mp.setattr(common, "atomic_save", disk_full)
+            mp.setattr(checkpoint, "atomic_save", disk_full)  # the name save_checkpoint calls
             expected = OSError
         with pytest.raises(expected):
             main(["train", "rm", "--config", cfg])
