@@ -209,11 +209,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def sample_prompts(prompt_ids, prompt_mask, batch_size: int, generator: torch.Generator):
-    """batch_size prompt rows drawn without replacement (with, if the pool is smaller)."""
+    """batch_size prompt rows drawn without replacement (with, if the pool is
+    smaller). Returns (ids, mask, rows): rows (batch_size,) int64 on the CPU,
+    the pool row of each drawn prompt (a row-aware reward reads its dataset
+    columns by it)."""
     n = prompt_ids.shape[0]
     if batch_size <= n:
-        idx = torch.randperm(n, generator=generator)[:batch_size]
+        rows = torch.randperm(n, generator=generator)[:batch_size]
     else:
-        idx = torch.randint(n, (batch_size,), generator=generator)
-    idx = idx.to(prompt_ids.device)
-    return prompt_ids[idx], prompt_mask[idx]
+        rows = torch.randint(n, (batch_size,), generator=generator)
+    idx = rows.to(prompt_ids.device)
+    return prompt_ids[idx], prompt_mask[idx], rows
