@@ -15,9 +15,9 @@ import torch
 from ..ops import ppo_value_loss
 from ..reference import RolloutCorrection
 from .base import Trainer
-from .common import make_optimizer
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values
+from .optimizer import make_optimizer
 from .rollout import (
     CORRECTION_STATS,
     Experience,
