@@ -2,7 +2,7 @@
 batch, prompt and response length, sampling settings (temperature 1.0,
 top_p 0.9), EOS disabled so both produce exactly B*R tokens. Reports the
 median seconds per call; tokens/s = B*R / median (speedup is the tokens/s
-ratio). Issue target on CPU: >= 1.5x. GPU: HF with cache_implementation="static".
+ratio). Target on CPU: >= 1.5x. GPU: HF with cache_implementation="static".
 `python -m benchmarks.bench_generation [--full] [--json PATH]`.
 """
 

@@ -8,7 +8,7 @@ Baselines, all run in the same process on the same inputs:
 Peak memory is everything allocated during one call above the inputs
 (benchmarks/harness.py): outputs, gradients and scratch.
 
-Targets (issue 3): CPU (2048, 1024, 32000) fp32: peak <= 10% of the
+Targets: CPU (2048, 1024, 32000) fp32: peak <= 10% of the
 materialised logits (250 MiB), time <= 1.3x materialised. GPU bf16
 (8192, 4096, 131072): fwd <= 1.25x the logits matmul, fwd+bwd memory <= 5%
 of materialised.
@@ -107,7 +107,7 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
 
 
 def targets(records: list[Record]) -> str:
-    """The issue's acceptance ratios, read off the records."""
+    """The acceptance ratios (the targets above), read off the records."""
     lines = []
     for r in records:
         if r.status != "ok" or r.baseline not in ("materialised", "logits_matmul"):

@@ -1,7 +1,7 @@
 """rlhf_fast.sample vs the sort-based sampling path of HF (TopPLogitsWarper:
 full sort + cumsum of the vocabulary, then softmax + multinomial), in one run.
 
-CPU: (64, 32000) top-p 0.9 and plain sampling (issue target: >= 3x vs the
+CPU: (64, 32000) top-p 0.9 and plain sampling (target: >= 3x vs the
 sort path). GPU (when present): (256, 151936) vs the same torch path, and vs
 FlashInfer's top_p_sampling_from_probs if it is installed.
 `python -m benchmarks.bench_sampling [--full] [--json PATH]`.

@@ -290,11 +290,10 @@ def compare(
     """Time `fn` and each baseline in the same run; one Record per baseline.
     A baseline given as a string instead of a callable is a skip reason.
     interleave (CPU): the baselines timed with fn in alternating rounds
-    (time_interleaved), for a ratio the issue sets a bound on. Only peers of
+    (time_interleaved), for a ratio that has a target bound. Only peers of
     similar cost and footprint belong there: a call that follows a 60 ms
-    eager chain finds the caches evicted, which biased a first version that
-    interleaved every peer (the uncorrected step measured 25-40% slower as
-    the call after the eager chain than timed on its own)."""
+    eager chain finds the caches evicted (the uncorrected step measured
+    25-40% slower as the call after the eager chain than timed on its own)."""
     if _collector is not None:
         key = f"{op}-{mode}-{shape}-{dtype}"
         seen = {c.id for c in _collector}  # a family may compare ours against two peer sets
@@ -418,7 +417,7 @@ def bench_main(
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small shapes")
-    ap.add_argument("--full", action="store_true", help="the issue's shapes")
+    ap.add_argument("--full", action="store_true", help="the production-size shapes")
     ap.add_argument("--device", default=default_device, help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every implementation")
     ap.add_argument("--json", default=None, help="write records + machine facts here")

@@ -83,7 +83,7 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // dtok = d loss_tok / d logprobs (B, T) in the accumulation dtype, 0 where
   // masked, and row_scale (B,): the aggregation weight of each row, so that
   // d loss / d logprobs = row_scale[:, None] * dtok.
-  // Rollout correction (rlhf_fast/reference/rollout_correction.py): weights
+  // Rollout correction (rlhf_fast/reference/_rollout_correction.py): weights
   // of old vs rollout_logprobs (rc_is: none / token / sequence / geometric;
   // TIS at rc_is_upper, IcePop when rc_is_lower is given) scale the clipped
   // term; rc_rs (verl's rollout_rs option or "none") rejects tokens, and

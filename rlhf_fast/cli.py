@@ -132,7 +132,7 @@ def is_user_error(e: BaseException) -> bool:
     them cannot have raised them)."""
     if isinstance(e, USER_ERRORS):
         return True
-    mods = [sys.modules.get(f"rlhf_fast.trainer.{m}") for m in ("common", "rewards")]
+    mods = [sys.modules.get(f"rlhf_fast.trainer.{m}") for m in ("checkpoint", "atomic_io", "rewards")]
     kinds = tuple(getattr(m, n) for m in mods if m is not None for n in RUN_ERRORS if hasattr(m, n))
     return isinstance(e, kinds)
 

@@ -28,7 +28,7 @@ import torch
 from .trainer import config as _cfg
 from .trainer.data import load_prompt_rows, tokenize_prompts
 from .trainer.grpo import GRPOTrainer as _GRPOTrainer
-from .trainer.rewards import PromptRowsMixin, TextRewards
+from .trainer.rewards import TextRewards
 
 # TRL name -> TRL 1.16 default. Each is mapped in GRPOConfig.to_rlhf_fast.
 MAPPED = {
@@ -246,7 +246,7 @@ class GRPOConfig:
         )
 
 
-class GRPOTrainer(PromptRowsMixin, _GRPOTrainer):
+class GRPOTrainer(_GRPOTrainer):
     """rlhf_fast's GRPO trainer behind TRL's constructor.
 
     model: a transformers causal LM (trained in place, as TRL does) or a path

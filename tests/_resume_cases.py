@@ -15,7 +15,7 @@ import math
 import torch
 from _tiny_models import dpo_trainer, grpo_trainer, ppo_trainer, rm_trainer, rule_reward
 
-from rlhf_fast.trainer.common import _leaves, read_checkpoint
+from rlhf_fast.trainer.checkpoint import _leaves, read_checkpoint
 
 DEAD = {3, 4, 5}  # 1-based steps without an optimizer step
 KILLS = (1, 4)  # the killed run is checkpointed after these steps, then rebuilt and loaded

@@ -30,7 +30,7 @@ REQUIRED = (
     "baseline_median_s",
     "speedup",
     "peak_mem_bytes",
-)  # (the issue's list)
+)  # every field a compare() record must carry
 
 
 def test_peak_memory_counts_a_known_allocation():
@@ -94,7 +94,7 @@ def test_time_interleaved_alternates_calls_and_gives_each_its_median():
     assert order[:8] == ["ours", "peer"] * 4  # warm-up and 3 rounds, before "alone" is timed
 
 
-def test_compare_records_have_the_issue_fields_and_a_skip():
+def test_compare_records_have_the_required_fields_and_a_skip():
     x = torch.randn(1000)
     peers = {"peer": lambda: x + x, "absent": "pip install x"}
     recs = compare(

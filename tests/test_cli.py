@@ -173,7 +173,7 @@ def test_read_only_out_dir_fails_before_any_model_is_built(tmp_path, capsys, mon
     assert f"out_dir {ro} is not writable" in err and "(EACCES)" in err, err
     from _tiny_models import rm_trainer  # the API too: when the trainer is built, not at its first log
 
-    from rlhf_fast.trainer.common import WriteError
+    from rlhf_fast.trainer.atomic_io import WriteError
 
     with pytest.raises(WriteError, match="is not writable"):
         rm_trainer(out_dir=str(ro))
@@ -183,9 +183,9 @@ def test_read_only_out_dir_fails_before_any_model_is_built(tmp_path, capsys, mon
 def test_disk_full_names_the_file_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     """The second checkpoint goes to /dev/full (every write: ENOSPC): one line
     naming the file and ENOSPC, no temp file left, the first checkpoint whole."""
-    from rlhf_fast.trainer import common
+    from rlhf_fast.trainer import atomic_io, checkpoint
 
-    writes, real_enter = [], common._atomic_open.__enter__
+    writes, real_enter = [], atomic_io._atomic_open.__enter__
 
     def enter(self):
         if self.path.endswith("checkpoint.pt"):
@@ -194,17 +194,17 @@ def test_disk_full_names_the_file_and_keeps_the_last_checkpoint(tmp_path, capsys
                 os.symlink("/dev/full", self.tmp)
         return real_enter(self)
 
-    monkeypatch.setattr(common._atomic_open, "__enter__", enter)
+    monkeypatch.setattr(atomic_io._atomic_open, "__enter__", enter)
     out = tmp_path / "out"
     err = _err(capsys, ["train", "rm", "--config", _cfg(tmp_path, out_dir=str(out), checkpoint_every=1, **_SMALL_RM)])
     assert f"cannot write {out / 'checkpoint.pt'}: No space left on device (ENOSPC)" in err, err
     assert "inline_container" not in err and len(writes) == 2
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.jsonl"]  # no checkpoint.pt.tmp left
-    assert common.read_checkpoint(str(out / "checkpoint.pt"))["step"] == 1
+    assert checkpoint.read_checkpoint(str(out / "checkpoint.pt"))["step"] == 1
 
 
 def test_corrupted_checkpoint_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
-    from rlhf_fast.trainer.common import CheckpointError
+    from rlhf_fast.trainer.checkpoint import CheckpointError
 
     out = tmp_path / "out"
     out.mkdir()

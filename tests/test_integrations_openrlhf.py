@@ -156,6 +156,7 @@ def test_unsupported_version_raises(monkeypatch):
     assert ro.replaced() == []
 
 
+@pytest.mark.slow
 def test_ray_worker_patched_by_setup_hook(tmp_path):
     """OpenRLHF's actor/critic/ref models are Ray actors: the setup hook patches
     every worker process before it imports OpenRLHF's trainer code."""

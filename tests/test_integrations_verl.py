@@ -165,6 +165,7 @@ def test_unsupported_version_raises(monkeypatch):
     assert rv.replaced() == []
 
 
+@pytest.mark.slow
 def test_ray_worker_patched_by_setup_hook():
     """The documented way to reach verl's actor/critic workers: ray.init with
     runtime_env worker_process_setup_hook = rlhf_fast.integrations.verl.patch."""

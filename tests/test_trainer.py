@@ -225,6 +225,7 @@ def test_adaptive_kl_controller():
 # ---------------------------------------------------------------- the demo
 
 
+@pytest.mark.slow
 def test_quick_demo_true_score_rises(tmp_path):
     from rlhf_fast.demo.pipeline import run_demo
 
@@ -249,6 +250,7 @@ def _torchrun(mode, out):
     return torch.load(out)
 
 
+@pytest.mark.slow
 def test_cli_train_grpo_under_torchrun_fsdp2(tmp_path):
     import yaml
 
@@ -285,6 +287,7 @@ def _moved_and_gap(got_full, single, start):
     return moved, float((got_full - single).abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_distributed_reward_model_matches_one_process_doubled_batch(tmp_path, parallel):
     got = _torchrun(f"rm:{parallel}", tmp_path / "rm.pt")
@@ -303,6 +306,7 @@ def test_distributed_reward_model_matches_one_process_doubled_batch(tmp_path, pa
     assert gap < 1e-3 * moved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_distributed_dpo_matches_one_process_doubled_batch(tmp_path, parallel):
     # DDP: gradients all-reduced by hand (the fused path bypasses forward);
@@ -318,12 +322,14 @@ def test_distributed_dpo_matches_one_process_doubled_batch(tmp_path, parallel):
         assert math.isfinite(b["loss"]) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_ddp_ppo_ranks_stay_in_sync(tmp_path):
     got = _torchrun("ppo", tmp_path / "ppo.pt")
     assert torch.equal(got["ranks"][0], got["ranks"][1]), "DDP ranks diverged"
     assert float((got["ranks"][0] - flat_params(tiny_llama(0))).abs().max()) > 1e-4
 
 
+@pytest.mark.slow
 def test_fsdp2_ppo_matches_ddp(tmp_path):
     # Same ranks, same per-rank sampling streams: sharding changes where the
     # weights live, not the update. (A gradient norm taken over a module's
@@ -340,6 +346,7 @@ def test_fsdp2_ppo_matches_ddp(tmp_path):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
 
 
+@pytest.mark.slow
 def test_fsdp2_resume_equals_uninterrupted_and_checkpoint_is_whole(tmp_path):
     got = _torchrun("resume:fsdp2", tmp_path / "resume.pt")
     assert got["sharded"]

@@ -1,6 +1,6 @@
 """The trainer under attack: non-finite rewards, bad configs, kill -9 during a
 write, truncated and corrupted checkpoints, and `rlhf-fast train` resumed
-after a crash equal to an uninterrupted run (issue #16)."""
+after a crash equal to an uninterrupted run."""
 
 import json
 import math
@@ -171,7 +171,7 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
     tr.save(path)
     data = bytearray(open(path, "rb").read())
     mid = len(data) // 2
-    for i in range(mid, mid + 4096):  # 4 KB XOR'd in the middle: the issue's reproduction
+    for i in range(mid, mid + 4096):  # 4 KB XOR'd in the middle: past any header check
         data[i] ^= 0x5A
     open(path, "wb").write(bytes(data))
     fresh = ppo_trainer(steps=1)
@@ -403,7 +403,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_
     import errno
 
     from rlhf_fast.cli import main
-    from rlhf_fast.trainer import RewardTrainer, common
+    from rlhf_fast.trainer import RewardTrainer, checkpoint
 
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     every = 0 if how == "killed" else 2
@@ -426,7 +426,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_
                 open(path + ".tmp", "wb").write(b"torn")
                 raise OSError(errno.ENOSPC, "No space left on device")
 
-            mp.setattr(common, "atomic_save", disk_full)
+            mp.setattr(checkpoint, "atomic_save", disk_full)  # the name save_checkpoint calls
             expected = OSError
         with pytest.raises(expected):
             main(["train", "rm", "--config", cfg])
@@ -443,7 +443,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_
 
 
 def test_checkpoint_of_another_trainer_is_refused_by_name(tmp_path):
-    from rlhf_fast.trainer.common import CheckpointError
+    from rlhf_fast.trainer.checkpoint import CheckpointError
 
     path = str(tmp_path / "grpo.pt")
     grpo_trainer(steps=1).save(path)
@@ -454,7 +454,7 @@ def test_checkpoint_of_another_trainer_is_refused_by_name(tmp_path):
 def test_checkpoint_from_before_the_counters_and_split_still_loads(tmp_path):
     """An older checkpoint has no consecutive-skip counter and no RM split:
     they stay as built (what that run resumed with), everything else loads."""
-    from rlhf_fast.trainer.common import checksums
+    from rlhf_fast.trainer.checkpoint import checksums
 
     tr = rm_trainer(steps=2)
     tr.train()

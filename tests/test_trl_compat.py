@@ -318,6 +318,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
         run(1, resume=str(tmp_path / "nope.pt"))
 
 
+@pytest.mark.slow
 def test_trl_style_script_under_torchrun_keeps_ranks_in_sync(tmp_path):
     import os
 

@@ -1,4 +1,4 @@
-"""The GPU compass: the targets of the GPU issues, timed in one short run.
+"""The GPU compass: the GPU performance targets, timed in one short run.
 
     python3 -m benchmarks.gpu.compass --out $OUT/compass.jsonl
 

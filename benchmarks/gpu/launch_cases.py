@@ -67,7 +67,7 @@ KERNELS = {
 
 
 # The hot kernels at the GPU benchmarks' production shapes, with the static
-# goals of the GPU-performance issue: (label, kernel, the launch case it must
+# GPU performance goals: (label, kernel, the launch case it must
 # come from, HBM bytes moved per element, SASS instructions per element goal,
 # MUFU per element goal). Bytes: a bf16 logit read is 2 B; the log-prob
 # backward reads the logit and writes its gradient (4 B); ppo_loss fwd reads

@@ -21,8 +21,9 @@ import torch
 from ..generation import generate
 from ..ops import logprobs_from_logits
 from ..trainer import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, ScalarHeadModel
-from ..trainer.common import MetricsLogger, make_optimizer
 from ..trainer.config import check_keys
+from ..trainer.metrics_logger import MetricsLogger
+from ..trainer.optimizer import make_optimizer
 from . import world
 from .plot import line_chart
 

@@ -341,36 +341,45 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         return dz.reshape(shape), None, None, None, None, None
 
 
-def _unwrap_dtensor(op, logits, labels, shard_dim_name):
-    """DTensor (..., V) with Shard(-1) on one mesh dim -> (local logits,
-    local labels, group, vocab_start, V, rewrap(out))."""
+def _unwrap_vocab_dtensor(op, name, sharded, dim, tensors, out_like):
+    """One helper for both DTensor entry points.
+
+    sharded: the DTensor whose vocabulary dim `dim` (-1 for logits, 0 for the
+        lm_head weight) is Shard(dim) on exactly one mesh dim, with no Partial.
+    tensors: the arguments to make local (DTensors, plain tensors or None).
+    out_like: the outputs take its placements (a DTensor; otherwise all
+        Replicate), with the vocabulary's mesh dim made Replicate.
+    Returns (the local tensors, group, vocab_start, V, rewrap(out))."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-    last = logits.ndim - 1
-    mesh = logits.device_mesh
-    vocab_dims = [i for i, p in enumerate(logits.placements) if isinstance(p, Shard) and p.dim in (last, -1)]
-    if len(vocab_dims) != 1 or any(isinstance(p, Partial) for p in logits.placements):
+    d = dim % sharded.ndim
+    mesh = sharded.device_mesh
+    vocab_dims = [i for i, p in enumerate(sharded.placements) if isinstance(p, Shard) and p.dim % sharded.ndim == d]
+    if len(vocab_dims) != 1 or any(isinstance(p, Partial) for p in sharded.placements):
         raise ValueError(
-            f"{op}: a DTensor {shard_dim_name} needs Shard(-1) on exactly one mesh dim and no Partial, "
-            f"got {logits.placements}"
+            f"{op}: a DTensor {name} needs Shard({dim}) on exactly one mesh dim and no Partial, "
+            f"got {sharded.placements}"
         )
     mdim = vocab_dims[0]
+    vocab_size = int(sharded.shape[d])
     try:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        _, offset = compute_local_shape_and_global_offset(logits.shape, mesh, logits.placements)
-        start = int(offset[-1])
+        _, offset = compute_local_shape_and_global_offset(sharded.shape, mesh, sharded.placements)
+        start = int(offset[d])
     except ImportError:  # torch's chunk rule: ceil(V / n) per rank
         n, r = mesh.size(mdim), mesh.get_local_rank(mdim)
-        start = min(logits.shape[-1], -(-logits.shape[-1] // n) * r)
-    if isinstance(labels, DTensor):
-        labels = labels.to_local()
-    out_placements = [Replicate() if i == mdim else p for i, p in enumerate(logits.placements)]
+        start = min(vocab_size, -(-vocab_size // n) * r)
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    if isinstance(out_like, DTensor):
+        out_placements = [Replicate() if i == mdim else p for i, p in enumerate(out_like.placements)]
+    else:
+        out_placements = [Replicate()] * mesh.ndim
 
     def rewrap(t):
         return DTensor.from_local(t, mesh, out_placements, run_check=False)
 
-    return logits.to_local(), labels, mesh.get_group(mdim), start, int(logits.shape[-1]), rewrap
+    return local, mesh.get_group(mdim), start, vocab_size, rewrap
 
 
 def vocab_parallel_logprobs(
@@ -411,7 +420,8 @@ def vocab_parallel_logprobs(
     if _is_dtensor(logits):
         if group is not None or vocab_start is not None:
             raise ValueError(f"{OP}: group and vocab_start come from the DTensor; do not pass them")
-        logits, labels, group, vocab_start, v_dt, rewrap = _unwrap_dtensor(OP, logits, labels, "logits")
+        unwrapped = _unwrap_vocab_dtensor(OP, "logits", logits, -1, (logits, labels), logits)
+        (logits, labels), group, vocab_start, v_dt, rewrap = unwrapped
         vocab_size = v_dt if vocab_size is None else vocab_size
     check_logits_labels(OP, logits, labels, v_name="V_r")
     temperature = check_positive_float(OP, "temperature", temperature)
@@ -540,8 +550,8 @@ def vocab_parallel_linear_logprobs(
     if _is_dtensor(weight):
         if group is not None or vocab_start is not None:
             raise ValueError(f"{OP_LINEAR}: group and vocab_start come from the DTensor weight; do not pass them")
-        unwrapped = _unwrap_linear_dtensors(hidden, weight, bias, labels)
-        hidden, weight, bias, labels, group, vocab_start, v_dt, rewrap = unwrapped
+        unwrapped = _unwrap_vocab_dtensor(OP_LINEAR, "weight", weight, 0, (hidden, weight, bias, labels), hidden)
+        (hidden, weight, bias, labels), group, vocab_start, v_dt, rewrap = unwrapped
         vocab_size = v_dt if vocab_size is None else vocab_size
     hidden, weight, bias = check_linear_inputs(OP_LINEAR, hidden, weight, bias, labels, chunk_size, v_name="V_r")
     temperature = check_positive_float(OP_LINEAR, "temperature", temperature)
@@ -557,28 +567,3 @@ def vocab_parallel_linear_logprobs(
     if rewrap is not None:
         lp, ent = rewrap(lp), rewrap(ent)
     return (lp, ent) if return_entropy else lp
-
-
-def _unwrap_linear_dtensors(hidden, weight, bias, labels):
-    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-
-    mesh = weight.device_mesh
-    vocab_dims = [i for i, p in enumerate(weight.placements) if isinstance(p, Shard) and p.dim == 0]
-    if len(vocab_dims) != 1 or any(isinstance(p, Partial) for p in weight.placements):
-        raise ValueError(
-            f"{OP_LINEAR}: a DTensor weight needs Shard(0) on exactly one mesh dim and no Partial, "
-            f"got {weight.placements}"
-        )
-    mdim = vocab_dims[0]
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in (hidden, weight, bias, labels)]
-    out_placements = [Replicate()] * mesh.ndim
-    if isinstance(hidden, DTensor):
-        out_placements = [Replicate() if i == mdim else p for i, p in enumerate(hidden.placements)]
-
-    def rewrap(t):
-        return DTensor.from_local(t, mesh, out_placements, run_check=False)
-
-    return (*local, mesh.get_group(mdim), int(offset[0]), int(weight.shape[0]), rewrap)

@@ -18,19 +18,15 @@ import torch.distributed as dist
 
 from ..generation.hf_args import check_prompt_rows
 from ..ops import ppo_loss
-from .common import (
-    KLController,
-    MetricsLogger,
-    RunningMoments,
-    guarded_step,
-    load_checkpoint,
-    make_optimizer,
-    process_scores,
-    save_checkpoint,
-)
+from .checkpoint import load_checkpoint, save_checkpoint
+from .kl_controller import KLController
+from .metrics_logger import MetricsLogger
 from .models import response_logprobs
+from .optimizer import guarded_step, make_optimizer
 from .packing import packed_logprobs, packed_loss_args
 from .parallel import ModelState, OptimizerState, check_mode, fsdp2_shard, is_sharded
+from .reward_scaling import RunningMoments, process_scores
+from .rewards import TextRewards
 from .rollout import ScoredRollout, correction_args, rollout, sample_prompts, score
 
 
@@ -152,8 +148,12 @@ class Trainer:
         zero-weight the non-finite ones (drop_nonfinite). The caller ends
         "time/score" (it may add its own advantage math to it)."""
         c = self.config
-        ids, mask = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
-        ids, mask = self.shard(ids), self.shard(mask)  # under torchrun: this rank's share of the global batch
+        ids, mask, rows = sample_prompts(self.prompt_ids, self.prompt_mask, c.batch_size, self.cpu_gen)
+        # under torchrun: this rank's share of the global batch
+        ids, mask, rows = self.shard(ids), self.shard(mask), self.shard(rows)
+        if isinstance(self.reward, TextRewards):  # its functions read the drawn rows' other dataset columns
+            self.reward.set_batch(rows.tolist(), expected_prompt_ids=ids)
+            self.reward.metrics = {}
         ro = rollout(
             self.policy,
             ids,
@@ -321,6 +321,8 @@ class Trainer:
         metrics.update(self.update(exp))
         if "kl" in metrics:
             self.kl_ctl.update(metrics["kl"], self.config.batch_size)
+        if isinstance(self.reward, TextRewards):
+            metrics.update(self.reward.metrics)  # per reward function, as TRL logs them
         return metrics
 
     def train(self, steps: int | None = None) -> list[dict]:

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from .base import Trainer
-from .common import make_optimizer
 from .config import DPOConfig
 from .data import cat_right_padded
 from .models import register_fused_logprobs, sequence_logprobs_linear
+from .optimizer import make_optimizer
 
 
 class DPOTrainer(Trainer):

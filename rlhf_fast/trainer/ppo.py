@@ -16,9 +16,9 @@ from ..ops import ppo_value_loss
 from ..reference import RolloutCorrection
 from . import packing
 from .base import Trainer
-from .common import make_optimizer
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values
+from .optimizer import make_optimizer
 from .packing import PackedRollout, packed_logprobs, packed_loss_args, packed_values
 from .rollout import (
     CORRECTION_STATS,

@@ -211,7 +211,7 @@ class TextRewards:
             if got.shape != self.expected.shape or not torch.equal(got, self.expected.to(got.device)):
                 raise RuntimeError(
                     f"{OP}: the scored prompts are not the ones set_batch named; the trainer's prompt "
-                    "draw and its replay disagree"
+                    "rows and the rollout disagree"
                 )
         rows = [self.rows[self.prompt_index[r // self.n]] for r in range(sequences.shape[0])]
         prompts = [r["prompt"] for r in rows]
@@ -333,37 +333,6 @@ def _load_tokenizer(model, i: int):
             f"{OP}: reward_funcs[{i}] ({type(model).__name__}) has no tokenizer at {path!r}; pass its "
             "tokenizer in reward_processing_classes"
         ) from None
-
-
-class PromptRowsMixin:
-    """For a PPO / GRPO trainer whose reward is a TextRewards: tells it, before
-    each rollout, which dataset row each drawn prompt is (the reward functions
-    get that row's other columns). The trainer's draw is replayed on a copy of
-    its CPU generator; TextRewards checks the drawn prompts' tokens against it,
-    so a change in how trainers draw fails loudly instead of mis-scoring."""
-
-    def make_experience(self):  # -> rollout.Experience
-        from .rollout import sample_prompts
-
-        if isinstance(self.reward, TextRewards):
-            n = self.prompt_ids.shape[0]
-            g = torch.Generator().set_state(self.cpu_gen.get_state())
-            rows = torch.arange(n)[:, None]
-            idx = self.shard(sample_prompts(rows, rows, self.config.batch_size, g)[0][:, 0])
-            self.reward.set_batch(idx.tolist(), expected_prompt_ids=self.prompt_ids[idx.to(self.prompt_ids.device)])
-            self.reward.metrics = {}
-        return super().make_experience()
-
-    def step(self) -> dict:
-        metrics = super().step()
-        if isinstance(self.reward, TextRewards):
-            metrics.update(self.reward.metrics)
-        return metrics
-
-
-def with_prompt_rows(trainer_cls):
-    """trainer_cls (PPOTrainer, GRPOTrainer) with PromptRowsMixin."""
-    return type(trainer_cls.__name__, (PromptRowsMixin, trainer_cls), {"__module__": trainer_cls.__module__})
 
 
 def check_token_reward(reward) -> None:

@@ -51,7 +51,7 @@ class ScoredRollout(NamedTuple):
 
     rollout: Rollout  # response_mask already cleared on the non-finite samples
     raw: torch.Tensor  # the reward's scores as returned, NaN/inf included
-    scores: torch.Tensor  # processed (common.process_scores): clipped, normalised, penalised
+    scores: torch.Tensor  # processed (reward_scaling.process_scores): clipped, normalised, penalised
     valid: torch.Tensor  # bool: the raw score was finite
     metrics: dict  # Trainer.drop_nonfinite's reward metrics
     any_valid: bool  # False when no rank has a valid sample: the update is skipped
@@ -216,11 +216,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def sample_prompts(prompt_ids, prompt_mask, batch_size: int, generator: torch.Generator):
-    """batch_size prompt rows drawn without replacement (with, if the pool is smaller)."""
+    """batch_size prompt rows drawn without replacement (with, if the pool is
+    smaller). Returns (ids, mask, rows): rows (batch_size,) int64 on the CPU,
+    the pool row of each drawn prompt (a row-aware reward reads its dataset
+    columns by it)."""
     n = prompt_ids.shape[0]
     if batch_size <= n:
-        idx = torch.randperm(n, generator=generator)[:batch_size]
+        rows = torch.randperm(n, generator=generator)[:batch_size]
     else:
-        idx = torch.randint(n, (batch_size,), generator=generator)
-    idx = idx.to(prompt_ids.device)
-    return prompt_ids[idx], prompt_mask[idx]
+        rows = torch.randint(n, (batch_size,), generator=generator)
+    idx = rows.to(prompt_ids.device)
+    return prompt_ids[idx], prompt_mask[idx], rows

@@ -41,16 +41,16 @@ import os
 import torch
 
 from . import cli_inputs
-from .common import ARTEFACTS, atomic_save, check_writable, clean_stale_tmp, truncate_metrics
+from .atomic_io import ARTEFACTS, atomic_save, check_writable, clean_stale_tmp
 from .config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, apply_overrides, check_keys, load_yaml
 from .dpo import DPOTrainer
 from .grpo import GRPOTrainer
 from .lora import apply_lora
+from .metrics_logger import truncate_metrics
 from .models import ScalarHeadModel
 from .parallel import ModelState
 from .ppo import PPOTrainer
-from .reward import RewardTrainer
-from .rewards import with_prompt_rows
+from .reward_model import RewardTrainer
 from .sources import ModelSource, check_model_spec, open_source
 
 _CONFIGS = {"ppo": PPOConfig, "grpo": GRPOConfig, "rm": RewardConfig, "dpo": DPOConfig}
@@ -222,19 +222,17 @@ def run_from_yaml(
         if cli_inputs.is_text_reward(extra.get("reward")):
             n = cfg.num_samples if algo == "grpo" else 1
             reward = cli_inputs.text_rewards(extra["reward"], source.tokenizer, rows, n, device)
-            PPO, GRPO = with_prompt_rows(PPOTrainer), with_prompt_rows(GRPOTrainer)
         else:
             reward = _reward(extra, source, lm)
-            PPO, GRPO = PPOTrainer, GRPOTrainer
         kw = dict(eos_token_id=source.eos, pad_token_id=source.pad)
         ref = copy.deepcopy(lm) if algo == "ppo" or cfg.kl_coef > 0 else None
         if algo == "ppo":
             critic = ScalarHeadModel.from_causal_lm(lm)
             trained = policy_of(lm)
-            trainer = PPO(cfg, trained, ref, critic, reward, ids, mask, **kw)
+            trainer = PPOTrainer(cfg, trained, ref, critic, reward, ids, mask, **kw)
         else:
             trained = policy_of(lm)
-            trainer = GRPO(cfg, trained, ref, reward, ids, mask, **kw)
+            trainer = GRPOTrainer(cfg, trained, ref, reward, ids, mask, **kw)
     else:
         prompts, chosen, rejected = _pairs(extra, source, cfg.seed)
         ci, cm = (t.to(device) for t in source.batch([f"{p} {c}" for p, c in zip(prompts, chosen)], eos=True))

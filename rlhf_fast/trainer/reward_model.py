@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .base import Attrs, Trainer
-from .common import make_optimizer
 from .config import RewardConfig
 from .data import cat_right_padded
 from .models import ScalarHeadModel
+from .optimizer import make_optimizer
 
 
 class RewardTrainer(Trainer):
