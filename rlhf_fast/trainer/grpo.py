@@ -14,13 +14,13 @@ import torch
 
 from ..ops import group_advantages, kl_penalty
 from ..reference import RolloutCorrection
-from .base import Trainer
 from .config import GRPOConfig
 from .models import response_logprobs
+from .policy_trainer import PolicyTrainer
 from .rollout import CORRECTION_STATS, Experience, mismatch_metrics
 
 
-class GRPOTrainer(Trainer):
+class GRPOTrainer(PolicyTrainer):
     """policy, ref_policy (None when kl_coef == 0): HF causal LMs; reward:
     ScalarHeadModel or reward_fn(sequences, response_mask, prompt_length)."""
 
@@ -57,16 +57,30 @@ class GRPOTrainer(Trainer):
         }
         self.updated = [(policy, self.opt, self.sched)]
 
+    def step(self) -> dict:
+        """One GRPO step: the experience (rollout of num_samples per prompt ->
+        score -> group advantages -> log-probs), then ppo_epochs x minibatches
+        of micro_step, then the adaptive KL controller sees the measured KL
+        (none without a reference)."""
+        exp = self.make_experience()
+        metrics = {**exp.metrics, **self.update(exp, self.micro_step), **self.text_reward_metrics()}
+        if "kl" in metrics:
+            self.kl_ctl.update(metrics["kl"], self.config.batch_size)
+        return metrics
+
     @torch.no_grad()
     def make_experience(self) -> Experience:
         c = self.config
+        # rollout -> score (processed; non-finite ones zero-weighted)
         ro, raw, scores, valid, reward_metrics, any_valid, t0 = self.rollout_and_score(c.num_samples)
         # a NaN/inf sample takes its group's mean of valid scores, so it moves
         # neither the group's baseline; its advantage is then masked out
         scores, raw_filled = _fill_group_mean(scores, valid, c.num_samples), _fill_group_mean(raw, valid, c.num_samples)
+        # advantages: against the other samples of the same prompt, on every response token
         adv_seq = group_advantages(scores, c.num_samples, estimator=c.estimator)  # rows are prompt-major
         adv = adv_seq[:, None].expand_as(ro.response_mask).float() * ro.response_mask
         t1 = time.perf_counter()
+        # log-probs of the old policy and the reference
         args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
         old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
         ref_lp = response_logprobs(self.ref, *args, temperature=c.temperature)[0] if self.ref is not None else None
@@ -85,6 +99,8 @@ class GRPOTrainer(Trainer):
         return Experience(ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp)
 
     def micro_step(self, mb: Experience, scale: float):
+        """The backward of one micro-batch: ppo_loss, with the KL to the
+        reference as a loss term. Returns (detached loss, stats)."""
         use_kl = mb.ref_logprobs is not None and self.kl_ctl.value > 0
         loss, st = self.policy_loss(mb, use_kl)
         (loss * scale).backward()
