@@ -15,14 +15,14 @@ import torch
 from ..ops import expand_to_tokens, group_advantages, kl_penalty
 from ..reference import RolloutCorrection
 from . import packing
-from .base import Trainer
 from .config import GRPOConfig
 from .models import response_logprobs
 from .packing import PackedRollout, packed_logprobs
+from .policy_trainer import PolicyTrainer
 from .rollout import CORRECTION_STATS, Experience, mismatch_metrics
 
 
-class GRPOTrainer(Trainer):
+class GRPOTrainer(PolicyTrainer):
     """policy, ref_policy (None when kl_coef == 0): HF causal LMs; reward:
     ScalarHeadModel or reward_fn(sequences, response_mask, prompt_length)."""
 
@@ -59,27 +59,41 @@ class GRPOTrainer(Trainer):
         }
         self.updated = [(policy, self.opt, self.sched)]
 
+    def step(self) -> dict:
+        """One GRPO step: the experience (rollout of num_samples per prompt ->
+        score -> group advantages -> log-probs), then ppo_epochs x minibatches
+        of micro_step, then the adaptive KL controller sees the measured KL
+        (none without a reference)."""
+        exp = self.make_experience()
+        metrics = {**exp.metrics, **self.update(exp, self.micro_step), **self.text_reward_metrics()}
+        if "kl" in metrics:
+            self.kl_ctl.update(metrics["kl"], self.config.batch_size)
+        return metrics
+
     @torch.no_grad()
     def make_experience(self) -> Experience:
         c = self.config
+        # rollout -> score (processed; non-finite ones zero-weighted)
         ro, raw, scores, valid, reward_metrics, any_valid, t0 = self.rollout_and_score(c.num_samples)
         # a NaN/inf sample takes its group's mean of valid scores, so it moves
         # neither the group's baseline; its advantage is then masked out
         scores, raw_filled = _fill_group_mean(scores, valid, c.num_samples), _fill_group_mean(raw, valid, c.num_samples)
+        # advantages: against the other samples of the same prompt, on every response token
         adv_seq = group_advantages(scores, c.num_samples, estimator=c.estimator)  # rows are prompt-major
         t1 = time.perf_counter()
+        # log-probs of the old policy and the reference. Packed (config.packing): on the packed response stream
         pk = PackedRollout.from_rollout(ro) if c.packing else None
         if pk is None:
             adv = adv_seq[:, None].expand_as(ro.response_mask).float() * ro.response_mask
             args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
             old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
             ref_lp = response_logprobs(self.ref, *args, temperature=c.temperature)[0] if self.ref is not None else None
-            mask, seq_sum, mismatch = ro.response_mask, (lambda x: x.sum(-1)), mismatch_metrics(old_lp, ro)
+            mask, per_sample_sum, mismatch = ro.response_mask, (lambda x: x.sum(-1)), mismatch_metrics(old_lp, ro)
         else:
             adv = expand_to_tokens(adv_seq.float(), pk.cu_seqlens) * pk.mask
             old_lp, _ = packed_logprobs(self.policy, pk, temperature=c.temperature)
             ref_lp = packed_logprobs(self.ref, pk, temperature=c.temperature)[0] if self.ref is not None else None
-            mask, seq_sum, mismatch = pk.mask, pk.segment_sum, packing.mismatch_metrics(pk, old_lp)
+            mask, per_sample_sum, mismatch = pk.mask, pk.segment_sum, packing.mismatch_metrics(pk, old_lp)
         t2 = time.perf_counter()
         metrics = {
             **reward_metrics,
@@ -91,10 +105,12 @@ class GRPOTrainer(Trainer):
         }
         metrics.update(mismatch)  # always: the user sees the rollout/trainer gap
         if ref_lp is not None:
-            metrics["kl"] = float(seq_sum(kl_penalty(old_lp, ref_lp, kind=c.kl_kind) * mask).mean())
+            metrics["kl"] = float(per_sample_sum(kl_penalty(old_lp, ref_lp, kind=c.kl_kind) * mask).mean())
         return Experience(ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp, packed=pk)
 
     def micro_step(self, mb: Experience, scale: float):
+        """The backward of one micro-batch: ppo_loss, with the KL to the
+        reference as a loss term. Returns (detached loss, stats)."""
         use_kl = mb.ref_logprobs is not None and self.kl_ctl.value > 0
         loss, st = self.policy_loss(mb, use_kl)
         (loss * scale).backward()

@@ -15,11 +15,11 @@ import torch
 from ..ops import ppo_value_loss
 from ..reference import RolloutCorrection
 from . import packing
-from .base import Trainer
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values
 from .optimizer import make_optimizer
 from .packing import PackedRollout, packed_logprobs, packed_loss_args, packed_values
+from .policy_trainer import PolicyTrainer
 from .rollout import (
     CORRECTION_STATS,
     Experience,
@@ -30,7 +30,7 @@ from .rollout import (
 )
 
 
-class PPOTrainer(Trainer):
+class PPOTrainer(PolicyTrainer):
     """policy, ref_policy: HF causal LMs (ref frozen); critic: ScalarHeadModel
     (ScalarHeadModel.from_causal_lm(policy) gives a value head on a copy of its
     trunk); reward: ScalarHeadModel (learned RM) or reward_fn(sequences,
@@ -73,12 +73,25 @@ class PPOTrainer(Trainer):
         }
         self.updated = [(policy, self.opt, self.sched), (critic, self.copt, self.csched)]
 
-    # ------------------------------------------------------------ experience
+    def step(self) -> dict:
+        """One PPO step: the experience (rollout -> score -> log-probs and
+        values -> KL-shaped rewards -> GAE advantages), then ppo_epochs x
+        minibatches of micro_step, then the adaptive KL controller sees the
+        measured KL."""
+        exp = self.make_experience()
+        metrics = {**exp.metrics, **self.update(exp, self.micro_step), **self.text_reward_metrics()}
+        self.kl_ctl.update(metrics["kl"], self.config.batch_size)
+        return metrics
+
     @torch.no_grad()
     def make_experience(self) -> Experience:
         c = self.config
+        # rollout -> score (processed: EOS penalty, normalisation, clipping; non-finite ones zero-weighted)
         ro, _, scores, valid, reward_metrics, any_valid, t0 = self.rollout_and_score()
         t1 = time.perf_counter()
+        # log-probs of the old policy and the reference, values of the critic; then
+        # rewards: the score on the last token, minus beta * KL per token when kl_in_reward;
+        # advantages: GAE, whitened. Packed (config.packing): on the packed response stream
         beta = self.kl_ctl.value if c.kl_in_reward else 0.0
         adv_args = {"gamma": c.gamma, "lam": c.lam, "whiten_advantages": c.whiten_advantages}
         pk = PackedRollout.from_rollout(ro) if c.packing else None
@@ -117,17 +130,15 @@ class PPOTrainer(Trainer):
             ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp, values=values, returns=ret, packed=pk
         )
 
-    # ------------------------------------------------------------ update
     def micro_step(self, mb: Experience, scale: float):
+        """The backwards of one micro-batch: ppo_loss on the policy, the
+        clipped value loss on the critic. Returns (detached loss, stats)."""
         c = self.config
         ro, pk = mb.rollout, mb.packed
         ploss, pst = self.policy_loss(mb, use_kl=not c.kl_in_reward and self.kl_ctl.value > 0)
         if pk is None:
-            v, mask, layout = (
-                response_values(self.critic_ddp, ro.sequences, ro.attention_mask, ro.prompt_length),
-                ro.response_mask,
-                {},
-            )
+            v = response_values(self.critic_ddp, ro.sequences, ro.attention_mask, ro.prompt_length)
+            mask, layout = ro.response_mask, {}
         else:
             v, mask = packed_values(self.critic_ddp, pk), pk.mask
             layout = packed_loss_args(pk, c.loss_agg, ro.response_mask.shape[1])
