@@ -57,6 +57,9 @@ GENERATED_DIRS = ("out/", "out_dir/", "output_dir/", "build/")
 EXTERNAL = {
     "workers/utils/losses.py",
     "verl/trainer/ppo/rollout_corr_helper.py",
+    "verl/workers/engine/fsdp/transformer_impl.py",
+    "openrlhf/models/actor.py",
+    "openrlhf/models/model.py",
     "tests/trainer/ppo",
     "vp_example.py",
 }
