@@ -11,9 +11,9 @@ differentiable (a test that could only see zeros would prove nothing).
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from conftest import CPU_BACKENDS
 
 import rlhf_fast
-from conftest import CPU_BACKENDS
 
 MODES = ("jvp", "jacfwd", "forward_ad")
 
@@ -30,9 +30,11 @@ def _case(name, dtype=torch.float64):
     if name in ("logprobs", "entropy"):
         y = torch.tensor([1, 6, 0, -100, 3, 2]).reshape(B, T)
         k = 0 if name == "logprobs" else 1
-        return "logprobs_from_logits", lambda z: rlhf_fast.logprobs_from_logits(
-            z, y, temperature=0.7, return_entropy=True
-        )[k], rnd(B, T, V)
+        return (
+            "logprobs_from_logits",
+            lambda z: rlhf_fast.logprobs_from_logits(z, y, temperature=0.7, return_entropy=True)[k],
+            rnd(B, T, V),
+        )
     if name in ("linear_logprobs", "linear_entropy"):
         w, y = rnd(V, H), torch.tensor([1, 6, 0, 3, 2])
         k = 0 if name == "linear_logprobs" else 1
@@ -40,13 +42,17 @@ def _case(name, dtype=torch.float64):
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     old, adv, ref = rnd(B, T) - 1, rnd(B, T), rnd(B, T) - 1
     if name == "ppo_loss":
-        return "ppo_loss", lambda lp: rlhf_fast.ppo_loss(
-            lp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, clip_low=0.3
-        )[0], old + 0.1 * rnd(B, T)
+        return (
+            "ppo_loss",
+            lambda lp: rlhf_fast.ppo_loss(lp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, clip_low=0.3)[0],
+            old + 0.1 * rnd(B, T),
+        )
     if name == "ppo_value_loss":
         returns = rnd(B, T)
-        return "ppo_value_loss", lambda v: rlhf_fast.ppo_value_loss(v, old, returns, mask, clip=0.5)[0], old + 0.3 * rnd(
-            B, T
+        return (
+            "ppo_value_loss",
+            lambda v: rlhf_fast.ppo_value_loss(v, old, returns, mask, clip=0.5)[0],
+            old + 0.3 * rnd(B, T),
         )
     assert name == "kl_penalty"
     return "kl_penalty", lambda lp: rlhf_fast.kl_penalty(lp, ref, kind="k3"), ref + 0.5 * rnd(B, T)
@@ -73,7 +79,9 @@ def test_forward_ad_raises_on_kernels(kernel_backend, case, mode):
     for dtype in (torch.float64, torch.float32):
         public, f, x = _case(case, dtype)
         with rlhf_fast.use_backend(kernel_backend):
-            with pytest.raises(RuntimeError, match=rf"forward-mode AD .* not supported by rlhf_fast\.{public}.*reference"):
+            with pytest.raises(
+                RuntimeError, match=rf"forward-mode AD .* not supported by rlhf_fast\.{public}.*reference"
+            ):
                 _tangent(f, x, torch.randn_like(x), mode)
 
 
