@@ -15,9 +15,9 @@ import math
 
 import pytest
 import torch
+from conftest import CPU_BACKENDS
 
 import rlhf_fast
-from conftest import CPU_BACKENDS
 
 BACKENDS = ["reference", *CPU_BACKENDS]
 OFFSETS = (0.0, 1e2, 1e4, 1e7, 1e30, "max")
