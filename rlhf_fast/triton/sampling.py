@@ -158,21 +158,23 @@ def _top_k_key(row_ptr, V, inv_t, mx, k, hist0, KEY16: tl.constexpr, BLOCK_V: tl
 
 
 @triton.jit
-def _mass_ge3(row_ptr, V, inv_t, mx, t1, t2, t3, BLOCK_V: tl.constexpr):
-    """sum(exp(z)) over z >= t for three thresholds in one sweep. Each
-    sum adds a subset of the terms of the one below it in the same order, so
-    t1 <= t2 <= t3 gives m1 >= m2 >= m3 in floating point too."""
+def _mass_ge3(row_ptr, V, inv_t, mx, k1, k2, k3, KEY16: tl.constexpr, BLOCK_V: tl.constexpr):
+    """sum(exp(z)) over the tokens whose key is >= k for three keys in one
+    sweep. Keys, not z thresholds: z = (x - max) / T can round two distinct
+    x (or a key between tokens and the token below it) to one value, which
+    would break the search's monotone predicate. Each sum adds a subset of
+    the terms of the one below it in the same order, so k1 <= k2 <= k3 gives
+    m1 >= m2 >= m3 in floating point too."""
     cols = tl.arange(0, BLOCK_V)
     m1 = tl.zeros([BLOCK_V], tl.float32)
     m2 = tl.zeros([BLOCK_V], tl.float32)
     m3 = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        z = _load_z(row_ptr, offs, V, mx, inv_t)
-        e = tl.exp(z)
-        m1 += tl.where(z >= t1, e, 0.0)
-        m2 += tl.where(z >= t2, e, 0.0)
-        m3 += tl.where(z >= t3, e, 0.0)
+        z, key, valid = _load_key(row_ptr, start + cols, V, mx, inv_t, KEY16)
+        e = tl.where(valid, tl.exp(z), 0.0)
+        m1 += tl.where(key >= k1, e, 0.0)
+        m2 += tl.where(key >= k2, e, 0.0)
+        m3 += tl.where(key >= k3, e, 0.0)
     return tl.sum(m1, axis=0), tl.sum(m2, axis=0), tl.sum(m3, axis=0)
 
 
@@ -194,10 +196,7 @@ def _top_p_key(
         p1 = lo + (n + 3) // 4
         p2 = tl.minimum(lo + (2 * n + 3) // 4, hi)
         p3 = tl.minimum(lo + (3 * n + 3) // 4, hi)
-        m1, m2, m3 = _mass_ge3(
-            row_ptr, V, inv_t, mx, _key_z(p1 << 8, mx, inv_t, row_ptr, KEY16),
-            _key_z(p2 << 8, mx, inv_t, row_ptr, KEY16), _key_z(p3 << 8, mx, inv_t, row_ptr, KEY16), BLOCK_V,
-        )  # fmt: skip
+        m1, m2, m3 = _mass_ge3(row_ptr, V, inv_t, mx, p1 << 8, p2 << 8, p3 << 8, KEY16, BLOCK_V)
         ok1, ok2, ok3 = m1 >= target, m2 >= target, m3 >= target
         hi = tl.where(ok3, hi, tl.where(ok2, p3 - 1, tl.where(ok1, p2 - 1, p1 - 1)))
         mass_hi = tl.where(ok3, mass_hi, tl.where(ok2, m3, tl.where(ok1, m2, m1)))
