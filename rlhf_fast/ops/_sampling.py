@@ -154,7 +154,7 @@ def sample_with_seeds(logits, seeds, temperature, top_k, top_p, min_p, filtered)
     backend = _backend.choose("sample", logits.device, IMPLEMENTED)
     if logits.dtype == torch.float64:
         backend = "reference"  # documented: float64 (oracle) logits run the reference
-    if backend != "cpp" and logits.device.type == "cpu" and not is_compiling():
+    if backend != "cpp" and logits.device.type == "cpu" and not is_compiling() and logits.shape[0] > 0:
         _check_rows(logits, temperature)  # the C++ kernel raises the same itself
     if backend == "reference":
         out = reference.sample(logits, seeds, temperature, top_k, top_p, min_p, filtered)

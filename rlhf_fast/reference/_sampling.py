@@ -109,6 +109,11 @@ def sample(
     for greedy rows), fp32 (fp64 for fp64 logits)."""
     acc = acc_dtype(logits.dtype)
     B, V = logits.shape
+    if V == 0 and B > 0:
+        raise ValueError("rlhf_fast.sample: logits have an empty vocabulary dim (V=0): no token to draw")
+    if B == 0:  # as the kernels: empty outputs
+        empty = logits.new_empty((0,), dtype=acc)
+        return logits.new_empty((0,), dtype=torch.int64), empty, empty.clone()
     greedy = temperature == 0
     t64 = temperature.to(torch.float64)
     inv_t = torch.where(greedy, torch.ones_like(t64), 1.0 / torch.where(greedy, torch.ones_like(t64), t64))
