@@ -157,14 +157,27 @@ def test_value_loss_packed_equals_padded(backend, agg, case, clip):
 
 
 def test_many_segments_and_long_segment(backend):
-    """500 short segments (lengths 0-3) and one long one that spans many
-    blocks, in one stream: the same as padded."""
+    """10,000 short segments (lengths 0-3; 500 under the interpreter, which
+    runs programs one by one) and one long one that spans many blocks, in
+    one stream: the same as padded (the 2,100-token segment of test
+    test_long_segment_spans_blocks takes the C++ 256-token blocks' path)."""
     g = torch.Generator().manual_seed(5)
-    lengths = torch.randint(0, 4, (500,), generator=g).tolist() + [2100 if backend == "cpp" else 300]
+    n = 10_000 if backend == "cpp" else 500
+    # the long one: 300 tokens are ten of the interpreter's 32-token blocks
+    lengths = torch.randint(0, 4, (n,), generator=g).tolist() + [300]
     data, pm, packed, pmask, cu, inside = _packed_case(lengths, make_policy, torch.float32, empty_rows=())
     out = _run(lambda *t: rlhf_fast.ppo_policy_loss(*t, pmask, agg="seq-mean-token-mean", cu_seqlens=cu), packed, [0])
     pad = _run(lambda *t: rlhf_fast.ppo_policy_loss(*t, pm, agg="seq-mean-token-mean"), data, [0])
-    _check(out, pad, inside, torch.float32, f"{backend} 501 segments")
+    _check(out, pad, inside, torch.float32, f"{backend} {n + 1} segments")
+
+
+def test_long_segment_spans_blocks(backend):
+    """A 2,100-token segment beside short ones: several C++ 256-token blocks
+    and, with a mean of ~700, several passes of a Triton program's loop."""
+    data, pm, packed, pmask, cu, inside = _packed_case([2100, 7, 1], make_policy, torch.float32, empty_rows=())
+    out = _run(lambda *t: rlhf_fast.ppo_policy_loss(*t, pmask, agg="seq-mean-token-sum", cu_seqlens=cu), packed, [0])
+    pad = _run(lambda *t: rlhf_fast.ppo_policy_loss(*t, pm, agg="seq-mean-token-sum"), data, [0])
+    _check(out, pad, inside, torch.float32, f"{backend} 2100-token segment")
 
 
 def test_sum_norm_needs_agg_norm_when_packed(backend):
