@@ -80,7 +80,8 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // Token tensors (B, T), any float dtype, math in fp32 (fp64 for fp64
   // logprobs / values); mask (B, T) bool or uint8, valid where != 0. With
   // cu_seqlens ((S + 1,) int32 / int64, docs/packing.md) every token tensor
-  // is packed (total,), the rows are its S segments and row_scale is (S,).
+  // is packed (total,), the rows are its S segments and row_scale is (S,);
+  // agg_norm = 0 then means the longest segment (seq-mean-token-sum-norm).
   // Forward returns the loss (0-dim), the stats (1-D, see ops/_ppo_loss.py),
   // dtok = d loss_tok / d logprobs (B, T) in the accumulation dtype, 0 where
   // masked, and row_scale (B,): the aggregation weight of each row, so that
