@@ -10,6 +10,11 @@ plus rollout_logprobs and a RolloutCorrection (token TIS; and verl's
 decoupled_seq_is_rs preset, sequence TIS + seq_sum_k1 rejection, which needs
 the row pass) against the eager reference chain of the same correction and
 against rlhf_fast.ppo_loss without correction (the cost of correcting).
+
+Packed (op "ppo_loss packed"): the same step on a packed stream (cu_seqlens)
+of responses whose lengths are drawn from 32 to 1024 tokens (mean ~200),
+against the same op on those responses right-padded to the longest, which
+is what a padded batch costs (the packed call does the valid tokens' work).
     python -m benchmarks.bench_ppo_loss [--full] [--device cuda] [--threads N] [--json PATH]
 """
 
@@ -143,6 +148,50 @@ def bench_corrected(B, T, dtype, device) -> list:
     return records
 
 
+def spread_lengths(S: int, seed: int = 0) -> torch.Tensor:
+    """S response lengths in [32, 1024], mean ~200: 32 + an exponential of
+    mean 168, cut at 1024 (a rollout batch's long tail)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    u = torch.rand(S, generator=g, dtype=torch.float64)
+    return (32 - 168 * torch.log1p(-u)).clamp(max=1024).long()
+
+
+def bench_packed(S, dtype, device) -> list:
+    lengths = spread_lengths(S)
+    T = int(lengths.max())
+    lp, old, adv, _, ent, ref = _inputs(S, T, dtype, device)
+    inside = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).to(device)
+    # a loss mask inside each response (prompt / observation tokens are 0)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    mask = (torch.rand(S, T, generator=g) > 0.1).to(device) & inside
+    packed = [rlhf_fast.pack(t, inside)[0] for t in (lp, old, adv, mask, ent, ref)]
+    cu = rlhf_fast.pack(lp, inside)[1]
+    for t in (lp, ent, packed[0], packed[4]):
+        t.requires_grad_()
+    plp, pold, padv, pmask, pent, pref = packed
+
+    def packed_fn():
+        loss, _ = rlhf_fast.ppo_loss(plp, pold, padv, pmask, entropy=pent, ref_logprobs=pref, cu_seqlens=cu, **KW)
+        return torch.autograd.grad(loss, (plp, pent))
+
+    total = int(lengths.sum())
+    e = lp.element_size()
+    return _compare(
+        S,
+        T,
+        dtype,
+        device,
+        op="ppo_loss packed",
+        impl=f"rlhf_fast packed ({total} tokens)",
+        fn=packed_fn,
+        baselines={
+            f"rlhf_fast padded to the longest ({S * T} tokens)": _step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref)
+        },
+        bytes_moved=total * (5 * e + 1 + 4 + 4 + 1 + 2 * e),
+        interleave=(f"rlhf_fast padded to the longest ({S * T} tokens)",),
+    )
+
+
 def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> list:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if tiny:
@@ -158,6 +207,9 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
         for dt in dtypes:
             records += bench(B, T, dt, device)
             records += bench_corrected(B, T, dt, device)
+    if not tiny:
+        for dt in dtypes:
+            records += bench_packed(64 if quick else 256, dt, device)
     return records
 
 

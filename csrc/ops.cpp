@@ -78,7 +78,10 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // ---- PPO losses (rlhf_fast/ops/_ppo_loss.py) ----
   // Token tensors (B, T), any float dtype, math in fp32 (fp64 for fp64
-  // logprobs / values); mask (B, T) bool or uint8, valid where != 0.
+  // logprobs / values); mask (B, T) bool or uint8, valid where != 0. With
+  // cu_seqlens ((S + 1,) int32 / int64, docs/packing.md) every token tensor
+  // is packed (total,), the rows are its S segments and row_scale is (S,);
+  // agg_norm = 0 then means the longest segment (seq-mean-token-sum-norm).
   // Forward returns the loss (0-dim), the stats (1-D, see ops/_ppo_loss.py),
   // dtok = d loss_tok / d logprobs (B, T) in the accumulation dtype, 0 where
   // masked, and row_scale (B,): the aggregation weight of each row, so that
@@ -95,7 +98,8 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "float kl_coef, str kl_kind, float clip_low, float clip_high, "
       "float? dual_clip, str agg, float agg_norm, Tensor? rollout_logprobs=None, "
       "str rc_is=\"none\", float rc_is_upper=2.0, float? rc_is_lower=None, "
-      "str rc_rs=\"none\", float rc_rs_lower=0.0, float rc_rs_upper=0.0) -> (Tensor loss, "
+      "str rc_rs=\"none\", float rc_rs_lower=0.0, float rc_rs_upper=0.0, "
+      "Tensor? cu_seqlens=None) -> (Tensor loss, "
       "Tensor stats, Tensor dtok, Tensor row_scale, Tensor keep)");
   // grad_logprobs = g * row_scale[b] * dtok; grad_entropy =
   // -entropy_coef * g * row_scale[b] * mask (a (0,) tensor unless has_entropy).
@@ -103,12 +107,14 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def(
       "ppo_loss_bwd(Tensor grad_loss, Tensor dtok, Tensor row_scale, Tensor mask, "
       "float entropy_coef, bool has_entropy, ScalarType logp_dtype, "
-      "ScalarType entropy_dtype) -> (Tensor grad_logprobs, Tensor grad_entropy)");
+      "ScalarType entropy_dtype, Tensor? cu_seqlens=None) -> (Tensor grad_logprobs, "
+      "Tensor grad_entropy)");
   // 0.5 * agg(max((v - R)^2, (clamp(v, v_old -+ clip) - R)^2)); stats =
   // (clipfrac, explained_variance); dtok = d loss_tok / d values.
   m.def(
       "ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, "
-      "Tensor mask, float? clip, str agg, float agg_norm) -> (Tensor loss, "
+      "Tensor mask, float? clip, str agg, float agg_norm, Tensor? cu_seqlens=None) "
+      "-> (Tensor loss, "
       "Tensor stats, Tensor dtok, Tensor row_scale)");
   // Per-token KL estimate (k1, k2, k3, abs) in the accumulation dtype.
   m.def("kl_penalty_fwd(Tensor logprobs, Tensor ref_logprobs, str kind) -> Tensor");

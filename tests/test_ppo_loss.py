@@ -293,6 +293,25 @@ def test_log_ratio_clamped_at_20(backend):
     assert out[2][0][0, :2].eq(0).all()  # beyond the clamp: no gradient
 
 
+@pytest.mark.parametrize("pos", [5, 18])  # in the C++ 8-lane body and in its scalar tail (T = 20)
+def test_nan_logprob_gives_nan_ratio_max(backend, pos):
+    """One rule on every backend: a NaN log-prob at a valid token makes
+    ratio_max NaN (the max of a set holding NaN), as the reference; at a
+    masked token it is never read."""
+    lp, old, adv, mask = make_policy(3, 20, empty_rows=())
+    mask[:] = True
+    lp[1, pos] = float("nan")
+    for fn in (rlhf_fast.ppo_policy_loss, R.ppo_policy_loss):
+        _, stats = fn(lp, old, adv, mask)
+        assert torch.isnan(stats["ratio_max"]), f"{backend} {fn.__module__}: ratio_max {stats['ratio_max']}"
+        assert torch.isnan(stats["ratio_mean"]), f"{backend} {fn.__module__}"
+    mask[1, pos] = False
+    _, stats = rlhf_fast.ppo_policy_loss(lp, old, adv, mask)
+    _, rstats = R.ppo_policy_loss(lp.double(), old.double(), adv.double(), mask)
+    assert torch.isfinite(stats["ratio_max"])
+    assert_close(stats["ratio_max"], rstats["ratio_max"].float(), "stat", f"{backend} masked NaN")
+
+
 @pytest.mark.parametrize("agg", AGGS)
 def test_all_masked_batch_gives_zero(backend, agg):
     lp, old, adv, _ = make_policy(3, 11)

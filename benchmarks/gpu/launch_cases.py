@@ -223,6 +223,24 @@ def _ppo_cases(ops):
             args = (t, t, t, mask, t, t, 0.01, 0.1, "k3", 0.2, 0.28, 3.0, "token-mean", 8192.0, t, *spec.kernel_args())
             tag = f"{dt} (256,8192) {spec.rollout_is} {spec.rollout_rs}"
             out.append((f"ppo_loss fwd rollout correction {tag}", lambda a=args: m.ppo_loss_fwd_triton._init_fn(*a)))
+    # packed (cu_seqlens): 1,000 segments of 200 tokens on average (the
+    # benchmark's length spread), every kernel's PACKED specialisation
+    total, S = 200_000, 1000
+    for dt in FLOATS:
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        t, mask, cu = _m((total,), dt), _m((total,), torch.bool), _m((S + 1,), torch.int32)
+        for spec in (RC(None, 2.0), RC("sequence", "0.5_2.0", "seq_mean_k1", 1.01)):
+            roll = t if spec.rollout_is else None
+            args = (t, t, t, mask, t, t, 0.01, 0.1, "k3", 0.2, 0.28, 3.0, "seq-mean-token-mean", 1024.0, roll)
+            args = args + (*spec.kernel_args(), cu)
+            tag = f"{dt} packed ({total}, S={S}) {spec.rollout_is} {spec.rollout_rs}"
+            out.append((f"ppo_loss fwd {tag}", lambda a=args: m.ppo_loss_fwd_triton._init_fn(*a)))
+        args = (_m((), acc), _m((total,), acc), _m((S,), acc), mask, 0.01, True, dt, dt, cu)
+        out.append((f"ppo_loss bwd {dt} packed ({total}, S={S})", lambda a=args: m.ppo_loss_bwd_triton._init_fn(*a)))
+        args = (t, t, t, mask, 0.2, "seq-mean-token-mean", 1024.0, cu)
+        out.append(
+            (f"value_loss {dt} packed ({total}, S={S})", lambda a=args: value.ppo_value_loss_fwd_triton._init_fn(*a))
+        )
     for dt in FLOATS:
         acc = torch.float64 if dt == torch.float64 else torch.float32
         B, T = 256, 8192

@@ -144,13 +144,9 @@ struct RowIO {
   const uint8_t* next_mk = nullptr;
 };
 
-// Lane-wise sums and extremes on kPolicyLanes lanes.
+// Lane-wise sums on kPolicyLanes lanes.
 using vf8 = PV::f;
 RLHF_FAST_INLINE void add8(vf8& s, vf8 v) { s += v; }
-template <bool MAX>
-RLHF_FAST_INLINE void ext8(vf8& m, vf8 v) {  // running max (MAX) / min, NaN ignored
-  m = MAX ? (v > m ? v : m) : (v < m ? v : m);
-}
 
 // The rollout correction's metric sums of one row, fp64, in token order:
 // n0, s_old, s_roll, s_lr, s_k3, s_rho2, then (per-token weights only)
@@ -444,7 +440,7 @@ struct PolicyRowKernel {
           std::memcpy(dtok + t, &k.dtok, sizeof(vf8));
           add8(s[0], k.loss), add8(s[1], k.kl), add8(s[2], k.n), add8(s[3], k.clip), add8(s[4], k.low);
           add8(s[5], k.akl), add8(s[6], k.r);
-          ext8<true>(m, k.r);
+          m = (k.r > m) | (k.r != k.r) ? k.r : m;  // a NaN ratio (NaN log-prob) is the max, as elsewhere
           if (ent) {
             vf8 ev;
             std::memcpy(&ev, ent + t, sizeof(vf8));
@@ -456,7 +452,7 @@ struct PolicyRowKernel {
           for (int l = 0; l < kL; ++l) sum += s[j][l];
           acc[j] += sum;
         }
-        for (int l = 0; l < kL; ++l) rmax = m[l] > rmax ? m[l] : rmax;
+        for (int l = 0; l < kL; ++l) rmax = nan_max(rmax, double(m[l]));
       }
     }
     for (; t < T; ++t) {  // tail (and the whole fp64 row)
@@ -476,7 +472,7 @@ struct PolicyRowKernel {
       dtok[t] = k.dtok;
       acc[0] += double(k.loss), acc[1] += double(k.kl), acc[2] += double(k.n), acc[3] += double(k.clip);
       acc[4] += double(k.low), acc[5] += double(k.akl), acc[6] += double(k.r);
-      rmax = double(k.r) > rmax ? double(k.r) : rmax;
+      rmax = nan_max(rmax, double(k.r));
       if (ent && valid) acc[7] += double(ent[t]);
     }
     PolicyRow* out = io->out;
@@ -578,22 +574,23 @@ struct RcRowPass {
 };
 
 template <typename acc_t>
-void policy_rows(const at::Tensor& lp, const at::Tensor& old, const at::Tensor& adv,
+void policy_rows(const Rows& R, const at::Tensor& lp, const at::Tensor& old, const at::Tensor& adv,
                  const at::Tensor& ent, const at::Tensor& ref, const at::Tensor& roll, const uint8_t* mk,
                  int kl, bool dual, PolicyCfg<acc_t> c, const rc::Cfg& rcc, acc_t* dtok, uint8_t* keep,
                  std::vector<PolicyRow>& rows, std::vector<rc::Row>& rc_rows) {
-  const int64_t B = lp.size(0), T = lp.size(1);
+  const int64_t B = R.n, L = R.max_len;
   const auto s_lp = src_of<acc_t>(lp), s_old = src_of<acc_t>(old), s_adv = src_of<acc_t>(adv),
              s_ent = src_of<acc_t>(ent), s_ref = src_of<acc_t>(ref), s_roll = src_of<acc_t>(roll);
   const bool has_rc = roll.defined();
-  at::parallel_for(0, B, rows_per_task(T), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, rows_per_task(R.mean_len()), [&](int64_t begin, int64_t end) {
     // scratch rows for inputs that are not already acc_t (bf16 / fp16 / mixed)
-    std::vector<acc_t> buf(6 * T);
+    std::vector<acc_t> buf(6 * L);
     for (int64_t b = begin; b < end; ++b) {
-      RowIO<acc_t> io{s_lp.row(b, buf.data()), s_old.row(b, buf.data() + T), s_adv.row(b, buf.data() + 2 * T),
-                      s_ref.row(b, buf.data() + 3 * T), s_ent.row(b, buf.data() + 4 * T),
-                      s_roll.row(b, buf.data() + 5 * T), mk + b * T, dtok + b * T,
-                      keep ? keep + b * T : nullptr, &rows[b], has_rc ? &rc_rows[b] : nullptr};
+      const int64_t o = R.start(b), T = R.len(b);
+      RowIO<acc_t> io{s_lp.row(o, T, buf.data()), s_old.row(o, T, buf.data() + L),
+                      s_adv.row(o, T, buf.data() + 2 * L), s_ref.row(o, T, buf.data() + 3 * L),
+                      s_ent.row(o, T, buf.data() + 4 * L), s_roll.row(o, T, buf.data() + 5 * L), mk + o, dtok + o,
+                      keep ? keep + o : nullptr, &rows[b], has_rc ? &rc_rows[b] : nullptr};
       double row_raw = 1.0;
       bool row_pass = true;
       if (has_rc && rcc.needs_row_pass()) {
@@ -603,9 +600,12 @@ void policy_rows(const at::Tensor& lp, const at::Tensor& old, const at::Tensor& 
         // (two lines per 16 tokens), they are in cache: the sequence-level
         // sweep at (64, 4096) fp32 2-6% faster (same-binary A/B, min and
         // median of 30 calls, 7 runs).
-        if (b + 1 < end && s_old.direct_row(b + 1) && s_roll.direct_row(b + 1)) {
-          io.next_old = s_old.direct_row(b + 1), io.next_roll = s_roll.direct_row(b + 1);
-          io.next_mk = mk + (b + 1) * T;
+        // (only over the next row's first T tokens: no read past a shorter one)
+        if (b + 1 < end && R.len(b + 1) >= T && s_old.direct_row(R.start(b + 1)) &&
+            s_roll.direct_row(R.start(b + 1))) {
+          const int64_t on = R.start(b + 1);
+          io.next_old = s_old.direct_row(on), io.next_roll = s_roll.direct_row(on);
+          io.next_mk = mk + on;
         }
         const rc::RowStats st = isa_call<RcRowPass<acc_t>>(io.old, io.roll, io.mk, T, rcc.row_pass_needs_k3());
         row_raw = rc::row_raw_weight(rcc, st);
@@ -624,10 +624,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
     c10::string_view kl_kind, double clip_low, double clip_high, std::optional<double> dual_clip,
     c10::string_view agg_s, double agg_norm, const std::optional<at::Tensor>& rollout_logprobs,
     c10::string_view rc_is, double rc_is_upper, std::optional<double> rc_is_lower, c10::string_view rc_rs,
-    double rc_rs_lower, double rc_rs_upper) {
+    double rc_rs_lower, double rc_rs_upper, const std::optional<at::Tensor>& cu_seqlens) {
   const char* op = "rlhf_fast::ppo_loss_fwd";
   check_float(logprobs, op, "logprobs");
-  TORCH_CHECK(logprobs.dim() == 2, op, ": logprobs must be 2-D (B, T), got ", logprobs.sizes());
+  const Rows R = rows_of(logprobs, cu_seqlens, op, "logprobs");
   const auto shape = logprobs.sizes();
   const at::Tensor lp = logprobs.contiguous();
   check_float(old_logprobs, op, "old_logprobs");
@@ -654,17 +654,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   TORCH_CHECK(clip_low > 0 && clip_high > 0, op, ": clip_low and clip_high must be > 0");
   TORCH_CHECK(!dual_clip.has_value() || *dual_clip > 1.0, op, ": dual_clip must be > 1");
   const Agg agg = parse_agg(std::string(agg_s), op);
-  TORCH_CHECK(agg_norm > 0, op, ": agg_norm must be > 0, got ", agg_norm);
+  const double norm = packed_norm(R, agg_norm, op);
   const int kl = ref.defined() ? parse_kl(std::string(kl_kind), op) : kNone;
 
-  const int64_t B = lp.size(0), T = lp.size(1);
+  const int64_t B = R.n;
   const auto acc = acc_dtype(lp.scalar_type());
   const auto opts = lp.options().dtype(acc);
-  at::Tensor dtok = at::empty({B, T}, opts);
+  at::Tensor dtok = at::empty(shape, opts);
   at::Tensor row_scale = at::empty({B}, opts);
   // the mask after rejection, for backward's entropy gradient; (0,) without rejection
-  const std::vector<int64_t> keep_shape = rcc.rs != rc::kRsNone ? std::vector<int64_t>{B, T}
-                                                                 : std::vector<int64_t>{0};
+  const std::vector<int64_t> keep_shape = rcc.rs != rc::kRsNone ? shape.vec() : std::vector<int64_t>{0};
   at::Tensor keep = at::empty(keep_shape, lp.options().dtype(at::kBool));
   std::vector<PolicyRow> rows(B);
   std::vector<rc::Row> rc_rows(roll.defined() ? B : 0);
@@ -673,8 +672,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   AT_DISPATCH_FLOATING_TYPES(acc, "ppo_loss_fwd", [&] {
     PolicyCfg<scalar_t> c{scalar_t(1.0 - clip_low), scalar_t(1.0 + clip_high),
                           scalar_t(dual_clip.value_or(3.0)), scalar_t(kl_coef)};
-    if (B * T > 0)
-      policy_rows<scalar_t>(lp, old, adv, ent, ref, roll, m, kl, dual_clip.has_value(), c, rcc,
+    if (R.total > 0)
+      policy_rows<scalar_t>(R, lp, old, adv, ent, ref, roll, m, kl, dual_clip.has_value(), c, rcc,
                             dtok.data_ptr<scalar_t>(), kp, rows, rc_rows);
   });
 
@@ -685,10 +684,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   std::vector<double> scale(B);
   for (int64_t b = 0; b < B; ++b) {
     const PolicyRow& r = rows[b];
-    scale[b] = row_scale_of(agg, r.n, N, S, agg_norm);
+    scale[b] = row_scale_of(agg, r.n, N, S, norm);
     pg += scale[b] * r.pg, en += scale[b] * r.ent, kv += scale[b] * r.kl;
     clip += r.clip, lower += r.lower, akl += r.akl, rsum += r.rsum;
-    rmax = std::max(rmax, r.rmax);
+    rmax = nan_max(rmax, r.rmax);
   }
   const double inv_n = N > 0 ? 1.0 / N : 0.0;
   const double loss = pg - entropy_coef * en + kl_coef * kv;
@@ -735,10 +734,11 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_bwd_cpu(const at::Tensor& grad_loss,
                                                     const at::Tensor& dtok, const at::Tensor& row_scale,
                                                     const at::Tensor& mask, double entropy_coef,
                                                     bool has_entropy, at::ScalarType logp_dtype,
-                                                    at::ScalarType entropy_dtype) {
+                                                    at::ScalarType entropy_dtype,
+                                                    const std::optional<at::Tensor>& cu_seqlens) {
   const char* op = "rlhf_fast::ppo_loss_bwd";
-  TORCH_CHECK(dtok.dim() == 2, op, ": dtok must be 2-D");
-  const int64_t B = dtok.size(0), T = dtok.size(1);
+  const Rows R = rows_of(dtok, cu_seqlens, op, "dtok");
+  const int64_t B = R.n;
   const auto acc = dtok.scalar_type();
   const at::Tensor d = dtok.contiguous();
   const at::Tensor rs = prep(row_scale.to(acc), {B}, op, "row_scale");
@@ -750,21 +750,23 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_bwd_cpu(const at::Tensor& grad_loss,
     const bool direct = acc == at::kDouble ? want == at::kDouble : want != at::kDouble;
     return direct ? want : acc;
   };
-  at::Tensor glp = at::empty({B, T}, dtok.options().dtype(out_dtype(logp_dtype)));
-  at::Tensor gent = has_entropy ? at::empty({B, T}, dtok.options().dtype(out_dtype(entropy_dtype)))
+  at::Tensor glp = at::empty(dtok.sizes(), dtok.options().dtype(out_dtype(logp_dtype)));
+  at::Tensor gent = has_entropy ? at::empty(dtok.sizes(), dtok.options().dtype(out_dtype(entropy_dtype)))
                                 : at::empty({0}, dtok.options().dtype(entropy_dtype));
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mk.const_data_ptr());
   AT_DISPATCH_FLOATING_TYPES(acc, "ppo_loss_bwd", [&] {
     using acc_t = scalar_t;
     const acc_t* dp = d.const_data_ptr<acc_t>();
     const acc_t* sp = rs.const_data_ptr<acc_t>();
-    const int64_t grain = rows_per_task(T);
+    const int64_t grain = rows_per_task(R.mean_len());
     dispatch_out<acc_t>(glp.scalar_type(), [&](auto* tag) {
       using O = std::remove_pointer_t<decltype(tag)>;
       O* out = reinterpret_cast<O*>(glp.data_ptr());
       at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b)
-          isa_call<ScaleRowKernel<acc_t, O>>(dp + b * T, m + b * T, acc_t(g * sp[b]), out + b * T, T);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t o = R.start(b);
+          isa_call<ScaleRowKernel<acc_t, O>>(dp + o, m + o, acc_t(g * sp[b]), out + o, R.len(b));
+        }
       });
     });
     if (has_entropy) {
@@ -772,9 +774,11 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_bwd_cpu(const at::Tensor& grad_loss,
         using O = std::remove_pointer_t<decltype(tag)>;
         O* out = reinterpret_cast<O*>(gent.data_ptr());
         at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b)
-            isa_call<ScaleRowKernel<acc_t, O>>(static_cast<const acc_t*>(nullptr), m + b * T,
-                                               acc_t(-entropy_coef * g * sp[b]), out + b * T, T);
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t o = R.start(b);
+            isa_call<ScaleRowKernel<acc_t, O>>(static_cast<const acc_t*>(nullptr), m + o,
+                                               acc_t(-entropy_coef * g * sp[b]), out + o, R.len(b));
+          }
         });
       });
     }

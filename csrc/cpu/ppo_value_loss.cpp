@@ -101,12 +101,13 @@ struct ValueRowKernel {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_fwd_cpu(
     const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
-    const at::Tensor& mask, std::optional<double> clip, c10::string_view agg_s, double agg_norm) {
+    const at::Tensor& mask, std::optional<double> clip, c10::string_view agg_s, double agg_norm,
+    const std::optional<at::Tensor>& cu_seqlens) {
   const char* op = "rlhf_fast::ppo_value_loss_fwd";
   check_float(values, op, "values");
   check_float(old_values, op, "old_values");
   check_float(returns, op, "returns");
-  TORCH_CHECK(values.dim() == 2, op, ": values must be 2-D (B, T), got ", values.sizes());
+  const Rows R = rows_of(values, cu_seqlens, op, "values");
   const auto shape = values.sizes();
   const at::Tensor v = values.contiguous();
   const at::Tensor vo = prep(old_values, shape, op, "old_values");
@@ -114,10 +115,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_fwd_cp
   const at::Tensor mk = prep_mask(mask, shape, op);
   TORCH_CHECK(!clip.has_value() || *clip > 0, op, ": clip must be > 0 or None");
   const Agg agg = parse_agg(std::string(agg_s), op);
-  TORCH_CHECK(agg_norm > 0, op, ": agg_norm must be > 0, got ", agg_norm);
-  const int64_t B = v.size(0), T = v.size(1);
+  const double norm = packed_norm(R, agg_norm, op);
+  const int64_t B = R.n, L = R.max_len;
   const auto acc = acc_dtype(v.scalar_type());
-  at::Tensor dtok = at::empty({B, T}, v.options().dtype(acc));
+  at::Tensor dtok = at::empty(shape, v.options().dtype(acc));
   at::Tensor row_scale = at::empty({B}, v.options().dtype(acc));
   std::vector<ValueRow> rows(B);
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mk.const_data_ptr());
@@ -126,17 +127,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_fwd_cp
     const auto s_v = src_of<acc_t>(v), s_vo = src_of<acc_t>(vo), s_r = src_of<acc_t>(ret);
     const acc_t cr = acc_t(clip.value_or(0.0));
     acc_t* dp = dtok.data_ptr<acc_t>();
-    if (B * T > 0)
-      at::parallel_for(0, B, rows_per_task(T), [&](int64_t b0, int64_t b1) {
-        std::vector<acc_t> buf(3 * T);
+    if (R.total > 0)
+      at::parallel_for(0, B, rows_per_task(R.mean_len()), [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> buf(3 * L);
         for (int64_t b = b0; b < b1; ++b) {
-          const acc_t* pv = s_v.row(b, buf.data());
-          const acc_t* pvo = s_vo.row(b, buf.data() + T);
-          const acc_t* pr = s_r.row(b, buf.data() + 2 * T);
+          const int64_t o = R.start(b), T = R.len(b);
+          const acc_t* pv = s_v.row(o, T, buf.data());
+          const acc_t* pvo = s_vo.row(o, T, buf.data() + L);
+          const acc_t* pr = s_r.row(o, T, buf.data() + 2 * L);
           if (clip.has_value())
-            isa_call<ValueRowKernel<acc_t, true>>(pv, pvo, pr, m + b * T, T, cr, dp + b * T, &rows[b]);
+            isa_call<ValueRowKernel<acc_t, true>>(pv, pvo, pr, m + o, T, cr, dp + o, &rows[b]);
           else
-            isa_call<ValueRowKernel<acc_t, false>>(pv, pvo, pr, m + b * T, T, cr, dp + b * T, &rows[b]);
+            isa_call<ValueRowKernel<acc_t, false>>(pv, pvo, pr, m + o, T, cr, dp + o, &rows[b]);
         }
       });
   });
@@ -147,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_fwd_cp
   std::vector<double> scale(B);
   for (int64_t b = 0; b < B; ++b) {
     const ValueRow& r = rows[b];
-    scale[b] = row_scale_of(agg, r.n, N, S, agg_norm);
+    scale[b] = row_scale_of(agg, r.n, N, S, norm);
     loss += scale[b] * r.loss;
     clipn += r.clip;
     if (r.n > 0) {

@@ -19,6 +19,11 @@ the same pass as the loss (it needs the same ratio, clip decisions and KL
 term), plus row_scale (B,), the aggregation weight of each row, so backward
 is one scale-and-cast: ~8 B per token instead of re-reading 13-21 B of
 inputs and redoing every exp (csrc/cpu/ppo_policy_loss.cpp has the byte counts).
+
+Packed inputs (cu_seqlens=, docs/packing.md): the same ops with the rows
+given as (offset, length) segments instead of b * T, so the padded and the
+packed layout run the same row loop on every backend; dtok keeps the
+tokens' layout and row_scale is per segment.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .._dtypes import acc_dtype
 from ..reference import AGG_MODES, KL_KINDS, RC_STATS, RolloutCorrection
 from ._autograd import register_autograd
 from ._common import FLOAT_DTYPES, check_positive_float, check_same_device, check_tensor, once_differentiable
+from ._packing import check_cu_seqlens
 
 IMPLEMENTED = ("triton", "cpp")
 # Order of the stats vector returned by ppo_loss_fwd.
@@ -45,9 +51,17 @@ MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64) + 
 # ---------------------------------------------------------------- validation
 
 
-def _check_tokens(op: str, ref_name: str, ref: torch.Tensor, mask: torch.Tensor, **others) -> torch.Tensor:
+def _check_tokens(
+    op: str, ref_name: str, ref: torch.Tensor, mask: torch.Tensor, cu_seqlens=None, **others
+) -> torch.Tensor:
     check_tensor(op, ref_name, ref, FLOAT_DTYPES)
-    if ref.dim() != 2:
+    if cu_seqlens is not None:
+        if ref.dim() != 1:
+            raise ValueError(
+                f"{op}: with cu_seqlens, {ref_name} must be 1-D (total,) packed tokens, got shape {tuple(ref.shape)}"
+            )
+        check_cu_seqlens(op, cu_seqlens, ref.shape[0], ref.device)
+    elif ref.dim() != 2:
         raise ValueError(f"{op}: {ref_name} must be 2-D (B, T), got shape {tuple(ref.shape)}")
     for name, t in others.items():
         if t is None:
@@ -63,11 +77,14 @@ def _check_tokens(op: str, ref_name: str, ref: torch.Tensor, mask: torch.Tensor,
     return mask if mask.dtype in (torch.bool, torch.uint8) else mask != 0
 
 
-def _check_agg(op: str, agg, agg_norm, T: int) -> float:
+def _check_agg(op: str, agg, agg_norm, T: int, packed: bool = False) -> float:
+    """agg_norm defaults to T in the padded layout, the longest row the
+    batch holds; packed, to the longest segment, which the kernels read from
+    cu_seqlens themselves (passed as 0: no host sync)."""
     if agg not in AGG_MODES:
         raise ValueError(f"{op}: agg must be one of {AGG_MODES}, got {agg!r}")
     if agg_norm is None:
-        return float(max(T, 1))
+        return 0.0 if packed else float(max(T, 1))
     return check_positive_float(op, "agg_norm", agg_norm)
 
 
@@ -127,6 +144,7 @@ def ppo_loss(
     agg_norm=None,
     rollout_logprobs=None,
     rollout_correction=None,
+    cu_seqlens=None,
 ):
     """The whole actor objective in one fused op:
     loss = pg_loss - entropy_coef * agg(entropy) + kl_coef * agg(kl_penalty(logprobs, ref_logprobs)).
@@ -148,6 +166,10 @@ def ppo_loss(
         docs/rollout_correction.md): stop-gradient importance weights of the
         clipped term (TIS / IcePop, token, sequence or geometric level) and
         rejection of tokens or whole rows, in the same fused pass.
+    cu_seqlens: (S + 1,) int32 / int64 offsets (docs/packing.md): every token
+        tensor is packed (total,), and each segment is a row for the
+        aggregation and the sequence-level corrections; agg_norm defaults
+        to the longest segment there (T, the longest row, when padded).
     """
     op = "rlhf_fast.ppo_loss"
     mask = _check_tokens(
@@ -155,6 +177,7 @@ def ppo_loss(
         "logprobs",
         logprobs,
         mask,
+        cu_seqlens,
         old_logprobs=old_logprobs,
         advantages=advantages,
         entropy=entropy,
@@ -163,7 +186,8 @@ def ppo_loss(
     )
     rc_args = _check_rollout(op, rollout_logprobs, rollout_correction)
     clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
-    agg_norm = _check_agg(op, agg, agg_norm, logprobs.shape[1])
+    packed = cu_seqlens is not None
+    agg_norm = _check_agg(op, agg, agg_norm, logprobs.shape[-1], packed)
     entropy_coef = _check_coef(op, "entropy_coef", entropy_coef)
     kl_coef = _check_coef(op, "kl_coef", kl_coef)
     kl_kind = _check_kind(op, kl_kind)
@@ -187,10 +211,13 @@ def ppo_loss(
             clip_high=clip_high,
             dual_clip=dual_clip,
             agg=agg,
-            agg_norm=agg_norm,
+            agg_norm=agg_norm or None,  # 0: the longest segment (packed)
             rollout_logprobs=rollout_logprobs,
             rollout_correction=rollout_correction,
+            cu_seqlens=cu_seqlens,
         )
+    if not rc_args:
+        rc_args = ("none", 2.0, None, "none", 0.0, 0.0)
     fwd = torch.ops.rlhf_fast.ppo_loss_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.ppo_loss_fwd
     loss, stats, _, _, _ = fwd(
         logprobs,
@@ -209,6 +236,7 @@ def ppo_loss(
         agg_norm,
         rollout_logprobs,
         *rc_args,
+        cu_seqlens,
     )
     names = LOSS_STATS if rollout_logprobs is not None else BASE_STATS
     return loss, dict(zip(names, stats.unbind(0)))
@@ -227,6 +255,7 @@ def ppo_policy_loss(
     agg_norm=None,
     rollout_logprobs=None,
     rollout_correction=None,
+    cu_seqlens=None,
 ):
     """verl's clipped PPO surrogate (compute_policy_loss_vanilla):
     ratio = exp(clamp(logprobs - old_logprobs, -20, 20)),
@@ -239,8 +268,9 @@ def ppo_policy_loss(
     seq-mean-token-sum-norm (sum / agg_norm, default T).
     Returns (loss, stats) with stats clipfrac, clipfrac_lower, approx_kl,
     ratio_mean, ratio_max (token means over the mask), and with
-    rollout_logprobs the rollout_corr/* metrics; rollout_correction as in
-    ppo_loss. Gradient flows to logprobs only.
+    rollout_logprobs the rollout_corr/* metrics; rollout_correction and
+    cu_seqlens (packed (total,) inputs) as in ppo_loss. Gradient flows to
+    logprobs only.
     """
     loss, stats = ppo_loss(
         logprobs,
@@ -254,41 +284,55 @@ def ppo_policy_loss(
         agg_norm=agg_norm,
         rollout_logprobs=rollout_logprobs,
         rollout_correction=rollout_correction,
+        cu_seqlens=cu_seqlens,
     )
     return loss, {k: v for k, v in stats.items() if k not in BASE_STATS[:3]}
 
 
-def rollout_mismatch(old_logprobs, rollout_logprobs, mask):
+def rollout_mismatch(old_logprobs, rollout_logprobs, mask, *, cu_seqlens=None):
     """verl's rollout_corr/* mismatch metrics of the trainer's old log-probs
     against the sampler's, alone: old_logprobs, rollout_logprobs (B, T),
-    mask (B, T). A dict of 0-dim tensors (keys as in ppo_loss's stats).
-    One pass of the fused forward (the metrics do not depend on the current
-    policy or the advantages, so those are stand-ins); no host sync."""
+    mask (B, T), or packed (total,) with cu_seqlens (the per-sequence
+    metrics then per segment). A dict of 0-dim tensors (keys as in
+    ppo_loss's stats). One pass of the fused forward (the metrics do not
+    depend on the current policy or the advantages, so those are
+    stand-ins); no host sync."""
     zeros = torch.zeros_like(old_logprobs)
-    _, stats = ppo_loss(old_logprobs.detach(), old_logprobs.detach(), zeros, mask, rollout_logprobs=rollout_logprobs)
+    _, stats = ppo_loss(
+        old_logprobs.detach(),
+        old_logprobs.detach(),
+        zeros,
+        mask,
+        rollout_logprobs=rollout_logprobs,
+        cu_seqlens=cu_seqlens,
+    )
     return {k: v for k, v in stats.items() if k.startswith("rollout_corr/")}
 
 
-def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", agg_norm=None):
+def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", agg_norm=None, cu_seqlens=None):
     """0.5 * agg(max((v - R)^2, (clamp(v, v_old - clip, v_old + clip) - R)^2)).
 
     values, old_values, returns: (B, T) float; mask (B, T) bool or 0/1.
     clip=None disables clipping. Returns (loss, stats): clipfrac and
     explained_variance = 1 - Var[R - v] / (Var[R] + 1e-8) (population
     variances over the valid tokens). Gradient flows to values only.
+    cu_seqlens: packed (total,) inputs, as in ppo_loss.
     """
     op = "rlhf_fast.ppo_value_loss"
-    mask = _check_tokens(op, "values", values, mask, old_values=old_values, returns=returns)
+    mask = _check_tokens(op, "values", values, mask, cu_seqlens, old_values=old_values, returns=returns)
     if clip is not None:
         clip = check_positive_float(op, "clip", clip)
-    agg_norm = _check_agg(op, agg, agg_norm, values.shape[1])
+    packed = cu_seqlens is not None
+    agg_norm = _check_agg(op, agg, agg_norm, values.shape[-1], packed)
     backend = _backend.choose("ppo_value_loss", values.device, IMPLEMENTED)
     if backend == "reference":
-        return reference.ppo_value_loss(values, old_values, returns, mask, clip=clip, agg=agg, agg_norm=agg_norm)
+        return reference.ppo_value_loss(
+            values, old_values, returns, mask, clip=clip, agg=agg, agg_norm=agg_norm or None, cu_seqlens=cu_seqlens
+        )
     fwd = (
         torch.ops.rlhf_fast.ppo_value_loss_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.ppo_value_loss_fwd
     )
-    loss, stats, _, _ = fwd(values, old_values, returns, mask, clip, agg, agg_norm)
+    loss, stats, _, _ = fwd(values, old_values, returns, mask, clip, agg, agg_norm, cu_seqlens)
     return loss, dict(zip(VALUE_STATS, stats.unbind(0)))
 
 
@@ -297,7 +341,8 @@ def kl_penalty(logprobs, ref_logprobs, *, kind="k3"):
     k1 = lp - ref; k2 = 0.5 (lp - ref)^2; abs = |lp - ref|;
     k3 (low_var_kl) = clamp(exp(k) - k - 1, -10, 10) with k = clamp(ref - lp, -20, 20).
     logprobs, ref_logprobs: same shape, any float dtype. Returns fp32 (fp64
-    for fp64 logprobs); differentiable in logprobs.
+    for fp64 logprobs); differentiable in logprobs. Token-wise, so a packed
+    (total,) stream goes in as it is (no cu_seqlens: no segment matters).
     """
     op = "rlhf_fast.kl_penalty"
     check_tensor(op, "logprobs", logprobs, FLOAT_DTYPES)
@@ -340,32 +385,37 @@ def _fake_loss_fwd(
     rc_rs="none",
     rc_rs_lower=0.0,
     rc_rs_upper=0.0,
+    cu_seqlens=None,
 ):
     acc = acc_dtype(lp.dtype)
-    B, T = lp.shape
     return (
         lp.new_empty((), dtype=acc),
         lp.new_empty((len(LOSS_STATS),), dtype=acc),
-        lp.new_empty((B, T), dtype=acc),
-        lp.new_empty((B,), dtype=acc),
-        lp.new_empty((B, T) if rc_rs != "none" else (0,), dtype=torch.bool),
+        lp.new_empty(lp.shape, dtype=acc),
+        lp.new_empty((_n_rows(lp, cu_seqlens),), dtype=acc),
+        lp.new_empty(lp.shape if rc_rs != "none" else (0,), dtype=torch.bool),
     )
 
 
-def _fake_loss_bwd(grad_loss, dtok, row_scale, mask, entropy_coef, has_entropy, logp_dtype, entropy_dtype):
-    B, T = dtok.shape
-    ge = dtok.new_empty((B, T) if has_entropy else (0,), dtype=entropy_dtype)
-    return dtok.new_empty((B, T), dtype=logp_dtype), ge
+def _n_rows(x: torch.Tensor, cu_seqlens) -> int:
+    """B of a padded (B, T) tensor, S of a packed one."""
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
-def _fake_value_fwd(values, old_values, returns, mask, clip, agg, agg_norm):
+def _fake_loss_bwd(
+    grad_loss, dtok, row_scale, mask, entropy_coef, has_entropy, logp_dtype, entropy_dtype, cu_seqlens=None
+):
+    ge = dtok.new_empty(dtok.shape if has_entropy else (0,), dtype=entropy_dtype)
+    return dtok.new_empty(dtok.shape, dtype=logp_dtype), ge
+
+
+def _fake_value_fwd(values, old_values, returns, mask, clip, agg, agg_norm, cu_seqlens=None):
     acc = acc_dtype(values.dtype)
-    B, T = values.shape
     return (
         values.new_empty((), dtype=acc),
         values.new_empty((len(VALUE_STATS),), dtype=acc),
-        values.new_empty((B, T), dtype=acc),
-        values.new_empty((B,), dtype=acc),
+        values.new_empty(values.shape, dtype=acc),
+        values.new_empty((_n_rows(values, cu_seqlens),), dtype=acc),
     )
 
 
@@ -385,6 +435,7 @@ def _loss_setup_context(ctx, inputs, output):
     # lp / entropy only for the double-backward error node (once_differentiable)
     ctx.save_for_backward(dtok, row_scale, mask, *(t for t in (lp, entropy) if t is not None and t.requires_grad))
     ctx.entropy_coef = inputs[6]
+    ctx.cu_seqlens = inputs[21]  # an int tensor, never differentiated
     ctx.n_inputs = len(inputs)
     ctx.lp_dtype = lp.dtype
     ctx.ent_dtype = entropy.dtype if entropy is not None else None
@@ -403,7 +454,15 @@ def _make_loss_backward(bwd_op):
         if grad_loss is None:  # only the stats were used: no gradient (with materialize_grads off)
             return (None,) * ctx.n_inputs
         glp, gent = bwd_op(
-            grad_loss, dtok, row_scale, mask, ctx.entropy_coef, has_ent, ctx.lp_dtype, ctx.ent_dtype or ctx.lp_dtype
+            grad_loss,
+            dtok,
+            row_scale,
+            mask,
+            ctx.entropy_coef,
+            has_ent,
+            ctx.lp_dtype,
+            ctx.ent_dtype or ctx.lp_dtype,
+            ctx.cu_seqlens,
         )
         return (glp, None, None, None, gent if has_ent else None) + (None,) * (ctx.n_inputs - 5)
 
@@ -415,6 +474,7 @@ def _value_setup_context(ctx, inputs, output):
     _, stats, dtok, row_scale = output
     ctx.save_for_backward(dtok, row_scale, mask, *((values,) if values.requires_grad else ()))
     ctx.v_dtype = values.dtype
+    ctx.cu_seqlens = inputs[7]
     ctx.mark_non_differentiable(stats, dtok, row_scale)
 
 
@@ -422,8 +482,8 @@ def _make_value_backward(bwd_op):
     @once_differentiable("rlhf_fast.ppo_value_loss")
     def backward(ctx, grad_loss, _g_stats, _g_dtok, _g_rs):
         dtok, row_scale, mask = ctx.saved_tensors[:3]
-        gv, _ = bwd_op(grad_loss, dtok, row_scale, mask, 0.0, False, ctx.v_dtype, ctx.v_dtype)
-        return (gv,) + (None,) * 6
+        gv, _ = bwd_op(grad_loss, dtok, row_scale, mask, 0.0, False, ctx.v_dtype, ctx.v_dtype, ctx.cu_seqlens)
+        return (gv,) + (None,) * 7
 
     return backward
 

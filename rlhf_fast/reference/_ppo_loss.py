@@ -14,6 +14,14 @@ Differences from verl, on purpose (the kernels do the same):
 Gradients at ties follow torch exactly (max / min split the gradient in
 half, clamp passes it at its bounds), so the kernels can be compared
 token by token even on the clip boundaries.
+
+Packed inputs (cu_seqlens, docs/packing.md): the tokens are scattered into
+(S, longest segment) rows (differentiably: gradients come back through the
+scatter) and the padded formulas run on them, so every row statistic
+(aggregation, sequence-level correction) is a segment's. The longest
+segment is read on the host (a sync on GPU: this is the oracle, not a fast
+path). seq-mean-token-sum-norm's agg_norm defaults to the longest segment
+there (the width of those rows, as T is the padded default).
 """
 
 from __future__ import annotations
@@ -27,6 +35,29 @@ AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mea
 KL_KINDS = ("k1", "k2", "k3", "abs")
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi / pi_old) to +-20 before exp
 K3_CLAMP = 10.0  # verl's low_var_kl clamps the estimate to +-10
+
+
+def to_rows(cu_seqlens: torch.Tensor, *tensors):
+    """Packed (total,) tensors -> (S, longest segment) rows, right-padded;
+    None stays None. The last output is the (S, L) bool mask of the real tokens."""
+    total = next(t for t in tensors if t is not None).shape[0]
+    cu = cu_seqlens.to(torch.int64)
+    S = cu.shape[0] - 1
+    lengths = cu[1:] - cu[:-1]
+    L = int(lengths.max()) if S > 0 else 0
+    seg = torch.searchsorted(cu[1:], torch.arange(total, device=cu.device), right=True)
+    pos = torch.arange(total, device=cu.device) - cu[seg]
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        rows = torch.zeros((S, L), dtype=t.dtype, device=t.device)
+        out.append(rows.index_put((seg, pos), t))
+    real = torch.zeros((S, L), dtype=torch.bool, device=cu.device).index_put(
+        (seg, pos), torch.ones_like(seg, dtype=torch.bool)
+    )
+    return (*out, real)
 
 
 def _valid(mask: torch.Tensor) -> torch.Tensor:
@@ -121,6 +152,7 @@ def ppo_policy_loss(
     agg_norm=None,
     rollout_logprobs=None,
     rollout_correction=None,
+    cu_seqlens=None,
 ):
     """(loss, stats): agg of the clipped surrogate; see rlhf_fast.ppo_policy_loss."""
     loss, stats = ppo_loss(
@@ -135,6 +167,7 @@ def ppo_policy_loss(
         agg_norm=agg_norm,
         rollout_logprobs=rollout_logprobs,
         rollout_correction=rollout_correction,
+        cu_seqlens=cu_seqlens,
     )
     return loss, {k: v for k, v in stats.items() if k not in ("pg_loss", "entropy", "kl")}
 
@@ -175,11 +208,20 @@ def ppo_loss(
     agg_norm=None,
     rollout_logprobs=None,
     rollout_correction=None,
+    cu_seqlens=None,
 ):
     """The actor objective: pg - entropy_coef * agg(entropy) + kl_coef * agg(kl).
     Stats: the policy stats plus pg_loss, entropy and kl (each aggregated).
     With rollout_logprobs: the rollout_corr/* metrics, and rollout_correction
-    (a RolloutCorrection) weights the clipped term and rejects tokens."""
+    (a RolloutCorrection) weights the clipped term and rejects tokens.
+    cu_seqlens: packed (total,) inputs, one row per segment."""
+    if cu_seqlens is not None:
+        *rows, real = to_rows(
+            cu_seqlens, logprobs, old_logprobs, advantages, _valid(mask), entropy, ref_logprobs, rollout_logprobs
+        )
+        agg_norm = float(max(real.shape[1], 1)) if agg_norm is None else agg_norm
+        logprobs, old_logprobs, advantages, mask, entropy, ref_logprobs, rollout_logprobs = rows
+        mask = mask & real
     valid = _valid(mask)
     acc = acc_dtype(logprobs.dtype)
     weights, rc_stats = None, {}
@@ -215,11 +257,16 @@ def ppo_loss(
     return loss, stats
 
 
-def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", agg_norm=None):
+def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", agg_norm=None, cu_seqlens=None):
     """0.5 * agg(max((v - R)^2, (clamp(v, v_old - clip, v_old + clip) - R)^2)).
     Stats: clipfrac (token mean of the clipped term winning) and
     explained_variance = 1 - Var[R - v] / (Var[R] + 1e-8), population
-    variances over the valid tokens (0 when nothing is valid)."""
+    variances over the valid tokens (0 when nothing is valid).
+    cu_seqlens: packed (total,) inputs, one row per segment."""
+    if cu_seqlens is not None:
+        values, old_values, returns, mask, real = to_rows(cu_seqlens, values, old_values, returns, _valid(mask))
+        agg_norm = float(max(real.shape[1], 1)) if agg_norm is None else agg_norm
+        mask = mask & real
     acc = acc_dtype(values.dtype)
     valid = _valid(mask)
     v = _masked(values, valid, acc)

@@ -4,8 +4,15 @@ csrc/cpu/ppo_glue.h): the (B, T) token block a forward program owns, the
 fp64 scalars, the per-chunk partials the epilogues fold, the aggregation's
 per-row scale, block sizes and the forward's outputs.
 
-Layout of a forward: grid (B, cdiv(T, BLOCK_T)); program (b, c) writes one
-row of NP partial sums at part[b, c, :]; the program that finishes last
+Layout of a forward: grid (B, NC); a row is (offset, length) (row_span:
+b * T and T for a padded (B, T) batch, cu_seqlens[b] and its segment's
+length for a packed stream), and program (b, c) owns the row's chunks
+c, c + NC, c + 2 NC, ... of BLOCK_T tokens (one chunk, NC = cdiv(T, BLOCK_T),
+when padded), adding their sums into one row of NP partials at part[b, c, :]
+(part_put: the program's own slot, no atomics). The padded and the packed
+layout run this same loop; packed, NC comes from the mean segment length
+(shapes only, no host sync), so a longer segment's programs loop a few
+times and a shorter one's last chunks are empty. The program that finishes last
 (last_program: one atomic ticket per program) then folds them in chunk
 order, in fp64, so every run gives the same bits whichever program that is.
 One launch per forward: the epilogue needs no kernel of its own, and the
@@ -32,16 +39,80 @@ FOLD_MIN: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
-def token_block(mask_ptr, T, BLOCK_T: tl.constexpr):
-    """Program (b, c)'s slice of a (B, T) row: (b, c, flat offsets p, in
-    bounds, valid = in bounds and mask != 0)."""
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    offs = c * BLOCK_T + tl.arange(0, BLOCK_T)
-    inb = offs < T
-    p = b * T + offs
+def row_span(cu_ptr, b, T, PACKED: tl.constexpr):
+    """(offset, length) of row b: b * T and T padded; packed (T = total),
+    its segment, offsets clamped into [0, total] and a negative length read
+    as 0, so a bad offset never reads out of bounds."""
+    if PACKED:
+        lo = tl.minimum(tl.maximum(tl.load(cu_ptr + b).to(tl.int64), 0), T)
+        hi = tl.minimum(tl.maximum(tl.load(cu_ptr + b + 1).to(tl.int64), lo), T)
+        return lo, hi - lo
+    else:
+        return b * T, T + b * 0
+
+
+@triton.jit
+def row_chunks(length, c, n_cols, BLOCK_T: tl.constexpr):
+    """The end of program column c's chunk loop `range(c, end, n_cols)`:
+    at least one chunk, so every program writes its partials (an empty
+    chunk gives the identities)."""
+    return tl.maximum(tl.cdiv(length, BLOCK_T), c + 1)
+
+
+@triton.jit
+def token_block(mask_ptr, start, length, j, BLOCK_T: tl.constexpr):
+    """Chunk j of the row at (start, length): (flat offsets p, in bounds,
+    valid = in bounds and mask != 0)."""
+    offs = j * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = offs < length
+    p = start + offs
     valid = (tl.load(mask_ptr + p, mask=inb, other=0) != 0) & inb
-    return b, c, p, inb, valid
+    return p, inb, valid
+
+
+@triton.jit
+def part_put(ptr, val, first, OP: tl.constexpr = 0):
+    """A chunk's partial into the program's slot: stored by its first chunk,
+    then summed (OP 0) or NaN-keeping max / min (1 / 2) with the later ones."""
+    if first:
+        tl.store(ptr, val)
+    else:
+        prev = tl.load(ptr)
+        if OP == 0:
+            tl.store(ptr, prev + val)
+        elif OP == 1:
+            tl.store(ptr, max_nan(prev, val))
+        else:
+            tl.store(ptr, min_nan(prev, val))
+
+
+@triton.jit
+def agg_norm_of(agg_norm, cu_ptr, B, T, PACKED: tl.constexpr, BLOCK_B: tl.constexpr):
+    """seq-mean-token-sum-norm's divisor (fp64): agg_norm, or for a packed
+    stream given agg_norm = 0 the longest segment (offsets clamped as in
+    row_span), read from cu_seqlens here: no host sync."""
+    if PACKED:
+        rows = tl.arange(0, BLOCK_B)
+        m = tl.zeros([BLOCK_B], tl.int64)
+        for b0 in range(0, B, BLOCK_B):
+            bb = (b0 + rows).to(tl.int64)
+            live = bb < B
+            lo = tl.minimum(tl.maximum(tl.load(cu_ptr + bb, mask=live, other=0).to(tl.int64), 0), T)
+            hi = tl.minimum(tl.maximum(tl.load(cu_ptr + bb + 1, mask=live, other=0).to(tl.int64), lo), T)
+            m = tl.maximum(m, tl.where(live, hi - lo, 0))
+        longest = tl.maximum(tl.max(m, axis=0).to(tl.float64), 1.0)
+        return tl.where(agg_norm > 0, agg_norm, longest)
+    else:
+        return agg_norm
+
+
+def packed_grid(total: int, n_rows: int, block: int = 0):
+    """(BLOCK_T, NC) of a packed stream: the block from the mean segment
+    length (shapes only: no host sync), NC so a mean segment is one chunk
+    per program; block caps BLOCK_T (0: no cap)."""
+    mean = triton.cdiv(total, max(n_rows, 1))
+    bt = block_t(mean) if block == 0 else min(block_t(mean), block)
+    return bt, max(1, triton.cdiv(mean, bt))
 
 
 @triton.jit
@@ -179,12 +250,24 @@ def grid_counter(like: torch.Tensor) -> torch.Tensor:
     return counter
 
 
-def loss_outputs(x: torch.Tensor, n_stats: int):
-    """(loss, stats, dtok, row_scale) of a (B, T) loss forward, in the
-    accumulation dtype, uninitialised: the kernels' epilogues write every element
-    (a zero-fill would be two more launches per call); a launcher that
-    returns early (empty batch) zeroes loss and stats itself."""
-    (B, T), acc = x.shape, acc_dtype(x.dtype)
+def loss_outputs(x: torch.Tensor, n_stats: int, n_rows: int):
+    """(loss, stats, dtok, row_scale) of a loss forward over x's tokens
+    ((B, T) or packed (total,)) in n_rows rows, in the accumulation dtype,
+    uninitialised: the kernels' epilogues write every element (a zero-fill
+    would be two more launches per call); a launcher that returns early
+    (empty batch) zeroes loss and stats itself."""
+    acc = acc_dtype(x.dtype)
     loss = torch.empty((), dtype=acc, device=x.device)
     stats = torch.empty((n_stats,), dtype=acc, device=x.device)
-    return loss, stats, x.new_empty((B, T), dtype=acc), x.new_empty((B,), dtype=acc)
+    return loss, stats, x.new_empty(x.shape, dtype=acc), x.new_empty((n_rows,), dtype=acc)
+
+
+def row_layout(x: torch.Tensor, cu_seqlens, block: int = 0):
+    """(n_rows, T or total, BLOCK_T, NC) of a loss launch: padded (B, T)
+    rows one chunk per program, or a packed stream's segments (packed_grid)."""
+    if cu_seqlens is None:
+        B, T = x.shape
+        bt = block_t(T) if block == 0 else min(block_t(T), block)
+        return B, T, bt, max(1, triton.cdiv(T, bt))
+    S, total = cu_seqlens.shape[0] - 1, x.shape[0]
+    return (S, total, *packed_grid(total, S, block))

@@ -2,7 +2,9 @@
 (B, T) token tensors forward, one backward (C++ twin:
 csrc/cpu/ppo_policy_loss.cpp).
 
-Forward grid (B, cdiv(T, BLOCK_T)): every program reads its slice of
+Forward grid (B, cdiv(T, BLOCK_T)), or (S, NC) over a packed stream's
+segments (_ppo_common.row_span: rows as (offset, length), the same loop):
+every program reads its slice of
 logprobs, old_logprobs, advantages, mask (and entropy, ref_logprobs),
 writes dtok = d loss_tok / d logprobs (0 where masked) and one row of
 partial sums. The program that finishes last (one atomic ticket each,
@@ -49,16 +51,20 @@ from ._ppo_common import (
     AGG_CODES,
     FOLD_MAX,
     FOLD_SUM,
+    agg_norm_of,
     agg_row_scale,
     block_b,
-    block_t,
     fold_chunks,
     grid_counter,
     last_program,
     load_params,
     loss_outputs,
+    part_put,
     reset_counter,
+    row_chunks,
     row_counts,
+    row_layout,
+    row_span,
     token_block,
     traced,
 )
@@ -75,100 +81,91 @@ N_LOSS_STATS = N_BASE_STATS + rc.N_RC_STATS
 @triton.jit
 def _ppo_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, ref_ptr, dtok_ptr, part_ptr, params_ptr,
-    roll_ptr, rowp_ptr, keep_ptr, counter_ptr, row_scale_ptr, loss_ptr, stats_ptr,
+    roll_ptr, rowp_ptr, keep_ptr, counter_ptr, row_scale_ptr, loss_ptr, stats_ptr, cu_ptr,
     B, T, lo_arg, hi_arg, dual_arg, kl_coef_arg, is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg,
     entropy_coef_arg, agg_norm_arg,
     HAS_ENT: tl.constexpr, KL: tl.constexpr, DUAL: tl.constexpr,
     ACC: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr, AGG: tl.constexpr,
     BLOCK_B: tl.constexpr, RC: tl.constexpr = False, IS: tl.constexpr = 0, ICEPOP: tl.constexpr = False,
     RS_LVL: tl.constexpr = -1, RS_K: tl.constexpr = 0, NP: tl.constexpr = 9, BLOCK_B_RC: tl.constexpr = 16,
-    N_RC: tl.constexpr = 18, RC_OFF: tl.constexpr = 9,
+    N_RC: tl.constexpr = 18, RC_OFF: tl.constexpr = 9, PACKED: tl.constexpr = False,
 ):  # fmt: skip
-    b, c, p, inb, valid = token_block(mask_ptr, T, BLOCK_T)
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
+    start, length = row_span(cu_ptr, b, T, PACKED)
     lo, hi, dual, kl_coef = load_params(params_ptr, lo_arg, hi_arg, dual_arg, kl_coef_arg, ACC, PARAMS_FROM_PTR)
-    lp = tl.load(lp_ptr + p, mask=inb, other=0.0).to(ACC)
-    old = tl.load(old_ptr + p, mask=inb, other=0.0).to(ACC)
-    a = tl.load(adv_ptr + p, mask=inb, other=0.0).to(ACC)
     out = part_ptr + (b * n_chunks + c) * NP
-    if RC:
-        is_hi, is_lo, rs_lo, rs_hi = load_params(
-            params_ptr + 8, is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg, ACC, PARAMS_FROM_PTR
-        )
-        roll = tl.load(roll_ptr + p, mask=inb, other=0.0).to(ACC)
-        w, keep = _rc_token_terms(
-            old,
-            roll,
-            valid,
-            b,
-            rowp_ptr,
-            out + 9,
-            n_chunks,
-            is_hi,
-            is_lo,
-            rs_lo,
-            rs_hi,
-            IS,
-            ICEPOP,
-            RS_LVL,
-            RS_K,
-            ACC,
-        )
-        if RS_LVL >= 0:
-            # rejected tokens leave every term, count and the aggregation
-            valid = keep
-            tl.store(keep_ptr + p, keep.to(tl.uint8), mask=inb)
+    for j in range(c, row_chunks(length, c, n_chunks, BLOCK_T), n_chunks):
+        first = j == c
+        p, inb, valid = token_block(mask_ptr, start, length, j, BLOCK_T)
+        lp = tl.load(lp_ptr + p, mask=inb, other=0.0).to(ACC)
+        old = tl.load(old_ptr + p, mask=inb, other=0.0).to(ACC)
+        a = tl.load(adv_ptr + p, mask=inb, other=0.0).to(ACC)
+        if RC:
+            is_hi, is_lo, rs_lo, rs_hi = load_params(
+                params_ptr + 8, is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg, ACC, PARAMS_FROM_PTR
+            )
+            roll = tl.load(roll_ptr + p, mask=inb, other=0.0).to(ACC)
+            w, keep = _rc_token_terms(
+                old, roll, valid, b, rowp_ptr, out + 9, first, n_chunks,
+                is_hi, is_lo, rs_lo, rs_hi, IS, ICEPOP, RS_LVL, RS_K, ACC,
+            )  # fmt: skip
+            if RS_LVL >= 0:
+                # rejected tokens leave every term, count and the aggregation
+                valid = keep
+                tl.store(keep_ptr + p, keep.to(tl.uint8), mask=inb)
 
-    x = lp - old
-    xc = clamp_nan(x, -20.0, 20.0)  # NaN stays NaN: a NaN log-prob gives a NaN loss
-    r = tl.exp(xc)
-    l1 = -a * r  # also d l1 / d x
-    l2 = -a * clamp_nan(r, lo, hi)
-    g2 = tl.where((r >= lo) & (r <= hi), l1, 0.0)
-    c1 = max_nan(l1, l2)
-    # torch's gradient of max: all to the winner, half each on a tie
-    dl = tl.where(l1 > l2, l1, tl.where(l2 > l1, g2, 0.5 * (l1 + g2)))
-    loss = c1
-    low = tl.zeros([BLOCK_T], tl.int1)
-    if DUAL:
-        l3 = -a * dual
-        neg = a < 0
-        d2 = tl.where(c1 < l3, dl, tl.where(c1 > l3, 0.0, 0.5 * dl))
-        loss = tl.where(neg, min_nan(c1, l3), c1)
-        dl = tl.where(neg, d2, dl)
-        low = valid & neg & (c1 > l3)
-    dl = tl.where((x >= -20.0) & (x <= 20.0), dl, 0.0)
-    if RC:
-        if IS > 0:  # the stop-gradient weight scales the clipped term and its gradient
-            dl = dl * w
-            loss = loss * w
-    zero = tl.sum(tl.zeros([BLOCK_T], ACC), axis=0)
-    kl_sum = zero
-    if KL != 4:
-        ref = tl.load(ref_ptr + p, mask=inb, other=0.0).to(ACC)
-        kv, dk = _kl_term(lp, ref, KL)
-        dl = dl + kl_coef * dk
-        kl_sum = tl.sum(tl.where(valid, kv, 0.0), axis=0)
-    tl.store(dtok_ptr + p, tl.where(valid, dl, 0.0), mask=inb)
-    ent_sum = zero
-    if HAS_ENT:
-        ent = tl.load(ent_ptr + p, mask=inb, other=0.0).to(ACC)
-        ent_sum = tl.sum(tl.where(valid, ent, 0.0), axis=0)
+        x = lp - old
+        xc = clamp_nan(x, -20.0, 20.0)  # NaN stays NaN: a NaN log-prob gives a NaN loss
+        r = tl.exp(xc)
+        l1 = -a * r  # also d l1 / d x
+        l2 = -a * clamp_nan(r, lo, hi)
+        g2 = tl.where((r >= lo) & (r <= hi), l1, 0.0)
+        c1 = max_nan(l1, l2)
+        # torch's gradient of max: all to the winner, half each on a tie
+        dl = tl.where(l1 > l2, l1, tl.where(l2 > l1, g2, 0.5 * (l1 + g2)))
+        loss = c1
+        low = tl.zeros([BLOCK_T], tl.int1)
+        if DUAL:
+            l3 = -a * dual
+            neg = a < 0
+            d2 = tl.where(c1 < l3, dl, tl.where(c1 > l3, 0.0, 0.5 * dl))
+            loss = tl.where(neg, min_nan(c1, l3), c1)
+            dl = tl.where(neg, d2, dl)
+            low = valid & neg & (c1 > l3)
+        dl = tl.where((x >= -20.0) & (x <= 20.0), dl, 0.0)
+        if RC:
+            if IS > 0:  # the stop-gradient weight scales the clipped term and its gradient
+                dl = dl * w
+                loss = loss * w
+        zero = tl.sum(tl.zeros([BLOCK_T], ACC), axis=0)
+        kl_sum = zero
+        if KL != 4:
+            ref = tl.load(ref_ptr + p, mask=inb, other=0.0).to(ACC)
+            kv, dk = _kl_term(lp, ref, KL)
+            dl = dl + kl_coef * dk
+            kl_sum = tl.sum(tl.where(valid, kv, 0.0), axis=0)
+        tl.store(dtok_ptr + p, tl.where(valid, dl, 0.0), mask=inb)
+        ent_sum = zero
+        if HAS_ENT:
+            ent = tl.load(ent_ptr + p, mask=inb, other=0.0).to(ACC)
+            ent_sum = tl.sum(tl.where(valid, ent, 0.0), axis=0)
 
-    tl.store(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0))
-    tl.store(out + 1, ent_sum)
-    tl.store(out + 2, kl_sum)
-    tl.store(out + 3, tl.sum(valid.to(ACC), axis=0))
-    tl.store(out + 4, tl.sum((valid & (l2 > l1)).to(ACC), axis=0))
-    tl.store(out + 5, tl.sum(low.to(ACC), axis=0))
-    tl.store(out + 6, tl.sum(tl.where(valid, -xc, 0.0), axis=0))
-    tl.store(out + 7, tl.sum(tl.where(valid, r, 0.0), axis=0))
-    tl.store(out + 8, max_reduce_nan(tl.where(valid, r, 0.0), 0))
+        part_put(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0), first)
+        part_put(out + 1, ent_sum, first)
+        part_put(out + 2, kl_sum, first)
+        part_put(out + 3, tl.sum(valid.to(ACC), axis=0), first)
+        part_put(out + 4, tl.sum((valid & (l2 > l1)).to(ACC), axis=0), first)
+        part_put(out + 5, tl.sum(low.to(ACC), axis=0), first)
+        part_put(out + 6, tl.sum(tl.where(valid, -xc, 0.0), axis=0), first)
+        part_put(out + 7, tl.sum(tl.where(valid, r, 0.0), axis=0), first)
+        part_put(out + 8, max_reduce_nan(tl.where(valid, r, 0.0), 0), first, 1)
 
     if last_program(counter_ptr):
         _ppo_loss_epilogue(
-            part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr, B, n_chunks, entropy_coef_arg,
-            kl_coef_arg, agg_norm_arg, AGG, PARAMS_FROM_PTR, BLOCK_B, NP, not RC, N_RC,
+            part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr, cu_ptr, B, T, n_chunks, entropy_coef_arg,
+            kl_coef_arg, agg_norm_arg, AGG, PARAMS_FROM_PTR, BLOCK_B, NP, not RC, N_RC, PACKED,
         )  # fmt: skip
         if RC:
             rc_epilogue(
@@ -180,10 +177,10 @@ def _ppo_loss_fwd_kernel(
 
 @triton.jit
 def _ppo_loss_epilogue(
-    part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr,
-    B, n_chunks, entropy_coef_arg, kl_coef_arg, agg_norm_arg,
+    part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr, cu_ptr,
+    B, T, n_chunks, entropy_coef_arg, kl_coef_arg, agg_norm_arg,
     AGG: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr,
-    ZERO_RC_STATS: tl.constexpr, N_RC: tl.constexpr,
+    ZERO_RC_STATS: tl.constexpr, N_RC: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     """The forward's last program: rows in blocks of BLOCK_B, chunks in
     order, fp64, into the loss, the stats and row_scale. ZERO_RC_STATS (no
@@ -192,6 +189,8 @@ def _ppo_loss_epilogue(
     entropy_coef, kl_coef, agg_norm, _u = load_params(
         params_ptr + 4, entropy_coef_arg, kl_coef_arg, agg_norm_arg, agg_norm_arg, tl.float64, PARAMS_FROM_PTR
     )
+    if AGG == 3:
+        agg_norm = agg_norm_of(agg_norm, cu_ptr, B, T, PACKED, BLOCK_B)
     rows = tl.arange(0, BLOCK_B)
     N_all, S_all = row_counts(part_ptr, B, n_chunks, NP, 3, BLOCK_B)
     acc = tl.zeros([BLOCK_B], tl.float64)
@@ -242,26 +241,30 @@ def _ppo_loss_epilogue(
 
 @triton.jit
 def _ppo_loss_bwd_kernel(
-    g_ptr, dtok_ptr, row_scale_ptr, mask_ptr, glp_ptr, gent_ptr, params_ptr,
+    g_ptr, dtok_ptr, row_scale_ptr, mask_ptr, glp_ptr, gent_ptr, params_ptr, cu_ptr,
     T, neg_entropy_coef_arg,
     HAS_ENT: tl.constexpr, ACC: tl.constexpr, ROUND_BY_HAND: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, PACKED: tl.constexpr = False,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    inb = offs < T
-    p = b * T + offs
+    c = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    start, length = row_span(cu_ptr, b, T, PACKED)
     g = tl.load(g_ptr).to(ACC)
     rs = tl.load(row_scale_ptr + b).to(ACC)
-    d = tl.load(dtok_ptr + p, mask=inb, other=0.0).to(ACC)
-    tl.store(glp_ptr + p, cast_out((g * rs) * d, glp_ptr.dtype.element_ty, ROUND_BY_HAND), mask=inb)
-    if HAS_ENT:
-        valid = tl.load(mask_ptr + p, mask=inb, other=0) != 0
-        # -entropy_coef in the accumulation dtype (fp64: the exact double
-        # from params_ptr; a Python float argument reaches the kernel as fp32)
-        neg_coef = tl.zeros([], ACC) + scalar_arg(neg_entropy_coef_arg, params_ptr, 0, PARAMS_FROM_PTR)
-        ge = tl.where(valid, g * (rs * neg_coef), 0.0)
-        tl.store(gent_ptr + p, cast_out(ge, gent_ptr.dtype.element_ty, ROUND_BY_HAND), mask=inb)
+    for j in range(c, tl.cdiv(length, BLOCK_T), n_chunks):
+        offs = j * BLOCK_T + tl.arange(0, BLOCK_T)
+        inb = offs < length
+        p = start + offs
+        d = tl.load(dtok_ptr + p, mask=inb, other=0.0).to(ACC)
+        tl.store(glp_ptr + p, cast_out((g * rs) * d, glp_ptr.dtype.element_ty, ROUND_BY_HAND), mask=inb)
+        if HAS_ENT:
+            valid = tl.load(mask_ptr + p, mask=inb, other=0) != 0
+            # -entropy_coef in the accumulation dtype (fp64: the exact double
+            # from params_ptr; a Python float argument reaches the kernel as fp32)
+            neg_coef = tl.zeros([], ACC) + scalar_arg(neg_entropy_coef_arg, params_ptr, 0, PARAMS_FROM_PTR)
+            ge = tl.where(valid, g * (rs * neg_coef), 0.0)
+            tl.store(gent_ptr + p, cast_out(ge, gent_ptr.dtype.element_ty, ROUND_BY_HAND), mask=inb)
 
 
 # ---------------------------------------------------------------- launchers (triton_ops)
@@ -308,25 +311,22 @@ def ppo_loss_fwd_triton(
     rc_rs: str = "none",
     rc_rs_lower: float = 0.0,
     rc_rs_upper: float = 0.0,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, T = logprobs.shape
     acc, dev = acc_dtype(logprobs.dtype), logprobs.device
-    loss, stats, dtok, row_scale = loss_outputs(logprobs, N_LOSS_STATS)
-    keep = torch.empty((B, T) if rc_rs != "none" else (0,), dtype=torch.bool, device=dev)
     has_rc = rollout_logprobs is not None
+    # fp64 (the tests' dtype) with the correction's extra state: at 8
+    # warps ptxas caps a thread at 128 registers and it spilled 8-24 B
+    # (sm_90 / sm_80); 4 warps may use 255 registers, and 512 lanes (4
+    # per thread) spill none where 1024 still spilled 32-72 B on sm_80
+    B, T, bt, n_chunks = row_layout(logprobs, cu_seqlens, 512 if has_rc and acc == torch.float64 else 0)
+    loss, stats, dtok, row_scale = loss_outputs(logprobs, N_LOSS_STATS, B)
+    keep = torch.empty(logprobs.shape if rc_rs != "none" else (0,), dtype=torch.bool, device=dev)
     is_code, (rs_lvl, rs_k) = rc.IS_CODES[rc_is], rc.rs_codes(rc_rs)
     if (is_code or rs_lvl >= 0) and not has_rc:
         raise ValueError("rlhf_fast::ppo_loss_fwd_triton: a rollout correction needs rollout_logprobs")
     if B == 0 or not _backend.launches_kernels(logprobs):
         return loss.zero_(), stats.zero_(), dtok, row_scale, keep  # the kernels write them otherwise
-    bt = block_t(T)
-    if has_rc and acc == torch.float64:
-        # fp64 (the tests' dtype) with the correction's extra state: at 8
-        # warps ptxas caps a thread at 128 registers and it spilled 8-24 B
-        # (sm_90 / sm_80); 4 warps may use 255 registers, and 512 lanes (4
-        # per thread) spill none where 1024 still spilled 32-72 B on sm_80
-        bt = min(bt, 512)
-    n_chunks = max(1, triton.cdiv(T, bt))
     n_part = N_POLICY_PARTIALS + (rc.N_RC_PARTIALS if has_rc else 0)
     part = torch.empty((B, n_chunks, n_part), dtype=acc, device=dev)
     lo, hi = 1.0 - clip_low, 1.0 + clip_high
@@ -343,17 +343,20 @@ def ppo_loss_fwd_triton(
     roll = rollout_logprobs.contiguous() if has_rc else lp
     m8 = u8_mask(mask)
     warps = num_warps(bt)
-    rowp = rc.launch_row_pass(old, roll, m8, part, is_code, rs_lvl, bt, warps) if has_rc else part
+    packed = cu_seqlens is not None
+    cu = cu_seqlens if packed else m8  # a placeholder the kernels never read
+    rowp = rc.launch_row_pass(old, roll, m8, part, cu, T, is_code, rs_lvl, bt, warps, packed) if has_rc else part
     torch.library.wrap_triton(_ppo_loss_fwd_kernel)[(B, n_chunks)](
         lp, old, advantages.contiguous(), m8, ent, ref, dtok, part,
         params if from_ptr else lp, roll, rowp, keep.view(torch.uint8) if keep.numel() else m8,
-        grid_counter(lp), row_scale, loss, stats,
+        grid_counter(lp), row_scale, loss, stats, cu,
         B, T, lo, hi, dual, kl_coef, *rc_vals, entropy_coef, agg_norm,
         HAS_ENT=entropy is not None, KL=KL_CODES[kl_kind] if ref_logprobs is not None else KL_NONE,
         DUAL=dual_clip is not None, ACC=tl_acc(acc), PARAMS_FROM_PTR=from_ptr, BLOCK_T=bt,
         AGG=AGG_CODES[agg], BLOCK_B=block_b(B, warps), RC=has_rc, IS=is_code, ICEPOP=rc_is_lower is not None,
         RS_LVL=rs_lvl, RS_K=rs_k, NP=n_part, BLOCK_B_RC=rc.block_b_rc(B, warps),
-        N_RC=rc.N_RC_STATS, RC_OFF=N_POLICY_PARTIALS, num_warps=warps, **fwd_maxnreg(lp, acc, has_rc),
+        N_RC=rc.N_RC_STATS, RC_OFF=N_POLICY_PARTIALS, PACKED=packed, num_warps=warps,
+        **fwd_maxnreg(lp, acc, has_rc),
     )  # fmt: skip
     return loss, stats, dtok, row_scale, keep
 
@@ -369,21 +372,23 @@ def ppo_loss_bwd_triton(
     has_entropy: bool,
     logp_dtype: torch.dtype,
     entropy_dtype: torch.dtype,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, T = dtok.shape
+    B, T, bt, n_chunks = row_layout(dtok, cu_seqlens)
     acc = dtok.dtype
-    glp = torch.empty((B, T), dtype=logp_dtype, device=dtok.device)
-    gent = torch.empty((B, T) if has_entropy else (0,), dtype=entropy_dtype, device=dtok.device)
-    if B * T == 0 or not _backend.launches_kernels(dtok):
+    glp = torch.empty(dtok.shape, dtype=logp_dtype, device=dtok.device)
+    gent = torch.empty(dtok.shape if has_entropy else (0,), dtype=entropy_dtype, device=dtok.device)
+    if B == 0 or dtok.numel() == 0 or not _backend.launches_kernels(dtok):
         return glp, gent
     # one launch: -entropy_coef * row_scale is formed in the kernel (fp64 reads the exact coefficient from params)
     params, from_ptr = kernel_scalars(acc, dtok.device, -entropy_coef) if has_entropy else (None, False)
-    bt = block_t(T)
-    torch.library.wrap_triton(_ppo_loss_bwd_kernel)[(B, triton.cdiv(T, bt))](
-        grad_loss.to(acc).reshape(1), dtok.contiguous(), row_scale.contiguous(), u8_mask(mask),
+    m8 = u8_mask(mask)
+    torch.library.wrap_triton(_ppo_loss_bwd_kernel)[(B, n_chunks)](
+        grad_loss.to(acc).reshape(1), dtok.contiguous(), row_scale.contiguous(), m8,
         glp, gent if has_entropy else glp, params if from_ptr else row_scale,
+        cu_seqlens if cu_seqlens is not None else m8,
         T, -entropy_coef,
         HAS_ENT=has_entropy, ACC=tl_acc(acc), ROUND_BY_HAND=_backend.triton_interpret(), PARAMS_FROM_PTR=from_ptr,
-        BLOCK_T=bt, num_warps=num_warps(bt),
+        BLOCK_T=bt, PACKED=cu_seqlens is not None, num_warps=num_warps(bt),
     )  # fmt: skip
     return glp, gent

@@ -5,7 +5,8 @@ csrc/include/rlhf_fast/rollout_correction.h.
 Token-level corrections need nothing but the token: the forward kernel calls
 _rc_token_terms on its block. Sequence / geometric weights and the seq_*
 rejection options need row totals first, and a row is split over
-cdiv(T, BLOCK_T) programs, so _rollout_row_kernel writes per-chunk row
+cdiv(T, BLOCK_T) programs (or a packed segment over NC, _ppo_common.row_span),
+so _rollout_row_kernel writes per-program row
 partials (7 floats) that every chunk of the row then folds in the same
 order: the same row weight in every chunk, no atomics. That re-reads old and
 rollout (8 B / token in fp32) for those modes only.
@@ -20,7 +21,17 @@ import triton
 import triton.language as tl
 
 from ._common import NEG_INF, POS_INF, clamp_nan, max_nan, min_nan, tl_acc
-from ._ppo_common import FOLD_MAX, FOLD_MIN, FOLD_SUM, fold_chunks, load_params, token_block
+from ._ppo_common import (
+    FOLD_MAX,
+    FOLD_MIN,
+    FOLD_SUM,
+    fold_chunks,
+    load_params,
+    part_put,
+    row_chunks,
+    row_span,
+    token_block,
+)
 
 IS_CODES = {"none": 0, "token": 1, "sequence": 2, "geometric": 3}
 RS_LEVELS = {"token": 0, "seq_sum": 1, "seq_mean": 2, "seq_max": 3}
@@ -42,30 +53,40 @@ def needs_row_pass(is_code: int, rs_level: int) -> bool:
 
 
 @triton.jit
-def _rollout_row_kernel(old_ptr, roll_ptr, mask_ptr, rowp_ptr, T, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
-    b, c, p, inb, valid = token_block(mask_ptr, T, BLOCK_T)
-    o = tl.load(old_ptr + p, mask=inb, other=0.0).to(ACC)
-    r = tl.load(roll_ptr + p, mask=inb, other=0.0).to(ACC)
-    d = tl.where(valid, o - r, 0.0)
-    cl = clamp_nan(d, -20.0, 20.0)
-    q2 = 0.5 * cl * cl
-    q3 = tl.exp(cl) - 1.0 - cl
-    out = rowp_ptr + (b * tl.num_programs(1) + c) * 7
-    tl.store(out + 0, tl.sum(valid.to(ACC), axis=0))
-    tl.store(out + 1, tl.sum(d, axis=0))
-    tl.store(out + 2, tl.sum(-cl, axis=0))
-    tl.store(out + 3, tl.sum(q2, axis=0))
-    tl.store(out + 4, tl.sum(q3, axis=0))
-    tl.store(out + 5, tl.max(tl.where(valid, q2, 0.0), axis=0))
-    tl.store(out + 6, tl.max(tl.where(valid, q3, 0.0), axis=0))
+def _rollout_row_kernel(
+    old_ptr, roll_ptr, mask_ptr, rowp_ptr, cu_ptr, T,
+    ACC: tl.constexpr, BLOCK_T: tl.constexpr, PACKED: tl.constexpr = False,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    start, length = row_span(cu_ptr, b, T, PACKED)
+    out = rowp_ptr + (b * n_chunks + c) * 7
+    for j in range(c, row_chunks(length, c, n_chunks, BLOCK_T), n_chunks):
+        first = j == c
+        p, inb, valid = token_block(mask_ptr, start, length, j, BLOCK_T)
+        o = tl.load(old_ptr + p, mask=inb, other=0.0).to(ACC)
+        r = tl.load(roll_ptr + p, mask=inb, other=0.0).to(ACC)
+        d = tl.where(valid, o - r, 0.0)
+        cl = clamp_nan(d, -20.0, 20.0)
+        q2 = 0.5 * cl * cl
+        q3 = tl.exp(cl) - 1.0 - cl
+        part_put(out + 0, tl.sum(valid.to(ACC), axis=0), first)
+        part_put(out + 1, tl.sum(d, axis=0), first)
+        part_put(out + 2, tl.sum(-cl, axis=0), first)
+        part_put(out + 3, tl.sum(q2, axis=0), first)
+        part_put(out + 4, tl.sum(q3, axis=0), first)
+        part_put(out + 5, tl.max(tl.where(valid, q2, 0.0), axis=0), first, 1)
+        part_put(out + 6, tl.max(tl.where(valid, q3, 0.0), axis=0), first, 1)
 
 
 @triton.jit
 def _rc_token_terms(
-    old, roll, valid, b, rowp_ptr, part_out, n_chunks, is_hi, is_lo, rs_lo, rs_hi,
+    old, roll, valid, b, rowp_ptr, part_out, first, n_chunks, is_hi, is_lo, rs_lo, rs_hi,
     IS: tl.constexpr, ICEPOP: tl.constexpr, RS_LVL: tl.constexpr, RS_K: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """(w, keep) for one block of tokens; stores the block's 12 metric partials at part_out."""
+    """(w, keep) for one block of tokens; puts the block's 12 metric partials
+    at part_out (stored by the program's first block, added by later ones)."""
     o = tl.where(valid, old, 0.0)
     r = tl.where(valid, roll, 0.0)
     d = o - r
@@ -121,18 +142,18 @@ def _rc_token_terms(
     else:
         keep = valid & (tl.zeros_like(o) + row_pass.to(ACC) > 0)
     fv = valid.to(ACC)
-    tl.store(part_out + 0, tl.sum(fv, axis=0))
-    tl.store(part_out + 1, tl.sum(o, axis=0))
-    tl.store(part_out + 2, tl.sum(r, axis=0))
-    tl.store(part_out + 3, tl.sum(d, axis=0))
-    tl.store(part_out + 4, tl.sum(fv * k3, axis=0))
-    tl.store(part_out + 5, tl.sum(fv * e * e, axis=0))
-    tl.store(part_out + 6, tl.sum(fv * w, axis=0))
-    tl.store(part_out + 7, tl.max(tl.where(valid, w, NEG_INF), axis=0))
-    tl.store(part_out + 8, tl.min(tl.where(valid, w, POS_INF), axis=0))
-    tl.store(part_out + 9, tl.sum((valid & (raw > is_hi)).to(ACC), axis=0))
-    tl.store(part_out + 10, tl.sum((valid & (raw < is_lo)).to(ACC), axis=0))
-    tl.store(part_out + 11, tl.sum((valid & (keep == 0)).to(ACC), axis=0))
+    part_put(part_out + 0, tl.sum(fv, axis=0), first)
+    part_put(part_out + 1, tl.sum(o, axis=0), first)
+    part_put(part_out + 2, tl.sum(r, axis=0), first)
+    part_put(part_out + 3, tl.sum(d, axis=0), first)
+    part_put(part_out + 4, tl.sum(fv * k3, axis=0), first)
+    part_put(part_out + 5, tl.sum(fv * e * e, axis=0), first)
+    part_put(part_out + 6, tl.sum(fv * w, axis=0), first)
+    part_put(part_out + 7, tl.max(tl.where(valid, w, NEG_INF), axis=0), first, 1)
+    part_put(part_out + 8, tl.min(tl.where(valid, w, POS_INF), axis=0), first, 2)
+    part_put(part_out + 9, tl.sum((valid & (raw > is_hi)).to(ACC), axis=0), first)
+    part_put(part_out + 10, tl.sum((valid & (raw < is_lo)).to(ACC), axis=0), first)
+    part_put(part_out + 11, tl.sum((valid & (keep == 0)).to(ACC), axis=0), first)
     return w, keep
 
 
@@ -261,14 +282,18 @@ def block_b_rc(B: int, warps: int) -> int:
 # ---------------------------------------------------------------- launch steps of rlhf_fast::ppo_loss_fwd_triton
 
 
-def launch_row_pass(old, roll, m8, part, is_code: int, rs_lvl: int, block_t: int, warps: int) -> torch.Tensor:
+def launch_row_pass(
+    old, roll, m8, part, cu, T: int, is_code: int, rs_lvl: int, block_t: int, warps: int, packed: bool
+) -> torch.Tensor:
     """The row partials the sequence / geometric modes need, or `part`
-    itself (a placeholder the kernel never reads) for token-level ones."""
+    itself (a placeholder the kernel never reads) for token-level ones.
+    The forward's grid and rows: T is the row length (padded) or the total
+    (packed, cu the cu_seqlens)."""
     if not needs_row_pass(is_code, rs_lvl):
         return part
     B, n_chunks, _ = part.shape
     rowp = torch.empty((B, n_chunks, N_ROW_PARTIALS), dtype=part.dtype, device=part.device)
     torch.library.wrap_triton(_rollout_row_kernel)[(B, n_chunks)](
-        old, roll, m8, rowp, old.shape[1], ACC=tl_acc(part.dtype), BLOCK_T=block_t, num_warps=warps
+        old, roll, m8, rowp, cu, T, ACC=tl_acc(part.dtype), BLOCK_T=block_t, PACKED=packed, num_warps=warps
     )
     return rowp
