@@ -10,6 +10,12 @@ bandwidth. Masks are right-padded responses with 30% observation-token holes
     python -m benchmarks.bench_advantages            # issue shapes
     python -m benchmarks.bench_advantages --quick    # ~1 min on 2 cores
     python -m benchmarks.bench_advantages --threads 1 --json benchmarks/results/advantages_cpu.json
+    python -m benchmarks.bench_advantages --packed-only --threads 1   # packed vs padded GAE alone
+
+Packed rows: GAE over a packed stream (cu_seqlens) of S sequences whose
+lengths are drawn from 32 to 1024 (mean ~200), against the padded op on the
+same sequences padded to the longest: the padded op walks S x max_len slots,
+the packed one the total tokens only.
 
 torchrl's GAE treats masked steps as episode ends (`done`), not as skipped
 tokens, so it is timed on the same tensors but is not the same function for
@@ -132,6 +138,65 @@ def _stats_records(B, T, device, warmup, repeat) -> list[Record]:
     return recs
 
 
+def packed_lengths(S: int, generator: torch.Generator) -> torch.Tensor:
+    """S lengths in [32, 1024], mean ~200: 32 + an exponential of mean 170,
+    clipped (a long tail of long responses, as in RL rollouts)."""
+    e = torch.empty(S).exponential_(1 / 170, generator=generator)
+    return (32 + e).round().clamp(max=1024).to(torch.int64)
+
+
+def _packed_records(S, device, warmup, repeat) -> list[Record]:
+    g = torch.Generator().manual_seed(1)
+    lengths = packed_lengths(S, g)
+    T = int(lengths.max())
+    attn = torch.arange(T)[None, :] < lengths[:, None]
+    r, v = torch.randn(S, T, generator=g), torch.randn(S, T, generator=g)
+    m = attn & (torch.rand(S, T, generator=g) > 0.3)  # multi-turn holes inside each response
+    (rp, cu), (vp, _), (mp, _) = (rlhf_fast.pack(x, attn) for x in (r, v, m))
+    r, v, m, rp, vp, mp, cu = (x.to(device) for x in (r, v, m, rp, vp, mp, cu))
+    total = int(lengths.sum())
+    packed = lambda: rlhf_fast.gae(rp, vp, mp, gamma=GAMMA, lam=LAM, cu_seqlens=cu)  # noqa: E731
+    padded = lambda: rlhf_fast.gae(r, v, m, gamma=GAMMA, lam=LAM)  # noqa: E731
+    name = f"padded gae, padded to the longest ({S} x {T} = {S * T} slots)"
+    return _compare(
+        device,
+        op="gae packed",
+        fn=packed,
+        baselines={name: padded},
+        shape=f"S={S}, total={total}, mean len {total / S:.0f}",
+        bytes_moved=total * 17,
+        warmup=warmup,
+        repeat=repeat,
+        interleave=(name,),
+    )
+
+
+def packed_summary(records: list[Record]) -> str:
+    """Per token: ours per valid token, the padded op per slot it walks."""
+    lines = []
+    for r in records:
+        if r.op == "gae packed" and r.baseline and r.status == "ok":
+            total = int(r.shape.split("total=")[1].split(",")[0])
+            slots = int(r.baseline.split("= ")[1].split(" ")[0])
+            ours, peer = r.median_s / total * 1e9, r.baseline_median_s / slots * 1e9
+            lines.append(
+                f"{r.shape}: packed {r.speedup:.2f}x faster than padded; {ours:.2f} ns per valid token packed, "
+                f"{peer:.2f} ns per slot padded ({ours / peer:.2f}x), {r.baseline_median_s / total * 1e9:.2f} ns "
+                "per valid token padded"
+            )
+    return "\n".join(lines)
+
+
+def run_packed(quick: bool = True, device: str | None = None) -> list[Record]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    recs = []
+    for S in (256,) if quick else (512, 2048):
+        recs += _packed_records(S, "cpu", warmup=3, repeat=21)
+    if device == "cuda":
+        recs += _packed_records(4096, "cuda", warmup=5, repeat=50)
+    return recs
+
+
 def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> list[Record]:
     """CPU shapes always (the loop baselines are CPU-bound anyway), plus the
     GPU shape when device is "cuda" (default: when one is visible).
@@ -142,13 +207,22 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
     for B, T in cpu_shapes:
         recs += _gae_records(B, T, "cpu", warmup=3, repeat=15 if quick else 10, loop_repeat=3)
         recs += _stats_records(B, T, "cpu", warmup=3, repeat=15 if quick else 10)
+    if not tiny:
+        recs += run_packed(quick=quick, device="cpu")
     if device == "cuda":
         B, T = (8, 256) if tiny else (128, 8192) if quick else (1024, 8192)
         gpu = _gae_records(B, T, "cuda", warmup=5, repeat=50, loop_repeat=3)
         gpu += _stats_records(B, T, "cuda", warmup=5, repeat=50)
+        gpu += _packed_records(256 if tiny else 4096, "cuda", warmup=5, repeat=50)
         recs += gpu
     return recs
 
 
 if __name__ == "__main__":
-    bench_main(run, quick_by_default=False, bandwidth=True)
+    import sys
+
+    if "--packed-only" in sys.argv:
+        sys.argv.remove("--packed-only")
+        bench_main(run_packed, quick_by_default=False, bandwidth=True, summary=packed_summary)
+    else:
+        bench_main(run, quick_by_default=False, bandwidth=True, summary=packed_summary)

@@ -209,7 +209,7 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
             records += bench_corrected(B, T, dt, device)
     if not tiny:
         for dt in dtypes:
-            records += bench_packed(16 if quick else 64, dt, device)
+            records += bench_packed(64 if quick else 256, dt, device)
     return records
 
 

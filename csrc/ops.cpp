@@ -33,16 +33,19 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // No backward: advantages are constants in PPO. Outputs fp32 (fp64 when an
   // input is fp64). Masks: bool or 0/1 of any dtype; masked positions are
   // skipped by the carries and give 0.
-  // rewards, values, mask: (B, T), stride 1 on T. gamma_rows / lam_rows:
-  // optional (B,) per-row values that override the floats.
+  // rewards, values, mask: (B, T), stride 1 on T, or with cu_seqlens packed
+  // (total,) streams of S segments (docs/packing.md; the carries reset at
+  // every segment). gamma_rows / lam_rows: optional (B,) or (S,) per-row
+  // values that override the floats.
   m.def(
       "gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam, "
-      "Tensor? gamma_rows, Tensor? lam_rows) -> (Tensor advantages, Tensor returns)");
+      "Tensor? gamma_rows, Tensor? lam_rows, Tensor? cu_seqlens=None) -> (Tensor advantages, Tensor returns)");
   m.def(
       "discounted_returns(Tensor rewards, Tensor mask, float gamma, "
-      "Tensor? gamma_rows) -> Tensor");
+      "Tensor? gamma_rows, Tensor? cu_seqlens=None) -> Tensor");
   // x, mask: same shape; whitened over every valid element, unbiased var.
-  m.def("whiten(Tensor x, Tensor mask, bool shift_mean, float eps) -> Tensor");
+  // With cu_seqlens: x, mask packed (total,), one mean / var per segment.
+  m.def("whiten(Tensor x, Tensor mask, bool shift_mean, float eps, Tensor? cu_seqlens=None) -> Tensor");
   // scores: (N,); group_ids (N,) integer ids, or None and group_size > 0.
   m.def(
       "group_advantages(Tensor scores, Tensor? group_ids, int group_size, "
@@ -80,7 +83,8 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // Token tensors (B, T), any float dtype, math in fp32 (fp64 for fp64
   // logprobs / values); mask (B, T) bool or uint8, valid where != 0. With
   // cu_seqlens ((S + 1,) int32 / int64, docs/packing.md) every token tensor
-  // is packed (total,), the rows are its S segments and row_scale is (S,).
+  // is packed (total,), the rows are its S segments and row_scale is (S,);
+  // agg_norm = 0 then means the longest segment (seq-mean-token-sum-norm).
   // Forward returns the loss (0-dim), the stats (1-D, see ops/_ppo_loss.py),
   // dtok = d loss_tok / d logprobs (B, T) in the accumulation dtype, 0 where
   // masked, and row_scale (B,): the aggregation weight of each row, so that

@@ -76,9 +76,12 @@ def _check(packed_out, padded_out, inside, dtype, what, quantity="agree"):
         assert_close(g, want.to(g.dtype), quantity if quantity == "agree" else "grad", f"{what}: grad")
 
 
-def _agg_kw(agg):
-    # the packed layout has no padding width: seq-mean-token-sum-norm takes its norm explicitly
-    return dict(agg=agg, agg_norm=41.0 if agg == "seq-mean-token-sum-norm" else None)
+def _agg_kw(agg, inside=None):
+    """agg_norm: packed, seq-mean-token-sum-norm defaults to the longest
+    segment; the padded call gets that number explicitly (its T is 3 more)."""
+    if agg != "seq-mean-token-sum-norm" or inside is None:
+        return dict(agg=agg)
+    return dict(agg=agg, agg_norm=float(max(int(inside.sum(1).max()), 1)))
 
 
 @pytest.mark.parametrize("agg", AGGS)
@@ -90,7 +93,8 @@ def test_policy_loss_packed_equals_padded(backend, agg, case, dtype):
     )
     ent = torch.rand(inside.shape, dtype=dtype)
     ref_lp = data[0] + 0.1 * torch.randn(inside.shape, dtype=dtype)
-    kw = dict(clip_high=0.28, dual_clip=3.0, entropy_coef=0.01, kl_coef=0.1, **_agg_kw(agg))
+    kw = dict(clip_high=0.28, dual_clip=3.0, entropy_coef=0.01, kl_coef=0.1, agg=agg)
+    pad_kw = dict(kw, **_agg_kw(agg, inside))
     fn = rlhf_fast.ppo_loss
     pk = [*packed, rlhf_fast.pack(ent, inside)[0], rlhf_fast.pack(ref_lp, inside)[0]]
 
@@ -98,7 +102,7 @@ def test_policy_loss_packed_equals_padded(backend, agg, case, dtype):
         return fn(lp, old, adv, mask, entropy=e, ref_logprobs=r, **k)
 
     out = _run(lambda lp, old, adv, e, r: call(lp, old, adv, pmask, e, r, cu_seqlens=cu, **kw), pk, [0, 3])
-    pad = _run(lambda lp, old, adv, e, r: call(lp, old, adv, pm, e, r, **kw), [*data, ent, ref_lp], [0, 3])
+    pad = _run(lambda lp, old, adv, e, r: call(lp, old, adv, pm, e, r, **pad_kw), [*data, ent, ref_lp], [0, 3])
     _check(out, pad, inside, dtype, f"{backend} {case} {agg} {dtype}")
     # and against the float64 reference on the packed inputs
     ref = _run(
@@ -146,9 +150,10 @@ def test_rollout_correction_packed_equals_padded(backend, rc, agg):
 def test_value_loss_packed_equals_padded(backend, agg, case, clip):
     dtype = torch.float32
     data, pm, packed, pmask, cu, inside = _packed_case(LENGTHS[case], make_value, dtype, clip=0.2)
-    kw = dict(clip=clip, **_agg_kw(agg))
+    kw = dict(clip=clip, agg=agg)
     out = _run(lambda v, vo, r: rlhf_fast.ppo_value_loss(v, vo, r, pmask, cu_seqlens=cu, **kw), packed, [0])
-    pad = _run(lambda v, vo, r: rlhf_fast.ppo_value_loss(v, vo, r, pm, **kw), data, [0])
+    pad_kw = dict(kw, **_agg_kw(agg, inside))
+    pad = _run(lambda v, vo, r: rlhf_fast.ppo_value_loss(v, vo, r, pm, **pad_kw), data, [0])
     _check(out, pad, inside, dtype, f"{backend} value {case} {agg} {clip}")
     ref = _run(
         lambda v, vo, r: R.ppo_value_loss(v, vo, r, pmask, cu_seqlens=cu, **kw), [t.double() for t in packed], [0]
@@ -157,30 +162,49 @@ def test_value_loss_packed_equals_padded(backend, agg, case, clip):
 
 
 def test_many_segments_and_long_segment(backend):
-    """500 short segments (lengths 0-3) and one long one that spans many
-    blocks, in one stream: the same as padded."""
+    """10,000 short segments (lengths 0-3; 500 under the interpreter, which
+    runs programs one by one) and one long one that spans many blocks, in
+    one stream: the same as padded (the 2,100-token segment of test
+    test_long_segment_spans_blocks takes the C++ 256-token blocks' path)."""
     g = torch.Generator().manual_seed(5)
-    lengths = torch.randint(0, 4, (500,), generator=g).tolist() + [2100 if backend == "cpp" else 300]
+    n = 10_000 if backend == "cpp" else 500
+    # the long one: 300 tokens are ten of the interpreter's 32-token blocks
+    lengths = torch.randint(0, 4, (n,), generator=g).tolist() + [300]
     data, pm, packed, pmask, cu, inside = _packed_case(lengths, make_policy, torch.float32, empty_rows=())
     out = _run(lambda *t: rlhf_fast.ppo_policy_loss(*t, pmask, agg="seq-mean-token-mean", cu_seqlens=cu), packed, [0])
     pad = _run(lambda *t: rlhf_fast.ppo_policy_loss(*t, pm, agg="seq-mean-token-mean"), data, [0])
-    _check(out, pad, inside, torch.float32, f"{backend} 501 segments")
+    _check(out, pad, inside, torch.float32, f"{backend} {n + 1} segments")
 
 
-def test_sum_norm_needs_agg_norm_when_packed(backend):
+def test_long_segment_spans_blocks(backend):
+    """A 2,100-token segment beside short ones: several C++ 256-token blocks
+    and, with a mean of ~700, several passes of a Triton program's loop."""
+    data, pm, packed, pmask, cu, inside = _packed_case([2100, 7, 1], make_policy, torch.float32, empty_rows=())
+    out = _run(lambda *t: rlhf_fast.ppo_policy_loss(*t, pmask, agg="seq-mean-token-sum", cu_seqlens=cu), packed, [0])
+    pad = _run(lambda *t: rlhf_fast.ppo_policy_loss(*t, pm, agg="seq-mean-token-sum"), data, [0])
+    _check(out, pad, inside, torch.float32, f"{backend} 2100-token segment")
+
+
+def test_sum_norm_default_is_longest_segment(backend):
     lp = torch.randn(6)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     m = torch.ones(6, dtype=torch.bool)
-    with pytest.raises(ValueError, match="explicit agg_norm"):
-        rlhf_fast.ppo_policy_loss(lp, lp, lp, m, agg="seq-mean-token-sum-norm", cu_seqlens=cu)
-    with pytest.raises(ValueError, match="explicit agg_norm"):
-        rlhf_fast.ppo_value_loss(lp, lp, lp, m, agg="seq-mean-token-sum-norm", cu_seqlens=cu)
-    with pytest.raises(ValueError, match="explicit agg_norm"):
-        R.ppo_loss(lp, lp, lp, m, agg="seq-mean-token-sum-norm", cu_seqlens=cu)
-    # explicit: sum / agg_norm
-    loss, _ = rlhf_fast.ppo_policy_loss(lp, lp, torch.ones(6), m, agg="seq-mean-token-sum-norm", agg_norm=4.0,
-                                        cu_seqlens=cu)  # fmt: skip
-    assert_close(loss, torch.tensor(-6.0 / 4.0), "loss", "sum-norm")
+    adv = torch.ones(6)
+    for fn in (rlhf_fast.ppo_policy_loss, R.ppo_policy_loss):
+        # every ratio 1: loss = sum(-A) / norm, norm 4 (the longest segment) unless given
+        loss, _ = fn(lp, lp, adv, m, agg="seq-mean-token-sum-norm", cu_seqlens=cu)
+        assert_close(loss, torch.tensor(-6.0 / 4.0), "loss", f"{backend} {fn.__module__} default")
+        loss, _ = fn(lp, lp, adv, m, agg="seq-mean-token-sum-norm", agg_norm=3.0, cu_seqlens=cu)
+        assert_close(loss, torch.tensor(-6.0 / 3.0), "loss", f"{backend} {fn.__module__} explicit")
+    v, ret = torch.zeros(6), torch.ones(6)
+    loss, _ = rlhf_fast.ppo_value_loss(v, v, ret, m, clip=None, agg="seq-mean-token-sum-norm", cu_seqlens=cu)
+    assert_close(loss, torch.tensor(0.5 * 6.0 / 4.0), "loss", f"{backend} value default")
+    # all segments empty: the norm is 1, the loss 0
+    e = torch.zeros(0)
+    loss, _ = rlhf_fast.ppo_policy_loss(
+        e, e, e, e.bool(), agg="seq-mean-token-sum-norm", cu_seqlens=torch.zeros(3, dtype=torch.int64)
+    )
+    assert loss == 0
 
 
 def test_bad_packed_inputs_raise(backend):

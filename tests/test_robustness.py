@@ -1,8 +1,8 @@
-"""Robustness of the ops (issue 16): double backward, torch.compile with
+"""Robustness of the ops: double backward, torch.compile with
 dynamic shapes on every public function, extreme parameters, rows with no
 valid token, argument checks, stride-0 inputs, threads and memory growth.
 
-Each section names the defect it guards. torch.compile runs the cpp backend
+Each section names the failure it guards against. torch.compile runs the cpp backend
 with backend="aot_eager": it traces what inductor would (dynamo, fake tensors,
 AOTAutograd) without a C++ compile per graph; the Triton interpreter cannot be
 traced at all (the ops refuse it under torch.compile).
@@ -22,7 +22,7 @@ from rlhf_fast.ops._common import min_temperature
 INF = float("inf")
 
 
-# ---------------------------------------------------------------- defect 3: double backward
+# ---------------------------------------------------------------- double backward
 
 
 def _diff_cases():
@@ -67,7 +67,7 @@ DIFF_OPS = [name for name, _, _ in _diff_cases()]
 
 @pytest.mark.parametrize("op", DIFF_OPS)
 def test_double_backward_raises_a_clear_error(backend, op):
-    """Defect 3: on CPU the second derivative through logprobs_from_logits was
+    """On CPU the second derivative through logprobs_from_logits was
     silently zero; for the other ops the error did not say why."""
     _, loss, inputs = next(c for c in _diff_cases() if c[0] == op)
     plain = torch.autograd.grad(loss(), inputs)
@@ -107,7 +107,7 @@ def test_double_backward_reference_is_supported():
     assert_close(h, h2, "agree") and h.abs().sum() > 0
 
 
-# ---------------------------------------------------------------- defect 4: torch.compile(dynamic=True)
+# ---------------------------------------------------------------- torch.compile(dynamic=True)
 
 
 def _inputs(B, T, V=11, H=6):
@@ -156,7 +156,7 @@ def _flat(out):
 
 @pytest.mark.parametrize("name", list(PUBLIC))
 def test_compile_dynamic_fullgraph_public_functions(name):
-    """Defect 4: math.isfinite on a SymFloat in the argument checks broke
+    """math.isfinite on a SymFloat in the argument checks broke
     dynamic=True, fullgraph=True for logprobs_from_logits, linear_logprobs,
     ppo_loss and sample. Two shapes and two float values, one graph."""
     torch._dynamo.reset()
@@ -171,7 +171,7 @@ def test_compile_dynamic_fullgraph_public_functions(name):
 
 
 def test_compile_sample_batch_size_changes():
-    """Defect 4, the issue's example: torch.compile(lambda t: sample(t).tokens)
+    """torch.compile(lambda t: sample(t).tokens)
     crashed when B changed (torch.randint(..., (B,)) with a symbolic B)."""
     torch._dynamo.reset()
     f = torch.compile(
@@ -205,12 +205,12 @@ def test_compile_dynamic_backward():
         assert_close(g, g0, "agree")
 
 
-# ---------------------------------------------------------------- defect 5: tiny temperatures
+# ---------------------------------------------------------------- tiny temperatures
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_temperature_below_dtype_range_is_refused(backend, dtype):
-    """Defect 5: temperature=1e-39 passed the checks and gave NaN everywhere
+    """temperature=1e-39 passed the checks and gave NaN everywhere
     (1 / T overflows fp32 below 2.9e-39; fp64 below 5.6e-309)."""
     tiny = 1e-320 if dtype == torch.float64 else 1e-39
     x = torch.randn(4, 6, dtype=dtype)
@@ -242,7 +242,7 @@ def test_temperature_at_dtype_limit_is_correct(dtype):
 
 
 def test_cpp_sampler_names_tiny_temperature():
-    """Defect 5: the raw cpp op (what runs under torch.compile, where the
+    """The raw cpp op (what runs under torch.compile, where the
     Python per-row checks are skipped) said 'logits contain NaN'."""
     from rlhf_fast.ops._sampling import draw_seeds
 
@@ -254,11 +254,11 @@ def test_cpp_sampler_names_tiny_temperature():
         torch.ops.rlhf_fast.sample_fwd(x, draw_seeds(3, x.device, None), temp, k, p, mp, False)
 
 
-# ---------------------------------------------------------------- defect 8: eps = 0
+# ---------------------------------------------------------------- eps = 0
 
 
 def test_whiten_eps0_degenerate_cases(backend):
-    """Defect 8: whiten(eps=0) gave NaN for one valid element or constant
+    """whiten(eps=0) gave NaN for one valid element or constant
     input, against its docs ('never NaN for finite x')."""
     x = torch.tensor([[0.1, 0.1, 0.1, 7.0], [3.0, -2.0, 5.0, 1.0]])
     const = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]])
@@ -278,7 +278,7 @@ def test_whiten_eps0_degenerate_cases(backend):
 
 
 def test_group_advantages_grpo_eps0_tied_scores(backend):
-    """Defect 8: group_advantages('grpo', eps=0) on tied scores was 0/0 = NaN;
+    """group_advantages('grpo', eps=0) on tied scores was 0/0 = NaN;
     NaN scores still poison their own group only."""
     s = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 0.3, 0.3, 5.0, float("nan")])
     ids = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
@@ -297,7 +297,7 @@ def test_reference_eps0_degenerate_cases():
     assert torch.equal(rlhf_fast.reference.group_advantages(s, 2, eps=0.0), torch.zeros(4, dtype=torch.float64))
 
 
-# ---------------------------------------------------------------- defect 9: rows with no valid token
+# ---------------------------------------------------------------- rows with no valid token
 
 BAD_ROWS = {
     "no valid token": [-INF] * 6,
@@ -310,7 +310,7 @@ BAD_ROWS = {
 @pytest.mark.parametrize("be", ["cpp", "reference", "triton"])
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_sample_bad_row_names_the_problem(be, why, temperature):
-    """Defect 9: a row of only -inf, or containing +inf, was reported as
+    """A row of only -inf, or containing +inf, was reported as
     'logits contain NaN' (cpp); no token may come from such a row silently."""
     x = torch.randn(4, 6)
     x[2] = torch.tensor(BAD_ROWS[why])
@@ -342,7 +342,7 @@ def test_sample_graph_path_bad_row_gives_nan_logprobs():
         assert torch.isfinite(lp[[0, 2]]).all()
 
 
-# ---------------------------------------------------------------- defect 10: argument checks
+# ---------------------------------------------------------------- argument checks
 
 
 @pytest.mark.parametrize("bad, exc", [(1.5, TypeError), (2**70, ValueError), (True, TypeError)])

@@ -62,6 +62,7 @@ KERNELS = {
     "_whiten_stats_kernel": dict(block="BLOCK", spill_budget=_Z),
     "_whiten_merge_kernel": dict(block=None, spill_budget=_E),
     "_whiten_apply_kernel": dict(block="BLOCK", spill_budget=_Z),
+    "_whiten_segments_kernel": dict(block="BLOCK", spill_budget=_Z),
     "_group_advantages_fwd_kernel": dict(block=None, spill_budget={90: 16, 80: 16}),
 }
 
@@ -286,6 +287,14 @@ def _advantages_cases(ops):
                     lambda s=s, e=est: m.group_advantages_triton._init_fn(s, None, 16, e, 1e-6),
                 )
             )
+    # packed: 1024 segments of ~200 tokens, one mean / var each
+    for dt, shift, cu_dt in [
+        (torch.float32, True, torch.int32),
+        (torch.float32, False, torch.int64),
+        (torch.float64, True, torch.int32),
+    ]:
+        args = (_m((204800,), dt), _m((204800,), torch.bool), shift, 1e-8, _m((1025,), cu_dt))
+        out.append((f"whiten per segment {dt} shift={shift} cu {cu_dt}", lambda a=args: m.whiten_triton._init_fn(*a)))
     s = _m((64,), torch.float32)
     out.append(
         ("group fp32 by id", lambda: m.group_advantages_triton._init_fn(s, _m((64,), torch.int64), 0, "grpo", 1e-6))

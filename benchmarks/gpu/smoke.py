@@ -101,6 +101,60 @@ def check_sampler():
     return dict(rows=B)
 
 
+def _offset_rows(big, sign, dtype, n=8, V=32003):
+    """(n, V) logits in [o - 6u, o] (or [-o, -o + 6u]), u = max(1, 8 ulp(o)):
+    a spread of a few of the offset's own spacings, every value exact."""
+    o = torch.tensor(big, dtype=dtype)
+    ulp = float(o - torch.nextafter(o, torch.zeros((), dtype=dtype))) if big else 0.0
+    steps = torch.rand(n, V, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 6
+    x = (big - max(1.0, 8 * ulp) * steps) if sign > 0 else (-big + max(1.0, 8 * ulp) * steps)
+    return x.to(dtype).to(DEV)
+
+
+def check_magnitude():
+    """Log-prob, entropy, fused-linear and sampler log-probs against float64
+    of the same numbers, error relative to the row's spread, at offsets 0,
+    1e2, 1e4, 1e7, 1e30 and the dtype's max (both signs): the kernels
+    subtract the max before scaling by 1 / T. Bound 2e-5 (fp32 math)."""
+    worst = 0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        for big in (0.0, 1e2, 1e4, 1e7, 1e30, torch.finfo(dtype).max):
+            for sign in (1, -1):
+                x = _offset_rows(big, sign, dtype)
+                n, V = x.shape
+                y = torch.randint(0, V, (n,), device=DEV)
+                for t in (1.0,) if big == torch.finfo(dtype).max else (1.0, 0.7):
+                    xd = x.double()
+                    z = (xd - xd.amax(-1, keepdim=True)) / t
+                    logp = z.log_softmax(-1)
+                    scale = (z.amax(-1) - z.amin(-1)).clamp(min=1.0)
+                    name = f"{dtype} {sign}*{big:.3g} T={t}"
+
+                    def rel(got, want):
+                        return float(((got.double() - want) / scale).abs().max())
+
+                    lp, h = rlhf_fast.logprobs_from_logits(x, y, temperature=t, return_entropy=True)
+                    lpl, hl = rlhf_fast.linear_logprobs(
+                        torch.eye(n, dtype=dtype, device=DEV), x.T.contiguous(), y, temperature=t, return_entropy=True
+                    )
+                    out = rlhf_fast.sample(x, temperature=t, top_k=50)
+                    kept = z >= z.topk(50, -1).values[:, -1:]
+                    want_p = z.gather(1, out.tokens[:, None])[:, 0] - torch.where(kept, z, -torch.inf).logsumexp(-1)
+                    errs = dict(
+                        lp=rel(lp, logp.gather(1, y[:, None])[:, 0]),
+                        h=rel(h, -(logp.exp() * logp).sum(-1)),
+                        linear_lp=rel(lpl, logp.gather(1, y[:, None])[:, 0]),
+                        linear_h=rel(hl, -(logp.exp() * logp).sum(-1)),
+                        sample_lp=rel(out.logprobs, logp.gather(1, out.tokens[:, None])[:, 0]),
+                        sample_processed=rel(out.processed_logprobs, want_p),
+                    )
+                    for what, err in errs.items():
+                        if not err <= 2e-5:  # NaN fails too
+                            raise AssertionError(f"{name} {what}: error {err:.3g} relative to the spread")
+                    worst = max(worst, *errs.values())
+    return dict(worst_relative_error=worst)
+
+
 def check_ppo():
     B, T = 256, 8192
     lp = (torch.randn(B, T, device=DEV) * 0.3).requires_grad_()
@@ -171,7 +225,9 @@ def compiled_kernels() -> list[dict]:
     return rows
 
 
-CHECKS = [check_logprobs_huge, check_logprobs_grad, check_linear, check_sampler, check_ppo, check_advantages]
+CHECKS = [
+    check_logprobs_huge, check_logprobs_grad, check_linear, check_sampler, check_magnitude, check_ppo, check_advantages,
+]  # fmt: skip
 
 
 def main() -> int:

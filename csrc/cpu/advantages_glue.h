@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <vector>
+
 #include "rlhf_fast/cpu_math.h"
 
 namespace rlhf_fast {
@@ -59,6 +62,40 @@ inline void check_2d(const at::Tensor& t, const char* op, const char* name,
               t.sizes());
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape,
               " (the rewards' shape), got ", t.sizes());
+}
+
+inline void check_1d(const at::Tensor& t, const char* op, const char* name,
+                     at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected CPU tensors, got ", name,
+              " on ", t.device());
+  TORCH_CHECK(t.dim() == 1, op, ": with cu_seqlens, ", name,
+              " must be 1-D (total,) packed tokens, got ", t.sizes());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape,
+              " (the rewards' shape), got ", t.sizes());
+}
+
+// The packed layout's offsets (docs/packing.md), checked again here because
+// under torch.compile the Python checks do not run; the same messages as
+// rlhf_fast/ops/_packing.py. Returns them as int64.
+inline std::vector<int64_t> read_cu_seqlens(const char* op, const at::Tensor& cu_in,
+                                            int64_t total) {
+  TORCH_CHECK(cu_in.scalar_type() == at::kInt || cu_in.scalar_type() == at::kLong, op,
+              ": cu_seqlens must have dtype int32 or int64, got ", cu_in.scalar_type());
+  TORCH_CHECK(cu_in.dim() == 1 && cu_in.size(0) >= 1, op,
+              ": cu_seqlens must be 1-D (S + 1,) offsets starting at 0 and ending at total, got shape ",
+              cu_in.sizes());
+  TORCH_CHECK(cu_in.device().is_cpu(), op, ": cu_seqlens is on ", cu_in.device(),
+              " but the token tensors are on cpu");
+  const at::Tensor c = cu_in.to(at::kLong).contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  std::vector<int64_t> cu(p, p + c.size(0));
+  TORCH_CHECK(cu[0] == 0, op, ": cu_seqlens[0] must be 0, got ", cu[0]);
+  TORCH_CHECK(cu.back() == total, op, ": cu_seqlens[-1] = ", cu.back(),
+              " must equal the number of packed tokens (", total, ")");
+  for (size_t s = 0; s + 1 < cu.size(); ++s)
+    TORCH_CHECK(cu[s] <= cu[s + 1], op, ": cu_seqlens must be non-decreasing: cu_seqlens[", s,
+                "] = ", cu[s], " > cu_seqlens[", s + 1, "] = ", cu[s + 1]);
+  return cu;
 }
 
 }  // namespace cpu

@@ -22,6 +22,8 @@ namespace rlhf_fast {
 namespace cpu {
 namespace {
 
+constexpr int64_t kChunkElems = 4096;
+
 struct Moments {
   double n = 0, mean = 0, m2 = 0;
 };
@@ -38,27 +40,43 @@ Moments merge(const Moments& a, const Moments& b) {
   return o;
 }
 
-// Two passes over a chunk that is still in L1 (4096 elements, 16 KiB fp32).
+// Two passes over a chunk that is still in L1 (4096 elements, 16 KiB fp32),
+// about a pivot p (the chunk's first valid value): mean = p + sum(x - p) / n.
+// Tied values then give x - p = 0 exactly, so mean = p and M2 = 0 exactly;
+// sum(x) / n is not exact (7 x -0.1 in fp64 gives a mean 1.4e-17 off, and
+// with eps = 0 that whitened to -0.93 instead of 0).
 template <typename T, typename M>
 RLHF_FAST_INLINE Moments chunk_moments(const T* x, const M* m, int64_t n) {
+  int64_t first = 0;
+  while (first < n && m[first] == M(0)) ++first;
+  Moments o;
+  if (first == n) return o;
+  const double p = static_cast<double>(to_acc(x[first]));
   double cnt = 0, sum = 0;
 #pragma omp simd reduction(+ : cnt, sum)
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = first; i < n; ++i) {
     const bool valid = m[i] != M(0);
-    const double xi = static_cast<double>(to_acc(x[i]));
+    const double xi = static_cast<double>(to_acc(x[i])) - p;
     cnt += blend(valid, 1.0, 0.0);
     sum += blend(valid, xi, 0.0);
   }
-  Moments o;
-  if (cnt == 0) return o;
-  const double mean = sum / cnt;
+  const double dmean = sum / cnt;
   double m2 = 0;
 #pragma omp simd reduction(+ : m2)
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(to_acc(x[i])) - mean;
+  for (int64_t i = first; i < n; ++i) {
+    const double d = (static_cast<double>(to_acc(x[i])) - p) - dmean;
     m2 += blend(m[i] != M(0), d * d, 0.0);
   }
-  return {cnt, mean, m2};
+  return {cnt, p + dmean, m2};
+}
+
+// One set of moments over n elements (any length): 4096-element chunks merged.
+template <typename T, typename M>
+Moments range_moments(const T* x, const M* m, int64_t n) {
+  Moments tot;
+  for (int64_t lo = 0; lo < n; lo += kChunkElems)
+    tot = merge(tot, chunk_moments(x + lo, m + lo, std::min(kChunkElems, n - lo)));
+  return tot;
 }
 
 template <typename T, typename M, typename acc_t>
@@ -72,22 +90,56 @@ RLHF_FAST_INLINE void whiten_apply(const T* x, const M* m, acc_t* out,
   }
 }
 
-constexpr int64_t kChunk = 4096;
+constexpr int64_t kChunk = kChunkElems;
+
+// n <= 1: variance 0 (verl raises); the valid element maps to 0.
+inline double moments_rstd(const Moments& tot, double eps) {
+  const double var = tot.n > 1 ? tot.m2 / (tot.n - 1) : 0.0;
+  return 1.0 / std::sqrt(var + eps);
+}
 
 at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
-                      bool shift_mean, double eps) {
+                      bool shift_mean, double eps,
+                      const std::optional<at::Tensor>& cu_seqlens) {
   const char* op = "rlhf_fast::whiten";
   TORCH_CHECK(x_in.device().is_cpu(), op, ": expected CPU tensors, got ",
               x_in.device());
   TORCH_CHECK(mask_in.sizes() == x_in.sizes(), op, ": mask must have shape ",
               x_in.sizes(), " (x's shape), got ", mask_in.sizes());
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const bool per_segment = cu_seqlens.has_value() && cu_seqlens->defined();
+  if (per_segment) check_1d(x_in, op, "x", x_in.sizes());
+  const std::vector<int64_t> cu =
+      per_segment ? read_cu_seqlens(op, *cu_seqlens, x_in.numel()) : std::vector<int64_t>{};
   const at::Tensor x = x_in.contiguous();
   const at::Tensor m = mask_for_kernel(mask_in).contiguous();
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(acc));
   const int64_t N = x.numel();
   if (N == 0) return out;
+  if (per_segment) {  // one (mean, var) per segment, segments in parallel
+    const int64_t S = static_cast<int64_t>(cu.size()) - 1;
+    dispatch_value(x.scalar_type(), [&](auto* ttag) {
+      using Tv = std::remove_pointer_t<decltype(ttag)>;
+      using acc_t = acc_type<Tv>;
+      dispatch_mask(m.scalar_type(), [&](auto* mtag) {
+        using M = std::remove_pointer_t<decltype(mtag)>;
+        const Tv* xp = reinterpret_cast<const Tv*>(x.const_data_ptr());
+        const M* mp = reinterpret_cast<const M*>(m.const_data_ptr());
+        acc_t* op_ = out.data_ptr<acc_t>();
+        const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, N / std::max<int64_t>(S, 1)));
+        at::parallel_for(0, S, grain, [&](int64_t b, int64_t e) {
+          for (int64_t s = b; s < e; ++s) {
+            const int64_t lo = cu[s], n = cu[s + 1] - cu[s];
+            const Moments tot = range_moments(xp + lo, mp + lo, n);
+            whiten_apply(xp + lo, mp + lo, op_ + lo, n, tot.mean, moments_rstd(tot, eps),
+                         shift_mean ? 0.0 : tot.mean);
+          }
+        });
+      });
+    });
+    return out;
+  }
   const int64_t nchunks = (N + kChunk - 1) / kChunk;
   std::vector<Moments> parts(nchunks);
   dispatch_value(x.scalar_type(), [&](auto* ttag) {
@@ -105,9 +157,7 @@ at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
       });
       Moments tot;  // serial merge: N / 4096 chunks, 512 at 2M elements
       for (const Moments& p : parts) tot = merge(tot, p);
-      // n <= 1: variance 0 (verl raises); the valid element maps to 0.
-      const double var = tot.n > 1 ? tot.m2 / (tot.n - 1) : 0.0;
-      const double rstd = 1.0 / std::sqrt(var + eps);
+      const double rstd = moments_rstd(tot, eps);
       const double add = shift_mean ? 0.0 : tot.mean;
       acc_t* op_ = out.data_ptr<acc_t>();
       at::parallel_for(0, nchunks, 4, [&](int64_t b, int64_t e) {
@@ -139,19 +189,22 @@ void group_one(const T* s, const int64_t* idx, int64_t base, int64_t n,
     for (int64_t k = 0; k < n; ++k) out[at_(k)] = acc_t(0);
     return;
   }
+  // about a pivot (the group's first score), as chunk_moments: tied scores
+  // give exactly 0 deviations, so exactly 0 advantages
+  const double p = static_cast<double>(to_acc(s[at_(0)]));
   double sum = 0;
-  for (int64_t k = 0; k < n; ++k) sum += static_cast<double>(to_acc(s[at_(k)]));
-  const double mean = sum / n;
+  for (int64_t k = 0; k < n; ++k) sum += static_cast<double>(to_acc(s[at_(k)])) - p;
+  const double dmean = sum / n;
   double m2 = 0;
   for (int64_t k = 0; k < n; ++k) {
-    const double d = static_cast<double>(to_acc(s[at_(k)])) - mean;
+    const double d = (static_cast<double>(to_acc(s[at_(k)])) - p) - dmean;
     m2 += d * d;
   }
   const double nd = static_cast<double>(n);
   const double scale = est == 0 ? 1.0 / (std::sqrt(m2 / (nd - 1)) + eps)
                        : est == 2 ? nd / (nd - 1) : 1.0;
   for (int64_t k = 0; k < n; ++k) {
-    const double d = static_cast<double>(to_acc(s[at_(k)])) - mean;
+    const double d = (static_cast<double>(to_acc(s[at_(k)])) - p) - dmean;
     out[at_(k)] = static_cast<acc_t>(d * scale);
   }
 }

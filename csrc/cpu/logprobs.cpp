@@ -25,6 +25,20 @@ namespace {
 // float accumulation for fp32 / bf16 / fp16 logits, W floats per vector
 // (cpu_math.h); a scalar double path for fp64.
 
+// H = lse - E[z] = log s - w / s: no cancellation of two large terms, even
+// with logits of 1e4. NaN anywhere in the row reaches s, so the row is NaN;
+// so is a row whose lse = m * inv_t + log s overflows.
+template <typename acc_t>
+RLHF_FAST_INLINE RowStats<acc_t> finish_row(acc_t m, acc_t inv_t, acc_t s, acc_t w) {
+  const acc_t log_s = std::log(s);
+  const acc_t lse = m * inv_t + log_s;
+  if (std::isinf(lse)) {
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    return {nan, nan, m, nan};
+  }
+  return {lse, log_s - w / s, m, log_s};
+}
+
 template <int W, typename T>
 RLHF_FAST_INLINE RowStats<float> fwd_row(const T* x, int64_t V, float inv_t) {
   using vf = typename Vec<W>::f;
@@ -39,31 +53,27 @@ RLHF_FAST_INLINE RowStats<float> fwd_row(const T* x, int64_t V, float inv_t) {
     }
   float m = max_lanes<W>(vm);
   for (int64_t j = Vb; j < V; ++j) m = to_acc(x[j]) > m ? to_acc(x[j]) : m;
-  // max(x * inv_t) == max(x) * inv_t: rounding is monotone and inv_t > 0.
-  const float mz = m * inv_t;
+  const vf vmax = splat<W>(m);
 
-  // s = sum e and w = sum (z - mz) * e, with e = exp(z - mz) <= 1. The
-  // second sweep re-reads the row from L2, not DRAM.
+  // s = sum e and w = sum d * e, with d = (x - m) * inv_t <= 0 and
+  // e = exp(d) <= 1. The second sweep re-reads the row from L2, not DRAM.
   vf vs[K] = {}, vw[K] = {};
   for (int64_t j = 0; j < Vb; j += kLanes)
     for (int k = 0; k < K; ++k) {
-      const vf d = load<W>(x + j + k * W) * inv_t - mz;
+      const vf d = (load<W>(x + j + k * W) - vmax) * inv_t;
       const vf e = exp_nonpos<W>(d);
       vs[k] += e;
       vw[k] += e > 0.f ? d * e : splat<W>(0.f);  // -inf * 0 would be NaN
     }
   for (int64_t j = Vb; j < V; ++j) {  // tail: lane j - Vb, as a full block would
     const int l = static_cast<int>(j - Vb);
-    const float d = to_acc(x[j]) * inv_t - mz;
+    const float d = (to_acc(x[j]) - m) * inv_t;
     const float e = exp_nonpos(d);
     vs[l / W][l % W] += e;
     vw[l / W][l % W] += e > 0.f ? d * e : 0.f;
   }
   const float s = sum_lanes<W>(vs), w = sum_lanes<W>(vw);
-  const float log_s = std::log(s);
-  // H = lse - E[z] = log s - w / s: no cancellation of two large terms, even
-  // with logits of 1e4. NaN anywhere in the row reaches s, so the row is NaN.
-  return {mz + log_s, log_s - w / s, mz};
+  return finish_row(m, inv_t, s, w);
 }
 
 template <int W, typename T>
@@ -121,16 +131,14 @@ RowStats<float> logprobs_row_stats(const fp16_bits* x, int64_t V, float t) { ret
 RowStats<double> logprobs_row_stats(const double* x, int64_t V, double inv_t) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < V; ++j) m = x[j] > m ? x[j] : m;
-  const double mz = m * inv_t;
   double s = 0, w = 0;
   for (int64_t j = 0; j < V; ++j) {
-    const double d = x[j] * inv_t - mz;
+    const double d = (x[j] - m) * inv_t;
     const double e = std::exp(d);
     s += e;
     w += e > 0 ? d * e : 0.0;
   }
-  const double log_s = std::log(s);
-  return {mz + log_s, log_s - w / s, mz};
+  return finish_row(m, inv_t, s, w);
 }
 
 
@@ -194,7 +202,7 @@ void fwd_rows(const at::Tensor& logits, const int64_t* labels, acc_t inv_t,
       const RowStats<acc_t> st = logprobs_row_stats(row, V, inv_t);
       lse[r] = st.lse;
       ent[r] = st.entropy;
-      lp[r] = to_acc(row[y]) * inv_t - st.lse;
+      lp[r] = (to_acc(row[y]) - st.max_x) * inv_t - st.log_s;
     }
   });
 }

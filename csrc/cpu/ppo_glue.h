@@ -118,6 +118,15 @@ inline Rows rows_of(const at::Tensor& ref, const std::optional<at::Tensor>& cu_s
   return r;
 }
 
+// seq-mean-token-sum-norm's divisor: agg_norm (> 0), or 0 on a packed
+// stream for its longest segment (the padded default, T, is the longest
+// row a padded batch can hold; read here from the offsets, no extra pass).
+inline double packed_norm(const Rows& R, double agg_norm, const char* op) {
+  TORCH_CHECK(agg_norm > 0 || (R.packed && agg_norm == 0), op, ": agg_norm must be > 0 (0: the longest ",
+              "segment, packed only), got ", agg_norm);
+  return agg_norm > 0 ? agg_norm : double(std::max<int64_t>(R.max_len, 1));
+}
+
 // A contiguous token tensor read row by row as acc_t: in place when the
 // dtypes match, else converted into a per-thread scratch row (a row is at
 // most a few 10k tokens: the conversion stays in L1/L2, no DRAM traffic).

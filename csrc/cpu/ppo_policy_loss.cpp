@@ -654,7 +654,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   TORCH_CHECK(clip_low > 0 && clip_high > 0, op, ": clip_low and clip_high must be > 0");
   TORCH_CHECK(!dual_clip.has_value() || *dual_clip > 1.0, op, ": dual_clip must be > 1");
   const Agg agg = parse_agg(std::string(agg_s), op);
-  TORCH_CHECK(agg_norm > 0, op, ": agg_norm must be > 0, got ", agg_norm);
+  const double norm = packed_norm(R, agg_norm, op);
   const int kl = ref.defined() ? parse_kl(std::string(kl_kind), op) : kNone;
 
   const int64_t B = R.n;
@@ -684,7 +684,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   std::vector<double> scale(B);
   for (int64_t b = 0; b < B; ++b) {
     const PolicyRow& r = rows[b];
-    scale[b] = row_scale_of(agg, r.n, N, S, agg_norm);
+    scale[b] = row_scale_of(agg, r.n, N, S, norm);
     pg += scale[b] * r.pg, en += scale[b] * r.ent, kv += scale[b] * r.kl;
     clip += r.clip, lower += r.lower, akl += r.akl, rsum += r.rsum;
     rmax = nan_max(rmax, r.rmax);

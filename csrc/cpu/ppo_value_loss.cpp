@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_fwd_cp
   const at::Tensor mk = prep_mask(mask, shape, op);
   TORCH_CHECK(!clip.has_value() || *clip > 0, op, ": clip must be > 0 or None");
   const Agg agg = parse_agg(std::string(agg_s), op);
-  TORCH_CHECK(agg_norm > 0, op, ": agg_norm must be > 0, got ", agg_norm);
+  const double norm = packed_norm(R, agg_norm, op);
   const int64_t B = R.n, L = R.max_len;
   const auto acc = acc_dtype(v.scalar_type());
   at::Tensor dtok = at::empty(shape, v.options().dtype(acc));
@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_value_loss_fwd_cp
   std::vector<double> scale(B);
   for (int64_t b = 0; b < B; ++b) {
     const ValueRow& r = rows[b];
-    scale[b] = row_scale_of(agg, r.n, N, S, agg_norm);
+    scale[b] = row_scale_of(agg, r.n, N, S, norm);
     loss += scale[b] * r.loss;
     clipn += r.clip;
     if (r.n > 0) {

@@ -1,9 +1,11 @@
 // CPU sampler: rows in parallel, each row in a few vectorised sweeps over an
 // L2-resident copy (V=32000: z and exp(z - max) are 250 KiB per thread).
-//   1. max and NaN check;  2. z, e = exp(z - max), s = sum e -> log-sum-exp
+//   1. max and NaN check;  2. d = (x - max x) / T, e = exp(d), s = sum e
+//      -> log-sum-exp (every threshold and key below is on d <= 0, so the
+//      row's offset costs no precision: see logprobs_row.h)
 //   3. only if the row truncates: thresholds by bisection on the fp32 order
 //      key (32 count / mass sweeps each for top-k and top-p; no sort)
-//   4. exponential race over the kept tokens: argmax z + Gumbel(seed, token)
+//   4. exponential race over the kept tokens: argmax d + Gumbel(seed, token)
 // Semantics and noise are those of rlhf_fast/reference/_sampling.py.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -82,16 +84,17 @@ struct MassGe {
   }
 };
 
-// z and e = exp(z - mz) into the row buffers (only for rows that truncate).
+// d = (x - mx) * inv_t and e = exp(d) into the row buffers (only for rows
+// that truncate).
 template <typename T>
 struct FillRow {
   template <int W>
-  static RLHF_FAST_INLINE void run(const T* x, int64_t V, float inv_t, float mz, float* z, float* e) {
+  static RLHF_FAST_INLINE void run(const T* x, int64_t V, float inv_t, float mx, float* z, float* e) {
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
-      const float zj = to_acc(x[j]) * inv_t;
-      z[j] = zj;
-      e[j] = exp_nonpos(zj - mz);
+      const float dj = (to_acc(x[j]) - mx) * inv_t;
+      z[j] = dj;
+      e[j] = exp_nonpos(dj);
     }
   }
 };
@@ -101,27 +104,17 @@ float mass_ge(const float* z, const float* e, int64_t V, float thr) { return isa
 
 // The log-prob kernel's own row statistics (logprobs_row.h): the sampled
 // token's log-prob is then bit-identical to logprobs_from_logits'.
-struct LseStats {
-  float mz, lse;
-};
-
-template <typename T>
-LseStats lse_row(const T* x, int64_t V, float inv_t) {
-  const RowStats<float> st = logprobs_row_stats(x, V, inv_t);
-  return {st.max_z, st.lse};
-}
-
-// keys = kept ? z + gumbel : -inf for one chunk; vectorises (no libm calls).
+// keys = kept ? d + gumbel : -inf for one chunk; vectorises (no libm calls).
 template <typename T>
 struct RaceChunk {
   template <int W>
-  static RLHF_FAST_INLINE void run(const T* x, int64_t j0, int64_t n, float inv_t, float thr, uint32_t lo,
-                                   uint32_t hi, float* keys) {
+  static RLHF_FAST_INLINE void run(const T* x, int64_t j0, int64_t n, float inv_t, float mx, float thr,
+                                   uint32_t lo, uint32_t hi, float* keys) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const float zj = to_acc(x[j0 + i]) * inv_t;
+      const float dj = (to_acc(x[j0 + i]) - mx) * inv_t;
       const float g = sampling::gumbel(lo, hi, static_cast<uint32_t>(j0 + i));
-      keys[i] = zj >= thr ? zj + g : kNegInf;
+      keys[i] = dj >= thr ? dj + g : kNegInf;
     }
   }
 };
@@ -143,33 +136,35 @@ RowResult sample_row(const T* x, int64_t V, const RowParams& p,
                      std::vector<float>& zbuf, std::vector<float>& ebuf) {
   RowResult r{0, 0.0f, 0.0f, false};
   const float inv_t = p.greedy ? 1.0f : p.inv_t;
-  const LseStats st = lse_row(x, V, inv_t);
+  // the log-prob kernel's own row statistics (logprobs_row.h): the sampled
+  // token's log-prob is then bit-identical to logprobs_from_logits'
+  const RowStats<float> st = logprobs_row_stats(x, V, inv_t);
   if (std::isnan(st.lse)) {
     r.nan = true;
     return r;
   }
-  const float mz = st.mz;  // max(x * inv_t) == max(x) * inv_t, inv_t > 0
-  auto z_at = [&](int64_t j) { return to_acc(x[j]) * inv_t; };
+  const float mx = st.max_x;
+  auto d_at = [&](int64_t j) { return (to_acc(x[j]) - mx) * inv_t; };  // <= 0, 0 at the max
   auto first_max = [&]() {  // first argmax, as torch.argmax
     int64_t j = 0;
-    while (j < V - 1 && !(z_at(j) == mz)) ++j;
+    while (j < V - 1 && !(to_acc(x[j]) == mx)) ++j;
     return j;
   };
   if (p.greedy) {
     r.token = first_max();
-    r.logprob = z_at(r.token) - st.lse;
+    r.logprob = d_at(r.token) - st.log_s;
     r.processed = 0.0f;
     return r;
   }
   float thr = kNegInf;
-  float log_kept = st.lse - mz;  // log of the kept mass, relative to exp(mz)
+  float log_kept = st.log_s;  // log of the kept mass, relative to exp(max z)
   if (p.filtered) {
     zbuf.resize(V);
     ebuf.resize(V);
     float* z = zbuf.data();
     float* e = ebuf.data();
-    isa_call<FillRow<T>>(x, V, inv_t, mz, z, e);
-    const int32_t top = float_key(mz);
+    isa_call<FillRow<T>>(x, V, inv_t, mx, z, e);
+    const int32_t top = float_key(0.0f);  // max d
     float tau_k = kNegInf, mass_k = mass_ge(z, e, V, kNegInf);
     if (p.top_k > 0 && p.top_k < V) {
       tau_k = bisect(float_key(kNegInf), top,
@@ -183,9 +178,9 @@ RowResult sample_row(const T* x, int64_t V, const RowParams& p,
                      [&](float t) { return mass_ge(z, e, V, t) >= target; });
     }
     float tau_min = kNegInf;
-    if (p.min_p > 0.0f) tau_min = mz + std::log(p.min_p);
+    if (p.min_p > 0.0f) tau_min = std::log(p.min_p);
     thr = std::max(std::max(tau_k, tau_p), tau_min);
-    thr = std::min(thr, mz);  // the max token is always kept
+    thr = std::min(thr, 0.0f);  // the max token is always kept
     log_kept = std::log(mass_ge(z, e, V, thr));
   }
   float keys[kChunk];
@@ -193,15 +188,15 @@ RowResult sample_row(const T* x, int64_t V, const RowParams& p,
   int64_t best_j = -1;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int64_t n = std::min(kChunk, V - j0);
-    isa_call<RaceChunk<T>>(x, j0, n, inv_t, thr, p.seed_lo, p.seed_hi, keys);
+    isa_call<RaceChunk<T>>(x, j0, n, inv_t, mx, thr, p.seed_lo, p.seed_hi, keys);
     for (int64_t i = 0; i < n; ++i) {
       if (keys[i] > best) { best = keys[i]; best_j = j0 + i; }
     }
   }
   if (best_j < 0) best_j = first_max();  // only -inf logits: no key is finite
   r.token = best_j;
-  r.logprob = z_at(best_j) - st.lse;
-  r.processed = z_at(best_j) - (mz + log_kept);
+  r.logprob = d_at(best_j) - st.log_s;
+  r.processed = d_at(best_j) - log_kept;
   return r;
 }
 

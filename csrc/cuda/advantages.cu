@@ -1,5 +1,12 @@
-// CUDA GAE / discounted-return scan: one block per row, the row cut into
-// chunks of 2048 positions (256 threads x 8) walked right to left.
+// CUDA GAE / discounted-return scan. A row is (offset, length): padded row b
+// is (b * stride, T), packed segment s is (cu[s], cu[s + 1] - cu[s]); the
+// same kernel body walks both. Padded rows get a block each, the row cut
+// into chunks of 2048 positions (256 threads x 8) walked right to left.
+// Packed segments get a warp each (8 per block, chunks of 256 positions):
+// a packed batch is thousands of segments of ~200 tokens, and a block per
+// 8-token segment would idle 255 of its 256 threads, so per token a short
+// segment costs what a long one does. (A few very long segments use few
+// warps: 8 segments of 10,000 tokens occupy 8 warps of the GPU.)
 //
 // Per chunk: coalesced loads into shared memory; each thread owns 8
 // consecutive positions (thread 0 the rightmost); two block-wide exclusive
@@ -19,16 +26,13 @@ namespace rlhf_fast {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = kScanThreads;
+constexpr int kThreads = kScanThreads;  // per block, in both modes
 constexpr int kItems = kScanItems;
-constexpr int kChunk = kThreads * kItems;
-constexpr int kWarps = kThreads / 32;
-static_assert(kWarps <= 32, "the warp-aggregate scan runs in one warp");
+static_assert(kThreads / 32 <= 32, "the warp-aggregate scan runs in one warp");
 
 // Shared-memory index with one pad word per 32: thread j reading positions
 // 8j .. 8j+7 would otherwise hit 8-way bank conflicts.
 __device__ __forceinline__ int pad(int i) { return i + (i >> 5); }
-constexpr int kPadded = kChunk + kChunk / 32;
 
 template <typename T, typename acc_t>
 __device__ __forceinline__ acc_t load_acc(const T* p) { return static_cast<acc_t>(*p); }
@@ -74,76 +78,123 @@ template <typename acc_t>
 __device__ __forceinline__ LastValid<acc_t> shfl_up(const LastValid<acc_t>& x, int d) {
   return {__shfl_up_sync(0xffffffffu, x.has, d), __shfl_up_sync(0xffffffffu, x.v, d)};
 }
+template <typename acc_t>
+__device__ __forceinline__ Affine<acc_t> shfl_last(const Affine<acc_t>& x) {
+  return {__shfl_sync(0xffffffffu, x.a, 31), __shfl_sync(0xffffffffu, x.b, 31)};
+}
+template <typename acc_t>
+__device__ __forceinline__ LastValid<acc_t> shfl_last(const LastValid<acc_t>& x) {
+  return {__shfl_sync(0xffffffffu, x.has, 31), __shfl_sync(0xffffffffu, x.v, 31)};
+}
 
-// Exclusive scan over the block's threads in thread order (thread 0 first),
-// seeded with `identity`; `total` gets the combination of all threads.
-// `warp_buf` holds kWarps... 32 elements of shared memory.
-template <typename S>
-__device__ __forceinline__ S block_exclusive_scan(S x, const S& identity, S* warp_buf, S& total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// The threads that share a row: the block (THREADS = 256) or one warp (32).
+template <int THREADS>
+__device__ __forceinline__ void row_sync() {
+  if constexpr (THREADS == 32) __syncwarp(); else __syncthreads();
+}
+
+// Exclusive scan over a row's THREADS threads in thread order (thread 0
+// first), seeded with `identity`; `total` gets the combination of all of
+// them. `warp_buf` holds 32 elements of shared memory (block mode only).
+template <int THREADS, typename S>
+__device__ __forceinline__ S row_exclusive_scan(S x, const S& identity, S* warp_buf, S& total) {
+  constexpr int kWarps = THREADS / 32;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x % THREADS) >> 5;
   S inc = x;
 #pragma unroll
   for (int d = 1; d < 32; d <<= 1) {
     const S y = shfl_up(inc, d);
     if (lane >= d) inc = combine(y, inc);
   }
-  if (lane == 31) warp_buf[warp] = inc;
-  __syncthreads();
-  if (warp == 0) {
-    S w = lane < kWarps ? warp_buf[lane] : identity;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const S y = shfl_up(w, d);
-      if (lane >= d) w = combine(y, w);
-    }
-    if (lane < kWarps) warp_buf[lane] = w;  // inclusive prefix over warps
-  }
-  __syncthreads();
   S excl = shfl_up(inc, 1);
   if (lane == 0) excl = identity;
-  if (warp > 0) excl = combine(warp_buf[warp - 1], excl);
-  total = warp_buf[kWarps - 1];
-  __syncthreads();  // warp_buf is reused by the next scan
-  return excl;
+  if constexpr (kWarps == 1) {
+    total = shfl_last(inc);
+    return excl;
+  } else {
+    if (lane == 31) warp_buf[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+      S w = lane < kWarps ? warp_buf[lane] : identity;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const S y = shfl_up(w, d);
+        if (lane >= d) w = combine(y, w);
+      }
+      if (lane < kWarps) warp_buf[lane] = w;  // inclusive prefix over warps
+    }
+    __syncthreads();
+    if (warp > 0) excl = combine(warp_buf[warp - 1], excl);
+    total = warp_buf[kWarps - 1];
+    __syncthreads();  // warp_buf is reused by the next scan
+    return excl;
+  }
 }
 
 // ---------------- the kernel ----------------
 
-template <bool HAS_V, typename T, typename M, typename acc_t>
+// THREADS = 256: a block per row (padded, cu == nullptr); 32: a warp per
+// row (packed: row s is segment s, its offsets clamped into [0, total], so
+// bad offsets never read out of bounds; a segment whose offsets are out of
+// order writes NaN over the tokens between them).
+template <int THREADS, bool HAS_V, typename T, typename M, typename acc_t, typename C>
 __global__ void __launch_bounds__(kThreads) advantage_scan_kernel(
     const T* __restrict__ rewards, const T* __restrict__ values, const M* __restrict__ mask,
     int64_t stride_r, int64_t stride_v, int64_t stride_m, const acc_t* __restrict__ gamma_rows,
     const acc_t* __restrict__ lam_rows, acc_t gamma_s, acc_t lam_s, acc_t* __restrict__ adv,
-    acc_t* __restrict__ ret, int64_t n_pos) {
-  __shared__ acc_t sh_r[kPadded];                  // rewards in, advantages out
-  __shared__ acc_t sh_v[HAS_V ? kPadded : 1];      // values in, returns out
-  __shared__ unsigned char sh_m[kChunk];
+    acc_t* __restrict__ ret, int64_t n_cols, const C* __restrict__ cu, int64_t n_rows) {
+  constexpr int kRowsPerBlock = kThreads / THREADS;
+  constexpr int kRowChunk = THREADS * kItems;
+  constexpr int kRowPadded = kRowChunk + kRowChunk / 32;
+  __shared__ acc_t sh_r_all[kRowsPerBlock * kRowPadded];  // rewards in, advantages out
+  __shared__ acc_t sh_v_all[HAS_V ? kRowsPerBlock * kRowPadded : 1];  // values in, returns out
+  __shared__ unsigned char sh_m_all[kRowsPerBlock * kRowChunk];
   __shared__ Affine<acc_t> aff_buf[32];
   __shared__ LastValid<acc_t> nv_buf[32];
 
-  const int64_t row = blockIdx.x;
-  const T* r_row = rewards + row * stride_r;
-  const T* v_row = HAS_V ? values + row * stride_v : nullptr;
-  const M* m_row = mask + row * stride_m;
-  acc_t* adv_row = adv + row * n_pos;
-  acc_t* ret_row = HAS_V ? ret + row * n_pos : nullptr;
+  const int group = threadIdx.x / THREADS;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + group;
+  if (row >= n_rows) return;  // warp mode only: whole warps leave, no block barrier follows
+  acc_t* sh_r = sh_r_all + group * kRowPadded;
+  acc_t* sh_v = HAS_V ? sh_v_all + group * kRowPadded : sh_v_all;
+  unsigned char* sh_m = sh_m_all + group * kRowChunk;
+  int64_t off_r = row * stride_r, off_v = row * stride_v, off_m = row * stride_m, off_o = row * n_cols;
+  int64_t n_pos = n_cols;
+  if (cu != nullptr) {  // packed: n_cols is the stream's length (total)
+    const int64_t a = min(max(static_cast<int64_t>(cu[row]), int64_t(0)), n_cols);
+    const int64_t b = min(max(static_cast<int64_t>(cu[row + 1]), int64_t(0)), n_cols);
+    if (b < a) {
+      for (int64_t i = b + (threadIdx.x % THREADS); i < a; i += THREADS) {
+        adv[i] = acc_t(NAN);
+        if (HAS_V) ret[i] = acc_t(NAN);
+      }
+      return;
+    }
+    off_r = off_v = off_m = off_o = a;
+    n_pos = b - a;
+  }
+  const T* r_row = rewards + off_r;
+  const T* v_row = HAS_V ? values + off_v : nullptr;
+  const M* m_row = mask + off_m;
+  acc_t* adv_row = adv + off_o;
+  acc_t* ret_row = HAS_V ? ret + off_o : nullptr;
   const acc_t gamma = gamma_rows ? gamma_rows[row] : gamma_s;
   const acc_t gl = HAS_V ? gamma * (lam_rows ? lam_rows[row] : lam_s) : gamma;
 
   acc_t carry = 0;     // advantage at the next valid position right of the chunk
   acc_t nv_carry = 0;  // value at that position (verl starts nextvalues at 0)
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x % THREADS;
 
-  for (int64_t hi = n_pos; hi > 0; hi -= kChunk) {
-    const int64_t lo = hi > kChunk ? hi - kChunk : 0;
+  for (int64_t hi = n_pos; hi > 0; hi -= kRowChunk) {
+    const int64_t lo = hi > kRowChunk ? hi - kRowChunk : 0;
     const int len = static_cast<int>(hi - lo);
-    for (int i = tid; i < len; i += kThreads) {  // coalesced loads
+    for (int i = tid; i < len; i += THREADS) {  // coalesced loads
       const bool valid = load_valid(m_row + lo + i);
       sh_m[i] = valid;
       sh_r[pad(i)] = load_acc<T, acc_t>(r_row + lo + i);
       if (HAS_V) sh_v[pad(i)] = load_acc<T, acc_t>(v_row + lo + i);
     }
-    __syncthreads();
+    row_sync<THREADS>();
 
     // Thread tid owns local positions [seg_lo, seg_hi), rightmost for tid 0.
     const int seg_hi = len - tid * kItems;
@@ -159,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) advantage_scan_kernel(
         if (i >= 0 && sh_m[i]) mine = {1, sh_v[pad(i)]};
       }
       LastValid<acc_t> total;
-      const LastValid<acc_t> in = block_exclusive_scan(mine, LastValid<acc_t>{0, acc_t(0)}, nv_buf, total);
+      const LastValid<acc_t> in = row_exclusive_scan<THREADS>(mine, LastValid<acc_t>{0, acc_t(0)}, nv_buf, total);
       if (in.has) nv_in = in.v;
       if (total.has) nv_carry = total.v;  // every thread computes the same
     }
@@ -183,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) advantage_scan_kernel(
 
     // 3. carry entering my segment
     Affine<acc_t> total_map;
-    const Affine<acc_t> in_map = block_exclusive_scan(map, Affine<acc_t>{acc_t(1), acc_t(0)}, aff_buf, total_map);
+    const Affine<acc_t> in_map = row_exclusive_scan<THREADS>(map, Affine<acc_t>{acc_t(1), acc_t(0)}, aff_buf, total_map);
     acc_t c = in_map.a * carry + in_map.b;
 
     // 4. outputs of my segment into shared memory (only my own slots)
@@ -198,25 +249,38 @@ __global__ void __launch_bounds__(kThreads) advantage_scan_kernel(
       if (HAS_V) sh_v[pad(i)] = valid ? c + vt : acc_t(0);
     }
     carry = total_map.a * carry + total_map.b;
-    __syncthreads();
-    for (int i = tid; i < len; i += kThreads) {  // coalesced stores
+    row_sync<THREADS>();
+    for (int i = tid; i < len; i += THREADS) {  // coalesced stores
       adv_row[lo + i] = sh_r[pad(i)];
       if (HAS_V) ret_row[lo + i] = sh_v[pad(i)];
     }
-    __syncthreads();  // shared memory is refilled by the next chunk
+    row_sync<THREADS>();  // shared memory is refilled by the next chunk
   }
 }
 
 // ---------------- dispatch ----------------
 
-template <bool HAS_V, typename T, typename M, typename acc_t>
-cudaError_t launch_typed(const ScanArgs& a, cudaStream_t stream) {
-  advantage_scan_kernel<HAS_V, T, M, acc_t><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(
+template <int THREADS, bool HAS_V, typename T, typename M, typename acc_t, typename C>
+cudaError_t launch_rows(const ScanArgs& a, const C* cu, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = kThreads / THREADS;
+  const int64_t rows = cu ? a.S : a.B;
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x limit
+  advantage_scan_kernel<THREADS, HAS_V, T, M, acc_t, C><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const T*>(a.rewards), static_cast<const T*>(a.values), static_cast<const M*>(a.mask),
       a.stride_r, a.stride_v, a.stride_m, static_cast<const acc_t*>(a.gamma_rows),
       static_cast<const acc_t*>(a.lam_rows), static_cast<acc_t>(a.gamma), static_cast<acc_t>(a.lam),
-      static_cast<acc_t*>(a.advantages), static_cast<acc_t*>(a.returns), a.T);
+      static_cast<acc_t*>(a.advantages), static_cast<acc_t*>(a.returns), a.T, cu, rows);
   return cudaGetLastError();
+}
+
+template <bool HAS_V, typename T, typename M, typename acc_t>
+cudaError_t launch_typed(const ScanArgs& a, cudaStream_t stream) {
+  if (a.cu_seqlens == nullptr)
+    return launch_rows<kThreads, HAS_V, T, M, acc_t, int32_t>(a, nullptr, stream);
+  if (a.cu_int64)
+    return launch_rows<32, HAS_V, T, M, acc_t, int64_t>(a, static_cast<const int64_t*>(a.cu_seqlens), stream);
+  return launch_rows<32, HAS_V, T, M, acc_t, int32_t>(a, static_cast<const int32_t*>(a.cu_seqlens), stream);
 }
 
 template <bool HAS_V, typename T, typename acc_t>
@@ -246,8 +310,7 @@ cudaError_t launch_value(const ScanArgs& a, cudaStream_t s) {
 }  // namespace
 
 cudaError_t launch_advantage_scan(const ScanArgs& args, cudaStream_t stream) {
-  if (args.B == 0 || args.T == 0) return cudaSuccess;
-  if (args.B > 0x7fffffffLL) return cudaErrorInvalidConfiguration;  // grid.x limit
+  if (args.cu_seqlens ? (args.S == 0 || args.T == 0) : (args.B == 0 || args.T == 0)) return cudaSuccess;
   return args.values ? launch_value<true>(args, stream) : launch_value<false>(args, stream);
 }
 

@@ -26,6 +26,7 @@ import torch
 from .. import _backend, reference
 from .._dtypes import acc_dtype
 from ._common import FLOAT_DTYPES, check_same_device, check_tensor, host_value_checks
+from ._packing import check_packed_tokens
 
 ESTIMATORS = reference.ESTIMATORS
 SCAN_IMPLEMENTED = ("cuda", "cpp")  # gae, discounted_returns
@@ -43,10 +44,26 @@ def _check_mask(op: str, mask, shape) -> None:
         raise ValueError(f"{op}: mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
 
 
-def _check_rows(op: str, rewards) -> None:
+def _check_rows(op: str, rewards, cu_seqlens=None) -> int:
+    """The padded (B, T) or packed (total,) + cu_seqlens layout
+    (docs/packing.md); returns the number of rows B or segments S."""
+    if cu_seqlens is not None:
+        return check_packed_tokens(op, "rewards", rewards, cu_seqlens, dtypes=FLOAT_DTYPES)
     check_tensor(op, "rewards", rewards, FLOAT_DTYPES)
     if rewards.dim() != 2:
         raise ValueError(f"{op}: rewards must be 2-D (B, T), got shape {tuple(rewards.shape)}")
+    return rewards.shape[0]
+
+
+def _no_gradient(op: str, *tensors) -> None:
+    """The estimators have no backward (advantages and returns are constants
+    of the PPO / GRPO losses). A gradient request is refused on every
+    backend, the reference included, instead of being dropped silently."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{op} is not differentiable (advantages are constants of the loss), but an input requires grad: "
+            "pass detached tensors (x.detach()) or call it under torch.no_grad()"
+        )
 
 
 def _discount(op: str, name: str, value, B: int, device):
@@ -83,79 +100,107 @@ def _discount(op: str, name: str, value, B: int, device):
 # ---------------------------------------------------------------- public API
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma=1.0, lam=1.0):
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma=1.0, lam=1.0, cu_seqlens=None):
     """Generalized advantage estimation in one pass per row.
 
-    rewards, values, mask: (B, T). gamma, lam: floats in [0, 1] or (B,)
-    tensors (one per row). Semantics are verl's compute_gae_advantage_return
-    without the whitening: masked positions are skipped (the advantage carry
-    and the next value pass through them unchanged, so observation tokens
-    inside a multi-turn response work); rewards and values there are never
-    used. Returns (advantages, returns), both (B, T) float32 (float64 if an
-    input is float64), 0 at masked positions, returns = advantages + values
+    rewards, values, mask: (B, T), or packed (total,) with cu_seqlens ((S + 1,)
+    offsets, docs/packing.md): the carries reset at every segment, and each
+    segment gives the same bits as the padded op on that row. gamma, lam:
+    floats in [0, 1] or (B,) / (S,) tensors (one per row or segment).
+    Semantics are verl's compute_gae_advantage_return without the whitening:
+    masked positions are skipped (the advantage carry and the next value pass
+    through them unchanged, so observation tokens inside a multi-turn
+    response work); rewards and values there are never used. Returns
+    (advantages, returns) in the inputs' layout, float32 (float64 if an input
+    is float64), 0 at masked positions, returns = advantages + values
     elsewhere. For right-padded masks this equals OpenRLHF's and TRL's loops.
+    Not differentiable: an input that requires grad (in grad mode) raises.
     """
     op = "rlhf_fast.gae"
-    _check_rows(op, rewards)
+    B = _check_rows(op, rewards, cu_seqlens)
     check_tensor(op, "values", values, FLOAT_DTYPES)
     if tuple(values.shape) != tuple(rewards.shape):
         raise ValueError(f"{op}: values must have the rewards' shape {tuple(rewards.shape)}, got {tuple(values.shape)}")
     _check_mask(op, mask, rewards.shape)
     check_same_device(op, "rewards", rewards, values=values, mask=mask)
-    B = rewards.shape[0]
+    _no_gradient(op, rewards, values, gamma, lam)
     g, g_rows = _discount(op, "gamma", gamma, B, rewards.device)
     lam_, l_rows = _discount(op, "lam", lam, B, rewards.device)
     backend = _backend.choose("gae", rewards.device, SCAN_IMPLEMENTED)
     if backend == "reference":
-        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
-    return torch.ops.rlhf_fast.gae(rewards, values, mask, g, lam_, g_rows, l_rows)
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam, cu_seqlens=cu_seqlens)
+    return torch.ops.rlhf_fast.gae(rewards, values, mask, g, lam_, g_rows, l_rows, cu_seqlens)
 
 
-def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma=1.0):
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma=1.0, cu_seqlens=None):
     """Reverse discounted cumulative sum G_t = r_t + gamma * G_next, skipping
     masked positions (the running return passes through them; output 0
     there). REINFORCE / REINFORCE++ returns; equals gae(rewards, 0, mask,
-    gamma=gamma, lam=1)[0]. rewards, mask: (B, T); gamma: float or (B,)."""
+    gamma=gamma, lam=1)[0]. rewards, mask: (B, T), or packed (total,) with
+    cu_seqlens (the sum resets at every segment); gamma: float or (B,) / (S,).
+    Not differentiable: a rewards tensor that requires grad raises."""
     op = "rlhf_fast.discounted_returns"
-    _check_rows(op, rewards)
+    B = _check_rows(op, rewards, cu_seqlens)
     _check_mask(op, mask, rewards.shape)
     check_same_device(op, "rewards", rewards, mask=mask)
-    g, g_rows = _discount(op, "gamma", gamma, rewards.shape[0], rewards.device)
+    _no_gradient(op, rewards, gamma)
+    g, g_rows = _discount(op, "gamma", gamma, B, rewards.device)
     backend = _backend.choose("discounted_returns", rewards.device, SCAN_IMPLEMENTED)
     if backend == "reference":
-        return reference.discounted_returns(rewards, mask, gamma=gamma)
-    return torch.ops.rlhf_fast.discounted_returns(rewards, mask, g, g_rows)
+        return reference.discounted_returns(rewards, mask, gamma=gamma, cu_seqlens=cu_seqlens)
+    return torch.ops.rlhf_fast.discounted_returns(rewards, mask, g, g_rows, cu_seqlens)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8):
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    cu_seqlens=None,
+    per_segment: bool = False,
+):
     """Masked whitening over every valid element of x (any shape, mask the
     same shape): (x - mean) * rsqrt(var + eps), + mean again if not
     shift_mean, with var the unbiased variance (as verl's masked_whiten).
-    Statistics in float64, two passes per chunk merged by Chan's formula.
-    0 at masked positions. With one valid element var is taken as 0 (verl
-    raises), so that element becomes 0 (x itself if not shift_mean); with
-    none the output is all zeros. Never NaN for finite x: with eps=0 and
-    variance 0 (constant input, one valid element) an element equal to the
-    mean gives 0 (x itself if not shift_mean), not 0 * rsqrt(0) = NaN."""
+    Statistics in float64, two passes per chunk about a pivot, merged by
+    Chan's formula. 0 at masked positions. With one valid element var is
+    taken as 0 (verl raises), so that element becomes 0 (x itself if not
+    shift_mean); with none the output is all zeros. Never NaN for finite x:
+    with eps=0 and variance 0 (tied values, one valid element) an element
+    equal to the mean gives 0 (x itself if not shift_mean), not 0 * rsqrt(0).
+    Packed x (total,) with cu_seqlens: the statistics run over the whole
+    stream (the same as whiten on the (1, total) view), or with
+    per_segment=True one mean / var per segment. Not differentiable: an x
+    that requires grad (in grad mode) raises."""
     op = "rlhf_fast.whiten"
-    check_tensor(op, "x", x, FLOAT_DTYPES)
+    if cu_seqlens is not None:
+        check_packed_tokens(op, "x", x, cu_seqlens, dtypes=FLOAT_DTYPES)
+    else:
+        check_tensor(op, "x", x, FLOAT_DTYPES)
+        if per_segment:
+            raise ValueError(f"{op}: per_segment=True needs cu_seqlens (the packed layout)")
     _check_mask(op, mask, x.shape)
     check_same_device(op, "x", x, mask=mask)
     if not isinstance(shift_mean, bool):
         raise TypeError(f"{op}: shift_mean must be a bool, got {type(shift_mean).__name__}")
+    if not isinstance(per_segment, bool):
+        raise TypeError(f"{op}: per_segment must be a bool, got {type(per_segment).__name__}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 <= float(eps) < float("inf")):
         raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
+    _no_gradient(op, x)
+    seg = cu_seqlens if per_segment else None
     backend = _backend.choose("whiten", x.device, STATS_IMPLEMENTED)
     if backend == "reference":
-        return reference.whiten(x, mask, shift_mean=shift_mean, eps=float(eps))
+        return reference.whiten(x, mask, shift_mean=shift_mean, eps=float(eps), cu_seqlens=seg)
     fn = torch.ops.rlhf_fast.whiten_triton if backend == "triton" else torch.ops.rlhf_fast.whiten
-    out = fn(x, mask, shift_mean, float(eps))
+    out = fn(x, mask, shift_mean, float(eps), seg)
     if float(eps) == 0.0:
         # The kernels compute (x - mean) * rsqrt(var + eps): 0 * inf = NaN when
         # var = 0. A probe with eps = 1 (rsqrt finite and > 0) is 0 exactly
         # where x == mean; there the answer is 0 (x itself if not shift_mean).
         # One more pass over x, for eps=0 callers only; no host sync.
-        at_mean = (fn(x, mask, True, 1.0) == 0) & (mask != 0)
+        at_mean = (fn(x, mask, True, 1.0, seg) == 0) & (mask != 0)
         out = torch.where(at_mean, torch.zeros_like(out) if shift_mean else x.to(out.dtype), out)
     return out
 
@@ -171,7 +216,10 @@ def group_advantages(scores: torch.Tensor, groups, *, estimator: str = "grpo", e
     REINFORCE++). Singleton groups give 0 (verl's GRPO gives s / (1 + eps)).
     grpo with eps=0: a score equal to its group's mean gives 0, so a group
     of tied scores (std 0) gives 0 rather than 0 / 0 = NaN.
-    Returns (N,) float32 (float64 for float64 scores).
+    Returns (N,) float32 (float64 for float64 scores). Not differentiable:
+    scores that require grad (in grad mode) raise. On a packed stream,
+    rlhf_fast.expand_to_tokens(out, cu_seqlens, total) puts each
+    sequence's advantage on its tokens.
     """
     op = "rlhf_fast.group_advantages"
     check_tensor(op, "scores", scores, FLOAT_DTYPES)
@@ -181,6 +229,7 @@ def group_advantages(scores: torch.Tensor, groups, *, estimator: str = "grpo", e
         raise ValueError(f"{op}: unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 <= float(eps) < float("inf")):
         raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
+    _no_gradient(op, scores)
     N = scores.shape[0]
     if isinstance(groups, torch.Tensor):
         if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
@@ -217,16 +266,16 @@ def group_advantages(scores: torch.Tensor, groups, *, estimator: str = "grpo", e
 # ---------------------------------------------------------------- fake (meta)
 
 
-def _fake_gae(rewards, values, mask, gamma, lam, gamma_rows, lam_rows):
+def _fake_gae(rewards, values, mask, gamma, lam, gamma_rows, lam_rows, cu_seqlens=None):
     acc = acc_dtype(rewards.dtype, values.dtype)
     return rewards.new_empty(rewards.shape, dtype=acc), rewards.new_empty(rewards.shape, dtype=acc)
 
 
-def _fake_discounted_returns(rewards, mask, gamma, gamma_rows):
+def _fake_discounted_returns(rewards, mask, gamma, gamma_rows, cu_seqlens=None):
     return rewards.new_empty(rewards.shape, dtype=acc_dtype(rewards.dtype))
 
 
-def _fake_whiten(x, mask, shift_mean, eps):
+def _fake_whiten(x, mask, shift_mean, eps, cu_seqlens=None):
     return x.new_empty(x.shape, dtype=acc_dtype(x.dtype))
 
 

@@ -18,6 +18,13 @@ API first, then overrides that kernel (torch's stays where the override is
 refused). ppo_loss_fwd_triton has the same 21 arguments (its schema walk
 measured 396 us per call here), and on a GPU the whole eager call is
 otherwise a few launches: the walk would be most of it.
+
+Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad): the
+kernels have no jvp, and the dispatcher would run them below the Autograd key
+and return outputs without a tangent, which every forward-mode API reads as
+zero. The kernel below raises instead, naming the op and the reference
+backend (plain PyTorch, where forward mode works). The check costs one
+module-global read per call when no forward-AD level is open.
 """
 
 from __future__ import annotations
@@ -26,8 +33,36 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 _LIB = torch.library.Library("rlhf_fast", "IMPL")
+
+
+# registered op -> public function, for error messages
+_PUBLIC_NAMES = {"logprobs_fwd": "logprobs_from_logits"}
+
+
+def public_name(name: str) -> str:
+    """rlhf_fast::<name> -> the rlhf_fast.<function> that calls it."""
+    base = name.removesuffix("_triton")
+    return _PUBLIC_NAMES.get(base, base.removesuffix("_fwd"))
+
+
+def forward_ad_error(op: str) -> RuntimeError:
+    return RuntimeError(
+        f"forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not supported by {op}: its "
+        "fused kernel has no jvp, so its outputs would carry zero tangents. Use reverse mode (backward, "
+        "torch.func.grad / jacrev / vjp), or rlhf_fast.use_backend('reference') (plain PyTorch) for forward-mode AD"
+    )
+
+
+def _any_tangent(args) -> bool:
+    """Whether a forward-AD tangent rides on a tensor argument. An open level
+    (forward_ad.dual_level, or torch.func.jvp / jacfwd, which open one too) is
+    the cheap test; only then is each tensor unpacked."""
+    if getattr(_fwad, "_current_level", 0) < 0:
+        return False
+    return any(isinstance(a, torch.Tensor) and _fwad.unpack_dual(a).tangent is not None for a in args)
 
 
 def register_autograd(name: str, backward: Callable, *, setup_context: Callable, triton_op=None) -> None:
@@ -71,7 +106,11 @@ def register_autograd(name: str, backward: Callable, *, setup_context: Callable,
 
     Generated.__name__ = f"GeneratedBackwardFor_rlhf_fast_{name}"
 
+    op_name = f"rlhf_fast.{public_name(name)}"
+
     def autograd_kernel(keyset, *args):
+        if _any_tangent(args):
+            raise forward_ad_error(op_name)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return Generated.apply(keyset, *args)
         return redispatch(keyset, args)

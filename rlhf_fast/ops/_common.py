@@ -64,6 +64,23 @@ def check_int(op: str, name: str, value, lo: int = INT64_MIN, hi: int = INT64_MA
     return value
 
 
+def check_ignore_index(op: str, value, labels: torch.Tensor) -> int:
+    """An int that the labels' dtype can hold. An ignore_index outside the
+    int32 range with int32 labels matches no label, yet each backend met it
+    its own way (the reference wrapped it, the C++ op refused it, the Triton
+    kernel compared a truncated value): refused here, once, for every
+    backend, naming both."""
+    value = check_int(op, "ignore_index", value)
+    info = torch.iinfo(labels.dtype)
+    if not (info.min <= value <= info.max):
+        raise ValueError(
+            f"{op}: ignore_index={value} cannot be held by the labels' dtype "
+            f"{str(labels.dtype).replace('torch.', '')} (range [{info.min}, {info.max}]), so no label could "
+            "ever equal it; pass an ignore_index in that range (e.g. -100) or int64 labels"
+        )
+    return value
+
+
 def min_temperature(dtype: torch.dtype) -> float:
     """Smallest temperature the kernels take for inputs of `dtype`: they
     multiply by 1 / T in their math dtype (fp32; fp64 for fp64 inputs), which

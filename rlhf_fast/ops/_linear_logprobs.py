@@ -24,7 +24,7 @@ from ._autograd import register_autograd
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    check_int,
+    check_ignore_index,
     check_labels_in_range,
     check_same_device,
     check_temperature,
@@ -128,7 +128,7 @@ def linear_logprobs(
     hidden, weight, bias = check_linear_inputs(OP, hidden, weight, bias, labels, chunk_size)
     H, V = hidden.shape[-1], weight.shape[0]
     temperature = check_temperature(OP, temperature, hidden.dtype)
-    ignore_index = check_int(OP, "ignore_index", ignore_index)
+    ignore_index = check_ignore_index(OP, ignore_index, labels)
     if V == 0 and labels.numel() > 0:
         raise ValueError(f"{OP}: weight has an empty vocabulary dim (V=0)")
     if host_value_checks(hidden.device):

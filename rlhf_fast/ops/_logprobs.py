@@ -19,7 +19,7 @@ from ._autograd import register_autograd
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    check_int,
+    check_ignore_index,
     check_labels_in_range,
     check_same_device,
     check_temperature,
@@ -29,7 +29,7 @@ from ._common import (
 )
 
 OP = "rlhf_fast.logprobs_from_logits"
-# GPU: Triton first (the issue's primary GPU kernel), the CUDA kernel second.
+# GPU: Triton first (the kernel every GPU test and benchmark runs), the CUDA kernel second.
 IMPLEMENTED = ("triton", "cuda", "cpp")
 
 
@@ -96,11 +96,16 @@ def logprobs_from_logits(
     return_entropy=True the tuple (logprobs, entropy), where entropy is that
     of the same tempered distribution. Positions whose label is ignore_index
     give 0 for both and receive no gradient; their logits are never read.
-    A row containing NaN, or only -inf, gives NaN for that row alone.
+    ignore_index must fit the labels' dtype (int32 labels: [-2**31, 2**31 - 1]),
+    else ValueError on every backend (no label could equal it).
+    A row containing NaN, or only -inf, gives NaN for that row alone; so does
+    one whose max(logits) / temperature overflows the math dtype. Results are
+    exact to the row's spread at any offset (the max is subtracted before
+    scaling by 1 / temperature).
     """
     check_logits_labels(OP, logits, labels)
     temperature = check_temperature(OP, temperature, logits.dtype)
-    ignore_index = check_int(OP, "ignore_index", ignore_index)
+    ignore_index = check_ignore_index(OP, ignore_index, labels)
     V = logits.shape[-1]
     if V == 0 and labels.numel() > 0:
         raise ValueError(f"{OP}: logits have an empty vocabulary dim (V=0)")

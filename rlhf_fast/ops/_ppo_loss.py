@@ -77,22 +77,14 @@ def _check_tokens(
     return mask if mask.dtype in (torch.bool, torch.uint8) else mask != 0
 
 
-def _check_agg(op: str, agg, agg_norm, ref: torch.Tensor, packed: bool) -> float:
-    """agg_norm defaults to T in the padded layout; a packed batch has no
-    padding width, so seq-mean-token-sum-norm needs it given there (the
-    longest segment would tie the loss scale to the batch's longest
-    response, and cost a host sync on GPU)."""
+def _check_agg(op: str, agg, agg_norm, T: int, packed: bool = False) -> float:
+    """agg_norm defaults to T in the padded layout, the longest row the
+    batch holds; packed, to the longest segment, which the kernels read from
+    cu_seqlens themselves (passed as 0: no host sync)."""
     if agg not in AGG_MODES:
         raise ValueError(f"{op}: agg must be one of {AGG_MODES}, got {agg!r}")
     if agg_norm is None:
-        if packed:
-            if agg == "seq-mean-token-sum-norm":
-                raise ValueError(
-                    f"{op}: agg='seq-mean-token-sum-norm' with cu_seqlens needs an explicit agg_norm "
-                    "(e.g. the maximum response length, Dr.GRPO's constant)"
-                )
-            return 1.0  # unused by the other modes
-        return float(max(ref.shape[1], 1))
+        return 0.0 if packed else float(max(T, 1))
     return check_positive_float(op, "agg_norm", agg_norm)
 
 
@@ -176,8 +168,8 @@ def ppo_loss(
         rejection of tokens or whole rows, in the same fused pass.
     cu_seqlens: (S + 1,) int32 / int64 offsets (docs/packing.md): every token
         tensor is packed (total,), and each segment is a row for the
-        aggregation and the sequence-level corrections. agg_norm has no
-        default then for seq-mean-token-sum-norm (pass the constant).
+        aggregation and the sequence-level corrections; agg_norm defaults
+        to the longest segment there (T, the longest row, when padded).
     """
     op = "rlhf_fast.ppo_loss"
     mask = _check_tokens(
@@ -194,7 +186,8 @@ def ppo_loss(
     )
     rc_args = _check_rollout(op, rollout_logprobs, rollout_correction)
     clip_low, clip_high, dual_clip = _check_clips(op, clip_low, clip_high, dual_clip)
-    agg_norm = _check_agg(op, agg, agg_norm, logprobs, cu_seqlens is not None)
+    packed = cu_seqlens is not None
+    agg_norm = _check_agg(op, agg, agg_norm, logprobs.shape[-1], packed)
     entropy_coef = _check_coef(op, "entropy_coef", entropy_coef)
     kl_coef = _check_coef(op, "kl_coef", kl_coef)
     kl_kind = _check_kind(op, kl_kind)
@@ -218,7 +211,7 @@ def ppo_loss(
             clip_high=clip_high,
             dual_clip=dual_clip,
             agg=agg,
-            agg_norm=agg_norm,
+            agg_norm=agg_norm or None,  # 0: the longest segment (packed)
             rollout_logprobs=rollout_logprobs,
             rollout_correction=rollout_correction,
             cu_seqlens=cu_seqlens,
@@ -329,11 +322,12 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-me
     mask = _check_tokens(op, "values", values, mask, cu_seqlens, old_values=old_values, returns=returns)
     if clip is not None:
         clip = check_positive_float(op, "clip", clip)
-    agg_norm = _check_agg(op, agg, agg_norm, values, cu_seqlens is not None)
+    packed = cu_seqlens is not None
+    agg_norm = _check_agg(op, agg, agg_norm, values.shape[-1], packed)
     backend = _backend.choose("ppo_value_loss", values.device, IMPLEMENTED)
     if backend == "reference":
         return reference.ppo_value_loss(
-            values, old_values, returns, mask, clip=clip, agg=agg, agg_norm=agg_norm, cu_seqlens=cu_seqlens
+            values, old_values, returns, mask, clip=clip, agg=agg, agg_norm=agg_norm or None, cu_seqlens=cu_seqlens
         )
     fwd = (
         torch.ops.rlhf_fast.ppo_value_loss_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.ppo_value_loss_fwd

@@ -20,7 +20,8 @@ Packed inputs (cu_seqlens, docs/packing.md): the tokens are scattered into
 scatter) and the padded formulas run on them, so every row statistic
 (aggregation, sequence-level correction) is a segment's. The longest
 segment is read on the host (a sync on GPU: this is the oracle, not a fast
-path). seq-mean-token-sum-norm needs an explicit agg_norm there.
+path). seq-mean-token-sum-norm's agg_norm defaults to the longest segment
+there (the width of those rows, as T is the padded default).
 """
 
 from __future__ import annotations
@@ -34,18 +35,6 @@ AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mea
 KL_KINDS = ("k1", "k2", "k3", "abs")
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi / pi_old) to +-20 before exp
 K3_CLAMP = 10.0  # verl's low_var_kl clamps the estimate to +-10
-
-
-def packed_norm(agg: str, agg_norm):
-    """agg_norm of a packed call: seq-mean-token-sum-norm's divisor must be
-    given (the padded default, T, is the padding width, which a packed batch
-    has not got; the longest segment would tie the loss scale to the batch)."""
-    if agg == "seq-mean-token-sum-norm" and agg_norm is None:
-        raise ValueError(
-            "agg='seq-mean-token-sum-norm' with cu_seqlens needs an explicit agg_norm "
-            "(e.g. the maximum response length, as Dr.GRPO's constant)"
-        )
-    return agg_norm
 
 
 def to_rows(cu_seqlens: torch.Tensor, *tensors):
@@ -227,10 +216,10 @@ def ppo_loss(
     (a RolloutCorrection) weights the clipped term and rejects tokens.
     cu_seqlens: packed (total,) inputs, one row per segment."""
     if cu_seqlens is not None:
-        agg_norm = packed_norm(agg, agg_norm)
         *rows, real = to_rows(
             cu_seqlens, logprobs, old_logprobs, advantages, _valid(mask), entropy, ref_logprobs, rollout_logprobs
         )
+        agg_norm = float(max(real.shape[1], 1)) if agg_norm is None else agg_norm
         logprobs, old_logprobs, advantages, mask, entropy, ref_logprobs, rollout_logprobs = rows
         mask = mask & real
     valid = _valid(mask)
@@ -275,8 +264,8 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-me
     variances over the valid tokens (0 when nothing is valid).
     cu_seqlens: packed (total,) inputs, one row per segment."""
     if cu_seqlens is not None:
-        agg_norm = packed_norm(agg, agg_norm)
         values, old_values, returns, mask, real = to_rows(cu_seqlens, values, old_values, returns, _valid(mask))
+        agg_norm = float(max(real.shape[1], 1)) if agg_norm is None else agg_norm
         mask = mask & real
     acc = acc_dtype(values.dtype)
     valid = _valid(mask)

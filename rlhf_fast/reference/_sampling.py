@@ -4,7 +4,8 @@ the kernels, float64-capable. Written for clarity: it sorts every row
 
 Semantics shared by every backend (the kernels find the same thresholds
 without sorting):
-  z = logits * (1 / temperature)                       (fp32; fp64 for fp64 logits)
+  z = (logits - max logits) * (1 / temperature)       (fp32; fp64 for fp64 logits)
+                                                       (max z = 0: exact to the row's spread at any offset)
   top_k:  keep z >= the k-th largest z                 (ties at the boundary all kept)
   top_p:  among those, keep z >= tau_p, tau_p the largest value whose mass
           sum(exp(z) over the top-k survivors with z >= tau_p) >= top_p * (their total mass)
@@ -108,10 +109,19 @@ def sample(
     for greedy rows), fp32 (fp64 for fp64 logits)."""
     acc = acc_dtype(logits.dtype)
     B, V = logits.shape
+    if V == 0 and B > 0:
+        raise ValueError("rlhf_fast.sample: logits have an empty vocabulary dim (V=0): no token to draw")
+    if B == 0:  # as the kernels: empty outputs
+        empty = logits.new_empty((0,), dtype=acc)
+        return logits.new_empty((0,), dtype=torch.int64), empty, empty.clone()
     greedy = temperature == 0
     t64 = temperature.to(torch.float64)
     inv_t = torch.where(greedy, torch.ones_like(t64), 1.0 / torch.where(greedy, torch.ones_like(t64), t64))
-    z = logits.to(acc) * inv_t.to(acc).unsqueeze(1)  # same product as the kernels (x * fp32(1/T))
+    x = logits.to(acc)
+    # the kernels' shifted coordinates (x - max x) * fp32(1 / T), max z = 0
+    # (reference/_logprobs.shifted_logits says why)
+    m = x.amax(-1, keepdim=True) if V else x.new_zeros((B, 1))
+    z = (x - m) * inv_t.to(acc).unsqueeze(1)
     lse = torch.logsumexp(z, dim=-1)
     if filtered:
         thr = _thresholds(z, top_k, top_p, min_p)

@@ -86,6 +86,26 @@ def part_put(ptr, val, first, OP: tl.constexpr = 0):
             tl.store(ptr, min_nan(prev, val))
 
 
+@triton.jit
+def agg_norm_of(agg_norm, cu_ptr, B, T, PACKED: tl.constexpr, BLOCK_B: tl.constexpr):
+    """seq-mean-token-sum-norm's divisor (fp64): agg_norm, or for a packed
+    stream given agg_norm = 0 the longest segment (offsets clamped as in
+    row_span), read from cu_seqlens here: no host sync."""
+    if PACKED:
+        rows = tl.arange(0, BLOCK_B)
+        m = tl.zeros([BLOCK_B], tl.int64)
+        for b0 in range(0, B, BLOCK_B):
+            bb = (b0 + rows).to(tl.int64)
+            live = bb < B
+            lo = tl.minimum(tl.maximum(tl.load(cu_ptr + bb, mask=live, other=0).to(tl.int64), 0), T)
+            hi = tl.minimum(tl.maximum(tl.load(cu_ptr + bb + 1, mask=live, other=0).to(tl.int64), lo), T)
+            m = tl.maximum(m, tl.where(live, hi - lo, 0))
+        longest = tl.maximum(tl.max(m, axis=0).to(tl.float64), 1.0)
+        return tl.where(agg_norm > 0, agg_norm, longest)
+    else:
+        return agg_norm
+
+
 def packed_grid(total: int, n_rows: int, block: int = 0):
     """(BLOCK_T, NC) of a packed stream: the block from the mean segment
     length (shapes only: no host sync), NC so a mean segment is one chunk

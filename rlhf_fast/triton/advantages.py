@@ -29,20 +29,27 @@ from ._common import kernel_scalars, launch_on_tensor_device, num_warps, scalar_
 
 WHITEN_BLOCK = 2048  # elements per stats program: 512 programs at (512, 2048)
 MERGE_BLOCK = 1024
+SEGMENT_BLOCK = 256  # elements per sweep step of a per-segment whitening program (segments ~200 tokens)
 
 
 @triton.jit
 def _whiten_stats_kernel(x_ptr, m_ptr, cnt_ptr, mean_ptr, m2_ptr, N, BLOCK: tl.constexpr):
+    # mean = p + sum(x - p) / n about a pivot p (the block's largest valid x):
+    # tied values give x - p = 0 exactly, so mean = p and M2 = 0 exactly
+    # (sum(x) / n is not: 7 x -0.1 in fp64 whitened to -0.93 with eps = 0).
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
     valid = (tl.load(m_ptr + offs, mask=inb, other=0) != 0) & inb
     x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float64)
     cnt = tl.sum(valid.to(tl.float64), axis=0)
-    mean = tl.sum(x, axis=0) / tl.maximum(cnt, 1.0)
-    d = tl.where(valid, x - mean, 0.0)
+    p = tl.max(tl.where(valid, x, -float("inf")), axis=0)
+    p = tl.where(cnt > 0, p, 0.0)
+    xp = tl.where(valid, x - p, 0.0)
+    dmean = tl.sum(xp, axis=0) / tl.maximum(cnt, 1.0)
+    d = tl.where(valid, xp - dmean, 0.0)
     tl.store(cnt_ptr + pid, cnt)
-    tl.store(mean_ptr + pid, mean)
+    tl.store(mean_ptr + pid, p + dmean)
     tl.store(m2_ptr + pid, tl.sum(d * d, axis=0))
 
 
@@ -52,7 +59,15 @@ def _whiten_merge_kernel(
 ):
     # Chan: mean = sum n_i mu_i / n; M2 = sum M2_i + n_i (mu_i - mean)^2.
     eps = scalar_arg(eps, scalars_ptr, 0, SCALARS_FROM_PTR)
+    # about a pivot p (the largest chunk mean), as the chunks are: chunks of
+    # tied values have mean p exactly, and so then has the merged mean
     offs = tl.arange(0, BLOCK)
+    p = tl.full([], -float("inf"), tl.float64)
+    for start in range(0, P, BLOCK):
+        o = start + offs
+        ok = o < P
+        c = tl.load(cnt_ptr + o, mask=ok, other=0.0)
+        p = tl.maximum(p, tl.max(tl.where(c > 0, tl.load(mean_ptr + o, mask=ok, other=0.0), -float("inf")), axis=0))
     n_acc = tl.zeros([BLOCK], tl.float64)
     s_acc = tl.zeros([BLOCK], tl.float64)
     for start in range(0, P, BLOCK):
@@ -60,9 +75,10 @@ def _whiten_merge_kernel(
         ok = o < P
         c = tl.load(cnt_ptr + o, mask=ok, other=0.0)
         n_acc += c
-        s_acc += c * tl.load(mean_ptr + o, mask=ok, other=0.0)
+        s_acc += tl.where(c > 0, c * (tl.load(mean_ptr + o, mask=ok, other=0.0) - p), 0.0)
     n = tl.sum(n_acc, axis=0)
-    mean = tl.sum(s_acc, axis=0) / tl.maximum(n, 1.0)
+    p = tl.where(n > 0, p, 0.0)
+    mean = p + tl.sum(s_acc, axis=0) / tl.maximum(n, 1.0)
     q_acc = tl.zeros([BLOCK], tl.float64)
     for start in range(0, P, BLOCK):
         o = start + offs
@@ -93,6 +109,56 @@ def _whiten_apply_kernel(x_ptr, m_ptr, stat_ptr, out_ptr, N, SHIFT_MEAN: tl.cons
 
 
 @triton.jit
+def _whiten_segments_kernel(
+    x_ptr, m_ptr, cu_ptr, out_ptr, total, eps, scalars_ptr,
+    SHIFT_MEAN: tl.constexpr, SCALARS_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # One program per packed segment, three sweeps over it (pivot sum, M2,
+    # apply) in float64. Offsets are clamped into [0, total] (no host check on
+    # GPU, docs/packing.md); a segment whose offsets are out of order is empty.
+    eps = scalar_arg(eps, scalars_ptr, 0, SCALARS_FROM_PTR)
+    s = tl.program_id(0).to(tl.int64)
+    lo = tl.minimum(tl.maximum(tl.load(cu_ptr + s).to(tl.int64), 0), total)
+    hi = tl.minimum(tl.maximum(tl.load(cu_ptr + s + 1).to(tl.int64), lo), total)
+    offs = tl.arange(0, BLOCK)
+    cnt_acc = tl.zeros([BLOCK], tl.float64)
+    p = tl.full([], -float("inf"), tl.float64)  # the segment's largest valid x
+    for k in range(lo, hi, BLOCK):
+        o = k + offs
+        valid = (tl.load(m_ptr + o, mask=o < hi, other=0) != 0) & (o < hi)
+        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float64)
+        cnt_acc += valid.to(tl.float64)
+        p = tl.maximum(p, tl.max(tl.where(valid, x, -float("inf")), axis=0))
+    n = tl.sum(cnt_acc, axis=0)
+    p = tl.where(n > 0, p, 0.0)
+    s_acc = tl.zeros([BLOCK], tl.float64)
+    for k in range(lo, hi, BLOCK):
+        o = k + offs
+        valid = (tl.load(m_ptr + o, mask=o < hi, other=0) != 0) & (o < hi)
+        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float64)
+        s_acc += tl.where(valid, x - p, 0.0)
+    dmean = tl.sum(s_acc, axis=0) / tl.maximum(n, 1.0)
+    q_acc = tl.zeros([BLOCK], tl.float64)
+    for k in range(lo, hi, BLOCK):
+        o = k + offs
+        valid = (tl.load(m_ptr + o, mask=o < hi, other=0) != 0) & (o < hi)
+        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float64)
+        d = tl.where(valid, (x - p) - dmean, 0.0)
+        q_acc += d * d
+    var = tl.where(n > 1.0, tl.sum(q_acc, axis=0) / tl.maximum(n - 1.0, 1.0), 0.0)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    for k in range(lo, hi, BLOCK):
+        o = k + offs
+        inb = o < hi
+        valid = (tl.load(m_ptr + o, mask=inb, other=0) != 0) & inb
+        x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float64)
+        y = ((x - p) - dmean) * rstd
+        if not SHIFT_MEAN:
+            y += p + dmean
+        tl.store(out_ptr + o, tl.where(valid, y, 0.0).to(out_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
 def _group_load(s_ptr, perm_ptr, start, o, ok, BY_ID: tl.constexpr):
     if BY_ID:
         idx = tl.load(perm_ptr + start + o, mask=ok, other=0)
@@ -120,20 +186,24 @@ def _group_advantages_fwd_kernel(
         start = pid * group_size
         n = group_size.to(tl.int64)
     offs = tl.arange(0, BLOCK)
+    # deviations about a pivot (the group's first score): tied scores give
+    # exactly 0, so exactly 0 advantages (the C++ kernel does the same)
+    _, x0 = _group_load(s_ptr, perm_ptr, start, offs, (offs == 0) & (offs < n), BY_ID)
+    p = tl.sum(x0, axis=0)
     acc = tl.zeros([BLOCK], tl.float64)
     for k in range(0, n, BLOCK):
         o = k + offs
         ok = o < n
         _, x = _group_load(s_ptr, perm_ptr, start, o, ok, BY_ID)
-        acc += x
+        acc += tl.where(ok, x - p, 0.0)
     nf = n.to(tl.float64)
-    mean = tl.sum(acc, axis=0) / tl.maximum(nf, 1.0)
+    mean = tl.sum(acc, axis=0) / tl.maximum(nf, 1.0)  # of x - p
     q = tl.zeros([BLOCK], tl.float64)
     for k in range(0, n, BLOCK):
         o = k + offs
         ok = o < n
         _, x = _group_load(s_ptr, perm_ptr, start, o, ok, BY_ID)
-        d = tl.where(ok, x - mean, 0.0)
+        d = tl.where(ok, (x - p) - mean, 0.0)
         q += d * d
     nm1 = tl.maximum(nf - 1.0, 1.0)
     if EST == 0:
@@ -147,7 +217,7 @@ def _group_advantages_fwd_kernel(
         o = k + offs
         ok = o < n
         idx, x = _group_load(s_ptr, perm_ptr, start, o, ok, BY_ID)
-        tl.store(out_ptr + idx, ((x - mean) * scale).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + idx, (((x - p) - mean) * scale).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def group_block(n: int) -> int:
@@ -174,10 +244,25 @@ def _sorted_runs(ids: torch.Tensor):
 
 @torch.library.triton_op("rlhf_fast::whiten_triton", mutates_args=())
 @launch_on_tensor_device
-def whiten_triton(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float) -> torch.Tensor:
+def whiten_triton(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=acc_dtype(x.dtype), device=x.device)
     N = x.numel()
     if N == 0 or not _backend.launches_kernels(x):
+        return out
+    if cu_seqlens is not None:  # packed (total,): one mean / var per segment
+        S = cu_seqlens.shape[0] - 1
+        if S > 0:
+            # segments never overlap once clamped, except where offsets are
+            # out of order: zeros first so no output slot is left unwritten
+            out.zero_()
+            scalars, from_ptr = kernel_scalars(x.dtype, x.device, eps)
+            torch.library.wrap_triton(_whiten_segments_kernel)[(S,)](
+                x.contiguous(), mask.contiguous(), cu_seqlens.contiguous(), out, N, eps, scalars if from_ptr else out,
+                SHIFT_MEAN=shift_mean, SCALARS_FROM_PTR=from_ptr, BLOCK=SEGMENT_BLOCK,
+                num_warps=num_warps(SEGMENT_BLOCK),
+            )  # fmt: skip
         return out
     xf, mf = x.contiguous().reshape(-1), mask.contiguous().reshape(-1)
     P = triton.cdiv(N, WHITEN_BLOCK)

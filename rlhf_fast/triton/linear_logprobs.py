@@ -176,19 +176,23 @@ def _linear_logprobs_fwd_kernel(
             BLOCK_K,
         )
         # vocab tail masked to -inf (V % BLOCK_V != 0 must not add exp(0) terms)
-        z = tl.where(v_mask[None, :], logits * inv_temp, NEG_INF)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        x = tl.where(v_mask[None, :], logits, NEG_INF)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
         # -inf guards as in the log-prob kernel: a row that has seen only -inf
-        # keeps s = w = 0 instead of (-inf) - (-inf) = NaN.
+        # keeps s = w = 0 instead of (-inf) - (-inf) = NaN. The state is on
+        # the raw logits and d = (x - max) / T subtracts the max before
+        # scaling: exact to the row's spread at any offset (x / T - max z
+        # rounds at the offset's scale: 0.5 at 1e7).
         ref = tl.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = tl.exp(m - ref)
-        delta = tl.where(m == NEG_INF, 0.0, m - ref)
-        e = tl.exp(z - ref[:, None])
-        d = tl.where(z == NEG_INF, 0.0, z - ref[:, None])
+        alpha = tl.exp((m - ref) * inv_temp)
+        delta = tl.where(m == NEG_INF, 0.0, (m - ref) * inv_temp)
+        d = (x - ref[:, None]) * inv_temp
+        e = tl.exp(d)
+        d = tl.where(x == NEG_INF, 0.0, d)
         w = (w + delta * s) * alpha + tl.sum(d * e, axis=1)
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
-        zy += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
+        zy += tl.sum(tl.where(offs_v[None, :] == label[:, None], x, 0.0), axis=1)
         # the last tile of a vocabulary unit: store the unit's state and start
         # the next unit from scratch (a branch in the one tile loop: a nested
         # unit loop, or masked stores on every tile, made ptxas spill 60-580 B)
@@ -432,26 +436,34 @@ def _sum_units(x: torch.Tensor) -> torch.Tensor:
     return x[0]
 
 
-def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, V: int):
-    """(4, units, N) partial m, s, w, z_label -> logprobs, entropy, lse (N,)."""
-    m, s, w, zy = part.unbind(0)
+def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, V: int, inv_temp: float):
+    """(4, units, N) partial m (raw max), s, w (relative to m, of z = x / T),
+    x_label -> logprobs, entropy, lse (N,)."""
+    m, s, w, xy = part.unbind(0)
     m_row = m.amax(0)
     ref = torch.where(m_row == float("-inf"), torch.zeros_like(m_row), m_row)
     seen = s > 0  # a split whose logits were all -inf adds nothing
-    delta = torch.where(seen, m - ref, torch.zeros_like(m))
+    delta = torch.where(seen, (m - ref) * inv_temp, torch.zeros_like(m))
     scale = torch.where(seen, torch.exp(delta), torch.zeros_like(m))
     active = labels != ignore_index
     s_row = torch.where(active, _sum_units(s * scale), torch.ones_like(m_row))
     w_row = torch.where(active, _sum_units((w + delta * s) * scale), torch.zeros_like(m_row))
     log_s = torch.log(s_row)
     zero = torch.zeros_like(m_row)
-    lse = torch.where(active, ref + log_s, zero)
-    ent = torch.where(active, log_s - w_row / s_row, zero)
-    lp = torch.where(active, _sum_units(zy) - lse, zero)
+    lse = ref * inv_temp + log_s
+    # a row whose lse overflows (max x / T beyond the dtype) is NaN, as in
+    # the log-prob kernels
+    nan = torch.full_like(lse, float("nan"))
+    overflow = torch.isinf(lse)
+    lse = torch.where(overflow, nan, lse)
+    log_s = torch.where(overflow, nan, log_s)
+    # (x_y - max) / T - log s: never z_y - lse, which cancels two large terms
+    lp = torch.where(active, (_sum_units(xy) - ref) * inv_temp - log_s, zero)
     # a label outside [0, V) (torch.compile skips the host check) matched
     # no column: NaN, never a silent -lse
-    lp = torch.where(active & ((labels < 0) | (labels >= V)), torch.full_like(lp, float("nan")), lp)
-    return lp, ent, lse
+    lp = torch.where(active & ((labels < 0) | (labels >= V)), nan, lp)
+    ent = torch.where(active, log_s - w_row / s_row, zero)
+    return lp, ent, torch.where(active, lse, zero)
 
 
 @torch.library.triton_op("rlhf_fast::linear_logprobs_fwd_triton", mutates_args=())
@@ -485,7 +497,7 @@ def linear_logprobs_fwd_triton(
         HAS_BIAS=bias is not None, ACC=tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
         SCALARS_FROM_PTR=from_ptr, **cfg,
     )  # fmt: skip
-    return _merge_splits(part, labels, ignore_index, V)
+    return _merge_splits(part, labels, ignore_index, V, 1.0 / temperature)
 
 
 @torch.library.triton_op("rlhf_fast::linear_logprobs_bwd_triton", mutates_args=())

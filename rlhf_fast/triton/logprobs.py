@@ -43,19 +43,23 @@ STRIP = 16
 def row_lse_step(z, m, s, w, c, ENTROPY: tl.constexpr):
     """Fold one (R, STRIP) tile of raw logits z (ACC dtype, -inf padded) into
     the strips' state m (raw max), s, w (relative to m, base 2). c = log2(e)/T.
-    Shared with the sampler, whose raw log-probs must match these bits."""
+    Shared with the sampler, whose raw log-probs must match these bits.
+    d = (z - m) c subtracts the max before scaling: one FADD + one FMUL per
+    element where z c - m c was one FFMA, but exact to the row's spread
+    (m c rounds at the offset's scale: 0.5 at z ~ 1e7, and overflows past
+    2.4e38 where c = log2(e) > 1)."""
     m_new = tl.maximum(m, tl.max(z, axis=1))  # max drops a NaN z; e = 2^NaN carries it into s
     # A strip that has seen only -inf keeps reference 0 and s = w = 0, so no
     # (-inf) - (-inf) = NaN appears.
-    ref_old = tl.where(m == NEG_INF, 0.0, m * c)
-    ref = tl.where(m_new == NEG_INF, 0.0, m_new * c)
-    alpha = tl.where(m == NEG_INF, 0.0, tl.exp2(ref_old - ref))
-    d = z * c - ref[:, None]
+    ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+    shift = tl.where(m == NEG_INF, 0.0, (m - ref) * c)  # <= 0
+    alpha = tl.where(m == NEG_INF, 0.0, tl.exp2(shift))
+    d = (z - ref[:, None]) * c
     e = tl.exp2(d)
     if ENTROPY:
         # 2^d is 0 below d = -1075 (fp64) / -150 (fp32): clamping at -2048
         # changes no term and turns -inf * 0 into 0, one max per element.
-        w = alpha * (w - (ref - ref_old) * s) + tl.sum(tl.maximum(d, -2048.0) * e, axis=1)
+        w = alpha * (w + shift * s) + tl.sum(tl.maximum(d, -2048.0) * e, axis=1)
     s = s * alpha + tl.sum(e, axis=1)
     return m_new, s, w
 
@@ -65,8 +69,8 @@ def row_lse_finish(m, s, w, c, ENTROPY: tl.constexpr):
     """Merge the strips: (row max (raw), sum 2^d, sum d 2^d) relative to the
     row max. NaN in any strip's s reaches s_row (NaN * 0 is NaN)."""
     m_row = tl.max(m, axis=0)
-    ref = tl.where(m_row == NEG_INF, 0.0, m_row * c)
-    delta = tl.where(m == NEG_INF, 0.0, m * c - ref)
+    ref = tl.where(m_row == NEG_INF, 0.0, m_row)
+    delta = tl.where(m == NEG_INF, 0.0, (m - ref) * c)
     scale = tl.where(m == NEG_INF, 0.0, tl.exp2(delta))
     s_row = tl.sum(s * scale, axis=0)
     if ENTROPY:
@@ -80,9 +84,19 @@ def row_lse_finish(m, s, w, c, ENTROPY: tl.constexpr):
 def row_lse(m_row, s_row, inv_temp):
     """log-sum-exp of z = x / T in nats from the merged state, and log2(s_row):
     one expression for the log-prob kernel and the sampler, so both contract
-    it into the same FFMA."""
+    it into the same FFMA. A row whose lse overflows (max x / T beyond the
+    dtype: the backward could not use it) gets NaN for both, as on CPU."""
     log2_s = tl.log2(s_row)
-    return m_row * inv_temp + log2_s * LN2, log2_s
+    lse = m_row * inv_temp + log2_s * LN2
+    bad = tl.abs(lse) == float("inf")
+    return tl.where(bad, float("nan"), lse), tl.where(bad, float("nan"), log2_s)
+
+
+@triton.jit
+def row_logprob(x, m_row, log2_s, inv_temp):
+    """log p(x) = (x - max) / T - ln s: never z - lse, which cancels two
+    terms of the offset's size."""
+    return (x - m_row) * inv_temp - log2_s * LN2
 
 
 @triton.jit
@@ -133,8 +147,8 @@ def _logprobs_fwd_kernel(
     # the CUDA kernel) instead of an out-of-bounds load.
     in_range = active & (label >= 0) & (label < V)
     safe_label = tl.where(in_range, label, 0)
-    z_label = tl.load(row_ptr + safe_label, mask=in_range, other=float("nan")).to(ACC) * inv_temp
-    tl.store(lp_ptr + row, tl.where(active, z_label - lse, 0.0))
+    x_label = tl.load(row_ptr + safe_label, mask=in_range, other=float("nan")).to(ACC)
+    tl.store(lp_ptr + row, tl.where(active, row_logprob(x_label, m_row, log2_s, inv_temp), 0.0))
     if ENTROPY:
         entropy = (log2_s - tl.where(active, w_row, 0.0) / s_row) * LN2
         tl.store(ent_ptr + row, tl.where(active, entropy, 0.0))

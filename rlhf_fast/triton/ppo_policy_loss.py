@@ -51,6 +51,7 @@ from ._ppo_common import (
     AGG_CODES,
     FOLD_MAX,
     FOLD_SUM,
+    agg_norm_of,
     agg_row_scale,
     block_b,
     fold_chunks,
@@ -163,8 +164,8 @@ def _ppo_loss_fwd_kernel(
 
     if last_program(counter_ptr):
         _ppo_loss_epilogue(
-            part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr, B, n_chunks, entropy_coef_arg,
-            kl_coef_arg, agg_norm_arg, AGG, PARAMS_FROM_PTR, BLOCK_B, NP, not RC, N_RC,
+            part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr, cu_ptr, B, T, n_chunks, entropy_coef_arg,
+            kl_coef_arg, agg_norm_arg, AGG, PARAMS_FROM_PTR, BLOCK_B, NP, not RC, N_RC, PACKED,
         )  # fmt: skip
         if RC:
             rc_epilogue(
@@ -176,10 +177,10 @@ def _ppo_loss_fwd_kernel(
 
 @triton.jit
 def _ppo_loss_epilogue(
-    part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr,
-    B, n_chunks, entropy_coef_arg, kl_coef_arg, agg_norm_arg,
+    part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr, cu_ptr,
+    B, T, n_chunks, entropy_coef_arg, kl_coef_arg, agg_norm_arg,
     AGG: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, NP: tl.constexpr,
-    ZERO_RC_STATS: tl.constexpr, N_RC: tl.constexpr,
+    ZERO_RC_STATS: tl.constexpr, N_RC: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     """The forward's last program: rows in blocks of BLOCK_B, chunks in
     order, fp64, into the loss, the stats and row_scale. ZERO_RC_STATS (no
@@ -188,6 +189,8 @@ def _ppo_loss_epilogue(
     entropy_coef, kl_coef, agg_norm, _u = load_params(
         params_ptr + 4, entropy_coef_arg, kl_coef_arg, agg_norm_arg, agg_norm_arg, tl.float64, PARAMS_FROM_PTR
     )
+    if AGG == 3:
+        agg_norm = agg_norm_of(agg_norm, cu_ptr, B, T, PACKED, BLOCK_B)
     rows = tl.arange(0, BLOCK_B)
     N_all, S_all = row_counts(part_ptr, B, n_chunks, NP, 3, BLOCK_B)
     acc = tl.zeros([BLOCK_B], tl.float64)

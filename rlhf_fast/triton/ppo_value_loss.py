@@ -25,6 +25,7 @@ from .._dtypes import acc_dtype
 from ._common import clamp_nan, kernel_scalars, launch_on_tensor_device, load_f64, max_nan, num_warps, tl_acc, u8_mask
 from ._ppo_common import (
     AGG_CODES,
+    agg_norm_of,
     agg_row_scale,
     block_b,
     load_params,
@@ -109,13 +110,15 @@ def _ppo_value_loss_fwd_kernel(
 
 @triton.jit
 def _ppo_value_loss_finish_kernel(
-    part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr,
-    B, n_chunks, agg_norm_arg,
-    AGG: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr,
+    part_ptr, row_scale_ptr, loss_ptr, stats_ptr, params_ptr, cu_ptr,
+    B, T, n_chunks, agg_norm_arg,
+    AGG: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr, BLOCK_B: tl.constexpr, PACKED: tl.constexpr = False,
 ):  # fmt: skip
     agg_norm, _u1, _u2, _u3 = load_params(
         params_ptr + 1, agg_norm_arg, agg_norm_arg, agg_norm_arg, agg_norm_arg, tl.float64, PARAMS_FROM_PTR
     )
+    if AGG == 3:
+        agg_norm = agg_norm_of(agg_norm, cu_ptr, B, T, PACKED, BLOCK_B)
     rows = tl.arange(0, BLOCK_B)
     N_all, S_all = row_counts(part_ptr, B, n_chunks, 7, 1, BLOCK_B)
     norm = agg_norm
@@ -202,8 +205,9 @@ def ppo_value_loss_fwd_triton(
         PACKED=cu_seqlens is not None, num_warps=num_warps(bt),
     )  # fmt: skip
     torch.library.wrap_triton(_ppo_value_loss_finish_kernel)[(1,)](
-        part, row_scale, loss, stats, params if from_ptr else part,
-        B, n_chunks, agg_norm,
-        AGG=AGG_CODES[agg], PARAMS_FROM_PTR=from_ptr, BLOCK_B=block_b(B), num_warps=num_warps(block_b(B)),
+        part, row_scale, loss, stats, params if from_ptr else part, cu_seqlens if cu_seqlens is not None else m8,
+        B, T, n_chunks, agg_norm,
+        AGG=AGG_CODES[agg], PARAMS_FROM_PTR=from_ptr, BLOCK_B=block_b(B), PACKED=cu_seqlens is not None,
+        num_warps=num_warps(block_b(B)),
     )  # fmt: skip
     return loss, stats, dtok, row_scale

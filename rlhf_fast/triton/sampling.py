@@ -1,14 +1,18 @@
 """Triton sampler: one program per row, no sort, no host synchronisation.
 
-Plain sampling (FILTERED=False) is one sweep: the online max / sum of the
-log-prob kernel and the exponential race (argmax z + Gumbel(seed, token))
-in the same pass, so the logits are read once: B*V*2 bytes for bf16, 78 MB
-at (256, 151936).
+Every value is z = (x - max x) / T <= 0: the row max is subtracted before
+scaling, so thresholds, the race's keys and the log-probs are exact to the
+row's spread at any offset (x / T rounds at the offset's scale: the fp32
+spacing is 1 at 1e7, where it would round the Gumbel noise away).
+Plain sampling (FILTERED=False) is two sweeps: the online max / sum of the
+log-prob kernel, then the exponential race (argmax z + Gumbel(seed, token)),
+which needs the max first; the second reads a row that was just read (from
+L2 where the rows in flight fit): B*V*2 bytes per sweep for bf16, 78 MB at
+(256, 151936).
 With top-k / top-p / min-p (FILTERED=True) the thresholds are found without
-sorting, on an order key: the logit's own 16 bits for bf16 / fp16 logits
-(z = x / T is monotone in x, so the k-th largest z is that of the k-th
-largest x, and a top-p threshold is a token's z either way), else the 32
-bits of the fp32 z.
+sorting, on an order key of the raw logit x (z is monotone in x, so the k-th
+largest z is that of the k-th largest x, and a top-p threshold is a token's
+z either way): its 16 bits for bf16 / fp16 logits, 32 for fp32.
   top-k: radix select, one byte per sweep (tl.histogram of that byte over
          the tokens that share the bytes chosen so far). The first byte's
          histogram is taken in the log-sum-exp sweep, so a 16-bit key needs
@@ -19,7 +23,7 @@ bits of the fp32 z.
          one histogram sweep over the chosen byte, whose 256 keys are single
          values, so a key's mass is its count times its exp.
 Then one more sweep does the race over the kept tokens and their mass.
-Sweeps over a bf16 / fp16 row, worst case: plain 1, min-p 2, top-k 3, top-p
+Sweeps over a bf16 / fp16 row, worst case: plain 2, min-p 2, top-k 3, top-p
 7, all three 8 (it was 67 with a 32-step bisection for each of top-k and
 top-p); fp32 rows: top-k 5, top-p 15, all 18. tests/test_sampling.py counts
 them under the interpreter. Triton's histogram counts and cannot sum masses,
@@ -41,7 +45,7 @@ import triton.language as tl
 
 from .. import _backend
 from ._common import LOG2E, NEG_INF, launch_on_tensor_device
-from .logprobs import STRIP, row_lse, row_lse_finish, row_lse_step
+from .logprobs import STRIP, row_logprob, row_lse, row_lse_finish, row_lse_step
 from .logprobs import row_config as _logprobs_row_config
 
 
@@ -67,9 +71,9 @@ def _order_key(x, KEY16: tl.constexpr):
     """Key monotone in the value, -0 sharing +0's key (they compare equal):
     in [0, 2^16) as int32 from a bf16 / fp16 x, in [0, 2^32) as int64 from
     an fp32 x. NaN sorts above +inf (a NaN row's log-probs are NaN anyway).
-    Distinct bf16 / fp16 x have distinct z = x * (1 / T) unless the product
-    overflows to inf or lands among fp32 subnormals; only there could a
-    top-p boundary keep a tie group of z that the reference splits."""
+    Distinct x share a z = (x - max) / T only where x - max rounds (far
+    below the max) or the product lands among fp32 subnormals; a threshold
+    on z then keeps the whole tie group, as the reference does."""
     if KEY16:
         b = x.to(tl.int16, bitcast=True).to(tl.int32)
         k = tl.where(b >= 0, b + 32768, ~b)
@@ -81,27 +85,34 @@ def _order_key(x, KEY16: tl.constexpr):
 
 
 @triton.jit
-def _key_z(k, inv_t, row_ptr, KEY16: tl.constexpr):
-    """The z = x / T of a key (inverse of _order_key, then the kernel's own
-    product), so a key's threshold and a token's z compare bit for bit."""
+def _key_z(k, mx, inv_t, row_ptr, KEY16: tl.constexpr):
+    """The z = (x - max x) / T of a key (inverse of _order_key, then the
+    kernel's own product), so a key's threshold and a token's z compare bit
+    for bit. Keys order the raw logits x: z is monotone in x."""
     if KEY16:
         b = tl.where(k >= 32768, k - 32768, ~k).to(tl.int16)
-        return b.to(row_ptr.dtype.element_ty, bitcast=True).to(tl.float32) * inv_t
+        x = b.to(row_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
     else:
         b = tl.where(k >= 2147483648, k - 2147483648, ~k).to(tl.int32)
-        return b.to(tl.float32, bitcast=True)
+        x = b.to(tl.float32, bitcast=True)
+    return (x - mx) * inv_t
 
 
 @triton.jit
-def _load_key(row_ptr, offs, V, inv_t, KEY16: tl.constexpr):
+def _load_z(row_ptr, offs, V, mx, inv_t):
+    """z = (x - max x) / T <= 0 of one tile, padding -inf: the max is
+    subtracted before scaling, so z is exact to the row's spread at any
+    offset (x / T rounds at the offset's scale: 0.5 at 1e7)."""
+    return (tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) - mx) * inv_t
+
+
+@triton.jit
+def _load_key(row_ptr, offs, V, mx, inv_t, KEY16: tl.constexpr):
     """(z, key, in-row mask) of one 1-D tile; padding is z = -inf, masked out."""
     valid = offs < V
     x = tl.load(row_ptr + offs, mask=valid, other=NEG_INF)
-    z = x.to(tl.float32) * inv_t
-    if KEY16:
-        key = _order_key(x, True)
-    else:
-        key = _order_key(z, False)
+    z = (x.to(tl.float32) - mx) * inv_t
+    key = _order_key(x, KEY16)
     return z, key, valid
 
 
@@ -116,10 +127,10 @@ def _radix_pick(hist, need):
 
 
 @triton.jit
-def _top_k_key(row_ptr, V, inv_t, mz, k, hist0, KEY16: tl.constexpr, BLOCK_V: tl.constexpr):
+def _top_k_key(row_ptr, V, inv_t, mx, k, hist0, KEY16: tl.constexpr, BLOCK_V: tl.constexpr):
     """Radix select: the key of the k-th largest z (1 <= k < V), one byte per
     sweep after the first (hist0, taken in the log-sum-exp sweep), and the
-    mass sum(exp(z - mz)) of the tokens at or above it."""
+    mass sum(exp(z)) of the tokens at or above it (z <= 0)."""
     KEY_BITS: tl.constexpr = 16 if KEY16 else 32
     cols = tl.arange(0, BLOCK_V)
     bins = tl.arange(0, 256)
@@ -130,47 +141,49 @@ def _top_k_key(row_ptr, V, inv_t, mz, k, hist0, KEY16: tl.constexpr, BLOCK_V: tl
         shift = KEY_BITS - 8 * (level + 1)
         hist = tl.zeros([256], tl.int32)
         for start in range(0, V, BLOCK_V):
-            z, key, valid = _load_key(row_ptr, start + cols, V, inv_t, KEY16)
+            z, key, valid = _load_key(row_ptr, start + cols, V, mx, inv_t, KEY16)
             valid = valid & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
             if shift == 0:
                 # tokens in a byte above the one being resolved: all at or above tau_k
-                mass_above += tl.where((key >> 8) > (prefix >> 8), tl.exp(z - mz), 0.0)
+                mass_above += tl.where((key >> 8) > (prefix >> 8), tl.exp(z), 0.0)
             hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=valid)
         d, need = _radix_pick(hist, need)
         prefix = prefix | (d.to(prefix.dtype) << shift)
     # hist and d are the last byte's: its keys are single values, so a key's
     # mass is its count times its exp (keys with no token, some of them NaN
     # patterns, add nothing rather than 0 * NaN)
-    e = tl.exp(_key_z((prefix >> 8 << 8) | bins, inv_t, row_ptr, KEY16) - mz)
+    e = tl.exp(_key_z((prefix >> 8 << 8) | bins, mx, inv_t, row_ptr, KEY16))
     mass = tl.sum(mass_above, 0) + tl.sum(tl.where((bins >= d) & (hist > 0), hist.to(tl.float32) * e, 0.0), 0)
     return prefix, mass
 
 
 @triton.jit
-def _mass_ge3(row_ptr, V, inv_t, mz, t1, t2, t3, BLOCK_V: tl.constexpr):
-    """sum(exp(z - mz)) over z >= t for three thresholds in one sweep. Each
-    sum adds a subset of the terms of the one below it in the same order, so
-    t1 <= t2 <= t3 gives m1 >= m2 >= m3 in floating point too."""
+def _mass_ge3(row_ptr, V, inv_t, mx, k1, k2, k3, KEY16: tl.constexpr, BLOCK_V: tl.constexpr):
+    """sum(exp(z)) over the tokens whose key is >= k for three keys in one
+    sweep. Keys, not z thresholds: z = (x - max) / T can round two distinct
+    x (or a key between tokens and the token below it) to one value, which
+    would break the search's monotone predicate. Each sum adds a subset of
+    the terms of the one below it in the same order, so k1 <= k2 <= k3 gives
+    m1 >= m2 >= m3 in floating point too."""
     cols = tl.arange(0, BLOCK_V)
     m1 = tl.zeros([BLOCK_V], tl.float32)
     m2 = tl.zeros([BLOCK_V], tl.float32)
     m3 = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
-        e = tl.exp(z - mz)
-        m1 += tl.where(z >= t1, e, 0.0)
-        m2 += tl.where(z >= t2, e, 0.0)
-        m3 += tl.where(z >= t3, e, 0.0)
+        z, key, valid = _load_key(row_ptr, start + cols, V, mx, inv_t, KEY16)
+        e = tl.where(valid, tl.exp(z), 0.0)
+        m1 += tl.where(key >= k1, e, 0.0)
+        m2 += tl.where(key >= k2, e, 0.0)
+        m3 += tl.where(key >= k3, e, 0.0)
     return tl.sum(m1, axis=0), tl.sum(m2, axis=0), tl.sum(m3, axis=0)
 
 
 @triton.jit
 def _top_p_key(
-    row_ptr, V, inv_t, mz, lo_key, top_key, target,
+    row_ptr, V, inv_t, mx, lo_key, top_key, target,
     KEY16: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """The largest key K in [lo_key, top_key] whose mass sum(exp(z - mz) over
+    """The largest key K in [lo_key, top_key] whose mass sum(exp(z) over
     z >= z(K)) reaches target. First K >> 8 by a 4-way search, three mass
     sums per sweep (256 candidates -> 64 -> 16 -> 4 -> 1: 4 sweeps for a
     16-bit key, 12 for a 32-bit one), then one histogram sweep over the
@@ -183,10 +196,7 @@ def _top_p_key(
         p1 = lo + (n + 3) // 4
         p2 = tl.minimum(lo + (2 * n + 3) // 4, hi)
         p3 = tl.minimum(lo + (3 * n + 3) // 4, hi)
-        m1, m2, m3 = _mass_ge3(
-            row_ptr, V, inv_t, mz, _key_z(p1 << 8, inv_t, row_ptr, KEY16), _key_z(p2 << 8, inv_t, row_ptr, KEY16),
-            _key_z(p3 << 8, inv_t, row_ptr, KEY16), BLOCK_V,
-        )  # fmt: skip
+        m1, m2, m3 = _mass_ge3(row_ptr, V, inv_t, mx, p1 << 8, p2 << 8, p3 << 8, KEY16, BLOCK_V)
         ok1, ok2, ok3 = m1 >= target, m2 >= target, m3 >= target
         hi = tl.where(ok3, hi, tl.where(ok2, p3 - 1, tl.where(ok1, p2 - 1, p1 - 1)))
         mass_hi = tl.where(ok3, mass_hi, tl.where(ok2, m3, tl.where(ok1, m2, m1)))
@@ -195,10 +205,10 @@ def _top_p_key(
     bins = tl.arange(0, 256)
     hist = tl.zeros([256], tl.int32)
     for start in range(0, V, BLOCK_V):
-        z, key, valid = _load_key(row_ptr, start + cols, V, inv_t, KEY16)
+        z, key, valid = _load_key(row_ptr, start + cols, V, mx, inv_t, KEY16)
         hist += tl.histogram((key & 255).to(tl.int32), 256, mask=valid & ((key >> 8) == lo))
     keys = (lo << 8) | bins
-    e = tl.exp(_key_z(keys, inv_t, row_ptr, KEY16) - mz)
+    e = tl.exp(_key_z(keys, mx, inv_t, row_ptr, KEY16))
     # keys with no token (some are NaN patterns) add nothing, not count * NaN
     reach = mass_hi + tl.cumsum(tl.where(hist > 0, hist.to(tl.float32) * e, 0.0), 0, reverse=True)
     allowed = keys >= lo_key
@@ -231,13 +241,10 @@ def _sample_fwd_kernel(
     seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
 
     # sweep 1: the log-prob kernel's strips and row_lse_step (bit-identical
-    # lse) and, when nothing is truncated, the race in the same pass
+    # lse), and top-k's first byte when it truncates
     offs2 = tl.arange(0, BLOCK_V // STRIP)[:, None] * STRIP + tl.arange(0, STRIP)[None, :]
     m = tl.full([BLOCK_V // STRIP], NEG_INF, tl.float32)
     s = tl.zeros([BLOCK_V // STRIP], tl.float32)
-    if not FILTERED:
-        best = tl.full([BLOCK_V // STRIP, STRIP], NEG_INF, tl.float32)
-        best_j = tl.full([BLOCK_V // STRIP, STRIP], 0, tl.int32)
     c = inv_t * LOG2E
     if FILTERED:
         k = tl.load(topk_ptr + row)
@@ -251,20 +258,14 @@ def _sample_fwd_kernel(
         if FILTERED:
             if k_on:
                 # padding (-inf) lands in bin 0 and is taken out below
-                key = _order_key(xr, True) if KEY16 else _order_key(x * inv_t, False)
-                top_byte = (key >> (8 if KEY16 else 24)).to(tl.int32)
+                top_byte = (_order_key(xr, KEY16) >> (8 if KEY16 else 24)).to(tl.int32)
                 hist0 += tl.histogram(tl.reshape(top_byte, [BLOCK_V]), 256)
-        if not FILTERED:
-            z = x * inv_t
-            key = tl.where(greedy, z, z + _gumbel(seed_lo, seed_hi, offs))
-            upd = (key > best) & (offs < V)
-            best = tl.where(upd, key, best)
-            best_j = tl.where(upd, offs, best_j)
     m_raw, s_row, _ = row_lse_finish(m, s, s, c, False)
-    lse, _ = row_lse(m_raw, s_row, inv_t)
-    mz = m_raw * inv_t
-    kept_mass = s_row
+    _, log2_s = row_lse(m_raw, s_row, inv_t)
+    # every z below is (x - m_raw) / T <= 0, the max subtracted first
+    mx = tl.where(m_raw == NEG_INF, 0.0, m_raw)
 
+    thr = NEG_INF
     if FILTERED:
         p = tl.load(topp_ptr + row).to(tl.float32)
         mp = tl.load(minp_ptr + row).to(tl.float32)
@@ -274,44 +275,48 @@ def _sample_fwd_kernel(
         mass_k = s_row
         if k_on:
             hist0 -= tl.where(tl.arange(0, 256) == 0, tl.cdiv(V, BLOCK_V) * BLOCK_V - V, 0)
-            key_k, mass_k = _top_k_key(row_ptr, V, inv_t, mz, k, hist0, KEY16, SEARCH_BLOCK)
-            tau_k = _key_z(key_k, inv_t, row_ptr, KEY16)
+            key_k, mass_k = _top_k_key(row_ptr, V, inv_t, mx, k, hist0, KEY16, SEARCH_BLOCK)
+            tau_k = _key_z(key_k, mx, inv_t, row_ptr, KEY16)
         # top-p among those: the largest key whose mass reaches p * mass_k
         tau_p = NEG_INF
         if (p < 1.0) & stochastic:
-            if KEY16:
-                top = _order_key(m_raw.to(row_ptr.dtype.element_ty), True)
-            else:
-                top = _order_key(mz, False)
-            key_p = _top_p_key(row_ptr, V, inv_t, mz, key_k, top, p * mass_k, KEY16, SEARCH_BLOCK)
-            tau_p = _key_z(key_p, inv_t, row_ptr, KEY16)
-        tau_min = tl.where(mp > 0.0, mz + tl.log(tl.where(mp > 0.0, mp, 1.0)), NEG_INF)
-        thr = tl.minimum(tl.maximum(tl.maximum(tau_k, tau_p), tau_min), mz)
+            top = _order_key(m_raw.to(row_ptr.dtype.element_ty), KEY16)
+            key_p = _top_p_key(row_ptr, V, inv_t, mx, key_k, top, p * mass_k, KEY16, SEARCH_BLOCK)
+            tau_p = _key_z(key_p, mx, inv_t, row_ptr, KEY16)
+        tau_min = tl.where(mp > 0.0, tl.log(tl.where(mp > 0.0, mp, 1.0)), NEG_INF)
+        thr = tl.minimum(tl.maximum(tl.maximum(tau_k, tau_p), tau_min), 0.0)  # max z = 0 is always kept
         thr = tl.where(greedy, NEG_INF, thr)
-        # sweep: race over the kept tokens and their mass (the race state is
-        # made here, not live through the searches: 2 registers per logit held)
-        best = tl.full([BLOCK_V // STRIP, STRIP], NEG_INF, tl.float32)
-        best_j = tl.full([BLOCK_V // STRIP, STRIP], 0, tl.int32)
-        acc = tl.zeros([BLOCK_V // STRIP, STRIP], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            offs = start + offs2
-            z = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(tl.float32) * inv_t
-            kept = (z >= thr) & (offs < V)
-            acc += tl.where(kept, tl.exp(z - mz), 0.0)
-            key = tl.where(greedy, z, z + _gumbel(seed_lo, seed_hi, offs))
-            upd = (key > best) & kept
-            best = tl.where(upd, key, best)
-            best_j = tl.where(upd, offs, best_j)
-        kept_mass = tl.sum(tl.sum(acc, axis=1), axis=0)
+    # the race over the kept tokens (and their mass when truncated), in a
+    # sweep of its own: its keys z + Gumbel need the row max first (keys
+    # x / T + Gumbel would round the noise away at large offsets: at 1e7 the
+    # fp32 spacing is 1). The row was just read, so mostly from L2.
+    best = tl.full([BLOCK_V // STRIP, STRIP], NEG_INF, tl.float32)
+    best_j = tl.full([BLOCK_V // STRIP, STRIP], 0, tl.int32)
+    acc = tl.zeros([BLOCK_V // STRIP, STRIP], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + offs2
+        z = _load_z(row_ptr, offs, V, mx, inv_t)
+        kept = (z >= thr) & (offs < V)
+        if FILTERED:
+            acc += tl.where(kept, tl.exp(z), 0.0)
+        key = tl.where(greedy, z, z + _gumbel(seed_lo, seed_hi, offs))
+        upd = (key > best) & kept
+        best = tl.where(upd, key, best)
+        best_j = tl.where(upd, offs, best_j)
+    if FILTERED:
+        log_kept = tl.log(tl.sum(tl.sum(acc, axis=1), axis=0))
 
     # first index of the best key across lanes (each lane kept its first)
     top_key = tl.max(tl.max(best, axis=1), axis=0)
     tok = tl.min(tl.min(tl.where(best == top_key, best_j, V), axis=1), axis=0)
     tok = tl.where(tok < V, tok, 0)
-    z_tok = tl.load(row_ptr + tok).to(tl.float32) * inv_t
+    x_tok = tl.load(row_ptr + tok).to(tl.float32)
     tl.store(tok_ptr + row, tok.to(tl.int64))
-    lp = z_tok - lse
-    plp = tl.where(greedy, 0.0, z_tok - (mz + tl.log(kept_mass)))
+    lp = row_logprob(x_tok, m_raw, log2_s, inv_t)  # the log-prob kernel's expression and bits
+    if FILTERED:
+        plp = tl.where(greedy, 0.0, (x_tok - mx) * inv_t - log_kept)
+    else:  # nothing truncated: the processed log-prob is the raw one
+        plp = tl.where(greedy, 0.0, lp)
     tl.store(lp_ptr + row, lp)
     # a row with NaN, +inf or no finite logit has a NaN lse; the kept mass
     # can still be finite, so carry the NaN over (the documented GPU contract)

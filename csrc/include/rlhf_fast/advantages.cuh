@@ -37,10 +37,17 @@ struct ScanArgs {
   void* advantages;  // (B, T) contiguous, float (double for kF64 values)
   void* returns;     // (B, T) contiguous, same type; nullptr without values
   int64_t B, T;
+  // Packed layout (docs/packing.md): cu_seqlens (S + 1,) int32 (int64 when
+  // cu_int64) offsets into 1-D streams of T tokens (B unused, row strides 0,
+  // per-row discounts (S,)); nullptr for the padded layout.
+  const void* cu_seqlens;
+  bool cu_int64;
+  int64_t S;
 };
 
-// One block per row, chunks of kScanThreads * kScanItems positions walked
-// right to left with the carries kept between chunks; any T (tested to 128k).
+// Padded: one block per row, chunks of kScanThreads * kScanItems positions
+// walked right to left with the carries kept between chunks; any T (tested
+// to 128k). Packed: one warp per segment, chunks of 32 * kScanItems.
 constexpr int kScanThreads = 256;
 constexpr int kScanItems = 8;
 

@@ -1,9 +1,13 @@
 // Log-probs and entropy of softmax(logits / T) on the GPU, torch-free.
 //
 // One thread block per row (one token position), one pass over the row:
-// each thread keeps an online (max m, s = sum e^(z-m), w = sum (z-m) e^(z-m))
-// over 16-byte vectors, then the block merges the states (warp shuffles, then
-// shared memory). lse = m + log s, entropy = log s - w/s, logprob = z_y - lse.
+// each thread keeps an online (max m of the raw logits x, s = sum e^d,
+// w = sum d e^d with d = (x - m) / T) over 16-byte vectors, then the block
+// merges the states (warp shuffles, then shared memory). lse = m / T + log s,
+// entropy = log s - w/s, logprob = (x_y - m) / T - log s. The max is
+// subtracted before scaling: exact to the row's spread at any offset (x / T
+// first rounds at the offset's scale, 0.5 at 1e7 with T != 1), for the same
+// FADD + FMUL per element.
 // No (N, V) intermediate exists; DRAM sees the logits once per direction:
 //   V = 151936 (Qwen2): 297 KiB per bf16 row, 594 KiB per fp32 row;
 //   8 x 4096 tokens of bf16 logits are 9.96 GB, ~3 ms at 3.35 TB/s (H100).
@@ -207,8 +211,8 @@ __device__ __forceinline__ int vec_head(const T* p, int V) {
 
 // ---------------- online softmax state ----------------
 
-// All relative to the running max m:
-//   s = sum_j exp(z_j - m),  w = sum_j (z_j - m) exp(z_j - m).
+// All relative to the running max m of the raw logits x, in z = x / T:
+//   s = sum_j exp(d_j),  w = sum_j d_j exp(d_j),  d_j = (x_j - m) * inv_t.
 // Invariants that keep -inf / NaN honest:
 //   * m is never NaN (fmax drops NaN); it is -inf until a finite or +inf z.
 //   * s == 0 exactly when no finite z has been seen and no NaN either; then
@@ -220,15 +224,15 @@ struct OnlineState {
   acc_t m, s, w;
 };
 
-// Re-express (s, w) relative to m_new >= m_old, with d = m_old - m_new <= 0:
-//   w' = (w + d s) e^d,  s' = s e^d.
+// Re-express (s, w) relative to m_new >= m_old, with d = (m_old - m_new) / T
+// <= 0:  w' = (w + d s) e^d,  s' = s e^d.
 template <typename acc_t>
 __device__ __forceinline__ void rescale(acc_t m_old, acc_t m_new, acc_t& s,
-                                        acc_t& w) {
+                                        acc_t& w, acc_t inv_t) {
   // Nothing seen yet: leave (0, 0). Without this, m_old = -inf gives
   // d = -inf and d * s = -inf * 0 = NaN.
   if (s == acc_t(0)) return;
-  const acc_t d = m_old - m_new;  // NaN only if both are +inf: row is NaN
+  const acc_t d = (m_old - m_new) * inv_t;  // NaN only if both are +inf: row is NaN
   const acc_t e = exp_(d);
   if (e == acc_t(0)) {
     // Too far below the new max to matter (d < -104 in fp32, or m_old - m_new
@@ -245,27 +249,27 @@ __device__ __forceinline__ void rescale(acc_t m_old, acc_t m_new, acc_t& s,
 
 template <typename acc_t>
 __device__ __forceinline__ OnlineState<acc_t> merge(OnlineState<acc_t> a,
-                                                    OnlineState<acc_t> b) {
+                                                    OnlineState<acc_t> b, acc_t inv_t) {
   const acc_t m = max_(a.m, b.m);
-  rescale(a.m, m, a.s, a.w);
-  rescale(b.m, m, b.s, b.w);
+  rescale(a.m, m, a.s, a.w, inv_t);
+  rescale(b.m, m, b.s, b.w, inv_t);
   return {m, a.s + b.s, a.w + b.w};
 }
 
-// Folds K values of z into the state: one max and at most one rescale per
+// Folds K raw logits x into the state: one max and at most one rescale per
 // K elements (K = 16 for bf16), then one exp per element.
 template <typename acc_t, int K>
-__device__ __forceinline__ void update(OnlineState<acc_t>& st, const acc_t (&z)[K]) {
+__device__ __forceinline__ void update(OnlineState<acc_t>& st, const acc_t (&z)[K], acc_t inv_t) {
   acc_t cmax = z[0];
 #pragma unroll
   for (int k = 1; k < K; ++k) cmax = max_(cmax, z[k]);
   if (cmax > st.m) {  // false for NaN or all -inf chunks
-    rescale(st.m, cmax, st.s, st.w);
+    rescale(st.m, cmax, st.s, st.w, inv_t);
     st.m = cmax;
   }
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const acc_t t = z[k] - st.m;  // <= 0 unless z is NaN
+    const acc_t t = (z[k] - st.m) * inv_t;  // <= 0 unless z is NaN
     const acc_t e = exp_(t);
     // A -inf logit (masked token) weighs exactly 0. Selecting instead of
     // trusting exp: if m is still -inf, t = -inf - -inf = NaN, and if m is
@@ -280,7 +284,7 @@ __device__ __forceinline__ void update(OnlineState<acc_t>& st, const acc_t (&z)[
 // the caller may reuse `smem` for the next row.
 template <typename acc_t, int BLOCK>
 __device__ __forceinline__ OnlineState<acc_t> block_reduce(
-    OnlineState<acc_t> st, OnlineState<acc_t>* smem) {
+    OnlineState<acc_t> st, OnlineState<acc_t>* smem, acc_t inv_t) {
   constexpr int kWarps = BLOCK / 32;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
@@ -289,7 +293,7 @@ __device__ __forceinline__ OnlineState<acc_t> block_reduce(
     o.m = __shfl_xor_sync(0xffffffffu, st.m, off);
     o.s = __shfl_xor_sync(0xffffffffu, st.s, off);
     o.w = __shfl_xor_sync(0xffffffffu, st.w, off);
-    st = merge(st, o);
+    st = merge(st, o, inv_t);
   }
   if (lane == 0) smem[warp] = st;
   __syncthreads();
@@ -303,7 +307,7 @@ __device__ __forceinline__ OnlineState<acc_t> block_reduce(
       o.m = __shfl_xor_sync(0xffffffffu, st.m, off);
       o.s = __shfl_xor_sync(0xffffffffu, st.s, off);
       o.w = __shfl_xor_sync(0xffffffffu, st.w, off);
-      st = merge(st, o);
+      st = merge(st, o, inv_t);
     }
   }
   __syncthreads();
@@ -341,8 +345,8 @@ __global__ void __launch_bounds__(BLOCK, (FwdMinBlocks<scalar_t, BLOCK>::value))
     OnlineState<acc_t> st{neg_inf<acc_t>(), acc_t(0), acc_t(0)};
     // Scalar head (< kN elements) before the first 16-byte boundary.
     for (int j = threadIdx.x; j < head; j += BLOCK) {
-      const acc_t z[1] = {Cvt<scalar_t>::to(row[j]) * inv_t};
-      update(st, z);
+      const acc_t z[1] = {Cvt<scalar_t>::to(row[j])};
+      update(st, z, inv_t);
     }
     // Vector body: consecutive threads read consecutive 16 B, so each warp
     // load is 512 contiguous bytes.
@@ -356,40 +360,43 @@ __global__ void __launch_bounds__(BLOCK, (FwdMinBlocks<scalar_t, BLOCK>::value))
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
-        for (int k = 0; k < kN; ++k) z[u * kN + k] = Cvt<scalar_t>::to(v[u].v[k]) * inv_t;
+        for (int k = 0; k < kN; ++k) z[u * kN + k] = Cvt<scalar_t>::to(v[u].v[k]);
       }
-      update(st, z);
+      update(st, z, inv_t);
     }
     for (; i < nvec; i += BLOCK) {  // at most one vector per thread left
       const V16 v = vrow[i];
       acc_t z[kN];
 #pragma unroll
-      for (int k = 0; k < kN; ++k) z[k] = Cvt<scalar_t>::to(v.v[k]) * inv_t;
-      update(st, z);
+      for (int k = 0; k < kN; ++k) z[k] = Cvt<scalar_t>::to(v.v[k]);
+      update(st, z, inv_t);
     }
     // Scalar tail (< kN elements): V not a multiple of the vector width.
     for (int j = body_end + threadIdx.x; j < V; j += BLOCK) {
-      const acc_t z[1] = {Cvt<scalar_t>::to(row[j]) * inv_t};
-      update(st, z);
+      const acc_t z[1] = {Cvt<scalar_t>::to(row[j])};
+      update(st, z, inv_t);
     }
 
-    st = block_reduce<acc_t, BLOCK>(st, smem);
+    st = block_reduce<acc_t, BLOCK>(st, smem, inv_t);
     if (threadIdx.x == 0) {
       // The caller rejects labels outside [0, V); a NaN here beats reading
       // out of bounds if one slips through.
-      const acc_t z_y = (y >= 0 && y < V) ? Cvt<scalar_t>::to(row[y]) * inv_t
+      const acc_t x_y = (y >= 0 && y < V) ? Cvt<scalar_t>::to(row[y])
                                           : quiet_nan<acc_t>();
       // s == 0 only for a row of all -inf: NaN for the whole row (log 0 would
       // give lse = -inf but logprob = entropy = NaN; NaN everywhere is what
-      // the CPU kernel gives). A NaN s falls through to NaN as well.
-      const acc_t log_s = st.s > acc_t(0) ? log_(st.s) : quiet_nan<acc_t>();
-      lse[r] = st.m + log_s;
+      // the CPU kernel gives). A NaN s falls through to NaN as well, and so
+      // does a row whose lse = m / T + log s overflows (as on CPU).
+      acc_t log_s = st.s > acc_t(0) ? log_(st.s) : quiet_nan<acc_t>();
+      acc_t lse_r = st.m * inv_t + log_s;
+      if (isinf(lse_r)) log_s = lse_r = quiet_nan<acc_t>();
+      lse[r] = lse_r;
       // H = log s - w / s: no cancellation between two large terms even with
       // logits of 1e4 (s >= 1, -w/s in [0, log V]).
       entropy[r] = log_s - st.w / st.s;
-      // (z_y - m) - log s == z_y - lse, but z_y - m is exact when z_y is near
-      // the max, so |logits| ~ 1e4 in fp32 does not cost ulp(1e4) ~ 1e-3.
-      logprobs[r] = (z_y - st.m) - log_s;
+      // (x_y - m) / T - log s == z_y - lse, but x_y - m is exact when x_y is
+      // near the max, so no ulp of the offset is lost (0.5 at 1e7).
+      logprobs[r] = (x_y - st.m) * inv_t - log_s;
     }
   }
 }
