@@ -42,6 +42,7 @@ from ._common import (
     check_temperature,
     check_tensor,
     host_value_checks,
+    is_compiling,
     once_differentiable,
 )
 from ._linear_logprobs import GEMM_ROW_MULTIPLE, check_linear_inputs, linear_logprobs
@@ -354,9 +355,15 @@ def _backward(ctx, grad_loss, *_):
     if grad_loss is None:  # only the stats were used
         return tuple(out)
     dh, dw, db = ctx.saved_tensors
+    # loss.backward() passes 1: the stored gradients are then the answer, and
+    # returning them (autograd takes them over as .grad once the saved copies
+    # are released) saves a copy of dH and dW: 35 MiB at 8 x 512 tokens,
+    # V = 32000, H = 256, half the working memory. Eager CPU only: under
+    # torch.compile the value is not known while tracing.
+    one = not is_compiling() and grad_loss.device.type == "cpu" and bool(grad_loss == 1)
     for i, g, need in zip((0, 1, 2), (dh, dw, db), ctx.needs):
         if need:
-            out[i] = (g * grad_loss).to(g.dtype)
+            out[i] = g if one else (g * grad_loss).to(g.dtype)
     return tuple(out)
 
 
