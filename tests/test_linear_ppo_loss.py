@@ -225,7 +225,7 @@ def test_gradcheck_float64():
 
 def _op_args(x, chunk=4, needs=(True, True, True)):
     return (
-        x["hidden"].reshape(-1, x["hidden"].shape[-1]), x["weight"], x["bias"], x["labels"], x["old"], x["adv"],
+        x["hidden"], x["weight"], x["bias"], x["labels"], x["old"], x["adv"],
         x["mask"], x["ref"], x["roll"], None, 0.9, -100, 0.1, 0.2, "k3", 0.2, 0.28, 3.0, "token-mean", 9.0,
         "token", 2.0, None, "token_k1", -0.1, 0.1, chunk, *needs,
     )  # fmt: skip
@@ -376,3 +376,16 @@ def test_forced_reference_backend_runs_the_two_op_path():
                 assert_close(a[k], b[k], "agree", name=k)
         elif a is not None:
             assert_close(a, b, "agree")
+
+
+def test_backward_scales_by_upstream_and_retained_graph_accumulates():
+    x = make_inputs(2, 6, 8, 19)
+    one = run(rlhf_fast.linear_ppo_loss, x, {"entropy_coef": 0.1})
+    h, w, b = (x[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    args = (h, w, x["labels"], x["old"], x["adv"], x["mask"])
+    loss = rlhf_fast.linear_ppo_loss(*args, bias=b, entropy_coef=0.1)[0]
+    loss.backward(retain_graph=True)  # the stored gradients handed over...
+    loss.backward(retain_graph=True)  # ...must not be the ones a second backward adds to
+    (-3.0 * loss).backward()
+    for g, ref in zip((h.grad, w.grad, b.grad), one[4:]):
+        assert_close(g, -ref, "agree")

@@ -171,8 +171,10 @@ def linear_ppo_loss_fwd_cpu(
     entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip, agg, agg_norm,
     rc_is, rc_is_upper, rc_is_lower, rc_rs, rc_rs_lower, rc_rs_upper, chunk_size, need_dh, need_dw, need_db,
 ):  # fmt: skip
-    N, H = hidden.shape
-    V = weight.shape[0]
+    shape = hidden.shape
+    H, V = shape[-1], weight.shape[0]
+    hidden = hidden.reshape(labels.numel(), H)  # a view unless the leading dims are strided
+    N = hidden.shape[0]
     acc = acc_dtype(hidden.dtype)
     lay = _Rows(labels, cu_seqlens)
     mask_r = lay.rows(mask, False)
@@ -270,7 +272,7 @@ def linear_ppo_loss_fwd_cpu(
         stats,
         lp.reshape(lay.shape),
         ent.reshape(lay.shape),
-        dh,
+        dh.reshape(shape) if need_dh else dh,
         dw.to(weight.dtype),
         db.to(weight.dtype),
     )
@@ -312,10 +314,13 @@ def _fwd_op(
     need_dw: bool,
     need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, H), weight (V, H), bias (V,) or None; labels and the token
-    tensors (B, T), or (N,) with cu_seqlens; mask bool. Returns loss (0-dim),
-    stats (len(LOSS_STATS),), logprobs, entropy (labels' shape), and dH (N,
-    H), dW (V, H), db (V,) of the loss ((0,) where need_* is False)."""
+    """hidden (B, T, H) with labels and the token tensors (B, T), or (N, H)
+    and (N,) with cu_seqlens; weight (V, H), bias (V,) or None; mask bool.
+    Returns loss (0-dim), stats (len(LOSS_STATS),), logprobs, entropy
+    (labels' shape), and dH (hidden's shape), dW (V, H), db (V,) of the loss
+    ((0,) where need_* is False). hidden is taken in its own shape, not a
+    view: a gradient returned for a view is a new tensor that autograd may
+    take over as .grad even while the graph is retained (then aliasing dH)."""
     return linear_ppo_loss_fwd_cpu(
         hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, cu_seqlens,
         temperature, ignore_index, entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip, agg, agg_norm,
@@ -327,14 +332,13 @@ def _fwd_op(
 def _fake_fwd(hidden, weight, bias, labels, *args):
     need_dh, need_dw, need_db = args[-3:]
     acc = acc_dtype(hidden.dtype)
-    N, H = hidden.shape
-    V = weight.shape[0]
+    H, V = hidden.shape[-1], weight.shape[0]
     return (
         hidden.new_empty((), dtype=acc),
         hidden.new_empty((len(LOSS_STATS),), dtype=acc),
         hidden.new_empty(labels.shape, dtype=acc),
         hidden.new_empty(labels.shape, dtype=acc),
-        hidden.new_empty((N, H) if need_dh else (0,)),
+        hidden.new_empty(hidden.shape if need_dh else (0,)),
         weight.new_empty((V, H) if need_dw else (0,)),
         weight.new_empty((V,) if need_db else (0,)),
     )
@@ -348,6 +352,16 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _eager_value(t: torch.Tensor) -> bool:
+    """t is a plain CPU tensor read outside any tracing (reading it is free)."""
+    return (
+        type(t) is torch.Tensor
+        and t.device.type == "cpu"
+        and not is_compiling()
+        and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None
+    )
+
+
 @once_differentiable(OP)
 def _backward(ctx, grad_loss, *_):
     # the gradient of the loss w.r.t. hidden / weight / bias, scaled by the upstream scalar
@@ -359,8 +373,9 @@ def _backward(ctx, grad_loss, *_):
     # returning them (autograd takes them over as .grad once the saved copies
     # are released) saves a copy of dH and dW: 35 MiB at 8 x 512 tokens,
     # V = 32000, H = 256, half the working memory. Eager CPU only: under
-    # torch.compile the value is not known while tracing.
-    one = not is_compiling() and grad_loss.device.type == "cpu" and bool(grad_loss == 1)
+    # torch.compile / make_fx (fake, functional or proxied tensors) the value
+    # is not known while tracing.
+    one = _eager_value(grad_loss) and bool(grad_loss == 1)
     for i, g, need in zip((0, 1, 2), (dh, dw, db), ctx.needs):
         if need:
             out[i] = g if one else (g * grad_loss).to(g.dtype)
@@ -469,11 +484,9 @@ def linear_ppo_loss(
                 rollout_logprobs=rollout_logprobs, rollout_correction=rollout_correction,
             ),
         )  # fmt: skip
-    H = hidden.shape[-1]
-    rows = hidden.reshape(labels.numel(), H)
     grad_on = torch.is_grad_enabled()
     loss, stats, lp, ent, _, _, _ = _fwd_op(
-        rows, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, cu_seqlens,
+        hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, cu_seqlens,
         temperature, ignore_index, entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip, agg, agg_norm,
         *rc_args, chunk_size if chunk_size is not None else default_chunk_size(V),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
