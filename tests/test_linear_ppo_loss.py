@@ -120,12 +120,24 @@ def test_matches_reference(name, dtype):
     check(x, OPTIONS[name], chunk_size=16)
 
 
+@pytest.mark.parametrize("name", ["grpo", "k3", "is_and_rs"])
+def test_matches_reference_fp16(name):
+    x = make_inputs(3, 7, 16, 41, torch.float16)
+    check(x, OPTIONS[name], chunk_size=16)
+
+
 @pytest.mark.parametrize(
-    "B,T,H,V,chunk", [(1, 1, 1, 1, None), (1, 7, 7, 7, 3), (3, 5, 1, 1003, 4), (2, 13, 7, 1003, 5)]
+    "B,T,H,V,chunk",
+    [(1, 1, 1, 1, None), (1, 7, 7, 7, 3), (3, 5, 1, 1003, 4), (2, 13, 7, 1003, 5), (0, 5, 4, 7, None), (2, 0, 4, 7, 2)],
 )
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_awkward_sizes(B, T, H, V, chunk, with_bias):
     x = make_inputs(B, T, H, V, bias=with_bias, mask_frac=0.0 if B * T == 1 else 0.2, ignore_frac=0.0)
+    if B * T == 0:  # empty: loss 0, empty / zero gradients
+        loss, stats, lp, _, dh, dw, _ = run(rlhf_fast.linear_ppo_loss, x, {"entropy_coef": 0.1}, chunk_size=chunk)
+        assert float(loss) == 0.0 and lp.shape == (B, T) and dh.shape == (B, T, H)
+        assert torch.count_nonzero(dw) == 0
+        return
     check(x, {"entropy_coef": 0.1, "kl_coef": 0.1}, chunk_size=chunk)
 
 
