@@ -207,10 +207,34 @@ def write_json(path, results, threads):
                 ).as_dict()
             )  # fmt: skip
     facts = machine_facts("cpu")
+    facts["cpu_threads"] = threads  # the timed threads (a --child process sets its own)
     facts["command"] = "python -m benchmarks.bench_linear_ppo_loss --json " + path
     facts["note"] = "peak: RSS with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0"
     with open(path, "w") as f:
-        json.dump({"machine": facts, "records": records, "detail": results}, f, indent=1)
+        json.dump({"machine": facts, "records": records, "summary": summary(results), "detail": results}, f, indent=1)
+
+
+def summary(results):
+    """Per shape and contender the numbers docs/linear_ppo_loss.md quotes."""
+    mib = 2**20
+    out = []
+    for r in results:
+        med, mem = r["median_s"], r["memory"]
+        lw = mem["liger"]["True"]["work"]
+        out.append(
+            {
+                n: {
+                    "time_s": med[n],
+                    "time_vs_liger": med[n] / med["liger"],
+                    "work_mib": mem[n]["True"]["work"] / mib,
+                    "work_vs_liger": mem[n]["True"]["work"] / lw,
+                    "peak_mib": mem[n]["True"]["peak"] / mib,
+                    "peak_default_mib": mem[n]["False"]["peak"] / mib,
+                }
+                for n in NAMES
+            }
+        )
+    return out
 
 
 if __name__ == "__main__":
