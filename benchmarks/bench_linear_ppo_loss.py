@@ -35,21 +35,52 @@ import torch
 H, V = 256, 32000
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 NAMES = ("ours", "two_op", "liger")
+PEERS = {"liger": "Liger LigerFusedLinearGRPOLoss 0.8.5 (chunked torch)", "two_op": "linear_logprobs + ppo_loss"}
 
 
-def make_inputs(B, T):
+def make_inputs(B, T, h=H, v=V, device="cpu"):
     import rlhf_fast
 
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(B, T, H, generator=g)
-    weight = torch.randn(V, H, generator=g) * H**-0.5
-    labels = torch.randint(0, V, (B, T), generator=g)
+    hidden = torch.randn(B, T, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * h**-0.5
+    labels = torch.randint(0, v, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.bool)
     adv_seq = torch.randn(B, generator=g)
     with torch.no_grad():
         lp = rlhf_fast.linear_logprobs(hidden, weight, labels)
     old = lp + 0.1 * torch.randn(B, T, generator=g)  # ratios around 1, some clipped
-    return dict(hidden=hidden, weight=weight, labels=labels, mask=mask, adv_seq=adv_seq, old=old)
+    x = dict(hidden=hidden, weight=weight, labels=labels, mask=mask, adv_seq=adv_seq, old=old)
+    return {k: t.to(device) for k, t in x.items()}
+
+
+def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> list:
+    """The suite's entry (python -m benchmarks, benchmarks/test_bench.py):
+    ours vs the two-op path and Liger through harness.compare (allocator
+    peaks, not RSS: `main` below measures RSS in subprocesses)."""
+    from benchmarks.harness import compare
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if tiny:
+        cases = [(2, 16, 32, 1000)]
+    else:
+        cases = [(8, 512, H, V)] if quick else [(8, 512, H, V), (2, 8192, H, V)]
+    records = []
+    for B, T, h, v in cases:
+        x = make_inputs(B, T, h, v, device)
+        try:
+            import liger_kernel  # noqa: F401
+
+            liger = make_fn("liger", x)
+        except ImportError:
+            liger = "not installed; pip install --no-deps liger-kernel==0.8.5"
+        base = {PEERS["two_op"]: make_fn("two_op", x), PEERS["liger"]: liger}
+        records += compare(
+            op="linear_ppo_loss", impl="cpp", fn=make_fn("ours", x), baselines=base, shape=f"({B}x{T}, {h}, {v})",
+            dtype="float32", device=device, mode="fwd+bwd", warmup=1, repeat=3 if tiny else 5,
+            interleave=tuple(base),
+        )  # fmt: skip
+    return records
 
 
 def make_fn(name, x):
@@ -182,9 +213,6 @@ def main(argv=None):
             print(f"{n} vs liger: dH {eh:.1e}, dW {ew:.1e} relative")
     if a.json:
         write_json(a.json, results, a.threads)
-
-
-PEERS = {"liger": "Liger LigerFusedLinearGRPOLoss 0.8.5 (chunked torch)", "two_op": "linear_logprobs + ppo_loss"}
 
 
 def write_json(path, results, threads):
