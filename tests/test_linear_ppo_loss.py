@@ -401,3 +401,13 @@ def test_backward_scales_by_upstream_and_retained_graph_accumulates():
     (-3.0 * loss).backward()
     for g, ref in zip((h.grad, w.grad, b.grad), one[4:]):
         assert_close(g, -ref, "agree")
+
+
+def test_forced_triton_runs_the_two_op_path_on_its_kernels():
+    x = make_inputs(2, 5, 16, 37)
+    fused = run(rlhf_fast.linear_ppo_loss, x, OPTIONS["k3"])
+    with rlhf_fast.use_backend("triton"):  # the interpreter on CPU tensors
+        two = run(rlhf_fast.linear_ppo_loss, x, OPTIONS["k3"])
+    assert_close(fused[0], two[0], "agree", name="loss")
+    for i in (2, 4, 5, 6):
+        assert_close(fused[i], two[i], "agree")

@@ -61,7 +61,7 @@ from ._ppo_loss import (
 )
 
 OP = "rlhf_fast.linear_ppo_loss"
-IMPLEMENTED = ("cpp",)
+IMPLEMENTED = ("cpp", "triton")  # triton: the two-op path on the Triton kernels
 NO_CORRECTION = ("none", 2.0, None, "none", 0.0, 0.0)  # ppo_loss_fwd's rc_* defaults
 LOG_RATIO_CLAMP = 20.0
 K3_CLAMP = 10.0
