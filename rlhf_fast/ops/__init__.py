@@ -10,6 +10,7 @@ With public modules named after their families, `ops.ppo_loss` and
 
 from ._advantages import discounted_returns, gae, group_advantages, whiten
 from ._linear_logprobs import linear_logprobs
+from ._linear_ppo_loss import linear_ppo_loss
 from ._logprobs import logprobs_from_logits
 from ._packing import expand_to_tokens, pack, segment_ids, unpack
 from ._ppo_loss import kl_penalty, ppo_loss, ppo_policy_loss, ppo_value_loss, rollout_mismatch
@@ -19,6 +20,7 @@ from ._vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_logp
 __all__ = [
     "logprobs_from_logits",
     "linear_logprobs",
+    "linear_ppo_loss",
     "gae",
     "discounted_returns",
     "whiten",

@@ -17,6 +17,7 @@ A leading underscore can never collide with a public function name.
 
 from ._advantages import ESTIMATORS, discounted_returns, gae, group_advantages, whiten
 from ._linear_logprobs import linear_logprobs
+from ._linear_ppo_loss import linear_ppo_loss
 from ._logprobs import logprobs_from_logits
 from ._packing import expand_to_tokens, pack, segment_ids, unpack
 from ._ppo_loss import AGG_MODES, KL_KINDS, kl_penalty, ppo_loss, ppo_policy_loss, ppo_value_loss
@@ -26,6 +27,7 @@ from ._sampling import noise_bits, sample
 __all__ = [
     "logprobs_from_logits",
     "linear_logprobs",
+    "linear_ppo_loss",
     "gae",
     "discounted_returns",
     "whiten",
