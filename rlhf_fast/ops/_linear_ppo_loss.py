@@ -47,7 +47,7 @@ from ._common import (
     once_differentiable,
 )
 from ._linear_logprobs import GEMM_ROW_MULTIPLE, check_linear_inputs, linear_logprobs
-from ._packing import check_cu_seqlens, token_segments, unpack
+from ._packing import check_cu_seqlens, token_segments
 from ._ppo_loss import (
     BASE_STATS,
     LOSS_STATS,
@@ -447,8 +447,8 @@ def linear_ppo_loss(
     Returns (loss, stats, logprobs, entropy): loss and stats as ppo_loss
     returns them; logprobs, entropy the detached per-token values (fp32, fp64
     for fp64 inputs) where mask != 0 and label != ignore_index, 0 elsewhere
-    (masked tokens cost no GEMM). Gradients reach hidden, weight and bias. Packed: agg_norm defaults to the longest segment (the T of the
-    padded layout the packed call equals). chunk_size: tokens per GEMM chunk,
+    (masked tokens cost no GEMM). Gradients reach hidden, weight and bias. Packed: agg_norm defaults to
+    the longest segment, as ppo_loss's. chunk_size: tokens per GEMM chunk,
     default 8 MiB of fp32 logits (64 rows at V = 32000, at least 16).
     """
     hidden, weight, bias = check_linear_inputs(OP, hidden, weight, bias, labels, chunk_size)
@@ -465,7 +465,7 @@ def linear_ppo_loss(
     if cu_seqlens is None or agg_norm is not None:
         agg_norm = _check_agg(OP, agg, agg_norm, labels.shape[-1])
     else:
-        _check_agg(OP, agg, None, 1)  # the longest segment, read inside the op
+        _check_agg(OP, agg, None, 1, packed=True)  # the longest segment, as ppo_loss: read inside the op
     entropy_coef = _check_coef(OP, "entropy_coef", entropy_coef)
     kl_coef = _check_coef(OP, "kl_coef", kl_coef)
     kl_kind = _check_kind(OP, kl_kind)
@@ -501,22 +501,12 @@ def linear_ppo_loss(
 def _two_op(hidden, weight, bias, labels, old, adv, mask, temperature, ignore_index, cu_seqlens, chunk_size, kw):
     """Where the fused CPU op does not run (CUDA, or no C++ extension): the
     two public ops, linear_logprobs then ppo_loss (4 GEMMs: the backward
-    recomputes the logits). Packed inputs go through unpack (one host read
-    of the longest segment)."""
+    recomputes the logits), packed inputs as they are."""
     lp, ent = linear_logprobs(
         hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
         return_entropy=True, chunk_size=chunk_size,
     )  # fmt: skip
     keep = (mask != 0) & (labels != ignore_index)
-    toks = dict(lp=lp, old=old, adv=adv, mask=mask, ent=ent, ref=kw.pop("ref_logprobs"), roll=kw["rollout_logprobs"])
-    if cu_seqlens is not None:
-        n = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.shape[0] > 1 else 0
-        toks = {k: unpack(v, cu_seqlens, n) if v is not None else None for k, v in toks.items()}
-        if kw["agg_norm"] is None:
-            kw["agg_norm"] = float(max(n, 1))
-    kw["rollout_logprobs"] = toks["roll"]
-    loss, stats = ppo_loss(
-        toks["lp"], toks["old"], toks["adv"], toks["mask"], entropy=toks["ent"], ref_logprobs=toks["ref"], **kw
-    )
+    loss, stats = ppo_loss(lp, old, adv, mask, entropy=ent, cu_seqlens=cu_seqlens, **kw)
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     return loss, stats, torch.where(keep, lp.detach(), zero), torch.where(keep, ent.detach(), zero)
