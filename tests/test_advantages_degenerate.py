@@ -87,7 +87,8 @@ def test_tied_fp64_give_exactly_zero(backend, value, n):
     s = torch.full((n,), value, dtype=torch.float64)
     for est in ESTIMATORS:
         assert torch.equal(rlhf_fast.group_advantages(s, n, estimator=est, eps=0.0), torch.zeros_like(s)), est
-    ids = torch.arange(2 * n) % 2  # two interleaved tied groups by id
+    k = min(n, 100)  # by id: one interpreted Triton program per score, so at most 200
+    ids = torch.arange(2 * k) % 2  # two interleaved tied groups by id
     s2 = torch.where(ids == 0, value, -value).to(torch.float64)
     assert torch.equal(rlhf_fast.group_advantages(s2, ids, eps=0.0), torch.zeros_like(s2))
     m = torch.ones(1, n, dtype=torch.bool)

@@ -60,16 +60,16 @@ RLHF_FAST_INLINE void gae_step(X w, X a, X rt, X vt, X g, X& nv, X& carry,
 
 // Row j is n[j] steps long and is walked from its own end: step k is
 // position n[j] - 1 - k. Padded rows all have n = T; packed segments have
-// their own lengths. The first min(n) steps run on every row; after that a
-// row that has ended is left alone.
+// their own lengths, and a row that has ended is left alone (a branch that
+// is always taken on padded rows: one loop body, no second copy to compile).
 template <bool HAS_V, typename T, typename M, typename acc_t>
 RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
                                const M* const* m, const int64_t* n,
                                const acc_t* g, const acc_t* gl,
                                acc_t* const* adv, acc_t* const* ret) {
   acc_t nv[kRows] = {}, carry[kRows] = {};
-  int64_t lo = n[0], hi = n[0];
-  for (int j = 1; j < kRows; ++j) { lo = std::min(lo, n[j]); hi = std::max(hi, n[j]); }
+  int64_t hi = n[0];
+  for (int j = 1; j < kRows; ++j) hi = std::max(hi, n[j]);
   auto step = [&](int j, int64_t t) {
     const bool valid = m[j][t] != M(0);
     const acc_t w = valid ? acc_t(1) : acc_t(0);
@@ -80,13 +80,11 @@ RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
     adv[j][t] = a_out;
     if (HAS_V) ret[j][t] = r_out;
   };
-  for (int64_t k = 0; k < lo; ++k) {
+  for (int64_t k = 0; k < hi; ++k) {
 #pragma GCC unroll 4
-    for (int j = 0; j < kRows; ++j) step(j, n[j] - 1 - k);
-  }
-  for (int64_t k = lo; k < hi; ++k)
     for (int j = 0; j < kRows; ++j)
       if (k < n[j]) step(j, n[j] - 1 - k);
+  }
 }
 
 // ---------------- W rows per vector, W-step tiles ----------------
