@@ -18,14 +18,14 @@ tests/test_vocab_parallel.py -> benchmarks/bench_vocab_parallel.py.
 How the local work reuses the single-device kernels (no second row math):
 the registered op rlhf_fast::logprobs_fwd (C++ on CPU, Triton / CUDA on GPU)
 already returns, per row of a shard, lse_r = m + log s and the shard's
-entropy ent_r = log s - w/s, computed in shifted coordinates. Those two are
-all the statistics the merge needs; the label's z_y is one gathered element
-per row (x_y * inv_t in fp32, bit-identical to the kernel's own product).
+entropy ent_r = log s - w/s, computed in shifted coordinates, and the
+owning rank's own log-prob of the label, lp_r = (x_y - m_r) / T - log s_r
+(exact to the row's spread at any offset): all the merge needs.
 With M = max_r lse_r (one MAX all-reduce), S_r = exp(lse_r - M) and the
 chain rule of entropy, H = sum_r q_r ent_r + H(q), q_r = S_r / S:
 
-    S = sum_r S_r,  U = sum_r S_r * (ent_r - (lse_r - M)),  Z = z_y  (one SUM all-reduce of (3, N))
-    lse = M + log S,  log p = Z - lse,  H = log S + U / S
+    S = sum_r S_r,  U = sum_r S_r * (ent_r - (lse_r - M)),  Z = lp_r + lse_r - M  (one SUM all-reduce of (3, N))
+    lse = M + log S,  log p = Z - log S,  H = log S + U / S
 
 Every term of U is >= 0 and log S >= 0, so H is a sum of non-negative terms
 (no cancellation of large logits). Per token: 4 fp32 values sent, 16 bytes,
@@ -246,13 +246,13 @@ def _shard_stats(fwd, rows, labels_local, owned, temperature):
     if rows.shape[-1] == 0:  # an empty shard (V < world size under DTensor chunking)
         neg = torch.full(rows.shape[:2], float("-inf"), dtype=acc, device=rows.device)
         return neg, torch.zeros_like(neg), torch.zeros_like(neg)
-    _, ent, lse = fwd(rows, labels_local, temperature, _LOCAL_IGNORE)
-    x_y = rows.gather(2, labels_local.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    z_y = torch.where(owned, x_y.to(acc) * _inv_t(temperature, acc), torch.zeros_like(lse))
-    return lse, ent, z_y
+    lp_r, ent, lse = fwd(rows, labels_local, temperature, _LOCAL_IGNORE)
+    # the owned label's log-prob within the shard, (x_y - m_r) / T - log s_r:
+    # exact to the row's spread, where z_y - lse would cancel the offset
+    return lse, ent, torch.where(owned, lp_r, torch.zeros_like(lse))
 
 
-def _merge(op, lse_r, ent_r, z_y, active, labels, rows_of, layout: _Layout):
+def _merge(op, lse_r, ent_r, lp_r, active, labels, rows_of, layout: _Layout, owned):
     """Shard statistics -> global (logprobs, entropy, lse): one MAX and one
     SUM all-reduce of (3, N) values. rows_of(idx) returns the shard rows idx
     (for the rare all -inf check)."""
@@ -265,10 +265,10 @@ def _merge(op, lse_r, ent_r, z_y, active, labels, rows_of, layout: _Layout):
             f"{op}: label {int(labels[tuple(idx)])} at position {tuple(idx.tolist())} is outside "
             f"[0, V={layout.vocab_size}) and is not ignore_index"
         )
+    fix = torch.zeros_like(bad)
     if flags[0]:
         idx = bad.nonzero(as_tuple=True)
         empty = (rows_of(idx) == float("-inf")).all(-1)
-        fix = torch.zeros_like(bad)
         fix[idx] = empty
         lse_r = torch.where(fix, torch.full_like(lse_r, float("-inf")), lse_r)
         ent_r = torch.where(fix, torch.zeros_like(ent_r), ent_r)
@@ -278,7 +278,11 @@ def _merge(op, lse_r, ent_r, z_y, active, labels, rows_of, layout: _Layout):
     a = lse_r - ref  # <= 0; NaN rows stay NaN and reach S through the SUM
     s_r = torch.exp(a)
     u_r = torch.where(s_r > 0, s_r * (ent_r - a), torch.zeros_like(s_r))
-    stats = torch.stack([s_r, u_r, z_y])
+    # log p = lp_r + (lse_r - M) - log S, from the owning rank's lp_r (one
+    # rank: lp_r itself, the single-device bits); a label on an all -inf
+    # shard row is a -inf token
+    z = torch.where(owned, torch.where(fix, torch.full_like(a, float("-inf")), lp_r + a), torch.zeros_like(a))
+    stats = torch.stack([s_r, u_r, z])
     _all_reduce(stats, dist.ReduceOp.SUM, layout)
     s, u, z = stats.unbind(0)
     log_s = torch.log(s)
@@ -286,7 +290,7 @@ def _merge(op, lse_r, ent_r, z_y, active, labels, rows_of, layout: _Layout):
     nan = torch.full_like(s, float("nan"))
     lse = torch.where(active, ref + log_s, zero)
     ent = torch.where(active, torch.where(s > 0, log_s + u / s, nan), zero)
-    lp = torch.where(active, torch.where(s > 0, z - lse, nan), zero)
+    lp = torch.where(active, torch.where(s > 0, z - log_s, nan), zero)
     return lp, ent, lse
 
 
@@ -320,7 +324,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         y = labels.reshape(A, B)
         local, owned, active = _local_labels(y, layout, ignore_index)
         lse_r, ent_r, z_y = _shard_stats(fwd, rows, local, owned, temperature)
-        lp, ent, lse = _merge(OP, lse_r, ent_r, z_y, active, y, lambda idx: rows[idx], layout)
+        lp, ent, lse = _merge(OP, lse_r, ent_r, z_y, active, y, lambda idx: rows[idx], layout, owned)
         ctx.save_for_backward(rows, local, owned, active, lse, ent)
         ctx.args = (temperature, bwd, tuple(logits.shape))
         ctx.set_materialize_grads(False)
@@ -466,7 +470,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         def rows_of(idx):
             return torch.nn.functional.linear(h[idx[0]], weight, bias)
 
-        lp, ent, lse = _merge(OP_LINEAR, lse_r, ent_r, z_y, active, y, rows_of, layout)
+        lp, ent, lse = _merge(OP_LINEAR, lse_r, ent_r, z_y, active, y, rows_of, layout, owned)
         ctx.save_for_backward(h, weight, bias, local, owned, active, lse, ent)
         ctx.args = (layout, temperature, chunk_size, bwd, tuple(hidden.shape))
         ctx.set_materialize_grads(False)

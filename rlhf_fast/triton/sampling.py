@@ -111,8 +111,9 @@ def _load_key(row_ptr, offs, V, mx, inv_t, KEY16: tl.constexpr):
     """(z, key, in-row mask) of one 1-D tile; padding is z = -inf, masked out."""
     valid = offs < V
     x = tl.load(row_ptr + offs, mask=valid, other=NEG_INF)
-    z = (x.to(tl.float32) - mx) * inv_t
-    key = _order_key(x, KEY16)
+    xf = x.to(tl.float32)
+    z = (xf - mx) * inv_t
+    key = _order_key(x, True) if KEY16 else _order_key(xf, False)  # fp32 keys of the fp32 x (fp64 logits too)
     return z, key, valid
 
 
@@ -258,7 +259,8 @@ def _sample_fwd_kernel(
         if FILTERED:
             if k_on:
                 # padding (-inf) lands in bin 0 and is taken out below
-                top_byte = (_order_key(xr, KEY16) >> (8 if KEY16 else 24)).to(tl.int32)
+                key = _order_key(xr, True) if KEY16 else _order_key(x, False)  # fp32 keys: of the fp32 x
+                top_byte = (key >> (8 if KEY16 else 24)).to(tl.int32)
                 hist0 += tl.histogram(tl.reshape(top_byte, [BLOCK_V]), 256)
     m_raw, s_row, _ = row_lse_finish(m, s, s, c, False)
     _, log2_s = row_lse(m_raw, s_row, inv_t)
@@ -280,7 +282,7 @@ def _sample_fwd_kernel(
         # top-p among those: the largest key whose mass reaches p * mass_k
         tau_p = NEG_INF
         if (p < 1.0) & stochastic:
-            top = _order_key(m_raw.to(row_ptr.dtype.element_ty), KEY16)
+            top = _order_key(m_raw.to(row_ptr.dtype.element_ty), True) if KEY16 else _order_key(m_raw, False)
             key_p = _top_p_key(row_ptr, V, inv_t, mx, key_k, top, p * mass_k, KEY16, SEARCH_BLOCK)
             tau_p = _key_z(key_p, mx, inv_t, row_ptr, KEY16)
         tau_min = tl.where(mp > 0.0, tl.log(tl.where(mp > 0.0, mp, 1.0)), NEG_INF)
