@@ -96,7 +96,7 @@ class PPOTrainer(PolicyTrainer):
         # rewards: the score on the last token, minus beta * KL per token when kl_in_reward
         beta = self.kl_ctl.value if c.kl_in_reward else 0.0
         rewards, kl = shaped_rewards(scores, old_lp, ref_lp, ro.response_mask, beta, c.kl_kind)
-        # advantages: GAE, whitened
+        # advantages: GAE (whitened when whiten_advantages)
         adv, ret = advantages(
             rewards, values, ro.response_mask, gamma=c.gamma, lam=c.lam, whiten_advantages=c.whiten_advantages
         )
