@@ -83,7 +83,7 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
         lengths = response_lengths(n)
         ro = fixed_rollout(lengths, P, vocab)
         packed, padded = trainer(True, models, ro, None), trainer(False, models, ro, None)
-        t_packed, t_padded = harness.time_interleaved([packed.step, padded.step], warmup=1, repeat=3 if quick else 5)
+        t_packed, t_padded = harness.time_interleaved([packed.step, padded.step], warmup=2, repeat=5)
         mem_packed, mem_padded = harness.peak_memory(packed.step), harness.peak_memory(padded.step)
         shape = f"N={n} P={P} R<={int(lengths.max())} mean={float(lengths.float().mean()):.0f} V={vocab} H={hidden}"
         records.append(

@@ -13,10 +13,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from _compare import assert_close, logit_scale
+from conftest import CPU_BACKENDS
 
 import rlhf_fast
 
 V = 1003  # not a power of two: a ragged last block
+# linear_logprobs' Triton kernels under the interpreter: 13-20 s a case in one process, ~90 s beside a
+# second pytest worker (2 cores at load average ~8)
+SLOW_TRITON = [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in CPU_BACKENDS]
 
 
 def _rows(n, dtype=torch.float32, H=None):
@@ -81,6 +85,7 @@ def test_logprobs_from_logits(backend, dtype):
             assert torch.equal(lp[b, t], anchors[0][r]) and torch.equal(ent[b, t], anchors[1][r]), (b, t, r)
 
 
+@pytest.mark.parametrize("backend", SLOW_TRITON, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_logprobs(backend, dtype):
     H, n = 64, 7

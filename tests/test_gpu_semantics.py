@@ -428,13 +428,17 @@ NO_SYNC_CALLS = {
 }
 
 
-@pytest.mark.parametrize("op", sorted(NO_SYNC_CALLS))
+# sample's subprocess takes ~25 s (the sampler's Triton kernels under the probe): the slow tier
+@pytest.mark.parametrize(
+    "op", [pytest.param(op, marks=pytest.mark.slow) if op == "sample" else op for op in sorted(NO_SYNC_CALLS)]
+)
 def test_default_gpu_path_makes_no_host_sync(op):
     body = textwrap.indent(textwrap.dedent(NO_SYNC_CALLS[op]), "    ")
     proc = _offline(NO_SYNC_PRELUDE + "if True:\n" + body + "print('ok')\n", timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
 
 
+@pytest.mark.slow  # ~25 s: a fresh interpreter running the probe
 def test_the_no_sync_probe_catches_a_sync():
     """The probe itself: a label-range check forced on GPU (RLHF_FAST_CHECK_INPUTS=1) is a host sync, and fails."""
     body = textwrap.indent(textwrap.dedent(NO_SYNC_CALLS["logprobs_from_logits"]), "    ")

@@ -123,6 +123,7 @@ class _Null:
         return False
 
 
+@pytest.mark.slow  # two TRL GRPO runs in subprocesses, ~20 s
 def test_grpo_trainer_calls_rlhf_fast_and_matches(tmp_path):
     """The main trainer of TRL 1.16 reaches rlhf_fast through the fused lm-head
     path (fails if the adapter replaces nothing GRPOTrainer calls), and the

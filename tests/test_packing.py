@@ -99,6 +99,7 @@ def test_label_shift_idiom_masks_segment_ends():
     assert labels.tolist() == [6, 7, -100, 2, 9, -100]
 
 
+@pytest.mark.slow  # ~30 s of torch.compile
 def test_helpers_compile_fullgraph_dynamic():
     fn = torch.compile(
         lambda p, cu, v: (rlhf_fast.unpack(p, cu, 6), rlhf_fast.expand_to_tokens(v, cu, p.shape[0])),

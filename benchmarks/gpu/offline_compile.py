@@ -742,10 +742,13 @@ def main(argv=None) -> int:
     caps = tuple(int(c) for c in args.targets.split(","))
     results, errs = run(caps, args.jobs, not args.no_cache, only=args.only)
     if args.json:
+        from ..harness import _git_commit
+
         doc = dict(
             triton=triton.__version__,
             targets=[f"sm_{c}" for c in caps],
             generated=time.strftime("%Y-%m-%d"),
+            git_commit=_git_commit(),  # pages quoting these numbers name the code they came from
             command="python -m benchmarks.gpu.offline_compile " + " ".join(argv if argv is not None else sys.argv[1:]),
             note=__doc__.split("What the counts cannot tell: ")[1].split("\n\n")[0].replace("\n", " "),
             summary=summary_table(results),

@@ -91,7 +91,7 @@ class PPOTrainer(PolicyTrainer):
         t1 = time.perf_counter()
         # log-probs of the old policy and the reference, values of the critic; then
         # rewards: the score on the last token, minus beta * KL per token when kl_in_reward;
-        # advantages: GAE, whitened. Packed (config.packing): on the packed response stream
+        # advantages: GAE (whitened when whiten_advantages). Packed (config.packing): on the packed response stream
         beta = self.kl_ctl.value if c.kl_in_reward else 0.0
         adv_args = {"gamma": c.gamma, "lam": c.lam, "whiten_advantages": c.whiten_advantages}
         pk = PackedRollout.from_rollout(ro) if c.packing else None
