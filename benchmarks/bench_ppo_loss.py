@@ -16,6 +16,7 @@ of responses whose lengths are drawn from 32 to 1024 tokens (mean ~200),
 against the same op on those responses right-padded to the longest, which
 is what a padded batch costs (the packed call does the valid tokens' work).
     python -m benchmarks.bench_ppo_loss [--full] [--device cuda] [--threads N] [--json PATH]
+    python -m benchmarks.bench_ppo_loss --packed-only [--full] --threads 1   # packed vs padded alone
 """
 
 from __future__ import annotations
@@ -213,5 +214,19 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> li
     return records
 
 
+def run_packed(quick: bool = True, device: str | None = None, tiny: bool = False) -> list:
+    """Only the packed-vs-padded rows (S = 64 quick, 256 full; 8 tiny)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    S = 8 if tiny else (64 if quick else (1024 if device == "cuda" else 256))
+    dtypes = [torch.float32, torch.bfloat16] if device == "cuda" and not tiny else [torch.float32]
+    return [r for dt in dtypes for r in bench_packed(S, dt, device)]
+
+
 if __name__ == "__main__":
-    bench_main(run, quick_by_default=True, default_device="cpu", bandwidth=True)
+    import sys
+
+    if "--packed-only" in sys.argv:
+        sys.argv.remove("--packed-only")
+        bench_main(run_packed, quick_by_default=True, default_device="cpu", bandwidth=True)
+    else:
+        bench_main(run, quick_by_default=True, default_device="cpu", bandwidth=True)

@@ -79,6 +79,81 @@ N_LOSS_STATS = N_BASE_STATS + rc.N_RC_STATS
 
 
 @triton.jit
+def _policy_chunk(
+    lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, ref_ptr, dtok_ptr, roll_ptr, rowp_ptr, keep_ptr, params_ptr,
+    out, b, start, length, j, first, n_chunks, lo, hi, dual, kl_coef, is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg,
+    HAS_ENT: tl.constexpr, KL: tl.constexpr, DUAL: tl.constexpr, ACC: tl.constexpr, PARAMS_FROM_PTR: tl.constexpr,
+    BLOCK_T: tl.constexpr, RC: tl.constexpr, IS: tl.constexpr, ICEPOP: tl.constexpr, RS_LVL: tl.constexpr,
+    RS_K: tl.constexpr,
+):  # fmt: skip
+    """Chunk j of the row at (start, length): dtok, and the chunk's partials
+    put into the program's slot `out` (stored when first, else added)."""
+    p, inb, valid = token_block(mask_ptr, start, length, j, BLOCK_T)
+    lp = tl.load(lp_ptr + p, mask=inb, other=0.0).to(ACC)
+    old = tl.load(old_ptr + p, mask=inb, other=0.0).to(ACC)
+    a = tl.load(adv_ptr + p, mask=inb, other=0.0).to(ACC)
+    if RC:
+        is_hi, is_lo, rs_lo, rs_hi = load_params(
+            params_ptr + 8, is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg, ACC, PARAMS_FROM_PTR
+        )
+        roll = tl.load(roll_ptr + p, mask=inb, other=0.0).to(ACC)
+        w, keep = _rc_token_terms(
+            old, roll, valid, b, rowp_ptr, out + 9, first, n_chunks,
+            is_hi, is_lo, rs_lo, rs_hi, IS, ICEPOP, RS_LVL, RS_K, ACC,
+        )  # fmt: skip
+        if RS_LVL >= 0:
+            # rejected tokens leave every term, count and the aggregation
+            valid = keep
+            tl.store(keep_ptr + p, keep.to(tl.uint8), mask=inb)
+
+    x = lp - old
+    xc = clamp_nan(x, -20.0, 20.0)  # NaN stays NaN: a NaN log-prob gives a NaN loss
+    r = tl.exp(xc)
+    l1 = -a * r  # also d l1 / d x
+    l2 = -a * clamp_nan(r, lo, hi)
+    g2 = tl.where((r >= lo) & (r <= hi), l1, 0.0)
+    c1 = max_nan(l1, l2)
+    # torch's gradient of max: all to the winner, half each on a tie
+    dl = tl.where(l1 > l2, l1, tl.where(l2 > l1, g2, 0.5 * (l1 + g2)))
+    loss = c1
+    low = tl.zeros([BLOCK_T], tl.int1)
+    if DUAL:
+        l3 = -a * dual
+        neg = a < 0
+        d2 = tl.where(c1 < l3, dl, tl.where(c1 > l3, 0.0, 0.5 * dl))
+        loss = tl.where(neg, min_nan(c1, l3), c1)
+        dl = tl.where(neg, d2, dl)
+        low = valid & neg & (c1 > l3)
+    dl = tl.where((x >= -20.0) & (x <= 20.0), dl, 0.0)
+    if RC:
+        if IS > 0:  # the stop-gradient weight scales the clipped term and its gradient
+            dl = dl * w
+            loss = loss * w
+    zero = tl.sum(tl.zeros([BLOCK_T], ACC), axis=0)
+    kl_sum = zero
+    if KL != 4:
+        ref = tl.load(ref_ptr + p, mask=inb, other=0.0).to(ACC)
+        kv, dk = _kl_term(lp, ref, KL)
+        dl = dl + kl_coef * dk
+        kl_sum = tl.sum(tl.where(valid, kv, 0.0), axis=0)
+    tl.store(dtok_ptr + p, tl.where(valid, dl, 0.0), mask=inb)
+    ent_sum = zero
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + p, mask=inb, other=0.0).to(ACC)
+        ent_sum = tl.sum(tl.where(valid, ent, 0.0), axis=0)
+
+    part_put(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0), first)
+    part_put(out + 1, ent_sum, first)
+    part_put(out + 2, kl_sum, first)
+    part_put(out + 3, tl.sum(valid.to(ACC), axis=0), first)
+    part_put(out + 4, tl.sum((valid & (l2 > l1)).to(ACC), axis=0), first)
+    part_put(out + 5, tl.sum(low.to(ACC), axis=0), first)
+    part_put(out + 6, tl.sum(tl.where(valid, -xc, 0.0), axis=0), first)
+    part_put(out + 7, tl.sum(tl.where(valid, r, 0.0), axis=0), first)
+    part_put(out + 8, max_reduce_nan(tl.where(valid, r, 0.0), 0), first, 1)
+
+
+@triton.jit
 def _ppo_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, ref_ptr, dtok_ptr, part_ptr, params_ptr,
     roll_ptr, rowp_ptr, keep_ptr, counter_ptr, row_scale_ptr, loss_ptr, stats_ptr, cu_ptr,
@@ -96,71 +171,23 @@ def _ppo_loss_fwd_kernel(
     start, length = row_span(cu_ptr, b, T, PACKED)
     lo, hi, dual, kl_coef = load_params(params_ptr, lo_arg, hi_arg, dual_arg, kl_coef_arg, ACC, PARAMS_FROM_PTR)
     out = part_ptr + (b * n_chunks + c) * NP
-    for j in range(c, row_chunks(length, c, n_chunks, BLOCK_T), n_chunks):
-        first = j == c
-        p, inb, valid = token_block(mask_ptr, start, length, j, BLOCK_T)
-        lp = tl.load(lp_ptr + p, mask=inb, other=0.0).to(ACC)
-        old = tl.load(old_ptr + p, mask=inb, other=0.0).to(ACC)
-        a = tl.load(adv_ptr + p, mask=inb, other=0.0).to(ACC)
-        if RC:
-            is_hi, is_lo, rs_lo, rs_hi = load_params(
-                params_ptr + 8, is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg, ACC, PARAMS_FROM_PTR
-            )
-            roll = tl.load(roll_ptr + p, mask=inb, other=0.0).to(ACC)
-            w, keep = _rc_token_terms(
-                old, roll, valid, b, rowp_ptr, out + 9, first, n_chunks,
-                is_hi, is_lo, rs_lo, rs_hi, IS, ICEPOP, RS_LVL, RS_K, ACC,
+    if PACKED:
+        for j in range(c, row_chunks(length, c, n_chunks, BLOCK_T), n_chunks):
+            _policy_chunk(
+                lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, ref_ptr, dtok_ptr, roll_ptr, rowp_ptr, keep_ptr,
+                params_ptr, out, b, start, length, j, j == c, n_chunks, lo, hi, dual, kl_coef,
+                is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg,
+                HAS_ENT, KL, DUAL, ACC, PARAMS_FROM_PTR, BLOCK_T, RC, IS, ICEPOP, RS_LVL, RS_K,
             )  # fmt: skip
-            if RS_LVL >= 0:
-                # rejected tokens leave every term, count and the aggregation
-                valid = keep
-                tl.store(keep_ptr + p, keep.to(tl.uint8), mask=inb)
-
-        x = lp - old
-        xc = clamp_nan(x, -20.0, 20.0)  # NaN stays NaN: a NaN log-prob gives a NaN loss
-        r = tl.exp(xc)
-        l1 = -a * r  # also d l1 / d x
-        l2 = -a * clamp_nan(r, lo, hi)
-        g2 = tl.where((r >= lo) & (r <= hi), l1, 0.0)
-        c1 = max_nan(l1, l2)
-        # torch's gradient of max: all to the winner, half each on a tie
-        dl = tl.where(l1 > l2, l1, tl.where(l2 > l1, g2, 0.5 * (l1 + g2)))
-        loss = c1
-        low = tl.zeros([BLOCK_T], tl.int1)
-        if DUAL:
-            l3 = -a * dual
-            neg = a < 0
-            d2 = tl.where(c1 < l3, dl, tl.where(c1 > l3, 0.0, 0.5 * dl))
-            loss = tl.where(neg, min_nan(c1, l3), c1)
-            dl = tl.where(neg, d2, dl)
-            low = valid & neg & (c1 > l3)
-        dl = tl.where((x >= -20.0) & (x <= 20.0), dl, 0.0)
-        if RC:
-            if IS > 0:  # the stop-gradient weight scales the clipped term and its gradient
-                dl = dl * w
-                loss = loss * w
-        zero = tl.sum(tl.zeros([BLOCK_T], ACC), axis=0)
-        kl_sum = zero
-        if KL != 4:
-            ref = tl.load(ref_ptr + p, mask=inb, other=0.0).to(ACC)
-            kv, dk = _kl_term(lp, ref, KL)
-            dl = dl + kl_coef * dk
-            kl_sum = tl.sum(tl.where(valid, kv, 0.0), axis=0)
-        tl.store(dtok_ptr + p, tl.where(valid, dl, 0.0), mask=inb)
-        ent_sum = zero
-        if HAS_ENT:
-            ent = tl.load(ent_ptr + p, mask=inb, other=0.0).to(ACC)
-            ent_sum = tl.sum(tl.where(valid, ent, 0.0), axis=0)
-
-        part_put(out + 0, tl.sum(tl.where(valid, loss, 0.0), axis=0), first)
-        part_put(out + 1, ent_sum, first)
-        part_put(out + 2, kl_sum, first)
-        part_put(out + 3, tl.sum(valid.to(ACC), axis=0), first)
-        part_put(out + 4, tl.sum((valid & (l2 > l1)).to(ACC), axis=0), first)
-        part_put(out + 5, tl.sum(low.to(ACC), axis=0), first)
-        part_put(out + 6, tl.sum(tl.where(valid, -xc, 0.0), axis=0), first)
-        part_put(out + 7, tl.sum(tl.where(valid, r, 0.0), axis=0), first)
-        part_put(out + 8, max_reduce_nan(tl.where(valid, r, 0.0), 0), first, 1)
+    else:
+        # padded: one chunk per program, no loop (a loop here cost the fp64
+        # sm_80 specialisation 80 B of spills at 255 registers, where this has none)
+        _policy_chunk(
+            lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, ref_ptr, dtok_ptr, roll_ptr, rowp_ptr, keep_ptr,
+            params_ptr, out, b, start, length, c, True, n_chunks, lo, hi, dual, kl_coef,
+            is_hi_arg, is_lo_arg, rs_lo_arg, rs_hi_arg,
+            HAS_ENT, KL, DUAL, ACC, PARAMS_FROM_PTR, BLOCK_T, RC, IS, ICEPOP, RS_LVL, RS_K,
+        )  # fmt: skip
 
     if last_program(counter_ptr):
         _ppo_loss_epilogue(
