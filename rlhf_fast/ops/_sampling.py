@@ -189,13 +189,15 @@ def sample(
     greedy rows), processed_logprobs (B,) fp32 under the truncated,
     renormalised distribution (0 for greedy rows)).
     No host synchronisation on GPU. A row with no valid token (every logit
-    -inf), containing NaN or +inf, or where logits / T overflows fp32, never
+    -inf), containing NaN or +inf, or where max(logits) / T overflows fp32, never
     yields a token silently: on CPU it raises an error naming the row and the
     reason (eager, and compiled with the cpp backend). On GPU (no host sync,
     so no error is possible) that row's logprobs and processed_logprobs are
     NaN and its token is unspecified: check torch.isnan(out.logprobs) before
     using such rows. temperature > 0 must be >= 5.9e-39 (1 / T finite in
-    fp32; checked for scalars and CPU tensors).
+    fp32; checked for scalars and CPU tensors). Thresholds, keys and
+    log-probs are on (logits - max) / T, exact to the row's spread at any
+    offset. B = 0 gives empty outputs; V = 0 (with B > 0) is a ValueError.
     Under torch.compile(fullgraph=True) pass generator=None: dynamo cannot
     trace a torch.Generator argument.
     """
