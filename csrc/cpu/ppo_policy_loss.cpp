@@ -2,7 +2,9 @@
 // policy loss + entropy bonus + KL loss, with the optional rollout
 // correction (rlhf_fast/rollout_correction.h, ppo_rollout_correction.cpp).
 //
-// Forward is one sweep over the (B, T) token tensors, rows in parallel. Each
+// Rows are (offset, length) (ppo_glue.h Rows): the B rows of a padded (B, T)
+// batch or the S segments of a packed stream (cu_seqlens), one loop for both.
+// Forward is one sweep over the token tensors, rows in parallel. Each
 // row produces the per-token gradient d loss_tok / d logprobs (fp32, 0 where
 // masked) and fp64 row sums; a serial epilogue then folds the B rows in a
 // fixed order (no atomics: the same bits for any thread count) into the

@@ -1,5 +1,6 @@
 // CPU clipped value loss (rlhf_fast::ppo_value_loss_fwd): one sweep over the
-// (B, T) tensors, rows in parallel, producing the per-token gradient
+// token tensors, rows ((B, T) rows or packed segments, ppo_glue.h Rows) in
+// parallel, producing the per-token gradient
 // d loss_tok / d values (0 where masked) and fp64 row sums that a serial
 // epilogue folds in row order (the same bits for any thread count); the
 // backward is grad * row_scale[b] * dtok, done by the caller.
