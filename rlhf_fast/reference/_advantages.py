@@ -125,8 +125,11 @@ def whiten(x, mask, *, shift_mean=True, eps=1e-8, cu_seqlens=None):
     # input (sum(x) / n is not, e.g. 0.1 x 1000), so eps=0 gives 0 there
     lo = torch.where(m, x.to(acc), torch.full((), float("inf"), dtype=acc, device=x.device)).amin()
     lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
-    mean = lo + torch.where(m, xv - lo, torch.zeros_like(xv)).sum() / n.clamp(min=1)
-    centered = torch.where(m, xv - mean, torch.zeros((), dtype=acc, device=x.device))
+    # deviations as (x - lo) - mean(x - lo), never x - round(mean): the mean's
+    # own rounding (up to half an ulp of |x|) does not enter them
+    dmean = torch.where(m, xv - lo, torch.zeros_like(xv)).sum() / n.clamp(min=1)
+    mean = lo + dmean
+    centered = torch.where(m, (xv - lo) - dmean, torch.zeros((), dtype=acc, device=x.device))
     # scaled by the largest |x - mean| before squaring: at |x| ~ 1e30 in
     # fp32 the squares overflow (var = inf whitened everything to 0)
     scale = centered.abs().amax() if centered.numel() else torch.zeros((), dtype=acc)
@@ -172,8 +175,9 @@ def group_advantages(scores, groups, *, estimator="grpo", eps=1e-6):
     # mean = lo + mean(s - lo), lo the group's smallest score: exact for tied scores
     lo = torch.full((G,), float("inf"), dtype=acc, device=s.device).scatter_reduce_(0, dense, s, "amin")
     lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
-    mean = lo + torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, s - lo[dense]) / cnt
-    c = s - mean[dense]
+    # deviations as (s - lo) - mean(s - lo), never s - round(mean) (as whiten)
+    dmean = torch.zeros(G, dtype=acc, device=s.device).index_add_(0, dense, s - lo[dense]) / cnt
+    c = (s - lo[dense]) - dmean[dense]
     # std = scale * std(c / scale), scale the group's largest |c|: the squares
     # of c at |s| ~ 1e30 in fp32 overflow (std = inf gave every advantage 0)
     scale = torch.zeros(G, dtype=acc, device=s.device).scatter_reduce_(0, dense, c.abs(), "amax")
