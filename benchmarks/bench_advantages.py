@@ -7,7 +7,7 @@ one is visible) (1024, 8192), reported in GB/s against the measured copy
 bandwidth. Masks are right-padded responses with 30% observation-token holes
 (multi-turn), so every path does the masked work.
 
-    python -m benchmarks.bench_advantages            # issue shapes
+    python -m benchmarks.bench_advantages            # full shapes
     python -m benchmarks.bench_advantages --quick    # ~1 min on 2 cores
     python -m benchmarks.bench_advantages --threads 1 --json benchmarks/results/advantages_cpu.json
     python -m benchmarks.bench_advantages --packed-only --threads 1   # packed vs padded GAE alone

@@ -142,8 +142,8 @@ def bench_corrected(B, T, dtype, device) -> list:
             fn=_step(rlhf_fast.ppo_loss, lp, old, adv, mask, ent, ref, rollout_logprobs=roll, rollout_correction=spec),
             baselines=baselines,
             bytes_moved=bytes_moved,
-            # the ratio against the uncorrected step is 1.15x: measured
-            # in alternating rounds, so machine drift does not enter it
+            # the ratio against the uncorrected step (1.15x goal), measured in
+            # alternating rounds, so machine drift does not enter it
             interleave=("rlhf_fast.ppo_loss without correction",),
         )
     return records
