@@ -137,7 +137,9 @@ def _whiten_segments_kernel(
         valid = (tl.load(m_ptr + o, mask=o < hi, other=0) != 0) & (o < hi)
         x = tl.load(x_ptr + o, mask=valid, other=0.0).to(tl.float64)
         s_acc += tl.where(valid, x - p, 0.0)
-    dmean = tl.sum(s_acc, axis=0) / tl.maximum(n, 1.0)
+    # times the reciprocal, not a division: Triton 3.6's fp64 divide here is a
+    # call whose saved registers spilled 24 B on sm_80 / sm_90 (<= 1 ulp apart)
+    dmean = tl.sum(s_acc, axis=0) * (1.0 / tl.maximum(n, 1.0))
     q_acc = tl.zeros([BLOCK], tl.float64)
     for k in range(lo, hi, BLOCK):
         o = k + offs
