@@ -39,7 +39,7 @@ _LAZY = {
     "whiten": ".ops",
     "vocab_parallel_logprobs": ".ops",
     "vocab_parallel_linear_logprobs": ".ops",
-    "RolloutCorrection": ".reference",
+    "RolloutCorrection": ".specs",
     "pack": ".ops",
     "unpack": ".ops",
     "expand_to_tokens": ".ops",

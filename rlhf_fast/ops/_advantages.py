@@ -23,12 +23,12 @@ import numbers
 
 import torch
 
-from .. import _backend, reference
+from .. import _backend, reference, specs
 from .._dtypes import acc_dtype
 from ._common import FLOAT_DTYPES, check_same_device, check_tensor, host_value_checks
 from ._packing import check_packed_tokens
 
-ESTIMATORS = reference.ESTIMATORS
+ESTIMATORS = specs.ESTIMATORS
 SCAN_IMPLEMENTED = ("cuda", "cpp")  # gae, discounted_returns
 STATS_IMPLEMENTED = ("triton", "cpp")  # whiten, group_advantages
 

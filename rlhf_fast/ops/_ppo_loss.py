@@ -34,7 +34,7 @@ import torch
 
 from .. import _backend, reference
 from .._dtypes import acc_dtype
-from ..reference import AGG_MODES, KL_KINDS, RC_STATS, RolloutCorrection
+from ..specs import AGG_MODES, KL_KINDS, RC_STATS, RolloutCorrection
 from ._autograd import register_autograd
 from ._common import FLOAT_DTYPES, check_positive_float, check_same_device, check_tensor, once_differentiable
 from ._packing import check_cu_seqlens

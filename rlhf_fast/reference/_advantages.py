@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._dtypes import acc_dtype
-
-ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
+from ..specs import ESTIMATORS
 
 
 def _per_row(x, B: int, dtype: torch.dtype, device) -> torch.Tensor:

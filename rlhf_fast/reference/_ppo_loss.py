@@ -29,10 +29,9 @@ from __future__ import annotations
 import torch
 
 from .._dtypes import acc_dtype
+from ..specs import AGG_MODES, KL_KINDS
 from . import _rollout_correction as _rc
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_KINDS = ("k1", "k2", "k3", "abs")
 LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi / pi_old) to +-20 before exp
 K3_CLAMP = 10.0  # verl's low_var_kl clamps the estimate to +-10
 

@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from ..reference import AGG_MODES, ESTIMATORS, KL_KINDS, RolloutCorrection
+from ..specs import AGG_MODES, ESTIMATORS, KL_KINDS, RolloutCorrection
 
 
 @dataclass

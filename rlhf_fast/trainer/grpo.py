@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..ops import expand_to_tokens, group_advantages, kl_penalty
-from ..reference import RolloutCorrection
+from ..specs import RolloutCorrection
 from . import packing
 from .config import GRPOConfig
 from .models import response_logprobs

@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..ops import ppo_value_loss
-from ..reference import RolloutCorrection
+from ..specs import RolloutCorrection
 from . import packing
 from .config import PPOConfig
 from .models import ScalarHeadModel, response_logprobs, response_values

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .. import _backend
 from .._dtypes import acc_dtype
-from ..reference import ESTIMATORS
+from ..specs import ESTIMATORS
 from ._common import kernel_scalars, launch_on_tensor_device, num_warps, scalar_arg
 
 WHITEN_BLOCK = 2048  # elements per stats program: 512 programs at (512, 2048)
