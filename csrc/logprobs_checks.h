@@ -35,12 +35,14 @@ inline void check_logprobs_inputs(const at::Tensor& logits, const at::Tensor& la
 // fp32 results for fp32 / bf16 / fp16 logits, fp64 for fp64.
 inline at::ScalarType logprobs_acc_dtype(const at::Tensor& logits) { return acc_dtype(logits.scalar_type()); }
 
-// The forward's (A, B) outputs (log-probs, entropy, lse) in the acc dtype,
-// allocated the same way by the CPU and CUDA glue.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_outputs(const at::Tensor& logits) {
+// The forward's (A, B) outputs (log-probs, entropy, row max, log s) in the
+// acc dtype, allocated the same way by the CPU and CUDA glue.
+using LogprobsFwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline LogprobsFwdOut logprobs_fwd_outputs(const at::Tensor& logits) {
   const auto opts = logits.options().dtype(logprobs_acc_dtype(logits));
   const auto shape = logits.sizes().slice(0, 2);
-  return {at::empty(shape, opts), at::empty(shape, opts), at::empty(shape, opts)};
+  return {at::empty(shape, opts), at::empty(shape, opts), at::empty(shape, opts), at::empty(shape, opts)};
 }
 
 // The backward's grad_logits: contiguous (A, B, V) in the logits dtype,
@@ -56,13 +58,13 @@ inline at::Tensor logprobs_labels(const at::Tensor& labels) { return labels.to(a
 // expanded grad from .sum(), stride 0, becomes a real copy of A*B values).
 // grad_entropy is undefined when the entropy output took no gradient.
 struct LogprobsBwdRows {
-  at::Tensor grad_logprobs, grad_entropy, lse, entropy;
+  at::Tensor grad_logprobs, grad_entropy, row_max, log_s, entropy;
 };
 
 inline LogprobsBwdRows logprobs_bwd_rows(const at::Tensor& grad_logprobs,
                                          const std::optional<at::Tensor>& grad_entropy,
-                                         const at::Tensor& logits, const at::Tensor& lse,
-                                         const at::Tensor& entropy) {
+                                         const at::Tensor& logits, const at::Tensor& row_max,
+                                         const at::Tensor& log_s, const at::Tensor& entropy) {
   const auto acc = logprobs_acc_dtype(logits);
   const auto shape = logits.sizes().slice(0, 2);
   auto prep = [&](const at::Tensor& t, const char* name) {
@@ -72,8 +74,8 @@ inline LogprobsBwdRows logprobs_bwd_rows(const at::Tensor& grad_logprobs,
                 ", got ", t.sizes());
     return t.to(acc).contiguous();
   };
-  LogprobsBwdRows rows{prep(grad_logprobs, "grad_logprobs"), at::Tensor(), prep(lse, "lse"),
-                       prep(entropy, "entropy")};
+  LogprobsBwdRows rows{prep(grad_logprobs, "grad_logprobs"), at::Tensor(), prep(row_max, "row_max"),
+                       prep(log_s, "log_s"), prep(entropy, "entropy")};
   if (grad_entropy.has_value() && grad_entropy->defined())
     rows.grad_entropy = prep(*grad_entropy, "grad_entropy");
   return rows;

@@ -16,17 +16,26 @@
 TORCH_LIBRARY(rlhf_fast, m) {
   // ---- log-probs and entropy from logits (rlhf_fast/ops/_logprobs.py) ----
   // logits: (A, B, V), any strides on A and B, stride 1 on V; labels: (A, B).
-  // Returns fp32 (fp64 for fp64 logits) log p(label), entropy and the per-row
-  // log-sum-exp of logits / temperature, which backward reuses. Rows whose
-  // label == ignore_index are never read and give 0.
+  // Returns fp32 (fp64 for fp64 logits) log p(label), entropy, and the row
+  // statistics the backward reuses: row_max = max(logits) (raw, before 1/T)
+  // and log_s = log sum exp(d), d = (logits - row_max) / T, so that
+  // lse = row_max / T + log_s. Rows whose label == ignore_index are never
+  // read and give 0. compute_entropy=False leaves the entropy output 0 (the
+  // Triton kernel skips its w sums; the C++ and CUDA kernels still form them
+  // in the same sweep, as the sampler's shared row statistics do).
   m.def(
       "logprobs_fwd(Tensor logits, Tensor labels, float temperature, "
-      "int ignore_index) -> (Tensor logprobs, Tensor entropy, Tensor lse)");
-  // d logits = (g_lp * (onehot - p) - g_H * p * (z - E_p[z])) / T, one pass,
-  // p recomputed from lse; E_p[z] = lse - entropy. grad_entropy may be None.
+      "int ignore_index, bool compute_entropy) -> (Tensor logprobs, Tensor entropy, "
+      "Tensor row_max, Tensor log_s)");
+  // d logits = (g_lp * (onehot - p) - g_H * p * (d - E_p[d])) / T, one pass,
+  // with d = (x - row_max) / T, p = exp(d - log_s), E_p[d] = log_s - entropy:
+  // every term is of the row's spread, not of its offset (p from an absolute
+  // lse lost 0.29 of the gradient at logits of 1e7 in fp32). row_max may be
+  // any shift >= the row's max whose log_s matches (vocab-parallel passes the
+  // global one). grad_entropy may be None.
   m.def(
       "logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, "
-      "Tensor labels, Tensor lse, Tensor entropy, float temperature, "
+      "Tensor labels, Tensor row_max, Tensor log_s, Tensor entropy, float temperature, "
       "int ignore_index) -> Tensor");
 
   // ---- advantage estimators (rlhf_fast/ops/_advantages.py) ----
@@ -71,13 +80,13 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def(
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor labels, float temperature, int ignore_index, int chunk_size) "
-      "-> (Tensor logprobs, Tensor entropy, Tensor lse)");
+      "-> (Tensor logprobs, Tensor entropy, Tensor row_max, Tensor log_s)");
   // Recomputes each chunk's logits; grad_weight / grad_bias are accumulated
   // over tokens in fp32 and cast once. grad_bias is (0,) when bias is None.
   m.def(
       "linear_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, "
-      "Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
-      "Tensor entropy, float temperature, int ignore_index, int chunk_size) "
+      "Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor row_max, "
+      "Tensor log_s, Tensor entropy, float temperature, int ignore_index, int chunk_size) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
   // ---- PPO losses (rlhf_fast/ops/_ppo_loss.py) ----
   // Token tensors (B, T), any float dtype, math in fp32 (fp64 for fp64

@@ -304,7 +304,7 @@ def test_cpp_kernel_checks_labels_itself():
     # Called directly (as torch.compile does, past the Python checks), the
     # C++ op still refuses an out-of-range label instead of reading garbage.
     with pytest.raises(RuntimeError, match=r"label 99 .* outside \[0, V=10\)"):
-        torch.ops.rlhf_fast.logprobs_fwd(torch.randn(1, 2, 10), torch.tensor([[1, 99]]), 1.0, IGNORE)
+        torch.ops.rlhf_fast.logprobs_fwd(torch.randn(1, 2, 10), torch.tensor([[1, 99]]), 1.0, IGNORE, True)
 
 
 # ---------------------------------------------------------------- registration
@@ -331,16 +331,18 @@ def _opcheck(op_name, args):
 def _fwd_cases(device="cpu"):
     logits, labels = _op_args()
     logits, labels = logits.detach().to(device), labels.to(device)
-    return [(logits, labels, 0.7, IGNORE), (logits[:, :2], labels[:, :2], 1.0, IGNORE)]  # the second a strided view
+    # the second a strided view; both ops take one signature, compute_entropy included
+    return [(logits, labels, 0.7, IGNORE, True), (logits[:, :2], labels[:, :2], 1.0, IGNORE, False)]
 
 
 def _bwd_cases(device="cpu"):
     logits, labels, *_ = _fwd_cases(device)[0]
-    lp, ent, lse = torch.ops.rlhf_fast.logprobs_fwd(logits.cpu(), labels.cpu(), 0.7, IGNORE)
-    lp, ent, lse = lp.to(device), ent.to(device), lse.to(device)
+    lp, ent, m, log_s = (
+        t.to(device) for t in torch.ops.rlhf_fast.logprobs_fwd(logits.cpu(), labels.cpu(), 0.7, IGNORE, True)
+    )
     return [
-        (torch.randn_like(lp), torch.randn_like(ent), logits, labels, lse, ent, 0.7, IGNORE),
-        (torch.randn_like(lp), None, logits, labels, lse, ent, 0.7, IGNORE),
+        (torch.randn_like(lp), torch.randn_like(ent), logits, labels, m, log_s, ent, 0.7, IGNORE),
+        (torch.randn_like(lp), None, logits, labels, m, log_s, ent, 0.7, IGNORE),
     ]
 
 
@@ -426,20 +428,21 @@ def test_gpu_backends_match_reference(backend_name, dtype, N, V):
     assert_close(x.grad.cpu(), x64.grad, "grad", "d logits")
 
 
-def test_triton_log_prob_only_sweep_matches_and_backpropagates():
-    """compute_entropy=False (return_entropy=False on the Triton path): the
-    same log-probs bit for bit, the entropy output untouched, the gradient of
-    the log-prob-only backward; opcheck on the flag."""
+@pytest.mark.parametrize("op_name", ["logprobs_fwd", "logprobs_fwd_triton"])
+def test_log_prob_only_sweep_matches_and_backpropagates(op_name):
+    """compute_entropy=False (return_entropy=False): the same log-probs and
+    row statistics bit for bit, the entropy output 0, the gradient of the
+    log-prob-only backward; opcheck on the flag. Both ops, one signature."""
     logits, labels = make_inputs((3, 7), 1003, torch.bfloat16)
-    op = torch.ops.rlhf_fast.logprobs_fwd_triton
-    lp_full, _, lse_full = op(logits, labels, 0.7, IGNORE, True)
-    lp, ent, lse = op(logits, labels, 0.7, IGNORE, False)
-    assert torch.equal(lp, lp_full) and torch.equal(lse, lse_full)
+    op = getattr(torch.ops.rlhf_fast, op_name)
+    full = op(logits, labels, 0.7, IGNORE, True)
+    lp, ent, m, log_s = op(logits, labels, 0.7, IGNORE, False)
+    assert all(torch.equal(a, b) for a, b in zip((lp, m, log_s), (full[0], full[2], full[3])))
     assert (ent == 0).all()
     x = logits.float().requires_grad_()
-    with rlhf_fast.use_backend("triton"):  # the flag exists on the Triton op only
+    with rlhf_fast.use_backend("triton" if op_name.endswith("_triton") else "cpp"):
         rlhf_fast.logprobs_from_logits(x, labels, temperature=0.7).sum().backward()
     x_ref = logits.double().requires_grad_()
     ref.logprobs_from_logits(x_ref, labels, temperature=0.7).sum().backward()
     assert_close(x.grad, x_ref.grad, "grad", "grad")
-    _opcheck("logprobs_fwd_triton", (logits, labels, 0.7, IGNORE, False))
+    _opcheck(op_name, (logits, labels, 0.7, IGNORE, False))

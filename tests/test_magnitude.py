@@ -151,3 +151,112 @@ def test_overflowing_max_over_t_is_nan(be):
     assert torch.isnan(lp[0]) and torch.isnan(h[0])
     want = torch.log_softmax(x[1].double() / 0.5, -1)[2]
     torch.testing.assert_close(lp[1].double(), want, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- gradients
+
+# max |d logits - float64| relative to (|g_lp| + |g_H|) / T, the row's largest
+# possible gradient: fp32 math reaches ~1e-6 at every offset; bf16 / fp16
+# gradients round once to 8 bits (2^-9 = 2e-3 of an element).
+GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 5e-3, torch.float64: 1e-12}
+
+
+def _truth_grad(x, y, temperature, g_lp, g_h):
+    """float64 d(sum g_lp * log p_y + g_H * H) / d logits of the same numbers:
+    (g_lp (onehot - p) - g_H p (log p + H)) / T."""
+    logp, ent, _ = _truth(x, temperature)
+    p = logp.exp()
+    onehot = torch.nn.functional.one_hot(y, x.shape[-1]).double()
+    t = torch.where(p > 0, p * (logp + ent[:, None]), torch.zeros_like(p))
+    dz = g_lp.double()[:, None] * (onehot - p) - g_h.double()[:, None] * t
+    return dz / temperature
+
+
+def _close_grad(got, want, g_lp, g_h, temperature, dtype, what):
+    assert torch.isfinite(got).all(), f"{what}: non-finite gradient {got}"
+    scale = ((g_lp.abs() + g_h.abs()).double() / temperature)[:, None]
+    err = ((got.double() - want) / scale).abs()
+    assert float(err.max()) <= GRAD_TOL[dtype], f"{what}: gradient error {float(err.max()):.3g} of the largest"
+
+
+def _upstream(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def _grad_cases(dtype):
+    """(offset, sign, x, labels, T) for every offset, both signs."""
+    for offset in OFFSETS:
+        for sign in (1, -1):
+            x = _rows(offset, sign, dtype)
+            y = torch.randint(0, x.shape[1], (x.shape[0],), generator=torch.Generator().manual_seed(1))
+            for t in _temperatures(offset, dtype):
+                yield offset, sign, x, y, t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("be", BACKENDS)
+def test_logprobs_grad_exact_to_the_spread(be, dtype):
+    """The backward's p_j and log p_j + H come from the max-shifted d_j, so
+    d logits is exact to the spread too (from the absolute lse, fp32 lost
+    5e-4 of it at offset 1e4 and 0.29 at 1e7). With and without entropy."""
+    for offset, sign, x, y, t in _grad_cases(dtype):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        g_lp, g_h = _upstream(x.shape[0], 4)
+        what = f"{be} {dtype} offset {sign}*{offset} T={t}"
+        for with_entropy in (True, False):
+            xg = x.clone().requires_grad_()
+            with rlhf_fast.use_backend(be):
+                if with_entropy:
+                    lp, h = rlhf_fast.logprobs_from_logits(xg, y, temperature=t, return_entropy=True)
+                    loss = (lp * g_lp.to(acc)).sum() + (h * g_h.to(acc)).sum()
+                else:
+                    loss = (rlhf_fast.logprobs_from_logits(xg, y, temperature=t) * g_lp.to(acc)).sum()
+            loss.backward()
+            gh = g_h if with_entropy else torch.zeros_like(g_h)
+            _close_grad(xg.grad, _truth_grad(x, y, t, g_lp, gh), g_lp, gh, t, dtype, f"{what} entropy={with_entropy}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("be", BACKENDS)
+def test_linear_logprobs_grad_exact_to_the_spread(be, dtype):
+    """The offset rides on the bias: hidden = I, weight = (x - o).T (exact:
+    x is within a few ulps of o), bias = o, so the logits are x exactly and
+    d weight = d logits.T; d bias sums the rows' d logits."""
+    for offset, sign, x, y, t in _grad_cases(dtype):
+        n, V = x.shape
+        o = float(torch.tensor(torch.finfo(dtype).max if offset == "max" else float(offset), dtype=dtype)) * sign
+        hidden = torch.eye(n, dtype=dtype)
+        weight = (x.double() - o).to(dtype).T.contiguous().requires_grad_()
+        bias = torch.full((V,), o, dtype=dtype, requires_grad=True)
+        assert torch.equal(torch.nn.functional.linear(hidden, weight, bias), x)
+        g_lp, g_h = _upstream(n, 5)
+        with rlhf_fast.use_backend(be):
+            lp, h = rlhf_fast.linear_logprobs(hidden, weight, y, bias=bias, temperature=t, return_entropy=True)
+        ((lp * g_lp.float()).sum() + (h * g_h.float()).sum()).backward()
+        want = _truth_grad(x, y, t, g_lp, g_h)
+        what = f"{be} {dtype} offset {sign}*{offset} T={t}"
+        _close_grad(weight.grad.T, want, g_lp, g_h, t, dtype, what + " d weight")
+        bias_scale = float(((g_lp.abs() + g_h.abs()) / t).sum())
+        err = float((bias.grad.double() - want.sum(0)).abs().max()) / bias_scale
+        assert err <= GRAD_TOL[dtype] * 2, f"{what} d bias: error {err:.3g}"
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_vocab_parallel_grad_exact_to_the_spread(be):
+    """One rank (no process group): the merge and the backward on global
+    statistics; the sharded case runs in test_vocab_parallel.py."""
+    from rlhf_fast.ops import vocab_parallel_logprobs
+
+    dtype = torch.float32
+    for offset, sign, x, y, t in _grad_cases(dtype):
+        g_lp, g_h = _upstream(x.shape[0], 6)
+        xg = x.clone().requires_grad_()
+        with rlhf_fast.use_backend(be):
+            lp, h = vocab_parallel_logprobs(xg, y, temperature=t, return_entropy=True)
+        ((lp * g_lp.float()).sum() + (h * g_h.float()).sum()).backward()
+        what = f"{be} vocab-parallel offset {sign}*{offset} T={t}"
+        logp, ent, scale = _truth(x, t)
+        _close(lp.detach(), logp.gather(1, y[:, None])[:, 0], scale, dtype, what + " log-prob")
+        _close(h.detach(), ent, scale, dtype, what + " entropy")
+        _close_grad(xg.grad, _truth_grad(x, y, t, g_lp, g_h), g_lp, g_h, t, dtype, what)

@@ -137,6 +137,36 @@ def _logits_case(group, shard, n_shards, sizes, V, dtype, T, lead, view, seed, s
     assert float(lp.reshape(-1)[0]) == 0.0 and float(grad.reshape(-1, sizes[shard])[0].abs().sum()) == 0.0  # ignored
 
 
+def _offset_case(group, shard, n_shards, seed, offset=1e7, V=37, T=0.7):
+    """Logits of 1e7 + a spread of 48 (fp32 spacing 1 there), labels on every
+    shard: log-prob, entropy and each shard's gradient exact to the spread
+    against float64 (the merge and the backward's shift are the global raw
+    max, never an lse of the offset's size)."""
+    g = _gen(seed)
+    sizes = _split(V, n_shards)
+    x = (offset - 8 * 6 * torch.rand(6, V, generator=g, dtype=torch.float64)).float()
+    y = torch.randint(0, V, (6,), generator=g)
+    wl, wh = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    lo = sum(sizes[:shard])
+    local = x[:, lo : lo + sizes[shard]].clone().requires_grad_()
+    lp, H = vocab_parallel_logprobs(local, y, group=group, vocab_size=V, temperature=T, return_entropy=True)
+    (lp * wl + H * wh).sum().backward()
+    z = (x.double() - x.double().amax(-1, keepdim=True)) / T
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    ent = -(p * logp).sum(-1)
+    onehot = torch.nn.functional.one_hot(y, V).double()
+    grad = (wl.double()[:, None] * (onehot - p) - wh.double()[:, None] * p * (logp + ent[:, None])) / T
+    spread = float((z.amax(-1) - z.amin(-1)).max())
+    for what, got, want, scale in (
+        ("logp", lp, logp.gather(1, y[:, None])[:, 0], spread),
+        ("entropy", H, ent, spread),
+        ("grad", local.grad, grad[:, lo : lo + sizes[shard]], float((wl.abs() + wh.abs()).max()) / T),
+    ):
+        err = float((got.detach().double() - want).abs().max()) / scale
+        assert err <= 2e-5, f"offset {offset} {what}: error {err:.3g} of the spread"
+
+
 def _reversed_case(group, shard, n, by_shard, mine, V, seed):
     start = sum(by_shard[:mine])
     _logits_case(group, mine, n, by_shard, V, torch.float32, 1.0, (9,), False, seed, start=start)
@@ -447,6 +477,7 @@ def _worker(rank, world, port, out):
             by_shard = _split(V, n)
             mine = n - 1 - shard
             cases.run(f"{gname} reversed shards", _reversed_case, group, shard, n, by_shard, mine, V, seed_off + 3)
+            cases.run(f"{gname} offset 1e7", _offset_case, group, shard, n, seed_off + 4)
             for V, dtype, T, bias in (
                 (7, torch.float32, 1.0, True),
                 (1003, torch.float32, 0.7, False),

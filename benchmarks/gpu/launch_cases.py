@@ -124,15 +124,16 @@ def _logprobs_cases(ops):
     # every dtype at a production vocabulary (the 4096-wide block); both backward flags
     for dt in FLOATS:
         x, y = _m((1, 16, 151936), dt), _m((1, 16), torch.int64)
-        out.append((f"logprobs fwd {dt} V=151936", lambda x=x, y=y: fwd(x, y, 1.0, -100)))
+        out.append((f"logprobs fwd {dt} V=151936", lambda x=x, y=y: fwd(x, y, 1.0, -100, True)))
         out.append((f"logprobs fwd {dt} V=151936 no entropy", lambda x=x, y=y: fwd(x, y, 1.0, -100, False)))
         for has_gh in (False, True):
-            args = (_m((1, 16)), _m((1, 16)) if has_gh else None, x, y, _m((1, 16)), _m((1, 16)), 1.0, -100)
+            rows = (_m((1, 16)), _m((1, 16)), _m((1, 16)))  # row_max, log_s, entropy
+            args = (_m((1, 16)), _m((1, 16)) if has_gh else None, x, y, *rows, 1.0, -100)
             out.append((f"logprobs bwd {dt} V=151936 grad_entropy={has_gh}", lambda a=args: bwd(*a)))
     # narrow blocks and an odd row stride, as tests and small vocabularies launch them
     for V in (7, 1003):
         x, y = _m((2, 3, V), torch.bfloat16), _m((2, 3), torch.int32)
-        out.append((f"logprobs fwd bf16 V={V} int32 labels", lambda x=x, y=y: fwd(x, y, 0.7, -100)))
+        out.append((f"logprobs fwd bf16 V={V} int32 labels", lambda x=x, y=y: fwd(x, y, 0.7, -100, True)))
     return out
 
 
@@ -154,7 +155,8 @@ def _linear_cases(ops):
                 out.append((f"linear fwd {tag}", lambda h=h, w=w, b=b, y=y: fwd(h, w, b, y, 1.0, -100, 4096)))
                 chunk = default_chunk_size(N, V, torch.device("cuda"))
                 for has_gh in (False, True) if has_bias else (True,):
-                    args = (_m((N,)), _m((N,)) if has_gh else None, h, w, b, y, _m((N,)), _m((N,)), 1.0, -100, chunk)
+                    rows = (_m((N,)), _m((N,)), _m((N,)))  # row_max, log_s, entropy
+                    args = (_m((N,)), _m((N,)) if has_gh else None, h, w, b, y, *rows, 1.0, -100, chunk)
                     out.append((f"linear bwd {tag} grad_entropy={has_gh}", lambda a=args: bwd(*a)))
     return out
 

@@ -76,23 +76,29 @@ RLHF_FAST_INLINE RowStats<float> fwd_row(const T* x, int64_t V, float inv_t) {
   return finish_row(m, inv_t, s, w);
 }
 
+// p_j = exp(d_j - log s) and log p_j + H = d_j - E_p[d], with
+// d_j = (x_j - m) / T <= 0 and E_p[d] = log s - H: every term is of the
+// row's spread. (From the absolute lse, z_j - lse cancels two numbers of the
+// offset's size: fp32 lost 5e-4 of the gradient at logits of 1e4, 0.29 at
+// 1e7.) One FSUB per element more than z_j - lse.
 template <int W, typename T>
 RLHF_FAST_INLINE void bwd_row(const T* x, T* dx, int64_t V, int64_t label,
-                              float inv_t, float lse, float entropy, float g_lp,
-                              float g_h) {
+                              float inv_t, float m, float log_s, float entropy,
+                              float g_lp, float g_h) {
   using vf = typename Vec<W>::f;
-  const float mu = lse - entropy;  // E_p[z]
+  const float mu = log_s - entropy;  // E_p[d]
+  const vf vm = splat<W>(m);
   const int64_t Vb = V / W * W;
   for (int64_t j = 0; j < Vb; j += W) {
-    const vf z = load<W>(x + j) * inv_t;
-    const vf p = exp_nonpos<W>(z - lse);
-    const vf t = p > 0.f ? p * (z - mu) : splat<W>(0.f);
+    const vf d = (load<W>(x + j) - vm) * inv_t;
+    const vf p = exp_nonpos<W>(d - log_s);
+    const vf t = p > 0.f ? p * (d - mu) : splat<W>(0.f);
     store<W>((-g_lp * p - g_h * t) * inv_t, dx + j);
   }
   auto scalar = [&](int64_t j, bool is_label) {
-    const float z = to_acc(x[j]) * inv_t;
-    const float p = exp_nonpos(z - lse);
-    const float t = p > 0.f ? p * (z - mu) : 0.f;
+    const float d = (to_acc(x[j]) - m) * inv_t;
+    const float p = exp_nonpos(d - log_s);
+    const float t = p > 0.f ? p * (d - mu) : 0.f;
     from_acc(((is_label ? g_lp : 0.f) - g_lp * p - g_h * t) * inv_t, dx + j);
   };
   for (int64_t j = Vb; j < V; ++j) scalar(j, false);
@@ -110,15 +116,16 @@ struct FwdRow {
 
 struct BwdRow {
   template <int W, typename T>
-  static RLHF_FAST_INLINE void run(const T* x, T* dx, int64_t V, int64_t y, float it, float lse, float h,
-                                   float gl, float gh) {
-    bwd_row<W>(x, dx, V, y, it, lse, h, gl, gh);
+  static RLHF_FAST_INLINE void run(const T* x, T* dx, int64_t V, int64_t y, float it, float m, float log_s,
+                                   float h, float gl, float gh) {
+    bwd_row<W>(x, dx, V, y, it, m, log_s, h, gl, gh);
   }
 };
 
 template <typename T>
-void bwd_row_k(const T* x, T* dx, int64_t V, int64_t y, float it, float lse, float h, float gl, float gh) {
-  isa_call<BwdRow>(x, dx, V, y, it, lse, h, gl, gh);
+void bwd_row_k(const T* x, T* dx, int64_t V, int64_t y, float it, float m, float log_s, float h, float gl,
+               float gh) {
+  isa_call<BwdRow>(x, dx, V, y, it, m, log_s, h, gl, gh);
 }
 
 }  // namespace
@@ -147,12 +154,12 @@ namespace {
 
 // float64 (gradcheck, float64 references): scalar, libm exp, one copy.
 void bwd_row_k(const double* x, double* dx, int64_t V, int64_t y, double inv_t,
-               double lse, double entropy, double g_lp, double g_h) {
-  const double mu = lse - entropy;
+               double m, double log_s, double entropy, double g_lp, double g_h) {
+  const double mu = log_s - entropy;  // E_p[d], as in bwd_row
   for (int64_t j = 0; j < V; ++j) {
-    const double z = x[j] * inv_t;
-    const double p = std::exp(z - lse);
-    const double t = p > 0 ? p * (z - mu) : 0.0;
+    const double d = (x[j] - m) * inv_t;
+    const double p = std::exp(d - log_s);
+    const double t = p > 0 ? p * (d - mu) : 0.0;
     dx[j] = ((j == y ? g_lp : 0.0) - g_lp * p - g_h * t) * inv_t;
   }
 }
@@ -183,9 +190,13 @@ void dispatch_logits(at::ScalarType dt, F&& f) {
   }
 }
 
+// compute_entropy = false: the entropy is still formed (the row statistics
+// are shared with the sampler, which must match their bits) but 0 is
+// written, as the Triton kernel's log-prob-only sweep leaves it.
 template <typename T, typename acc_t>
 void fwd_rows(const at::Tensor& logits, const int64_t* labels, acc_t inv_t,
-              int64_t ignore_index, acc_t* lp, acc_t* ent, acc_t* lse) {
+              int64_t ignore_index, bool compute_entropy, acc_t* lp, acc_t* ent,
+              acc_t* row_max, acc_t* log_s) {
   const int64_t B = logits.size(1), V = logits.size(2);
   const int64_t N = logits.size(0) * B;
   const int64_t sA = logits.stride(0), sB = logits.stride(1);
@@ -194,14 +205,15 @@ void fwd_rows(const at::Tensor& logits, const int64_t* labels, acc_t inv_t,
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = labels[r];
       if (y == ignore_index) {  // padding: never read, 0 out
-        lp[r] = ent[r] = lse[r] = acc_t(0);
+        lp[r] = ent[r] = row_max[r] = log_s[r] = acc_t(0);
         continue;
       }
       if (y < 0 || y >= V) bad_label(y, r, V, ignore_index);
       const T* row = base + (r / B) * sA + (r % B) * sB;
       const RowStats<acc_t> st = logprobs_row_stats(row, V, inv_t);
-      lse[r] = st.lse;
-      ent[r] = st.entropy;
+      row_max[r] = st.max_x;
+      log_s[r] = st.log_s;
+      ent[r] = compute_entropy ? st.entropy : acc_t(0);
       lp[r] = (to_acc(row[y]) - st.max_x) * inv_t - st.log_s;
     }
   });
@@ -210,7 +222,7 @@ void fwd_rows(const at::Tensor& logits, const int64_t* labels, acc_t inv_t,
 template <typename T, typename acc_t>
 void bwd_rows(const at::Tensor& logits, const int64_t* labels, acc_t inv_t,
               int64_t ignore_index, const acc_t* g_lp, const acc_t* g_h,
-              const acc_t* lse, const acc_t* ent, T* dx) {
+              const acc_t* row_max, const acc_t* log_s, const acc_t* ent, T* dx) {
   const int64_t B = logits.size(1), V = logits.size(2);
   const int64_t N = logits.size(0) * B;
   const int64_t sA = logits.stride(0), sB = logits.stride(1);
@@ -225,46 +237,49 @@ void bwd_rows(const at::Tensor& logits, const int64_t* labels, acc_t inv_t,
       }
       if (y < 0 || y >= V) bad_label(y, r, V, ignore_index);
       const T* row = base + (r / B) * sA + (r % B) * sB;
-      bwd_row_k(row, out, V, y, inv_t, lse[r], ent[r], g_lp[r],
+      bwd_row_k(row, out, V, y, inv_t, row_max[r], log_s[r], ent[r], g_lp[r],
                 g_h ? g_h[r] : acc_t(0));
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
-    const at::Tensor& logits, const at::Tensor& labels, double temperature,
-    int64_t ignore_index) {
+LogprobsFwdOut logprobs_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                double temperature, int64_t ignore_index,
+                                bool compute_entropy) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_fwd");
-  at::Tensor lp, ent, lse;
-  std::tie(lp, ent, lse) = logprobs_fwd_outputs(logits);
-  if (lp.numel() == 0) return {lp, ent, lse};
+  LogprobsFwdOut out = logprobs_fwd_outputs(logits);
+  at::Tensor &lp = std::get<0>(out), &ent = std::get<1>(out),
+             &row_max = std::get<2>(out), &log_s = std::get<3>(out);
+  if (lp.numel() == 0) return out;
   const at::Tensor y = logprobs_labels(labels);
   const int64_t* yp = y.const_data_ptr<int64_t>();
   if (logits.scalar_type() == at::kDouble) {
     fwd_rows<double, double>(logits, yp, 1.0 / temperature, ignore_index,
-                             lp.data_ptr<double>(), ent.data_ptr<double>(),
-                             lse.data_ptr<double>());
+                             compute_entropy, lp.data_ptr<double>(),
+                             ent.data_ptr<double>(), row_max.data_ptr<double>(),
+                             log_s.data_ptr<double>());
   } else {
     const float inv_t = static_cast<float>(1.0 / temperature);
     dispatch_logits(logits.scalar_type(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      fwd_rows<T, float>(logits, yp, inv_t, ignore_index, lp.data_ptr<float>(),
-                         ent.data_ptr<float>(), lse.data_ptr<float>());
+      fwd_rows<T, float>(logits, yp, inv_t, ignore_index, compute_entropy,
+                         lp.data_ptr<float>(), ent.data_ptr<float>(),
+                         row_max.data_ptr<float>(), log_s.data_ptr<float>());
     });
   }
-  return {lp, ent, lse};
+  return out;
 }
 
 at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logprobs,
                             const std::optional<at::Tensor>& grad_entropy,
                             const at::Tensor& logits, const at::Tensor& labels,
-                            const at::Tensor& lse, const at::Tensor& entropy,
-                            double temperature, int64_t ignore_index) {
+                            const at::Tensor& row_max, const at::Tensor& log_s,
+                            const at::Tensor& entropy, double temperature,
+                            int64_t ignore_index) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_bwd");
   const LogprobsBwdRows in =
-      logprobs_bwd_rows(grad_logprobs, grad_entropy, logits, lse, entropy);
-  const at::Tensor &glp = in.grad_logprobs, &gh = in.grad_entropy,
-                   &lse_c = in.lse, &ent_c = in.entropy;
+      logprobs_bwd_rows(grad_logprobs, grad_entropy, logits, row_max, log_s, entropy);
+  const at::Tensor &glp = in.grad_logprobs, &gh = in.grad_entropy;
   at::Tensor dx = logprobs_grad_logits(logits);
   if (dx.numel() == 0) return dx;
   const at::Tensor y = logprobs_labels(labels);
@@ -273,8 +288,8 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logprobs,
     bwd_rows<double, double>(
         logits, yp, 1.0 / temperature, ignore_index, glp.const_data_ptr<double>(),
         gh.defined() ? gh.const_data_ptr<double>() : nullptr,
-        lse_c.const_data_ptr<double>(), ent_c.const_data_ptr<double>(),
-        dx.data_ptr<double>());
+        in.row_max.const_data_ptr<double>(), in.log_s.const_data_ptr<double>(),
+        in.entropy.const_data_ptr<double>(), dx.data_ptr<double>());
   } else {
     const float inv_t = static_cast<float>(1.0 / temperature);
     dispatch_logits(logits.scalar_type(), [&](auto* tag) {
@@ -282,8 +297,9 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logprobs,
       bwd_rows<T, float>(logits, yp, inv_t, ignore_index,
                          glp.const_data_ptr<float>(),
                          gh.defined() ? gh.const_data_ptr<float>() : nullptr,
-                         lse_c.const_data_ptr<float>(),
-                         ent_c.const_data_ptr<float>(),
+                         in.row_max.const_data_ptr<float>(),
+                         in.log_s.const_data_ptr<float>(),
+                         in.entropy.const_data_ptr<float>(),
                          reinterpret_cast<T*>(dx.data_ptr()));
     });
   }

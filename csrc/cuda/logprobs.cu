@@ -10,12 +10,13 @@ namespace gpu {
 #define RLHF_FAST_INSTANTIATE_LOGPROBS(T)                                       \
   template cudaError_t launch_logprobs_fwd<T>(                                  \
       const T*, const int64_t*, acc_type_t<T>*, acc_type_t<T>*, acc_type_t<T>*, \
-      int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t,             \
-      cudaStream_t);                                                            \
+      acc_type_t<T>*, int64_t, int64_t, int64_t, int64_t, int64_t, double,      \
+      int64_t, bool, cudaStream_t);                                             \
   template cudaError_t launch_logprobs_bwd<T>(                                  \
       const acc_type_t<T>*, const acc_type_t<T>*, const T*, const int64_t*,     \
-      const acc_type_t<T>*, const acc_type_t<T>*, T*, int64_t, int64_t,         \
-      int64_t, int64_t, int64_t, double, int64_t, cudaStream_t);
+      const acc_type_t<T>*, const acc_type_t<T>*, const acc_type_t<T>*, T*,     \
+      int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t,             \
+      cudaStream_t);
 
 RLHF_FAST_INSTANTIATE_LOGPROBS(float)
 RLHF_FAST_INSTANTIATE_LOGPROBS(__nv_bfloat16)

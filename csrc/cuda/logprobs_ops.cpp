@@ -54,14 +54,15 @@ static_assert(sizeof(at::BFloat16) == sizeof(__nv_bfloat16) &&
                   sizeof(at::Half) == sizeof(__half),
               "2-byte float types must match between ATen and CUDA");
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
-    const at::Tensor& logits, const at::Tensor& labels, double temperature,
-    int64_t ignore_index) {
+LogprobsFwdOut logprobs_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
+                                 double temperature, int64_t ignore_index,
+                                 bool compute_entropy) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_fwd");
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor lp, ent, lse;
-  std::tie(lp, ent, lse) = logprobs_fwd_outputs(logits);
-  if (lp.numel() == 0) return {lp, ent, lse};
+  LogprobsFwdOut out = logprobs_fwd_outputs(logits);
+  at::Tensor &lp = std::get<0>(out), &ent = std::get<1>(out),
+             &row_max = std::get<2>(out), &log_s = std::get<3>(out);
+  if (lp.numel() == 0) return out;
   const int64_t A = logits.size(0), B = logits.size(1), V = logits.size(2);
   const at::Tensor y = logprobs_labels(labels);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -71,23 +72,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
     C10_CUDA_CHECK(launch_logprobs_fwd<T>(
         reinterpret_cast<const T*>(logits.const_data_ptr()),
         y.const_data_ptr<int64_t>(), lp.data_ptr<acc_t>(), ent.data_ptr<acc_t>(),
-        lse.data_ptr<acc_t>(), A, B, V, logits.stride(0), logits.stride(1),
-        1.0 / temperature, ignore_index, stream));
+        row_max.data_ptr<acc_t>(), log_s.data_ptr<acc_t>(), A, B, V,
+        logits.stride(0), logits.stride(1), 1.0 / temperature, ignore_index,
+        compute_entropy, stream));
   });
-  return {lp, ent, lse};
+  return out;
 }
 
 at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logprobs,
                              const std::optional<at::Tensor>& grad_entropy,
                              const at::Tensor& logits, const at::Tensor& labels,
-                             const at::Tensor& lse, const at::Tensor& entropy,
-                             double temperature, int64_t ignore_index) {
+                             const at::Tensor& row_max, const at::Tensor& log_s,
+                             const at::Tensor& entropy, double temperature,
+                             int64_t ignore_index) {
   check_inputs(logits, labels, temperature, "rlhf_fast::logprobs_bwd");
   const c10::cuda::CUDAGuard guard(logits.device());
   const LogprobsBwdRows in =
-      logprobs_bwd_rows(grad_logprobs, grad_entropy, logits, lse, entropy);
-  const at::Tensor &glp = in.grad_logprobs, &gh = in.grad_entropy,
-                   &lse_c = in.lse, &ent_c = in.entropy;
+      logprobs_bwd_rows(grad_logprobs, grad_entropy, logits, row_max, log_s, entropy);
+  const at::Tensor &glp = in.grad_logprobs, &gh = in.grad_entropy;
   at::Tensor dx = logprobs_grad_logits(logits);
   if (dx.numel() == 0) return dx;
   const int64_t A = logits.size(0), B = logits.size(1), V = logits.size(2);
@@ -100,8 +102,9 @@ at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logprobs,
         glp.const_data_ptr<acc_t>(),
         gh.defined() ? gh.const_data_ptr<acc_t>() : nullptr,
         reinterpret_cast<const T*>(logits.const_data_ptr()),
-        y.const_data_ptr<int64_t>(), lse_c.const_data_ptr<acc_t>(),
-        ent_c.const_data_ptr<acc_t>(), reinterpret_cast<T*>(dx.data_ptr()), A, B,
+        y.const_data_ptr<int64_t>(), in.row_max.const_data_ptr<acc_t>(),
+        in.log_s.const_data_ptr<acc_t>(), in.entropy.const_data_ptr<acc_t>(),
+        reinterpret_cast<T*>(dx.data_ptr()), A, B,
         V, logits.stride(0), logits.stride(1), 1.0 / temperature, ignore_index,
         stream));
   });

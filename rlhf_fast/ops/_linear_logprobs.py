@@ -153,7 +153,7 @@ def linear_logprobs(
         if backend == "triton"
         else torch.ops.rlhf_fast.linear_logprobs_fwd
     )
-    lp, ent, _ = fwd(rows, weight, bias, labels.reshape(-1), temperature, ignore_index, min(chunk, max(N, 1)))
+    lp, ent, _, _ = fwd(rows, weight, bias, labels.reshape(-1), temperature, ignore_index, min(chunk, max(N, 1)))
     lp = lp.reshape(labels.shape)
     if return_entropy:
         return lp, ent.reshape(labels.shape)
@@ -200,21 +200,32 @@ def linear_logprobs_fwd_cpu(hidden, weight, bias, labels, temperature, ignore_in
     (MKL), then the fused C++ row pass; the chunk is freed before the next."""
     N = hidden.shape[0]
     acc = acc_dtype(hidden.dtype)
-    lp, ent, lse = (hidden.new_zeros((N,), dtype=acc) for _ in range(3))
+    outs = tuple(hidden.new_zeros((N,), dtype=acc) for _ in range(4))  # lp, entropy, row max, log s
     for rows in _row_chunks(labels, ignore_index, chunk_size):
         logits = _chunk_logits(hidden[rows], weight, bias)
         out = torch.ops.rlhf_fast.logprobs_fwd(
-            logits.unsqueeze(0), labels[rows].unsqueeze(0), temperature, ignore_index
+            logits.unsqueeze(0), labels[rows].unsqueeze(0), temperature, ignore_index, True
         )
-        for dst, src in zip((lp, ent, lse), out):
+        for dst, src in zip(outs, out):
             dst[rows] = src[0]
         del logits, out
-    return lp, ent, lse
+    return outs
 
 
 @torch.autocast("cpu", enabled=False)
 def linear_logprobs_bwd_cpu(
-    grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
+    grad_logprobs,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    labels,
+    row_max,
+    log_s,
+    entropy,
+    temperature,
+    ignore_index,
+    chunk_size,
 ):
     """Per chunk: recompute logits, d logits from the C++ logprobs_bwd with
     the chunk's own per-token upstream grads, then dH_c = dZ @ W and
@@ -235,7 +246,8 @@ def linear_logprobs_bwd_cpu(
             gh,
             logits.unsqueeze(0),
             labels[rows].unsqueeze(0),
-            lse[rows].unsqueeze(0),
+            row_max[rows].unsqueeze(0),
+            log_s[rows].unsqueeze(0),
             entropy[rows].unsqueeze(0),
             temperature,
             ignore_index,
@@ -261,11 +273,22 @@ def linear_logprobs_bwd_cpu(
 def _fake_fwd(hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
     acc = acc_dtype(hidden.dtype)
     n = hidden.shape[0]
-    return tuple(hidden.new_empty((n,), dtype=acc) for _ in range(3))
+    return tuple(hidden.new_empty((n,), dtype=acc) for _ in range(4))
 
 
 def _fake_bwd(
-    grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
+    grad_logprobs,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    labels,
+    row_max,
+    log_s,
+    entropy,
+    temperature,
+    ignore_index,
+    chunk_size,
 ):
     gb = weight.new_empty((weight.shape[0],) if bias is not None else (0,))
     return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight), gb
@@ -273,18 +296,20 @@ def _fake_bwd(
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, temperature, ignore_index, chunk_size = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+    _, entropy, row_max, log_s = output
+    ctx.save_for_backward(hidden, weight, bias, labels, row_max, log_s, entropy)
     ctx.has_bias = bias is not None
     ctx.args = (temperature, ignore_index, chunk_size)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(row_max, log_s)
 
 
 def _make_backward(bwd_op):
     @once_differentiable(OP)
-    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        gh, gw, gb = bwd_op(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, *ctx.args)
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_row_max, _grad_log_s):
+        hidden, weight, bias, labels, row_max, log_s, entropy = ctx.saved_tensors
+        gh, gw, gb = bwd_op(
+            grad_logprobs, grad_entropy, hidden, weight, bias, labels, row_max, log_s, entropy, *ctx.args
+        )
         return gh, gw, (gb if ctx.has_bias else None), None, None, None, None
 
     return backward

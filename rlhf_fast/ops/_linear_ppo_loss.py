@@ -13,7 +13,7 @@ fixed, all of which depend only on the mask and old / rollout log-probs:
 the aggregation weight of each row (row_scale), the rollout-correction
 weight w and the kept mask after rejection. They come from one O(N) pass of
 ppo_loss_fwd before the chunk loop. Per chunk of tokens then:
-  GEMM 1  logits = h_c W^T (+ b)          -> logprobs_fwd: lp, entropy, lse
+  GEMM 1  logits = h_c W^T (+ b)          -> logprobs_fwd: lp, entropy, row max, log s
           g_lp = row_scale * d loss_tok / d lp (here, torch on the chunk's
           (c,) vectors), g_H = -entropy_coef * row_scale
           logprobs_bwd                      -> dz (c, V)
@@ -233,7 +233,7 @@ def linear_ppo_loss_fwd_cpu(
             torch.addmm(bias, h_buf[:mp], weight.t(), out=z_buf[:mp])
         z = z_buf[:m].unsqueeze(0)
         lab_c = lab[rows].unsqueeze(0)
-        lp_c, ent_c, lse_c = torch.ops.rlhf_fast.logprobs_fwd(z, lab_c, temperature, ignore_index)
+        lp_c, ent_c, max_c, log_s_c = torch.ops.rlhf_fast.logprobs_fwd(z, lab_c, temperature, ignore_index, True)
         lp[rows], ent[rows] = lp_c[0], ent_c[0]
         if not need_grad:
             continue
@@ -245,7 +245,7 @@ def linear_ppo_loss_fwd_cpu(
         )  # fmt: skip
         g_h = (-entropy_coef * s_c).unsqueeze(0) if entropy_coef != 0.0 else None
         dz = torch.ops.rlhf_fast.logprobs_bwd(
-            g_lp.unsqueeze(0), g_h, z, lab_c, lse_c, ent_c, temperature, ignore_index
+            g_lp.unsqueeze(0), g_h, z, lab_c, max_c, log_s_c, ent_c, temperature, ignore_index
         )[0]
         if need_dh:
             if mp != m:  # the short last chunk: dz padded with zero rows in the logits buffer

@@ -99,9 +99,10 @@ def logprobs_from_logits(
     ignore_index must fit the labels' dtype (int32 labels: [-2**31, 2**31 - 1]),
     else ValueError on every backend (no label could equal it).
     A row containing NaN, or only -inf, gives NaN for that row alone; so does
-    one whose max(logits) / temperature overflows the math dtype. Results are
-    exact to the row's spread at any offset (the max is subtracted before
-    scaling by 1 / temperature).
+    one whose max(logits) / temperature overflows the math dtype. Results
+    and gradients are exact to the row's spread at any offset (the max is
+    subtracted before scaling by 1 / temperature; the backward recomputes p
+    from the saved row max and log-sum-exp of the shifted logits).
     """
     check_logits_labels(OP, logits, labels)
     temperature = check_temperature(OP, temperature, logits.dtype)
@@ -120,10 +121,7 @@ def logprobs_from_logits(
     rows = _as_rows(logits)
     labels_rows = labels.reshape(rows.shape[0], rows.shape[1])
     fwd = torch.ops.rlhf_fast.logprobs_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.logprobs_fwd
-    if backend == "triton":
-        lp, ent, _ = fwd(rows, labels_rows, temperature, ignore_index, return_entropy)
-    else:
-        lp, ent, _ = fwd(rows, labels_rows, temperature, ignore_index)
+    lp, ent, _, _ = fwd(rows, labels_rows, temperature, ignore_index, return_entropy)
     lp = lp.reshape(labels.shape)
     if return_entropy:
         return lp, ent.reshape(labels.shape)
@@ -134,39 +132,39 @@ def logprobs_from_logits(
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, ignore_index = inputs[:4]  # the Triton op adds compute_entropy
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, labels, lse, entropy)
+    logits, labels, temperature, ignore_index, compute_entropy = inputs
+    _, entropy, row_max, log_s = output
+    ctx.save_for_backward(logits, labels, row_max, log_s, entropy)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
-    # the Triton op's compute_entropy=False: the entropy was never returned,
-    # so its (materialised zero) gradient is dropped and the backward takes
-    # the log-prob-only sweep
-    ctx.entropy_returned = len(inputs) < 5 or bool(inputs[4])
-    ctx.mark_non_differentiable(lse)
+    # compute_entropy=False: the entropy was never returned, so its
+    # (materialised zero) gradient is dropped and the backward takes the
+    # log-prob-only sweep
+    ctx.entropy_returned = bool(compute_entropy)
+    ctx.mark_non_differentiable(row_max, log_s)
 
 
 def _make_backward(bwd_op):
     @once_differentiable(OP)
-    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-        logits, labels, lse, entropy = ctx.saved_tensors
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_row_max, _grad_log_s):
+        logits, labels, row_max, log_s, entropy = ctx.saved_tensors
         if not ctx.entropy_returned:
             grad_entropy = None
         grad_logits = bwd_op(
-            grad_logprobs, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index
+            grad_logprobs, grad_entropy, logits, labels, row_max, log_s, entropy, ctx.temperature, ctx.ignore_index
         )
         return (grad_logits,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
     return backward
 
 
-def _fake_fwd(logits, labels, temperature, ignore_index, compute_entropy=True):
+def _fake_fwd(logits, labels, temperature, ignore_index, compute_entropy):
     acc = acc_dtype(logits.dtype)
     shape = logits.shape[:2]
-    return (logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=acc))
+    return tuple(logits.new_empty(shape, dtype=acc) for _ in range(4))
 
 
-def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, row_max, log_s, entropy, temperature, ignore_index):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 

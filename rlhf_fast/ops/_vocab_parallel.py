@@ -17,25 +17,31 @@ tests/test_vocab_parallel.py -> benchmarks/bench_vocab_parallel.py.
 
 How the local work reuses the single-device kernels (no second row math):
 the registered op rlhf_fast::logprobs_fwd (C++ on CPU, Triton / CUDA on GPU)
-already returns, per row of a shard, lse_r = m + log s and the shard's
-entropy ent_r = log s - w/s, computed in shifted coordinates, and the
-owning rank's own log-prob of the label, lp_r = (x_y - m_r) / T - log s_r
-(exact to the row's spread at any offset): all the merge needs.
-With M = max_r lse_r (one MAX all-reduce), S_r = exp(lse_r - M) and the
-chain rule of entropy, H = sum_r q_r ent_r + H(q), q_r = S_r / S:
+already returns, per row of a shard, its raw max m_r, log s_r (s_r = sum
+exp((x - m_r) / T)) and the shard's entropy ent_r = log s_r - w_r/s_r, all
+in shifted coordinates, and the owning rank's own log-prob of the label,
+lp_r = (x_y - m_r) / T - log s_r (exact to the row's spread at any offset):
+all the merge needs. With M = max_r m_r (one MAX all-reduce of the raw
+maxima), a_r = (m_r - M) / T + log s_r (the shard's log-mass relative to
+exp(M / T), exact to the spread: lse_r - max lse cancelled two numbers of
+the offset's size), S_r = exp(a_r) and the chain rule of entropy,
+H = sum_r q_r ent_r + H(q), q_r = S_r / S:
 
-    S = sum_r S_r,  U = sum_r S_r * (ent_r - (lse_r - M)),  Z = lp_r + lse_r - M  (one SUM all-reduce of (3, N))
-    lse = M + log S,  log p = Z - log S,  H = log S + U / S
+    S = sum_r S_r,  U = sum_r S_r * (ent_r - a_r),  Z = lp_r + a_r  (one SUM all-reduce of (3, N))
+    log s = log S (relative to M),  log p = Z - log S,  H = log S + U / S
 
 Every term of U is >= 0 and log S >= 0, so H is a sum of non-negative terms
 (no cancellation of large logits). Per token: 4 fp32 values sent, 16 bytes,
 whatever V is. A small validation all-reduce (2W + 20 int64, independent of
 N and V) checks the shard layout and the label shape first; validate=False
-drops it for a hot loop whose layout is known.
+drops it for a hot loop whose layout is known. One rank returns its row
+op's outputs as they are (the single-device bits).
 
-Backward calls rlhf_fast::logprobs_bwd with the *global* lse and entropy:
-it computes p = exp(z - lse) and E_p[z] = lse - H from them, i.e. the global
-softmax restricted to the shard. No communication (the outputs are
+Backward calls rlhf_fast::logprobs_bwd with the *global* shift M, log S and
+entropy: p = exp((x - M) / T - log S) and E_p[d] = log S - H, i.e. the
+global softmax restricted to the shard, every term of the row's spread
+(the label's logit, the other natural anchor, may live on another rank).
+No communication (the outputs are
 replicated, so every rank receives the same upstream gradient, as with
 Megatron's vocab_parallel_cross_entropy). A row whose label lives on another
 rank is run with local label 0 (the op needs a label in [0, V_r)); its one
@@ -216,22 +222,27 @@ def _row_ops(backend: str):
     return torch.ops.rlhf_fast.logprobs_fwd, torch.ops.rlhf_fast.logprobs_bwd
 
 
-def _reference_fwd(rows, labels, temperature, ignore_index):
-    """Fallback when nothing is compiled: the op's (lp, ent, lse) from torch
-    reductions over one (A, B, V_r) float copy."""
+def _reference_fwd(rows, labels, temperature, ignore_index, compute_entropy):
+    """Fallback when nothing is compiled: the op's (lp, ent, row_max, log_s)
+    from torch reductions over one (A, B, V_r) float copy."""
     from ..reference import logprobs_from_logits as ref
 
     acc = acc_dtype(rows.dtype)
     lp, ent = ref(rows, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
-    lse = torch.logsumexp(rows.to(acc) / temperature, dim=-1)
-    return lp, ent, torch.where(labels != ignore_index, lse, torch.zeros_like(lse))
+    x = rows.to(acc)
+    m = x.amax(-1)
+    log_s = torch.logsumexp((x - m.unsqueeze(-1)) * _inv_t(temperature, acc), dim=-1)
+    keep = labels != ignore_index
+    zero = torch.zeros_like(m)
+    ent = ent if compute_entropy else zero
+    return lp, ent, torch.where(keep, m, zero), torch.where(keep, log_s, zero)
 
 
-def _reference_bwd(g_lp, g_h, rows, labels, lse, entropy, temperature, ignore_index):
+def _reference_bwd(g_lp, g_h, rows, labels, row_max, log_s, entropy, temperature, ignore_index):
     acc = acc_dtype(rows.dtype)
-    z = rows.to(acc) / temperature
-    p = torch.exp(z - lse.unsqueeze(-1))
-    t = torch.where(p > 0, p * (z - (lse - entropy).unsqueeze(-1)), torch.zeros_like(p))
+    d = (rows.to(acc) - row_max.unsqueeze(-1)) * _inv_t(temperature, acc)
+    p = torch.exp(d - log_s.unsqueeze(-1))
+    t = torch.where(p > 0, p * (d - (log_s - entropy).unsqueeze(-1)), torch.zeros_like(p))
     active = labels != ignore_index
     onehot = torch.zeros_like(p).scatter_(-1, torch.where(active, labels, 0).long().unsqueeze(-1), 1.0)
     g_h = g_h if g_h is not None else torch.zeros_like(g_lp)
@@ -240,23 +251,26 @@ def _reference_bwd(g_lp, g_h, rows, labels, lse, entropy, temperature, ignore_in
 
 
 def _shard_stats(fwd, rows, labels_local, owned, temperature):
-    """Per row of a (A, B, V_r) shard: lse_r, ent_r (NaN for an all -inf
-    shard row, fixed in _merge) and the owned label's z_y (0 elsewhere)."""
+    """Per row of a (A, B, V_r) shard: m_r, log s_r, ent_r (log s_r NaN for
+    an all -inf shard row, fixed in _merge) and the owned label's log-prob
+    within the shard (0 elsewhere)."""
     acc = acc_dtype(rows.dtype)
     if rows.shape[-1] == 0:  # an empty shard (V < world size under DTensor chunking)
         neg = torch.full(rows.shape[:2], float("-inf"), dtype=acc, device=rows.device)
-        return neg, torch.zeros_like(neg), torch.zeros_like(neg)
-    lp_r, ent, lse = fwd(rows, labels_local, temperature, _LOCAL_IGNORE)
+        return neg, neg, torch.zeros_like(neg), torch.zeros_like(neg)
+    lp_r, ent, m_r, log_s_r = fwd(rows, labels_local, temperature, _LOCAL_IGNORE, True)
     # the owned label's log-prob within the shard, (x_y - m_r) / T - log s_r:
     # exact to the row's spread, where z_y - lse would cancel the offset
-    return lse, ent, torch.where(owned, lp_r, torch.zeros_like(lse))
+    return m_r, log_s_r, ent, torch.where(owned, lp_r, torch.zeros_like(lp_r))
 
 
-def _merge(op, lse_r, ent_r, lp_r, active, labels, rows_of, layout: _Layout, owned):
-    """Shard statistics -> global (logprobs, entropy, lse): one MAX and one
-    SUM all-reduce of (3, N) values. rows_of(idx) returns the shard rows idx
-    (for the rare all -inf check)."""
-    bad = active & torch.isnan(lse_r)
+def _merge(op, stats_r, active, labels, rows_of, layout: _Layout, owned, temperature):
+    """Shard statistics (m_r, log s_r, ent_r, lp_r) -> global (logprobs,
+    entropy, row max, log s): one MAX of (N,) and one SUM all-reduce of
+    (3, N) values. rows_of(idx) returns the shard rows idx (for the rare
+    all -inf check)."""
+    m_r, log_s_r, ent_r, lp_r = stats_r
+    bad = active & torch.isnan(log_s_r)
     out_of_range = active & ((labels < 0) | (labels >= layout.vocab_size))
     flags = torch.stack([bad.any(), out_of_range.any()]).tolist()  # one host sync
     if flags[1]:
@@ -265,22 +279,26 @@ def _merge(op, lse_r, ent_r, lp_r, active, labels, rows_of, layout: _Layout, own
             f"{op}: label {int(labels[tuple(idx)])} at position {tuple(idx.tolist())} is outside "
             f"[0, V={layout.vocab_size}) and is not ignore_index"
         )
+    if layout.world == 1:  # the row op's own outputs: the single-device bits
+        return lp_r, ent_r, m_r, log_s_r
     fix = torch.zeros_like(bad)
     if flags[0]:
         idx = bad.nonzero(as_tuple=True)
         empty = (rows_of(idx) == float("-inf")).all(-1)
         fix[idx] = empty
-        lse_r = torch.where(fix, torch.full_like(lse_r, float("-inf")), lse_r)
+        neg = torch.full_like(log_s_r, float("-inf"))
+        m_r, log_s_r = torch.where(fix, neg, m_r), torch.where(fix, neg, log_s_r)
         ent_r = torch.where(fix, torch.zeros_like(ent_r), ent_r)
-    m = torch.where(torch.isnan(lse_r), torch.full_like(lse_r, float("-inf")), lse_r)
+    m = torch.where(torch.isnan(m_r), torch.full_like(m_r, float("-inf")), m_r)
     _all_reduce(m, dist.ReduceOp.MAX, layout)
     ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    a = lse_r - ref  # <= 0; NaN rows stay NaN and reach S through the SUM
+    # (m_r - M) / T + log s_r: the shard's log-mass against exp(M / T); NaN
+    # rows stay NaN and reach S through the SUM
+    a = (m_r - ref) * _inv_t(temperature, m_r.dtype) + log_s_r
     s_r = torch.exp(a)
     u_r = torch.where(s_r > 0, s_r * (ent_r - a), torch.zeros_like(s_r))
-    # log p = lp_r + (lse_r - M) - log S, from the owning rank's lp_r (one
-    # rank: lp_r itself, the single-device bits); a label on an all -inf
-    # shard row is a -inf token
+    # log p = lp_r + a_r - log S, from the owning rank's lp_r; a label on an
+    # all -inf shard row is a -inf token
     z = torch.where(owned, torch.where(fix, torch.full_like(a, float("-inf")), lp_r + a), torch.zeros_like(a))
     stats = torch.stack([s_r, u_r, z])
     _all_reduce(stats, dist.ReduceOp.SUM, layout)
@@ -288,23 +306,23 @@ def _merge(op, lse_r, ent_r, lp_r, active, labels, rows_of, layout: _Layout, own
     log_s = torch.log(s)
     zero = torch.zeros_like(s)
     nan = torch.full_like(s, float("nan"))
-    lse = torch.where(active, ref + log_s, zero)
     ent = torch.where(active, torch.where(s > 0, log_s + u / s, nan), zero)
     lp = torch.where(active, torch.where(s > 0, z - log_s, nan), zero)
-    return lp, ent, lse
+    return lp, ent, torch.where(active, ref, zero), torch.where(active, log_s, zero)
 
 
-def _fix_foreign_label(dz, rows, owned, active, g_lp, g_h, lse, ent, temperature):
+def _fix_foreign_label(dz, rows, owned, active, g_lp, g_h, row_max, log_s, ent, temperature):
     """Rows whose label is on another rank ran with local label 0: recompute
     element 0 without the one-hot, from the formula the op uses,
-    dz = (g_lp * (onehot - p) - g_h * p * (z - E_p[z])) / T."""
+    dz = (g_lp * (onehot - p) - g_h * p * (d - E_p[d])) / T,
+    d = (x - M) / T, p = exp(d - log S), E_p[d] = log S - H."""
     if rows.shape[-1] == 0:
         return dz
-    acc = lse.dtype
+    acc = log_s.dtype
     inv_t = _inv_t(temperature, acc)
-    z0 = rows[..., 0].to(acc) * inv_t
-    p0 = torch.exp(z0 - lse)
-    t0 = torch.where(p0 > 0, p0 * (z0 - (lse - ent)), torch.zeros_like(p0))
+    d0 = (rows[..., 0].to(acc) - row_max) * inv_t
+    p0 = torch.exp(d0 - log_s)
+    t0 = torch.where(p0 > 0, p0 * (d0 - (log_s - ent)), torch.zeros_like(p0))
     g_h = g_h if g_h is not None else torch.zeros_like(g_lp)
     val = (-g_lp * p0 - g_h * t0) * inv_t
     foreign = active & ~owned
@@ -323,25 +341,25 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         A, B = rows.shape[:2]
         y = labels.reshape(A, B)
         local, owned, active = _local_labels(y, layout, ignore_index)
-        lse_r, ent_r, z_y = _shard_stats(fwd, rows, local, owned, temperature)
-        lp, ent, lse = _merge(OP, lse_r, ent_r, z_y, active, y, lambda idx: rows[idx], layout, owned)
-        ctx.save_for_backward(rows, local, owned, active, lse, ent)
+        stats_r = _shard_stats(fwd, rows, local, owned, temperature)
+        lp, ent, row_max, log_s = _merge(OP, stats_r, active, y, lambda idx: rows[idx], layout, owned, temperature)
+        ctx.save_for_backward(rows, local, owned, active, row_max, log_s, ent)
         ctx.args = (temperature, bwd, tuple(logits.shape))
         ctx.set_materialize_grads(False)
         return lp.reshape(labels.shape), ent.reshape(labels.shape)
 
     @staticmethod
     def backward(ctx, g_lp, g_h):
-        rows, local, owned, active, lse, ent = ctx.saved_tensors
+        rows, local, owned, active, row_max, log_s, ent = ctx.saved_tensors
         temperature, bwd, shape = ctx.args
         if g_lp is None and g_h is None:
             return None, None, None, None, None, None
-        g_lp = g_lp.reshape(lse.shape).to(lse.dtype) if g_lp is not None else torch.zeros_like(lse)
-        g_h = g_h.reshape(lse.shape).to(lse.dtype) if g_h is not None else None
+        g_lp = g_lp.reshape(ent.shape).to(ent.dtype) if g_lp is not None else torch.zeros_like(ent)
+        g_h = g_h.reshape(ent.shape).to(ent.dtype) if g_h is not None else None
         if rows.shape[-1] == 0:
             return rows.new_zeros(shape), None, None, None, None, None
-        dz = bwd(g_lp, g_h, rows, local, lse, ent, temperature, _LOCAL_IGNORE)
-        dz = _fix_foreign_label(dz, rows, owned, active, g_lp, g_h, lse, ent, temperature)
+        dz = bwd(g_lp, g_h, rows, local, row_max, log_s, ent, temperature, _LOCAL_IGNORE)
+        dz = _fix_foreign_label(dz, rows, owned, active, g_lp, g_h, row_max, log_s, ent, temperature)
         return dz.reshape(shape), None, None, None, None, None
 
 
@@ -459,19 +477,19 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         y = labels.reshape(-1)
         local, owned, active = _local_labels(y, layout, ignore_index)
         acc = acc_dtype(hidden.dtype)
-        lse_r, ent_r, z_y = (h.new_zeros(y.shape, dtype=acc) for _ in range(3))
+        stats_r = tuple(h.new_zeros(y.shape, dtype=acc) for _ in range(4))  # m_r, log s_r, ent_r, lp_r
         for rows in _row_chunks(local, _LOCAL_IGNORE, chunk_size):
             logits = torch.nn.functional.linear(h[rows], weight, bias).unsqueeze(0)
             stats = _shard_stats(fwd, logits, local[rows].unsqueeze(0), owned[rows].unsqueeze(0), temperature)
-            for dst, src in zip((lse_r, ent_r, z_y), stats):
+            for dst, src in zip(stats_r, stats):
                 dst[rows] = src[0]
             del logits
 
         def rows_of(idx):
             return torch.nn.functional.linear(h[idx[0]], weight, bias)
 
-        lp, ent, lse = _merge(OP_LINEAR, lse_r, ent_r, z_y, active, y, rows_of, layout, owned)
-        ctx.save_for_backward(h, weight, bias, local, owned, active, lse, ent)
+        lp, ent, row_max, log_s = _merge(OP_LINEAR, stats_r, active, y, rows_of, layout, owned, temperature)
+        ctx.save_for_backward(h, weight, bias, local, owned, active, row_max, log_s, ent)
         ctx.args = (layout, temperature, chunk_size, bwd, tuple(hidden.shape))
         ctx.set_materialize_grads(False)
         return lp.reshape(labels.shape), ent.reshape(labels.shape)
@@ -479,14 +497,14 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, g_lp, g_h):
-        h, weight, bias, local, owned, active, lse, ent = ctx.saved_tensors
+        h, weight, bias, local, owned, active, row_max, log_s, ent = ctx.saved_tensors
         layout, temperature, chunk_size, bwd, shape = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         none = (None,) * 6
         if g_lp is None and g_h is None:
             return (None, None, None) + none
-        acc = lse.dtype
-        g_lp = g_lp.reshape(-1).to(acc) if g_lp is not None else torch.zeros_like(lse)
+        acc = ent.dtype
+        g_lp = g_lp.reshape(-1).to(acc) if g_lp is not None else torch.zeros_like(ent)
         g_h = g_h.reshape(-1).to(acc) if g_h is not None else None
         N, H = h.shape
         # dH summed over the group in fp32 for bf16 / fp16: one rounding at the end
@@ -497,12 +515,11 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
             for rows in _row_chunks(local, _LOCAL_IGNORE, chunk_size):
                 hc = h[rows]
                 logits = torch.nn.functional.linear(hc, weight, bias).unsqueeze(0)
-                gl, lc, lc_lse, lc_ent = (t[rows].unsqueeze(0) for t in (g_lp, local, lse, ent))
+                gl, lc, lc_m, lc_s, lc_ent = (t[rows].unsqueeze(0) for t in (g_lp, local, row_max, log_s, ent))
                 gh = g_h[rows].unsqueeze(0) if g_h is not None else None
-                dz = bwd(gl, gh, logits, lc, lc_lse, lc_ent, temperature, _LOCAL_IGNORE)
-                dz = _fix_foreign_label(
-                    dz, logits, owned[rows].unsqueeze(0), active[rows].unsqueeze(0), gl, gh, lc_lse, lc_ent, temperature
-                )[0]
+                dz = bwd(gl, gh, logits, lc, lc_m, lc_s, lc_ent, temperature, _LOCAL_IGNORE)
+                own, act = owned[rows].unsqueeze(0), active[rows].unsqueeze(0)
+                dz = _fix_foreign_label(dz, logits, own, act, gl, gh, lc_m, lc_s, lc_ent, temperature)[0]
                 del logits
                 if need_h:
                     d_h[rows] = (dz @ weight).to(acc)

@@ -216,7 +216,8 @@ def _linear_logprobs_dlogits_kernel(
     labels_ptr,
     glp_ptr,
     gh_ptr,
-    lse_ptr,
+    max_ptr,
+    logs_ptr,
     ent_ptr,
     dl_ptr,  # dl: (N, v_hi - v_lo) contiguous
     N,
@@ -242,8 +243,10 @@ def _linear_logprobs_dlogits_kernel(
     BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
 ):
-    """dz = (g_lp * (onehot - p) - g_H * p * (z - E_p[z])) / T on one tile,
-    p = exp(z - lse) from recomputed logits; E_p[z] = lse - entropy."""
+    """dz = (g_lp * (onehot - p) - g_H * p * (d - E_p[d])) / T on one tile,
+    d = (x - max) / T from recomputed logits x, p = exp(d - log s),
+    E_p[d] = log s - entropy: exact to the row's spread (z - lse cancels two
+    numbers of the logits' offset)."""
     inv_temp = scalar_arg(inv_temp, scalars_ptr, 0, SCALARS_FROM_PTR)
     pid_n, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -252,8 +255,9 @@ def _linear_logprobs_dlogits_kernel(
     v_mask = offs_v < v_hi
     label = tl.load(labels_ptr + offs_n, mask=row_mask, other=ignore_index).to(tl.int64)
     active = row_mask & (label != ignore_index)
-    lse = tl.load(lse_ptr + offs_n, mask=row_mask, other=0.0).to(ACC)
-    mu = lse - tl.load(ent_ptr + offs_n, mask=row_mask, other=0.0).to(ACC)
+    m = tl.load(max_ptr + offs_n, mask=row_mask, other=0.0).to(ACC)
+    log_s = tl.load(logs_ptr + offs_n, mask=row_mask, other=0.0).to(ACC)
+    mu = log_s - tl.load(ent_ptr + offs_n, mask=row_mask, other=0.0).to(ACC)
     g_lp = tl.where(active, tl.load(glp_ptr + offs_n, mask=row_mask, other=0.0).to(ACC), 0.0)
     if HAS_GRAD_ENTROPY:
         g_h = tl.where(active, tl.load(gh_ptr + offs_n, mask=row_mask, other=0.0).to(ACC), 0.0)
@@ -281,9 +285,9 @@ def _linear_logprobs_dlogits_kernel(
         BLOCK_V,
         BLOCK_K,
     )
-    z = logits * inv_temp
-    p = tl.exp(z - lse[:, None])
-    t = tl.where(p > 0, p * (z - mu[:, None]), 0.0)
+    d = (logits - m[:, None]) * inv_temp
+    p = tl.exp(d - log_s[:, None])
+    t = tl.where(p > 0, p * (d - mu[:, None]), 0.0)
     g = tl.where(offs_v[None, :] == label[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p - g_h[:, None] * t
     g = tl.where(active[:, None], g * inv_temp, 0.0)  # select, so 0 * inf on padding rows is dropped
     width = v_hi - v_lo
@@ -438,7 +442,8 @@ def _sum_units(x: torch.Tensor) -> torch.Tensor:
 
 def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, V: int, inv_temp: float):
     """(4, units, N) partial m (raw max), s, w (relative to m, of z = x / T),
-    x_label -> logprobs, entropy, lse (N,)."""
+    x_label -> logprobs, entropy, row max (raw), log s (N,): the outputs of
+    rlhf_fast::logprobs_fwd on the same logits."""
     m, s, w, xy = part.unbind(0)
     m_row = m.amax(0)
     ref = torch.where(m_row == float("-inf"), torch.zeros_like(m_row), m_row)
@@ -450,20 +455,17 @@ def _merge_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, V
     w_row = torch.where(active, _sum_units((w + delta * s) * scale), torch.zeros_like(m_row))
     log_s = torch.log(s_row)
     zero = torch.zeros_like(m_row)
-    lse = ref * inv_temp + log_s
-    # a row whose lse overflows (max x / T beyond the dtype) is NaN, as in
-    # the log-prob kernels
-    nan = torch.full_like(lse, float("nan"))
-    overflow = torch.isinf(lse)
-    lse = torch.where(overflow, nan, lse)
-    log_s = torch.where(overflow, nan, log_s)
+    # a row whose lse = max / T + log s overflows (max x / T beyond the
+    # dtype) is NaN, as in the log-prob kernels
+    nan = torch.full_like(log_s, float("nan"))
+    log_s = torch.where(torch.isinf(ref * inv_temp + log_s), nan, log_s)
     # (x_y - max) / T - log s: never z_y - lse, which cancels two large terms
     lp = torch.where(active, (_sum_units(xy) - ref) * inv_temp - log_s, zero)
     # a label outside [0, V) (torch.compile skips the host check) matched
     # no column: NaN, never a silent -lse
     lp = torch.where(active & ((labels < 0) | (labels >= V)), nan, lp)
     ent = torch.where(active, log_s - w_row / s_row, zero)
-    return lp, ent, torch.where(active, lse, zero)
+    return lp, ent, torch.where(active, ref, zero), torch.where(active, log_s, zero)
 
 
 @torch.library.triton_op("rlhf_fast::linear_logprobs_fwd_triton", mutates_args=())
@@ -476,11 +478,11 @@ def linear_logprobs_fwd_triton(
     temperature: float,
     ignore_index: int,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     N, H = hidden.shape
     V = weight.shape[0]
     if N == 0 or not _backend.launches_kernels(hidden):
-        return tuple(hidden.new_empty((N,), dtype=acc_dtype(hidden.dtype)) for _ in range(3))
+        return tuple(hidden.new_empty((N,), dtype=acc_dtype(hidden.dtype)) for _ in range(4))
     cfg = tile_config(N, V, H, _backend.triton_interpret(), hidden.element_size())
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     splits = num_splits(N, V, bn, bv, _programs_wanted(hidden.device), cfg["GROUP"])
@@ -509,7 +511,8 @@ def linear_logprobs_bwd_triton(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_s: torch.Tensor,
     entropy: torch.Tensor,
     temperature: float,
     ignore_index: int,
@@ -525,7 +528,8 @@ def linear_logprobs_bwd_triton(
             weight,
             bias,
             labels,
-            lse,
+            row_max,
+            log_s,
             entropy,
             temperature,
             ignore_index,
@@ -534,7 +538,18 @@ def linear_logprobs_bwd_triton(
 
 
 def _linear_logprobs_bwd_triton_impl(
-    grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, chunk_size
+    grad_logprobs,
+    grad_entropy,
+    hidden,
+    weight,
+    bias,
+    labels,
+    row_max,
+    log_s,
+    entropy,
+    temperature,
+    ignore_index,
+    chunk_size,
 ):
     N, H = hidden.shape
     V = weight.shape[0]
@@ -553,17 +568,17 @@ def _linear_logprobs_bwd_triton_impl(
     glp = grad_logprobs.to(acc).contiguous()
     has_gh = grad_entropy is not None
     gh = grad_entropy.to(acc).contiguous() if has_gh else glp
-    lse, entropy = lse.contiguous(), entropy.contiguous()
+    row_max, log_s, entropy = (t.to(acc).contiguous() for t in (row_max, log_s, entropy))
     scalars, from_ptr = kernel_scalars(hidden.dtype, hidden.device, 1.0 / temperature)
     for v_lo in range(0, V, v_chunk):
         v_hi = min(V, v_lo + v_chunk)
         dz = scratch[: N * (v_hi - v_lo)].view(N, v_hi - v_lo)
         torch.library.wrap_triton(_linear_logprobs_dlogits_kernel)[(triton.cdiv(N, bn) * triton.cdiv(v_hi - v_lo, bv),)](
             hidden, weight, bias if bias is not None else hidden, labels,
-            glp, gh, lse, entropy, dz,
+            glp, gh, row_max, log_s, entropy, dz,
             N, H, v_lo, v_hi,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            1.0 / temperature, scalars if from_ptr else lse, ignore_index,
+            1.0 / temperature, scalars if from_ptr else glp, ignore_index,
             HAS_BIAS=bias is not None, HAS_GRAD_ENTROPY=has_gh,
             ACC=tl_acc(hidden.dtype), DOT_PREC="ieee", UPCAST=_backend.triton_interpret(),
             SCALARS_FROM_PTR=from_ptr, ROUND_BY_HAND=_backend.triton_interpret(), **cfg,

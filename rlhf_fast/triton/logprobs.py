@@ -9,8 +9,9 @@ one add for s and, with entropy, one clamp and one FFMA for w: 1 + 1/STRIP
 MUFU per element instead of the 2 of a per-element running max, and no
 cross-warp reduction inside the loop (sm_90a: see docs/kernels.md). The
 logits are read exactly once: N*V*2 bytes for bf16, 5 GB at (16384, 151936).
-Backward recomputes p from the saved lse and writes d logits in one more
-sweep.
+Backward recomputes p from the saved row max and log s (never from the
+absolute lse, which cancels at the offset's scale) and writes d logits in
+one more sweep.
 
 The launchers at the end are the triton_ops rlhf_fast::logprobs_fwd_triton /
 _bwd_triton; their fakes and autograd are in rlhf_fast/ops/_logprobs.py.
@@ -105,7 +106,8 @@ def _logprobs_fwd_kernel(
     labels_ptr,
     lp_ptr,
     ent_ptr,
-    lse_ptr,
+    max_ptr,
+    logs_ptr,
     B,
     V,
     stride_a,
@@ -154,7 +156,10 @@ def _logprobs_fwd_kernel(
         tl.store(ent_ptr + row, tl.where(active, entropy, 0.0))
     else:
         tl.store(ent_ptr + row, tl.zeros([], ACC))
-    tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
+    # the backward's shift and log s (lse itself is only formed for its
+    # overflow check inside row_lse: a NaN log2_s marks that row)
+    tl.store(max_ptr + row, tl.where(active, m_row, 0.0))
+    tl.store(logs_ptr + row, tl.where(active, log2_s * LN2, 0.0))
 
 
 @triton.jit
@@ -163,7 +168,8 @@ def _logprobs_bwd_kernel(
     labels_ptr,
     glp_ptr,
     gh_ptr,
-    lse_ptr,
+    max_ptr,
+    logs_ptr,
     ent_ptr,
     dx_ptr,
     B,
@@ -179,10 +185,13 @@ def _logprobs_bwd_kernel(
     ROUND_BY_HAND: tl.constexpr,  # the interpreter's bf16 cast truncates (see rounded)
     BLOCK_V: tl.constexpr,
 ):
-    """d logits_k = (1/T) [1{k = label} g_lp - p_k g_lp - g_h p_k (z_k - E_p[z])]
-    with z = logits / T, written as p_k (A + B x_k) plus the label's term,
-    which one fix-up store adds after the sweep: per element one FFMA and one
-    MUFU for p, one FFMA for A + B x, two clamps, one multiply and the cast."""
+    """d logits_k = (1/T) [1{k = label} g_lp - p_k g_lp - g_h p_k (log p_k + H)]
+    with log2 p_k = (x_k - max) log2(e) / T - log2 s: every term of the
+    row's spread (x_k log2(e) / T - lse2 lost 0.5 of log p at logits of 1e7,
+    fp32). Written as p_k (A + B log2 p_k) plus the label's term, which one
+    fix-up store adds after the sweep: per element one FADD and one FFMA for
+    log2 p, one MUFU, one clamp and one FFMA for A + B log2 p, one multiply
+    and the cast (the count of x c - lse2's FFMA + two clamps)."""
     inv_temp = scalar_arg(inv_temp, scalars_ptr, 0, SCALARS_FROM_PTR)
     c = inv_temp * LOG2E  # log2(e) / T
     row = tl.program_id(0).to(tl.int64)
@@ -191,36 +200,36 @@ def _logprobs_bwd_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     active = label != ignore_index
     label_ok = (label >= 0) & (label < V)
-    lse = tl.load(lse_ptr + row)
-    # p = 2^(x c - lse2); a label out of range makes the row's gradient NaN
-    # (the forward's NaN row), through p
-    lse2 = tl.where(label_ok, lse * LOG2E, float("nan"))
+    m = tl.load(max_ptr + row).to(ACC)
+    # p = 2^((x - m) c - log2 s); a label out of range makes the row's
+    # gradient NaN (the forward's NaN row), through p
+    log2_s = tl.where(label_ok, tl.load(logs_ptr + row).to(ACC) * LOG2E, float("nan"))
     g_lp = tl.load(glp_ptr + row).to(ACC)
     a = -g_lp * inv_temp
     b = 0.0
     if HAS_GRAD_ENTROPY:
+        # log p + H = log2 p ln 2 + H
         g_h = tl.load(gh_ptr + row).to(ACC)
-        mu = lse - tl.load(ent_ptr + row)  # E_p[z]
-        a += g_h * mu * inv_temp
-        b = -g_h * inv_temp * inv_temp
+        a -= g_h * tl.load(ent_ptr + row).to(ACC) * inv_temp
+        b = -g_h * LN2 * inv_temp
     cols = tl.arange(0, BLOCK_V)
     if active:
         n_full = (V // BLOCK_V) * BLOCK_V
         for start in range(0, n_full, BLOCK_V):
             x = tl.load(row_ptr + start + cols).to(ACC)
-            g = _dlogit(x, c, lse2, a, b, HAS_GRAD_ENTROPY)
+            g = _dlogit(x, m, c, log2_s, a, b, HAS_GRAD_ENTROPY)
             tl.store(out_ptr + start + cols, cast_out(g, dx_ptr.dtype.element_ty, ROUND_BY_HAND))
         if n_full < V:
             offs = n_full + cols
             x = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF).to(ACC)
-            g = _dlogit(x, c, lse2, a, b, HAS_GRAD_ENTROPY)
+            g = _dlogit(x, m, c, log2_s, a, b, HAS_GRAD_ENTROPY)
             tl.store(out_ptr + offs, cast_out(g, dx_ptr.dtype.element_ty, ROUND_BY_HAND), mask=offs < V)
         if label_ok:
             # the label's column again, with its one-hot term: ordered after
             # the sweep's store of the same address by the CTA barrier
             tl.debug_barrier()
             x = tl.load(row_ptr + label).to(ACC)
-            g = _dlogit(x, c, lse2, a, b, HAS_GRAD_ENTROPY) + g_lp * inv_temp
+            g = _dlogit(x, m, c, log2_s, a, b, HAS_GRAD_ENTROPY) + g_lp * inv_temp
             tl.store(out_ptr + label, cast_out(g, dx_ptr.dtype.element_ty, ROUND_BY_HAND))
     else:  # padding rows: zeros, and their logits are never read
         for start in range(0, V, BLOCK_V):
@@ -229,12 +238,14 @@ def _logprobs_bwd_kernel(
 
 
 @triton.jit
-def _dlogit(x, c, lse2, a, b, HAS_GRAD_ENTROPY: tl.constexpr):
-    p = tl.exp2(x * c - lse2)
+def _dlogit(x, m, c, log2_s, a, b, HAS_GRAD_ENTROPY: tl.constexpr):
+    log2_p = (x - m) * c - log2_s
+    p = tl.exp2(log2_p)
     if HAS_GRAD_ENTROPY:
-        # x = -inf gives p = 0 and a + b x = +-inf (NaN when b = 0): clamp it
-        # finite so p * t is 0; a NaN x still reaches g through p
-        t = tl.minimum(tl.maximum(a + b * x, -3.0e38), 3.0e38)
+        # x = -inf gives p = 0 and b log2 p = +-inf (NaN when b = 0): clamped
+        # at -2048, where 2^x is 0 in fp32 and fp64 alike, p * t is 0 (for
+        # |b| < 1e35); a NaN x still reaches g through p
+        t = a + b * tl.maximum(log2_p, -2048.0)
         return p * t
     else:
         return p * a
@@ -256,25 +267,26 @@ def row_config(V: int, fp64: bool = False) -> dict:
 @torch.library.triton_op("rlhf_fast::logprobs_fwd_triton", mutates_args=())
 @launch_on_tensor_device
 def logprobs_fwd_triton(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, compute_entropy: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (A, B, V) with any strides on A, B; labels (A, B). Returns
-    logprobs, entropy, lse (A, B) in the accumulation dtype.
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, compute_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rlhf_fast::logprobs_fwd's signature (csrc/ops.cpp): logits (A, B, V)
+    with any strides on A, B; labels (A, B). Returns logprobs, entropy,
+    row_max, log_s (A, B) in the accumulation dtype.
     compute_entropy=False leaves the entropy output 0 (a log-prob-only
     sweep: 2 fewer instructions per logit); the backward never reads it
     then, since no gradient can flow into an entropy nobody returned."""
     A, B, V = logits.shape
-    lp, ent, lse = (logits.new_empty((A, B), dtype=acc_dtype(logits.dtype)) for _ in range(3))
+    lp, ent, row_max, log_s = (logits.new_empty((A, B), dtype=acc_dtype(logits.dtype)) for _ in range(4))
     if A * B > 0 and _backend.launches_kernels(logits):
         scalars, from_ptr = kernel_scalars(logits.dtype, logits.device, 1.0 / temperature)
         torch.library.wrap_triton(_logprobs_fwd_kernel)[(A * B,)](
-            logits, labels.contiguous(), lp, ent, lse,
+            logits, labels.contiguous(), lp, ent, row_max, log_s,
             B, V, logits.stride(0), logits.stride(1),
-            1.0 / temperature, scalars if from_ptr else lse, ignore_index,
+            1.0 / temperature, scalars if from_ptr else lp, ignore_index,
             ACC=tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr, ENTROPY=compute_entropy,
             STRIP=STRIP, **row_config(V, logits.dtype == torch.float64),
         )  # fmt: skip
-    return lp, ent, lse
+    return lp, ent, row_max, log_s
 
 
 @torch.library.triton_op("rlhf_fast::logprobs_bwd_triton", mutates_args=())
@@ -284,23 +296,26 @@ def logprobs_bwd_triton(
     grad_entropy: torch.Tensor | None,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_s: torch.Tensor,
     entropy: torch.Tensor,
     temperature: float,
     ignore_index: int,
 ) -> torch.Tensor:
+    """rlhf_fast::logprobs_bwd's signature (csrc/ops.cpp)."""
     A, B, V = logits.shape
     grad_logits = torch.empty((A, B, V), dtype=logits.dtype, device=logits.device)
     if grad_logits.numel() > 0 and _backend.launches_kernels(logits):
         acc = acc_dtype(logits.dtype)
         has_gh = grad_entropy is not None
-        gh = grad_entropy.to(acc).contiguous() if has_gh else lse
+        glp = grad_logprobs.to(acc).contiguous()
+        gh = grad_entropy.to(acc).contiguous() if has_gh else glp
         scalars, from_ptr = kernel_scalars(logits.dtype, logits.device, 1.0 / temperature)
         torch.library.wrap_triton(_logprobs_bwd_kernel)[(A * B,)](
-            logits, labels.contiguous(), grad_logprobs.to(acc).contiguous(), gh,
-            lse.contiguous(), entropy.contiguous(), grad_logits,
+            logits, labels.contiguous(), glp, gh,
+            row_max.to(acc).contiguous(), log_s.to(acc).contiguous(), entropy.to(acc).contiguous(), grad_logits,
             B, V, logits.stride(0), logits.stride(1),
-            1.0 / temperature, scalars if from_ptr else lse, ignore_index,
+            1.0 / temperature, scalars if from_ptr else glp, ignore_index,
             HAS_GRAD_ENTROPY=has_gh, ACC=tl_acc(logits.dtype), SCALARS_FROM_PTR=from_ptr,
             ROUND_BY_HAND=_backend.triton_interpret(), **row_config(V, logits.dtype == torch.float64),
         )  # fmt: skip

@@ -3,7 +3,8 @@
 // One thread block per row (one token position), one pass over the row:
 // each thread keeps an online (max m of the raw logits x, s = sum e^d,
 // w = sum d e^d with d = (x - m) / T) over 16-byte vectors, then the block
-// merges the states (warp shuffles, then shared memory). lse = m / T + log s,
+// merges the states (warp shuffles, then shared memory). The row's outputs:
+// m and log s (lse = m / T + log s, which the backward never forms),
 // entropy = log s - w/s, logprob = (x_y - m) / T - log s. The max is
 // subtracted before scaling: exact to the row's spread at any offset (x / T
 // first rounds at the offset's scale, 0.5 at 1e7 with T != 1), for the same
@@ -51,33 +52,40 @@ using acc_type_t = typename AccType<scalar_t>::type;
 constexpr int64_t kLogprobsMaxVocab = int64_t(1) << 30;
 
 // logits: (A, B, V), element (a, b, j) at a*stride_a + b*stride_b + j.
-// labels: (A, B) int64, contiguous. logprobs / entropy / lse: (A, B)
-// contiguous, acc_type_t. inv_temperature = 1 / T, rounded to acc_t once, so
-// z = logit * inv_t exactly as the CPU kernel computes it. Rows whose label
-// is ignore_index are never read and get 0 in all three outputs. Labels
-// outside [0, V) must be rejected by the caller; here they give a NaN
-// logprob instead of an out-of-bounds read.
+// labels: (A, B) int64, contiguous. logprobs / entropy / row_max / log_s:
+// (A, B) contiguous, acc_type_t; row_max = max x (raw), log_s = log sum
+// exp((x - row_max) * inv_t). inv_temperature = 1 / T, rounded to acc_t
+// once, as the CPU kernel does. compute_entropy = false writes 0 for the
+// entropy (w is still summed: 2 FLOPs per element of a bandwidth-bound
+// sweep). Rows whose label is ignore_index are never read and get 0 in all
+// four outputs. Labels outside [0, V) must be rejected by the caller; here
+// they give a NaN logprob instead of an out-of-bounds read.
 template <typename scalar_t>
 cudaError_t launch_logprobs_fwd(const scalar_t* logits, const int64_t* labels,
                                 acc_type_t<scalar_t>* logprobs,
                                 acc_type_t<scalar_t>* entropy,
-                                acc_type_t<scalar_t>* lse, int64_t A, int64_t B,
+                                acc_type_t<scalar_t>* row_max,
+                                acc_type_t<scalar_t>* log_s, int64_t A, int64_t B,
                                 int64_t V, int64_t stride_a, int64_t stride_b,
                                 double inv_temperature, int64_t ignore_index,
-                                cudaStream_t stream);
+                                bool compute_entropy, cudaStream_t stream);
 
 // grad_logits: (A, B, V) contiguous, in the logits dtype:
-//   p = exp(z - lse), mu = lse - entropy (= E_p[z]),
-//   dz_j = g_lp * ([j == y] - p_j) - g_H * (p_j > 0 ? p_j * (z_j - mu) : 0),
+//   d_j = (x_j - row_max) * inv_t, p_j = exp(d_j - log_s),
+//   mu = log_s - entropy (= E_p[d]),
+//   dz_j = g_lp * ([j == y] - p_j) - g_H * (p_j > 0 ? p_j * (d_j - mu) : 0),
 //   dlogit_j = dz_j * inv_t.
-// grad_logprobs / lse / entropy: (A, B) contiguous acc_t; grad_entropy may
-// be nullptr (no entropy term; a separate kernel without that work).
-// Ignored rows get zeros.
+// Every term is of the row's spread: p from z - lse would cancel two numbers
+// of the logits' offset (0.5 absolute at 1e7 in fp32).
+// grad_logprobs / row_max / log_s / entropy: (A, B) contiguous acc_t;
+// grad_entropy may be nullptr (no entropy term; a separate kernel without
+// that work). Ignored rows get zeros.
 template <typename scalar_t>
 cudaError_t launch_logprobs_bwd(const acc_type_t<scalar_t>* grad_logprobs,
                                 const acc_type_t<scalar_t>* grad_entropy,
                                 const scalar_t* logits, const int64_t* labels,
-                                const acc_type_t<scalar_t>* lse,
+                                const acc_type_t<scalar_t>* row_max,
+                                const acc_type_t<scalar_t>* log_s,
                                 const acc_type_t<scalar_t>* entropy,
                                 scalar_t* grad_logits, int64_t A, int64_t B,
                                 int64_t V, int64_t stride_a, int64_t stride_b,
@@ -323,9 +331,10 @@ __global__ void __launch_bounds__(BLOCK, (FwdMinBlocks<scalar_t, BLOCK>::value))
     logprobs_fwd_kernel(const scalar_t* __restrict__ logits,
                         const int64_t* __restrict__ labels,
                         acc_t* __restrict__ logprobs, acc_t* __restrict__ entropy,
-                        acc_t* __restrict__ lse, int64_t N, int64_t B, int V,
-                        int64_t stride_a, int64_t stride_b, acc_t inv_t,
-                        int64_t ignore_index) {
+                        acc_t* __restrict__ row_max, acc_t* __restrict__ log_s_out,
+                        int64_t N, int64_t B, int V, int64_t stride_a,
+                        int64_t stride_b, acc_t inv_t, int64_t ignore_index,
+                        bool compute_entropy) {
   using V16 = Vec16<scalar_t>;
   constexpr int kN = V16::kN;
   constexpr int kUnroll = Unroll<scalar_t>::value;
@@ -334,7 +343,7 @@ __global__ void __launch_bounds__(BLOCK, (FwdMinBlocks<scalar_t, BLOCK>::value))
   for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
     const int64_t y = labels[r];  // same address for all threads: one broadcast
     if (y == ignore_index) {      // padding: never read (block-uniform branch)
-      if (threadIdx.x == 0) logprobs[r] = entropy[r] = lse[r] = acc_t(0);
+      if (threadIdx.x == 0) logprobs[r] = entropy[r] = row_max[r] = log_s_out[r] = acc_t(0);
       continue;
     }
     const scalar_t* row = logits + (r / B) * stride_a + (r % B) * stride_b;
@@ -388,12 +397,12 @@ __global__ void __launch_bounds__(BLOCK, (FwdMinBlocks<scalar_t, BLOCK>::value))
       // the CPU kernel gives). A NaN s falls through to NaN as well, and so
       // does a row whose lse = m / T + log s overflows (as on CPU).
       acc_t log_s = st.s > acc_t(0) ? log_(st.s) : quiet_nan<acc_t>();
-      acc_t lse_r = st.m * inv_t + log_s;
-      if (isinf(lse_r)) log_s = lse_r = quiet_nan<acc_t>();
-      lse[r] = lse_r;
+      if (isinf(st.m * inv_t + log_s)) log_s = quiet_nan<acc_t>();  // lse overflows
+      row_max[r] = st.m;
+      log_s_out[r] = log_s;
       // H = log s - w / s: no cancellation between two large terms even with
       // logits of 1e4 (s >= 1, -w/s in [0, log V]).
-      entropy[r] = log_s - st.w / st.s;
+      entropy[r] = compute_entropy ? log_s - st.w / st.s : acc_t(0);
       // (x_y - m) / T - log s == z_y - lse, but x_y - m is exact when x_y is
       // near the max, so no ulp of the offset is lost (0.5 at 1e7).
       logprobs[r] = (x_y - st.m) * inv_t - log_s;
@@ -419,16 +428,18 @@ __device__ __forceinline__ void zero_row(scalar_t* out, int V) {
 
 template <typename acc_t, bool HAS_GH>
 struct BwdRow {
-  acc_t lse, mu, g_lp, g_h, inv_t;
+  acc_t m, log_s, mu, g_lp, g_h, inv_t;  // mu = E_p[d]
 
-  // d logit for one element; is_y: this is the label's column.
-  __device__ __forceinline__ acc_t operator()(acc_t z, bool is_y) const {
-    const acc_t p = exp_(z - lse);  // z = -inf: exp(-inf) = 0
+  // d logit for one raw logit x; is_y: this is the label's column.
+  // d = (x - m) / T, not x / T - lse: one FADD more, exact to the spread.
+  __device__ __forceinline__ acc_t operator()(acc_t x, bool is_y) const {
+    const acc_t d = (x - m) * inv_t;
+    const acc_t p = exp_(d - log_s);  // x = -inf: exp(-inf) = 0
     acc_t dz = (is_y ? g_lp : acc_t(0)) - g_lp * p;
     if (HAS_GH) {
-      // p == 0 (z = -inf, or underflow): the term is 0, but z - mu may be
+      // p == 0 (x = -inf, or underflow): the term is 0, but d - mu may be
       // -inf and 0 * -inf = NaN. A NaN p skips this too but is already in dz.
-      dz -= g_h * (p > acc_t(0) ? p * (z - mu) : acc_t(0));
+      dz -= g_h * (p > acc_t(0) ? p * (d - mu) : acc_t(0));
     }
     return dz * inv_t;
   }
@@ -449,7 +460,7 @@ __device__ __forceinline__ void bwd_body(const Vec16<scalar_t>* __restrict__ vro
   auto grad = [&](const V16& v, int idx) {
     V16 o;
 #pragma unroll
-    for (int k = 0; k < kN; ++k) o.v[k] = C::from(f(C::to(v.v[k]) * f.inv_t, false));
+    for (int k = 0; k < kN; ++k) o.v[k] = C::from(f(C::to(v.v[k]), false));
     if (VEC_OUT) {
       reinterpret_cast<V16*>(vout)[idx] = o;
     } else {
@@ -469,14 +480,16 @@ __device__ __forceinline__ void bwd_body(const Vec16<scalar_t>* __restrict__ vro
 }
 
 // Reads the row once and writes grad once: 2 x 297 KiB per bf16 row at
-// V = 151936. p is recomputed from the saved lse, so no softmax is stored.
+// V = 151936. p is recomputed from the saved m and log s, so no softmax is
+// stored.
 template <typename scalar_t, typename acc_t, int BLOCK, bool HAS_GH>
 __global__ void __launch_bounds__(BLOCK, (BwdMinBlocks<scalar_t, BLOCK>::value))
     logprobs_bwd_kernel(const acc_t* __restrict__ grad_logprobs,
                         const acc_t* __restrict__ grad_entropy,
                         const scalar_t* __restrict__ logits,
                         const int64_t* __restrict__ labels,
-                        const acc_t* __restrict__ lse,
+                        const acc_t* __restrict__ row_max,
+                        const acc_t* __restrict__ log_s,
                         const acc_t* __restrict__ entropy,
                         scalar_t* __restrict__ grad_logits, int64_t N, int64_t B,
                         int V, int64_t stride_a, int64_t stride_b, acc_t inv_t,
@@ -494,8 +507,9 @@ __global__ void __launch_bounds__(BLOCK, (BwdMinBlocks<scalar_t, BLOCK>::value))
     }
     const scalar_t* row = logits + (r / B) * stride_a + (r % B) * stride_b;
     BwdRow<acc_t, HAS_GH> f;
-    f.lse = lse[r];
-    f.mu = f.lse - entropy[r];
+    f.m = row_max[r];
+    f.log_s = log_s[r];
+    f.mu = HAS_GH ? f.log_s - entropy[r] : acc_t(0);
     f.g_lp = grad_logprobs[r];
     f.g_h = HAS_GH ? grad_entropy[r] : acc_t(0);
     f.inv_t = inv_t;
@@ -508,7 +522,7 @@ __global__ void __launch_bounds__(BLOCK, (BwdMinBlocks<scalar_t, BLOCK>::value))
     const int body_end = head + nvec * kN;
 
     for (int j = threadIdx.x; j < head; j += BLOCK)
-      out[j] = C::from(f(C::to(row[j]) * inv_t, false));
+      out[j] = C::from(f(C::to(row[j]), false));
     const V16* vrow = reinterpret_cast<const V16*>(row + head);
     // Vector stores need out + head on a 16-byte boundary too. True whenever
     // the logits are contiguous (same offset r * V); a strided view (e.g. a
@@ -519,7 +533,7 @@ __global__ void __launch_bounds__(BLOCK, (BwdMinBlocks<scalar_t, BLOCK>::value))
       bwd_body<false, BLOCK>(vrow, out + head, nvec, f);
     }
     for (int j = body_end + threadIdx.x; j < V; j += BLOCK)
-      out[j] = C::from(f(C::to(row[j]) * inv_t, false));
+      out[j] = C::from(f(C::to(row[j]), false));
 
     // The label's column in full, computed once from the logit, so a bf16
     // gradient is rounded once (as on the CPU). __syncthreads orders this
@@ -527,7 +541,7 @@ __global__ void __launch_bounds__(BLOCK, (BwdMinBlocks<scalar_t, BLOCK>::value))
     // address; the other threads do not wait for the rewrite.
     __syncthreads();
     if (threadIdx.x == 0 && y >= 0 && y < V)  // range: see the forward
-      out[y] = C::from(f(C::to(row[y]) * inv_t, true));
+      out[y] = C::from(f(C::to(row[y]), true));
   }
 }
 
@@ -556,44 +570,47 @@ inline unsigned grid_for(int64_t N) {
 template <typename scalar_t, int BLOCK>
 void launch_fwd_block(const scalar_t* logits, const int64_t* labels,
                       acc_type_t<scalar_t>* logprobs, acc_type_t<scalar_t>* entropy,
-                      acc_type_t<scalar_t>* lse, int64_t N, int64_t B, int V,
-                      int64_t stride_a, int64_t stride_b, acc_type_t<scalar_t> inv_t,
-                      int64_t ignore_index, cudaStream_t stream) {
+                      acc_type_t<scalar_t>* row_max, acc_type_t<scalar_t>* log_s,
+                      int64_t N, int64_t B, int V, int64_t stride_a, int64_t stride_b,
+                      acc_type_t<scalar_t> inv_t, int64_t ignore_index,
+                      bool compute_entropy, cudaStream_t stream) {
   logprobs_fwd_kernel<scalar_t, acc_type_t<scalar_t>, BLOCK>
-      <<<grid_for(N), BLOCK, 0, stream>>>(logits, labels, logprobs, entropy, lse, N,
-                                          B, V, stride_a, stride_b, inv_t,
-                                          ignore_index);
+      <<<grid_for(N), BLOCK, 0, stream>>>(logits, labels, logprobs, entropy, row_max,
+                                          log_s, N, B, V, stride_a, stride_b, inv_t,
+                                          ignore_index, compute_entropy);
 }
 
 template <typename scalar_t, int BLOCK, bool HAS_GH>
 void launch_bwd_block(const acc_type_t<scalar_t>* grad_logprobs,
                       const acc_type_t<scalar_t>* grad_entropy,
                       const scalar_t* logits, const int64_t* labels,
-                      const acc_type_t<scalar_t>* lse,
+                      const acc_type_t<scalar_t>* row_max,
+                      const acc_type_t<scalar_t>* log_s,
                       const acc_type_t<scalar_t>* entropy, scalar_t* grad_logits,
                       int64_t N, int64_t B, int V, int64_t stride_a,
                       int64_t stride_b, acc_type_t<scalar_t> inv_t,
                       int64_t ignore_index, cudaStream_t stream) {
   logprobs_bwd_kernel<scalar_t, acc_type_t<scalar_t>, BLOCK, HAS_GH>
       <<<grid_for(N), BLOCK, 0, stream>>>(grad_logprobs, grad_entropy, logits,
-                                          labels, lse, entropy, grad_logits, N, B,
-                                          V, stride_a, stride_b, inv_t,
-                                          ignore_index);
+                                          labels, row_max, log_s, entropy,
+                                          grad_logits, N, B, V, stride_a, stride_b,
+                                          inv_t, ignore_index);
 }
 
 template <typename scalar_t, bool HAS_GH>
 void launch_bwd_gh(const acc_type_t<scalar_t>* grad_logprobs,
                    const acc_type_t<scalar_t>* grad_entropy, const scalar_t* logits,
-                   const int64_t* labels, const acc_type_t<scalar_t>* lse,
+                   const int64_t* labels, const acc_type_t<scalar_t>* row_max,
+                   const acc_type_t<scalar_t>* log_s,
                    const acc_type_t<scalar_t>* entropy, scalar_t* grad_logits,
                    int64_t N, int64_t B, int V, int64_t stride_a,
                    int64_t stride_b, acc_type_t<scalar_t> inv_t,
                    int64_t ignore_index, cudaStream_t stream) {
 #define RLHF_FAST_LOGPROBS_BWD(BLOCK)                                              \
   launch_bwd_block<scalar_t, BLOCK, HAS_GH>(grad_logprobs, grad_entropy, logits,  \
-                                            labels, lse, entropy, grad_logits, N,  \
-                                            B, V, stride_a, stride_b, inv_t,       \
-                                            ignore_index, stream)
+                                            labels, row_max, log_s, entropy,       \
+                                            grad_logits, N, B, V, stride_a,        \
+                                            stride_b, inv_t, ignore_index, stream)
   switch (pick_block<scalar_t>(V)) {  // 1024 -> 512: see BwdMinBlocks
     case 128: RLHF_FAST_LOGPROBS_BWD(128); break;
     case 256: RLHF_FAST_LOGPROBS_BWD(256); break;
@@ -608,10 +625,11 @@ template <typename scalar_t>
 cudaError_t launch_logprobs_fwd(const scalar_t* logits, const int64_t* labels,
                                 acc_type_t<scalar_t>* logprobs,
                                 acc_type_t<scalar_t>* entropy,
-                                acc_type_t<scalar_t>* lse, int64_t A, int64_t B,
+                                acc_type_t<scalar_t>* row_max,
+                                acc_type_t<scalar_t>* log_s, int64_t A, int64_t B,
                                 int64_t V, int64_t stride_a, int64_t stride_b,
                                 double inv_temperature, int64_t ignore_index,
-                                cudaStream_t stream) {
+                                bool compute_entropy, cudaStream_t stream) {
   using namespace logprobs_detail;
   using acc_t = acc_type_t<scalar_t>;
   if (V < 0 || V > kLogprobsMaxVocab) return cudaErrorInvalidValue;
@@ -620,9 +638,9 @@ cudaError_t launch_logprobs_fwd(const scalar_t* logits, const int64_t* labels,
   const int Vi = static_cast<int>(V);
   const acc_t inv_t = static_cast<acc_t>(inv_temperature);
 #define RLHF_FAST_LOGPROBS_FWD(BLOCK)                                            \
-  launch_fwd_block<scalar_t, BLOCK>(logits, labels, logprobs, entropy, lse, N, B, \
-                                    Vi, stride_a, stride_b, inv_t, ignore_index,  \
-                                    stream)
+  launch_fwd_block<scalar_t, BLOCK>(logits, labels, logprobs, entropy, row_max,   \
+                                    log_s, N, B, Vi, stride_a, stride_b, inv_t,   \
+                                    ignore_index, compute_entropy, stream)
   switch (pick_block<scalar_t>(Vi)) {
     case 128: RLHF_FAST_LOGPROBS_FWD(128); break;
     case 256: RLHF_FAST_LOGPROBS_FWD(256); break;
@@ -637,7 +655,8 @@ template <typename scalar_t>
 cudaError_t launch_logprobs_bwd(const acc_type_t<scalar_t>* grad_logprobs,
                                 const acc_type_t<scalar_t>* grad_entropy,
                                 const scalar_t* logits, const int64_t* labels,
-                                const acc_type_t<scalar_t>* lse,
+                                const acc_type_t<scalar_t>* row_max,
+                                const acc_type_t<scalar_t>* log_s,
                                 const acc_type_t<scalar_t>* entropy,
                                 scalar_t* grad_logits, int64_t A, int64_t B,
                                 int64_t V, int64_t stride_a, int64_t stride_b,
@@ -653,12 +672,12 @@ cudaError_t launch_logprobs_bwd(const acc_type_t<scalar_t>* grad_logprobs,
   // Without grad_entropy the p * (z - mu) term is compiled out, not
   // multiplied by zero: a loss on logprobs alone is the common case.
   if (grad_entropy != nullptr) {
-    launch_bwd_gh<scalar_t, true>(grad_logprobs, grad_entropy, logits, labels, lse,
-                                  entropy, grad_logits, N, B, Vi, stride_a,
-                                  stride_b, inv_t, ignore_index, stream);
+    launch_bwd_gh<scalar_t, true>(grad_logprobs, grad_entropy, logits, labels,
+                                  row_max, log_s, entropy, grad_logits, N, B, Vi,
+                                  stride_a, stride_b, inv_t, ignore_index, stream);
   } else {
-    launch_bwd_gh<scalar_t, false>(grad_logprobs, nullptr, logits, labels, lse,
-                                   entropy, grad_logits, N, B, Vi, stride_a,
+    launch_bwd_gh<scalar_t, false>(grad_logprobs, nullptr, logits, labels, row_max,
+                                   log_s, entropy, grad_logits, N, B, Vi, stride_a,
                                    stride_b, inv_t, ignore_index, stream);
   }
   return cudaGetLastError();
