@@ -260,3 +260,19 @@ def test_vocab_parallel_grad_exact_to_the_spread(be):
         _close(lp.detach(), logp.gather(1, y[:, None])[:, 0], scale, dtype, what + " log-prob")
         _close(h.detach(), ent, scale, dtype, what + " entropy")
         _close_grad(xg.grad, _truth_grad(x, y, t, g_lp, g_h), g_lp, g_h, t, dtype, what)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("be", ["triton", "cuda"])
+def test_logprobs_grad_exact_to_the_spread_gpu(be, dtype):
+    """The same gradients from the GPU kernels (compiled Triton, CUDA)."""
+    for offset, sign, x, y, t in _grad_cases(dtype):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        g_lp, g_h = _upstream(x.shape[0], 4)
+        xg = x.cuda().requires_grad_()
+        with rlhf_fast.use_backend(be):
+            lp, h = rlhf_fast.logprobs_from_logits(xg, y.cuda(), temperature=t, return_entropy=True)
+        ((lp * g_lp.to(acc).cuda()).sum() + (h * g_h.to(acc).cuda()).sum()).backward()
+        want = _truth_grad(x, y, t, g_lp, g_h)
+        _close_grad(xg.grad.cpu(), want, g_lp, g_h, t, dtype, f"{be} {dtype} offset {sign}*{offset} T={t}")
