@@ -43,7 +43,7 @@ def _check(logits, labels, name, **kw):
 
 
 # the interpreter runs Triton ~1000x slower: V = 1003 (not a multiple of any tile) on C++ only
-BACKEND_V = [(b, V) for b in CPU_BACKENDS for V in ((1, 7, 300) if b == "triton" else (1, 7, 300, 1003))]
+BACKEND_V = [(b, V) for b in CPU_BACKENDS for V in ((7, 300) if b == "triton" else (1, 7, 300, 1003))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -61,7 +61,7 @@ def test_matches_float64_reference(backend_name, dtype, V, cfg):
 def test_scores_every_token_as_a_distribution(backend):
     """Scoring every token of one row: the kept set is the reference's, the
     kept probabilities sum to 1, and ties at each threshold are all kept."""
-    V = 257 if backend == "cpp" else 65  # every row is a launch: the interpreter runs V of them
+    V = 257 if backend == "cpp" else 33  # every row is a launch: the interpreter runs V of them
     x = torch.randint(-4, 4, (1, V)).float()  # integer logits: large tie groups at every threshold
     rows = x.expand(V, V)
     labels = torch.arange(V)
@@ -87,7 +87,9 @@ def test_scores_every_token_as_a_distribution(backend):
 def test_bit_identical_to_sample_processed_logprobs(backend, dtype):
     B, V = (16, 300) if backend == "triton" else (128, 1003)
     logits = (torch.randn(B, V) * 3).to(dtype)
-    for cfg in CONFIGS + [dict(temperature=1.3)]:
+    # the interpreter: the two single filters that search (top-k's radix select, top-p's mass search) and all three
+    configs = CONFIGS + [dict(temperature=1.3)] if backend == "cpp" else [CONFIGS[0], CONFIGS[1], CONFIGS[3]]
+    for cfg in configs:
         temp = cfg.get("temperature", 1.0)
         filt = {k: v for k, v in cfg.items() if k != "temperature"}
         out = rlhf_fast.sample(logits, temperature=temp, generator=torch.Generator().manual_seed(7), **filt)

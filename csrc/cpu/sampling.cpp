@@ -364,15 +364,38 @@ struct ScoreResult {
   float logprob, entropy, mx, thr, log_mass;
 };
 
+// The row max, and whether the row has a distribution: no NaN, no +inf, a
+// finite logit, max / T finite (the cases where logprobs_row_stats gives a
+// NaN lse). One compare-only sweep: the truncated path needs no log-sum-exp
+// of the whole row, only its max (the max is exact, so the kept set and the
+// log-probs are the sampler's bits all the same).
+template <typename T>
+bool row_max(const T* x, int64_t V, float inv_t, float& mx) {
+  float m = kNegInf;
+  int64_t nan = 0;
+#pragma omp simd reduction(max : m) reduction(+ : nan)
+  for (int64_t j = 0; j < V; ++j) {
+    const float v = to_acc(x[j]);
+    m = v > m ? v : m;
+    nan += v != v ? 1 : 0;
+  }
+  mx = m;
+  return nan == 0 && m != -kNegInf && m != kNegInf && std::isfinite(m * inv_t);
+}
+
 template <typename T>
 ScoreResult score_row(const T* x, int64_t V, int64_t label, const ScoreParams& p,
                       std::vector<float>& zbuf, std::vector<float>& ebuf) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  const RowStats<float> st = logprobs_row_stats(x, V, p.inv_t);
-  if (std::isnan(st.lse)) return {nan, nan, nan, nan, nan};  // that row alone, as logprobs_from_logits
-  const float mx = st.max_x;
+  if (!p.filtered) {  // the log-prob kernel's own statistics: its bits for its log-prob
+    const RowStats<float> st = logprobs_row_stats(x, V, p.inv_t);
+    if (std::isnan(st.lse)) return {nan, nan, nan, nan, nan};  // that row alone, as logprobs_from_logits
+    const float d_y = (to_acc(x[label]) - st.max_x) * p.inv_t;
+    return {d_y - st.log_s, p.entropy ? st.entropy : 0.0f, st.max_x, kNegInf, st.log_s};
+  }
+  float mx;
+  if (!row_max(x, V, p.inv_t, mx)) return {nan, nan, nan, nan, nan};
   const float d_y = (to_acc(x[label]) - mx) * p.inv_t;
-  if (!p.filtered) return {d_y - st.log_s, p.entropy ? st.entropy : 0.0f, mx, kNegInf, st.log_s};
   const KeptSet ks = kept_set(x, V, p.inv_t, mx, p.f, zbuf, ebuf);
   ScoreResult r{d_y >= ks.thr ? d_y - ks.log_mass : kNegInf, 0.0f, mx, ks.thr, ks.log_mass};
   if (p.entropy) {

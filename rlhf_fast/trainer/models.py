@@ -78,13 +78,22 @@ class ScalarHeadModel(nn.Module):
 
 
 def response_logprobs(
-    model, sequences, attention_mask, response_mask, prompt_length: int, *, temperature=1.0, return_entropy=False
+    model,
+    sequences,
+    attention_mask,
+    response_mask,
+    prompt_length: int,
+    *,
+    temperature=1.0,
+    return_entropy=False,
+    **filters,
 ):
     """Log-probs (and entropy) of the response tokens under `model`.
 
     sequences, attention_mask: (B, P+R); response_mask: (B, R) bool.
     Returns logprobs (B, R) fp32 (0 where masked) and entropy (B, R) or None,
-    through rlhf_fast.logprobs_from_logits on the (B, R, V) logit slice read in place."""
+    through rlhf_fast.logprobs_from_logits on the (B, R, V) logit slice read in place;
+    filters (top_k / top_p / min_p) score under the sampler's truncation."""
     R = sequences.shape[1] - prompt_length
     out = model(
         input_ids=sequences,
@@ -95,7 +104,7 @@ def response_logprobs(
     )
     logits = out.logits[:, :-1]  # (B, R, V): position P-1+t predicts token t
     labels = sequences[:, prompt_length:].masked_fill(~response_mask, -100)
-    res = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy)
+    res = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy, **filters)
     return res if return_entropy else (res, None)
 
 

@@ -21,7 +21,7 @@ from .optimizer import guarded_step, make_optimizer
 from .packing import packed_logprobs, packed_loss_args
 from .reward_scaling import RunningMoments, process_scores
 from .rewards import TextRewards
-from .rollout import ScoredRollout, correction_args, rollout, sample_prompts, score
+from .rollout import ScoredRollout, correction_args, mask_outside_kept, rollout, sample_prompts, score, scoring
 
 
 class PolicyTrainer(Trainer):
@@ -123,22 +123,25 @@ class PolicyTrainer(Trainer):
                 ro.attention_mask,
                 ro.response_mask,
                 ro.prompt_length,
-                temperature=c.temperature,
                 return_entropy=True,
+                **scoring(c),
             )
             mask, layout = ro.response_mask, correction_args(self.rollout_correction, ro)
         else:
-            logp, ent = packed_logprobs(self.policy_ddp, pk, temperature=c.temperature, return_entropy=True)
+            logp, ent = packed_logprobs(self.policy_ddp, pk, return_entropy=True, **scoring(c))
             mask, layout = pk.mask, packed_loss_args(pk, c.loss_agg, ro.response_mask.shape[1])
             if self.rollout_correction is not None and pk.sampler_logprobs is not None:
                 layout.update(rollout_logprobs=pk.sampler_logprobs, rollout_correction=self.rollout_correction)
-        return ppo_loss(
+        ref = mb.ref_logprobs if use_kl else None
+        roll = layout.get("rollout_logprobs")
+        mask, outside = mask_outside_kept(mask, logp.detach(), mb.old_logprobs, ref, roll)
+        loss, stats = ppo_loss(
             logp,
             mb.old_logprobs,
             mb.advantages,
             mask,
             entropy=ent,
-            ref_logprobs=mb.ref_logprobs if use_kl else None,
+            ref_logprobs=ref,
             entropy_coef=c.entropy_coef,
             kl_coef=self.kl_ctl.value if use_kl else 0.0,
             kl_kind=c.kl_kind,
@@ -148,6 +151,8 @@ class PolicyTrainer(Trainer):
             agg=c.loss_agg,
             **layout,
         )
+        stats["outside_kept_frac"] = outside
+        return loss, stats
 
     def minibatch_epochs(self, exp, optimizers, micro_step) -> tuple[dict, list[float], int]:
         """What PPO and GRPO share: ppo_epochs x shuffled minibatches x
