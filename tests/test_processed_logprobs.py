@@ -271,3 +271,37 @@ def test_torch_compile_fullgraph_dynamic():
         lc.backward()
         le.backward()
         assert_close(xc.grad, xe.grad, "agree", "compiled d logits")
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_logprobs_truncated_matches_logits_path(backend, with_bias):
+    """linear_logprobs(top_k=, top_p=, min_p=) chunk by chunk equals the
+    materialised logits through logprobs_from_logits: values, -inf pattern,
+    and d hidden / d weight / d bias with the kept set held fixed."""
+    N, H, V = 37, 16, 300
+    h, w = torch.randn(N, H), torch.randn(V, H) / 2
+    b = torch.randn(V) if with_bias else None
+    y = torch.randint(0, V, (N,))
+    y[3] = IGNORE
+    kw = dict(temperature=torch.rand(N) + 0.5, top_k=20, top_p=0.9, min_p=0.01)
+    outs = []
+    for linear in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (h, w) + ((b,) if with_bias else ())]
+        hh, ww, bb = leaves[0], leaves[1], leaves[2] if with_bias else None
+        if linear:
+            lp, ent = rlhf_fast.linear_logprobs(hh, ww, y, bias=bb, return_entropy=True, chunk_size=16, **kw)
+        else:
+            lp, ent = rlhf_fast.logprobs_from_logits(
+                torch.nn.functional.linear(hh, ww, bb), y, return_entropy=True, **kw
+            )
+        (torch.where(lp.isfinite(), lp, 0).sum() + ent.sum()).backward()
+        outs.append((lp, ent, [t.grad for t in leaves]))
+    (lp, ent, grads), (lp0, ent0, grads0) = outs
+    assert_close(lp, lp0, "agree", "linear truncated logprobs")
+    assert_close(ent, ent0, "agree", "linear truncated entropy")
+    for g, g0, name in zip(grads, grads0, ("d hidden", "d weight", "d bias")):
+        assert_close(g, g0, "agree", name)
+    # float64: the reference on the materialised logits
+    lp64 = rlhf_fast.linear_logprobs(h.double(), w.double(), y, top_k=20, top_p=0.9)
+    ref = reference.logprobs_from_logits(torch.nn.functional.linear(h.double(), w.double()), y, top_k=20, top_p=0.9)
+    assert torch.equal(lp64, ref)
