@@ -35,9 +35,12 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #            Hopper; on Ampere they must compile and fit, and spill a little.
 #          - group_advantages: 16 B. Triton 3.6 spills 8 B there (a 64-bit
 #            stack slot at 32 registers) where 3.9 spills none;
-#          - the sampler on sm_90: 16 B. Triton 3.6 spills 8 B in its filtered
+#          - the sampler on sm_90: 24 B. Triton 3.6 spills 8 B in its filtered
 #            bf16 / fp16 specialisation at the 128-register cap of 8 warps (the
-#            max-shifted keys); 3.9 spills none. Unmeasured on a GPU;
+#            max-shifted keys), and 24 B in the small-vocabulary one (V = 1003,
+#            BLOCK_V 1024, 72 registers) since its sweeps became the jit
+#            helpers it shares with the processed-log-prob kernel (the same
+#            operations; 16 B before); 3.9 spills none. Unmeasured on a GPU;
 #          - sm_80 (Ampere must compile and fit; the targets are H100 / H200):
 #            the sampler 32 B (its filtered path at the 128-register cap of
 #            8 warps, Triton 3.9) and the log-prob backward 16 B (its fp64
@@ -54,7 +57,7 @@ KERNELS = {
     "_linear_logprobs_fwd_kernel": dict(block=None, spill_budget={90: 64, 80: 512}),
     "_linear_logprobs_dlogits_kernel": dict(block=None, spill_budget=_G),
     "_matmul_acc_kernel": dict(block=None, spill_budget={90: 64, 80: 512}),
-    "_sample_fwd_kernel": dict(block="BLOCK_V", spill_budget={90: 16, 80: 32}),
+    "_sample_fwd_kernel": dict(block="BLOCK_V", spill_budget={90: 24, 80: 32}),
     "_processed_logprobs_fwd_kernel": dict(block="BLOCK_V", spill_budget={90: 16, 80: 32}),
     "_processed_logprobs_bwd_kernel": dict(block="BLOCK_V", spill_budget=_Z),
     "_ppo_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget={90: 16, 80: 16}, last_program_epilogue=True),
