@@ -305,3 +305,25 @@ def test_linear_logprobs_truncated_matches_logits_path(backend, with_bias):
     lp64 = rlhf_fast.linear_logprobs(h.double(), w.double(), y, top_k=20, top_p=0.9)
     ref = reference.logprobs_from_logits(torch.nn.functional.linear(h.double(), w.double()), y, top_k=20, top_p=0.9)
     assert torch.equal(lp64, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_sweeps_equal_the_samplers(monkeypatch, dtype):
+    """The scorer reads the logits as often as the sampler does for the same
+    filters (its kept-mass sweep replaces the race), plus the label's logit
+    once per row; counted under the interpreter."""
+    from test_sampling import _call, _logit_reads
+
+    from rlhf_fast.ops._sampling import draw_seeds
+
+    B, V = 4, 5000
+    logits = (torch.randn(B, V) * 40).to(dtype)
+    labels = torch.randint(0, V, (B,))
+    seeds = draw_seeds(B, logits.device, None)
+    cfgs = {"top_k": dict(top_k=50), "top_p": dict(top_p=0.999), "all": dict(top_k=4000, top_p=0.999, min_p=1e-30)}
+    with rlhf_fast.use_backend("triton"):
+        for name, cfg in cfgs.items():
+            sampler = _logit_reads(monkeypatch, logits, lambda cfg=cfg: _call(logits, seeds, **cfg))
+            scorer = _logit_reads(monkeypatch, logits, lambda cfg=cfg: rlhf_fast.logprobs_from_logits(logits, labels, **cfg))
+            assert scorer <= sampler + 1 / V, (name, scorer, sampler)
+            assert scorer > sampler - 1, (name, scorer, sampler)
