@@ -324,6 +324,8 @@ def test_triton_sweeps_equal_the_samplers(monkeypatch, dtype):
     with rlhf_fast.use_backend("triton"):
         for name, cfg in cfgs.items():
             sampler = _logit_reads(monkeypatch, logits, lambda cfg=cfg: _call(logits, seeds, **cfg))
-            scorer = _logit_reads(monkeypatch, logits, lambda cfg=cfg: rlhf_fast.logprobs_from_logits(logits, labels, **cfg))
+            scorer = _logit_reads(
+                monkeypatch, logits, lambda cfg=cfg: rlhf_fast.logprobs_from_logits(logits, labels, **cfg)
+            )
             assert scorer <= sampler + 1 / V, (name, scorer, sampler)
             assert scorer > sampler - 1, (name, scorer, sampler)
