@@ -80,6 +80,10 @@ class RolloutConfig(TrainConfig):
     # (TRL / verl's default, biased under truncation). Tokens outside the kept set score -inf
     # and are masked out of the loss (metric outside_kept_frac).
     logprobs_mode: str = "processed"
+    # The update's policy loss: "fused", rlhf_fast.linear_ppo_loss on the trunk's hidden states
+    # and the lm_head weight (no (B, R, V) logits, 3 GEMMs a chunk); "logits", the lm_head's
+    # logits then logprobs_from_logits and ppo_loss (the same loss and metrics to rounding).
+    policy_loss: str = "fused"
     ppo_epochs: int = 2
     minibatch_size: int = 8  # sequences per minibatch (each split into grad_accum micro-batches)
     clip_low: float = 0.2
@@ -175,6 +179,7 @@ RULES: dict[str, tuple] = {
     "top_p": ("float", "(0, 1]"),
     "min_p": ("float", "[0, 1]"),
     "logprobs_mode": (("processed", "raw"), None),
+    "policy_loss": (("fused", "logits"), None),
     "ppo_epochs": ("int", ">= 1"),
     "minibatch_size": ("int", ">= 1"),
     "clip_low": ("float", ">= 0"),
