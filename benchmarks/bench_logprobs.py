@@ -63,6 +63,38 @@ def _liger_ce(device: str):
     return _gpu_peer(device, "Liger-Kernel", "pip install liger-kernel", load)
 
 
+# vLLM / verl's usual rollout setting: the distribution the processed log-probs are taken under
+TRUNCATION = dict(temperature=0.7, top_k=50, top_p=0.9)
+
+
+def eager_truncated_logprobs(logits, labels, temperature=0.7, top_k=50, top_p=0.9):
+    """What a user writes to score tokens under the sampler's truncation without
+    our op: HF's TopK then TopP warpers (sort), log_softmax, gather."""
+    z = logits.float() / temperature
+    kth = z.topk(top_k, dim=-1).values[:, -1:]
+    z = z.masked_fill(z < kth, float("-inf"))
+    s, idx = z.sort(dim=-1)
+    drop = s.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[:, -1] = False
+    z = z.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    return torch.log_softmax(z, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _processed_records(logits, labels, common) -> list:
+    """Scoring given tokens under top-k 50 / top-p 0.9 at T = 0.7, against
+    our untruncated op (the cost of the truncation) and the sort-based eager
+    chain, in the same run."""
+    ours = lambda x=logits, y=labels: rlhf_fast.logprobs_from_logits(x, y, **TRUNCATION)  # noqa: E731
+    peers = {
+        "rlhf_fast untruncated (T only)": lambda x=logits, y=labels: rlhf_fast.logprobs_from_logits(
+            x, y, temperature=0.7
+        ),
+        "eager top-k/top-p warpers (sort)": lambda x=logits, y=labels: eager_truncated_logprobs(x, y),
+    }
+    c = dict(common, op="logprobs top-k 50 top-p 0.9")
+    return compare(fn=ours, baselines=peers, mode="fwd", bytes_moved=logits.numel() * logits.element_size(), **c)
+
+
 def _fwd_bwd(fn, logits, labels):
     def run():
         x = logits.detach().requires_grad_()
@@ -123,6 +155,7 @@ def run(quick: bool = True, device: str | None = None, tiny: bool = False, shape
                 bytes_moved=3 * logits.numel() * logits.element_size(),
                 **common,
             )
+            records += _processed_records(logits, labels, common)
             del logits
     return records
 

@@ -70,6 +70,20 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "sample_fwd(Tensor logits, Tensor seeds, Tensor temperature, Tensor top_k, "
       "Tensor top_p, Tensor min_p, bool filtered) -> (Tensor tokens, "
       "Tensor logprobs, Tensor processed_logprobs)");
+  // Scoring given labels (N,) under the sampler's truncation: logits (N, V),
+  // per-row parameters (N,) as sample_fwd's (temperature > 0). Returns fp32
+  // log-probs (-inf outside the kept set; 0 where label == ignore_index),
+  // the truncated distribution's entropy (0 unless compute_entropy) and
+  // stats (N, 3) = (max logit, threshold on (x - max) / T, log kept mass)
+  // for the backward, which holds the kept set fixed.
+  m.def(
+      "processed_logprobs_fwd(Tensor logits, Tensor labels, Tensor temperature, "
+      "Tensor top_k, Tensor top_p, Tensor min_p, int ignore_index, bool filtered, "
+      "bool compute_entropy) -> (Tensor logprobs, Tensor entropy, Tensor stats)");
+  m.def(
+      "processed_logprobs_bwd(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, "
+      "Tensor labels, Tensor temperature, Tensor stats, Tensor entropy, int ignore_index) "
+      "-> Tensor");
   // ---- fused linear log-probs (rlhf_fast/ops/_linear_logprobs.py) ----
   // hidden: (N, H), weight: (V, H), bias: (V,) or None, labels: (N,).
   // Same outputs as logprobs_fwd(hidden @ weight.T + bias, ...) without the

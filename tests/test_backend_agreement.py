@@ -1,6 +1,7 @@
 """Every backend, the same awkward inputs, the same answer (to tolerance, NaN
 where NaN) or the same error class: logprobs_from_logits, linear_logprobs and
-sample on cpp, triton (through the interpreter) and the reference."""
+sample on cpp, triton (through the interpreter) and the reference; also the
+truncated log-probs (top_k / top_p / min_p)."""
 
 import math
 
@@ -124,3 +125,22 @@ def test_sample_agree(case, dtype):
                     lambda: tuple(rlhf_fast.sample(logits, generator=torch.Generator().manual_seed(5), **cfg))
                 )
         _agree(results, f"sample {case} {dtype} {cfg}")
+
+
+TRUNC_CFGS = (dict(top_k=3), dict(temperature=0.7, top_p=0.8, min_p=0.05), dict(temperature=torch.tensor(0.9)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", list(CASES))
+def test_truncated_logprobs_agree(case, dtype):
+    """logprobs_from_logits under the sampler's truncation (top-k / top-p /
+    min-p, a tensor temperature): -inf outside the kept set in the same
+    places, NaN rows alone, the same errors."""
+    logits, labels = CASES[case]
+    logits = logits.to(dtype)
+    for cfg in TRUNC_CFGS:
+        results = {}
+        for be in BACKENDS:
+            with rlhf_fast.use_backend(be):
+                results[be] = _run(lambda: rlhf_fast.logprobs_from_logits(logits, labels, return_entropy=True, **cfg))
+        _agree(results, f"truncated logprobs {case} {dtype} {cfg}")

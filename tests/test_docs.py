@@ -60,6 +60,7 @@ EXTERNAL = {
     "verl/workers/engine/fsdp/transformer_impl.py",
     "openrlhf/models/actor.py",
     "openrlhf/models/model.py",
+    "openrlhf/cli/train_ppo_ray.py",
     "tests/trainer/ppo",
     "vp_example.py",
 }

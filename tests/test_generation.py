@@ -66,13 +66,13 @@ def test_greedy_matches_hf_generate(kind, padding):
     assert bool((got.logprobs[~got.response_mask] == 0).all())
 
 
-def _teacher_forced_logprobs(model, out, prompt_mask, temperature):
+def _teacher_forced_logprobs(model, out, prompt_mask, temperature, **filters):
     P = out.prompt_length
     n = out.sequences.shape[0] // prompt_mask.shape[0]
     mask = torch.cat([prompt_mask.repeat_interleave(n, 0), out.response_mask.long()], dim=1)
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     logits = model(input_ids=out.sequences, attention_mask=mask, position_ids=pos).logits
-    lp = rlhf_fast.logprobs_from_logits(logits[:, P - 1 : -1], out.sequences[:, P:], temperature=temperature)
+    lp = rlhf_fast.logprobs_from_logits(logits[:, P - 1 : -1], out.sequences[:, P:], temperature=temperature, **filters)
     return torch.where(out.response_mask, lp, torch.zeros_like(lp))
 
 
@@ -88,6 +88,16 @@ def test_sampled_logprobs_equal_teacher_forced(kind, cfg):
     want = _teacher_forced_logprobs(model, out, mask, cfg["temperature"])
     assert_close(out.logprobs, want, "model", "sampled vs teacher-forced")
     assert bool((out.logprobs[out.response_mask] < 0).all())
+    # processed: under the truncated distribution drawn from, as the scorer computes it teacher-forced
+    filters = {k: v for k, v in cfg.items() if k != "temperature"}
+    if not filters:
+        assert torch.equal(out.processed_logprobs, out.logprobs)
+    want_p = _teacher_forced_logprobs(model, out, mask, cfg["temperature"], **filters)
+    assert bool(torch.isfinite(out.processed_logprobs).all())
+    assert_close(out.processed_logprobs, want_p, "model", "processed: sampled vs teacher-forced")
+    assert bool((out.processed_logprobs[~out.response_mask] == 0).all())
+    if filters:  # truncation renormalises onto fewer tokens: never below the raw log-prob
+        assert bool((out.processed_logprobs >= out.logprobs - 1e-6).all())
 
 
 def test_triton_backend_sampled_logprobs():

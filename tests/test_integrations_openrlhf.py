@@ -267,3 +267,26 @@ def test_packed_samples_actor_runs_our_op_on_the_packed_stream(monkeypatch):
     assert_close(out[True, True], out[True, False], "peer")
     valid = action_mask & mask[:, -12:].bool()
     assert_close(out[True, True][valid], out[False, False][valid], "peer")  # packed == padded where it counts
+
+
+def test_rollout_logprobs_mode_pairing():
+    """OpenRLHF asks vLLM for processed log-probs when its importance-sampling correction is on
+    (docs/integrations.md): under truncation those are logprobs_from_logits(top_k=, top_p=), bit for
+    bit the sampler's, while its actor's tempered log-prob (our patched function) differs by the log
+    of the kept mass."""
+    import inspect
+
+    from openrlhf.cli import train_ppo_ray
+
+    import rlhf_fast
+
+    src = inspect.getsource(train_ppo_ray)
+    assert '"processed_logprobs" if args.algo.advantage.is_correction_level != "off" else None' in src
+    logits = torch.randn(64, 500) * 3
+    out = rlhf_fast.sample(logits, temperature=0.7, top_k=40, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    processed = rlhf_fast.logprobs_from_logits(logits, out.tokens, temperature=0.7, top_k=40, top_p=0.9)
+    assert torch.equal(processed, out.processed_logprobs)
+    with ro.patched():
+        tempered = ou.log_probs_from_logits(logits.clone(), out.tokens, 0.7)
+    assert_close(tempered, out.logprobs, "peer", "OpenRLHF tempered log-probs vs the sampler's raw ones")
+    assert bool((processed > tempered).all())

@@ -214,3 +214,23 @@ def test_ray_worker_patched_by_setup_hook():
         assert is_ours and n_calls == 1 and pid != os.getpid()
     finally:
         ray.shutdown()
+
+
+def test_rollout_logprobs_mode_pairing():
+    """verl's rollout asks vLLM for processed log-probs by default (docs/integrations.md); the
+    trainer-side op that matches them under truncation is logprobs_from_logits(top_k=, top_p=),
+    while the tempered log-prob verl's actor computes (our patched function) differs from them
+    by the log of the kept mass."""
+    from verl.workers.config.rollout import RolloutConfig
+
+    import rlhf_fast
+
+    assert RolloutConfig.__dataclass_fields__["logprobs_mode"].default == "processed_logprobs"
+    logits = torch.randn(64, 500) * 3
+    out = rlhf_fast.sample(logits, temperature=0.7, top_k=40, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    processed = rlhf_fast.logprobs_from_logits(logits, out.tokens, temperature=0.7, top_k=40, top_p=0.9)
+    assert torch.equal(processed, out.processed_logprobs)
+    with rv.patched():
+        tempered = verl_F.logprobs_from_logits(logits / 0.7, out.tokens)  # verl's actor divides by T first
+    assert_close(tempered, out.logprobs, "peer", "verl tempered log-probs vs the sampler's raw ones")
+    assert bool((processed > tempered).all())  # renormalised onto the kept set

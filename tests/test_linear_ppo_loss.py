@@ -235,11 +235,11 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
-def _op_args(x, chunk=4, needs=(True, True, True)):
+def _op_args(x, chunk=4, needs=(True, True, True), sampling=None):
     return (
         x["hidden"], x["weight"], x["bias"], x["labels"], x["old"], x["adv"],
-        x["mask"], x["ref"], x["roll"], None, 0.9, -100, 0.1, 0.2, "k3", 0.2, 0.28, 3.0, "token-mean", 9.0,
-        "token", 2.0, None, "token_k1", -0.1, 0.1, chunk, *needs,
+        x["mask"], x["ref"], x["roll"], None, 0.9, sampling, sampling is not None, -100, 0.1, 0.2, "k3", 0.2, 0.28,
+        3.0, "token-mean", 9.0, "token", 2.0, None, "token_k1", -0.1, 0.1, chunk, *needs,
     )  # fmt: skip
 
 
@@ -251,8 +251,12 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.rlhf_fast.linear_ppo_loss_fwd.default, _op_args(x, 64, (True, False, False)))
     p, cu = _pack(make_inputs(4, 9, 16, 37))
     args = list(_op_args(p))
-    args[9], args[18] = cu, "seq-mean-token-mean"
+    args[9], args[20] = cu, "seq-mean-token-mean"
     torch.library.opcheck(torch.ops.rlhf_fast.linear_ppo_loss_fwd.default, tuple(args))
+    # per-token temperature and the sampler's truncation
+    n = x["labels"].numel()
+    sampling = torch.tensor([[0.8, 5.0, 0.9, 0.01]], dtype=torch.float64).expand(n, 4).contiguous()
+    torch.library.opcheck(torch.ops.rlhf_fast.linear_ppo_loss_fwd.default, _op_args(x, sampling=sampling))
 
 
 def test_torch_compile_fullgraph_dynamic():
@@ -411,3 +415,19 @@ def test_forced_triton_runs_the_two_op_path_on_its_kernels():
     assert_close(fused[0], two[0], "agree", name="loss")
     for i in (2, 4, 5, 6):
         assert_close(fused[i], two[i], "agree")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_token_temperature_and_truncation_match_reference(dtype):
+    """temperature per token and the sampler's truncation (top-k / min-p):
+    the fused op against the float64 composite reference, values, stats and
+    gradients; labels outside the kept set score -inf on both sides and
+    pass no gradient."""
+    x = make_inputs(4, 9, 24, 67, dtype)
+    temp = torch.rand(4, 9) + 0.5
+    ours = check(x, dict(OPTIONS["grpo"], temperature=temp, top_k=40, min_p=0.001), chunk_size=16)
+    lp = ours[2]
+    assert bool(lp.isneginf().any()) and bool(lp.isfinite().any())  # both kinds of token were exercised
+    # a (B,) temperature is per row
+    row_t = torch.tensor([0.6, 0.8, 1.0, 1.3])
+    check(x, dict(OPTIONS["grpo"], temperature=row_t), chunk_size=16)

@@ -18,6 +18,8 @@ SCHEMAS = (
     "whiten",
     "group_advantages",
     "sample_fwd",
+    "processed_logprobs_fwd",
+    "processed_logprobs_bwd",
     "linear_logprobs_fwd",
     "linear_logprobs_bwd",
     "ppo_loss_fwd",

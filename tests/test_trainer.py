@@ -542,3 +542,22 @@ def test_ddp_killed_and_resumed_equals_uninterrupted_field_by_field(tmp_path):
         assert got["stops"][algo] is not None and got["stops"][algo][0] == STOP, (algo, got["stops"][algo])
         assert diffs == [], f"{algo}:\n" + "\n".join(diffs[:20])
     assert set(got["diffs"]) == {"ppo", "grpo", "rm", "dpo"}
+
+
+@pytest.mark.parametrize("make", [ppo_trainer, grpo_trainer])
+@pytest.mark.parametrize("packing", [False, True])
+def test_fused_policy_loss_matches_logits_path(make, packing):
+    """policy_loss: fused (linear_ppo_loss on the trunk's hidden states, the
+    default) and logits (lm_head logits, logprobs_from_logits, ppo_loss) log
+    the same metrics and end at the same weights, to rounding."""
+    runs = {}
+    for path in ("fused", "logits"):
+        t = make(policy_loss=path, packing=packing)
+        runs[path] = (t.train(2), flat_params(t.policy))
+    (rows_f, w_f), (rows_l, w_l) = runs["fused"], runs["logits"]
+    moved = (w_l - flat_params(tiny_llama(0))).abs().max().item()
+    assert moved > 1e-4
+    assert (w_f - w_l).abs().max().item() < 1e-4 * moved
+    for a, b in zip(rows_f, rows_l):
+        for k in ("pg_loss", "entropy", "clipfrac", "approx_kl", "outside_kept_frac", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k

@@ -80,3 +80,33 @@ def test_config_block_validated():
             PPOConfig(rollout_correction=bad)
     assert GRPOConfig(rollout_correction=None).rollout_correction is None
     assert PPOConfig().rollout_correction is None
+
+
+# ---------------------------------------------------------------- logprobs_mode under truncation
+
+
+@pytest.mark.parametrize("make", [ppo_trainer, grpo_trainer])
+def test_truncated_rollout_scored_under_its_own_sampling(make):
+    """With top-k / top-p / min-p, logprobs_mode "processed" (the default) takes the old and
+    reference log-probs under the rollout's truncation: the rollout's processed log-probs and
+    the trainer's agree to rounding, and the ratio stays ~1. "raw" keeps the tempered-only
+    log-probs, which under truncation differ by the log of the kept mass."""
+    sampling = dict(temperature=0.9, top_k=20, top_p=0.8, min_p=0.01)
+    proc = make(**sampling)
+    assert proc.config.logprobs_mode == "processed"
+    exp = proc.make_experience()
+    ro = exp.rollout
+    m = ro.response_mask
+    gap = (exp.old_logprobs - ro.logprobs)[m].abs().max().item()
+    assert gap < 1e-4, gap
+    assert abs(exp.metrics["rollout_corr/kl"]) < 1e-5
+    assert exp.metrics["ref_outside_kept_frac"] >= 0.0
+    # truncation renormalises onto fewer tokens: the processed log-prob is never below the raw one
+    raw = make(logprobs_mode="raw", **sampling)
+    exp_raw = raw.make_experience()
+    assert bool((exp.old_logprobs[m] >= exp_raw.old_logprobs[m] - 1e-5).all())
+    assert (exp.old_logprobs[m] - exp_raw.old_logprobs[m]).mean().item() > 1e-3
+    # the raw trainer's own rollout log-probs are the raw ones: its gap is ~0 too
+    assert (exp_raw.old_logprobs - exp_raw.rollout.logprobs)[m].abs().max().item() < 1e-4
+    row = proc.train(1)[0]
+    assert math.isfinite(row["pg_loss"]) and 0.0 <= row["outside_kept_frac"] <= 1.0

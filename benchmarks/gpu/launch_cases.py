@@ -35,9 +35,12 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #            Hopper; on Ampere they must compile and fit, and spill a little.
 #          - group_advantages: 16 B. Triton 3.6 spills 8 B there (a 64-bit
 #            stack slot at 32 registers) where 3.9 spills none;
-#          - the sampler on sm_90: 16 B. Triton 3.6 spills 8 B in its filtered
+#          - the sampler on sm_90: 24 B. Triton 3.6 spills 8 B in its filtered
 #            bf16 / fp16 specialisation at the 128-register cap of 8 warps (the
-#            max-shifted keys); 3.9 spills none. Unmeasured on a GPU;
+#            max-shifted keys), and 24 B in the small-vocabulary one (V = 1003,
+#            BLOCK_V 1024, 72 registers) since its sweeps became the jit
+#            helpers it shares with the processed-log-prob kernel (the same
+#            operations; 16 B before); 3.9 spills none. Unmeasured on a GPU;
 #          - sm_80 (Ampere must compile and fit; the targets are H100 / H200):
 #            the sampler 32 B (its filtered path at the 128-register cap of
 #            8 warps, Triton 3.9) and the log-prob backward 16 B (its fp64
@@ -54,7 +57,9 @@ KERNELS = {
     "_linear_logprobs_fwd_kernel": dict(block=None, spill_budget={90: 64, 80: 512}),
     "_linear_logprobs_dlogits_kernel": dict(block=None, spill_budget=_G),
     "_matmul_acc_kernel": dict(block=None, spill_budget={90: 64, 80: 512}),
-    "_sample_fwd_kernel": dict(block="BLOCK_V", spill_budget={90: 16, 80: 32}),
+    "_sample_fwd_kernel": dict(block="BLOCK_V", spill_budget={90: 24, 80: 32}),
+    "_processed_logprobs_fwd_kernel": dict(block="BLOCK_V", spill_budget={90: 16, 80: 32}),
+    "_processed_logprobs_bwd_kernel": dict(block="BLOCK_V", spill_budget=_Z),
     "_ppo_loss_fwd_kernel": dict(block="BLOCK_T", spill_budget={90: 16, 80: 16}, last_program_epilogue=True),
     "_ppo_loss_bwd_kernel": dict(block="BLOCK_T", spill_budget=_Z),
     "_rollout_row_kernel": dict(block="BLOCK_T", spill_budget=_Z),
@@ -176,6 +181,23 @@ def _sampling_cases(ops):
         )
         for filtered in (False, True):
             out.append((f"sample {dt} V={V} filtered={filtered}", lambda a=args, f=filtered: fwd(*a, f)))
+    # scoring given labels under the same truncation (logprobs_from_logits(top_k=, top_p=, min_p=))
+    score = ops.sampling.processed_logprobs_fwd_triton._init_fn
+    score_bwd = ops.sampling.processed_logprobs_bwd_triton._init_fn
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        N, V = 128, 131072
+        x, y = _m((N, V), dt), _m((N,), torch.int64)
+        params = (_m((N,), torch.float64), _m((N,), torch.int64), _m((N,), torch.float64), _m((N,), torch.float64))
+        for filtered, ent in ((True, False), (True, True), (False, True)):
+            tag = f"{dt} V={V} filtered={filtered} entropy={ent}"
+            out.append(
+                (f"processed_logprobs fwd {tag}", lambda a=(x, y, *params), f=filtered, e=ent: score(*a, -100, f, e))
+            )
+        stats, ent_out = _m((N, 3)), _m((N,))
+        for has_lp, has_ent in ((True, False), (True, True), (False, True)):
+            args = (_m((N,)) if has_lp else None, _m((N,)) if has_ent else None, x, y, params[0], stats, ent_out, -100)
+            tag = f"{dt} V={V} grad_logprobs={has_lp} grad_entropy={has_ent}"
+            out.append((f"processed_logprobs bwd {tag}", lambda a=args: score_bwd(*a)))
     return out
 
 

@@ -131,6 +131,48 @@ float bisect(int32_t lo, int32_t hi, Pred pred) {
   return key_float(static_cast<int32_t>(a));
 }
 
+struct Filters {
+  int64_t top_k;
+  float top_p, min_p;
+};
+
+// The kept set {d >= thr} of one row and the log of its mass sum(exp(d)),
+// d = (x - mx) * inv_t <= 0. z / e are left in zbuf / ebuf (V floats each)
+// for the caller's further sweeps. Shared by the sampler and the scorer
+// (processed_logprobs_fwd), so a token's processed log-prob is the same bits
+// whether it was drawn here or handed in.
+struct KeptSet {
+  float thr, mass, log_mass;
+};
+
+template <typename T>
+KeptSet kept_set(const T* x, int64_t V, float inv_t, float mx, const Filters& f,
+                 std::vector<float>& zbuf, std::vector<float>& ebuf) {
+  zbuf.resize(V);
+  ebuf.resize(V);
+  float* z = zbuf.data();
+  float* e = ebuf.data();
+  isa_call<FillRow<T>>(x, V, inv_t, mx, z, e);
+  const int32_t top = float_key(0.0f);  // max d
+  float tau_k = kNegInf, mass_k = mass_ge(z, e, V, kNegInf);
+  if (f.top_k > 0 && f.top_k < V) {
+    tau_k = bisect(float_key(kNegInf), top, [&](float t) { return count_ge(z, V, t) >= f.top_k; });
+    mass_k = mass_ge(z, e, V, tau_k);
+  }
+  float tau_p = kNegInf;
+  if (f.top_p < 1.0f) {
+    const float target = f.top_p * mass_k;
+    tau_p = bisect(float_key(tau_k), top, [&](float t) { return mass_ge(z, e, V, t) >= target; });
+  }
+  float tau_min = kNegInf;
+  if (f.min_p > 0.0f) tau_min = std::log(f.min_p);
+  KeptSet ks;
+  ks.thr = std::min(std::max(std::max(tau_k, tau_p), tau_min), 0.0f);  // the max token is always kept
+  ks.mass = mass_ge(z, e, V, ks.thr);
+  ks.log_mass = std::log(ks.mass);
+  return ks;
+}
+
 template <typename T>
 RowResult sample_row(const T* x, int64_t V, const RowParams& p,
                      std::vector<float>& zbuf, std::vector<float>& ebuf) {
@@ -159,29 +201,9 @@ RowResult sample_row(const T* x, int64_t V, const RowParams& p,
   float thr = kNegInf;
   float log_kept = st.log_s;  // log of the kept mass, relative to exp(max z)
   if (p.filtered) {
-    zbuf.resize(V);
-    ebuf.resize(V);
-    float* z = zbuf.data();
-    float* e = ebuf.data();
-    isa_call<FillRow<T>>(x, V, inv_t, mx, z, e);
-    const int32_t top = float_key(0.0f);  // max d
-    float tau_k = kNegInf, mass_k = mass_ge(z, e, V, kNegInf);
-    if (p.top_k > 0 && p.top_k < V) {
-      tau_k = bisect(float_key(kNegInf), top,
-                     [&](float t) { return count_ge(z, V, t) >= p.top_k; });
-      mass_k = mass_ge(z, e, V, tau_k);
-    }
-    float tau_p = kNegInf;
-    if (p.top_p < 1.0f) {
-      const float target = p.top_p * mass_k;
-      tau_p = bisect(float_key(tau_k), top,
-                     [&](float t) { return mass_ge(z, e, V, t) >= target; });
-    }
-    float tau_min = kNegInf;
-    if (p.min_p > 0.0f) tau_min = std::log(p.min_p);
-    thr = std::max(std::max(tau_k, tau_p), tau_min);
-    thr = std::min(thr, 0.0f);  // the max token is always kept
-    log_kept = std::log(mass_ge(z, e, V, thr));
+    const KeptSet ks = kept_set(x, V, inv_t, mx, {p.top_k, p.top_p, p.min_p}, zbuf, ebuf);
+    thr = ks.thr;
+    log_kept = ks.log_mass;
   }
   float keys[kChunk];
   float best = kNegInf;
@@ -324,10 +346,226 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_fwd_cpu(
   return {tokens, lp, plp};
 }
 
+// ---- scoring given tokens under the sampler's truncation ----
+// processed_logprobs_fwd: the log-prob of each given label under the
+// distribution sample() draws from (temperature, top-k, top-p, min-p,
+// renormalised), from the same row statistics and kept_set, so sample's
+// processed log-prob of its own token and this op's agree bit for bit.
+// A label outside the kept set gets -inf. stats (N, 3) fp32 = (max x, thr,
+// log kept mass) for the backward, which treats the kept set as fixed.
+
+struct ScoreParams {
+  float inv_t;
+  Filters f;
+  bool filtered, entropy;
+};
+
+struct ScoreResult {
+  float logprob, entropy, mx, thr, log_mass;
+};
+
+// The row max, and whether the row has a distribution: no NaN, no +inf, a
+// finite logit, max / T finite (the cases where logprobs_row_stats gives a
+// NaN lse). One compare-only sweep: the truncated path needs no log-sum-exp
+// of the whole row, only its max (the max is exact, so the kept set and the
+// log-probs are the sampler's bits all the same).
+template <typename T>
+bool row_max(const T* x, int64_t V, float inv_t, float& mx) {
+  float m = kNegInf;
+  int64_t nan = 0;
+#pragma omp simd reduction(max : m) reduction(+ : nan)
+  for (int64_t j = 0; j < V; ++j) {
+    const float v = to_acc(x[j]);
+    m = v > m ? v : m;
+    nan += v != v ? 1 : 0;
+  }
+  mx = m;
+  return nan == 0 && m != -kNegInf && m != kNegInf && std::isfinite(m * inv_t);
+}
+
+template <typename T>
+ScoreResult score_row(const T* x, int64_t V, int64_t label, const ScoreParams& p,
+                      std::vector<float>& zbuf, std::vector<float>& ebuf) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  if (!p.filtered) {  // the log-prob kernel's own statistics: its bits for its log-prob
+    const RowStats<float> st = logprobs_row_stats(x, V, p.inv_t);
+    if (std::isnan(st.lse)) return {nan, nan, nan, nan, nan};  // that row alone, as logprobs_from_logits
+    const float d_y = (to_acc(x[label]) - st.max_x) * p.inv_t;
+    return {d_y - st.log_s, p.entropy ? st.entropy : 0.0f, st.max_x, kNegInf, st.log_s};
+  }
+  float mx;
+  if (!row_max(x, V, p.inv_t, mx)) return {nan, nan, nan, nan, nan};
+  const float d_y = (to_acc(x[label]) - mx) * p.inv_t;
+  const KeptSet ks = kept_set(x, V, p.inv_t, mx, p.f, zbuf, ebuf);
+  ScoreResult r{d_y >= ks.thr ? d_y - ks.log_mass : kNegInf, 0.0f, mx, ks.thr, ks.log_mass};
+  if (p.entropy) {
+    // H = log M - sum_kept(e d) / M over the kept tokens (e = exp(d), M their mass)
+    const float* z = zbuf.data();
+    const float* e = ebuf.data();
+    float ed = 0.0f;
+#pragma omp simd reduction(+ : ed)
+    for (int64_t j = 0; j < V; ++j) ed += (z[j] >= ks.thr && e[j] > 0.0f) ? e[j] * z[j] : 0.0f;
+    r.entropy = ks.log_mass - ed / ks.mass;
+  }
+  return r;
+}
+
+at::Tensor score_param(const at::Tensor& t, int64_t N, at::ScalarType dt, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "rlhf_fast::processed_logprobs: ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "rlhf_fast::processed_logprobs: ", name, " must have shape (",
+              N, "), got ", t.sizes());
+  return t.to(dt).contiguous();
+}
+
+void check_score_logits(const at::Tensor& logits, const at::Tensor& labels, const char* op) {
+  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (N, V), got ", logits.sizes());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": logits must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), op, ": labels must have shape (",
+              logits.size(0), "), got ", labels.sizes());
+  TORCH_CHECK(logits.size(1) < (int64_t(1) << 31), op, ": V must be < 2^31, got ", logits.size(1));
+}
+
+template <typename F>
+void dispatch_logits(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<bf16_bits*>(nullptr)); break;
+    default: f(static_cast<fp16_bits*>(nullptr)); break;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> processed_logprobs_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& temperature,
+    const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p, int64_t ignore_index,
+    bool filtered, bool compute_entropy) {
+  const char* op = "rlhf_fast::processed_logprobs_fwd";
+  check_score_logits(logits, labels, op);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0 || N == 0, op, ": logits have an empty vocabulary dim");
+  const at::Tensor lg = V > 1 && logits.stride(1) != 1 ? logits.contiguous() : logits;
+  const at::Tensor lb = labels.to(at::kLong).contiguous();
+  const at::Tensor tt = score_param(temperature, N, at::kDouble, "temperature");
+  const at::Tensor tk = score_param(top_k, N, at::kLong, "top_k");
+  const at::Tensor tp = score_param(top_p, N, at::kDouble, "top_p");
+  const at::Tensor mp = score_param(min_p, N, at::kDouble, "min_p");
+  const auto fopt = logits.options().dtype(at::kFloat);
+  at::Tensor lp = at::empty({N}, fopt), ent = at::empty({N}, fopt), stats = at::empty({N, 3}, fopt);
+  if (N == 0) return {lp, ent, stats};
+  const int64_t stride = lg.stride(0);
+  const int64_t* lbp = lb.const_data_ptr<int64_t>();
+  const double* ttp = tt.const_data_ptr<double>();
+  const int64_t* tkp = tk.const_data_ptr<int64_t>();
+  const double* tpp = tp.const_data_ptr<double>();
+  const double* mpp = mp.const_data_ptr<double>();
+  float* lpp = lp.data_ptr<float>();
+  float* entp = ent.data_ptr<float>();
+  float* stp = stats.data_ptr<float>();
+  dispatch_logits(logits.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* base = reinterpret_cast<const T*>(lg.const_data_ptr());
+    at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+      std::vector<float> zbuf, ebuf;
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t y = lbp[r];
+        if (y == ignore_index) {  // never read: 0 and no gradient, as logprobs_from_logits
+          lpp[r] = entp[r] = 0.0f;
+          stp[3 * r] = stp[3 * r + 1] = stp[3 * r + 2] = 0.0f;
+          continue;
+        }
+        TORCH_CHECK_INDEX(y >= 0 && y < V, op, ": label ", y, " at row ", r, " is outside [0, ", V, ")");
+        const double t = ttp[r];
+        TORCH_CHECK_VALUE(std::isfinite(t) && t > 0.0, op, ": temperature must be finite and > 0, got ", t,
+                          " at row ", r);
+        ScoreParams p;
+        p.inv_t = static_cast<float>(1.0 / t);
+        TORCH_CHECK_VALUE(std::isfinite(p.inv_t), op, ": temperature ", t, " at row ", r,
+                          " is too small: 1 / temperature overflows float32");
+        p.f = {tkp[r], static_cast<float>(tpp[r]), static_cast<float>(mpp[r])};
+        p.filtered = filtered;
+        p.entropy = compute_entropy;
+        const ScoreResult res = score_row(base + r * stride, V, y, p, zbuf, ebuf);
+        lpp[r] = res.logprob;
+        entp[r] = res.entropy;
+        stp[3 * r] = res.mx;
+        stp[3 * r + 1] = res.thr;
+        stp[3 * r + 2] = res.log_mass;
+      }
+    });
+  });
+  return {lp, ent, stats};
+}
+
+// d/dx_j with the kept set fixed, p_j = exp(d_j - log M) on kept tokens:
+//   log-prob  inv_t * (1[j = y] - p_j)        (0 for the row if y is not kept)
+//   entropy  -inv_t * p_j * (d_j - log M + H)
+// Both are 0 outside the kept set and on ignored rows.
+at::Tensor processed_logprobs_bwd_cpu(const c10::optional<at::Tensor>& grad_logprobs,
+                                      const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+                                      const at::Tensor& labels, const at::Tensor& temperature,
+                                      const at::Tensor& stats, const at::Tensor& entropy, int64_t ignore_index) {
+  const char* op = "rlhf_fast::processed_logprobs_bwd";
+  check_score_logits(logits, labels, op);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  at::Tensor grad = at::empty({N, V}, logits.options());
+  if (N == 0 || V == 0) return grad;
+  const at::Tensor lg = V > 1 && logits.stride(1) != 1 ? logits.contiguous() : logits;
+  const at::Tensor lb = labels.to(at::kLong).contiguous();
+  const at::Tensor tt = score_param(temperature, N, at::kDouble, "temperature");
+  const at::Tensor st = stats.to(at::kFloat).contiguous();
+  const at::Tensor en = entropy.to(at::kFloat).contiguous();
+  const at::Tensor zero = at::zeros({N}, logits.options().dtype(at::kFloat));
+  const at::Tensor glp = grad_logprobs ? grad_logprobs->to(at::kFloat).contiguous() : zero;
+  const at::Tensor gen = grad_entropy ? grad_entropy->to(at::kFloat).contiguous() : zero;
+  const int64_t stride = lg.stride(0);
+  const int64_t* lbp = lb.const_data_ptr<int64_t>();
+  const double* ttp = tt.const_data_ptr<double>();
+  const float* stp = st.const_data_ptr<float>();
+  const float* enp = en.const_data_ptr<float>();
+  const float* glpp = glp.const_data_ptr<float>();
+  const float* genp = gen.const_data_ptr<float>();
+  dispatch_logits(logits.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* base = reinterpret_cast<const T*>(lg.const_data_ptr());
+    T* gbase = reinterpret_cast<T*>(grad.data_ptr());
+    at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+      std::vector<float> row(V);
+      for (int64_t r = begin; r < end; ++r) {
+        const T* x = base + r * stride;
+        T* g = gbase + r * V;
+        const int64_t y = lbp[r];
+        const float inv_t = static_cast<float>(1.0 / ttp[r]);
+        const float mx = stp[3 * r], thr = stp[3 * r + 1], log_m = stp[3 * r + 2], h = enp[r];
+        float g_lp = glpp[r], g_h = genp[r];
+        if (y == ignore_index) g_lp = g_h = 0.0f;
+        const bool y_kept = y != ignore_index && (to_acc(x[y]) - mx) * inv_t >= thr;
+        if (!y_kept) g_lp = 0.0f;
+        float* out = row.data();
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) {
+          const float d = (to_acc(x[j]) - mx) * inv_t;
+          const bool kept = d >= thr;
+          const float pj = kept ? exp_nonpos(d - log_m) : 0.0f;
+          const float dh = pj > 0.0f ? -pj * (d - log_m + h) : 0.0f;
+          out[j] = inv_t * (g_h * dh - g_lp * pj);
+        }
+        if (y_kept) out[y] += inv_t * g_lp;
+        for (int64_t j = 0; j < V; ++j) from_acc(out[j], g + j);
+      }
+    });
+  });
+  return grad;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace rlhf_fast
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("sample_fwd", &rlhf_fast::cpu::sample_fwd_cpu);
+  m.impl("processed_logprobs_fwd", &rlhf_fast::cpu::processed_logprobs_fwd_cpu);
+  m.impl("processed_logprobs_bwd", &rlhf_fast::cpu::processed_logprobs_bwd_cpu);
 }

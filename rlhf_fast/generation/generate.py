@@ -36,9 +36,16 @@ def _step_salt(t: int) -> int:
 class GenerateOutput:
     sequences: torch.Tensor  # (B*n, P+R) int64: prompt (as given, padding kept) then response
     response_mask: torch.Tensor  # (B*n, R) bool: generated tokens up to and including EOS
-    logprobs: torch.Tensor  # (B*n, R) fp32: log p(token) under softmax(logits / T); 0 where masked
+    # (B*n, R) fp32: log p(token) under softmax(logits / T), the raw (tempered, untruncated)
+    # log-prob that logprobs_from_logits(logits, tokens, temperature=T) returns; 0 where masked
+    logprobs: torch.Tensor
     lengths: torch.Tensor  # (B*n,) int64: response lengths (response_mask.sum(-1))
     prompt_length: int  # P
+    # (B*n, R) fp32: log p(token) under the distribution it was drawn from (temperature, then
+    # top-k / top-p / min-p, renormalised), as logprobs_from_logits(..., top_k=, top_p=, min_p=)
+    # scores it, bit for bit; equal to `logprobs` without truncation; 0 where masked and on
+    # greedy rows. vLLM's logprobs_mode="processed_logprobs" is this one.
+    processed_logprobs: torch.Tensor
 
 
 def _expand(value, B: int, n: int):
@@ -128,7 +135,8 @@ def generate(
     compile: torch.compile the decode step (mode="reduce-overhead" on CUDA:
         CUDA graphs over the static cache; default mode on CPU).
     Returns GenerateOutput(sequences (B*n, P+R), response_mask (B*n, R),
-    logprobs (B*n, R) fp32, lengths (B*n,), prompt_length P), rows ordered
+    logprobs (B*n, R) fp32 (tempered, untruncated), lengths (B*n,), prompt_length P,
+    processed_logprobs (B*n, R) fp32 (under the truncated distribution drawn from)), rows ordered
     prompt-major (the n samples of prompt 0 first). B = 0 gives empty
     outputs (R = 0) without calling the model; P = 0 is an error.
     max_new_tokens, num_samples, sync_every: ints >= 1; pad_token_id: an int
@@ -224,6 +232,7 @@ def generate(
             logprobs=torch.zeros((0, 0), dtype=torch.float32, device=device),
             lengths=torch.zeros((0,), dtype=torch.long, device=device),
             prompt_length=P,
+            processed_logprobs=torch.zeros((0, 0), dtype=torch.float32, device=device),
         )
 
     # ---- prefill: B prompts once, positions as HF (cumsum of the mask - 1)
@@ -249,6 +258,7 @@ def generate(
     sequences = torch.full((N, P + R), pad, dtype=torch.long, device=device)
     sequences[:, :P] = input_ids.repeat_interleave(n, dim=0)
     logprobs = torch.zeros((N, R), dtype=torch.float32, device=device)
+    processed = torch.zeros((N, R), dtype=torch.float32, device=device)
     response_mask = torch.zeros((N, R), dtype=torch.bool, device=device)
     done = torch.zeros((N,), dtype=torch.bool, device=device)
     seeds = draw_seeds(N, device, generator)
@@ -264,6 +274,7 @@ def generate(
         alive = ~done
         sequences[:, P + t] = torch.where(alive, s.tokens, pad)
         logprobs[:, t] = torch.where(alive, s.logprobs, 0.0)
+        processed[:, t] = torch.where(alive, s.processed_logprobs, 0.0)
         response_mask[:, t] = alive
         if eos:
             done |= alive & torch.isin(s.tokens, eos_t)
@@ -278,4 +289,5 @@ def generate(
         logprobs=logprobs[:, :r_used],
         lengths=lengths,
         prompt_length=P,
+        processed_logprobs=processed[:, :r_used],
     )

@@ -39,7 +39,7 @@ _LIB = torch.library.Library("rlhf_fast", "IMPL")
 
 
 # registered op -> public function, for error messages
-_PUBLIC_NAMES = {"logprobs_fwd": "logprobs_from_logits"}
+_PUBLIC_NAMES = {"logprobs_fwd": "logprobs_from_logits", "processed_logprobs_fwd": "logprobs_from_logits"}
 
 
 def public_name(name: str) -> str:

@@ -105,10 +105,13 @@ def linear_logprobs(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    top_k: int | torch.Tensor | None = None,
+    top_p: float | torch.Tensor | None = None,
+    min_p: float | torch.Tensor | None = None,
 ):
     """Log-probability of each label under softmax((hidden @ weight.T + bias) / T).
 
@@ -124,9 +127,35 @@ def linear_logprobs(
     scratch is sized to chunk_size * V elements. Default: from a memory
     budget (24 MiB of logits per chunk on CPU, 256 MiB on GPU).
     H = 0 is allowed: the logits are then the bias (0 without one).
+    top_k / top_p / min_p, and a tensor temperature (per row or per token):
+    the sampler's truncated distribution, as logprobs_from_logits takes them
+    (ops/_linear_processed.py: chunked, four GEMMs; float64 inputs run the
+    reference on the materialised logits).
     """
     hidden, weight, bias = check_linear_inputs(OP, hidden, weight, bias, labels, chunk_size)
     H, V = hidden.shape[-1], weight.shape[0]
+    if isinstance(temperature, torch.Tensor) or top_k is not None or top_p is not None or min_p is not None:
+        ignore_index = check_ignore_index(OP, ignore_index, labels)
+        if V == 0 and labels.numel() > 0:
+            raise ValueError(f"{OP}: weight has an empty vocabulary dim (V=0)")
+        if host_value_checks(hidden.device):
+            check_labels_in_range(OP, labels, V, ignore_index, v_name="V = weight.shape[0]")
+        filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        if (
+            hidden.dtype == torch.float64
+            or _backend.choose("linear_logprobs", hidden.device, IMPLEMENTED) == "reference"
+        ):
+            from ._logprobs import logprobs_from_logits
+
+            logits = torch.nn.functional.linear(hidden, weight, bias)
+            return logprobs_from_logits(
+                logits, labels, ignore_index=ignore_index, return_entropy=return_entropy, **filters
+            )
+        from ._linear_processed import linear_processed_logprobs
+
+        return linear_processed_logprobs(
+            hidden, weight, bias, labels, temperature, top_k, top_p, min_p, ignore_index, return_entropy, chunk_size
+        )
     temperature = check_temperature(OP, temperature, hidden.dtype)
     ignore_index = check_ignore_index(OP, ignore_index, labels)
     if V == 0 and labels.numel() > 0:

@@ -59,6 +59,7 @@ from ._ppo_loss import (
     _check_rollout,
     ppo_loss,
 )
+from ._processed_logprobs import token_params
 
 OP = "rlhf_fast.linear_ppo_loss"
 IMPLEMENTED = ("cpp", "triton")  # triton: the two-op path on the Triton kernels
@@ -168,8 +169,8 @@ def _ppo_fwd(lp, old, adv, mask, ent, ref, a):
 
 @torch.autocast("cpu", enabled=False)
 def linear_ppo_loss_fwd_cpu(
-    hidden, weight, bias, labels, old, adv, mask, ref, rollout, cu_seqlens, temperature, ignore_index,
-    entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip, agg, agg_norm,
+    hidden, weight, bias, labels, old, adv, mask, ref, rollout, cu_seqlens, temperature, sampling, filtered,
+    ignore_index, entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip, agg, agg_norm,
     rc_is, rc_is_upper, rc_is_lower, rc_rs, rc_rs_lower, rc_rs_upper, chunk_size, need_dh, need_dw, need_db,
 ):  # fmt: skip
     shape = hidden.shape
@@ -233,7 +234,15 @@ def linear_ppo_loss_fwd_cpu(
             torch.addmm(bias, h_buf[:mp], weight.t(), out=z_buf[:mp])
         z = z_buf[:m].unsqueeze(0)
         lab_c = lab[rows].unsqueeze(0)
-        lp_c, ent_c, max_c, log_s_c = torch.ops.rlhf_fast.logprobs_fwd(z, lab_c, temperature, ignore_index, True)
+        if sampling is None:
+            lp_c, ent_c, max_c, log_s_c = torch.ops.rlhf_fast.logprobs_fwd(z, lab_c, temperature, ignore_index, True)
+        else:  # per-token temperature / the sampler's truncation (ops/_processed_logprobs.py)
+            s = sampling[rows]
+            s_args = (s[:, 0], s[:, 1].to(torch.int64), s[:, 2], s[:, 3])
+            lp_c, ent_c, st_c = torch.ops.rlhf_fast.processed_logprobs_fwd(
+                z[0], lab_c[0], *s_args, ignore_index, filtered, True
+            )
+            lp_c, ent_c = lp_c.unsqueeze(0), ent_c.unsqueeze(0)
         lp[rows], ent[rows] = lp_c[0], ent_c[0]
         if not need_grad:
             continue
@@ -244,9 +253,14 @@ def linear_ppo_loss_fwd_cpu(
             kl_coef=kl_coef, kl_kind=kl_kind,
         )  # fmt: skip
         g_h = (-entropy_coef * s_c).unsqueeze(0) if entropy_coef != 0.0 else None
-        dz = torch.ops.rlhf_fast.logprobs_bwd(
-            g_lp.unsqueeze(0), g_h, z, lab_c, max_c, log_s_c, ent_c, temperature, ignore_index
-        )[0]
+        if sampling is None:
+            dz = torch.ops.rlhf_fast.logprobs_bwd(
+                g_lp.unsqueeze(0), g_h, z, lab_c, max_c, log_s_c, ent_c, temperature, ignore_index
+            )[0]
+        else:
+            dz = torch.ops.rlhf_fast.processed_logprobs_bwd(
+                g_lp, g_h[0] if g_h is not None else None, z[0], lab_c[0], s_args[0], st_c, ent_c[0], ignore_index
+            )
         if need_dh:
             if mp != m:  # the short last chunk: dz padded with zero rows in the logits buffer
                 z_buf[:m].copy_(dz)
@@ -295,6 +309,8 @@ def _fwd_op(
     rollout_logprobs: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     temperature: float,
+    sampling: torch.Tensor | None,
+    filtered: bool,
     ignore_index: int,
     entropy_coef: float,
     kl_coef: float,
@@ -321,10 +337,13 @@ def _fwd_op(
     (labels' shape), and dH (hidden's shape), dW (V, H), db (V,) of the loss
     ((0,) where need_* is False). hidden is taken in its own shape, not a
     view: a gradient returned for a view is a new tensor that autograd may
-    take over as .grad even while the graph is retained (then aliasing dH)."""
+    take over as .grad even while the graph is retained (then aliasing dH).
+    sampling: None, or (N, 4) float64 per token (temperature, top_k, top_p,
+    min_p; temperature then ignored), scored as logprobs_from_logits(top_k=,
+    top_p=, min_p=) does; filtered as processed_logprobs_fwd's."""
     return linear_ppo_loss_fwd_cpu(
         hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, cu_seqlens,
-        temperature, ignore_index, entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip, agg, agg_norm,
+        temperature, sampling, filtered, ignore_index, entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip, agg, agg_norm,
         rc_is, rc_is_upper, rc_is_lower, rc_rs, rc_rs_lower, rc_rs_upper, chunk_size, need_dh, need_dw, need_db,
     )  # fmt: skip
 
@@ -366,7 +385,7 @@ def _eager_value(t: torch.Tensor) -> bool:
 @once_differentiable(OP)
 def _backward(ctx, grad_loss, *_):
     # the gradient of the loss w.r.t. hidden / weight / bias, scaled by the upstream scalar
-    out = [None] * 30
+    out = [None] * 32
     if grad_loss is None:  # only the stats were used
         return tuple(out)
     dh, dw, db = ctx.saved_tensors
@@ -435,6 +454,9 @@ def linear_ppo_loss(
     rollout_correction=None,
     cu_seqlens=None,
     chunk_size=None,
+    top_k=None,
+    top_p=None,
+    min_p=None,
 ):
     """ppo_loss(linear_logprobs(hidden, weight, labels, ...), ...) in one op,
     without the (N, V) logits and with 3 GEMMs instead of 4.
@@ -450,6 +472,9 @@ def linear_ppo_loss(
     (masked tokens cost no GEMM). Gradients reach hidden, weight and bias. Packed: agg_norm defaults to
     the longest segment, as ppo_loss's. chunk_size: tokens per GEMM chunk,
     default 8 MiB of fp32 logits (64 rows at V = 32000, at least 16).
+    temperature: a scalar, or a (B,) / per-token tensor; top_k / top_p /
+    min_p: the sampler's truncation (logprobs_from_logits' meaning, -inf
+    outside the kept set; mask such tokens), scalars or tensors likewise.
     """
     hidden, weight, bias = check_linear_inputs(OP, hidden, weight, bias, labels, chunk_size)
     V = weight.shape[0]
@@ -458,6 +483,11 @@ def linear_ppo_loss(
         ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
     )  # fmt: skip
     del S
+    sampling, filtered, given_temperature = None, False, temperature
+    if isinstance(temperature, torch.Tensor) or top_k is not None or top_p is not None or min_p is not None:
+        temp, tk, tp, mp, filtered = token_params(labels, hidden.dtype, temperature, top_k, top_p, min_p)
+        sampling = torch.stack([temp, tk.double(), tp, mp], 1)
+        temperature = 1.0  # unused: sampling carries it per token
     temperature = check_temperature(OP, temperature, hidden.dtype)
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     rc_args = _check_rollout(OP, rollout_logprobs, rollout_correction) or NO_CORRECTION
@@ -480,8 +510,8 @@ def linear_ppo_loss(
     backend = _backend.choose("linear_ppo_loss", hidden.device, IMPLEMENTED)
     if backend != "cpp":
         return _two_op(
-            hidden, weight, bias, labels, old_logprobs, advantages, mask, temperature, ignore_index, cu_seqlens,
-            chunk_size, dict(
+            hidden, weight, bias, labels, old_logprobs, advantages, mask, given_temperature, ignore_index, cu_seqlens,
+            chunk_size, dict(top_k=top_k, top_p=top_p, min_p=min_p), dict(
                 ref_logprobs=ref_logprobs, entropy_coef=entropy_coef, kl_coef=kl_coef, kl_kind=kl_kind,
                 clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, agg_norm=agg_norm,
                 rollout_logprobs=rollout_logprobs, rollout_correction=rollout_correction,
@@ -490,21 +520,23 @@ def linear_ppo_loss(
     grad_on = torch.is_grad_enabled()
     loss, stats, lp, ent, _, _, _ = _fwd_op(
         hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, rollout_logprobs, cu_seqlens,
-        temperature, ignore_index, entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip, agg, agg_norm,
-        *rc_args, chunk_size if chunk_size is not None else default_chunk_size(V),
+        temperature, sampling, filtered, ignore_index, entropy_coef, kl_coef, kl_kind, clip_low, clip_high, dual_clip,
+        agg, agg_norm, *rc_args, chunk_size if chunk_size is not None else default_chunk_size(V),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )  # fmt: skip
     return loss, dict(zip(names, stats.unbind(0))), lp, ent
 
 
-def _two_op(hidden, weight, bias, labels, old, adv, mask, temperature, ignore_index, cu_seqlens, chunk_size, kw):
+def _two_op(
+    hidden, weight, bias, labels, old, adv, mask, temperature, ignore_index, cu_seqlens, chunk_size, filters, kw
+):
     """Where the fused CPU op does not run (CUDA, or no C++ extension): the
     two public ops, linear_logprobs then ppo_loss (4 GEMMs: the backward
     recomputes the logits), packed inputs as they are."""
     lp, ent = linear_logprobs(
         hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
-        return_entropy=True, chunk_size=chunk_size,
+        return_entropy=True, chunk_size=chunk_size, **filters,
     )  # fmt: skip
     keep = (mask != 0) & (labels != ignore_index)
     loss, stats = ppo_loss(lp, old, adv, mask, entropy=ent, cu_seqlens=cu_seqlens, **kw)

@@ -27,6 +27,7 @@ from ._common import (
     host_value_checks,
     once_differentiable,
 )
+from ._processed_logprobs import processed_logprobs
 
 OP = "rlhf_fast.logprobs_from_logits"
 # GPU: Triton first (the kernel every GPU test and benchmark runs), the CUDA kernel second.
@@ -82,11 +83,16 @@ def logprobs_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    top_k: int | torch.Tensor | None = None,
+    top_p: float | torch.Tensor | None = None,
+    min_p: float | torch.Tensor | None = None,
 ):
-    """Log-probability of each label under softmax(logits / temperature).
+    """Log-probability of each label under softmax(logits / temperature), or
+    under the sampler's truncated distribution when top_k / top_p / min_p
+    are given.
 
     logits: (..., V) float32 / bfloat16 / float16 / float64; any leading
         shape and leading strides (a slice such as logits[:, :-1] is read in
@@ -103,8 +109,27 @@ def logprobs_from_logits(
     and gradients are exact to the row's spread at any offset (the max is
     subtracted before scaling by 1 / temperature; the backward recomputes p
     from the saved row max and log-sum-exp of the shifted logits).
+    temperature, top_k, top_p, min_p: Python scalars, (B,) per-row tensors
+    (B = labels.shape[0]) or tensors of the labels' shape (per token), with
+    rlhf_fast.sample's meaning (top_k 0, top_p 1, min_p 0 or None: off).
+    With any filter on, each label is scored under the distribution sample()
+    draws from: temperature, top-k, top-p on the top-k survivors, min-p,
+    renormalised, ties at a threshold kept; sample()'s processed_logprobs of
+    its own token equal these bit for bit on the same logits. A label outside
+    the kept set gets -inf (mask such tokens out of a loss: the trainers
+    do, and count them). The entropy is then the truncated distribution's. Gradients
+    hold the kept set fixed (the thresholds are piecewise constant in the
+    logits). docs/sampling.md maps vLLM / SGLang settings to these arguments.
     """
     check_logits_labels(OP, logits, labels)
+    if isinstance(temperature, torch.Tensor) or top_k is not None or top_p is not None or min_p is not None:
+        ignore_index = check_ignore_index(OP, ignore_index, labels)
+        V = logits.shape[-1]
+        if V == 0 and labels.numel() > 0:
+            raise ValueError(f"{OP}: logits have an empty vocabulary dim (V=0)")
+        if host_value_checks(logits.device):
+            check_labels_in_range(OP, labels, V, ignore_index)
+        return processed_logprobs(logits, labels, temperature, top_k, top_p, min_p, ignore_index, return_entropy)
     temperature = check_temperature(OP, temperature, logits.dtype)
     ignore_index = check_ignore_index(OP, ignore_index, labels)
     V = logits.shape[-1]

@@ -23,15 +23,21 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
 ):
     """log p(label) (and entropy) under softmax((hidden @ weight.T + bias) / T).
 
     hidden: (..., H); weight: (V, H); bias: (V,) or None; labels: (...).
     The logits are formed in the inputs' dtype (as a model's lm_head does),
     the softmax in fp32 (fp64 for fp64 inputs). chunk_size is accepted for
-    signature parity and ignored.
+    signature parity and ignored. top_k / top_p / min_p (and a tensor
+    temperature): the sampler's truncated distribution, as
+    reference.logprobs_from_logits takes them.
     """
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return logprobs_from_logits(
-        logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
-    )
+        logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy,
+        top_k=0 if top_k is None else top_k, top_p=1.0 if top_p is None else top_p, min_p=0.0 if min_p is None else min_p,
+    )  # fmt: skip

@@ -37,13 +37,17 @@ def linear_ppo_loss(
     rollout_correction=None,
     cu_seqlens=None,
     chunk_size=None,
+    top_k=None,
+    top_p=None,
+    min_p=None,
 ):
     """(loss, stats, logprobs, entropy), see rlhf_fast.linear_ppo_loss.
     logprobs / entropy are detached and 0 where mask == 0 or the label is
     ignore_index; chunk_size is accepted for signature parity and ignored."""
     lp, ent = linear_logprobs(
-        hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True
-    )
+        hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
+        top_k=top_k, top_p=top_p, min_p=min_p,
+    )  # fmt: skip
     valid = (mask != 0) & (labels != ignore_index)
     toks = {"lp": lp, "old": old_logprobs, "adv": advantages, "mask": mask, "ent": ent, "ref": ref_logprobs}
     toks["roll"] = rollout_logprobs

@@ -72,6 +72,18 @@ class RolloutConfig(TrainConfig):
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    # Which distribution the old, reference and current log-probs are taken under
+    # (docs/sampling.md): "processed", the one the rollout samples from (temperature, then
+    # top_k / top_p / min_p, renormalised; the plain tempered softmax when nothing truncates),
+    # so the importance ratio compares like with like; "raw", the tempered softmax only
+    # (TRL / verl's default, biased under truncation). Tokens outside the kept set score -inf
+    # and are masked out of the loss (metric outside_kept_frac).
+    logprobs_mode: str = "processed"
+    # The update's policy loss: "fused", rlhf_fast.linear_ppo_loss on the trunk's hidden states
+    # and the lm_head weight (no (B, R, V) logits, 3 GEMMs a chunk); "logits", the lm_head's
+    # logits then logprobs_from_logits and ppo_loss (the same loss and metrics to rounding).
+    policy_loss: str = "fused"
     ppo_epochs: int = 2
     minibatch_size: int = 8  # sequences per minibatch (each split into grad_accum micro-batches)
     clip_low: float = 0.2
@@ -165,6 +177,9 @@ RULES: dict[str, tuple] = {
     "temperature": ("float", "> 0"),
     "top_k": ("int", ">= 0"),
     "top_p": ("float", "(0, 1]"),
+    "min_p": ("float", "[0, 1]"),
+    "logprobs_mode": (("processed", "raw"), None),
+    "policy_loss": (("fused", "logits"), None),
     "ppo_epochs": ("int", ">= 1"),
     "minibatch_size": ("int", ">= 1"),
     "clip_low": ("float", ">= 0"),

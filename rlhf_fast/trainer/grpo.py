@@ -19,7 +19,7 @@ from .config import GRPOConfig
 from .models import response_logprobs
 from .packing import PackedRollout, packed_logprobs
 from .policy_trainer import PolicyTrainer
-from .rollout import CORRECTION_STATS, Experience, mismatch_metrics
+from .rollout import CORRECTION_STATS, Experience, fill_outside_kept, mismatch_metrics, scoring
 
 
 class GRPOTrainer(PolicyTrainer):
@@ -86,13 +86,15 @@ class GRPOTrainer(PolicyTrainer):
         if pk is None:
             adv = adv_seq[:, None].expand_as(ro.response_mask).float() * ro.response_mask
             args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
-            old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
-            ref_lp = response_logprobs(self.ref, *args, temperature=c.temperature)[0] if self.ref is not None else None
+            old_lp, _ = response_logprobs(self.policy, *args, **scoring(c))
+            ref_lp = response_logprobs(self.ref, *args, **scoring(c))[0] if self.ref is not None else None
+            ref_lp, outside = fill_outside_kept(old_lp, ref_lp, ro.response_mask)
             mask, per_sample_sum, mismatch = ro.response_mask, (lambda x: x.sum(-1)), mismatch_metrics(old_lp, ro)
         else:
             adv = expand_to_tokens(adv_seq.float(), pk.cu_seqlens) * pk.mask
-            old_lp, _ = packed_logprobs(self.policy, pk, temperature=c.temperature)
-            ref_lp = packed_logprobs(self.ref, pk, temperature=c.temperature)[0] if self.ref is not None else None
+            old_lp, _ = packed_logprobs(self.policy, pk, **scoring(c))
+            ref_lp = packed_logprobs(self.ref, pk, **scoring(c))[0] if self.ref is not None else None
+            ref_lp, outside = fill_outside_kept(old_lp, ref_lp, pk.mask)
             mask, per_sample_sum, mismatch = pk.mask, pk.segment_sum, packing.mismatch_metrics(pk, old_lp)
         t2 = time.perf_counter()
         metrics = {
@@ -104,6 +106,7 @@ class GRPOTrainer(PolicyTrainer):
             **ro.timings,
         }
         metrics.update(mismatch)  # always: the user sees the rollout/trainer gap
+        metrics.update(outside)
         if ref_lp is not None:
             metrics["kl"] = float(per_sample_sum(kl_penalty(old_lp, ref_lp, kind=c.kl_kind) * mask).mean())
         return Experience(ro, old_lp, adv, metrics, any_valid, ref_logprobs=ref_lp, packed=pk)
@@ -115,7 +118,9 @@ class GRPOTrainer(PolicyTrainer):
         loss, st = self.policy_loss(mb, use_kl)
         (loss * scale).backward()
         return loss.detach(), {
-            k: st[k] for k in ("pg_loss", "entropy", "clipfrac", "approx_kl") + CORRECTION_STATS if k in st
+            k: st[k]
+            for k in ("pg_loss", "entropy", "clipfrac", "approx_kl", "outside_kept_frac") + CORRECTION_STATS
+            if k in st
         }
 
 

@@ -19,6 +19,7 @@ from .lora import unwrap_peft
 from .parallel import is_sharded
 
 FUSED_SEQUENCE_LOGPROBS = "rlhf_fast_sequence_logprobs"  # attribute name of the registered method
+FUSED_HEAD_LOSS = "rlhf_fast_head_loss"  # likewise, for head_loss
 
 
 def _left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -78,13 +79,22 @@ class ScalarHeadModel(nn.Module):
 
 
 def response_logprobs(
-    model, sequences, attention_mask, response_mask, prompt_length: int, *, temperature=1.0, return_entropy=False
+    model,
+    sequences,
+    attention_mask,
+    response_mask,
+    prompt_length: int,
+    *,
+    temperature=1.0,
+    return_entropy=False,
+    **filters,
 ):
     """Log-probs (and entropy) of the response tokens under `model`.
 
     sequences, attention_mask: (B, P+R); response_mask: (B, R) bool.
     Returns logprobs (B, R) fp32 (0 where masked) and entropy (B, R) or None,
-    through rlhf_fast.logprobs_from_logits on the (B, R, V) logit slice read in place."""
+    through rlhf_fast.logprobs_from_logits on the (B, R, V) logit slice read in place;
+    filters (top_k / top_p / min_p) score under the sampler's truncation."""
     R = sequences.shape[1] - prompt_length
     out = model(
         input_ids=sequences,
@@ -95,7 +105,7 @@ def response_logprobs(
     )
     logits = out.logits[:, :-1]  # (B, R, V): position P-1+t predicts token t
     labels = sequences[:, prompt_length:].masked_fill(~response_mask, -100)
-    res = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy)
+    res = logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy, **filters)
     return res if return_entropy else (res, None)
 
 
@@ -144,3 +154,36 @@ def _sequence_logprobs_linear(lm, input_ids, attention_mask, loss_mask):
     labels = input_ids[:, 1:].masked_fill(~loss_mask[:, 1:].bool(), -100)
     logp = linear_logprobs(h[:, :-1], head.weight, labels, bias=head.bias)
     return logp.sum(-1), loss_mask[:, 1:].sum(-1)
+
+
+def head_loss(lm, loss_fn, **trunk_inputs):
+    """loss_fn(h, weight, bias) on the trunk's final hidden states h and the
+    lm_head's weight and bias: the policy step from hidden states
+    (rlhf_fast.linear_ppo_loss), with no (B, R, V) logits. trunk_inputs go
+    to the trunk (input_ids, attention_mask / position_ids); no KV cache.
+    Under FSDP2 this runs as the model's registered forward method
+    (register_head_loss), so the root's weights are gathered around it."""
+    fused = getattr(lm, FUSED_HEAD_LOSS, None)
+    if fused is not None:
+        return fused(loss_fn, **trunk_inputs)
+    return _head_loss(lm, loss_fn, **trunk_inputs)
+
+
+def register_head_loss(lm) -> None:
+    """head_loss as an FSDP2 forward method of a sharded `lm` (as
+    register_fused_logprobs); a no-op on an unsharded model."""
+    if not is_sharded(lm) or getattr(lm, FUSED_HEAD_LOSS, None) is not None:
+        return
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    def fused(loss_fn, **trunk_inputs):
+        return _head_loss(lm, loss_fn, **trunk_inputs)
+
+    setattr(lm, FUSED_HEAD_LOSS, fused)
+    register_fsdp_forward_method(lm, FUSED_HEAD_LOSS)
+
+
+def _head_loss(lm, loss_fn, **trunk_inputs):
+    h = trunk_of(lm)(use_cache=False, **trunk_inputs).last_hidden_state
+    head = lm.get_output_embeddings()
+    return loss_fn(h, head.weight, head.bias)

@@ -109,7 +109,7 @@ class PackedRollout:
         return out.index_add_(0, seg, x)
 
 
-def packed_logprobs(model, pk: PackedRollout, *, temperature=1.0, return_entropy=False):
+def packed_logprobs(model, pk: PackedRollout, *, temperature=1.0, return_entropy=False, **filters):
     """response_logprobs on the packed stream: (n_resp,) fp32 log-probs (0
     where pk.mask is off) and entropy or None. The lm_head runs on the
     n_resp rows of logit_index only."""
@@ -120,7 +120,7 @@ def packed_logprobs(model, pk: PackedRollout, *, temperature=1.0, return_entropy
         use_cache=False,
     )
     labels = pk.labels.masked_fill(~pk.mask, -100)
-    res = logprobs_from_logits(out.logits[0], labels, temperature=temperature, return_entropy=return_entropy)
+    res = logprobs_from_logits(out.logits[0], labels, temperature=temperature, return_entropy=return_entropy, **filters)
     return res if return_entropy else (res, None)
 
 
@@ -157,7 +157,10 @@ def mismatch_metrics(pk: PackedRollout, old_logprobs) -> dict:
     """rollout.mismatch_metrics on the packed stream."""
     if pk.sampler_logprobs is None:
         return {}
-    stats = rollout_mismatch(old_logprobs, pk.sampler_logprobs, pk.mask, cu_seqlens=pk.cu_seqlens)
+    mask = (
+        pk.mask & (old_logprobs > float("-inf")) & (pk.sampler_logprobs > float("-inf"))
+    )  # as rollout.mismatch_metrics
+    stats = rollout_mismatch(old_logprobs, pk.sampler_logprobs, mask, cu_seqlens=pk.cu_seqlens)
     own = ("rollout_corr/rollout_is", "rollout_corr/rollout_rs")
     return {k: float(v) for k, v in stats.items() if not k.startswith(own)}
 

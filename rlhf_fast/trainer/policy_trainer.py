@@ -13,15 +13,15 @@ import torch
 import torch.distributed as dist
 
 from ..generation.hf_args import check_prompt_rows
-from ..ops import ppo_loss
+from ..ops import linear_ppo_loss, ppo_loss
 from .base import Trainer
 from .kl_controller import KLController
-from .models import response_logprobs
+from .models import _left_padded_positions, head_loss, register_head_loss, response_logprobs
 from .optimizer import guarded_step, make_optimizer
 from .packing import packed_logprobs, packed_loss_args
 from .reward_scaling import RunningMoments, process_scores
 from .rewards import TextRewards
-from .rollout import ScoredRollout, correction_args, rollout, sample_prompts, score
+from .rollout import ScoredRollout, correction_args, mask_outside_kept, rollout, sample_prompts, score, scoring
 
 
 class PolicyTrainer(Trainer):
@@ -48,6 +48,11 @@ class PolicyTrainer(Trainer):
         self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1 + 1000003 * self.rank)
         self.generators["sample"] = self.sample_gen
         self.policy_ddp = self.wrap(policy)
+        # the update's policy loss straight from hidden states (linear_ppo_loss): the policy's
+        # DDP wrapper is then bypassed (its gradients are all-reduced by hand, as DPO's)
+        self.fused_policy_loss = config.policy_loss == "fused"
+        if self.fused_policy_loss and self.parallel == "fsdp2":
+            register_head_loss(self.policy_ddp)
         self.opt, self.sched = make_optimizer(policy.parameters(), config)
         self.kl_ctl = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.moments = RunningMoments()
@@ -116,6 +121,8 @@ class PolicyTrainer(Trainer):
         use_kl. Returns ppo_loss's (loss, stats)."""
         c = self.config
         ro, pk = mb.rollout, mb.packed
+        if self.fused_policy_loss:
+            return self.fused_loss(mb, use_kl)
         if pk is None:
             logp, ent = response_logprobs(
                 self.policy_ddp,
@@ -123,22 +130,25 @@ class PolicyTrainer(Trainer):
                 ro.attention_mask,
                 ro.response_mask,
                 ro.prompt_length,
-                temperature=c.temperature,
                 return_entropy=True,
+                **scoring(c),
             )
             mask, layout = ro.response_mask, correction_args(self.rollout_correction, ro)
         else:
-            logp, ent = packed_logprobs(self.policy_ddp, pk, temperature=c.temperature, return_entropy=True)
+            logp, ent = packed_logprobs(self.policy_ddp, pk, return_entropy=True, **scoring(c))
             mask, layout = pk.mask, packed_loss_args(pk, c.loss_agg, ro.response_mask.shape[1])
             if self.rollout_correction is not None and pk.sampler_logprobs is not None:
                 layout.update(rollout_logprobs=pk.sampler_logprobs, rollout_correction=self.rollout_correction)
-        return ppo_loss(
+        ref = mb.ref_logprobs if use_kl else None
+        roll = layout.get("rollout_logprobs")
+        mask, outside = mask_outside_kept(mask, logp.detach(), mb.old_logprobs, ref, roll)
+        loss, stats = ppo_loss(
             logp,
             mb.old_logprobs,
             mb.advantages,
             mask,
             entropy=ent,
-            ref_logprobs=mb.ref_logprobs if use_kl else None,
+            ref_logprobs=ref,
             entropy_coef=c.entropy_coef,
             kl_coef=self.kl_ctl.value if use_kl else 0.0,
             kl_kind=c.kl_kind,
@@ -148,6 +158,65 @@ class PolicyTrainer(Trainer):
             agg=c.loss_agg,
             **layout,
         )
+        stats["outside_kept_frac"] = outside
+        return loss, stats
+
+    def loss_args(self, mb, use_kl: bool) -> dict:
+        """ppo_loss's / linear_ppo_loss's keywords for minibatch mb (besides the tokens)."""
+        c = self.config
+        return dict(
+            ref_logprobs=mb.ref_logprobs if use_kl else None,
+            entropy_coef=c.entropy_coef,
+            kl_coef=self.kl_ctl.value if use_kl else 0.0,
+            kl_kind=c.kl_kind,
+            clip_low=c.clip_low,
+            clip_high=c.clip_high,
+            dual_clip=c.dual_clip,
+            agg=c.loss_agg,
+        )
+
+    def fused_loss(self, mb, use_kl: bool):
+        """policy_loss from the trunk's hidden states and the lm_head weight
+        (rlhf_fast.linear_ppo_loss): dH and dW in the forward, 3 GEMMs a
+        chunk, no (B, R, V) logits. The same loss and stats as the logits
+        path to rounding (tests/test_trainer.py). Tokens outside the current
+        policy's kept set (logprobs_mode processed with truncation) score
+        -inf inside the op: their ratio is clamped, their gradient 0."""
+        c = self.config
+        ro, pk = mb.rollout, mb.packed
+        kw = self.loss_args(mb, use_kl)
+        if pk is None:
+            P = ro.prompt_length
+            labels = ro.sequences[:, P:].masked_fill(~ro.response_mask, -100)
+            mask, layout = ro.response_mask, correction_args(self.rollout_correction, ro)
+            inputs = dict(
+                input_ids=ro.sequences, attention_mask=ro.attention_mask,
+                position_ids=_left_padded_positions(ro.attention_mask),
+            )  # fmt: skip
+
+            def rows(h):  # position P-1+t predicts response token t
+                return h[:, P - 1 : -1]
+        else:
+            labels = pk.labels.masked_fill(~pk.mask, -100)
+            mask, layout = pk.mask, packed_loss_args(pk, c.loss_agg, ro.response_mask.shape[1])
+            if self.rollout_correction is not None and pk.sampler_logprobs is not None:
+                layout.update(rollout_logprobs=pk.sampler_logprobs, rollout_correction=self.rollout_correction)
+            inputs = dict(input_ids=pk.input_ids, position_ids=pk.position_ids)
+
+            def rows(h):
+                return h[0][pk.logit_index]
+
+        mask, _ = mask_outside_kept(mask, mb.old_logprobs, kw["ref_logprobs"], layout.get("rollout_logprobs"))
+
+        def loss_fn(h, weight, bias):
+            return linear_ppo_loss(
+                rows(h), weight, labels, mb.old_logprobs, mb.advantages, mask, bias=bias, **kw, **layout,
+                **scoring(c),
+            )  # fmt: skip
+
+        loss, stats, logp, _ = head_loss(self.policy, loss_fn, **inputs)
+        stats["outside_kept_frac"] = mask_outside_kept(mask, logp)[1]
+        return loss, stats
 
     def minibatch_epochs(self, exp, optimizers, micro_step) -> tuple[dict, list[float], int]:
         """What PPO and GRPO share: ppo_epochs x shuffled minibatches x
@@ -169,6 +238,8 @@ class PolicyTrainer(Trainer):
                     total = total + loss / len(micro)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v.detach().double() / len(micro)
+                if self.fused_policy_loss:  # the policy's DDP wrapper was bypassed
+                    self.all_reduce_grads(self.policy.parameters())
                 norm, skip = guarded_step(optimizers, [], c.max_grad_norm, total)
                 norms.append(norm)
                 skipped += int(skip)

@@ -24,8 +24,10 @@ from .rollout import (
     CORRECTION_STATS,
     Experience,
     advantages,
+    fill_outside_kept,
     masked_mean,
     mismatch_metrics,
+    scoring,
     shaped_rewards,
 )
 
@@ -97,16 +99,18 @@ class PPOTrainer(PolicyTrainer):
         pk = PackedRollout.from_rollout(ro) if c.packing else None
         if pk is None:
             args = (ro.sequences, ro.attention_mask, ro.response_mask, ro.prompt_length)
-            old_lp, _ = response_logprobs(self.policy, *args, temperature=c.temperature)
-            ref_lp, _ = response_logprobs(self.ref, *args, temperature=c.temperature)
+            old_lp, _ = response_logprobs(self.policy, *args, **scoring(c))
+            ref_lp, _ = response_logprobs(self.ref, *args, **scoring(c))
+            ref_lp, outside = fill_outside_kept(old_lp, ref_lp, ro.response_mask)
             values = response_values(self.critic, ro.sequences, ro.attention_mask, ro.prompt_length)
             t2 = time.perf_counter()
             rewards, kl = shaped_rewards(scores, old_lp, ref_lp, ro.response_mask, beta, c.kl_kind)
             adv, ret = advantages(rewards, values, ro.response_mask, **adv_args)
             seq_kl, mask, mismatch = kl.sum(-1), ro.response_mask, mismatch_metrics(old_lp, ro)
         else:
-            old_lp, _ = packed_logprobs(self.policy, pk, temperature=c.temperature)
-            ref_lp, _ = packed_logprobs(self.ref, pk, temperature=c.temperature)
+            old_lp, _ = packed_logprobs(self.policy, pk, **scoring(c))
+            ref_lp, _ = packed_logprobs(self.ref, pk, **scoring(c))
+            ref_lp, outside = fill_outside_kept(old_lp, ref_lp, pk.mask)
             values = packed_values(self.critic, pk)
             t2 = time.perf_counter()
             rewards, kl = packing.shaped_rewards(pk, scores, old_lp, ref_lp, beta, c.kl_kind)
@@ -115,6 +119,7 @@ class PPOTrainer(PolicyTrainer):
         n_tok = int(ro.response_mask.sum())
         metrics = {
             **mismatch,  # always: the user sees the rollout/trainer gap
+            **outside,
             **reward_metrics,
             "reward_processed": float(scores[valid].mean()) if any_valid else 0.0,
             "kl": float(seq_kl.mean()),
@@ -148,6 +153,7 @@ class PPOTrainer(PolicyTrainer):
             "entropy": pst["entropy"],
             "clipfrac": pst["clipfrac"],
             "approx_kl": pst["approx_kl"],
+            "outside_kept_frac": pst["outside_kept_frac"],
             "value_loss": vloss,
             "vf_clipfrac": vst["clipfrac"],
             "explained_variance": vst["explained_variance"],

@@ -126,6 +126,7 @@ def rollout(
             temperature=config.temperature,
             top_k=config.top_k,
             top_p=config.top_p,
+            min_p=config.min_p,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             generator=generator,
@@ -141,8 +142,47 @@ def rollout(
         out.response_mask,
         out.prompt_length,
         {"time/generate": dt, "tokens_per_s/generate": n_tok / max(dt, 1e-9)},
-        out.logprobs,
+        out.processed_logprobs if config.logprobs_mode == "processed" else out.logprobs,
     )
+
+
+def scoring(config) -> dict:
+    """logprobs_from_logits keywords for the trainer's old, reference and
+    current log-probs: the rollout's sampling parameters under
+    logprobs_mode "processed" (only those that truncate, so an untruncated
+    rollout takes the plain op), the temperature alone under "raw"."""
+    kw = {"temperature": config.temperature}
+    if config.logprobs_mode == "processed":
+        filters = {"top_k": config.top_k or None, "top_p": config.top_p, "min_p": config.min_p or None}
+        kw.update({k: v for k, v in filters.items() if v is not None and not (k == "top_p" and v == 1.0)})
+    return kw
+
+
+def fill_outside_kept(old_logprobs, ref_logprobs, mask):
+    """Under truncation (logprobs_mode "processed") a sampled token can lie
+    outside the reference's kept set (ref log-prob -inf, an infinite KL):
+    such a token takes the old policy's log-prob as the reference's, so its
+    KL term is 0, and is counted. -> (ref_logprobs, {"ref_outside_kept_frac":
+    float}); ref_logprobs None passes through."""
+    if ref_logprobs is None:
+        return None, {}
+    out = ref_logprobs == float("-inf")
+    m = mask.bool()
+    frac = float((out & m).sum() / m.sum().clamp(min=1))
+    return torch.where(out, old_logprobs, ref_logprobs), {"ref_outside_kept_frac": frac}
+
+
+def mask_outside_kept(mask, *logprobs):
+    """mask without the tokens whose log-prob is -inf in any of `logprobs`
+    (None skipped): under truncation, a token outside the current, old or
+    reference policy's kept set, whose ratio and KL are undefined. -> (mask,
+    the fraction of mask's tokens dropped, a 0-d tensor: no host sync)."""
+    keep = mask.bool()
+    for lp in logprobs:
+        if lp is not None:
+            keep = keep & (lp > float("-inf"))
+    n = mask.bool().sum().clamp(min=1)
+    return keep, (mask.bool() & ~keep).sum() / n
 
 
 # what a corrected update logs per minibatch (besides the mismatch metrics of the experience)
@@ -161,7 +201,9 @@ def mismatch_metrics(old_logprobs, ro: Rollout) -> dict:
     against the sampler's (floats; {} when the rollout has none)."""
     if ro.logprobs is None:
         return {}
-    stats = rollout_mismatch(old_logprobs, ro.logprobs, ro.response_mask)
+    # a token outside the trainer's kept set (-inf, logprobs_mode "processed") has no ratio
+    mask, _ = mask_outside_kept(ro.response_mask, old_logprobs, ro.logprobs)
+    stats = rollout_mismatch(old_logprobs, ro.logprobs, mask)
     # rollout_is_* / rollout_rs_* describe a correction; the update logs those when one is on
     own = ("rollout_corr/rollout_is", "rollout_corr/rollout_rs")
     return {k: float(v) for k, v in stats.items() if not k.startswith(own)}

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .. import _backend
-from ._common import LOG2E, NEG_INF, launch_on_tensor_device
+from ._common import LN2, LOG2E, NEG_INF, launch_on_tensor_device
 from .logprobs import STRIP, row_logprob, row_lse, row_lse_finish, row_lse_step
 from .logprobs import row_config as _logprobs_row_config
 
@@ -221,6 +221,60 @@ def _top_p_key(
 
 
 @triton.jit
+def _row_lse_and_top_byte(
+    row_ptr, V, inv_t, k_on,
+    FILTERED: tl.constexpr, KEY16: tl.constexpr, BLOCK_V: tl.constexpr, STRIP: tl.constexpr,
+):  # fmt: skip
+    """Sweep 1: the log-prob kernel's strips and row_lse_step (bit-identical
+    lse), and top-k's first byte when it truncates. -> (raw row max, its
+    sum exp, log2 of it, the first byte's histogram)."""
+    offs2 = tl.arange(0, BLOCK_V // STRIP)[:, None] * STRIP + tl.arange(0, STRIP)[None, :]
+    m = tl.full([BLOCK_V // STRIP], NEG_INF, tl.float32)
+    s = tl.zeros([BLOCK_V // STRIP], tl.float32)
+    c = inv_t * LOG2E
+    hist0 = tl.zeros([256], tl.int32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + offs2
+        xr = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF)
+        x = xr.to(tl.float32)
+        m, s, _ = row_lse_step(x, m, s, s, c, False)
+        if FILTERED:
+            if k_on:
+                # padding (-inf) lands in bin 0 and is taken out below
+                key = _order_key(xr, True) if KEY16 else _order_key(x, False)  # fp32 keys: of the fp32 x
+                top_byte = (key >> (8 if KEY16 else 24)).to(tl.int32)
+                hist0 += tl.histogram(tl.reshape(top_byte, [BLOCK_V]), 256)
+    m_raw, s_row, _ = row_lse_finish(m, s, s, c, False)
+    _, log2_s = row_lse(m_raw, s_row, inv_t)
+    return m_raw, s_row, log2_s, hist0
+
+
+@triton.jit
+def _row_threshold(
+    row_ptr, V, inv_t, m_raw, mx, s_row, hist0, k, k_on, p, mp, stochastic,
+    KEY16: tl.constexpr, BLOCK_V: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The kept set's threshold on z = (x - mx) / T: top-k, then top-p on the
+    top-k survivors, then min-p; the max token (z = 0) is always kept.
+    hist0: top-k's first byte from sweep 1, its padding still in bin 0."""
+    key_k = tl.zeros([], tl.int32) if KEY16 else tl.zeros([], tl.int64)  # below every token
+    tau_k = NEG_INF
+    mass_k = s_row
+    if k_on:
+        hist0 -= tl.where(tl.arange(0, 256) == 0, tl.cdiv(V, BLOCK_V) * BLOCK_V - V, 0)
+        key_k, mass_k = _top_k_key(row_ptr, V, inv_t, mx, k, hist0, KEY16, SEARCH_BLOCK)
+        tau_k = _key_z(key_k, mx, inv_t, row_ptr, KEY16)
+    # top-p among those: the largest key whose mass reaches p * mass_k
+    tau_p = NEG_INF
+    if (p < 1.0) & stochastic:
+        top = _order_key(m_raw.to(row_ptr.dtype.element_ty), True) if KEY16 else _order_key(m_raw, False)
+        key_p = _top_p_key(row_ptr, V, inv_t, mx, key_k, top, p * mass_k, KEY16, SEARCH_BLOCK)
+        tau_p = _key_z(key_p, mx, inv_t, row_ptr, KEY16)
+    tau_min = tl.where(mp > 0.0, tl.log(tl.where(mp > 0.0, mp, 1.0)), NEG_INF)
+    return tl.minimum(tl.maximum(tl.maximum(tau_k, tau_p), tau_min), 0.0)
+
+
+@triton.jit
 def _sample_fwd_kernel(
     logits_ptr, seeds_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr,
     tok_ptr, lp_ptr, plp_ptr,
@@ -240,30 +294,11 @@ def _sample_fwd_kernel(
     seed = tl.load(seeds_ptr + row)
     seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
     seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-
-    # sweep 1: the log-prob kernel's strips and row_lse_step (bit-identical
-    # lse), and top-k's first byte when it truncates
-    offs2 = tl.arange(0, BLOCK_V // STRIP)[:, None] * STRIP + tl.arange(0, STRIP)[None, :]
-    m = tl.full([BLOCK_V // STRIP], NEG_INF, tl.float32)
-    s = tl.zeros([BLOCK_V // STRIP], tl.float32)
-    c = inv_t * LOG2E
+    k_on = False
     if FILTERED:
         k = tl.load(topk_ptr + row)
         k_on = (k > 0) & (k < V) & stochastic
-        hist0 = tl.zeros([256], tl.int32)  # top-k's first byte, taken in this sweep
-    for start in range(0, V, BLOCK_V):
-        offs = start + offs2
-        xr = tl.load(row_ptr + offs, mask=offs < V, other=NEG_INF)
-        x = xr.to(tl.float32)
-        m, s, _ = row_lse_step(x, m, s, s, c, False)
-        if FILTERED:
-            if k_on:
-                # padding (-inf) lands in bin 0 and is taken out below
-                key = _order_key(xr, True) if KEY16 else _order_key(x, False)  # fp32 keys: of the fp32 x
-                top_byte = (key >> (8 if KEY16 else 24)).to(tl.int32)
-                hist0 += tl.histogram(tl.reshape(top_byte, [BLOCK_V]), 256)
-    m_raw, s_row, _ = row_lse_finish(m, s, s, c, False)
-    _, log2_s = row_lse(m_raw, s_row, inv_t)
+    m_raw, s_row, log2_s, hist0 = _row_lse_and_top_byte(row_ptr, V, inv_t, k_on, FILTERED, KEY16, BLOCK_V, STRIP)
     # every z below is (x - m_raw) / T <= 0, the max subtracted first
     mx = tl.where(m_raw == NEG_INF, 0.0, m_raw)
 
@@ -271,27 +306,15 @@ def _sample_fwd_kernel(
     if FILTERED:
         p = tl.load(topp_ptr + row).to(tl.float32)
         mp = tl.load(minp_ptr + row).to(tl.float32)
-        # top-k, and the mass of its survivors (top-p renormalises by it)
-        key_k = tl.zeros([], tl.int32) if KEY16 else tl.zeros([], tl.int64)  # below every token
-        tau_k = NEG_INF
-        mass_k = s_row
-        if k_on:
-            hist0 -= tl.where(tl.arange(0, 256) == 0, tl.cdiv(V, BLOCK_V) * BLOCK_V - V, 0)
-            key_k, mass_k = _top_k_key(row_ptr, V, inv_t, mx, k, hist0, KEY16, SEARCH_BLOCK)
-            tau_k = _key_z(key_k, mx, inv_t, row_ptr, KEY16)
-        # top-p among those: the largest key whose mass reaches p * mass_k
-        tau_p = NEG_INF
-        if (p < 1.0) & stochastic:
-            top = _order_key(m_raw.to(row_ptr.dtype.element_ty), True) if KEY16 else _order_key(m_raw, False)
-            key_p = _top_p_key(row_ptr, V, inv_t, mx, key_k, top, p * mass_k, KEY16, SEARCH_BLOCK)
-            tau_p = _key_z(key_p, mx, inv_t, row_ptr, KEY16)
-        tau_min = tl.where(mp > 0.0, tl.log(tl.where(mp > 0.0, mp, 1.0)), NEG_INF)
-        thr = tl.minimum(tl.maximum(tl.maximum(tau_k, tau_p), tau_min), 0.0)  # max z = 0 is always kept
+        thr = _row_threshold(
+            row_ptr, V, inv_t, m_raw, mx, s_row, hist0, k, k_on, p, mp, stochastic, KEY16, BLOCK_V, SEARCH_BLOCK
+        )
         thr = tl.where(greedy, NEG_INF, thr)
     # the race over the kept tokens (and their mass when truncated), in a
     # sweep of its own: its keys z + Gumbel need the row max first (keys
     # x / T + Gumbel would round the noise away at large offsets: at 1e7 the
     # fp32 spacing is 1). The row was just read, so mostly from L2.
+    offs2 = tl.arange(0, BLOCK_V // STRIP)[:, None] * STRIP + tl.arange(0, STRIP)[None, :]
     best = tl.full([BLOCK_V // STRIP, STRIP], NEG_INF, tl.float32)
     best_j = tl.full([BLOCK_V // STRIP, STRIP], 0, tl.int32)
     acc = tl.zeros([BLOCK_V // STRIP, STRIP], tl.float32)
@@ -323,6 +346,116 @@ def _sample_fwd_kernel(
     # a row with NaN, +inf or no finite logit has a NaN lse; the kept mass
     # can still be finite, so carry the NaN over (the documented GPU contract)
     tl.store(plp_ptr + row, tl.where(lp != lp, lp, plp))
+
+
+@triton.jit
+def _processed_logprobs_fwd_kernel(
+    logits_ptr, labels_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr,
+    lp_ptr, ent_ptr, stats_ptr,
+    V, stride_row, ignore_index,
+    FILTERED: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    KEY16: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SEARCH_BLOCK: tl.constexpr,
+    STRIP: tl.constexpr,
+):  # fmt: skip
+    """Score a given label under the sampler's kept set: the sampler's own
+    sweep 1, thresholds and kept-mass sweep (same tiles, same sum order), so
+    the processed log-prob of sample's token is the same bits here."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    y = tl.load(labels_ptr + row).to(tl.int64)
+    if y == ignore_index:  # never read: 0 and no gradient
+        tl.store(lp_ptr + row, 0.0)
+        tl.store(ent_ptr + row, 0.0)
+        for i in tl.static_range(3):
+            tl.store(stats_ptr + 3 * row + i, 0.0)
+    else:
+        inv_t = (1.0 / tl.load(temp_ptr + row)).to(tl.float32)
+        k_on = False
+        if FILTERED:
+            k = tl.load(topk_ptr + row)
+            k_on = (k > 0) & (k < V)
+        m_raw, s_row, log2_s, hist0 = _row_lse_and_top_byte(row_ptr, V, inv_t, k_on, FILTERED, KEY16, BLOCK_V, STRIP)
+        mx = tl.where(m_raw == NEG_INF, 0.0, m_raw)
+        # an out-of-range label (unchecked on GPU) reads nothing and gives NaN
+        y_ok = (y >= 0) & (y < V)
+        x_y = tl.load(row_ptr + tl.where(y_ok, y, 0)).to(tl.float32)
+        x_y = tl.where(y_ok, x_y, float("nan"))
+        lp = row_logprob(x_y, m_raw, log2_s, inv_t)
+        thr = NEG_INF
+        log_m = log2_s * LN2
+        ent = tl.zeros([], tl.float32)
+        if FILTERED:
+            p = tl.load(topp_ptr + row).to(tl.float32)
+            mp = tl.load(minp_ptr + row).to(tl.float32)
+            thr = _row_threshold(
+                row_ptr, V, inv_t, m_raw, mx, s_row, hist0, k, k_on, p, mp, True, KEY16, BLOCK_V, SEARCH_BLOCK
+            )
+        if FILTERED or ENTROPY:
+            # the sampler's kept-mass sweep (its race sweep's tiles and sum
+            # order), with sum(e z) for the entropy
+            offs2 = tl.arange(0, BLOCK_V // STRIP)[:, None] * STRIP + tl.arange(0, STRIP)[None, :]
+            acc = tl.zeros([BLOCK_V // STRIP, STRIP], tl.float32)
+            acc_ez = tl.zeros([BLOCK_V // STRIP, STRIP], tl.float32)
+            for start in range(0, V, BLOCK_V):
+                offs = start + offs2
+                z = _load_z(row_ptr, offs, V, mx, inv_t)
+                kept = (z >= thr) & (offs < V)
+                e = tl.where(kept, tl.exp(z), 0.0)
+                acc += e
+                if ENTROPY:
+                    acc_ez += e * tl.where(e > 0.0, z, 0.0)  # no 0 * -inf
+            mass = tl.sum(tl.sum(acc, axis=1), axis=0)
+            if FILTERED:
+                log_m = tl.log(mass)
+                z_y = (x_y - mx) * inv_t
+                lp = tl.where(z_y >= thr, z_y - log_m, NEG_INF)
+                lp = tl.where(x_y != x_y, x_y, lp)
+            if ENTROPY:
+                ent = log_m - tl.sum(tl.sum(acc_ez, axis=1), axis=0) / mass
+        # a row with NaN, +inf or no finite logit has a NaN lse: NaN out
+        bad = log2_s != log2_s
+        tl.store(lp_ptr + row, tl.where(bad, log2_s, lp))
+        tl.store(ent_ptr + row, tl.where(bad, log2_s, ent))
+        tl.store(stats_ptr + 3 * row, mx)
+        tl.store(stats_ptr + 3 * row + 1, thr)
+        tl.store(stats_ptr + 3 * row + 2, log_m)
+
+
+@triton.jit
+def _processed_logprobs_bwd_kernel(
+    grad_lp_ptr, grad_ent_ptr, logits_ptr, labels_ptr, temp_ptr, stats_ptr, ent_ptr, dx_ptr,
+    V, stride_row, ignore_index,
+    HAS_LP: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """d/dx_j with the kept set fixed, p_j = exp(z_j - log M) on kept tokens:
+    log-prob inv_t (1[j = y] - p_j) (nothing when y is not kept), entropy
+    -inv_t p_j (z_j - log M + H); 0 outside the kept set and on ignored rows."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    y = tl.load(labels_ptr + row).to(tl.int64)
+    inv_t = (1.0 / tl.load(temp_ptr + row)).to(tl.float32)
+    mx = tl.load(stats_ptr + 3 * row)
+    thr = tl.load(stats_ptr + 3 * row + 1)
+    log_m = tl.load(stats_ptr + 3 * row + 2)
+    h = tl.load(ent_ptr + row)
+    valid = y != ignore_index
+    g_lp = tl.load(grad_lp_ptr + row) if HAS_LP else tl.zeros([], tl.float32)
+    g_h = tl.load(grad_ent_ptr + row) if HAS_ENT else tl.zeros([], tl.float32)
+    y_ok = valid & (y >= 0) & (y < V)
+    z_y = (tl.load(row_ptr + tl.where(y_ok, y, 0)).to(tl.float32) - mx) * inv_t
+    g_lp = tl.where(y_ok & (z_y >= thr), g_lp, 0.0)
+    g_h = tl.where(valid, g_h, 0.0)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        z = _load_z(row_ptr, offs, V, mx, inv_t)
+        pj = tl.where(z >= thr, tl.exp(z - log_m), 0.0)
+        dh = -pj * tl.where(pj > 0.0, z - log_m + h, 0.0)  # no 0 * -inf
+        g = inv_t * (g_h * dh - g_lp * pj + tl.where(offs == y, g_lp, 0.0))
+        tl.store(dx_ptr + row * V + offs, g.to(dx_ptr.dtype.element_ty), mask=offs < V)
 
 
 def row_config(V: int) -> dict:
@@ -363,3 +496,64 @@ def sample_fwd_triton(
             FILTERED=filtered, KEY16=logits.dtype in (torch.bfloat16, torch.float16), **row_config(V),
         )  # fmt: skip
     return tokens, lp, plp
+
+
+@torch.library.triton_op("rlhf_fast::processed_logprobs_fwd_triton", mutates_args=())
+@launch_on_tensor_device
+def processed_logprobs_fwd_triton(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    ignore_index: int,
+    filtered: bool,
+    compute_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rlhf_fast::processed_logprobs_fwd on GPU: logits (N, V), labels and
+    per-token parameters (N,) -> log-probs, entropy (N,), stats (N, 3) fp32."""
+    N, V = logits.shape
+    lp, ent = (logits.new_empty((N,), dtype=torch.float32) for _ in range(2))
+    stats = logits.new_empty((N, 3), dtype=torch.float32)
+    if N > 0 and _backend.launches_kernels(logits):
+        if V > 1 and logits.stride(1) != 1:
+            logits = logits.contiguous()
+        torch.library.wrap_triton(_processed_logprobs_fwd_kernel)[(N,)](
+            logits, labels.contiguous(), temperature.contiguous(), top_k.contiguous(),
+            top_p.contiguous(), min_p.contiguous(), lp, ent, stats,
+            V, logits.stride(0), ignore_index,
+            FILTERED=filtered, ENTROPY=compute_entropy,
+            KEY16=logits.dtype in (torch.bfloat16, torch.float16), **row_config(V),
+        )  # fmt: skip
+    return lp, ent, stats
+
+
+@torch.library.triton_op("rlhf_fast::processed_logprobs_bwd_triton", mutates_args=())
+@launch_on_tensor_device
+def processed_logprobs_bwd_triton(
+    grad_logprobs: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    stats: torch.Tensor,
+    entropy: torch.Tensor,
+    ignore_index: int,
+) -> torch.Tensor:
+    """d logits (N, V) in the logits' dtype; grad_* (N,) or None."""
+    N, V = logits.shape
+    dx = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if N > 0 and V > 0 and _backend.launches_kernels(logits):
+        if V > 1 and logits.stride(1) != 1:
+            logits = logits.contiguous()
+        has_lp, has_ent = grad_logprobs is not None, grad_entropy is not None
+        dummy = stats  # never read when the matching HAS_* is False
+        torch.library.wrap_triton(_processed_logprobs_bwd_kernel)[(N,)](
+            grad_logprobs.float().contiguous() if has_lp else dummy,
+            grad_entropy.float().contiguous() if has_ent else dummy,
+            logits, labels.contiguous(), temperature.contiguous(), stats.contiguous(), entropy.contiguous(), dx,
+            V, logits.stride(0), ignore_index,
+            HAS_LP=has_lp, HAS_ENT=has_ent, BLOCK_V=row_config(V)["BLOCK_V"],
+        )  # fmt: skip
+    return dx
