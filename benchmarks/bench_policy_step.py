@@ -124,8 +124,48 @@ def main(argv=None):
         else:
             print(f"{r['R']:>6} {r['path']:7} {r['median_s']:8.3f} {r['peak_mib']:9.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "threads": args.threads, "V": V, "hidden": HIDDEN, "layers": LAYERS}, f, indent=1)
+        write(args.json, rows, args.threads)
+
+
+def write(path: str, rows: list, threads: int) -> None:
+    """Records (fused vs the logits path, per R) + machine facts, the format
+    benchmarks/make_readme_table.py reads."""
+    import torch
+
+    from .harness import Record, machine_facts, write_json
+
+    torch.set_num_threads(threads)
+    by = {(r["path"], r["R"]): r for r in rows}
+    records = []
+    for R in sorted({r["R"] for r in rows}):
+        f, g = by.get(("fused", R), {}), by.get(("logits", R), {})
+        shape = f"B=1 P={P} R={R} V={V} h={HIDDEN} L={LAYERS}"
+        if "median_s" not in f or "median_s" not in g:
+            why = f.get("error") or g.get("error")
+            records.append(Record("policy step", "fused", "logits path", shape, "float32", "cpu", "fwd+bwd",
+                                  status=f"skipped: {why}"))  # fmt: skip
+            continue
+        records.append(
+            Record(
+                "policy step",
+                "fused",
+                "logits path",
+                shape,
+                "float32",
+                "cpu",
+                "fwd+bwd",
+                median_s=f["median_s"],
+                baseline_median_s=g["median_s"],
+                speedup=g["median_s"] / f["median_s"],
+                peak_mem_bytes=int(f["peak_mib"] * 2**20),
+                baseline_peak_mem_bytes=int(g["peak_mib"] * 2**20),
+                threads=threads,
+            )  # fmt: skip
+        )
+    facts = machine_facts("cpu")
+    facts["command"] = f"python -m benchmarks.bench_policy_step --threads {threads} --json {path}"
+    facts["note"] = "peak: RSS of one micro-step above the RSS before it, MALLOC_MMAP_THRESHOLD_=65536"
+    write_json(path, records, facts)
 
 
 if __name__ == "__main__":
