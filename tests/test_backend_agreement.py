@@ -1,7 +1,8 @@
 """Every backend, the same awkward inputs, the same answer (to tolerance, NaN
 where NaN) or the same error class: logprobs_from_logits, linear_logprobs and
 sample on cpp, triton (through the interpreter) and the reference; also the
-truncated log-probs (top_k / top_p / min_p)."""
+truncated log-probs (top_k / top_p / min_p), ppo_loss, ppo_value_loss, kl_penalty,
+gae, discounted_returns, whiten and group_advantages."""
 
 import math
 
@@ -144,3 +145,131 @@ def test_truncated_logprobs_agree(case, dtype):
             with rlhf_fast.use_backend(be):
                 results[be] = _run(lambda: rlhf_fast.logprobs_from_logits(logits, labels, return_entropy=True, **cfg))
         _agree(results, f"truncated logprobs {case} {dtype} {cfg}")
+
+
+# ---------------------------------------------------------------- the loss and advantage ops
+
+
+def _token_cases():
+    """name -> (B, T) tensors (lp, old, adv, ref, mask) on awkward layouts:
+    one token, odd widths, no rows, an all-masked row, NaN and +-inf under
+    the mask, a -inf log-prob on a valid token (a label outside a kept set),
+    advantages of 1e30."""
+    g = torch.Generator().manual_seed(12)
+
+    def mk(B, T):
+        lp = -torch.rand(B, T, generator=g) * 3
+        old = lp + 0.3 * torch.randn(B, T, generator=g)
+        ref = lp + 0.5 * torch.randn(B, T, generator=g)
+        adv = torch.randn(B, T, generator=g)
+        mask = torch.rand(B, T, generator=g) > 0.25
+        return [lp, old, adv, ref, mask]
+
+    cases = {"1x1": mk(1, 1), "3x7": mk(3, 7), "no rows": mk(0, 5), "empty rows": mk(3, 0)}
+    c = mk(4, 9)
+    c[4][1] = False  # an all-masked row
+    cases["all-masked row"] = c
+    c = mk(3, 8)
+    c[4][0, 2] = False
+    for t in c[:4]:
+        t[0, 2] = math.nan  # NaN padding under the mask: never read
+    c[4][1, 3] = False
+    c[1][1, 3] = math.inf
+    cases["NaN and inf under the mask"] = c
+    c = mk(3, 8)
+    c[4][2, 4] = True
+    c[0][2, 4] = NEG_INF  # a valid token outside the current policy's kept set
+    cases["-inf log-prob"] = c
+    c = mk(2, 6)
+    c[2] = c[2] * 1e30
+    cases["advantages 1e30"] = c
+    return cases
+
+
+TOKEN_CASES = _token_cases()
+
+
+def _every_backend(fn) -> dict:
+    """fn's result on each backend that implements the op (gae, whiten and
+    discounted_returns have no Triton kernel: BackendUnavailable leaves that
+    backend out; every op has the reference and C++)."""
+    results = {}
+    for be in BACKENDS:
+        with rlhf_fast.use_backend(be):
+            out = _run(fn)
+        if out[1] is not rlhf_fast._backend.BackendUnavailable:
+            results[be] = out
+    assert {"reference", "cpp"} <= set(results)
+    return results
+
+
+def _loss_out(loss_and_stats):
+    loss, stats = loss_and_stats
+    return (loss, *(stats[k] for k in sorted(stats)))
+
+
+@pytest.mark.parametrize("case", list(TOKEN_CASES))
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(),
+        dict(dual_clip=3.0, clip_high=0.28, agg="seq-mean-token-mean"),
+        dict(kl="k3", agg="seq-mean-token-sum-norm"),
+    ],
+    ids=["token-mean", "dual-seq-mean", "k3-sum-norm"],
+)
+def test_ppo_loss_agree(case, opts):
+    lp, old, adv, ref, mask = TOKEN_CASES[case]
+    opts = dict(opts)
+    kl = opts.pop("kl", None)
+    if kl:
+        opts.update(ref_logprobs=ref, kl_coef=0.1, kl_kind=kl)
+    results = {}
+    for be in BACKENDS:
+        with rlhf_fast.use_backend(be):
+            results[be] = _run(
+                lambda: _loss_out(rlhf_fast.ppo_loss(lp, old, adv, mask, entropy=-lp, entropy_coef=0.01, **opts))
+            )
+    _agree(results, f"ppo_loss {case} {opts}")
+
+
+@pytest.mark.parametrize("case", list(TOKEN_CASES))
+def test_value_loss_and_kl_agree(case):
+    lp, old, adv, ref, mask = TOKEN_CASES[case]
+    for name, fn in (
+        ("value_loss", lambda: _loss_out(rlhf_fast.ppo_value_loss(lp, old, adv, mask, clip=0.2))),
+        ("kl k1", lambda: rlhf_fast.kl_penalty(lp, ref, kind="k1")),
+        ("kl k3", lambda: rlhf_fast.kl_penalty(lp, ref, kind="k3")),
+    ):
+        _agree(_every_backend(fn), f"{name} {case}")
+
+
+@pytest.mark.parametrize("case", [c for c in TOKEN_CASES if c != "-inf log-prob"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_advantages_agree(case, dtype):
+    """gae, discounted_returns and whiten on the same layouts (rewards and
+    values from the cases' tensors)."""
+    lp, old, adv, _, mask = TOKEN_CASES[case]
+    rewards, values = adv.to(dtype), old.to(dtype)
+    for name, fn in (
+        ("gae", lambda: rlhf_fast.gae(rewards, values, mask, gamma=0.99, lam=0.95)),
+        ("returns", lambda: rlhf_fast.discounted_returns(rewards, mask, gamma=0.9)),
+        ("whiten", lambda: rlhf_fast.whiten(rewards, mask)),
+    ):
+        _agree(_every_backend(fn), f"{name} {case} {dtype}")
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [
+        torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5, 0.5, 0.5, 0.5]),  # one group tied
+        torch.tensor([1e30, -1e30, 3.0, 1e30, 2.0, 2.0]),
+        torch.tensor([math.nan, 1.0, 2.0, 3.0]),  # NaN stays in its group
+        torch.zeros(0),
+    ],
+    ids=["tied group", "1e30", "NaN", "empty"],
+)
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_baseline"])
+def test_group_advantages_agree(scores, estimator):
+    results = _every_backend(lambda: rlhf_fast.group_advantages(scores, 2, estimator=estimator))
+    _agree(results, f"group_advantages {estimator} {scores.tolist()}")

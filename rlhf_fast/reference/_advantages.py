@@ -118,6 +118,8 @@ def whiten(x, mask, *, shift_mean=True, eps=1e-8, cu_seqlens=None):
         fn = lambda xs, ms: whiten(xs, ms, shift_mean=shift_mean, eps=eps)  # noqa: E731
         return _per_segment(fn, cu_seqlens, (x, mask), (out,), ())[0]
     m = mask != 0
+    if x.numel() == 0:  # no rows or no columns: an empty result, as the kernels give
+        return torch.zeros(x.shape, dtype=acc, device=x.device)
     xv = torch.where(m, x.to(acc), torch.zeros((), dtype=acc, device=x.device))
     n = m.sum()
     # mean = lo + mean(x - lo), lo the smallest valid x: exact for constant
