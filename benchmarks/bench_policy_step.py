@@ -95,6 +95,25 @@ def _one(path: str, R: int, threads: int) -> dict:
     return {"path": path, "R": R, "peak_mib": peak, "median_s": statistics.median(times), "first_s": first}
 
 
+def run(quick: bool = True, device: str | None = None, tiny: bool = False) -> list:
+    """The suite's entry (python -m benchmarks, benchmarks/test_bench.py): in
+    process, so peaks are VmHWM resets in this process (`main` runs each
+    case in a fresh one). CPU only: the fused path's GPU kernel is the
+    two-op one."""
+    from .harness import Record
+
+    device = device or "cpu"
+    if device != "cpu":
+        return [Record("policy step", "fused", "logits path", "-", "float32", device, "fwd+bwd",
+                       status="skipped: CPU benchmark (the GPU runs the two-op path)")]  # fmt: skip
+    lengths = [64] if tiny else [1024] if quick else [1024, 4096, 16384]
+    import torch
+
+    threads = torch.get_num_threads()
+    rows = [_one(path, R, threads) for R in lengths for path in ("fused", "logits")]
+    return _records(rows, threads)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lengths", default="1024,4096,16384")
@@ -132,9 +151,19 @@ def write(path: str, rows: list, threads: int) -> None:
     benchmarks/make_readme_table.py reads."""
     import torch
 
-    from .harness import Record, machine_facts, write_json
+    from .harness import machine_facts, write_json
 
     torch.set_num_threads(threads)
+    records = _records(rows, threads)
+    facts = machine_facts("cpu")
+    facts["command"] = f"python -m benchmarks.bench_policy_step --threads {threads} --json {path}"
+    facts["note"] = "peak: RSS of one micro-step above the RSS before it, MALLOC_MMAP_THRESHOLD_=65536"
+    write_json(path, records, facts)
+
+
+def _records(rows: list, threads: int) -> list:
+    from .harness import Record
+
     by = {(r["path"], r["R"]): r for r in rows}
     records = []
     for R in sorted({r["R"] for r in rows}):
@@ -162,10 +191,7 @@ def write(path: str, rows: list, threads: int) -> None:
                 threads=threads,
             )  # fmt: skip
         )
-    facts = machine_facts("cpu")
-    facts["command"] = f"python -m benchmarks.bench_policy_step --threads {threads} --json {path}"
-    facts["note"] = "peak: RSS of one micro-step above the RSS before it, MALLOC_MMAP_THRESHOLD_=65536"
-    write_json(path, records, facts)
+    return records
 
 
 if __name__ == "__main__":
