@@ -122,21 +122,17 @@ def logprobs_from_logits(
     logits). docs/sampling.md maps vLLM / SGLang settings to these arguments.
     """
     check_logits_labels(OP, logits, labels)
-    if isinstance(temperature, torch.Tensor) or top_k is not None or top_p is not None or min_p is not None:
-        ignore_index = check_ignore_index(OP, ignore_index, labels)
-        V = logits.shape[-1]
-        if V == 0 and labels.numel() > 0:
-            raise ValueError(f"{OP}: logits have an empty vocabulary dim (V=0)")
-        if host_value_checks(logits.device):
-            check_labels_in_range(OP, labels, V, ignore_index)
-        return processed_logprobs(logits, labels, temperature, top_k, top_p, min_p, ignore_index, return_entropy)
-    temperature = check_temperature(OP, temperature, logits.dtype)
+    processed = isinstance(temperature, torch.Tensor) or top_k is not None or top_p is not None or min_p is not None
+    if not processed:  # tensors and filters: checked per token in ops/_processed_logprobs.py
+        temperature = check_temperature(OP, temperature, logits.dtype)
     ignore_index = check_ignore_index(OP, ignore_index, labels)
     V = logits.shape[-1]
     if V == 0 and labels.numel() > 0:
         raise ValueError(f"{OP}: logits have an empty vocabulary dim (V=0)")
     if host_value_checks(logits.device):
         check_labels_in_range(OP, labels, V, ignore_index)
+    if processed:
+        return processed_logprobs(logits, labels, temperature, top_k, top_p, min_p, ignore_index, return_entropy)
 
     backend = _backend.choose("logprobs_from_logits", logits.device, IMPLEMENTED)
     if backend == "reference":

@@ -139,25 +139,10 @@ class PolicyTrainer(Trainer):
             mask, layout = pk.mask, packed_loss_args(pk, c.loss_agg, ro.response_mask.shape[1])
             if self.rollout_correction is not None and pk.sampler_logprobs is not None:
                 layout.update(rollout_logprobs=pk.sampler_logprobs, rollout_correction=self.rollout_correction)
-        ref = mb.ref_logprobs if use_kl else None
+        kw = self.loss_args(mb, use_kl)
         roll = layout.get("rollout_logprobs")
-        mask, outside = mask_outside_kept(mask, logp.detach(), mb.old_logprobs, ref, roll)
-        loss, stats = ppo_loss(
-            logp,
-            mb.old_logprobs,
-            mb.advantages,
-            mask,
-            entropy=ent,
-            ref_logprobs=ref,
-            entropy_coef=c.entropy_coef,
-            kl_coef=self.kl_ctl.value if use_kl else 0.0,
-            kl_kind=c.kl_kind,
-            clip_low=c.clip_low,
-            clip_high=c.clip_high,
-            dual_clip=c.dual_clip,
-            agg=c.loss_agg,
-            **layout,
-        )
+        mask, outside = mask_outside_kept(mask, logp.detach(), mb.old_logprobs, kw["ref_logprobs"], roll)
+        loss, stats = ppo_loss(logp, mb.old_logprobs, mb.advantages, mask, entropy=ent, **kw, **layout)
         stats["outside_kept_frac"] = outside
         return loss, stats
 
