@@ -64,14 +64,14 @@ RLHF_FAST_INLINE void gae_step(X w, X a, X rt, X vt, X g, X& nv, X& carry,
 // is always taken on padded rows: one loop body, no second copy to compile).
 template <bool HAS_V, typename T, typename M, typename acc_t>
 RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
-                               const M* const* m, const int64_t* n,
+                               const M* const* m, M keep, const int64_t* n,
                                const acc_t* g, const acc_t* gl,
                                acc_t* const* adv, acc_t* const* ret) {
   acc_t nv[kRows] = {}, carry[kRows] = {};
   int64_t hi = n[0];
   for (int j = 1; j < kRows; ++j) hi = std::max(hi, n[j]);
   auto step = [&](int j, int64_t t) {
-    const bool valid = m[j][t] != M(0);
+    const bool valid = (m[j][t] & keep) != 0;
     const acc_t w = valid ? acc_t(1) : acc_t(0);
     const acc_t rt = blend(valid, to_acc(r[j][t]), acc_t(0));
     const acc_t vt = HAS_V ? blend(valid, to_acc(v[j][t]), acc_t(0)) : acc_t(0);
@@ -130,11 +130,11 @@ RLHF_FAST_INLINE void transpose(typename Vec<W>::f* x) {
 // Written as a per-element loop GCC left it scalar (a cmpb per element):
 // 2.6 -> 1.3 ns per element with the tile in cache.
 template <int W, typename M>
-RLHF_FAST_INLINE typename Vec<W>::i load_valid(const M* p) {
+RLHF_FAST_INLINE typename Vec<W>::i load_valid(const M* p, M keep) {
   typedef M MV __attribute__((vector_size(W * sizeof(M))));
   MV x;
   std::memcpy(&x, p, sizeof(x));
-  return __builtin_convertvector(x != M(0), typename Vec<W>::i);  // -1 where valid
+  return __builtin_convertvector((x & keep) != 0, typename Vec<W>::i);  // -1 where valid
 }
 template <int W>
 RLHF_FAST_INLINE typename Vec<W>::f and_bits(typename Vec<W>::f x, typename Vec<W>::i keep) {
@@ -147,7 +147,7 @@ RLHF_FAST_INLINE typename Vec<W>::f and_bits(typename Vec<W>::f x, typename Vec<
 
 template <int W, bool HAS_V, typename T, typename M>
 RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
-                                const M* const* m, const int64_t* n,
+                                const M* const* m, M keep, const int64_t* n,
                                 const float* g_rows, const float* gl_rows,
                                 float* const* adv, float* const* ret) {
   using V = typename Vec<W>::f;
@@ -178,14 +178,14 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
         __builtin_prefetch(adv[j] + t0 - kPrefetch, 1); if (HAS_V) __builtin_prefetch(ret[j] + t0 - kPrefetch, 1);
       }
       if (len == W) {
-        const I valid = load_valid<W>(mj);
+        const I valid = load_valid<W>(mj, keep);
         xw[j] = __builtin_convertvector(-valid, V);
         xr[j] = and_bits<W>(load<W>(rj), valid);
         if (HAS_V) xv[j] = and_bits<W>(load<W>(vj), valid);
       } else {
         V w = {}, rr = {}, vv = {};
         for (int k = 0; k < len; ++k) {
-          const bool ok = mj[k] != M(0);
+          const bool ok = (mj[k] & keep) != 0;
           w[k] = ok ? 1.f : 0.f;
           rr[k] = ok ? to_acc(rj[k]) : 0.f;
           if (HAS_V) vv[k] = ok ? to_acc(vj[k]) : 0.f;
@@ -228,18 +228,10 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
 template <bool HAS_V, typename T, typename M>
 struct GaeTiles {
   template <int W>
-  static RLHF_FAST_INLINE void run(const T* const* r, const T* const* v, const M* const* m, const int64_t* n,
-                                   const float* g, const float* gl, float* const* adv, float* const* ret) {
-    if constexpr (W >= 8) gae_lanes<W, HAS_V, T, M>(r, v, m, n, g, gl, adv, ret);
-  }
-};
-
-template <bool HAS_V, typename T, typename M, typename acc_t>
-struct GaeRows {
-  template <int W>  // ignored: kRows rows, scalar, in every copy
-  static RLHF_FAST_INLINE void run(const T* const* r, const T* const* v, const M* const* m, const int64_t* n,
-                                   const acc_t* g, const acc_t* gl, acc_t* const* adv, acc_t* const* ret) {
-    gae_rows<HAS_V, T, M, acc_t>(r, v, m, n, g, gl, adv, ret);
+  static RLHF_FAST_INLINE void run(const T* const* r, const T* const* v, const M* const* m, M keep,
+                                   const int64_t* n, const float* g, const float* gl, float* const* adv,
+                                   float* const* ret) {
+    if constexpr (W >= 8) gae_lanes<W, HAS_V, T, M>(r, v, m, keep, n, g, gl, adv, ret);
   }
 };
 
@@ -323,8 +315,8 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
   dispatch_value(vt, [&](auto* ttag) {
     using Tv = std::remove_pointer_t<decltype(ttag)>;
     using acc_t = acc_type<Tv>;
-    dispatch_mask(m.scalar_type(), [&](auto* mtag) {
-      using M = std::remove_pointer_t<decltype(mtag)>;
+    dispatch_mask(m.scalar_type(), [&](auto keep) {
+      using M = decltype(keep);
       const Tv* rp = reinterpret_cast<const Tv*>(r.const_data_ptr());
       const Tv* vp = reinterpret_cast<const Tv*>(v.const_data_ptr());
       const M* mp = reinterpret_cast<const M*>(m.const_data_ptr());
@@ -363,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
           at::parallel_for(0, n_groups, std::max<int64_t>(1, rows_per_task(mean_len, kRows) / kW), [&](int64_t begin, int64_t end) {
             for (int64_t grp = begin; grp < end; ++grp) {
               const auto x = rows_at(width, grp * kW, kW);
-              isa_call_on<GaeTiles<HAS_V, Tv, M>>(isa, x.r, x.v, x.m, x.n, x.g, x.gl, x.adv, x.ret);
+              isa_call_on<GaeTiles<HAS_V, Tv, M>>(isa, x.r, x.v, x.m, keep, x.n, x.g, x.gl, x.adv, x.ret);
             }
           });
         };
@@ -373,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
       at::parallel_for(lane_rows, B, rows_per_task(mean_len, kRows), [&](int64_t begin, int64_t end) {
         for (int64_t b0 = begin; b0 < end; b0 += kRows) {
           const auto x = rows_at(std::integral_constant<int, kRows>{}, b0, end - b0);
-          isa_call_on<GaeRows<HAS_V, Tv, M, acc_t>>(isa, x.r, x.v, x.m, x.n, x.g, x.gl, x.adv, x.ret);
+          gae_rows<HAS_V, Tv, M, acc_t>(x.r, x.v, x.m, keep, x.n, x.g, x.gl, x.adv, x.ret);
         }
       });
     });
