@@ -56,7 +56,10 @@ def _rel(paths):
 def extension():
     with_cuda = _want_cuda()
     # Kernel .cu files are torch-free; *_ops.cpp next to them is the torch glue.
-    sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel(
+        [os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(ROOT, "csrc", "module.cpp")]
+        + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
     # -ffp-contract=off: GCC would otherwise fuse x * inv_t - m into one FMA
     # that skips the rounding of m = max(x) * inv_t, so d = z - m is not 0 at
     # the max (a one-hot row then gets log p = 1e-7 instead of 0), and the

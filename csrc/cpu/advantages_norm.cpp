@@ -3,9 +3,6 @@
 // the scores of each group, accumulated in double, two passes per chunk
 // merged with Chan's formula (never E[x^2] - E[x]^2). One copy for every
 // ISA: fp64 reductions over a memory-bound sweep (and a gather per group).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,6 +12,8 @@
 #include <vector>
 
 #include "../acc_dtype.h"
+#include "aten_lite.h"
+#include "kernels.h"
 #include "advantages_glue.h"
 #include "rlhf_fast/cpu_math.h"
 
@@ -98,6 +97,8 @@ inline double moments_rstd(const Moments& tot, double eps) {
   return 1.0 / std::sqrt(var + eps);
 }
 
+}  // namespace
+
 at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
                       bool shift_mean, double eps,
                       const std::optional<at::Tensor>& cu_seqlens) {
@@ -114,7 +115,7 @@ at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
   const at::Tensor x = x_in.contiguous();
   const at::Tensor m = mask_for_kernel(mask_in).contiguous();
   const at::ScalarType acc = acc_dtype(x.scalar_type());
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(acc));
+  at::Tensor out = x.new_empty(x.sizes(), x.options().dtype(acc));
   const int64_t N = x.numel();
   if (N == 0) return out;
   if (per_segment) {  // one (mean, var) per segment, segments in parallel
@@ -169,6 +170,8 @@ at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
   return out;
 }
 
+namespace {
+
 // ---------------- group advantages ----------------
 
 int estimator_code(const std::string& name, const char* op) {
@@ -209,6 +212,8 @@ void group_one(const T* s, const int64_t* idx, int64_t base, int64_t n,
   }
 }
 
+}  // namespace
+
 at::Tensor group_advantages_cpu(const at::Tensor& scores_in,
                                 const std::optional<at::Tensor>& group_ids,
                                 int64_t group_size, std::string estimator,
@@ -222,7 +227,7 @@ at::Tensor group_advantages_cpu(const at::Tensor& scores_in,
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const at::Tensor s = scores_in.contiguous();
   const int64_t N = s.size(0);
-  at::Tensor out = at::empty({N}, s.options().dtype(acc_dtype(s.scalar_type())));
+  at::Tensor out = s.new_empty({N}, s.options().dtype(acc_dtype(s.scalar_type())));
   const bool by_id = group_ids.has_value() && group_ids->defined();
   std::vector<int64_t> order, starts;  // segments of `order` (by_id)
   if (by_id) {
@@ -269,11 +274,5 @@ at::Tensor group_advantages_cpu(const at::Tensor& scores_in,
   return out;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace rlhf_fast
-
-TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
-  m.impl("whiten", &rlhf_fast::cpu::whiten_cpu);
-  m.impl("group_advantages", &rlhf_fast::cpu::group_advantages_cpu);
-}
