@@ -9,8 +9,9 @@
 // the same way. At (512, 4096) on one EPYC core: ~3 ms with 16-lane AVX-512
 // tiles, against 14 ms for the first version, which walked 4 rows side by
 // side with scalar code (staging 256 steps per row through scratch first was
-// slower: ~5 ms); on a Xeon core the 8-lane tiles beat the 16-lane ones,
-// 3.6 ms against 4.9 ms, so only they are compiled. On baseline x86-64, for
+// slower: ~5 ms); on a Xeon core the 8-lane tiles beat the 16-lane ones for
+// GAE, 3.6 ms against 4.9 ms, so only they are compiled for it (discounted
+// returns keep 16 lanes on AVX-512, GaeTiles below). On baseline x86-64, for
 // fp64, and for the B % W rows left over, that scalar loop remains (one copy:
 // it is scalar code on every ISA). Rows are split across threads with at::parallel_for.
 // Every copy (scalar loop or tiles, any ISA) does the same arithmetic in the
@@ -72,7 +73,7 @@ RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
   int64_t hi = n[0];
   for (int j = 1; j < kRows; ++j) hi = std::max(hi, n[j]);
   auto step = [&](int j, int64_t t) {
-    const bool valid = (m[j][t] & keep) != 0;
+    const bool valid = (m[j][t] & mask_keep(keep)) != 0;
     const acc_t w = valid ? acc_t(1) : acc_t(0);
     const acc_t rt = blend(valid, to_acc(r[j][t]), acc_t(0));
     const acc_t vt = HAS_V ? blend(valid, to_acc(v[j][t]), acc_t(0)) : acc_t(0);
@@ -89,9 +90,9 @@ RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
 }
 
 // ---------------- W rows per vector, W-step tiles ----------------
-// W = 8 (one ymm of fp32). A tile is W rows x W steps: each row's W steps
-// are one vector load, and a W x W transpose in registers turns rows into
-// steps (written for any power of two W; 16 was the AVX-512 width).
+// W = 8 (one ymm of fp32; 16, one zmm, for discounted returns on AVX-512).
+// A tile is W rows x W steps: each row's W steps are one vector load, and a
+// W x W transpose in registers turns rows into steps.
 // 80 streams (16 rows x 5 arrays) walked backwards are more than the
 // hardware prefetchers follow: 3.9 -> 2.8 ns per element at (512, 4096) with
 // the outputs preallocated, prefetching 64 steps ahead (16 to 128 measured the same).
@@ -135,7 +136,7 @@ RLHF_FAST_INLINE typename Vec<W>::i load_valid(const M* p, M keep) {
   typedef M MV __attribute__((vector_size(W * sizeof(M))));
   MV x;
   std::memcpy(&x, p, sizeof(x));
-  return __builtin_convertvector((x & keep) != 0, typename Vec<W>::i);  // -1 where valid
+  return __builtin_convertvector((x & mask_keep(keep)) != 0, typename Vec<W>::i);  // -1 where valid
 }
 template <int W>
 RLHF_FAST_INLINE typename Vec<W>::f and_bits(typename Vec<W>::f x, typename Vec<W>::i keep) {
@@ -186,7 +187,7 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
       } else {
         V w = {}, rr = {}, vv = {};
         for (int k = 0; k < len; ++k) {
-          const bool ok = (mj[k] & keep) != 0;
+          const bool ok = (mj[k] & mask_keep(keep)) != 0;
           w[k] = ok ? 1.f : 0.f;
           rr[k] = ok ? to_acc(rj[k]) : 0.f;
           if (HAS_V) vv[k] = ok ? to_acc(vj[k]) : 0.f;
@@ -221,11 +222,13 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
   }
 }
 
-// The tiles' one ISA copy: 8 lanes, AVX2 (cpu_isa.h's isa_copy_avx2), run
-// on AVX2 and AVX-512 CPUs alike. A 16-lane AVX-512 copy was slower in a
-// same-run A/B (one Xeon core, (512, 4096) fp32, medians of 9 interleaved
-// rounds: 4.85 ms against 3.62 ms for these 8-lane tiles) and cost ~7 s of
-// compile; the baseline ISA has no tiles (every row takes the scalar loop).
+// The tiles' ISA copies: GAE has one, 8 lanes in the AVX2 copy
+// (cpu_isa.h's isa_copy_avx2), run on AVX2 and AVX-512 CPUs alike: its
+// 16-lane AVX-512 copy was slower in a same-run A/B (one Xeon core,
+// (512, 4096) fp32, medians of 9 interleaved rounds: 4.85 ms against 3.62 ms)
+// and cost ~7 s of compile. Discounted returns (no values, half the streams)
+// keep 16 lanes on AVX-512: 1.31 ms against 1.45 ms for 8 lanes. The
+// baseline ISA has no tiles (every row takes the scalar loop).
 template <bool HAS_V, typename T, typename M>
 struct GaeTiles {
   template <int W>
@@ -314,10 +317,10 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
   }
   const int64_t mean_len = packed ? std::max<int64_t>(1, shape[0] / B) : T;
   dispatch_value(vt, [&](auto* ttag) {
-    using Tv = std::remove_pointer_t<decltype(ttag)>;
+    using Tv = std::remove_pointer_t<std::remove_cvref_t<decltype(ttag)>>;
     using acc_t = acc_type<Tv>;
     dispatch_mask(m.scalar_type(), [&](auto keep) {
-      using M = decltype(keep);
+      using M = std::remove_cvref_t<decltype(keep)>;
       const Tv* rp = reinterpret_cast<const Tv*>(r.const_data_ptr());
       const Tv* vp = reinterpret_cast<const Tv*>(v.const_data_ptr());
       const M* mp = reinterpret_cast<const M*>(m.const_data_ptr());
@@ -343,20 +346,29 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
         }
         return rows;
       };
-      // Whole groups of 8 rows in lanes (fp32 accumulation, AVX2 or better);
-      // the B % 8 rest, and everything else, 4 rows at a time.
+      // Whole groups of W rows in lanes (fp32 accumulation, AVX2 or better:
+      // W = 8; discounted returns on AVX-512: 16); the B % W rest, and
+      // everything else, 4 rows at a time.
       constexpr bool kHasLanes = std::is_same_v<acc_t, float>;
-      constexpr int kW = 8;
-      const bool lanes = kHasLanes && active_isa() != Isa::kBaseline;
-      const int64_t n_groups = lanes ? B / kW : 0;
-      const int64_t lane_rows = n_groups * kW;
-      if constexpr (kHasLanes) {
+      const Isa isa = active_isa();  // read once: it sizes the groups and picks the copy
+      const int W = !kHasLanes || isa == Isa::kBaseline ? 0 : (!HAS_V && isa == Isa::kAvx512 ? 16 : 8);
+      const int64_t n_groups = W > 0 ? B / W : 0;
+      const int64_t lane_rows = n_groups * W;
+      auto run_groups = [&](auto width) {
+        constexpr int kW = decltype(width)::value;
         at::parallel_for(0, n_groups, std::max<int64_t>(1, rows_per_task(mean_len, kRows) / kW), [&](int64_t begin, int64_t end) {
           for (int64_t grp = begin; grp < end; ++grp) {
-            const auto x = rows_at(std::integral_constant<int, kW>{}, grp * kW, kW);
-            isa_copy_avx2<GaeTiles<HAS_V, Tv, M>>(x.r, x.v, x.m, keep, x.n, x.g, x.gl, x.adv, x.ret);
+            const auto x = rows_at(width, grp * kW, kW);
+            if constexpr (kW == 16) isa_copy_avx512<GaeTiles<HAS_V, Tv, M>>(x.r, x.v, x.m, keep, x.n, x.g, x.gl, x.adv, x.ret);
+            else isa_copy_avx2<GaeTiles<HAS_V, Tv, M>>(x.r, x.v, x.m, keep, x.n, x.g, x.gl, x.adv, x.ret);
           }
         });
+      };
+      if constexpr (kHasLanes) {
+        if constexpr (!HAS_V) {
+          if (W == 16) run_groups(std::integral_constant<int, 16>{});
+        }
+        if (W == 8) run_groups(std::integral_constant<int, 8>{});
       }
       at::parallel_for(lane_rows, B, rows_per_task(mean_len, kRows), [&](int64_t begin, int64_t end) {
         for (int64_t b0 = begin; b0 < end; b0 += kRows) {

@@ -41,7 +41,15 @@ inline at::Tensor mask_for_kernel(const at::Tensor& mask) {
 // the sign bit for fp32 / fp64 ones, so -0.0 is masked and NaN valid, as
 // `x != 0` says. Three element types instead of six halve every kernel
 // instantiated per mask type (the AND with a broadcast constant costs one
-// vector op per load).
+// vector op per load). A byte mask's keep is always 0xff: mask_keep() gives
+// the kernels that as a constant, so the AND folds away (as a run-time
+// value through the ISA copies' calls it cost discounted returns ~6% at
+// (512, 4096)).
+template <typename M>
+RLHF_FAST_INLINE M mask_keep(M keep) {
+  return sizeof(M) == 1 ? M(0xff) : keep;
+}
+
 template <typename F>
 inline void dispatch_mask(at::ScalarType dt, F&& f) {
   switch (dt) {

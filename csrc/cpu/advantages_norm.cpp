@@ -47,14 +47,14 @@ Moments merge(const Moments& a, const Moments& b) {
 template <typename T, typename M>
 RLHF_FAST_INLINE Moments chunk_moments(const T* x, const M* m, M keep, int64_t n) {
   int64_t first = 0;
-  while (first < n && (m[first] & keep) == 0) ++first;
+  while (first < n && (m[first] & mask_keep(keep)) == 0) ++first;
   Moments o;
   if (first == n) return o;
   const double p = static_cast<double>(to_acc(x[first]));
   double cnt = 0, sum = 0;
 #pragma omp simd reduction(+ : cnt, sum)
   for (int64_t i = first; i < n; ++i) {
-    const bool valid = (m[i] & keep) != 0;
+    const bool valid = (m[i] & mask_keep(keep)) != 0;
     const double xi = static_cast<double>(to_acc(x[i])) - p;
     cnt += blend(valid, 1.0, 0.0);
     sum += blend(valid, xi, 0.0);
@@ -64,7 +64,7 @@ RLHF_FAST_INLINE Moments chunk_moments(const T* x, const M* m, M keep, int64_t n
 #pragma omp simd reduction(+ : m2)
   for (int64_t i = first; i < n; ++i) {
     const double d = (static_cast<double>(to_acc(x[i])) - p) - dmean;
-    m2 += blend((m[i] & keep) != 0, d * d, 0.0);
+    m2 += blend((m[i] & mask_keep(keep)) != 0, d * d, 0.0);
   }
   return {cnt, p + dmean, m2};
 }
@@ -85,7 +85,7 @@ RLHF_FAST_INLINE void whiten_apply(const T* x, const M* m, M keep, acc_t* out,
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const double y = (static_cast<double>(to_acc(x[i])) - mean) * rstd + add;
-    out[i] = blend((m[i] & keep) != 0, static_cast<acc_t>(y), acc_t(0));
+    out[i] = blend((m[i] & mask_keep(keep)) != 0, static_cast<acc_t>(y), acc_t(0));
   }
 }
 
