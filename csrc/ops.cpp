@@ -2,16 +2,6 @@
 // from csrc/cpu/*.cpp (CPU) and csrc/cuda/*_ops.cpp (CUDA); Python adds
 // register_fake / register_autograd in rlhf_fast/ops/.
 #include <torch/library.h>
-#include <torch/extension.h>
-
-#include "rlhf_fast/cpu_isa.h"
-
-#include <string>
-#include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 TORCH_LIBRARY(rlhf_fast, m) {
   // ---- log-probs and entropy from logits (rlhf_fast/ops/_logprobs.py) ----
@@ -149,62 +139,3 @@ TORCH_LIBRARY(rlhf_fast, m) {
       "str kind) -> Tensor");
 }
 
-namespace {
-
-// Facts about this build, shown by rlhf_fast.info() / `rlhf-fast info`.
-pybind11::dict build_info() {
-  pybind11::dict info;
-  std::vector<std::string> backends{"cpp"};
-#ifdef RLHF_FAST_WITH_CUDA
-  backends.push_back("cuda");
-  info["cuda_archs"] = std::string(RLHF_FAST_CUDA_ARCHS);
-#else
-  info["cuda_archs"] = std::string("");
-#endif
-  info["backends"] = backends;
-#if defined(__clang__)
-  info["compiler"] = std::string("clang ") + __clang_version__;
-#elif defined(__GNUC__)
-  info["compiler"] = std::string("gcc ") + __VERSION__;
-#else
-  info["compiler"] = std::string("unknown");
-#endif
-#ifdef _OPENMP
-  info["openmp"] = true;
-  info["omp_max_threads"] = omp_get_max_threads();
-#else
-  info["openmp"] = false;
-  info["omp_max_threads"] = 1;
-#endif
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  info["cpu_avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
-  info["cpu_avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
-#endif
-  info["cpu_isa"] = std::string(rlhf_fast::cpu::isa_name(rlhf_fast::cpu::active_isa()));
-  info["cpu_isa_best"] = std::string(rlhf_fast::cpu::isa_name(rlhf_fast::cpu::best_supported_isa()));
-  return info;
-}
-
-// Selects the vector ISA of the CPU kernels (tests run every copy); returns
-// the previous one. Asking for more than the CPU supports is an error.
-std::string set_cpu_isa(const std::string& name) {
-  using namespace rlhf_fast::cpu;
-  Isa want;
-  TORCH_CHECK(parse_isa(name.c_str(), &want), "rlhf_fast: unknown CPU ISA '", name,
-              "'; choose avx512, avx2 or baseline");
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_supported_isa()),
-              "rlhf_fast: this CPU does not support ", name, " (best: ",
-              isa_name(best_supported_isa()), ")");
-  const Isa prev = active_isa();
-  isa_slot().store(static_cast<int>(want));
-  return isa_name(prev);
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rlhf_fast compiled kernels; the ops live under torch.ops.rlhf_fast";
-  m.def("build_info", &build_info, "Facts about how this extension was built");
-  m.def("set_cpu_isa", &set_cpu_isa, "Select avx512 | avx2 | baseline CPU kernels; returns the previous");
-}

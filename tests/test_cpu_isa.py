@@ -160,8 +160,8 @@ def fam_policy_seq_is():
 
 # Every compile-time mode of the rollout-correction token pass (the weight:
 # per row / truncated / IcePop; token rejection: none / k1 / k2 / k3), so
-# that the AVX-512 block written with mask registers is held to the generic
-# copies bit for bit. Thresholds sit inside the spread of old - rollout
+# that the AVX2 block written with intrinsics (which the AVX-512 copy runs
+# too) is held to the baseline copy's lane-by-lane rc::token bit for bit. Thresholds sit inside the spread of old - rollout
 # (0.05), so tokens fall on both sides of each bound.
 def fam_policy_icepop_token_k1():
     return _policy("k3", RolloutCorrection("token", "0.95_1.05", "token_k1", "0.97_1.03"))

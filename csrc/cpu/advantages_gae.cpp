@@ -2,20 +2,20 @@
 // per row: on a CPU the sequential loop is already O(T) and needs no scan, so
 // the work is to keep the carry's dependency chain and the memory system busy.
 //
-// With fp32 accumulation, rows go W to a vector (one lane per row; W = 16 on
-// AVX-512, 8 on AVX2): a W-step tile of each row is loaded, converted and
-// blended on whole vectors, the W x W tile is transposed in registers so the
-// recurrence runs W rows per multiply-add chain, and the outputs go back the
-// same way. At (512, 4096) on one EPYC core: ~3 ms with AVX-512, against
-// 14 ms for the first version, which walked 4 rows side by side with scalar
-// code. (Staging 256 steps per row through scratch first was slower: ~5 ms.)
-// On baseline x86-64, for fp64, and for the B % W rows left over, that scalar
-// loop remains. Rows are split across threads with at::parallel_for.
+// With fp32 accumulation on AVX2 or AVX-512 CPUs, rows go W = 8 to a vector
+// (one lane per row, one ymm): a W-step tile of each row is loaded, converted
+// and blended on whole vectors, the W x W tile is transposed in registers so
+// the recurrence runs W rows per multiply-add chain, and the outputs go back
+// the same way. At (512, 4096) on one EPYC core: ~3 ms with 16-lane AVX-512
+// tiles, against 14 ms for the first version, which walked 4 rows side by
+// side with scalar code (staging 256 steps per row through scratch first was
+// slower: ~5 ms); on a Xeon core the 8-lane tiles beat the 16-lane ones for
+// GAE, 3.6 ms against 4.9 ms, so only they are compiled for it (discounted
+// returns keep 16 lanes on AVX-512, GaeTiles below). On baseline x86-64, for
+// fp64, and for the B % W rows left over, that scalar loop remains (one copy:
+// it is scalar code on every ISA). Rows are split across threads with at::parallel_for.
 // Every copy (scalar loop or tiles, any ISA) does the same arithmetic in the
 // same order: the outputs are the same bits on every ISA.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -26,6 +26,8 @@
 #include <vector>
 
 #include "../acc_dtype.h"
+#include "aten_lite.h"
+#include "kernels.h"
 #include "advantages_glue.h"
 #include "parallel.h"
 #include "rlhf_fast/cpu_isa.h"
@@ -64,14 +66,14 @@ RLHF_FAST_INLINE void gae_step(X w, X a, X rt, X vt, X g, X& nv, X& carry,
 // is always taken on padded rows: one loop body, no second copy to compile).
 template <bool HAS_V, typename T, typename M, typename acc_t>
 RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
-                               const M* const* m, const int64_t* n,
+                               const M* const* m, M keep, const int64_t* n,
                                const acc_t* g, const acc_t* gl,
                                acc_t* const* adv, acc_t* const* ret) {
   acc_t nv[kRows] = {}, carry[kRows] = {};
   int64_t hi = n[0];
   for (int j = 1; j < kRows; ++j) hi = std::max(hi, n[j]);
   auto step = [&](int j, int64_t t) {
-    const bool valid = m[j][t] != M(0);
+    const bool valid = (m[j][t] & mask_keep(keep)) != 0;
     const acc_t w = valid ? acc_t(1) : acc_t(0);
     const acc_t rt = blend(valid, to_acc(r[j][t]), acc_t(0));
     const acc_t vt = HAS_V ? blend(valid, to_acc(v[j][t]), acc_t(0)) : acc_t(0);
@@ -88,9 +90,9 @@ RLHF_FAST_INLINE void gae_rows(const T* const* r, const T* const* v,
 }
 
 // ---------------- W rows per vector, W-step tiles ----------------
-// W = 16 on AVX-512 (one zmm of fp32), 8 on AVX2 (one ymm). A tile is W rows
-// x W steps: each row's W steps are one vector load (one 64-byte line of fp32
-// on AVX-512), and a W x W transpose in registers turns rows into steps.
+// W = 8 (one ymm of fp32; 16, one zmm, for discounted returns on AVX-512).
+// A tile is W rows x W steps: each row's W steps are one vector load, and a
+// W x W transpose in registers turns rows into steps.
 // 80 streams (16 rows x 5 arrays) walked backwards are more than the
 // hardware prefetchers follow: 3.9 -> 2.8 ns per element at (512, 4096) with
 // the outputs preallocated, prefetching 64 steps ahead (16 to 128 measured the same).
@@ -130,11 +132,11 @@ RLHF_FAST_INLINE void transpose(typename Vec<W>::f* x) {
 // Written as a per-element loop GCC left it scalar (a cmpb per element):
 // 2.6 -> 1.3 ns per element with the tile in cache.
 template <int W, typename M>
-RLHF_FAST_INLINE typename Vec<W>::i load_valid(const M* p) {
+RLHF_FAST_INLINE typename Vec<W>::i load_valid(const M* p, M keep) {
   typedef M MV __attribute__((vector_size(W * sizeof(M))));
   MV x;
   std::memcpy(&x, p, sizeof(x));
-  return __builtin_convertvector(x != M(0), typename Vec<W>::i);  // -1 where valid
+  return __builtin_convertvector((x & mask_keep(keep)) != 0, typename Vec<W>::i);  // -1 where valid
 }
 template <int W>
 RLHF_FAST_INLINE typename Vec<W>::f and_bits(typename Vec<W>::f x, typename Vec<W>::i keep) {
@@ -147,7 +149,7 @@ RLHF_FAST_INLINE typename Vec<W>::f and_bits(typename Vec<W>::f x, typename Vec<
 
 template <int W, bool HAS_V, typename T, typename M>
 RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
-                                const M* const* m, const int64_t* n,
+                                const M* const* m, M keep, const int64_t* n,
                                 const float* g_rows, const float* gl_rows,
                                 float* const* adv, float* const* ret) {
   using V = typename Vec<W>::f;
@@ -178,14 +180,14 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
         __builtin_prefetch(adv[j] + t0 - kPrefetch, 1); if (HAS_V) __builtin_prefetch(ret[j] + t0 - kPrefetch, 1);
       }
       if (len == W) {
-        const I valid = load_valid<W>(mj);
+        const I valid = load_valid<W>(mj, keep);
         xw[j] = __builtin_convertvector(-valid, V);
         xr[j] = and_bits<W>(load<W>(rj), valid);
         if (HAS_V) xv[j] = and_bits<W>(load<W>(vj), valid);
       } else {
         V w = {}, rr = {}, vv = {};
         for (int k = 0; k < len; ++k) {
-          const bool ok = mj[k] != M(0);
+          const bool ok = (mj[k] & mask_keep(keep)) != 0;
           w[k] = ok ? 1.f : 0.f;
           rr[k] = ok ? to_acc(rj[k]) : 0.f;
           if (HAS_V) vv[k] = ok ? to_acc(vj[k]) : 0.f;
@@ -220,33 +222,27 @@ RLHF_FAST_INLINE void gae_lanes(const T* const* r, const T* const* v,
   }
 }
 
-// The kernels for isa_call (cpu_isa.h). Tiles need fp32 accumulation and
-// 8 or 16 lanes (AVX2, AVX-512); the baseline copy has none (the glue sends
-// every row to the scalar loop there). Each copy instantiates only its own
-// width: 16-wide shuffles written once for every target made GCC take
-// minutes per copy lowering them for narrower ones.
+// The tiles' ISA copies: GAE has one, 8 lanes in the AVX2 copy
+// (cpu_isa.h's isa_copy_avx2), run on AVX2 and AVX-512 CPUs alike: its
+// 16-lane AVX-512 copy was slower in a same-run A/B (one Xeon core,
+// (512, 4096) fp32, medians of 9 interleaved rounds: 4.85 ms against 3.62 ms)
+// and cost ~7 s of compile. Discounted returns (no values, half the streams)
+// keep 16 lanes on AVX-512: 1.31 ms against 1.45 ms for 8 lanes. The
+// baseline ISA has no tiles (every row takes the scalar loop).
 template <bool HAS_V, typename T, typename M>
 struct GaeTiles {
   template <int W>
-  static RLHF_FAST_INLINE void run(const T* const* r, const T* const* v, const M* const* m, const int64_t* n,
-                                   const float* g, const float* gl, float* const* adv, float* const* ret) {
-    if constexpr (W >= 8) gae_lanes<W, HAS_V, T, M>(r, v, m, n, g, gl, adv, ret);
-  }
-};
-
-template <bool HAS_V, typename T, typename M, typename acc_t>
-struct GaeRows {
-  template <int W>  // ignored: kRows rows, scalar, in every copy
-  static RLHF_FAST_INLINE void run(const T* const* r, const T* const* v, const M* const* m, const int64_t* n,
-                                   const acc_t* g, const acc_t* gl, acc_t* const* adv, acc_t* const* ret) {
-    gae_rows<HAS_V, T, M, acc_t>(r, v, m, n, g, gl, adv, ret);
+  static RLHF_FAST_INLINE void run(const T* const* r, const T* const* v, const M* const* m, M keep,
+                                   const int64_t* n, const float* g, const float* gl, float* const* adv,
+                                   float* const* ret) {
+    gae_lanes<W, HAS_V, T, M>(r, v, m, keep, n, g, gl, adv, ret);
   }
 };
 
 // ---------------- glue ----------------
 
 // Per-row gamma / lam: a (B,) tensor overrides the float; both in [0, 1].
-at::Tensor per_row(double scalar, const std::optional<at::Tensor>& rows,
+at::Tensor per_row(const at::Tensor& like, double scalar, const std::optional<at::Tensor>& rows,
                    int64_t B, at::ScalarType acc, const char* op,
                    const char* name) {
   if (rows.has_value() && rows->defined()) {
@@ -264,7 +260,7 @@ at::Tensor per_row(double scalar, const std::optional<at::Tensor>& rows,
   }
   TORCH_CHECK(scalar >= 0.0 && scalar <= 1.0, op, ": ", name,
               " must lie in [0, 1], got ", scalar);
-  return at::full({B}, scalar, at::TensorOptions().dtype(acc));
+  return like.new_full({B}, scalar, at::TensorOptions().dtype(acc));
 }
 
 template <bool HAS_V>
@@ -297,17 +293,17 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
   const at::ScalarType acc = acc_dtype(vt);
   const int64_t B = packed ? static_cast<int64_t>(cu.size()) - 1 : shape[0];
   const int64_t T = packed ? 0 : shape[1];
-  const at::Tensor g = per_row(gamma, gamma_rows, B, acc, op, "gamma");
-  const at::Tensor l = HAS_V ? per_row(lam, lam_rows, B, acc, op, "lam")
-                             : at::ones({B}, g.options());
-  const at::Tensor gl = g * l;
+  const at::Tensor g = per_row(rewards_in, gamma, gamma_rows, B, acc, op, "gamma");
+  const at::Tensor l = HAS_V ? per_row(rewards_in, lam, lam_rows, B, acc, op, "lam")
+                             : g.new_ones({B});
+  const at::Tensor gl = g.mul(l);
   auto prep = [&](const at::Tensor& t) { return packed ? t.contiguous() : inner_contiguous(t); };
   const at::Tensor r = prep(rewards_in.to(vt));
   const at::Tensor v = HAS_V ? prep(values_in->to(vt)) : r;
   const at::Tensor m = prep(mask_for_kernel(mask_in));
   const auto opts = rewards_in.options().dtype(acc);
-  at::Tensor adv = at::empty(shape, opts);
-  at::Tensor ret = HAS_V ? at::empty(shape, opts) : adv;
+  at::Tensor adv = rewards_in.new_empty(shape, opts);
+  at::Tensor ret = HAS_V ? rewards_in.new_empty(shape, opts) : adv;
   if (adv.numel() == 0 || B == 0) return {adv, ret};
   const int64_t sr = packed ? 0 : r.stride(0), sv = packed ? 0 : v.stride(0), sm = packed ? 0 : m.stride(0);
   // row b -> (segment, offset, length) in the order the kernels walk them
@@ -321,10 +317,10 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
   }
   const int64_t mean_len = packed ? std::max<int64_t>(1, shape[0] / B) : T;
   dispatch_value(vt, [&](auto* ttag) {
-    using Tv = std::remove_pointer_t<decltype(ttag)>;
+    using Tv = std::remove_pointer_t<std::remove_cvref_t<decltype(ttag)>>;
     using acc_t = acc_type<Tv>;
-    dispatch_mask(m.scalar_type(), [&](auto* mtag) {
-      using M = std::remove_pointer_t<decltype(mtag)>;
+    dispatch_mask(m.scalar_type(), [&](auto keep) {
+      using M = std::remove_cvref_t<decltype(keep)>;
       const Tv* rp = reinterpret_cast<const Tv*>(r.const_data_ptr());
       const Tv* vp = reinterpret_cast<const Tv*>(v.const_data_ptr());
       const M* mp = reinterpret_cast<const M*>(m.const_data_ptr());
@@ -350,36 +346,42 @@ std::tuple<at::Tensor, at::Tensor> scan_cpu(
         }
         return rows;
       };
-      // Whole groups of W rows in lanes (fp32 accumulation: W = 16 on AVX-512,
-      // 8 on AVX2); the B % W rest, and everything else, 4 rows at a time.
+      // Whole groups of W rows in lanes (fp32 accumulation, AVX2 or better:
+      // W = 8; discounted returns on AVX-512: 16); the B % W rest, and
+      // everything else, 4 rows at a time.
       constexpr bool kHasLanes = std::is_same_v<acc_t, float>;
       const Isa isa = active_isa();  // read once: it sizes the groups and picks the copy
-      const int W = kHasLanes && isa_lanes(isa) >= 8 ? isa_lanes(isa) : 0;
+      const int W = !kHasLanes || isa == Isa::kBaseline ? 0 : (!HAS_V && isa == Isa::kAvx512 ? 16 : 8);
       const int64_t n_groups = W > 0 ? B / W : 0;
       const int64_t lane_rows = n_groups * W;
+      auto run_groups = [&](auto width) {
+        constexpr int kW = decltype(width)::value;
+        at::parallel_for(0, n_groups, std::max<int64_t>(1, rows_per_task(mean_len, kRows) / kW), [&](int64_t begin, int64_t end) {
+          for (int64_t grp = begin; grp < end; ++grp) {
+            const auto x = rows_at(width, grp * kW, kW);
+            if constexpr (kW == 16) isa_copy_avx512<GaeTiles<HAS_V, Tv, M>>(x.r, x.v, x.m, keep, x.n, x.g, x.gl, x.adv, x.ret);
+            else isa_copy_avx2<GaeTiles<HAS_V, Tv, M>>(x.r, x.v, x.m, keep, x.n, x.g, x.gl, x.adv, x.ret);
+          }
+        });
+      };
       if constexpr (kHasLanes) {
-        auto run_groups = [&](auto width) {
-          constexpr int kW = decltype(width)::value;
-          at::parallel_for(0, n_groups, std::max<int64_t>(1, rows_per_task(mean_len, kRows) / kW), [&](int64_t begin, int64_t end) {
-            for (int64_t grp = begin; grp < end; ++grp) {
-              const auto x = rows_at(width, grp * kW, kW);
-              isa_call_on<GaeTiles<HAS_V, Tv, M>>(isa, x.r, x.v, x.m, x.n, x.g, x.gl, x.adv, x.ret);
-            }
-          });
-        };
-        if (W == 16) run_groups(std::integral_constant<int, 16>{});
+        if constexpr (!HAS_V) {
+          if (W == 16) run_groups(std::integral_constant<int, 16>{});
+        }
         if (W == 8) run_groups(std::integral_constant<int, 8>{});
       }
       at::parallel_for(lane_rows, B, rows_per_task(mean_len, kRows), [&](int64_t begin, int64_t end) {
         for (int64_t b0 = begin; b0 < end; b0 += kRows) {
           const auto x = rows_at(std::integral_constant<int, kRows>{}, b0, end - b0);
-          isa_call_on<GaeRows<HAS_V, Tv, M, acc_t>>(isa, x.r, x.v, x.m, x.n, x.g, x.gl, x.adv, x.ret);
+          gae_rows<HAS_V, Tv, M, acc_t>(x.r, x.v, x.m, keep, x.n, x.g, x.gl, x.adv, x.ret);
         }
       });
     });
   });
   return {adv, ret};
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(
     const at::Tensor& rewards, const at::Tensor& values, const at::Tensor& mask,
@@ -398,11 +400,5 @@ at::Tensor discounted_returns_cpu(const at::Tensor& rewards,
                                      std::nullopt, cu_seqlens));
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace rlhf_fast
-
-TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
-  m.impl("gae", &rlhf_fast::cpu::gae_cpu);
-  m.impl("discounted_returns", &rlhf_fast::cpu::discounted_returns_cpu);
-}

@@ -3,9 +3,6 @@
 // the scores of each group, accumulated in double, two passes per chunk
 // merged with Chan's formula (never E[x^2] - E[x]^2). One copy for every
 // ISA: fp64 reductions over a memory-bound sweep (and a gather per group).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,6 +12,8 @@
 #include <vector>
 
 #include "../acc_dtype.h"
+#include "aten_lite.h"
+#include "kernels.h"
 #include "advantages_glue.h"
 #include "rlhf_fast/cpu_math.h"
 
@@ -46,16 +45,16 @@ Moments merge(const Moments& a, const Moments& b) {
 // sum(x) / n is not exact (7 x -0.1 in fp64 gives a mean 1.4e-17 off, and
 // with eps = 0 that whitened to -0.93 instead of 0).
 template <typename T, typename M>
-RLHF_FAST_INLINE Moments chunk_moments(const T* x, const M* m, int64_t n) {
+RLHF_FAST_INLINE Moments chunk_moments(const T* x, const M* m, M keep, int64_t n) {
   int64_t first = 0;
-  while (first < n && m[first] == M(0)) ++first;
+  while (first < n && (m[first] & mask_keep(keep)) == 0) ++first;
   Moments o;
   if (first == n) return o;
   const double p = static_cast<double>(to_acc(x[first]));
   double cnt = 0, sum = 0;
 #pragma omp simd reduction(+ : cnt, sum)
   for (int64_t i = first; i < n; ++i) {
-    const bool valid = m[i] != M(0);
+    const bool valid = (m[i] & mask_keep(keep)) != 0;
     const double xi = static_cast<double>(to_acc(x[i])) - p;
     cnt += blend(valid, 1.0, 0.0);
     sum += blend(valid, xi, 0.0);
@@ -65,28 +64,28 @@ RLHF_FAST_INLINE Moments chunk_moments(const T* x, const M* m, int64_t n) {
 #pragma omp simd reduction(+ : m2)
   for (int64_t i = first; i < n; ++i) {
     const double d = (static_cast<double>(to_acc(x[i])) - p) - dmean;
-    m2 += blend(m[i] != M(0), d * d, 0.0);
+    m2 += blend((m[i] & mask_keep(keep)) != 0, d * d, 0.0);
   }
   return {cnt, p + dmean, m2};
 }
 
 // One set of moments over n elements (any length): 4096-element chunks merged.
 template <typename T, typename M>
-Moments range_moments(const T* x, const M* m, int64_t n) {
+Moments range_moments(const T* x, const M* m, M keep, int64_t n) {
   Moments tot;
   for (int64_t lo = 0; lo < n; lo += kChunkElems)
-    tot = merge(tot, chunk_moments(x + lo, m + lo, std::min(kChunkElems, n - lo)));
+    tot = merge(tot, chunk_moments(x + lo, m + lo, keep, std::min(kChunkElems, n - lo)));
   return tot;
 }
 
 template <typename T, typename M, typename acc_t>
-RLHF_FAST_INLINE void whiten_apply(const T* x, const M* m, acc_t* out,
+RLHF_FAST_INLINE void whiten_apply(const T* x, const M* m, M keep, acc_t* out,
                                    int64_t n, double mean, double rstd,
                                    double add) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const double y = (static_cast<double>(to_acc(x[i])) - mean) * rstd + add;
-    out[i] = blend(m[i] != M(0), static_cast<acc_t>(y), acc_t(0));
+    out[i] = blend((m[i] & mask_keep(keep)) != 0, static_cast<acc_t>(y), acc_t(0));
   }
 }
 
@@ -97,6 +96,8 @@ inline double moments_rstd(const Moments& tot, double eps) {
   const double var = tot.n > 1 ? tot.m2 / (tot.n - 1) : 0.0;
   return 1.0 / std::sqrt(var + eps);
 }
+
+}  // namespace
 
 at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
                       bool shift_mean, double eps,
@@ -114,7 +115,7 @@ at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
   const at::Tensor x = x_in.contiguous();
   const at::Tensor m = mask_for_kernel(mask_in).contiguous();
   const at::ScalarType acc = acc_dtype(x.scalar_type());
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(acc));
+  at::Tensor out = x.new_empty(x.sizes(), x.options().dtype(acc));
   const int64_t N = x.numel();
   if (N == 0) return out;
   if (per_segment) {  // one (mean, var) per segment, segments in parallel
@@ -122,8 +123,8 @@ at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
     dispatch_value(x.scalar_type(), [&](auto* ttag) {
       using Tv = std::remove_pointer_t<decltype(ttag)>;
       using acc_t = acc_type<Tv>;
-      dispatch_mask(m.scalar_type(), [&](auto* mtag) {
-        using M = std::remove_pointer_t<decltype(mtag)>;
+      dispatch_mask(m.scalar_type(), [&](auto keep) {
+        using M = decltype(keep);
         const Tv* xp = reinterpret_cast<const Tv*>(x.const_data_ptr());
         const M* mp = reinterpret_cast<const M*>(m.const_data_ptr());
         acc_t* op_ = out.data_ptr<acc_t>();
@@ -131,8 +132,8 @@ at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
         at::parallel_for(0, S, grain, [&](int64_t b, int64_t e) {
           for (int64_t s = b; s < e; ++s) {
             const int64_t lo = cu[s], n = cu[s + 1] - cu[s];
-            const Moments tot = range_moments(xp + lo, mp + lo, n);
-            whiten_apply(xp + lo, mp + lo, op_ + lo, n, tot.mean, moments_rstd(tot, eps),
+            const Moments tot = range_moments(xp + lo, mp + lo, keep, n);
+            whiten_apply(xp + lo, mp + lo, keep, op_ + lo, n, tot.mean, moments_rstd(tot, eps),
                          shift_mean ? 0.0 : tot.mean);
           }
         });
@@ -145,14 +146,14 @@ at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
   dispatch_value(x.scalar_type(), [&](auto* ttag) {
     using Tv = std::remove_pointer_t<decltype(ttag)>;
     using acc_t = acc_type<Tv>;
-    dispatch_mask(m.scalar_type(), [&](auto* mtag) {
-      using M = std::remove_pointer_t<decltype(mtag)>;
+    dispatch_mask(m.scalar_type(), [&](auto keep) {
+      using M = decltype(keep);
       const Tv* xp = reinterpret_cast<const Tv*>(x.const_data_ptr());
       const M* mp = reinterpret_cast<const M*>(m.const_data_ptr());
       at::parallel_for(0, nchunks, 4, [&](int64_t b, int64_t e) {
         for (int64_t c = b; c < e; ++c) {
           const int64_t lo = c * kChunk, len = std::min(kChunk, N - lo);
-          parts[c] = chunk_moments(xp + lo, mp + lo, len);
+          parts[c] = chunk_moments(xp + lo, mp + lo, keep, len);
         }
       });
       Moments tot;  // serial merge: N / 4096 chunks, 512 at 2M elements
@@ -162,12 +163,14 @@ at::Tensor whiten_cpu(const at::Tensor& x_in, const at::Tensor& mask_in,
       acc_t* op_ = out.data_ptr<acc_t>();
       at::parallel_for(0, nchunks, 4, [&](int64_t b, int64_t e) {
         const int64_t lo = b * kChunk, hi = std::min(e * kChunk, N);
-        whiten_apply(xp + lo, mp + lo, op_ + lo, hi - lo, tot.mean, rstd, add);
+        whiten_apply(xp + lo, mp + lo, keep, op_ + lo, hi - lo, tot.mean, rstd, add);
       });
     });
   });
   return out;
 }
+
+namespace {
 
 // ---------------- group advantages ----------------
 
@@ -209,6 +212,8 @@ void group_one(const T* s, const int64_t* idx, int64_t base, int64_t n,
   }
 }
 
+}  // namespace
+
 at::Tensor group_advantages_cpu(const at::Tensor& scores_in,
                                 const std::optional<at::Tensor>& group_ids,
                                 int64_t group_size, std::string estimator,
@@ -222,7 +227,7 @@ at::Tensor group_advantages_cpu(const at::Tensor& scores_in,
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const at::Tensor s = scores_in.contiguous();
   const int64_t N = s.size(0);
-  at::Tensor out = at::empty({N}, s.options().dtype(acc_dtype(s.scalar_type())));
+  at::Tensor out = s.new_empty({N}, s.options().dtype(acc_dtype(s.scalar_type())));
   const bool by_id = group_ids.has_value() && group_ids->defined();
   std::vector<int64_t> order, starts;  // segments of `order` (by_id)
   if (by_id) {
@@ -269,11 +274,5 @@ at::Tensor group_advantages_cpu(const at::Tensor& scores_in,
   return out;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace rlhf_fast
-
-TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
-  m.impl("whiten", &rlhf_fast::cpu::whiten_cpu);
-  m.impl("group_advantages", &rlhf_fast::cpu::group_advantages_cpu);
-}

@@ -2,14 +2,13 @@
 // elementwise sweep, the math in rlhf_fast/kl_estimators.h (shared with the
 // fused policy loss's KL term). Elementwise, so every ISA copy gives the
 // same bits.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <string>
 #include <type_traits>
 
 #include "../acc_dtype.h"
+#include "aten_lite.h"
+#include "kernels.h"
 #include "parallel.h"
 #include "ppo_glue.h"
 #include "rlhf_fast/cpu_isa.h"
@@ -51,7 +50,7 @@ at::Tensor kl_sweep(const char* op, const at::Tensor& grad, const at::Tensor& lo
   const at::Tensor lp = logprobs.to(acc).contiguous();
   const at::Tensor ref = prep(ref_logprobs, logprobs.sizes(), op, "ref_logprobs").to(acc).contiguous();
   const at::Tensor g = grad.defined() ? prep(grad, logprobs.sizes(), op, "grad").to(acc).contiguous() : grad;
-  at::Tensor out = at::empty(logprobs.sizes(), lp.options());
+  at::Tensor out = lp.new_empty(logprobs.sizes());
   const int64_t n = out.numel();
   AT_DISPATCH_FLOATING_TYPES(acc, "kl_penalty", [&] {
     const scalar_t *a = lp.const_data_ptr<scalar_t>(), *r = ref.const_data_ptr<scalar_t>();
@@ -60,15 +59,21 @@ at::Tensor kl_sweep(const char* op, const at::Tensor& grad, const at::Tensor& lo
     dispatch_kl(kind, [&](auto K) {
       constexpr int kK = decltype(K)::value;
       at::parallel_for(0, n, kTaskElems, [&](int64_t i0, int64_t i1) {
-        if (gp)
-          isa_call<KlSweep<scalar_t, kK, true>>(gp + i0, a + i0, r + i0, o + i0, i1 - i0);
-        else
-          isa_call<KlSweep<scalar_t, kK, false>>(gp, a + i0, r + i0, o + i0, i1 - i0);
+        // fp64 (gradcheck, references): one copy; the ISA copies are for fp32
+        auto sweep = [&](auto K_) {
+          using Kern = decltype(K_);
+          if constexpr (std::is_same_v<scalar_t, float>) isa_call<Kern>(gp ? gp + i0 : gp, a + i0, r + i0, o + i0, i1 - i0);
+          else isa_copy_baseline<Kern>(gp ? gp + i0 : gp, a + i0, r + i0, o + i0, i1 - i0);
+        };
+        if (gp) sweep(KlSweep<scalar_t, kK, true>{});
+        else sweep(KlSweep<scalar_t, kK, false>{});
       });
     });
   });
   return out;
 }
+
+}  // namespace
 
 at::Tensor kl_penalty_fwd_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
                               c10::string_view kind_s) {
@@ -84,11 +89,5 @@ at::Tensor kl_penalty_bwd_cpu(const at::Tensor& grad, const at::Tensor& logprobs
       .to(logprobs.scalar_type());
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace rlhf_fast
-
-TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
-  m.impl("kl_penalty_fwd", &rlhf_fast::cpu::kl_penalty_fwd_cpu);
-  m.impl("kl_penalty_bwd", &rlhf_fast::cpu::kl_penalty_bwd_cpu);
-}

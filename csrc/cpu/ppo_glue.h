@@ -4,7 +4,7 @@
 // cu_seqlens segments) and rows read in the accumulation type.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 

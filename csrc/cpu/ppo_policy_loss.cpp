@@ -13,9 +13,6 @@
 // one read of 4 bytes and one write per token. Recomputing in backward
 // instead would re-read logprobs, old_logprobs, advantages, mask (and
 // ref_logprobs): 13-17 bytes per token, and repeat every exp.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,6 +28,8 @@
 #endif
 
 #include "../acc_dtype.h"
+#include "aten_lite.h"
+#include "kernels.h"
 #include "parallel.h"
 #include "ppo_glue.h"
 #include "ppo_rollout_correction.h"
@@ -43,9 +42,12 @@ namespace rlhf_fast {
 namespace cpu {
 namespace {
 
+// dual_on (1 or 0) and kl (k1 / k2 / abs under kKlCheap) are run-time
+// options of one row kernel (see policy_tok).
 template <typename acc_t>
 struct PolicyCfg {
-  acc_t lo, hi, dual, kl_coef;
+  acc_t lo, hi, dual, kl_coef, dual_on;
+  int kl;
 };
 
 // Row sums, fp64: 4096 fp32 terms summed in fp64 lose nothing measurable.
@@ -90,7 +92,14 @@ RLHF_FAST_INLINE TokExps<V> tok_exps(V lp, V old, V ref, V roll) {
 // w_t: the rollout-correction weight (stop-gradient) of the clipped term
 // (1 when no importance weighting is asked for: an exact multiply);
 // it scales the token's policy loss and its gradient, not the KL term.
-template <typename V, int KL, bool DUAL, bool HAS_W, typename acc_t>
+// KL: kNone, kK3 (whose exp comes from the exp pass) or kKlCheap: k1, k2
+// or abs by c.kl, all three computed and one selected (a few vector ops per
+// 8 tokens; no branch, so GCC does not clone the loop per kind). The dual
+// clip is a run-time option too: its terms are computed always and select
+// nothing when c.dual_on is 0, which leaves the bits of the plain clip. As
+// template parameters they made 5 x 2 row kernels per ISA copy, ~60% of this
+// file's compile, for under 5% of a same-run A/B (docs/build.md).
+template <typename V, int KL, bool HAS_W, typename acc_t>
 RLHF_FAST_INLINE PolicyTok<V> policy_tok(mask_of<V> valid, V lp_t, V old_t, V adv_t, V ref_t, V w_t,
                                          TokExps<V> e, PolicyCfg<acc_t> c) {
   const V zero = bcast<V>(0), one = bcast<V>(1), half = bcast<V>(0.5);
@@ -109,9 +118,9 @@ RLHF_FAST_INLINE PolicyTok<V> policy_tok(mask_of<V> valid, V lp_t, V old_t, V ad
   // torch's gradient of max: all to the winner, half to each on a tie
   V dl = sel<V>(l1 > l2, l1, sel<V>(l2 > l1, g2, half * (l1 + g2)));
   V loss = c1, low = zero;
-  if constexpr (DUAL) {
+  {
     const V l3 = -a * bcast<V>(c.dual);
-    const auto neg = a < zero;
+    const auto neg = (a < zero) & (bcast<V>(c.dual_on) != zero);
     const V d2 = sel<V>(c1 < l3, dl, sel<V>(c1 > l3, zero, half * dl));
     loss = sel<V>(neg, sel<V>(c1 < l3, c1, l3), c1);
     dl = sel<V>(neg, d2, dl);
@@ -124,7 +133,7 @@ RLHF_FAST_INLINE PolicyTok<V> policy_tok(mask_of<V> valid, V lp_t, V old_t, V ad
   }
   V kv = zero, dk = zero;
   if constexpr (KL == kK3) kl_k3_from_exp(lpt - sel<V>(valid, ref_t, zero), sel<V>(valid, e.kl, one), kv, dk);
-  else if constexpr (KL != kNone) kl_term<KL>(lpt, sel<V>(valid, ref_t, zero), kv, dk);
+  else if constexpr (KL == kKlCheap) kl_term_cheap(c.kl, lpt, sel<V>(valid, ref_t, zero), kv, dk);
   return {(dl + bcast<V>(c.kl_coef) * dk) * fv, loss * fv, kv * fv, fv,
           sel<V>(l2 > l1, one, zero) * fv, low * fv, -xc * fv, r * fv};
 }
@@ -179,100 +188,52 @@ struct RcAcc {
   }
 };
 
+// The scalar tail's rollout-correction token (fewer than 8 tokens a row in
+// fp32; every token in fp64), once per accumulation type rather than inlined
+// into every row kernel and ISA copy: 12 token modes each. Scalar IEEE
+// arithmetic, so the same bits from any caller's copy.
+template <typename acc_t>
+__attribute__((noinline)) bool rc_token_scalar(rc::TokSums<acc_t>& q, bool valid, acc_t old, acc_t roll, acc_t e,
+                                               const rc::RowCfg<acc_t>& c, acc_t& w) {
+  return rc::with_token_mode(c, [&](auto TW, auto RSK) RLHF_FAST_INLINE_LAMBDA {
+    return rc::token<decltype(TW)::value, decltype(RSK)::value>(q, valid, old, roll, e, c, w);
+  });
+}
+
 // Pass 2 of a block (fp32, 8 lanes): rc::token over n tokens (a multiple of
 // 8) with the options TW / RSK fixed at compile time. ex holds the rollout
 // exps in and the weights out; keep32 gets the kept mask, keep8 (when not
-// null) its bytes. One small function per option set, called per block:
-// with the options as run-time flags, the loop carried their branches and
-// every metric's vector work (~75 instructions per 8 tokens for token TIS,
-// ~67 with them fixed, as GCC compiles this body for AVX-512). The AVX2 and
-// baseline copies run this body; the AVX-512 copy runs rc_block_avx512.
-template <int TW, int RSK>
-struct RcBlockKernel {
-  template <int W>
-  static RLHF_FAST_INLINE void run(const float* old, const float* roll, const uint8_t* mk, int64_t n, float* ex,
-                                   int32_t* keep32, uint8_t* keep8, RcAcc* acc, rc::RowCfg<float> c) {
-    constexpr int kL = kPolicyLanes;
-    rc::TokSums<vf8> q;
-    for (int64_t u = 0; u < n; u += kL) {
-      vf8 oldv, rv, ev, wv;
-      std::memcpy(&oldv, old + u, sizeof(vf8)), std::memcpy(&rv, roll + u, sizeof(vf8));
-      std::memcpy(&ev, ex + u, sizeof(vf8));
-      const PV::i kp = rc::token<TW, RSK>(q, mask8<W>(mk + u), oldv, rv, ev, c, wv);
-      std::memcpy(keep32 + u, &kp, sizeof(vf8)), std::memcpy(ex + u, &wv, sizeof(vf8));
-      if (keep8) {
-        const PV::b kb = __builtin_convertvector(kp & 1, PV::b);
-        std::memcpy(keep8 + u, &kb, kL);
-      }
+// null) its bytes. Two bodies: rc_block_avx2 below (intrinsics) for the AVX2
+// and AVX-512 copies, and for the baseline copy rc::token itself one lane at
+// a time, into 8 lane accumulators: lane by lane the operations of the
+// vector form, so the same sums. In a same-run A/B (docs/build.md) rc::token
+// as a generic vector body was 8-20% slower than rc_block_avx2 in the AVX2
+// copy, and a mask-register AVX-512 copy of it was 1-5% faster than
+// rc_block_avx2 in the AVX-512 copy: neither is compiled any more.
+inline void rc_block_lanes(const float* old, const float* roll, const uint8_t* mk, int64_t n, float* ex,
+                           int32_t* keep32, uint8_t* keep8, RcAcc* acc, const rc::RowCfg<float>& c) {
+  constexpr int kL = kPolicyLanes;
+  rc::TokSums<float> q[kL];
+  for (int64_t u = 0; u < n; u += kL) {
+    for (int l = 0; l < kL; ++l) {
+      const int64_t t = u + l;
+      float w;
+      const bool kp = rc_token_scalar<float>(q[l], mk[t] != 0, old[t], roll[t], ex[t], c, w);
+      keep32[t] = kp ? -1 : 0, ex[t] = w;
+      if (keep8) keep8[t] = kp;
     }
-    acc->add(q);
   }
-};
-
-#if defined(__x86_64__) && defined(__GNUC__)
-// RcBlockKernel's loop for the AVX-512 copy, with the masks in mask
-// registers. GCC keeps the generic body's int-vector masks in vector
-// registers there: every select becomes a VEX vblendvps (registers 0-15
-// only, so ~15 extra moves per 8 tokens) and the extremes went through the
-// stack, ~67 instructions per 8 tokens for token TIS against ~30 here.
-// Every operation is the generic body's, one for one (sel(m, a, 0) a
-// zero-masked load, clampv a min then a max with the operand order that
-// keeps NaN, sel(v, s + x, s) a masked add), so the sums are the same bits;
-// tests/test_cpu_isa.py holds the copies to that.
-template <int TW, int RSK>
-__attribute__((target("arch=x86-64-v4"), noinline)) void rc_block_avx512(
-    const float* old, const float* roll, const uint8_t* mk, int64_t n, float* ex, int32_t* keep32, uint8_t* keep8,
-    RcAcc* acc, rc::RowCfg<float> c) {
-  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
-  const __m256 lo20 = _mm256_set1_ps(-20.f), hi20 = _mm256_set1_ps(20.f), sign = _mm256_set1_ps(-0.f);
-  const __m256 hi = _mm256_set1_ps(c.hi), lo = _mm256_set1_ps(c.lo);
-  const __m256 rs_hi = _mm256_set1_ps(c.rs_hi), rs_lo = _mm256_set1_ps(c.rs_lo), w_row = _mm256_set1_ps(c.w_row);
-  const __mmask8 row = c.row_pass ? 0xff : 0;
-  __m256 n0 = zero, so = zero, sr = zero, sd = zero, sk3 = zero, srho2 = zero, sw = zero, sh = zero, sl = zero;
-  __m256 mx = _mm256_set1_ps(-INFINITY), mn = _mm256_set1_ps(INFINITY);
-  for (int64_t u = 0; u < n; u += kPolicyLanes) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mk + u));
-    const __mmask8 v = static_cast<__mmask8>(_mm_test_epi8_mask(bytes, bytes));
-    const __m256 o = _mm256_maskz_loadu_ps(v, old + u), r = _mm256_maskz_loadu_ps(v, roll + u);
-    const __m256 d = _mm256_sub_ps(o, r);
-    const __m256 cl = _mm256_max_ps(lo20, _mm256_min_ps(hi20, d));
-    const __m256 e = _mm256_mask_loadu_ps(one, v, ex + u);
-    const __m256 k3 = _mm256_sub_ps(_mm256_sub_ps(e, one), cl);
-    n0 = _mm256_mask_add_ps(n0, v, n0, one);
-    so = _mm256_add_ps(so, o), sr = _mm256_add_ps(sr, r), sd = _mm256_add_ps(sd, d), sk3 = _mm256_add_ps(sk3, k3);
-    srho2 = _mm256_mask_add_ps(srho2, v, srho2, _mm256_mul_ps(e, e));
-    __mmask8 keep;
-    if constexpr (RSK == 0) {
-      keep = v & row;
-    } else {
-      const __m256 st = RSK == 1 ? _mm256_xor_ps(cl, sign)
-                                 : (RSK == 2 ? _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), cl), cl) : k3);
-      __mmask8 pass = _mm256_cmp_ps_mask(st, rs_hi, _CMP_LE_OQ);
-      if constexpr (RSK == 1) pass &= _mm256_cmp_ps_mask(st, rs_lo, _CMP_GE_OQ);
-      keep = v & pass;
-    }
-    __m256 w = w_row;
-    if constexpr (TW != rc::kWRow) {
-      w = TW == rc::kWIcePop
-              ? _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(e, lo, _CMP_GE_OQ) & _mm256_cmp_ps_mask(e, hi, _CMP_LE_OQ), e)
-              : _mm256_min_ps(hi, e);
-      sw = _mm256_mask_add_ps(sw, v, sw, w);
-      sh = _mm256_mask_add_ps(sh, v & _mm256_cmp_ps_mask(e, hi, _CMP_GT_OQ), sh, one);
-      sl = _mm256_mask_add_ps(sl, v & _mm256_cmp_ps_mask(e, lo, _CMP_LT_OQ), sl, one);
-      mx = _mm256_mask_max_ps(mx, v, w, mx);
-      mn = _mm256_mask_min_ps(mn, v, w, mn);
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep32 + u), _mm256_movm_epi32(keep));
-    _mm256_storeu_ps(ex + u, w);
-    if (keep8) _mm_storel_epi64(reinterpret_cast<__m128i*>(keep8 + u), _mm_maskz_set1_epi8(keep, 1));
+  rc::TokSums<vf8> qv;
+  for (int l = 0; l < kL; ++l) {
+    qv.n0[l] = q[l].n0, qv.o[l] = q[l].o, qv.r[l] = q[l].r, qv.d[l] = q[l].d, qv.k3[l] = q[l].k3;
+    qv.rho2[l] = q[l].rho2, qv.w[l] = q[l].w, qv.high[l] = q[l].high, qv.low[l] = q[l].low;
+    qv.mx[l] = q[l].mx, qv.mn[l] = q[l].mn;
   }
-  rc::TokSums<vf8> q;
-  q.n0 = (vf8)n0, q.o = (vf8)so, q.r = (vf8)sr, q.d = (vf8)sd, q.k3 = (vf8)sk3, q.rho2 = (vf8)srho2;
-  q.w = (vf8)sw, q.high = (vf8)sh, q.low = (vf8)sl, q.mx = (vf8)mx, q.mn = (vf8)mn;
-  acc->add(q);
+  acc->add(qv);
 }
 
-// The same loop for the AVX2 copy, masks as 0 / -1 lanes. GCC's output of
+#if defined(__x86_64__) && defined(__GNUC__)
+// rc::token on 8 lanes for the AVX2 and AVX-512 copies, masks as 0 / -1 lanes. GCC's output of
 // the generic body there kept 11 accumulators, the constants and the masks
 // in 16 registers by spilling inside the loop (~70 instructions per 8
 // tokens for token TIS, ~0.9 ns per token on a Zen 3 core). Here every
@@ -280,7 +241,7 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void rc_block_avx512(
 // sel(v, s + x, s): the sums are never -0, so adding +0 leaves them as
 // they are), clampv is a min then a max, and the truncation a min, each
 // with the operand order whose NaN rule matches the generic select: the
-// same bits, held to the generic copy by tests/test_cpu_isa.py.
+// same bits, held to the baseline copy by tests/test_cpu_isa.py.
 template <int TW, int RSK>
 __attribute__((target("arch=x86-64-v3"), noinline)) void rc_block_avx2(
     const float* old, const float* roll, const uint8_t* mk, int64_t n, float* ex, int32_t* keep32, uint8_t* keep8,
@@ -345,27 +306,26 @@ __attribute__((target("arch=x86-64-v3"), noinline)) void rc_block_avx2(
 }
 #endif
 
-// RcBlockKernel on the ISA copy of lane count W (the caller's).
+// The rollout-correction block on the ISA copy of lane count W (the caller's).
 template <int W, typename... A>
 RLHF_FAST_INLINE void rc_block(const rc::RowCfg<float>& c, A&&... a) {
-  rc::with_token_mode(c, [&](auto TW, auto RSK) {
-    using K = RcBlockKernel<decltype(TW)::value, decltype(RSK)::value>;
 #if defined(__x86_64__) && defined(__GNUC__)
-    if constexpr (W == 16) rc_block_avx512<decltype(TW)::value, decltype(RSK)::value>(a..., c);
-    else if constexpr (W == 8) rc_block_avx2<decltype(TW)::value, decltype(RSK)::value>(a..., c);
+  if constexpr (W >= 8)
+    rc::with_token_mode(c, [&](auto TW, auto RSK) {
+      rc_block_avx2<decltype(TW)::value, decltype(RSK)::value>(a..., c);
+    });
+  else
+    rc_block_lanes(a..., c);
 #else
-    if constexpr (W == 16) isa_copy_avx512<K>(a..., c);
-    else if constexpr (W == 8) isa_copy_avx2<K>(a..., c);
+  rc_block_lanes(a..., c);
 #endif
-    else isa_copy_baseline<K>(a..., c);
-  });
 }
 
 // One row: dtok and the row sums (the masked entropy's too, when given);
 // with RC the rollout correction in the same sweep (rc::token, block by
 // block): its weight scales the clipped term, rejected tokens leave the
 // loss, and the rollout_corr/* row sums come out of the same sweep.
-template <typename acc_t, int KL, bool DUAL, bool RC>
+template <typename acc_t, int KL, bool RC>
 struct PolicyRowKernel {
   template <int W>  // the fp32 copy's exps take max(W, 8) lanes at once; all else 8
   static RLHF_FAST_INLINE void run(const RowIO<acc_t>* io, int64_t T, PolicyCfg<acc_t> c,
@@ -438,7 +398,7 @@ struct PolicyRowKernel {
           std::memcpy(&e.ratio, ex_ratio + i, sizeof(vf8));
           if constexpr (KL == kK3) std::memcpy(&e.kl, ex_kl + i, sizeof(vf8));
           if constexpr (RC) std::memcpy(&valid, rc_keep + i, sizeof(vf8)), std::memcpy(&wv, ex_rc + i, sizeof(vf8));
-          const auto k = policy_tok<vf8, KL, DUAL, RC>(valid, lpv, oldv, advv, refv, wv, e, c);
+          const auto k = policy_tok<vf8, KL, RC>(valid, lpv, oldv, advv, refv, wv, e, c);
           std::memcpy(dtok + t, &k.dtok, sizeof(vf8));
           add8(s[0], k.loss), add8(s[1], k.kl), add8(s[2], k.n), add8(s[3], k.clip), add8(s[4], k.low);
           add8(s[5], k.akl), add8(s[6], k.r);
@@ -463,13 +423,11 @@ struct PolicyRowKernel {
       const auto e = tok_exps<KL, RC>(lp[t], old[t], KL == kK3 ? ref[t] : acc_t(0), RC ? roll[t] : acc_t(0));
       if constexpr (RC) {
         rc::TokSums<acc_t> q;
-        valid = rc::with_token_mode(*rcc, [&](auto TW, auto RSK) RLHF_FAST_INLINE_LAMBDA {
-          return rc::token<decltype(TW)::value, decltype(RSK)::value>(q, valid, old[t], roll[t], e.rc, *rcc, w);
-        });
+        valid = rc_token_scalar<acc_t>(q, valid, old[t], roll[t], e.rc, *rcc, w);
         racc.add(q);
         if (keep) keep[t] = valid;
       }
-      const auto k = policy_tok<acc_t, KL, DUAL, RC>(valid, lp[t], old[t], adv[t],
+      const auto k = policy_tok<acc_t, KL, RC>(valid, lp[t], old[t], adv[t],
                                                      KL != kNone ? ref[t] : acc_t(0), w, e, c);
       dtok[t] = k.dtok;
       acc[0] += double(k.loss), acc[1] += double(k.kl), acc[2] += double(k.n), acc[3] += double(k.clip);
@@ -496,23 +454,24 @@ struct PolicyRowKernel {
   }
 };
 
-// The compile-time variants of the row kernel: KL kind x dual clip x rollout correction.
+// The compile-time variants of the row kernel: KL kind (none / k3 / the
+// cheap three) x rollout correction. fp64 rows are scalar code whatever the
+// ISA (the vector body is fp32 only): one copy, not three.
 template <typename acc_t, typename... A>
-void policy_row(int kl, bool dual, bool has_rc, A&&... args) {
-  auto with_rc = [&](auto K, auto D) {
-    if (has_rc) isa_call<PolicyRowKernel<acc_t, decltype(K)::value, decltype(D)::value, true>>(args...);
-    else isa_call<PolicyRowKernel<acc_t, decltype(K)::value, decltype(D)::value, false>>(args...);
+void policy_row(int kl, bool has_rc, A&&... args) {
+  auto call = [&](auto K, auto R) {
+    using Kern = PolicyRowKernel<acc_t, decltype(K)::value, decltype(R)::value>;
+    if constexpr (std::is_same_v<acc_t, float>) isa_call<Kern>(args...);
+    else isa_copy_baseline<Kern>(args...);
   };
-  auto with_dual = [&](auto K) {
-    if (dual) with_rc(K, std::true_type{});
-    else with_rc(K, std::false_type{});
+  auto with_rc = [&](auto K) {
+    if (has_rc) call(K, std::true_type{});
+    else call(K, std::false_type{});
   };
   switch (kl) {
-    case kK1: return with_dual(std::integral_constant<int, kK1>{});
-    case kK2: return with_dual(std::integral_constant<int, kK2>{});
-    case kK3: return with_dual(std::integral_constant<int, kK3>{});
-    case kAbs: return with_dual(std::integral_constant<int, kAbs>{});
-    default: return with_dual(std::integral_constant<int, kNone>{});
+    case kK3: return with_rc(std::integral_constant<int, kK3>{});
+    case kNone: return with_rc(std::integral_constant<int, kNone>{});
+    default: return with_rc(std::integral_constant<int, kKlCheap>{});
   }
 }
 
@@ -578,7 +537,7 @@ struct RcRowPass {
 template <typename acc_t>
 void policy_rows(const Rows& R, const at::Tensor& lp, const at::Tensor& old, const at::Tensor& adv,
                  const at::Tensor& ent, const at::Tensor& ref, const at::Tensor& roll, const uint8_t* mk,
-                 int kl, bool dual, PolicyCfg<acc_t> c, const rc::Cfg& rcc, acc_t* dtok, uint8_t* keep,
+                 int kl, PolicyCfg<acc_t> c, const rc::Cfg& rcc, acc_t* dtok, uint8_t* keep,
                  std::vector<PolicyRow>& rows, std::vector<rc::Row>& rc_rows) {
   const int64_t B = R.n, L = R.max_len;
   const auto s_lp = src_of<acc_t>(lp), s_old = src_of<acc_t>(old), s_adv = src_of<acc_t>(adv),
@@ -609,15 +568,21 @@ void policy_rows(const Rows& R, const at::Tensor& lp, const at::Tensor& old, con
           io.next_old = s_old.direct_row(on), io.next_roll = s_roll.direct_row(on);
           io.next_mk = mk + on;
         }
-        const rc::RowStats st = isa_call<RcRowPass<acc_t>>(io.old, io.roll, io.mk, T, rcc.row_pass_needs_k3());
+        rc::RowStats st;
+        if constexpr (std::is_same_v<acc_t, float>)
+          st = isa_call<RcRowPass<acc_t>>(io.old, io.roll, io.mk, T, rcc.row_pass_needs_k3());
+        else  // fp64: scalar code on every ISA, one copy
+          st = isa_copy_baseline<RcRowPass<acc_t>>(io.old, io.roll, io.mk, T, rcc.row_pass_needs_k3());
         row_raw = rc::row_raw_weight(rcc, st);
         row_pass = rc::row_passes(rcc, st);
       }
       const rc::RowCfg<acc_t> rrc = rc::row_cfg<acc_t>(rcc, row_raw, row_pass);
-      policy_row<acc_t>(kl, dual, has_rc, &io, T, c, &rrc);
+      policy_row<acc_t>(kl, has_rc, &io, T, c, &rrc);
     }
   });
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_fwd_cpu(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
@@ -662,20 +627,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   const int64_t B = R.n;
   const auto acc = acc_dtype(lp.scalar_type());
   const auto opts = lp.options().dtype(acc);
-  at::Tensor dtok = at::empty(shape, opts);
-  at::Tensor row_scale = at::empty({B}, opts);
+  at::Tensor dtok = lp.new_empty(shape, opts);
   // the mask after rejection, for backward's entropy gradient; (0,) without rejection
   const std::vector<int64_t> keep_shape = rcc.rs != rc::kRsNone ? shape.vec() : std::vector<int64_t>{0};
-  at::Tensor keep = at::empty(keep_shape, lp.options().dtype(at::kBool));
+  at::Tensor keep = lp.new_empty(keep_shape, lp.options().dtype(at::kBool));
   std::vector<PolicyRow> rows(B);
   std::vector<rc::Row> rc_rows(roll.defined() ? B : 0);
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mk.const_data_ptr());
   uint8_t* kp = keep.numel() ? reinterpret_cast<uint8_t*>(keep.data_ptr()) : nullptr;
   AT_DISPATCH_FLOATING_TYPES(acc, "ppo_loss_fwd", [&] {
-    PolicyCfg<scalar_t> c{scalar_t(1.0 - clip_low), scalar_t(1.0 + clip_high),
-                          scalar_t(dual_clip.value_or(3.0)), scalar_t(kl_coef)};
+    PolicyCfg<scalar_t> c{scalar_t(1.0 - clip_low),       scalar_t(1.0 + clip_high),
+                          scalar_t(dual_clip.value_or(3.0)), scalar_t(kl_coef),
+                          scalar_t(dual_clip.has_value()), kl};
     if (R.total > 0)
-      policy_rows<scalar_t>(R, lp, old, adv, ent, ref, roll, m, kl, dual_clip.has_value(), c, rcc,
+      policy_rows<scalar_t>(R, lp, old, adv, ent, ref, roll, m, kl, c, rcc,
                             dtok.data_ptr<scalar_t>(), kp, rows, rc_rows);
   });
 
@@ -696,11 +661,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   std::vector<double> st = {pg, en, kv, clip * inv_n, lower * inv_n, akl * inv_n, rsum * inv_n, rmax};
   const std::vector<double> rcs = roll.defined() ? rc_metrics(rcc, rc_rows) : std::vector<double>(kRcStats, 0.0);
   st.insert(st.end(), rcs.begin(), rcs.end());
-  at::Tensor stats = at::tensor(st, at::TensorOptions().dtype(at::kDouble)).to(acc);
-  at::Tensor loss_t = at::scalar_tensor(loss, at::TensorOptions().dtype(at::kDouble)).to(acc);
-  row_scale.copy_(at::from_blob(scale.data(), {B}, at::TensorOptions().dtype(at::kDouble)));
+  at::Tensor stats = tensor_of(lp, st, acc);
+  at::Tensor loss_t = scalar_of(lp, loss, acc);
+  at::Tensor row_scale = tensor_of(lp, scale, acc);
   return {loss_t, stats, dtok, row_scale, keep};
 }
+
+namespace {
 
 // grad_logprobs = g * row_scale[b] * dtok (src = dtok); grad_entropy =
 // -coef * g * row_scale[b] * mask (src = nullptr). Elementwise: every copy
@@ -732,6 +699,8 @@ void dispatch_out(at::ScalarType dt, F&& f) {
   TORCH_CHECK(false, "rlhf_fast::ppo_loss_bwd: unsupported gradient dtype ", dt);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> ppo_loss_bwd_cpu(const at::Tensor& grad_loss,
                                                     const at::Tensor& dtok, const at::Tensor& row_scale,
                                                     const at::Tensor& mask, double entropy_coef,
@@ -752,9 +721,9 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_bwd_cpu(const at::Tensor& grad_loss,
     const bool direct = acc == at::kDouble ? want == at::kDouble : want != at::kDouble;
     return direct ? want : acc;
   };
-  at::Tensor glp = at::empty(dtok.sizes(), dtok.options().dtype(out_dtype(logp_dtype)));
-  at::Tensor gent = has_entropy ? at::empty(dtok.sizes(), dtok.options().dtype(out_dtype(entropy_dtype)))
-                                : at::empty({0}, dtok.options().dtype(entropy_dtype));
+  at::Tensor glp = dtok.new_empty(dtok.sizes(), dtok.options().dtype(out_dtype(logp_dtype)));
+  at::Tensor gent = has_entropy ? dtok.new_empty(dtok.sizes(), dtok.options().dtype(out_dtype(entropy_dtype)))
+                                : dtok.new_empty({0}, dtok.options().dtype(entropy_dtype));
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mk.const_data_ptr());
   AT_DISPATCH_FLOATING_TYPES(acc, "ppo_loss_bwd", [&] {
     using acc_t = scalar_t;
@@ -790,11 +759,5 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_bwd_cpu(const at::Tensor& grad_loss,
   return {glp, gent};
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace rlhf_fast
-
-TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
-  m.impl("ppo_loss_fwd", &rlhf_fast::cpu::ppo_loss_fwd_cpu);
-  m.impl("ppo_loss_bwd", &rlhf_fast::cpu::ppo_loss_bwd_cpu);
-}

@@ -13,6 +13,9 @@ namespace rlhf_fast {
 namespace cpu {
 
 enum Kl : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3, kNone = 4 };
+// k1, k2 or abs, chosen at run time (kl_term_cheap): a kernel's template
+// parameter where the loop does not care which of the three it computes
+constexpr int kKlCheap = 5;
 
 // k3 and its derivative given d = lp - ref and e = exp(clamp(-d, -20, 20)):
 // the fused policy loss computes e ahead, in its exp pass.
@@ -41,6 +44,21 @@ RLHF_FAST_INLINE void kl_term(V lp, V ref, V& val, V& dval) {
   } else {
     val = dval = zero;
   }
+}
+
+// k1, k2 or abs by `kind` (a run-time value): all three computed, one
+// selected lane-wise, so the same bits as kl_term<kind> and no branch for
+// GCC to clone a vector loop on.
+template <typename V>
+RLHF_FAST_INLINE void kl_term_cheap(int kind, V lp, V ref, V& val, V& dval) {
+  V v1, d1, v2, d2, va, da;
+  kl_term<kK1>(lp, ref, v1, d1);
+  kl_term<kK2>(lp, ref, v2, d2);
+  kl_term<kAbs>(lp, ref, va, da);
+  const V zero = bcast<V>(0);
+  const auto is1 = bcast<V>(kind == kK1) != zero, is2 = bcast<V>(kind == kK2) != zero;
+  val = sel<V>(is1, v1, sel<V>(is2, v2, va));
+  dval = sel<V>(is1, d1, sel<V>(is2, d2, da));
 }
 
 }  // namespace cpu
