@@ -69,6 +69,8 @@ SLOW_CASES = (
     "test_sampling.py::test_thresholds_on_hard_rows[triton",
     "test_sampling.py::test_generator_reproducible_rows_independent[triton",
     "test_ppo_loss.py::test_gradcheck[triton",
+    "test_processed_logprobs.py::test_scores_every_token_as_a_distribution[triton",
+    "test_processed_logprobs.py::test_bit_identical_to_sample_processed_logprobs[triton",
 )
 
 
