@@ -98,8 +98,9 @@ RLHF_FAST_INLINE TokExps<V> tok_exps(V lp, V old, V ref, V roll) {
 // clip is a run-time option too: its terms are computed always and select
 // nothing when c.dual_on is 0, which leaves the bits of the plain clip. As
 // template parameters they made 5 x 2 row kernels per ISA copy, ~60% of this
-// file's compile, for under 5% of a same-run A/B (docs/build.md).
-template <typename V, int KL, bool HAS_W, typename acc_t>
+// file's compile. DUAL = false compiles the dual clip out (fp32 kernels
+// without a correction, where it was worth 6-10%: policy_row).
+template <typename V, int KL, bool HAS_W, bool DUAL, typename acc_t>
 RLHF_FAST_INLINE PolicyTok<V> policy_tok(mask_of<V> valid, V lp_t, V old_t, V adv_t, V ref_t, V w_t,
                                          TokExps<V> e, PolicyCfg<acc_t> c) {
   const V zero = bcast<V>(0), one = bcast<V>(1), half = bcast<V>(0.5);
@@ -118,7 +119,7 @@ RLHF_FAST_INLINE PolicyTok<V> policy_tok(mask_of<V> valid, V lp_t, V old_t, V ad
   // torch's gradient of max: all to the winner, half to each on a tie
   V dl = sel<V>(l1 > l2, l1, sel<V>(l2 > l1, g2, half * (l1 + g2)));
   V loss = c1, low = zero;
-  {
+  if constexpr (DUAL) {
     const V l3 = -a * bcast<V>(c.dual);
     const auto neg = (a < zero) & (bcast<V>(c.dual_on) != zero);
     const V d2 = sel<V>(c1 < l3, dl, sel<V>(c1 > l3, zero, half * dl));
@@ -325,7 +326,7 @@ RLHF_FAST_INLINE void rc_block(const rc::RowCfg<float>& c, A&&... a) {
 // with RC the rollout correction in the same sweep (rc::token, block by
 // block): its weight scales the clipped term, rejected tokens leave the
 // loss, and the rollout_corr/* row sums come out of the same sweep.
-template <typename acc_t, int KL, bool RC>
+template <typename acc_t, int KL, bool RC, bool DUAL>
 struct PolicyRowKernel {
   template <int W>  // the fp32 copy's exps take max(W, 8) lanes at once; all else 8
   static RLHF_FAST_INLINE void run(const RowIO<acc_t>* io, int64_t T, PolicyCfg<acc_t> c,
@@ -398,7 +399,7 @@ struct PolicyRowKernel {
           std::memcpy(&e.ratio, ex_ratio + i, sizeof(vf8));
           if constexpr (KL == kK3) std::memcpy(&e.kl, ex_kl + i, sizeof(vf8));
           if constexpr (RC) std::memcpy(&valid, rc_keep + i, sizeof(vf8)), std::memcpy(&wv, ex_rc + i, sizeof(vf8));
-          const auto k = policy_tok<vf8, KL, RC>(valid, lpv, oldv, advv, refv, wv, e, c);
+          const auto k = policy_tok<vf8, KL, RC, DUAL>(valid, lpv, oldv, advv, refv, wv, e, c);
           std::memcpy(dtok + t, &k.dtok, sizeof(vf8));
           add8(s[0], k.loss), add8(s[1], k.kl), add8(s[2], k.n), add8(s[3], k.clip), add8(s[4], k.low);
           add8(s[5], k.akl), add8(s[6], k.r);
@@ -427,7 +428,7 @@ struct PolicyRowKernel {
         racc.add(q);
         if (keep) keep[t] = valid;
       }
-      const auto k = policy_tok<acc_t, KL, RC>(valid, lp[t], old[t], adv[t],
+      const auto k = policy_tok<acc_t, KL, RC, DUAL>(valid, lp[t], old[t], adv[t],
                                                      KL != kNone ? ref[t] : acc_t(0), w, e, c);
       dtok[t] = k.dtok;
       acc[0] += double(k.loss), acc[1] += double(k.kl), acc[2] += double(k.n), acc[3] += double(k.clip);
@@ -458,15 +459,21 @@ struct PolicyRowKernel {
 // cheap three) x rollout correction. fp64 rows are scalar code whatever the
 // ISA (the vector body is fp32 only): one copy, not three.
 template <typename acc_t, typename... A>
-void policy_row(int kl, bool has_rc, A&&... args) {
-  auto call = [&](auto K, auto R) {
-    using Kern = PolicyRowKernel<acc_t, decltype(K)::value, decltype(R)::value>;
+void policy_row(int kl, bool dual, bool has_rc, A&&... args) {
+  auto call = [&](auto K, auto R, auto D) {
+    using Kern = PolicyRowKernel<acc_t, decltype(K)::value, decltype(R)::value, decltype(D)::value>;
     if constexpr (std::is_same_v<acc_t, float>) isa_call<Kern>(args...);
     else isa_copy_baseline<Kern>(args...);
   };
+  // The dual clip's terms (~14 vector ops per 8 tokens) are compiled out of
+  // the fp32 kernels without a correction when it is off: computed and not
+  // selected they cost k1 / k2 without dual clip 6-10% (same-run A/B,
+  // docs/build.md). With a correction (a larger body) and in fp64 the dual
+  // clip stays a run-time option.
   auto with_rc = [&](auto K) {
-    if (has_rc) call(K, std::true_type{});
-    else call(K, std::false_type{});
+    if (has_rc) call(K, std::true_type{}, std::true_type{});
+    else if (!std::is_same_v<acc_t, float> || dual) call(K, std::false_type{}, std::true_type{});
+    else if constexpr (std::is_same_v<acc_t, float>) call(K, std::false_type{}, std::false_type{});
   };
   switch (kl) {
     case kK3: return with_rc(std::integral_constant<int, kK3>{});
@@ -577,7 +584,7 @@ void policy_rows(const Rows& R, const at::Tensor& lp, const at::Tensor& old, con
         row_pass = rc::row_passes(rcc, st);
       }
       const rc::RowCfg<acc_t> rrc = rc::row_cfg<acc_t>(rcc, row_raw, row_pass);
-      policy_row<acc_t>(kl, has_rc, &io, T, c, &rrc);
+      policy_row<acc_t>(kl, c.dual_on != acc_t(0), has_rc, &io, T, c, &rrc);
     }
   });
 }
