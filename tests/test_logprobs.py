@@ -8,7 +8,7 @@ from _compare import assert_close, assert_no_worse_than_eager, logit_scale, tol
 import rlhf_fast
 from rlhf_fast import _backend
 from rlhf_fast import reference as ref
-from rlhf_fast.ops._logprobs import _as_rows
+from rlhf_fast.ops._common import as_rows
 
 IGNORE = -100
 
@@ -206,7 +206,7 @@ def test_sliced_leading_dims_are_read_in_place(backend):
     full = torch.randn(B, T, V)
     ids = torch.randint(0, V, (B, T))
     logits, labels = full[:, :-1], ids[:, 1:]  # the usual shift: a non-contiguous view
-    rows = _as_rows(logits)
+    rows = as_rows(logits)
     assert rows.data_ptr() == full.data_ptr() and rows.shape == (B, T - 1, V)  # a view, not a copy
     for x, y in [
         (logits, labels),

@@ -19,6 +19,7 @@ from ._autograd import register_autograd
 from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    as_rows,
     check_ignore_index,
     check_labels_in_range,
     check_same_device,
@@ -35,28 +36,6 @@ IMPLEMENTED = ("triton", "cuda", "cpp")
 
 
 # ---------------------------------------------------------------- shapes
-
-
-def _as_rows(logits: torch.Tensor) -> torch.Tensor:
-    """(..., V) -> (A, B, V) *view* whenever the leading dims collapse into
-    two strided dims: logits[:, :-1] of a (B, T, V) tensor stays a view, so
-    the kernels read the original storage and nothing is copied."""
-    V = logits.shape[-1]
-    if V > 1 and logits.stride(-1) != 1:
-        logits = logits.contiguous()  # vocab-strided input: rare, one copy
-    merged: list[list[int]] = []  # [size, stride] of collapsed leading dims
-    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]):
-        if size == 1:
-            continue
-        if merged and merged[-1][1] == stride * size:
-            merged[-1] = [merged[-1][0] * size, stride]
-        else:
-            merged.append([size, stride])
-    n = logits.numel() // V if V else 0
-    if len(merged) > 2:  # three un-collapsible strided dims: copy
-        return logits.reshape(1, n, V)
-    sizes = [1] * (2 - len(merged)) + [m[0] for m in merged]
-    return logits.reshape(sizes[0], sizes[1], V)
 
 
 # ---------------------------------------------------------------- validation
@@ -139,7 +118,7 @@ def logprobs_from_logits(
         return reference.logprobs_from_logits(
             logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
-    rows = _as_rows(logits)
+    rows = as_rows(logits)
     labels_rows = labels.reshape(rows.shape[0], rows.shape[1])
     fwd = torch.ops.rlhf_fast.logprobs_fwd_triton if backend == "triton" else torch.ops.rlhf_fast.logprobs_fwd
     lp, ent, _, _ = fwd(rows, labels_rows, temperature, ignore_index, return_entropy)

@@ -29,7 +29,15 @@ import torch
 from .. import _backend, reference
 from .._dtypes import acc_dtype
 from ._autograd import register_autograd
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, host_value_checks, min_temperature, once_differentiable
+from ._common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    as_rows,
+    check_tensor,
+    host_value_checks,
+    min_temperature,
+    once_differentiable,
+)
 
 OP = "rlhf_fast.logprobs_from_logits"
 IMPLEMENTED = ("triton", "cpp")
@@ -99,7 +107,6 @@ def token_params(labels, logits_dtype, temperature, top_k, top_p, min_p):
 
 def processed_logprobs(logits, labels, temperature, top_k, top_p, min_p, ignore_index, return_entropy):
     """logits (..., V), labels (...) already checked by logprobs_from_logits."""
-    V = logits.shape[-1]
     temp, tk, tp, mp, filtered = token_params(labels, logits.dtype, temperature, top_k, top_p, min_p)
     backend = _backend.choose("logprobs_from_logits", logits.device, IMPLEMENTED)
     if backend == "reference" or logits.dtype == torch.float64:  # fp64 (oracle) logits: the reference, as sample
@@ -108,15 +115,24 @@ def processed_logprobs(logits, labels, temperature, top_k, top_p, min_p, ignore_
             logits, labels, temperature=t, ignore_index=ignore_index, return_entropy=return_entropy,
             top_k=tk.reshape(labels.shape), top_p=tp.reshape(labels.shape), min_p=mp.reshape(labels.shape),
         )  # fmt: skip
-    rows = logits.reshape(-1, V)  # a view where the leading dims collapse, else one copy
     fwd = (
         torch.ops.rlhf_fast.processed_logprobs_fwd_triton
         if backend == "triton"
         else torch.ops.rlhf_fast.processed_logprobs_fwd
     )
-    lp, ent, _ = fwd(rows, labels.reshape(-1), temp, tk, tp, mp, ignore_index, filtered, return_entropy)
-    lp = lp.reshape(labels.shape)
-    return (lp, ent.reshape(labels.shape)) if return_entropy else lp
+    # (A, B, V) views of the logits, read in place: a slice such as logits[:, :-1] is A row-strided
+    # (B, V) blocks, one launch each (unbind's backward stacks their gradients once), never a copy
+    rows = as_rows(logits)
+    A, n = rows.shape[:2]
+    y, params = labels.reshape(A, n), [p.reshape(A, n) for p in (temp, tk, tp, mp)]
+    outs = [
+        fwd(r, y[a], *(p[a] for p in params), ignore_index, filtered, return_entropy)[:2]
+        for a, r in enumerate(rows.unbind(0))
+    ]
+    lp = (outs[0][0] if A == 1 else torch.stack([o[0] for o in outs])).reshape(labels.shape)
+    if not return_entropy:
+        return lp
+    return lp, (outs[0][1] if A == 1 else torch.stack([o[1] for o in outs])).reshape(labels.shape)
 
 
 # ---------------------------------------------------------------- autograd

@@ -74,9 +74,9 @@ import torch.distributed as dist
 
 from .. import _backend
 from .._dtypes import acc_dtype
-from ._common import check_positive_float
+from ._common import as_rows, check_positive_float
 from ._linear_logprobs import _row_chunks, check_linear_inputs, default_chunk_size
-from ._logprobs import _as_rows, check_logits_labels
+from ._logprobs import check_logits_labels
 
 OP = "rlhf_fast.vocab_parallel_logprobs"
 OP_LINEAR = "rlhf_fast.vocab_parallel_linear_logprobs"
@@ -337,7 +337,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, layout, temperature, ignore_index, backend):
         fwd, bwd = _row_ops(backend)
-        rows = _as_rows(logits)
+        rows = as_rows(logits)
         A, B = rows.shape[:2]
         y = labels.reshape(A, B)
         local, owned, active = _local_labels(y, layout, ignore_index)
