@@ -136,8 +136,8 @@ def test_special_values(backend):
     labels = torch.tensor([4, 2, 30, 1, 7, 9])
     labels[1] = 3  # a finite token of the masked row
     lp, ent = rlhf_fast.logprobs_from_logits(x, labels, return_entropy=True, top_k=3, top_p=0.9)
-    assert abs(float(lp[0]) + torch.log(torch.tensor(40.0)).item()) < 1e-5  # uniform over all 40 ties
-    assert torch.isfinite(lp[[0, 2, 4, 5]] + ent[[0, 2, 4, 5]]).all() or bool(lp[4:].isneginf().any())
+    for r in (0, 2):  # a constant row and a +-0 row: uniform over all 40 ties, whatever top-k says
+        assert abs(float(lp[r]) + torch.log(torch.tensor(40.0)).item()) < 1e-5, r
     assert bool(lp[3].isnan()) and bool(ent[3].isnan())
     assert not bool(lp[[0, 1, 2, 4, 5]].isnan().any()) and not bool(ent[[0, 1, 2, 4, 5]].isnan().any())
     ref_lp, ref_ent = _ref(x, labels, top_k=3, top_p=0.9)
